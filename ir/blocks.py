@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch.nn as nn
+
 from peftplan.ir.modules import module_op
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 import torch.nn as nn
+
 from peftplan.ir.modules import module_op
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "multi_head_attention")

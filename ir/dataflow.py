@@ -18,6 +18,7 @@ from __future__ import annotations
 from graphlib import TopologicalSorter
 
 import networkx as nx
+
 from peftplan.ir.capture import OpGraph
 
 ATTN = "@attn"

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
 from peftplan.ir import blocks as blocks_pass
 from peftplan.ir import dataflow, roles
 from peftplan.ir.capture import CaptureError, OpGraph, capture

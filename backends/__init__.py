@@ -1,0 +1,30 @@
+"""peftplan.backends — rewriting: HOW a model is tuned (model + `Plan` → tuned model).
+
+One module per method, each registering a `Method` by name; importing this package registers
+them all. The verbs work in place on the model:
+
+    >>> import peftplan as pp
+    >>> model = pp.apply(model, plan)  # doctest: +SKIP
+    >>> pp.save(model, "adapter_dir"); pp.merge(model); pp.remove(model)  # doctest: +SKIP
+"""
+
+from peftplan.backends import full, lora, none  # noqa: F401  (registers the methods)
+from peftplan.backends.apply import (
+    MergeReport,
+    adapter_tensors,
+    applied_plan,
+    apply,
+    count_trainable,
+    merge,
+    remove,
+    trainable_parameters,
+    unmerge,
+)
+from peftplan.backends.artifact import load, save
+from peftplan.backends.base import Method, PlanError, get_method, methods, register
+
+__all__ = [
+    "Method", "MergeReport", "PlanError", "adapter_tensors", "applied_plan", "apply",
+    "count_trainable", "get_method", "load", "merge", "methods", "register", "remove", "save",
+    "trainable_parameters", "unmerge",
+]  # fmt: skip

@@ -1,0 +1,250 @@
+"""`apply` a plan to a model in place, and the verbs that undo it: `merge`, `unmerge`, `remove`.
+
+``apply`` checks the whole plan against the model before it touches anything, then freezes
+every base parameter and swaps each tuned module for its wrapper on the parent module, so HF
+model classes, ``generate()`` and ``Trainer`` keep working on the same object:
+
+    >>> import torch.nn as nn
+    >>> from peftplan.planner.plan import Plan
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> model = apply(model, Plan(sites={"0": {"method": "lora", "rank": 2}, "2": {"method": "full"}}))
+    >>> count_trainable(model)  # 2 * (8 + 8) for the LoRA, 8 * 2 + 2 for the head
+    50
+    >>> remove(model)[0]
+    Linear(in_features=8, out_features=8, bias=True)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from peftplan.backends.base import PlanError, get_method
+from peftplan.ir.modules import fingerprint, module_features, module_op, static_site
+from peftplan.ir.site import Site
+
+if TYPE_CHECKING:
+    from peftplan.planner.plan import Plan
+
+PLAN_ATTR = "peftplan_plan"  # the applied Plan, public: `save` and users read it
+UNDO_ATTR = "_peftplan_undo"  # what `remove` needs to restore the model exactly
+
+
+@dataclass
+class _Undo:
+    swapped: list[str]  # sites whose module was replaced by a wrapper holding it as `.base`
+    trainable_before: set[str]  # parameter names that required grad before `apply`
+
+
+@dataclass
+class MergeReport:
+    """What `merge` did: sites folded into the base weights, and sites left as they were."""
+
+    merged: list[str] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)  # site -> why it was not merged
+
+    def __str__(self) -> str:
+        lines = [f"merged {len(self.merged)} site(s), left {len(self.left)}"]
+        lines += [f"  left {name}: {why}" for name, why in self.left.items()]
+        return "\n".join(lines)
+
+
+def apply(model: nn.Module, plan: Plan | dict | str | os.PathLike, *, check: bool = True) -> nn.Module:
+    """Tune ``model`` in place as ``plan`` says and return it.
+
+    Every site entry is resolved and validated first, so a bad plan raises `PlanError` with the
+    model untouched. ``check=False`` skips the fingerprint and the per-site op/shape comparison
+    (sites must still exist and suit their method).
+
+    >>> model = apply(model, Plan.load("plan.json"))  # doctest: +SKIP
+    >>> count_trainable(model)  # doctest: +SKIP
+    73728
+    """
+    plan = _as_plan(plan)
+    if hasattr(model, PLAN_ATTR):
+        raise PlanError("this model already has a plan applied; call peftplan.remove(model) first")
+    resolved = _resolve(model, plan, check)
+    errors, todo = [], []
+    for name, (module, site) in resolved.items():
+        entry = plan.sites[name]
+        try:
+            method = get_method(entry["method"])
+            hp = method.validate(site, **plan.hyper(entry))
+        except PlanError as e:
+            errors.append(str(e))
+            continue
+        if method.name != "none":
+            todo.append((name, module, site, method, hp))
+    if errors:
+        raise PlanError(_listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
+
+    trainable_before = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    setattr(model, PLAN_ATTR, plan)
+    setattr(model, UNDO_ATTR, _Undo([], trainable_before))
+    try:
+        for name, module, site, method, hp in todo:
+            wrapped = method.wrap(module, site, **hp)
+            if wrapped is not module:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, wrapped)
+                getattr(model, UNDO_ATTR).swapped.append(name)
+    except BaseException:
+        remove(model)  # a method failing half-way must not leave a half-tuned model
+        raise
+    return model
+
+
+def applied_plan(model: nn.Module) -> Plan:
+    """The plan `apply` put on ``model``; `PlanError` when there is none.
+
+    >>> applied_plan(apply(model, plan)) is plan  # doctest: +SKIP
+    True
+    """
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is None:
+        raise PlanError("this model has no peftplan plan applied; call peftplan.apply(model, plan) first")
+    return plan
+
+
+def merge(model: nn.Module) -> MergeReport:
+    """Fold every mergeable site's delta into its base weight (forward no longer adds it).
+
+    >>> print(merge(model))  # doctest: +SKIP
+    merged 12 site(s), left 0
+    """
+    report = MergeReport()
+    for name, entry in applied_plan(model).tuned().items():
+        method = get_method(entry["method"])
+        if not method.mergeable:
+            report.left[name] = f"method {method.name!r} cannot be merged"
+            continue
+        module = model.get_submodule(name)
+        if hasattr(module, "merge"):
+            module.merge()
+        report.merged.append(name)
+    return report
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take merged deltas back out of the base weights; returns ``model``.
+
+    >>> unmerge(model) is model  # doctest: +SKIP
+    True
+    """
+    for name in applied_plan(model).tuned():
+        module = model.get_submodule(name)
+        if hasattr(module, "unmerge"):
+            module.unmerge()
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: unmerge, put the original modules back, restore ``requires_grad``.
+
+    Sites tuned with ``full`` keep their trained weights (they are the module's own).
+
+    >>> remove(apply(model, plan)) is model  # doctest: +SKIP
+    True
+    """
+    unmerge(model)
+    undo: _Undo = getattr(model, UNDO_ATTR)
+    for name in undo.swapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, model.get_submodule(name).base)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(n in undo.trainable_before)
+    delattr(model, PLAN_ATTR)
+    delattr(model, UNDO_ATTR)
+    return model
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of every tuned site, keyed ``"<site>.<param>"`` (base weights of
+    wrapped sites excluded; merged sites still give their adapter values).
+
+    >>> sorted(adapter_tensors(model))[:2]  # doctest: +SKIP
+    ['encoder.layer.0.attention.self.query.lora_A', 'encoder.layer.0.attention.self.query.lora_B']
+    """
+    swapped = set(getattr(model, UNDO_ATTR).swapped) if hasattr(model, UNDO_ATTR) else set()
+    out = {}
+    for name in applied_plan(model).tuned():
+        for pname, p in model.get_submodule(name).named_parameters():
+            if name in swapped and pname.startswith("base."):
+                continue
+            out[f"{name}.{pname}"] = p
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters that require grad, each shared tensor once (what to give the optimizer).
+
+    >>> opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-3)  # doctest: +SKIP
+    """
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable parameter elements, each shared tensor once.
+
+    >>> count_trainable(nn.Linear(4, 2))
+    10
+    """
+    return sum(p.numel() for p in trainable_parameters(model).values())
+
+
+def _as_plan(plan: Any) -> Plan:
+    from peftplan.planner.plan import Plan  # lazy: planner imports backends for costs
+
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, dict):
+        return Plan.from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    raise TypeError(f"apply() needs a Plan, a plan dict or a path to plan.json, got {type(plan).__name__}")
+
+
+def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Module, Site]]:
+    """Each plan site's module and static `Site`; `PlanError` listing every site that does not fit."""
+    resolved, problems = {}, []
+    for name, entry in plan.sites.items():
+        try:
+            module = model.get_submodule(name) if name else None
+        except AttributeError:
+            module = None
+        op = module_op(module) if module is not None else None
+        if module is None or op is None:
+            what = "not found in the model" if module is None else f"a {type(module).__name__}, not a tunable module"
+            problems.append(f"{name or '<root>'}: {what}")
+            continue
+        shape = list(module_features(module))
+        if check and entry.get("op", op) != op:
+            problems.append(f"{name}: plan says op {entry['op']!r}, model has {op!r} ({type(module).__name__})")
+            continue
+        if check and list(entry.get("shape", shape)) != shape:
+            problems.append(f"{name}: plan says shape {list(entry['shape'])}, model has {shape} (in, out)")
+            continue
+        known = {k: entry[k] for k in ("role", "depth") if k in entry}
+        resolved[name] = (module, static_site(name, module, op, **known))
+    expected = plan.model.get("fingerprint")
+    actual = fingerprint(model) if check and expected else expected
+    if problems or actual != expected:
+        head = "the plan does not fit this model"
+        if actual != expected:
+            head += f" (plan fingerprint {expected}, model {actual})"
+        if not problems:
+            problems = ["every plan site matches, but the model's other tunable modules differ"]
+        hint = "Apply a plan made for this model" + (", or pass check=False to apply to matching sites anyway." if check else ".")
+        raise PlanError(_listing(head, problems) + "\n" + hint)
+    return resolved
+
+
+def _listing(head: str, lines: list[str], limit: int = 20) -> str:
+    shown = lines[:limit] + ([f"… and {len(lines) - limit} more"] if len(lines) > limit else [])
+    return head + ":\n  " + "\n  ".join(shown)

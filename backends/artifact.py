@@ -1,0 +1,93 @@
+"""`save` a tuned model as one artifact and `load` it back: ``plan.json`` (the plan, JSON) and
+``adapters.safetensors`` (every tuned site's tensors, keyed ``"<site>.<param>"``; no pickle).
+
+    >>> save(tuned, "out/run1")  # doctest: +SKIP
+    PosixPath('out/run1')
+    >>> model = load(AutoModel.from_pretrained(name), "out/run1")  # doctest: +SKIP
+
+Both files are written through a temporary file and a rename, so a crash never leaves a
+half-written artifact file behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from peftplan.backends.apply import adapter_tensors, applied_plan, apply, remove
+from peftplan.backends.base import PlanError
+
+PLAN_FILE = "plan.json"
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the applied plan and the adapter tensors of ``model`` into ``directory``.
+
+    A merged model saves its adapter values (not the merged base weights), so `load` on the
+    original base model rebuilds it.
+
+    >>> save(apply(model, plan), "adapter_dir")  # doctest: +SKIP
+    PosixPath('adapter_dir')
+    """
+    directory = Path(directory)
+    plan = applied_plan(model)
+    tensors, seen = {}, set()
+    for key, t in adapter_tensors(model).items():
+        if t.device.type == "meta":
+            raise PlanError(f"{key} is on the meta device; load real weights before saving")
+        t = t.detach().contiguous()
+        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage (tied weights)
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t.cpu()
+    directory.mkdir(parents=True, exist_ok=True)
+    plan.save(directory / PLAN_FILE)
+    tmp = directory / f".{ADAPTERS_FILE}.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "peftplan.adapters", "version": "1"})
+        os.replace(tmp, directory / ADAPTERS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return directory
+
+
+def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) -> nn.Module:
+    """Apply the plan saved in ``directory`` to ``model`` and load its adapter tensors.
+
+    ``model`` must carry the same base weights as the one saved. Missing, unexpected or
+    mis-shaped tensors raise `PlanError` and leave ``model`` as it was.
+
+    >>> model = load(BertModel(config), "adapter_dir")  # doctest: +SKIP
+    """
+    from peftplan.planner.plan import Plan  # lazy: planner imports backends for costs
+
+    directory = Path(directory)
+    plan = Plan.load(directory / PLAN_FILE)
+    path = directory / ADAPTERS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {ADAPTERS_FILE} in {directory}; was it written by peftplan.save?")
+    saved = load_file(str(path))
+    apply(model, plan, check=check)
+    try:
+        _copy_into(adapter_tensors(model), saved, path)
+    except BaseException:
+        remove(model)
+        raise
+    return model
+
+
+def _copy_into(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: Path) -> None:
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    wrong = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(p.shape)}" for k, p in params.items() if k in saved and saved[k].shape != p.shape]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "", f"shape mismatch {wrong[:10]}" if wrong else ""]
+        raise PlanError(f"{path} does not match its plan: " + "; ".join(p for p in parts if p))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])

@@ -1,0 +1,99 @@
+"""The backend contract: one `Method` subclass per PEFT method, registered by name.
+
+A method says which site ops it can tune, how many trainable parameters it adds (exactly:
+the contract tests check it against the module it builds), the extra forward FLOPs while
+unmerged, and how to wrap a module. Adding a method is one file:
+
+    >>> @register
+    ... class Scale(Method):
+    ...     name = "scale"; ops = frozenset({"linear"}); mergeable = False
+    ...     def param_count(self, site, **hp): return site.out_features
+    ...     def overhead_flops(self, site, **hp): return site.tokens * site.out_features * site.calls
+    ...     def wrap(self, module, site, **hp): ...
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from peftplan.ir.site import Site
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied as written; the message says what to change."""
+
+
+class Method:
+    """Base class of every PEFT method.
+
+    ``hyper`` maps each hyper-parameter to its default (``None``: required); ``validate``
+    checks a site's hyper-parameters before any module is touched.
+    """
+
+    name: ClassVar[str] = ""
+    ops: ClassVar[frozenset[str]] = frozenset()
+    mergeable: ClassVar[bool] = False
+    hyper: ClassVar[dict[str, Any]] = {}
+
+    def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
+        """Full hyper-parameters for ``site`` (defaults filled in), or a `PlanError`."""
+        if site.op not in self.ops:
+            raise PlanError(
+                f"site {site.name!r} is a {site.op} ({site.module_type}); method {self.name!r} "
+                f"tunes only {sorted(self.ops)}. Choose another method for this site."
+            )
+        unknown = set(hp) - set(self.hyper)
+        if unknown:
+            raise PlanError(
+                f"site {site.name!r}: method {self.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
+                f"it takes {sorted(self.hyper)}"
+            )
+        full = {**self.hyper, **hp}
+        missing = [k for k, v in full.items() if v is None]
+        if missing:
+            raise PlanError(f"site {site.name!r}: method {self.name!r} needs {missing}")
+        self.check(site, full)
+        return full
+
+    def check(self, site: Site, hp: dict[str, Any]) -> None:
+        """Method-specific checks of filled-in hyper-parameters; raise `PlanError`."""
+
+    def param_count(self, site: Site, **hp: Any) -> int:
+        """Exact number of trainable parameters this method adds at ``site``."""
+        raise NotImplementedError(f"{type(self).__name__} must define param_count")
+
+    def overhead_flops(self, site: Site, **hp: Any) -> int:
+        """Extra forward FLOPs at the site's example shape while unmerged."""
+        raise NotImplementedError(f"{type(self).__name__} must define overhead_flops")
+
+    def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
+        """A module to put in place of ``module``: the frozen base inside, a trainable delta."""
+        raise NotImplementedError(f"{type(self).__name__} must define wrap")
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available to plans under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({type(_REGISTRY[cls.name]).__name__})")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a `PlanError` lists the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PlanError(f"unknown method {name!r}; known methods: {sorted(_REGISTRY)}") from None
+
+
+def methods() -> dict[str, Method]:
+    """All registered methods by name."""
+    return dict(_REGISTRY)

@@ -1,0 +1,37 @@
+"""``full``: train the module's own parameters in place (peft's ``modules_to_save``), for new
+task heads and small sites where a low-rank delta saves nothing.
+
+The module is not replaced, so there is nothing to merge and ``remove`` keeps the trained
+weights (they are the module's own); ``save`` stores them with the adapters.
+
+    >>> import torch.nn as nn
+    >>> from peftplan.ir.modules import static_site
+    >>> head = nn.Linear(32, 3)
+    >>> FullTuning().param_count(static_site("head", head, "linear"))
+    99
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from peftplan.backends.base import register
+from peftplan.backends.none import NoTuning
+from peftplan.ir.site import Site
+
+
+@register
+class FullTuning(NoTuning):
+    """Like ``none`` it adds no module and no work; unlike it, the site's own weights train."""
+
+    name = "full"
+
+    def param_count(self, site: Site, **hp: Any) -> int:
+        return site.params
+
+    def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(True)
+        return module

@@ -1,0 +1,93 @@
+"""LoRA (Hu et al., 2021): a trainable low-rank delta ``B @ A * alpha / rank`` beside a frozen
+weight, on linear layers (``nn.Linear``, HF ``Conv1D``), 2-D convolutions and embeddings.
+
+    >>> import torch.nn as nn
+    >>> from peftplan.ir.modules import static_site
+    >>> lora = LoRA()
+    >>> site = static_site("fc", nn.Linear(384, 384), "linear")
+    >>> lora.validate(site, rank=8)
+    {'rank': 8, 'alpha': 16, 'dropout': 0.0}
+    >>> lora.param_count(site, rank=8)
+    6144
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch.nn as nn
+
+from peftplan.backends.base import Method, PlanError, register
+from peftplan.backends.lora_layers import LoRAConv2d, LoRAEmbedding, LoRALinear
+from peftplan.ir.site import Site
+
+__all__ = ["LoRA"]
+
+
+@register
+class LoRA(Method):
+    """``rank`` (required, positive int), ``alpha`` (positive, default ``2 * rank``), ``dropout``
+    on the adapter input (default 0; not used on embeddings, as in peft)."""
+
+    name = "lora"
+    ops = frozenset({"linear", "conv2d", "embedding"})
+    mergeable = True
+    hyper = {"rank": None, "alpha": None, "dropout": 0.0}
+
+    def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
+        if "rank" not in hp:
+            raise PlanError(f"site {site.name!r}: method 'lora' needs 'rank' (e.g. rank=8; alpha defaults to 2*rank)")
+        _check_rank(site, hp["rank"])  # before alpha's default is derived from it
+        if hp.get("alpha") is None:
+            hp["alpha"] = 2 * hp["rank"]
+        return super().validate(site, **hp)
+
+    def check(self, site: Site, hp: dict[str, Any]) -> None:
+        rank, alpha, dropout = hp["rank"], hp["alpha"], hp["dropout"]
+        _check_rank(site, rank)
+        if not _is_real(alpha) or not alpha > 0 or not math.isfinite(alpha):
+            raise PlanError(f"site {site.name!r}: lora alpha must be a positive number, got {alpha!r}; e.g. alpha={2 * rank}")
+        if not _is_real(dropout) or not 0 <= dropout < 1:
+            raise PlanError(f"site {site.name!r}: lora dropout must be in [0, 1), got {dropout!r}")
+        if site.op == "conv2d" and site.groups != 1:
+            raise PlanError(
+                f"site {site.name!r}: lora supports grouped convolutions only with groups=1, this one has "
+                f"groups={site.groups}; tune it with 'full' or 'none' instead"
+            )
+
+    def param_count(self, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> int:
+        if site.op == "conv2d":
+            return rank * site.in_features * math.prod(site.kernel) + site.out_features * rank
+        return rank * (site.in_features + site.out_features)
+
+    def overhead_flops(self, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> int:
+        if site.op == "embedding":  # A is a row lookup; only B is a matmul
+            per_token = rank * site.out_features
+        elif site.op == "conv2d":
+            per_token = rank * (site.in_features * math.prod(site.kernel) + site.out_features)
+        else:
+            per_token = rank * (site.in_features + site.out_features)
+        return 2 * site.tokens * per_token * site.calls
+
+    def wrap(self, module: nn.Module, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> nn.Module:
+        alpha = 2 * rank if alpha is None else alpha
+        if site.op == "conv2d":
+            return LoRAConv2d(module, rank, alpha, dropout)
+        if site.op == "embedding":
+            return LoRAEmbedding(module, rank, alpha)
+        return LoRALinear(module, rank, alpha, dropout)
+
+
+def _check_rank(site: Site, rank: Any) -> None:
+    if not _is_int(rank) or rank <= 0:
+        raise PlanError(f"site {site.name!r}: lora rank must be a positive int, got {rank!r}; use e.g. rank=8 or method 'none'")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)

@@ -1,0 +1,162 @@
+"""LoRA layers: a frozen base module plus a trainable low-rank delta ``B @ A * alpha / rank``.
+
+Parameter shapes and initialisation follow peft, so weights copy across one to one and the
+wrapped module computes exactly what the base computes until ``lora_B`` (or, for embeddings,
+``lora_A``) leaves zero:
+
+    >>> import torch, torch.nn as nn
+    >>> base = nn.Linear(4, 3)
+    >>> layer = LoRALinear(base, rank=2, alpha=4)
+    >>> x = torch.randn(5, 4)
+    >>> torch.equal(layer(x), base(x))
+    True
+    >>> layer.lora_A.shape, layer.lora_B.shape
+    (torch.Size([2, 4]), torch.Size([3, 2]))
+
+Adapters may be kept in a wider dtype than the base (fp32 beside bf16); the output keeps the
+base's dtype. ``merge()`` folds the delta into the base weight (``forward`` then skips it) and ``unmerge()``
+takes it out again; adapter parameters are created on the base weight's device and dtype, so
+wrapping a model on the meta device allocates nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftplan.ir.modules import is_hf_conv1d, module_features
+
+
+class LoRALayer(nn.Module):
+    """What every LoRA layer shares: the frozen ``base``, the scaling and the merge logic.
+
+    Subclasses set ``lora_A``/``lora_B`` and define ``_delta(A, B)`` in the layout of
+    ``base.weight``.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.merged = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for model code that reads ``module.weight`` (dtype checks, tying)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def _new(self, *shape: int) -> nn.Parameter:
+        w = self.base.weight
+        return nn.Parameter(torch.empty(*shape, device=w.device, dtype=w.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B @ A * scaling`` in the layout and dtype of ``base.weight``."""
+        a, b, w = self.lora_A, self.lora_B, self.base.weight
+        # bf16/fp16 matmuls are slow and lossy on CPU: form the delta in fp32, as peft does.
+        if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16):
+            a, b = a.float(), b.float()
+        return self._delta(a, b).to(w.dtype)
+
+    def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta to ``base.weight``; ``forward`` stops adding it. Merging twice is a no-op."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta from ``base.weight`` again (exact up to float rounding)."""
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored transposed, (in, out))."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha)
+        self.fan_in_fan_out = is_hf_conv1d(base)
+        n_in, n_out = module_features(base)
+        self.lora_A = self._new(rank, n_in)
+        self.lora_B = self._new(n_out, rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        delta = b @ a * self.scaling  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)  # (..., out)
+        if self.merged:
+            return y
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)  # (..., out)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA on ``nn.Conv2d`` (groups 1): A is a (r, in, kh, kw) convolution with the base's
+    stride, padding and dilation, B a 1x1 convolution (out, r, 1, 1)."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha)
+        if base.groups != 1:
+            raise ValueError(f"LoRAConv2d supports groups=1 only, got groups={base.groups}")
+        self.lora_A = self._new(rank, base.in_channels, *base.kernel_size)
+        self.lora_B = self._new(base.out_channels, rank, 1, 1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # A 1x1 convolution after a kxk one is one kxk convolution with weight B·A per tap.
+        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling  # (out, in, kh, kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (N, out, H', W')
+        if self.merged:
+            return y
+        # _conv_forward applies the base's padding mode, stride and dilation to our weight.
+        h = self.base._conv_forward(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, None)  # (N, r, H', W')
+        return y + (F.conv2d(h, self.lora_B) * self.scaling).to(y.dtype)  # (N, out, H', W')
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on ``nn.Embedding``: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float) -> None:
+        super().__init__(base, rank, alpha)
+        self.lora_A = self._new(rank, base.num_embeddings)
+        self.lora_B = self._new(base.embedding_dim, rank)
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (b @ a).T * self.scaling  # (num_embeddings, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)  # (..., dim)
+        if self.merged:
+            return y
+        h = F.embedding(ids, self.lora_A.T, padding_idx=self.base.padding_idx)  # (..., r)
+        return y + (h @ self.lora_B.T * self.scaling).to(y.dtype)  # (..., dim)

@@ -1,0 +1,159 @@
+"""`Plan`: per-site PEFT choices as versioned, human-readable JSON (no pickle).
+
+    >>> plan = Plan(sites={"encoder.layer.0.attention.self.query":
+    ...                    {"method": "lora", "rank": 8, "alpha": 16, "role": "attn.q", "depth": 0.0}})
+    >>> Plan.from_dict(plan.to_dict()).sites == plan.sites
+    True
+
+Site entries spell hyper-parameters flat next to ``method``; ``role``, ``depth``, ``op`` and
+``shape`` describe the site (for checking and re-targeting) and are not hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from peftplan.backends.base import PlanError, get_method
+
+FORMAT = "peftplan.plan"
+VERSION = 1
+SITE_KEYS = ("method", "role", "depth", "op", "shape")  # everything else in an entry is a hyper-parameter
+
+
+@dataclass
+class Plan:
+    """What to tune where. ``sites`` maps a site name to its entry; sites not listed are left
+    untouched (the same as ``{"method": "none"}``)."""
+
+    sites: dict[str, dict[str, Any]]
+    model: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+    objectives: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    front: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, entry in self.sites.items():
+            _check_entry(name, entry)
+
+    @staticmethod
+    def hyper(entry: dict[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters of a site entry (``{"rank": 8, "alpha": 16}``)."""
+        return {k: v for k, v in entry.items() if k not in SITE_KEYS}
+
+    def tuned(self) -> dict[str, dict[str, Any]]:
+        """Entries whose method is not ``none``."""
+        return {n: e for n, e in self.sites.items() if e["method"] != "none"}
+
+    def summary(self) -> str:
+        """One line per method: how many sites, which hyper-parameter values."""
+        by: dict[str, list[dict]] = {}
+        for e in self.tuned().values():
+            by.setdefault(e["method"], []).append(self.hyper(e))
+        parts = []
+        for m, hps in sorted(by.items()):
+            ranks = sorted({h["rank"] for h in hps if "rank" in h})
+            extra = f", ranks {ranks[0]}–{ranks[-1]}" if ranks else ""
+            parts.append(f"{m}: {len(hps)} sites{extra}")
+        obj = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in self.objectives.items())
+        return "; ".join(parts) + (f" ({obj})" if obj else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": dict(self.model),
+            "budget": self.budget,
+            "objectives": dict(self.objectives),
+            "sites": {n: dict(e) for n, e in self.sites.items()},
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Read a plan dict, checking format, version, fields and every site's method."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise PlanError(f"not a peftplan plan: format is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("version") != VERSION:
+            raise PlanError(
+                f"plan format version {d.get('version')!r} is not supported by this peftplan "
+                f"(reads version {VERSION}); upgrade peftplan or re-create the plan"
+            )
+        missing = [k for k in ("model", "sites") if k not in d]
+        if missing:
+            raise PlanError(f"plan is missing field(s) {missing}")
+        if not isinstance(d["sites"], dict):
+            raise PlanError("plan field 'sites' must map site names to entries")
+        return cls(
+            sites={n: dict(e) if isinstance(e, dict) else e for n, e in d["sites"].items()},
+            model=dict(d["model"]),
+            budget=d.get("budget"),
+            objectives=dict(d.get("objectives") or {}),
+            provenance=dict(d.get("provenance") or {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON atomically (a crash never leaves a half-written file)."""
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no plan file at {path}") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def _check_entry(name: str, entry: Any) -> None:
+    if not isinstance(entry, dict):
+        raise PlanError(f"site {name!r}: entry must be an object like {{'method': 'lora', 'rank': 8}}")
+    if "method" not in entry:
+        raise PlanError(f"site {name!r}: entry has no 'method' (e.g. {{'method': 'lora', 'rank': 8}})")
+    method = get_method(entry["method"])
+    unknown = set(Plan.hyper(entry)) - set(method.hyper)
+    if unknown:
+        raise PlanError(
+            f"site {name!r}: method {method.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
+            f"it takes {sorted(method.hyper)}"
+        )
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def provenance(strategy: str, seed: int | None, task: str | None = None) -> dict[str, Any]:
+    from peftplan import __version__
+
+    return {
+        "peftplan": __version__,
+        "strategy": strategy,
+        "seed": seed,
+        "task": task,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,179 @@
+"""Per-site scores that say where tuning pays: higher means "more to gain here".
+
+Two proxies, both returning ``{site name: float}`` and deterministic:
+
+- `alpha_scores` (data-free): the heavy-tailed self-regularisation exponent of each weight
+  matrix (AlphaLoRA, WeightWatcher). Well-trained layers have heavy-tailed spectra (small
+  alpha); a large alpha means a layer that training has shaped less, so more to gain.
+- `grad2_scores` (needs a `Task`): the Fisher mass ``sum(grad(W)**2)`` of each site's weight
+  summed over a few calibration batches, as in SPT.
+
+    >>> import torch
+    >>> hill_alpha(torch.tensor([1.0, 1.0, 2.0, 4.0]))  # xmin = median = 1.5, tail [2, 4]
+    2.576651276068987
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from peftplan.ir.modules import is_hf_conv1d
+from peftplan.ir.site import SiteGraph
+from peftplan.planner.task import Task
+
+log = logging.getLogger("peftplan.planner")
+
+MATRIX_OPS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+def hill_alpha(eigenvalues: torch.Tensor) -> float:
+    """Hill estimate of the power-law exponent of an eigenvalue density ``p(λ) ∝ λ^-alpha``,
+    fitted on the tail at or above the median eigenvalue: ``1 + n / Σ log(λ_i / λ_min)``.
+
+    A flat spectrum (no tail above the median) gives ``inf``.
+
+    >>> hill_alpha(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))  # xmin = 3.5, tail [4, 5, 6]
+    3.914877312116626
+    """
+    lam = eigenvalues.detach().double().flatten()
+    lam = lam[lam > 0].sort().values
+    if lam.numel() < 2:
+        return math.inf
+    xmin = lam.median() if lam.numel() % 2 else (lam[lam.numel() // 2 - 1] + lam[lam.numel() // 2]) / 2
+    tail = lam[lam >= xmin]
+    logs = torch.log(tail / xmin).sum().item()
+    if logs <= 0:
+        return math.inf
+    return 1.0 + tail.numel() / logs
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear/conv/embedding module as a 2-D (out, in) matrix."""
+    w = module.weight
+    if is_hf_conv1d(module):
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def alpha_scores(model: nn.Module, graph: SiteGraph, names: Iterable[str] | None = None) -> dict[str, float]:
+    """Hill alpha of each weight's eigenvalues (of ``W^T W``), per linear/conv/embedding site.
+
+    ``names`` restricts the sites scored (default: every matrix site). A site whose spectrum
+    is flat (alpha = inf) gets the largest finite alpha found, so that it still counts as the
+    least trained. Weights on the meta device cannot be scored: materialise them first.
+
+    >>> scores = alpha_scores(model, pp.lower(model))  # doctest: +SKIP
+    >>> scores["encoder.layer.0.attention.self.query"]  # doctest: +SKIP
+    3.91...
+    """
+    sites = _matrix_sites(graph, names)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for site in sites:
+            module = model.get_submodule(site.name)
+            w = weight_matrix(module)
+            if w.is_meta:
+                raise ValueError(
+                    f"site {site.name!r} has its weights on the meta device, so there are no weight "
+                    "statistics to score: materialise the weights (load the checkpoint, e.g. "
+                    "from_pretrained) or pass a task to score by gradient sensitivity on real weights"
+                )
+            w = w.detach().double()
+            gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()  # (k, k), k = min(out, in)
+            out[site.name] = hill_alpha(torch.linalg.eigvalsh(gram))
+    finite = [a for a in out.values() if math.isfinite(a)]
+    top = max(finite, default=1.0)
+    return {n: (a if math.isfinite(a) else top) for n, a in out.items()}
+
+
+def grad2_scores(
+    model: nn.Module,
+    graph: SiteGraph,
+    task: Task,
+    names: Iterable[str] | None = None,
+    *,
+    batches: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Fisher mass per site: ``Σ_batches Σ (∂loss/∂W)²`` over the site's weight ``W``.
+
+    Runs ``task.loss`` on the first ``batches`` training batches with the model in eval mode
+    (no dropout), gradients enabled only on the scored weights and read with
+    ``torch.autograd.grad``, so ``.grad``, ``requires_grad`` and the train/eval mode are as
+    before afterwards. No optimizer step is taken.
+
+    >>> scores = grad2_scores(model, pp.lower(model), task, batches=4)  # doctest: +SKIP
+    >>> max(scores, key=scores.get)  # doctest: +SKIP
+    'classifier'
+    """
+    sites = _matrix_sites(graph, names)
+    weights = {s.name: model.get_submodule(s.name).weight for s in sites}
+    unique = list({id(w): w for w in weights.values()}.values())  # tied weights once
+    index = {id(w): i for i, w in enumerate(unique)}
+    if any(w.is_meta for w in unique):
+        raise ValueError("the model's weights are on the meta device: materialise them before scoring with a task")
+    calib = task.calibration(batches)
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    mass = [0.0] * len(unique)
+    bar = None
+    start = time.perf_counter()
+    try:
+        model.eval()
+        for p in flags:
+            p.requires_grad_(False)
+        for w in unique:
+            w.requires_grad_(True)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            for i, batch in enumerate(calib):
+                loss = task.loss(model, batch)
+                if not loss.requires_grad:
+                    raise ValueError(
+                        f"task {task.name!r}: loss has no autograd graph; compute it without "
+                        "torch.no_grad()/inference_mode so that gradients reach the weights"
+                    )
+                grads = torch.autograd.grad(loss, unique, allow_unused=True)
+                for j, g in enumerate(grads):
+                    if g is not None:
+                        mass[j] += g.detach().double().pow(2).sum().item()
+                bar = _advance(bar, progress, start, i + 1, len(calib))
+    finally:
+        if bar is not None:
+            bar.stop()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    log.info("grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), len(calib), time.perf_counter() - start)
+    return {name: mass[index[id(w)]] for name, w in weights.items()}
+
+
+def _matrix_sites(graph: SiteGraph, names: Iterable[str] | None):
+    if names is None:
+        return graph.select(op=MATRIX_OPS)
+    sites = [graph[n] for n in names]
+    bad = [s.name for s in sites if s.op not in MATRIX_OPS]
+    if bad:
+        raise ValueError(f"sites {bad} are not weight matrices; scores cover ops {list(MATRIX_OPS)}")
+    return sites
+
+
+def _advance(bar, enabled: bool, start: float, done: int, total: int):
+    """Show a progress bar once the pass has taken more than a second and is not finished."""
+    if bar is None and enabled and done < total and time.perf_counter() - start > 1.0:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        bar.add_task("grad² sensitivity", total=total, completed=done)
+    elif bar is not None:
+        bar.update(bar.task_ids[0], completed=done)
+    return bar

@@ -1,0 +1,130 @@
+"""`search`: model + budget (+ task) → `Plan`.
+
+The ``proxy`` strategy trains nothing: it scores each eligible site (weight statistics with no
+task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate`.
+
+    >>> plan = search(AutoModel.from_pretrained(MINILM), Budget(params="0.5%"))  # doctest: +SKIP
+    >>> plan.summary()  # doctest: +SKIP
+    'lora: 36 sites, ranks 1–5 (params=113,280)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from peftplan.backends.base import get_method
+from peftplan.ir.site import Site, SiteGraph
+from peftplan.planner.allocate import allocate, eligible_sites
+from peftplan.planner.budget import Budget, BudgetError
+from peftplan.planner.plan import Plan, provenance
+from peftplan.planner.scores import alpha_scores, grad2_scores
+from peftplan.planner.task import Task
+
+STRATEGIES = ("proxy",)
+METHOD = "lora"
+
+
+def search(
+    model: nn.Module,
+    budget: Budget | int | str,
+    task: Task | None = None,
+    *,
+    strategy: str = "proxy",
+    seed: int = 0,
+    roles: Iterable[str] = ("attn", "mlp"),
+    max_rank: int = 64,
+    graph: SiteGraph | None = None,
+    train_modules: Iterable[str] | None = None,
+) -> Plan:
+    """A LoRA plan for ``model`` within ``budget``.
+
+    ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
+    sites are scored from their weights (Hill alpha); with one, by grad² on a few of its
+    training batches. ``train_modules`` (site names, e.g. a new classification head) are fully
+    trained; their parameters are paid from the budget first. ``graph`` skips lowering.
+
+    >>> plan = search(model, 250_000, train_modules=["classifier"])  # doctest: +SKIP
+    >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
+    ('full', True)
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; available: {list(STRATEGIES)}")
+    budget = as_budget(budget)
+    if graph is None:
+        from peftplan.ir import lower
+
+        graph = lower(model)
+    limit = budget.param_limit(graph.total_params)
+    if limit is None:
+        raise BudgetError("the budget sets no parameter limit; give one, e.g. Budget(params='0.5%')")
+    roles = tuple(roles)
+
+    full = [_site(graph, name, "train_modules") for name in train_modules or ()]
+    full_names = {s.name for s in full}
+    full_params = sum(get_method("full").param_count(s) for s in full)
+    if full_params > limit:
+        raise BudgetError(
+            f"budget {limit:,} params is below the {full_params:,} params of train_modules "
+            f"{[s.name for s in full]}; raise it to more than {full_params:,}",
+            minimum=full_params,
+        )
+
+    names = [s.name for s in eligible_sites(graph, METHOD, roles, exclude=full_names)]
+    if task is None:
+        scores, score_kind = alpha_scores(model, graph, names), "hill-alpha"
+    else:
+        scores, score_kind = grad2_scores(model, graph, task, names, seed=seed), "grad2"
+    try:
+        ranks = allocate(graph, scores, limit - full_params, method=METHOD, roles=roles, max_rank=max_rank, seed=seed)
+    except BudgetError as e:
+        if not full or e.minimum is None:
+            raise
+        need = e.minimum + full_params
+        raise BudgetError(
+            f"budget {limit:,} params is below the cheapest plan ({need:,} params: {full_params:,} for "
+            f"train_modules {sorted(full_names)} plus {e.minimum:,} for rank 1 on the cheapest site); "
+            f"raise it to at least {need:,}",
+            minimum=need,
+        ) from None
+
+    lora = get_method(METHOD)
+    sites = {}
+    for s in graph:  # entries in execution order
+        if s.name in full_names:
+            sites[s.name] = {"method": "full", **_describe(s)}
+        elif s.name in ranks:
+            r = ranks[s.name]
+            sites[s.name] = {"method": METHOD, "rank": r, "alpha": 2 * r, **_describe(s)}
+    params = full_params + sum(lora.param_count(graph[n], rank=r) for n, r in ranks.items())
+    return Plan(
+        sites=sites,
+        model={"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)},
+        budget=budget.to_dict(),
+        objectives={"params": params},
+        provenance={**provenance(strategy, seed, task.name if task else None), "scores": score_kind},
+    )
+
+
+def as_budget(budget: Budget | int | str) -> Budget:
+    """A `Budget` from a `Budget`, an int count or a string such as ``"0.5%"`` or ``"250k"``.
+
+    >>> as_budget("250k")
+    Budget(params=250000)
+    """
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, str):
+        return Budget.parse(budget)
+    return Budget(params=budget)
+
+
+def _site(graph: SiteGraph, name: str, what: str) -> Site:
+    if name not in graph:
+        raise ValueError(f"{what}: no site named {name!r}; see graph.names() for the {len(graph)} sites")
+    return graph[name]
+
+
+def _describe(site: Site) -> dict:
+    return {"role": site.role, "depth": site.depth, "op": site.op, "shape": [site.in_features, site.out_features]}

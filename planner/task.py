@@ -1,0 +1,209 @@
+"""`Task`: what scoring and evaluating a plan needs — batches, a loss, a metric, a step budget.
+
+    >>> task = Task.for_sequence_classification(MODEL_DIR, None, "sst2/train.tsv", "sst2/dev.tsv",
+    ...                                         max_train=256, max_dev=128)  # doctest: +SKIP
+    >>> len(task.train_batches), task.name  # doctest: +SKIP
+    (8, 'sst2')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Task:
+    """Training and evaluation batches plus how to score a model on them.
+
+    ``loss(model, batch)`` returns a scalar tensor with an autograd graph;
+    ``metric(model, batches)`` returns a float where higher is better; ``steps`` is the number
+    of optimizer steps a training run on this task takes.
+    """
+
+    train_batches: list[Batch]
+    eval_batches: list[Batch]
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    metric: Callable[[nn.Module, list[Batch]], float]
+    steps: int = 100
+    name: str = "task"
+
+    def calibration(self, n: int) -> list[Batch]:
+        """The first ``n`` training batches (all of them when there are fewer).
+
+        >>> Task([{"x": 1}, {"x": 2}], [], None, None).calibration(1)  # doctest: +SKIP
+        [{'x': 1}]
+        """
+        if n < 1:
+            raise ValueError(f"calibration needs at least one batch, got n={n}")
+        if not self.train_batches:
+            raise ValueError(f"task {self.name!r} has no training batches to calibrate on")
+        return self.train_batches[:n]
+
+    @classmethod
+    def for_sequence_classification(
+        cls,
+        model_dir_or_model: str | os.PathLike | nn.Module,
+        tokenizer: Any,
+        train: str | os.PathLike,
+        dev: str | os.PathLike,
+        *,
+        batch_size: int = 32,
+        max_length: int = 64,
+        max_train: int | None = None,
+        max_dev: int | None = None,
+        metric: str = "accuracy",
+        seed: int = 0,
+    ) -> Task:
+        """A task from ``LABEL<TAB>TEXT`` files (one example per line, integer labels).
+
+        ``tokenizer`` may be None to load it from the model directory (or, for a model, from
+        ``model.config._name_or_path``). Training examples are shuffled with ``seed`` before
+        ``max_train`` keeps a prefix; dev keeps file order. Each batch is padded to its own
+        longest text. The loss is cross-entropy on ``model(**inputs).logits``; ``metric`` is
+        ``"accuracy"`` or ``"mcc"`` (Matthews correlation, the usual CoLA metric).
+
+        >>> task = Task.for_sequence_classification(
+        ...     MODEL_DIR, None, "data/text/sst2/train.tsv", "data/text/sst2/dev.tsv",
+        ...     max_train=64, batch_size=32)  # doctest: +SKIP
+        >>> sorted(task.train_batches[0])  # doctest: +SKIP
+        ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
+        """
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
+        train_rows = read_labelled_text(train)
+        random.Random(seed).shuffle(train_rows)
+        train_rows = train_rows[:max_train]
+        dev_rows = read_labelled_text(dev)[:max_dev]
+        n_labels = getattr(getattr(model_dir_or_model, "config", None), "num_labels", None)
+        if n_labels is not None:
+            seen = max(label for label, _ in train_rows + dev_rows)
+            if seen >= n_labels:
+                raise ValueError(
+                    f"the data has label {seen} but the model has {n_labels} labels; "
+                    f"load it with num_labels={seen + 1}"
+                )
+
+        def batches(rows: list[tuple[int, str]]) -> list[Batch]:
+            out = []
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                enc = tokenizer([t for _, t in chunk], padding=True, truncation=True,
+                                max_length=max_length, return_tensors="pt")  # fmt: skip
+                out.append({**enc, "labels": torch.tensor([label for label, _ in chunk])})
+            return out
+
+        train_batches = batches(train_rows)
+        return cls(
+            train_batches=train_batches,
+            eval_batches=batches(dev_rows),
+            loss=classification_loss,
+            metric=METRICS[metric],
+            steps=len(train_batches),
+            name=Path(train).parent.name or Path(train).stem,
+        )
+
+
+def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped.
+
+    >>> read_labelled_text("sst2/dev.tsv")[0]  # doctest: +SKIP
+    (1, "it 's a charming and often affecting journey .")
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab or not text.strip() or not label.strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f"{path}:{lineno}: expected LABEL<TAB>TEXT with an integer label, got {line[:80]!r}"
+                )
+            rows.append((int(label), text))
+    if not rows:
+        raise ValueError(f"{path} has no examples")
+    return rows
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of ``model(**inputs).logits`` against ``batch["labels"]``."""
+    inputs, labels = _split(model, batch)
+    return F.cross_entropy(model(**inputs).logits, labels)
+
+
+def predictions(model: nn.Module, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) labels over ``batches``, in eval mode and without gradients."""
+    was_training = model.training
+    model.eval()
+    pred, true = [], []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs, labels = _split(model, batch)
+                pred.append(model(**inputs).logits.argmax(-1).cpu())
+                true.append(labels.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(pred), torch.cat(true)
+
+
+def accuracy(model: nn.Module, batches: list[Batch]) -> float:
+    """Fraction of examples whose arg-max logit is the label."""
+    pred, true = predictions(model, batches)
+    return (pred == true).double().mean().item()
+
+
+def mcc(model: nn.Module, batches: list[Batch]) -> float:
+    """Matthews correlation of the arg-max predictions (multi-class form; 0 when undefined)."""
+    return matthews(*predictions(model, batches))
+
+
+def matthews(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Matthews correlation coefficient from label vectors (Gorodkin's K-class form).
+
+    >>> matthews(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 0]))
+    0.5773502691896258
+    """
+    k = int(max(pred.max(), true.max())) + 1
+    cm = torch.zeros(k, k, dtype=torch.float64)
+    cm.index_put_((true.long(), pred.long()), torch.ones(len(true), dtype=torch.float64), accumulate=True)
+    s, c = cm.sum(), cm.trace()
+    p, t = cm.sum(0), cm.sum(1)  # predicted, true counts per class
+    denom = math.sqrt((s * s - p @ p).item() * (s * s - t @ t).item())
+    return 0.0 if denom == 0 else ((c * s - p @ t).item() / denom)
+
+
+METRICS: dict[str, Callable[[nn.Module, list[Batch]], float]] = {"accuracy": accuracy, "mcc": mcc}
+
+
+def _split(model: nn.Module, batch: Batch) -> tuple[Batch, torch.Tensor]:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return inputs, batch["labels"].to(device)
+
+
+def _load_tokenizer(model_dir_or_model: Any):
+    from transformers import AutoTokenizer
+
+    source = model_dir_or_model
+    if isinstance(model_dir_or_model, nn.Module):
+        source = getattr(getattr(model_dir_or_model, "config", None), "_name_or_path", None)
+        if not source:
+            raise ValueError("pass a tokenizer: the model does not say where it was loaded from")
+    return AutoTokenizer.from_pretrained(source)

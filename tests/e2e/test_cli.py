@@ -1,0 +1,48 @@
+"""The command line, run in-process through its entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import peftplan as pp
+from peftplan.cli import main
+from peftplan.ir import SiteGraph
+from tests import zoo
+
+
+def test_lower_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "graph.json"
+    assert main(["lower", "tests.zoo:llama", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("LlamaForCausalLM: 21 sites, 2 blocks")
+    assert "model.layers.1.mlp.down_proj" in text and "mlp.gate" in text
+    graph = SiteGraph.from_dict(json.loads(out.read_text()))
+    assert graph.fingerprint == pp.lower(zoo.llama()).fingerprint
+
+
+def test_plan_writes_a_plan_that_applies(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "tests.zoo:bert", "--budget", "5%", "-o", str(out)]) == 0
+    plan = pp.Plan.load(out)
+    model = zoo.bert()
+    limit = pp.Budget(params="5%").param_limit(pp.lower(model).total_params)
+    assert 0.95 * limit <= plan.objectives["params"] <= limit
+    pp.apply(model, plan)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.objectives["params"]
+    assert "lora:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["lower", "no.such.module:factory"], "cannot load model factory"),
+        (["lower", "/nonexistent/dir"], "cannot resolve model"),
+        (["plan", "tests.zoo:bert", "--budget", "0.5"], "cannot read budget"),
+        (["plan", "tests.zoo:bert", "--budget", "1"], "cheapest plan"),
+    ],
+)
+def test_errors_are_reported_not_raised(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

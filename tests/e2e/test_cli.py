@@ -46,3 +46,9 @@ def test_plan_writes_a_plan_that_applies(tmp_path, capsys):
 def test_errors_are_reported_not_raised(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_lower_a_local_hf_directory(tmp_path, capsys):
+    zoo.bert().save_pretrained(tmp_path)
+    assert main(["lower", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("BertModel: 21 sites, 2 blocks")

@@ -14,6 +14,7 @@ from peftplan.backends.apply import (
     adapter_tensors,
     applied_plan,
     apply,
+    aux_loss,
     count_trainable,
     merge,
     remove,
@@ -24,7 +25,7 @@ from peftplan.backends.artifact import load, save
 from peftplan.backends.base import Method, PlanError, get_method, methods, register
 
 __all__ = [
-    "Method", "MergeReport", "PlanError", "adapter_tensors", "applied_plan", "apply",
+    "Method", "MergeReport", "PlanError", "adapter_tensors", "aux_loss", "applied_plan", "apply",
     "count_trainable", "get_method", "load", "merge", "methods", "register", "remove", "save",
     "trainable_parameters", "unmerge",
 ]  # fmt: skip

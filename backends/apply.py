@@ -165,8 +165,9 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors of every tuned site, keyed ``"<site>.<param>"`` (base weights of
-    wrapped sites excluded; merged sites still give their adapter values).
+    """The trained tensors of every tuned site, keyed ``"<site>.<name>"``: parameters and
+    buffers (a sparse delta's indices, say), base weights of wrapped sites excluded; merged
+    sites still give their adapter values.
 
     >>> sorted(adapter_tensors(model))[:2]  # doctest: +SKIP
     ['encoder.layer.0.attention.self.query.lora_A', 'encoder.layer.0.attention.self.query.lora_B']
@@ -174,11 +175,28 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     swapped = set(getattr(model, UNDO_ATTR).swapped) if hasattr(model, UNDO_ATTR) else set()
     out = {}
     for name in applied_plan(model).tuned():
-        for pname, p in model.get_submodule(name).named_parameters():
+        module = model.get_submodule(name)
+        for pname, t in [*module.named_parameters(), *module.named_buffers()]:
             if name in swapped and pname.startswith("base."):
                 continue
-            out[f"{name}.{pname}"] = p
+            out[f"{name}.{pname}"] = t
     return out
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The sum of the auxiliary losses of the last forward (a MoE-LoRA router's load-balancing
+    loss, say), to add to the task loss while training; 0.0 when no site has one.
+
+    Convention: a wrapper module exposes ``aux_loss() -> Tensor | None``.
+
+    >>> loss = task_loss + 0.01 * aux_loss(model)  # doctest: +SKIP
+    """
+    total: torch.Tensor | float = 0.0
+    for module in model.modules():
+        fn = getattr(module, "aux_loss", None)
+        if callable(fn) and module is not model and (value := fn()) is not None:
+            total = total + value
+    return total
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

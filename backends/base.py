@@ -2,13 +2,15 @@
 
 A method says which site ops it can tune, how many trainable parameters it adds (exactly:
 the contract tests check it against the module it builds), the extra forward FLOPs while
-unmerged, and how to wrap a module. Adding a method is one file:
+unmerged, the activations it keeps for backward (for the training-memory cost), and how to
+wrap a module. Adding a method is one file:
 
     >>> @register
     ... class Scale(Method):
     ...     name = "scale"; ops = frozenset({"linear"}); mergeable = False
     ...     def param_count(self, site, **hp): return site.out_features
     ...     def overhead_flops(self, site, **hp): return site.tokens * site.out_features * site.calls
+    ...     def saved_activations(self, site, tokens, **hp): return tokens * site.out_features * site.calls
     ...     def wrap(self, module, site, **hp): ...
 """
 
@@ -67,6 +69,21 @@ class Method:
     def overhead_flops(self, site: Site, **hp: Any) -> int:
         """Extra forward FLOPs at the site's example shape while unmerged."""
         raise NotImplementedError(f"{type(self).__name__} must define overhead_flops")
+
+    def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
+        """Elements this method keeps for backward beyond what the frozen model keeps, for one
+        forward with ``tokens`` positions per call (e.g. batch x sequence) at this site."""
+        raise NotImplementedError(f"{type(self).__name__} must define saved_activations")
+
+    def train_memory(self, site: Site, tokens: int, *, param_bytes: int = 4, act_bytes: int = 4,
+                     optimizer_states: int = 2, **hp: Any) -> int:
+        """Bytes this method adds while training: its parameters, their gradients and
+        optimizer states (AdamW keeps 2, fp32), and the activations it saves for backward.
+
+        >>> get_method("lora").train_memory(site, tokens=2048, rank=8)  # doctest: +SKIP
+        """
+        params = self.param_count(site, **hp)
+        return params * (2 * param_bytes + 4 * optimizer_states) + act_bytes * self.saved_activations(site, tokens, **hp)
 
     def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
         """A module to put in place of ``module``: the frozen base inside, a trainable delta."""

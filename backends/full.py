@@ -31,6 +31,10 @@ class FullTuning(NoTuning):
     def param_count(self, site: Site, **hp: Any) -> int:
         return site.params
 
+    def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
+        # the weight gradient needs the site's input; a norm also keeps its normalised input
+        return tokens * site.in_features * site.calls * (2 if site.op == "norm" else 1)
+
     def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
         for p in module.parameters(recurse=False):
             p.requires_grad_(True)

@@ -71,6 +71,16 @@ class LoRA(Method):
             per_token = rank * (site.in_features + site.out_features)
         return 2 * site.tokens * per_token * site.calls
 
+    def saved_activations(self, site: Site, tokens: int, rank: int, alpha: float | None = None, dropout: float = 0.0) -> int:
+        # A's gradient needs the (dropped-out) input, B's the rank-r projection; a frozen base
+        # keeps neither. An embedding's A gradient needs only the ids.
+        if site.op == "embedding":
+            per_token = rank
+        else:
+            per_token = site.in_features + rank  # a conv keeps its input map (stride 1 assumed)
+            per_token += site.in_features if dropout > 0 else 0  # the dropout mask
+        return tokens * per_token * site.calls
+
     def wrap(self, module: nn.Module, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> nn.Module:
         alpha = 2 * rank if alpha is None else alpha
         if site.op == "conv2d":

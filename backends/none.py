@@ -31,5 +31,8 @@ class NoTuning(Method):
     def overhead_flops(self, site: Site, **hp: Any) -> int:
         return 0
 
+    def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
+        return 0
+
     def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
         return module

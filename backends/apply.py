@@ -119,12 +119,15 @@ def merge(model: nn.Module) -> MergeReport:
     merged 12 site(s), left 0
     """
     report = MergeReport()
-    for name, entry in applied_plan(model).tuned().items():
+    plan = applied_plan(model)
+    for name, entry in plan.tuned().items():
         method = get_method(entry["method"])
-        if not method.mergeable:
-            report.left[name] = f"method {method.name!r} cannot be merged"
-            continue
         module = model.get_submodule(name)
+        base = getattr(module, "base", module)
+        why = method.can_merge(static_site(name, base, module_op(base)), **plan.hyper(entry))
+        if why is not None:
+            report.left[name] = why
+            continue
         if hasattr(module, "merge"):
             module.merge()
         report.merged.append(name)

@@ -38,6 +38,11 @@ class Method:
     ops: ClassVar[frozenset[str]] = frozenset()
     mergeable: ClassVar[bool] = False
     hyper: ClassVar[dict[str, Any]] = {}
+    example: ClassVar[dict[str, Any]] = {}  # valid hyper-parameters for docs and the contract suite
+
+    def can_merge(self, site: Site, **hp: Any) -> str | None:
+        """Why this site cannot be merged with these hyper-parameters, or None when it can."""
+        return None if self.mergeable else f"method {self.name!r} cannot be merged"
 
     def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
         """Full hyper-parameters for ``site`` (defaults filled in), or a `PlanError`."""

@@ -35,6 +35,7 @@ class LoRA(Method):
     ops = frozenset({"linear", "conv2d", "embedding"})
     mergeable = True
     hyper = {"rank": None, "alpha": None, "dropout": 0.0}
+    example = {"rank": 4, "alpha": 8}
 
     def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
         if "rank" not in hp:

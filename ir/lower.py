@@ -24,7 +24,7 @@ from peftplan.ir.capture import CaptureError, OpGraph, capture
 from peftplan.ir.inputs import example_inputs as synthesise
 from peftplan.ir.inputs import normalise
 from peftplan.ir.modules import count_params, fingerprint, module_features, module_op, static_site
-from peftplan.ir.site import Block, Site, SiteGraph
+from peftplan.ir.site import Block, SiteGraph
 
 
 class LoweringError(ValueError):
@@ -72,11 +72,13 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
     if shortened:
         order, graph = blocks_pass.expand(order, graph, stacks)
 
-    where = {}
-    for name in order:
-        loc = next(((s, i) for s in stacks if (i := s.child_of(name)) is not None), None)
-        where[name] = loc
+    where = {name: next(((s, i) for s in stacks if (i := s.child_of(name)) is not None), None) for name in order}
     block_of = {n: (loc[1] if loc else None) for n, loc in where.items()}
+
+    def stand_in(name: str) -> str:
+        """The captured site whose calls and dataflow roles ``name`` shares."""
+        loc = where[name]
+        return name if name in calls else loc[0].rename(name, loc[1], loc[0].rep(loc[1]))
 
     def same_block(a: str, b: str) -> bool:
         la, lb = where.get(a), where.get(b)
@@ -85,41 +87,23 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
         return la[0] is lb[0] and la[1] == lb[1]
 
     ops = {n: tunable[n] for n in order}
-    # flow roles are read on the captured graph, then copied to each block's stand-ins
-    captured = list(calls)
-    flow_captured = dataflow.flow_roles(og, sources, site_in, {n: ops.get(n) or tunable[n] for n in captured}, same_block)
-    flow = {}
-    for name in order:
-        loc = where[name]
-        src = name if loc is None or name in calls else loc[0].rename(name, loc[1], loc[0].rep(loc[1]))
-        if src in flow_captured:
-            flow[name] = flow_captured[src]
+    flow_captured = dataflow.flow_roles(og, sources, site_in, {n: tunable[n] for n in calls}, same_block)
+    flow = {n: flow_captured[stand_in(n)] for n in order if stand_in(n) in flow_captured}
     role_of, notes = roles.assign(order, ops, flow, block_of)
 
     depth = _depths(order, where)
     tied = _tied(model, order)
     sites = []
     for name in order:
-        loc = where[name]
-        stand_in = name if name in calls else loc[0].rename(name, loc[1], loc[0].rep(loc[1]))
-        module = model.get_submodule(name)
-        site_calls = calls[stand_in]
-        base = static_site(name, module, ops[name], role=role_of[name])
+        module, site_calls = model.get_submodule(name), calls[stand_in(name)]
         sites.append(
-            Site(
-                **{
-                    **base.to_dict(),
-                    "kernel": base.kernel,
-                    "tied": tied.get(name, ()),
-                    "block": block_of[name],
-                    "stack": loc[0].path if loc else None,
-                    "depth": depth[name],
-                    "in_shape": site_calls[0].in_shape,
-                    "out_shape": site_calls[0].out_shape,
-                    "calls": len(site_calls),
-                    "flops": sum(_flops(module, ops[name], c.out_shape) for c in site_calls),
-                }
-            )
+            static_site(
+                name, module, ops[name],
+                role=role_of[name], tied=tied.get(name, ()), block=block_of[name],
+                stack=where[name][0].path if where[name] else None, depth=depth[name],
+                in_shape=site_calls[0].in_shape, out_shape=site_calls[0].out_shape, calls=len(site_calls),
+                flops=sum(_flops(module, ops[name], c.out_shape) for c in site_calls),
+            )  # fmt: skip
         )
     block_list = [Block(s.path, i, s.size, s.type_names[i]) for s in stacks for i in range(s.size)]
     notes = list(og.notes) + notes

@@ -59,7 +59,7 @@ class Plan:
         parts = []
         for m, hps in sorted(by.items()):
             ranks = sorted({h["rank"] for h in hps if "rank" in h})
-            extra = f", ranks {ranks[0]}–{ranks[-1]}" if ranks else ""
+            extra = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}"
             parts.append(f"{m}: {len(hps)} sites{extra}")
         obj = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in self.objectives.items())
         return "; ".join(parts) + (f" ({obj})" if obj else "")

@@ -1,0 +1,77 @@
+"""ParetoFront against hand-computed fronts, hypervolumes and knees."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from peftplan.planner.front import ParetoFront
+from peftplan.planner.plan import Plan
+
+SENSES = {"metric": "max", "params": "min"}
+POINTS = [
+    ({"metric": 0.70, "params": 500}, None),
+    ({"metric": 0.80, "params": 1000}, None),
+    ({"metric": 0.79, "params": 2000}, None),  # dominated by (0.80, 1000)
+    ({"metric": 0.85, "params": 4000}, None),
+    ({"metric": 0.85, "params": 5000}, None),  # dominated by (0.85, 4000)
+    ({"metric": float("nan"), "params": 100}, None),  # a failed trial
+]
+
+
+def front():
+    return ParetoFront.from_points(POINTS, SENSES)
+
+
+def test_non_dominated_points_sorted_by_cost():
+    assert [(p.values["params"], p.values["metric"]) for p in front()] == [(500, 0.7), (1000, 0.8), (4000, 0.85)]
+
+
+def test_hypervolume_2d_by_hand():
+    # boxes from the reference (metric 0.5, params 6000) to each point, as a union:
+    # (0.70-0.5)*(6000-500) + (0.80-0.70)*(6000-1000) + (0.85-0.80)*(6000-4000)
+    want = 0.2 * 5500 + 0.1 * 5000 + 0.05 * 2000
+    assert front().hypervolume({"metric": 0.5, "params": 6000}) == pytest.approx(want)
+    # a point that does not beat the reference adds nothing
+    assert front().hypervolume({"metric": 0.75, "params": 6000}) == pytest.approx(0.05 * 5000 + 0.05 * 2000)
+    assert ParetoFront([], SENSES).hypervolume({"metric": 0, "params": 1}) == 0.0
+
+
+def test_hypervolume_3d_inclusion_exclusion():
+    senses = {"a": "max", "b": "max", "c": "min"}
+    f = ParetoFront.from_points([({"a": 2, "b": 1, "c": 1}, None), ({"a": 1, "b": 2, "c": 2}, None)], senses)
+    ref = {"a": 0, "b": 0, "c": 3}
+    box1, box2 = 2 * 1 * 2, 1 * 2 * 1
+    overlap = 1 * 1 * 1  # min(a) * min(b) * min(3 - c)
+    assert f.hypervolume(ref) == pytest.approx(box1 + box2 - overlap)
+
+
+def test_knee_and_best():
+    f = front()
+    # scaled to [0, 1]: (500, .70) -> (1, 0); (1000, .80) -> (6/7, 2/3); (4000, .85) -> (0, 1)
+    assert f.knee().values == {"metric": 0.80, "params": 1000}
+    assert f.best().values["metric"] == 0.85
+    assert f.best(within={"params": 2000}).values == {"metric": 0.80, "params": 1000}
+    assert f.best(within={"metric": 0.75}, objective="params").values["params"] == 1000
+    with pytest.raises(ValueError, match="no plan on the front is within"):
+        f.best(within={"params": 100})
+    with pytest.raises(ValueError, match="unknown objective"):
+        f.best(within={"memory": 1})
+
+
+def test_exports(tmp_path):
+    plan = Plan(sites={"fc": {"method": "lora", "rank": 2}})
+    f = ParetoFront.from_points([({"metric": 0.9, "params": 10}, plan), ({"metric": 0.5, "params": 5}, None)], SENSES)
+    assert [p.plan for p in f] == [None, plan]  # sorted by params
+    f.points[1].info["trial"] = 3
+    back = ParetoFront.load(f.to_json(tmp_path / "front.json"))
+    assert [(p.values, p.info) for p in back] == [(p.values, p.info) for p in f]
+    assert back.points[0].plan is None and back.points[1].plan.sites == plan.sites
+    rows = list(csv.reader(f.to_csv(tmp_path / "f.csv").open()))
+    assert rows == [["metric", "params", "trial", "plan"], ["0.5", "5", "", ""], ["0.9", "10", "3", "lora: 1 sites, rank 2"]]
+    assert f.plot(tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = f.plot(tmp_path / "f.html").read_text()
+    assert "plotly" in html and "lora: 1 sites" in html
+    with pytest.raises(ValueError, match=".png or .html"):
+        f.plot(tmp_path / "f.svg")

@@ -1,0 +1,49 @@
+"""Re-target a plan onto another model of the same family (``match="role+depth"``).
+
+Each site of the target model takes the entry of the plan site with the same role and op at
+the nearest relative depth, so a plan made on a 6-layer model applies to a 12-layer one.
+Entries with method ``none`` count as sites too: a plan that leaves the lower blocks alone
+leaves the target's lower blocks alone.
+
+    >>> plan12, mapping = retarget(plan6, lower(bert12))  # doctest: +SKIP
+    >>> mapping["encoder.layer.11.attention.self.value"]  # doctest: +SKIP
+    'encoder.layer.5.attention.self.value'
+"""
+
+from __future__ import annotations
+
+from peftplan.backends.base import PlanError, get_method
+from peftplan.ir.site import SiteGraph
+from peftplan.planner.plan import Plan
+
+
+def retarget(plan: Plan, graph: SiteGraph) -> tuple[Plan, dict[str, str]]:
+    """The plan for ``graph``'s model, and which plan site each target site copied.
+
+    Target sites whose role and op no plan entry has stay untuned; a plan without role or depth
+    on its entries cannot be re-targeted (`PlanError`)."""
+    lacking = [n for n, e in plan.sites.items() if "role" not in e or "depth" not in e]
+    if lacking:
+        raise PlanError(f"cannot match by role and depth: entries {lacking[:5]} have no 'role'/'depth'; re-create the plan with peftplan.search")
+    by_kind: dict[tuple[str, str | None], list[tuple[float, str]]] = {}
+    for name, e in plan.sites.items():
+        by_kind.setdefault((e["role"], e.get("op")), []).append((float(e["depth"]), name))
+    sites, mapping = {}, {}
+    for s in graph:
+        candidates = by_kind.get((s.role, s.op)) or by_kind.get((s.role, None))
+        if not candidates:
+            continue
+        _, source = min(candidates, key=lambda c: (abs(c[0] - s.depth), c[0]))
+        entry = plan.sites[source]
+        mapping[s.name] = source
+        if entry["method"] != "none":
+            sites[s.name] = {**entry, "role": s.role, "depth": s.depth, "op": s.op, "shape": [s.in_features, s.out_features]}
+    if not sites:
+        raise PlanError(
+            f"no site of {graph.model_class} matches the plan's roles "
+            f"{sorted({r for r, _ in by_kind})}; is it a model of the same family?"
+        )
+    params = sum(get_method(e["method"]).param_count(graph[n], **Plan.hyper(e)) for n, e in sites.items())
+    model = {"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)}
+    provenance = {**plan.provenance, "retargeted_from": plan.model.get("fingerprint"), "match": "role+depth"}
+    return Plan(sites=sites, model=model, budget=plan.budget, objectives={"params": params}, provenance=provenance), mapping

@@ -1,0 +1,61 @@
+"""One trial end to end on a tiny learnable task; failures become failed trials with reasons."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import peftplan as pp
+from peftplan.planner.evaluate import Fidelity, evaluate
+from peftplan.planner.task import Task, accuracy, classification_loss
+
+
+def tiny_task(n_batches=12, batch=16, seed=0) -> Task:
+    """Label = whether token 5 appears: learnable in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(6, 50, (batch, 8), generator=g)
+        labels = torch.randint(0, 2, (batch,), generator=g)
+        ids[labels == 1, 3] = 5
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return Task(batches[:8], batches[8:], classification_loss, accuracy, steps=40, name="tiny")
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return BertForSequenceClassification(cfg)
+
+
+def plan_for(base, rank=4):
+    g = pp.lower(base)
+    sites = {s.name: {"method": "lora", "rank": rank} for s in g.select(role="attn")}
+    sites["classifier"] = {"method": "full"}
+    return pp.Plan(sites=sites, model={"fingerprint": g.fingerprint})
+
+
+def test_trial_trains_a_copy_and_scores_it():
+    base, task = model(), tiny_task()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    result = evaluate(base, plan_for(base), task, Fidelity(steps=60), lr=5e-3)
+    assert result.ok and result.metric >= 0.9, result
+    assert result.params == 8 * 4 * (32 + 32) + 32 * 2 + 2
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # base untouched
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_fidelity_limits_data_and_steps():
+    base, task = model(), tiny_task()
+    result = evaluate(base, plan_for(base), task, Fidelity(steps=3, train_batches=2, eval_batches=1))
+    assert result.ok and len(result.losses) == 3
+    assert result.metric in {i / 16 for i in range(17)}  # one dev batch of 16
+
+
+def test_failures_are_recorded_not_raised():
+    base, task = model(), tiny_task()
+    diverged = evaluate(base, plan_for(base), task, Fidelity(steps=30), lr=1e6)
+    assert not diverged.ok and "diverged" in diverged.failed
+    bad = pp.Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 0}})
+    broken = evaluate(base, bad, task, Fidelity(steps=1))
+    assert not broken.ok and "PlanError" in broken.failed and "rank" in broken.failed

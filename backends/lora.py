@@ -1,12 +1,12 @@
 """LoRA (Hu et al., 2021): a trainable low-rank delta ``B @ A * alpha / rank`` beside a frozen
-weight, on linear layers (``nn.Linear``, HF ``Conv1D``), 2-D convolutions and embeddings.
+weight (``alpha / sqrt(rank)`` with ``rslora=True``), on linear layers (``nn.Linear``, HF ``Conv1D``), 2-D convolutions and embeddings.
 
     >>> import torch.nn as nn
     >>> from peftplan.ir.modules import static_site
     >>> lora = LoRA()
     >>> site = static_site("fc", nn.Linear(384, 384), "linear")
     >>> lora.validate(site, rank=8)
-    {'rank': 8, 'alpha': 16, 'dropout': 0.0}
+    {'rank': 8, 'alpha': 16, 'dropout': 0.0, 'rslora': False}
     >>> lora.param_count(site, rank=8)
     6144
 """
@@ -29,41 +29,45 @@ __all__ = ["LoRA"]
 @register
 class LoRA(Method):
     """``rank`` (required, positive int), ``alpha`` (positive, default ``2 * rank``), ``dropout``
-    on the adapter input (default 0; not used on embeddings, as in peft)."""
+    on the adapter input (default 0; not used on embeddings, as in peft), ``rslora`` (default
+    False: scaling ``alpha / rank``; True: the rank-stabilised ``alpha / sqrt(rank)`` of
+    Kalajdzievski 2023, peft's ``use_rslora``)."""
 
     name = "lora"
     ops = frozenset({"linear", "conv2d", "embedding"})
     mergeable = True
-    hyper = {"rank": None, "alpha": None, "dropout": 0.0}
+    hyper = {"rank": None, "alpha": None, "dropout": 0.0, "rslora": False}
     example = {"rank": 4, "alpha": 8}
 
     def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
         if "rank" not in hp:
-            raise PlanError(f"site {site.name!r}: method 'lora' needs 'rank' (e.g. rank=8; alpha defaults to 2*rank)")
-        _check_rank(site, hp["rank"])  # before alpha's default is derived from it
+            raise PlanError(f"site {site.name!r}: method {self.name!r} needs 'rank' (e.g. rank=8; alpha defaults to 2*rank)")
+        self._check_rank(site, hp["rank"])  # before alpha's default is derived from it
         if hp.get("alpha") is None:
             hp["alpha"] = 2 * hp["rank"]
         return super().validate(site, **hp)
 
     def check(self, site: Site, hp: dict[str, Any]) -> None:
-        rank, alpha, dropout = hp["rank"], hp["alpha"], hp["dropout"]
-        _check_rank(site, rank)
+        rank, alpha, dropout, rslora = hp["rank"], hp["alpha"], hp["dropout"], hp["rslora"]
+        self._check_rank(site, rank)
         if not _is_real(alpha) or not alpha > 0 or not math.isfinite(alpha):
-            raise PlanError(f"site {site.name!r}: lora alpha must be a positive number, got {alpha!r}; e.g. alpha={2 * rank}")
+            raise PlanError(f"site {site.name!r}: {self.name} alpha must be a positive number, got {alpha!r}; e.g. alpha={2 * rank}")
         if not _is_real(dropout) or not 0 <= dropout < 1:
-            raise PlanError(f"site {site.name!r}: lora dropout must be in [0, 1), got {dropout!r}")
+            raise PlanError(f"site {site.name!r}: {self.name} dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(rslora, bool):
+            raise PlanError(f"site {site.name!r}: {self.name} rslora must be true or false, got {rslora!r}")
         if site.op == "conv2d" and site.groups != 1:
             raise PlanError(
-                f"site {site.name!r}: lora supports grouped convolutions only with groups=1, this one has "
+                f"site {site.name!r}: {self.name} supports grouped convolutions only with groups=1, this one has "
                 f"groups={site.groups}; tune it with 'full' or 'none' instead"
             )
 
-    def param_count(self, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> int:
+    def param_count(self, site: Site, rank: int, **_: Any) -> int:
         if site.op == "conv2d":
             return rank * site.in_features * math.prod(site.kernel) + site.out_features * rank
         return rank * (site.in_features + site.out_features)
 
-    def overhead_flops(self, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> int:
+    def overhead_flops(self, site: Site, rank: int, **_: Any) -> int:
         if site.op == "embedding":  # A is a row lookup; only B is a matmul
             per_token = rank * site.out_features
         elif site.op == "conv2d":
@@ -72,7 +76,7 @@ class LoRA(Method):
             per_token = rank * (site.in_features + site.out_features)
         return 2 * site.tokens * per_token * site.calls
 
-    def saved_activations(self, site: Site, tokens: int, rank: int, alpha: float | None = None, dropout: float = 0.0) -> int:
+    def saved_activations(self, site: Site, tokens: int, rank: int, dropout: float = 0.0, **_: Any) -> int:
         # A's gradient needs the (dropped-out) input, B's the rank-r projection; a frozen base
         # keeps neither. An embedding's A gradient needs only the ids.
         if site.op == "embedding":
@@ -82,18 +86,18 @@ class LoRA(Method):
             per_token += site.in_features if dropout > 0 else 0  # the dropout mask
         return tokens * per_token * site.calls
 
-    def wrap(self, module: nn.Module, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0) -> nn.Module:
+    def wrap(self, module: nn.Module, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0,
+             rslora: bool = False) -> nn.Module:  # fmt: skip
         alpha = 2 * rank if alpha is None else alpha
         if site.op == "conv2d":
-            return LoRAConv2d(module, rank, alpha, dropout)
+            return LoRAConv2d(module, rank, alpha, dropout, rslora)
         if site.op == "embedding":
-            return LoRAEmbedding(module, rank, alpha)
-        return LoRALinear(module, rank, alpha, dropout)
+            return LoRAEmbedding(module, rank, alpha, rslora)
+        return LoRALinear(module, rank, alpha, dropout, rslora)
 
-
-def _check_rank(site: Site, rank: Any) -> None:
-    if not _is_int(rank) or rank <= 0:
-        raise PlanError(f"site {site.name!r}: lora rank must be a positive int, got {rank!r}; use e.g. rank=8 or method 'none'")
+    def _check_rank(self, site: Site, rank: Any) -> None:
+        if not _is_int(rank) or rank <= 0:
+            raise PlanError(f"site {site.name!r}: {self.name} rank must be a positive int, got {rank!r}; use e.g. rank=8 or method 'none'")
 
 
 def _is_int(x: Any) -> bool:

@@ -1,4 +1,5 @@
-"""LoRA layers: a frozen base module plus a trainable low-rank delta ``B @ A * alpha / rank``.
+"""LoRA layers: a frozen base module plus a trainable low-rank delta ``B @ A * alpha / rank``
+(``alpha / sqrt(rank)`` with rank-stabilised scaling, ``rslora=True``).
 
 Parameter shapes and initialisation follow peft, so weights copy across one to one and the
 wrapped module computes exactly what the base computes until ``lora_B`` (or, for embeddings,
@@ -37,12 +38,14 @@ class LoRALayer(nn.Module):
     ``base.weight``.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, rslora: bool = False) -> None:
         super().__init__()
         self.base = base
         self.rank = rank
         self.alpha = alpha
-        self.scaling = alpha / rank
+        self.rslora = rslora
+        # rsLoRA (Kalajdzievski, 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.merged = False
         for p in base.parameters():
             p.requires_grad_(False)
@@ -86,14 +89,14 @@ class LoRALayer(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return f"rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}, merged={self.merged}"
 
 
 class LoRALinear(LoRALayer):
     """LoRA on ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored transposed, (in, out))."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(base, rank, alpha)
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__(base, rank, alpha, rslora)
         self.fan_in_fan_out = is_hf_conv1d(base)
         n_in, n_out = module_features(base)
         self.lora_A = self._new(rank, n_in)
@@ -110,16 +113,20 @@ class LoRALinear(LoRALayer):
         y = self.base(x, *args, **kwargs)  # (..., out)
         if self.merged:
             return y
-        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
-        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)  # (..., out)
+        return y + self._lora(self.dropout(x.to(self.lora_A.dtype))).to(y.dtype)  # (..., out)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled adapter path ``s·B·A·x`` in the adapters' dtype: (..., in) -> (..., out)."""
+        h = F.linear(x, self.lora_A)  # (..., r)
+        return F.linear(h, self.lora_B) * self.scaling  # (..., out)
 
 
 class LoRAConv2d(LoRALayer):
     """LoRA on ``nn.Conv2d`` (groups 1): A is a (r, in, kh, kw) convolution with the base's
     stride, padding and dilation, B a 1x1 convolution (out, r, 1, 1)."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(base, rank, alpha)
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__(base, rank, alpha, rslora)
         if base.groups != 1:
             raise ValueError(f"LoRAConv2d supports groups=1 only, got groups={base.groups}")
         self.lora_A = self._new(rank, base.in_channels, *base.kernel_size)
@@ -136,16 +143,20 @@ class LoRAConv2d(LoRALayer):
         y = self.base(x)  # (N, out, H', W')
         if self.merged:
             return y
+        return y + self._lora(self.dropout(x.to(self.lora_A.dtype))).to(y.dtype)  # (N, out, H', W')
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled adapter path in the adapters' dtype: (N, in, H, W) -> (N, out, H', W')."""
         # _conv_forward applies the base's padding mode, stride and dilation to our weight.
-        h = self.base._conv_forward(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, None)  # (N, r, H', W')
-        return y + (F.conv2d(h, self.lora_B) * self.scaling).to(y.dtype)  # (N, out, H', W')
+        h = self.base._conv_forward(x, self.lora_A, None)  # (N, r, H', W')
+        return F.conv2d(h, self.lora_B) * self.scaling  # (N, out, H', W')
 
 
 class LoRAEmbedding(LoRALayer):
     """LoRA on ``nn.Embedding``: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
 
-    def __init__(self, base: nn.Embedding, rank: int, alpha: float) -> None:
-        super().__init__(base, rank, alpha)
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float, rslora: bool = False) -> None:
+        super().__init__(base, rank, alpha, rslora)
         self.lora_A = self._new(rank, base.num_embeddings)
         self.lora_B = self._new(base.embedding_dim, rank)
         nn.init.zeros_(self.lora_A)

@@ -1,0 +1,173 @@
+"""SSF against the hand computation ``base(x) * scale + shift`` on every op it tunes, merge round
+trips (bias-less layers gain a bias while merged and lose it after; bias-less norms refuse),
+whole models, bf16, the meta device and exact costs against autograd."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+from backend_models import bert, llama, plan_for, snapshot, token_ids
+from test_costs import frozen, saved_elements
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.pytorch_utils import Conv1D
+
+from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge, remove, unmerge
+from peftplan.ir.modules import module_op, static_site, tunable_modules
+
+
+def _cases() -> dict[str, tuple[nn.Module, torch.Tensor, int]]:
+    """name -> (module, input, channel axis of the output)"""
+    torch.manual_seed(0)
+    return {
+        "linear": (nn.Linear(12, 7), torch.randn(3, 5, 12), -1),
+        "linear_no_bias": (nn.Linear(12, 7, bias=False), torch.randn(3, 5, 12), -1),
+        "conv1d_hf": (Conv1D(7, 12), torch.randn(3, 5, 12), -1),
+        "conv2d": (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 7, 7), 1),
+        "conv2d_no_bias": (nn.Conv2d(4, 6, 3, groups=2, bias=False), torch.randn(2, 4, 7, 7), 1),
+        "embedding": (nn.Embedding(20, 8, padding_idx=0), torch.randint(0, 20, (3, 5)), -1),
+        "layernorm": (nn.LayerNorm(8), torch.randn(3, 5, 8), -1),
+        "groupnorm": (nn.GroupNorm(2, 6), torch.randn(2, 6, 4, 4), 1),
+        "rmsnorm": (nn.RMSNorm(8), torch.randn(3, 5, 8), -1),
+    }
+
+
+CASES = list(_cases())
+MERGEABLE = [c for c in CASES if c != "rmsnorm"]
+
+
+def _wrap(module: nn.Module) -> nn.Module:
+    site = static_site("m", module, module_op(module))
+    ssf = get_method("ssf")
+    return ssf.wrap(module, site, **ssf.validate(site))
+
+
+def _randomize(layer: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.scale.add_(torch.randn(layer.scale.shape, generator=g).to(layer.scale.dtype) * 0.3)
+        layer.shift.add_(torch.randn(layer.shift.shape, generator=g).to(layer.shift.dtype) * 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_identity_at_init_and_hand_computation(case):
+    module, x, channel = _cases()[case]
+    expected = module(x)
+    layer = _wrap(module)
+    assert torch.equal(layer(x), expected)
+    _randomize(layer)
+    shape = [1] * expected.dim()
+    shape[channel] = -1
+    by_hand = expected * layer.scale.view(shape) + layer.shift.view(shape)
+    torch.testing.assert_close(layer(x), by_hand)
+
+
+@pytest.mark.parametrize("case", MERGEABLE)
+def test_merge_equals_unmerged_and_unmerge_restores(case):
+    module, x, _ = _cases()[case]
+    original = snapshot(module)
+    layer = _randomize(_wrap(module))
+    unmerged = layer(x)
+    layer.merge()
+    layer.merge()  # no-op
+    assert layer.merged
+    torch.testing.assert_close(module(x), unmerged, atol=1e-5, rtol=1e-5)  # it is all in the base now
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    if case.endswith("no_bias"):
+        assert module.bias is not None and not module.bias.requires_grad
+    layer.unmerge()
+    restored = snapshot(module)
+    assert restored.keys() == original.keys()  # a bias made for the merge is gone again
+    for k in original:
+        torch.testing.assert_close(restored[k], original[k], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_without_bias_refuses_to_merge():
+    ssf = get_method("ssf")
+    module, x, _ = _cases()["rmsnorm"]
+    assert "cannot be merged" in ssf.can_merge(static_site("n", module, "norm"))
+    assert "cannot be merged" in ssf.can_merge(static_site("n", nn.LayerNorm(8, bias=False), "norm"))
+    assert ssf.can_merge(static_site("n", nn.LayerNorm(8), "norm")) is None
+    with pytest.raises(ValueError, match="cannot merge"):
+        _wrap(module).merge()
+
+
+def test_whole_models_merge_where_they_can():
+    for make, out in ((bert, lambda o: o.last_hidden_state), (llama, lambda o: o.logits)):
+        model = make()
+        before = snapshot(model)
+        entries = {n: {"method": "ssf"} for n, _, op in tunable_modules(model) if op in get_method("ssf").ops}
+        apply(model, plan_for(model, entries))
+        with torch.no_grad():
+            for t in adapter_tensors(model).values():
+                t.add_(torch.randn(t.shape) * 0.1)
+            unmerged = out(model(token_ids()))
+            report = merge(model)
+            torch.testing.assert_close(out(model(token_ids())), unmerged, atol=1e-5, rtol=1e-5)
+        norms = {n for n in entries if module_op(model.get_submodule(n).base) == "norm"}
+        if make is llama:  # RMSNorms have nowhere to put the shift
+            assert set(report.left) == norms and norms
+        else:
+            assert not report.left
+        unmerge(model)
+        after = snapshot(remove(model))
+        assert after.keys() == before.keys()
+        for k in before:
+            torch.testing.assert_close(after[k], before[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_and_meta(case):
+    module, x, _ = _cases()[case]
+    xb = x if x.dtype == torch.long else x.to(torch.bfloat16)
+    bf16 = _wrap(copy.deepcopy(module).to(torch.bfloat16))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert torch.equal(bf16(xb), bf16.base(xb))
+    unmerged = _randomize(bf16)(xb)
+    if case != "rmsnorm":
+        bf16.merge()
+        assert bf16(xb).dtype == torch.bfloat16
+        torch.testing.assert_close(bf16(xb), unmerged, atol=0.1, rtol=0.05)
+
+    meta = _wrap(module.to("meta"))
+    assert all(t.is_meta for t in meta.parameters())
+    assert meta(x.to("meta")).is_meta
+    if case != "rmsnorm":
+        meta.merge()
+        meta.unmerge()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_costs_are_exact(case):
+    module, x, _ = _cases()[case]
+    if x.is_floating_point():
+        x.requires_grad_(True)  # as inside a model
+    ssf = get_method("ssf")
+    y = module(x)
+    site = replace(static_site("m", module, module_op(module)), out_shape=tuple(y.shape))
+    channels = y.shape[1] if site.op == "conv2d" or isinstance(module, nn.GroupNorm) else y.shape[-1]
+    positions = y.numel() // channels
+    before = saved_elements(frozen(copy.deepcopy(module)), x)
+    layer = ssf.wrap(frozen(module), site)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == ssf.param_count(site) == 2 * channels
+    assert saved_elements(layer, x) - before == ssf.saved_activations(site, positions)
+    with FlopCounterMode(display=False) as flops:
+        layer(x)
+    with FlopCounterMode(display=False) as base_flops:
+        module(x)
+    assert flops.get_total_flops() == base_flops.get_total_flops()  # no matmul: a multiply-add per output
+    if not isinstance(module, nn.GroupNorm):  # Site.tokens reads a GroupNorm's (N, C, H, W) as tokens x C
+        assert ssf.overhead_flops(site) == 2 * y.numel()
+
+
+def test_bad_plans_are_plan_errors():
+    ssf = get_method("ssf")
+    with pytest.raises(PlanError, match="no hyper-parameter"):
+        ssf.validate(static_site("fc", nn.Linear(4, 4), "linear"), rank=2)
+    with pytest.raises(PlanError, match="tunes only"):
+        ssf.validate(static_site("c", nn.Conv1d(4, 4, 3), "conv1d"))

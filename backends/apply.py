@@ -53,17 +53,36 @@ class MergeReport:
         return "\n".join(lines)
 
 
-def apply(model: nn.Module, plan: Plan | dict | str | os.PathLike, *, check: bool = True) -> nn.Module:
+def apply(
+    model: nn.Module,
+    plan: Plan | dict | str | os.PathLike,
+    *,
+    check: bool = True,
+    scores: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Tune ``model`` in place as ``plan`` says and return it.
 
     Every site entry is resolved and validated first, so a bad plan raises `PlanError` with the
     model untouched. ``check=False`` skips the fingerprint and the per-site op/shape comparison
     (sites must still exist and suit their method).
 
+    ``scores`` maps site names to per-element scores shaped like the site's weight (grad² from
+    the planner, say), for methods that choose entries by them (``sparse`` with
+    ``selection="sensitivity"``). Convention: such a method defines ``needs_scores(**hp) ->
+    bool``, and its ``wrap`` then receives ``scores=<tensor>``; a site that needs scores and has
+    none is a `PlanError`. Scores for other sites are ignored.
+
     >>> model = apply(model, Plan.load("plan.json"))  # doctest: +SKIP
     >>> count_trainable(model)  # doctest: +SKIP
     73728
+    >>> apply(model, sparse_plan, scores={"encoder.layer.0.output.dense": grad2})  # doctest: +SKIP
     """
+    return _apply(model, plan, check=check, scores=scores or {}, restoring=False)
+
+
+def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.Tensor], restoring: bool) -> nn.Module:
+    """`apply`; ``restoring`` (from `load`) gives sites that need scores a placeholder of zeros,
+    as their selection is about to be overwritten from the artifact."""
     plan = _as_plan(plan)
     if hasattr(model, PLAN_ATTR):
         raise PlanError("this model already has a plan applied; call peftplan.remove(model) first")
@@ -74,11 +93,12 @@ def apply(model: nn.Module, plan: Plan | dict | str | os.PathLike, *, check: boo
         try:
             method = get_method(entry["method"])
             hp = method.validate(site, **plan.hyper(entry))
+            extra = _scores_for(name, module, method, hp, scores, restoring)
         except PlanError as e:
             errors.append(str(e))
             continue
         if method.name != "none":
-            todo.append((name, module, site, method, hp))
+            todo.append((name, module, site, method, {**hp, **extra}))
     if errors:
         raise PlanError(_listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
 
@@ -115,16 +135,27 @@ def applied_plan(model: nn.Module) -> Plan:
 def merge(model: nn.Module) -> MergeReport:
     """Fold every mergeable site's delta into its base weight (forward no longer adds it).
 
+    A site is left, with the reason in the report, when its method cannot merge with these
+    hyper-parameters or when its weight is tied to another module (GPT-2's ``wte`` and
+    ``lm_head``): folding the delta in would change that module too.
+
     >>> print(merge(model))  # doctest: +SKIP
     merged 12 site(s), left 0
     """
     report = MergeReport()
     plan = applied_plan(model)
+    owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(mname)
     for name, entry in plan.tuned().items():
         method = get_method(entry["method"])
         module = model.get_submodule(name)
         base = getattr(module, "base", module)
         why = method.can_merge(static_site(name, base, module_op(base)), **plan.hyper(entry))
+        shared = sorted({o for p in base.parameters(recurse=False) for o in owners[id(p)]} - {name, f"{name}.base"})
+        if why is None and shared and hasattr(module, "merge"):
+            why = f"its weight is shared with {shared} (tied); merging would change them too"
         if why is not None:
             report.left[name] = why
             continue
@@ -229,6 +260,26 @@ def _as_plan(plan: Any) -> Plan:
     if isinstance(plan, (str, os.PathLike)):
         return Plan.load(plan)
     raise TypeError(f"apply() needs a Plan, a plan dict or a path to plan.json, got {type(plan).__name__}")
+
+
+def _scores_for(name: str, module: nn.Module, method: Any, hp: dict[str, Any], scores: dict[str, torch.Tensor],
+                restoring: bool) -> dict[str, torch.Tensor]:
+    """``{"scores": tensor}`` for a site whose method needs scores, ``{}`` otherwise."""
+    needs = getattr(method, "needs_scores", None)
+    if needs is None or not needs(**hp):
+        return {}
+    weight = module.weight
+    if name not in scores:
+        if restoring:
+            return {"scores": torch.zeros(weight.shape, device=weight.device)}
+        raise PlanError(
+            f"site {name!r}: method {method.name!r} with these hyper-parameters selects entries by "
+            f"per-element scores; pass apply(..., scores={{{name!r}: tensor shaped {tuple(weight.shape)}}}) "
+            "or use selection='magnitude'"
+        )
+    if tuple(scores[name].shape) != tuple(weight.shape):
+        raise PlanError(f"site {name!r}: scores have shape {tuple(scores[name].shape)}, the weight {tuple(weight.shape)}")
+    return {"scores": scores[name]}
 
 
 def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Module, Site]]:

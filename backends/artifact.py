@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from peftplan.backends.apply import adapter_tensors, applied_plan, apply, remove
+from peftplan.backends.apply import _apply, adapter_tensors, applied_plan, remove
 from peftplan.backends.base import PlanError
 
 PLAN_FILE = "plan.json"
@@ -59,8 +59,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) -> nn.Module:
     """Apply the plan saved in ``directory`` to ``model`` and load its adapter tensors.
 
-    ``model`` must carry the same base weights as the one saved. Missing, unexpected or
-    mis-shaped tensors raise `PlanError` and leave ``model`` as it was.
+    ``model`` must carry the same base weights as the one saved. Selections saved as buffers
+    (a sparse site's indices) are restored as saved, so no scores are needed here. Missing,
+    unexpected or mis-shaped tensors raise `PlanError` and leave ``model`` as it was.
 
     >>> model = load(BertModel(config), "adapter_dir")  # doctest: +SKIP
     """
@@ -72,7 +73,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) 
     if not path.exists():
         raise FileNotFoundError(f"no {ADAPTERS_FILE} in {directory}; was it written by peftplan.save?")
     saved = load_file(str(path))
-    apply(model, plan, check=check)
+    _apply(model, plan, check=check, scores={}, restoring=True)  # saved selections (sparse indices) are copied in below
     try:
         _copy_into(adapter_tensors(model), saved, path)
     except BaseException:

@@ -8,7 +8,7 @@ them all. The verbs work in place on the model:
     >>> pp.save(model, "adapter_dir"); pp.merge(model); pp.remove(model)  # doctest: +SKIP
 """
 
-from peftplan.backends import full, lora, none  # noqa: F401  (registers the methods)
+from peftplan.backends import adapter, dora, full, ia3, lora, moe_lora, none, sparse, ssf  # noqa: F401  (registers the methods)
 from peftplan.backends.apply import (
     MergeReport,
     adapter_tensors,
@@ -23,9 +23,10 @@ from peftplan.backends.apply import (
 )
 from peftplan.backends.artifact import load, save
 from peftplan.backends.base import Method, PlanError, get_method, methods, register
+from peftplan.backends.peft_interop import export_peft, import_peft
 
 __all__ = [
     "Method", "MergeReport", "PlanError", "adapter_tensors", "aux_loss", "applied_plan", "apply",
-    "count_trainable", "get_method", "load", "merge", "methods", "register", "remove", "save",
+    "count_trainable", "export_peft", "get_method", "import_peft", "load", "merge", "methods", "register", "remove", "save",
     "trainable_parameters", "unmerge",
 ]  # fmt: skip

@@ -39,6 +39,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     hyper: ClassVar[dict[str, Any]] = {}
     example: ClassVar[dict[str, Any]] = {}  # valid hyper-parameters for docs and the contract suite
+    identity_at_init: ClassVar[bool] = True  # a freshly wrapped site computes what its base computes
 
     def can_merge(self, site: Site, **hp: Any) -> str | None:
         """Why this site cannot be merged with these hyper-parameters, or None when it can."""

@@ -60,9 +60,20 @@ class Plan:
         for m, hps in sorted(by.items()):
             ranks = sorted({h["rank"] for h in hps if "rank" in h})
             extra = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}"
-            parts.append(f"{m}: {len(hps)} sites{extra}")
+            parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
         obj = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in self.objectives.items())
         return "; ".join(parts) + (f" ({obj})" if obj else "")
+
+    def to_peft(self) -> tuple[dict[str, Any], list[str]]:
+        """HF peft configs for the sites peft can express, and why the others cannot be;
+        see `peftplan.backends.peft_interop.to_peft`.
+
+        >>> configs, unsupported = plan.to_peft()  # doctest: +SKIP
+        """
+        # lazy, as backends import the planner lazily too
+        from peftplan.backends.peft_interop import to_peft
+
+        return to_peft(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -69,9 +69,9 @@ def test_exports(tmp_path):
     assert [(p.values, p.info) for p in back] == [(p.values, p.info) for p in f]
     assert back.points[0].plan is None and back.points[1].plan.sites == plan.sites
     rows = list(csv.reader(f.to_csv(tmp_path / "f.csv").open()))
-    assert rows == [["metric", "params", "trial", "plan"], ["0.5", "5", "", ""], ["0.9", "10", "3", "lora: 1 sites, rank 2"]]
+    assert rows == [["metric", "params", "trial", "plan"], ["0.5", "5", "", ""], ["0.9", "10", "3", "lora: 1 site, rank 2"]]
     assert f.plot(tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = f.plot(tmp_path / "f.html").read_text()
-    assert "plotly" in html and "lora: 1 sites" in html
+    assert "plotly" in html and "lora: 1 site" in html
     with pytest.raises(ValueError, match=".png or .html"):
         f.plot(tmp_path / "f.svg")

@@ -95,4 +95,4 @@ def test_load_errors(tmp_path):
 
 
 def test_summary_lists_methods_and_ranks():
-    assert a_plan().summary() == "full: 1 sites; lora: 1 sites, ranks 8–8 (params=578)"
+    assert a_plan().summary() == "full: 1 site; lora: 1 site, rank 8 (params=578)"

@@ -1,0 +1,382 @@
+"""Hugging Face peft interop: write a tuned model as a peft adapter, read a peft adapter back.
+
+peft expresses LoRA (per-site ranks and alphas through ``rank_pattern``/``alpha_pattern``,
+rsLoRA), DoRA (``use_dora``), (IA)³ (``feedforward_modules`` for input scaling) and full
+training of whole modules (``modules_to_save``). Every planned site is targeted by its exact
+name, so no other module gets an adapter. A plan mixing these needs one peft adapter per kind
+(a LoraConfig cannot hold IA3 sites, and ``use_dora`` is per adapter); ``adapter``,
+``sparse``, ``moe_lora`` and ``ssf`` have no peft counterpart.
+
+    >>> configs, unsupported = to_peft(plan)  # doctest: +SKIP
+    >>> configs["lora"].rank_pattern  # doctest: +SKIP
+    {'encoder\\\\.layer\\\\.0\\\\.attention\\\\.self\\\\.query': 4}
+    >>> export_peft(tuned, "peft_dir").adapters  # doctest: +SKIP
+    {'lora': PosixPath('peft_dir')}
+    >>> PeftModel.from_pretrained(base, "peft_dir")  # doctest: +SKIP
+    >>> model = import_peft(AutoModel.from_pretrained(name), "peft_dir")  # doctest: +SKIP
+
+One adapter is written at the top of the directory; several go to one sub-directory each
+(``dir/lora``, ``dir/ia3``). Load them one after the other: ``PeftModel.from_pretrained(base,
+dir/"lora").merge_and_unload()``, then ``PeftModel.from_pretrained(that, dir/"ia3")`` (the
+sites are disjoint, so the order does not matter). Only JSON and safetensors are read; peft
+itself is needed only for `to_peft`, which returns its config objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from peftplan.backends.apply import _listing, adapter_tensors, applied_plan, apply, remove
+from peftplan.backends.base import PlanError, get_method, methods
+from peftplan.ir.modules import fingerprint, is_hf_conv1d, module_op, static_site, tunable_modules
+from peftplan.ir.site import Site
+
+if TYPE_CHECKING:
+    from peftplan.planner.plan import Plan
+
+__all__ = ["PeftExport", "export_peft", "import_peft", "to_peft"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_OPS = {"linear", "conv2d", "embedding"}
+_NO_PEFT = {
+    "adapter": "bottleneck adapters have no peft counterpart",
+    "sparse": "peft has no sparse-delta method",
+    "moe_lora": "peft has no mixture-of-LoRA-experts method",
+    "ssf": "peft has no scale-and-shift method (its IA3 has no shift)",
+}
+
+
+@dataclass
+class PeftExport:
+    """What `export_peft` wrote: one directory per peft adapter, and the sites it left out."""
+
+    adapters: dict[str, Path] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+
+
+def to_peft(plan: Plan) -> tuple[dict[str, Any], list[str]]:
+    """peft configs for the parts of ``plan`` peft can express, keyed by adapter name
+    (``"lora"``, ``"dora"``, ``"ia3"``), and one reason per site it cannot.
+
+    >>> configs, unsupported = to_peft(Plan(sites={"fc": {"method": "lora", "rank": 4}}))  # doctest: +SKIP
+    >>> configs["lora"].target_modules, unsupported  # doctest: +SKIP
+    ('(?:fc)', [])
+    """
+    import peft
+
+    dicts, unsupported = _configs(plan, _plan_sites(plan))
+    classes = {"LORA": peft.LoraConfig, "IA3": peft.IA3Config}
+    return {n: classes[d["peft_type"]](**{k: v for k, v in d.items() if k != "peft_type"}) for n, d in dicts.items()}, unsupported
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial: bool = False) -> PeftExport:
+    """Write the plan applied to ``model`` and its adapter weights as peft adapter(s).
+
+    Sites peft cannot express raise `PlanError` naming them; ``allow_partial=True`` writes the
+    rest and lists them in the result's ``unsupported``.
+
+    >>> export_peft(apply(model, plan), "peft_dir")  # doctest: +SKIP
+    PeftExport(adapters={'lora': PosixPath('peft_dir')}, unsupported=[])
+    """
+    plan = applied_plan(model)
+    sites = {n: _model_site(model, n, e) for n, e in plan.tuned().items()}
+    dicts, unsupported = _configs(plan, sites, model)
+    if unsupported and not allow_partial:
+        raise PlanError(_listing(f"peft cannot express {len(unsupported)} site(s)", unsupported)
+                        + "\nPass allow_partial=True to export the rest.")  # fmt: skip
+    if not dicts:
+        raise PlanError("no site of this plan can be expressed in peft; nothing to export")
+    tensors = adapter_tensors(model)
+    result = PeftExport(unsupported=unsupported)
+    root = Path(directory)
+    for name, config in dicts.items():
+        out = root if len(dicts) == 1 else root / name
+        weights = {}
+        for site in _config_sites(plan, config):
+            entry = plan.sites[site]
+            for ours, theirs in _key_map(entry["method"], site, sites[site], model).items():
+                weights[PREFIX + theirs] = tensors[ours].detach().reshape(_peft_shape(theirs, sites[site], entry, tensors[ours])).contiguous().cpu()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(_unshared(weights), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        result.adapters[name] = out
+    return result
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Read a peft LoRA/DoRA or IA3 adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+    into a `Plan` applied to ``model`` with the adapter's weights; returns ``model``.
+
+    >>> model = import_peft(LlamaForCausalLM(config), "peft_dir")  # doctest: +SKIP
+    >>> peftplan.applied_plan(model).summary()  # doctest: +SKIP
+    'lora: 8 sites, ranks 4–8'
+    """
+    from peftplan.planner.plan import Plan  # lazy: planner imports backends for costs
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}; is it a peft adapter directory?")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    saved = load_file(str(directory / WEIGHTS_FILE))
+    entries = _entries_from_config(model, config)
+    plan = Plan(sites=entries, model={"fingerprint": fingerprint(model), "class": type(model).__name__},
+                provenance={"imported_from": str(directory), "peft_type": config.get("peft_type")})  # fmt: skip
+    apply(model, plan)
+    try:
+        tensors = adapter_tensors(model)
+        wanted = {}
+        for site, entry in plan.tuned().items():
+            wanted.update({PREFIX + theirs: ours for ours, theirs in _key_map(entry["method"], site, _model_site(model, site, entry), model).items()})
+        missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+        if missing or unexpected:
+            raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for theirs, ours in wanted.items():
+                tensors[ours].copy_(saved[theirs].reshape(tensors[ours].shape))
+    except BaseException:
+        remove(model)
+        raise
+    return model
+
+
+# -- plan → peft config dicts (adapter_config.json) ------------------------------------------
+
+
+def _plan_sites(plan: Plan) -> dict[str, Site]:
+    """Sites built from plan entries alone (op, shape, role), for `to_peft` without a model."""
+    out = {}
+    for name, e in plan.tuned().items():
+        n_in, n_out = e.get("shape", (1, 1))
+        out[name] = Site(name=name, op=e.get("op", "linear"), role=e.get("role", "other"), module_type="",
+                         in_features=n_in, out_features=n_out, params=0)  # fmt: skip
+    return out
+
+
+def _model_site(model: nn.Module, name: str, entry: dict[str, Any]) -> Site:
+    module = model.get_submodule(name)
+    base = getattr(module, "base", module)
+    return static_site(name, base, module_op(base), **{k: entry[k] for k in ("role", "depth") if k in entry})
+
+
+def _configs(plan: Plan, sites: dict[str, Site], model: nn.Module | None = None) -> tuple[dict[str, dict], list[str]]:
+    groups: dict[str, dict[str, dict]] = {"lora": {}, "dora": {}, "ia3": {}}
+    full, unsupported = [], []
+    for name, entry in plan.tuned().items():
+        method, site = entry["method"], sites[name]
+        hp = get_method(method).validate(site, **plan.hyper(entry))
+        why = _why_not(method, site, model)
+        if why:
+            unsupported.append(f"{name} ({method}): {why}")
+        elif method == "full":
+            full.append(name)
+        else:
+            groups[method][name] = hp
+    dicts = {k: _ia3_config(v, model) if k == "ia3" else _lora_config(v, k == "dora", model) for k, v in groups.items() if v}
+    if full:
+        if not dicts:
+            dicts["lora"] = _lora_config({}, False, model)  # a LoRA adapter with only modules_to_save
+        next(iter(dicts.values()))["modules_to_save"] = full
+    return dicts, unsupported
+
+
+def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:
+    if method in _NO_PEFT:
+        return _NO_PEFT[method]
+    if method in ("lora", "dora", "ia3"):
+        ops = _LORA_OPS if method == "lora" else {"linear", "conv2d"}
+        return None if site.op in ops else f"peft's {method} does not tune {site.op} layers"
+    if method == "full":
+        if model is not None and _shares_weights(model, site.name):
+            return "its weights are shared with another module; peft's modules_to_save would untie them"
+        return None
+    return f"no peft counterpart is known for method {method!r}"
+
+
+def _shares_weights(model: nn.Module, name: str) -> bool:
+    own = {id(p) for p in model.get_submodule(name).parameters()}
+    return any(id(p) in own for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
+               and not name.startswith(n + ".") for p in m.parameters(recurse=False))  # fmt: skip
+
+
+def _exact(names: list[str]) -> str:
+    """A regex peft full-matches against module names: exactly these sites."""
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _lora_config(sites: dict[str, dict], dora: bool, model: nn.Module | None) -> dict[str, Any]:
+    rslora = {hp.get("rslora", False) for hp in sites.values()} == {True}
+    # peft's scaling is alpha/r (alpha/sqrt(r) with use_rslora); a mixed plan folds rsLoRA into alpha
+    alphas = {n: hp["alpha"] * (math.sqrt(hp["rank"]) if hp.get("rslora") and not rslora else 1) for n, hp in sites.items()}
+    ranks = {n: hp["rank"] for n, hp in sites.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0] if sites else 8
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if sites else 8
+    dropouts = Counter(hp.get("dropout", 0.0) for hp in sites.values())
+    if len(dropouts) > 1:
+        warnings.warn(f"peft has one lora_dropout per adapter; the plan has {sorted(dropouts)}, exporting the most common", stacklevel=3)
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0] if sites else 0.0,
+        "target_modules": _exact(list(sites)) if sites else [],
+        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "use_rslora": rslora, "use_dora": dora, "bias": "none", "init_lora_weights": True,
+        "fan_in_fan_out": _all_conv1d(model, sites), "modules_to_save": None,
+    }  # fmt: skip
+
+
+def _ia3_config(sites: dict[str, dict], model: nn.Module | None) -> dict[str, Any]:
+    inputs = [n for n, hp in sites.items() if hp["placement"] == "input"]
+    return {
+        "peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "target_modules": _exact(list(sites)), "feedforward_modules": _exact(inputs) if inputs else [],
+        "fan_in_fan_out": _all_conv1d(model, sites), "init_ia3_weights": True, "modules_to_save": None,
+    }  # fmt: skip
+
+
+def _all_conv1d(model: nn.Module | None, sites: dict) -> bool:
+    """peft flips fan_in_fan_out per layer anyway; setting it right avoids a warning per layer."""
+    if model is None or not sites:
+        return False
+    return all(is_hf_conv1d(getattr(m := model.get_submodule(n), "base", m)) for n in sites)
+
+
+def _config_sites(plan: Plan, config: dict[str, Any]) -> list[str]:
+    targets = config["target_modules"]
+    sites = [n for n in plan.tuned() if targets and re.fullmatch(targets, n)]
+    return sites + list(config.get("modules_to_save") or [])
+
+
+# -- weight names -----------------------------------------------------------------------------
+
+
+def _key_map(method: str, name: str, site: Site, model: nn.Module) -> dict[str, str]:
+    """Our adapter tensor key → peft's key (without ``base_model.model.``) for one site."""
+    if method == "full":
+        return {f"{name}.{p}": f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()}
+    if method == "ia3":
+        return {f"{name}.scale": f"{name}.ia3_l"}
+    if site.op == "embedding":
+        out = {f"{name}.lora_A": f"{name}.lora_embedding_A", f"{name}.lora_B": f"{name}.lora_embedding_B"}
+    else:
+        out = {f"{name}.lora_A": f"{name}.lora_A.weight", f"{name}.lora_B": f"{name}.lora_B.weight"}
+    if method == "dora":
+        out[f"{name}.magnitude"] = f"{name}.lora_magnitude_vector"
+    return out
+
+
+def _peft_shape(key: str, site: Site, entry: dict[str, Any], t: torch.Tensor) -> tuple[int, ...]:
+    """peft keeps (IA)³ vectors and DoRA's magnitude of a convolution with singleton axes."""
+    n = t.numel()
+    if key.endswith("ia3_l"):
+        if site.op == "conv2d":
+            return (1, n, 1, 1)
+        return (1, n) if _is_input(entry, site) else (n, 1)
+    if key.endswith("lora_magnitude_vector") and site.op == "conv2d":
+        return (1, n, 1, 1)
+    return tuple(t.shape)
+
+
+def _is_input(entry: dict[str, Any], site: Site) -> bool:
+    return get_method("ia3").validate(site, **{k: v for k, v in entry.items() if k == "placement"})["placement"] == "input"
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen, out = set(), {}
+    for k, t in weights.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t  # safetensors refuses shared storage
+        seen.add(ptr)
+    return out
+
+
+# -- peft config → plan entries ---------------------------------------------------------------
+
+_UNSUPPORTED_FIELDS = ("layers_to_transform", "layer_replication", "target_parameters", "trainable_token_indices", "lora_bias")
+
+
+def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    kind = config.get("peft_type")
+    if kind not in ("LORA", "IA3"):
+        raise PlanError(f"import_peft reads LORA and IA3 adapters, this one is {kind!r}")
+    used = [f for f in _UNSUPPORTED_FIELDS if config.get(f)]
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']!r}")
+    if used:
+        raise PlanError(f"this peft adapter uses {used}, which peftplan cannot import")
+    modules = {n: (m, op) for n, m, op in tunable_modules(model)}
+    keep = [n for n in modules if _matches_save(config.get("modules_to_save"), n)]
+    entries = {n: {"method": "full"} for n in keep}
+    exclude = config.get("exclude_modules")
+    targets = _all_linear(model, modules) if str(config.get("target_modules")).lower() == "all-linear" else config.get("target_modules")
+    for name, (_, op) in modules.items():
+        if name in entries or not _matches(targets, name) or _matches(exclude, name):
+            continue
+        if kind == "IA3":
+            ff = config.get("feedforward_modules") or []
+            is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(k) for k in ff)
+            entries[name] = {"method": "ia3", "placement": "input" if is_ff else "output"}
+        else:
+            entries[name] = _lora_entry(config, name, op)
+    if not entries:
+        raise PlanError(f"target_modules {config.get('target_modules')!r} matches no tunable module of {type(model).__name__}")
+    return entries
+
+
+def _lora_entry(config: dict[str, Any], name: str, op: str) -> dict[str, Any]:
+    method = "dora" if config.get("use_dora") else "lora"
+    if method not in methods():
+        raise PlanError(f"this adapter uses DoRA; peftplan has no {method!r} method registered")
+    rank = _pattern(config.get("rank_pattern"), name, config.get("r", 8))
+    alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+    entry = {"method": method, "rank": rank, "alpha": alpha, "dropout": config.get("lora_dropout", 0.0)}
+    if config.get("use_rslora"):
+        if "rslora" in get_method(method).hyper:
+            entry["rslora"] = True
+        else:
+            entry["alpha"] = alpha / math.sqrt(rank)
+    return entry
+
+
+def _pattern(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
+    """peft's rank_pattern/alpha_pattern lookup: the first key matching a suffix of the name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _matches(targets: Any, name: str) -> bool:
+    """peft's target rule: a string full-matches as a regex, a list matches whole name suffixes."""
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _matches_save(names: list[str] | None, name: str) -> bool:
+    """peft's modules_to_save rule (a name suffix), applied to the module or a container of it."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p.endswith(m) for m in names or [] for p in prefixes)
+
+
+def _all_linear(model: nn.Module, modules: dict[str, tuple[nn.Module, str]]) -> list[str]:
+    """peft's ``"all-linear"``: every linear layer except the output embedding (an LM head)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    return [n for n, (m, op) in modules.items() if op == "linear" and m is not head]

@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peftplan.backends.wrapper import Wrapper
 from peftplan.ir.modules import is_hf_conv1d, module_features
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(Wrapper):
     """What every LoRA layer shares: the frozen ``base``, the scaling and the merge logic.
 
     Subclasses set ``lora_A``/``lora_B`` and define ``_delta(A, B)`` in the layout of
@@ -39,25 +40,12 @@ class LoRALayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, rslora: bool = False) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.rank = rank
         self.alpha = alpha
         self.rslora = rslora
         # rsLoRA (Kalajdzievski, 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        self.merged = False
-        for p in base.parameters():
-            p.requires_grad_(False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, for model code that reads ``module.weight`` (dtype checks, tying)."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
 
     def _new(self, *shape: int) -> nn.Parameter:
         w = self.base.weight

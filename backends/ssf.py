@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from peftplan.backends.base import Method, register
+from peftplan.backends.wrapper import Wrapper
 from peftplan.ir.modules import is_hf_conv1d, module_features, module_op
 from peftplan.ir.site import Site
 
@@ -67,24 +68,9 @@ class SSF(Method):
         return ScaleShift(module)
 
 
-class ChannelWrapper(nn.Module):
-    """What the per-channel wrappers (`ScaleShift`, IA3's `InputScale`) share: the frozen
-    ``base``, its ``weight``/``bias`` for model code that reads them, and the ``merged`` flag."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
+class ChannelWrapper(Wrapper):
+    """What the per-channel wrappers (`ScaleShift`, IA3's `InputScale`) share on top of
+    `Wrapper`: trainable per-channel vectors."""
 
     def _vector(self, n: int, fill: float) -> nn.Parameter:
         """A trainable (n,) vector on the base weight's device and dtype."""

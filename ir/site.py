@@ -56,11 +56,12 @@ class Site:
 
     @property
     def tokens(self) -> int:
-        """Positions per call at the example shape (all leading dims of the output)."""
-        n = 1
-        for d in self.out_shape[:-1] if self.op != "conv2d" else self.out_shape[:1] + self.out_shape[2:]:
-            n *= d
-        return n
+        """Positions per call at the example shape: output elements per output channel
+        (batch x sequence for a linear layer, batch x height x width for a convolution)."""
+        numel = 1
+        for d in self.out_shape:
+            numel *= d
+        return numel // self.out_features if self.out_shape and self.out_features else 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

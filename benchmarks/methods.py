@@ -1,0 +1,295 @@
+"""Methods benchmark on the real MiniLM-L6 classifier, batch 32, sequence 64, CPU.
+
+Every registered method at a comparable number of trainable parameters (LoRA r=8 on query and
+value, 73,728, is the reference; the table prints each method's sites and count):
+
+1. train step time (median of the steps after warm-up) and peak memory against peft's own
+   LoRA, DoRA and IA3 on the same modules, as ratios measured in the same run: all models
+   step in one process, round-robin, so load from other processes hits them alike;
+2. merged inference time against the unmodified model, alternated the same way;
+3. ``sparse`` at density 0.01 against dense fine-tuning of the same matrices: AdamW state
+   bytes (exp_avg + exp_avg_sq) after a step;
+4. the cost model's whole-model training-memory estimate against the measured peak.
+
+Peak memory: each (method, implementation) runs in a fresh process. After the model is loaded
+and tuned, one batch-1 forward and backward loads every kernel; then the resident set is the
+baseline, the kernel's high-water mark is reset (``/proc/self/clear_refs``), and the steps run.
+Peak growth = ``VmHWM`` - baseline: gradients, AdamW states, activations. The process runs
+with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor
+above it is its own mapping, returned to the system when freed: the high-water mark then
+follows the tensors alive at the peak. With glibc's default (dynamic) threshold freed
+activations stay cached in the heap and the mark measures that caching as well (about 1.8x
+the tensors for LoRA here, varying from run to run). The measured whole = the model's
+parameter bytes + the peak growth.
+
+Goals: train step and peak memory ≤ 1.0x peft; merged inference 1.00x ± 2%; sparse optimizer
+memory ≥ 10x below dense; estimate within 20% of the measured peak.
+
+    python benchmarks/methods.py            # prints markdown tables (15 min on 2 shared cores)
+    python benchmarks/methods.py --quick    # fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BATCH, SEQ = 32, 64
+QV = r"attention\.self\.(query|value)$"
+LINEARS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+FFN_DOWN = r"layer\.\d+\.output\.dense$"
+# method -> (sites, hyper-parameters, what the choice is)
+CONFIGS = {
+    "lora": (QV, {"rank": 8, "alpha": 16}, "r=8 on query, value (the reference)"),
+    "dora": (QV, {"rank": 8, "alpha": 16}, "r=8 on query, value (+ a magnitude vector per site)"),
+    "ia3": (LINEARS, {}, "every encoder linear (input scaling on the FFN down), the most IA3 can take"),
+    "ssf": (LINEARS + r"|LayerNorm$", {}, "every encoder linear and norm, the most SSF can take"),
+    "adapter": (r"(attention\.output\.dense|layer\.\d+\.output\.dense)$", {"bottleneck": 8}, "serial, bottleneck 8, after attention and FFN (Houlsby)"),
+    "sparse": (r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense)$", {"density": 0.01}, "density 0.01 on q, k, v, o, FFN up"),
+    "moe_lora": (QV, {"experts": 3, "rank": 2, "top_k": 1}, "3 experts of r=2, top-1, on query, value"),
+}
+PEFT = ("lora", "dora", "ia3")
+
+
+def model_and_graph():
+    import torch
+
+    import peftplan as pp
+    from peftplan.models import load_minilm
+
+    torch.manual_seed(0)
+    model = load_minilm(num_labels=2)
+    return model, pp.lower(model)
+
+
+def plan_for(method: str, graph):
+    import peftplan as pp
+
+    pattern, hp, _ = CONFIGS["sparse" if method == "dense" else method]
+    sites = {}
+    for s in graph:
+        if re.search(pattern, s.name):
+            entry = {"method": "full"} if method == "dense" else {"method": method, **hp}
+            if method == "ia3":
+                entry["placement"] = "input" if re.search(FFN_DOWN, s.name) else "output"
+            sites[s.name] = entry
+    return pp.Plan(sites=sites, model={"fingerprint": graph.fingerprint})
+
+
+def build(model, graph, method: str, impl: str):
+    """A tuned deep copy of ``model``: peftplan's plan or peft's equivalent config."""
+    import peftplan as pp
+
+    plan = plan_for(method, graph)
+    m = copy.deepcopy(model)
+    if impl == "ours":
+        return pp.apply(m, plan)
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    names = list(plan.sites)
+    if method == "ia3":
+        config = IA3Config(target_modules=names, feedforward_modules=[n for n in names if re.search(FFN_DOWN, n)])
+    else:
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=names, use_dora=method == "dora")
+    return get_peft_model(m, config)
+
+
+def batch_of(n: int = BATCH):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 30000, (n, SEQ), generator=g), "attention_mask": torch.ones(n, SEQ, dtype=torch.long),
+            "labels": torch.randint(0, 2, (n,), generator=g)}  # fmt: skip
+
+
+class Trainer:
+    """One model with its AdamW; ``step`` is a full training step."""
+
+    def __init__(self, model):
+        import torch
+
+        self.model = model.train()
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(self, batch) -> float:
+        from peftplan.backends import aux_loss
+
+        t0 = time.perf_counter()
+        loss = self.model(**batch).loss + 0.01 * aux_loss(self.model)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def adamw_bytes(self) -> int:
+        return sum(s[k].numel() * s[k].element_size() for s in self.opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+
+
+def status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one(method: str, impl: str, steps: int) -> dict:
+    """Runs in a fresh process: peak memory of training steps, AdamW bytes, the estimate."""
+    import gc
+
+    import torch
+
+    from peftplan.planner.cost import train_memory_estimate
+
+    torch.set_num_threads(2)
+    base, graph = model_and_graph()
+    estimate = train_memory_estimate(base, graph, plan_for(method, graph), batch=BATCH, seq_len=SEQ) if impl == "ours" else None
+    trainer = Trainer(build(base, graph, method, impl))
+    del base
+    small = {k: v[:1] for k, v in batch_of().items()}
+    trainer.model(**small).loss.backward()  # loads the kernels; its grads are dropped below
+    trainer.opt.zero_grad(set_to_none=True)
+    gc.collect()
+    baseline = status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    batch = batch_of()
+    times = [trainer.step(batch) for _ in range(steps)]
+    peak = status_mib("VmHWM")
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in trainer.model.parameters()}
+    return {"growth_mib": peak - baseline, "param_mib": sum(params.values()) / 2**20, "adamw_bytes": trainer.adamw_bytes(),
+            "step_s": statistics.median(times[1:] or times),
+            "estimate": None if estimate is None else {"weights": estimate.base_weights, "frozen": estimate.frozen_activations,
+                                                       "plan": estimate.plan.train_bytes, "total": estimate.total}}  # fmt: skip
+
+
+def run_one(method: str, impl: str, steps: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run([sys.executable, __file__, "--one", method, impl, "--steps", str(steps)], capture_output=True,
+                         text=True, cwd=ROOT, env=env)  # fmt: skip
+    if out.returncode:
+        raise SystemExit(f"{method}/{impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def round_robin(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each function, called in turn once per round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (about half the time)")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one, args.steps)))
+        return
+    import torch
+
+    import peftplan as pp
+    from peftplan.backends import count_trainable
+    from peftplan.planner.cost import plan_cost
+
+    torch.set_num_threads(2)
+    train_rounds, infer_rounds, mem_steps = (3, 6, 2) if args.quick else (6, 15, 3)
+    available = [m for m in CONFIGS if m in pp.methods()]
+    missing = [m for m in CONFIGS if m not in available]
+    base, graph = model_and_graph()
+    costs = {m: plan_cost(graph, plan_for(m, graph), tokens_scale=BATCH * SEQ / 16) for m in available}
+
+    mem = {(m, i): run_one(m, i, mem_steps) for m in available for i in ("ours", "peft") if i == "ours" or m in PEFT}
+    if "sparse" in available:
+        mem[("dense", "ours")] = run_one("dense", "ours", 1)
+
+    models = {(m, i): build(base, graph, m, i) for (m, i) in mem if m != "dense"}
+    trainers = {k: Trainer(v) for k, v in models.items()}
+    batch = batch_of()
+    for t in trainers.values():
+        t.step(batch)  # warm-up: kernels, AdamW states
+    step = round_robin({k: (lambda t=t: t.step(batch)) for k, t in trainers.items()}, train_rounds)
+
+    rows = ["| method | sites | hyper-parameters | trainable (counted) | cost model | peft trainable |", "|---|---|---|---:|---:|---:|"]
+    for m in CONFIGS:
+        if m in missing:
+            rows.append(f"| {m} | not available (not registered) | | | | |")
+            continue
+        theirs = f"{sum(p.numel() for p in models[(m, 'peft')].parameters() if p.requires_grad):,}" if m in PEFT else "—"
+        rows.append(f"| {m} | {len(costs[m].sites)}: {CONFIGS[m][2]} | {json.dumps(CONFIGS[m][1])} | "
+                    f"{count_trainable(models[(m, 'ours')]):,} | {costs[m].params:,} | {theirs} |")  # fmt: skip
+    print("\n".join(rows), end="\n\n")
+
+    rows = ["| method | step (peftplan) | step (peft) | ratio | peak growth (peftplan) | peak growth (peft) | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for m in available:
+        ours, o = step[(m, "ours")], mem[(m, "ours")]
+        if m in PEFT:
+            theirs, t = step[(m, "peft")], mem[(m, "peft")]
+            rows.append(f"| {m} | {ours:.3f} s | {theirs:.3f} s | {ours / theirs:.2f}x | {o['growth_mib']:.0f} MiB | "
+                        f"{t['growth_mib']:.0f} MiB | {o['growth_mib'] / t['growth_mib']:.2f}x |")  # fmt: skip
+        else:
+            rows.append(f"| {m} | {ours:.3f} s | no peft equivalent | | {o['growth_mib']:.0f} MiB | | |")
+    print("\n".join(rows), end="\n\n")
+
+    rows = ["| method | whole-model estimate (weights + frozen activations + plan) | measured (weights + peak growth) | error |",
+            "|---|---:|---:|---:|"]  # fmt: skip
+    for m in [*available, *(["dense"] if "sparse" in available else [])]:
+        o, e = mem[(m, "ours")], mem[(m, "ours")]["estimate"]
+        measured = o["param_mib"] + o["growth_mib"]
+        mib = {k: v / 2**20 for k, v in e.items()}
+        label = "full (dense, sparse's matrices)" if m == "dense" else m
+        rows.append(f"| {label} | {mib['total']:.0f} MiB ({mib['weights']:.0f} + {mib['frozen']:.0f} + {mib['plan']:.0f}) | "
+                    f"{measured:.0f} MiB ({o['param_mib']:.0f} + {o['growth_mib']:.0f}) | {mib['total'] / measured - 1:+.1%} |")  # fmt: skip
+    print("\n".join(rows), end="\n\n")
+
+    if "sparse" in available:
+        s, d = mem[("sparse", "ours")]["adamw_bytes"], mem[("dense", "ours")]["adamw_bytes"]
+        print("| AdamW state after one step | bytes | ratio |\n|---|---:|---:|")
+        print(f"| sparse, density 0.01 | {s:,} | 1 |\n| dense (full) on the same matrices | {d:,} | {d / s:.1f}x |\n")
+
+    for t in trainers.values():
+        t.model.eval()
+    fns, left = {"base": lambda: forward(base, batch)}, {}
+    for m in available:
+        model = models[(m, "ours")]
+        left[m] = pp.merge(model).left
+        fns[m] = lambda model=model: forward(model, batch)
+    base.eval()
+    infer = round_robin(fns, infer_rounds)
+    rows = ["| method | merged | inference (median) | base model | ratio | cost model: FLOPs left |", "|---|---|---:|---:|---:|---:|"]
+    for m in available:
+        merged = "yes" if not left[m] else f"no ({len(left[m])} sites unmerged)"
+        rows.append(f"| {m} | {merged} | {infer[m] * 1e3:.1f} ms | {infer['base'] * 1e3:.1f} ms | {infer[m] / infer['base']:.3f}x "
+                    f"| +{costs[m].latency_fraction:.2%} |")  # fmt: skip
+    print("\n".join(rows))
+    if missing:
+        print(f"\nnot available (not registered): {', '.join(missing)}")
+
+
+def forward(model, batch) -> float:
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(**inputs)
+        return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()

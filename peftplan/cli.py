@@ -4,6 +4,9 @@
     peftplan lower tests.zoo:llama --json g.json
     peftplan plan minilm --budget 0.5% -o plan.json
     peftplan plan minilm --budget 75k --task ../shared/data/text/sst2 -o plan.json
+    peftplan search minilm --task data/sst2 --budget 1% --strategy nsga2 --trials 27 --rungs 3
+    peftplan worker sqlite:///peftplan-study.db     # another process joins the same study
+    peftplan front sqlite:///peftplan-study.db --csv front.csv --png front.png --html front.html
 
 MODEL is ``minilm``, a local Hugging Face model directory, or ``package.module:factory``.
 """
@@ -54,11 +57,64 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(spec: str):
-    from transformers import AutoTokenizer
+    from peftplan.planner.study import load_tokenizer
 
-    from peftplan.models import minilm_dir
+    return load_tokenizer(spec)
 
-    return AutoTokenizer.from_pretrained(minilm_dir() if spec == "minilm" else spec)
+
+def _search(args: argparse.Namespace) -> int:
+    from peftplan.planner.evaluate import Fidelity
+    from peftplan.planner.fidelity import halving_rungs
+    from peftplan.planner.study import Source, run_search
+
+    source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.max_train, args.max_dev)
+    model, task = source.load()
+    top = Fidelity(args.steps or task.steps, len(task.train_batches))
+    plan = run_search(model, args.budget, task, strategy=args.strategy, trials=args.trials, storage=args.storage,
+                      study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
+                      fidelities=halving_rungs(top, args.rungs, args.eta), eta=args.eta, lr=args.lr,
+                      methods=args.methods.split(","), threads=args.threads, source=source,
+                      progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
+    return _report(plan, args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from peftplan.planner.study import run_worker
+
+    plan = run_worker(args.storage, args.study, progress=not args.quiet, threads=args.threads, heartbeat=args.heartbeat)
+    return _report(plan, args)
+
+
+def _report(plan, args: argparse.Namespace) -> int:
+    _print_front(plan.front)
+    print(f"best within budget: {plan.summary()}")
+    plan.save(args.out)
+    print(f"wrote {args.out}")
+    if args.front_png:
+        print(f"wrote {plan.front.plot(args.front_png)}")
+    study = plan.provenance.get("study")
+    if args.command == "search" and args.storage:
+        print(f"study {study!r}: more workers join with `peftplan worker {args.storage} --study {study}`")
+    return 0
+
+
+def _front(args: argparse.Namespace) -> int:
+    from peftplan.planner.study import study_front
+
+    front = study_front(args.storage, args.study)
+    _print_front(front)
+    for path, write in ((args.csv, front.to_csv), (args.json, front.to_json), (args.png, front.plot), (args.html, front.plot)):
+        if path:
+            print(f"wrote {write(path)}")
+    return 0
+
+
+def _print_front(front) -> None:
+    print(f"Pareto front: {len(front)} plan{'s' if len(front) != 1 else ''}")
+    for p in front:
+        values = "  ".join(f"{k}={v:,.4g}" for k, v in p.values.items())
+        where = f"trial {p.info.get('trial')}, rung {p.info.get('rung')}"
+        print(f"  {values}  ({where}) {p.plan.summary().split(' (')[0] if p.plan else ''}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,14 +137,60 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("-o", "--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.set_defaults(run=_plan)
+
+    se = sub.add_parser("search", help="multi-objective search over plans: trains candidates, keeps the Pareto front")
+    se.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
+    se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT)")
+    se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
+    se.add_argument("--strategy", default="nsga2", help="random, nsga2, tpe, gp, botorch or proxy (default nsga2)")
+    se.add_argument("--trials", type=int, default=24, help="completed candidates at the first rung (default 24)")
+    se.add_argument("--storage", default="sqlite:///peftplan-study.db",
+                    help="optuna storage URL: SQLite file (default sqlite:///peftplan-study.db) or postgresql://… for several machines")  # fmt: skip
+    se.add_argument("--study", help="study name (default: derived from the settings, so a rerun resumes)")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--objectives", default="metric,params", help="comma-separated: metric plus params, memory, latency")
+    se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
+    se.add_argument("--rungs", type=int, default=1, help="successive-halving rungs (default 1: every trial at full length)")
+    se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")
+    se.add_argument("--steps", type=int, help="training steps at the last rung (default: one pass over the training batches)")
+    se.add_argument("--lr", type=float, default=1e-3)
+    se.add_argument("--tokenizer", help="tokenizer directory or 'minilm' (default: the model's; needed for a factory)")
+    se.add_argument("--num-labels", type=int, default=2, help="classes of the task")
+    se.add_argument("--batch-size", type=int, default=16)
+    se.add_argument("--max-train", type=int, help="keep this many training examples")
+    se.add_argument("--max-dev", type=int, help="keep this many dev examples")
+    se.set_defaults(run=_search)
+
+    wo = sub.add_parser("worker", help="join a study made by `peftplan search` and take a share of its trials")
+    wo.add_argument("storage", help="the study's storage URL")
+    wo.add_argument("--study", help="study name (default: the storage's only study)")
+    wo.set_defaults(run=_worker)
+
+    for cmd in (se, wo):
+        cmd.add_argument("-o", "--out", default="plan.json", help="where to write the best plan within budget (default plan.json)")
+        cmd.add_argument("--front-png", help="also plot the front to this PNG")
+        cmd.add_argument("--threads", type=int, help="torch threads per trial (default: torch's)")
+        cmd.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats; a trial silent for twice that is re-queued")
+        cmd.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+    fr = sub.add_parser("front", help="export and plot the Pareto front of a stored study")
+    fr.add_argument("storage", help="the study's storage URL")
+    fr.add_argument("--study", help="study name (default: the storage's only study)")
+    fr.add_argument("--csv", help="write the front as CSV")
+    fr.add_argument("--json", help="write the front (plans included) as JSON")
+    fr.add_argument("--png", help="plot the front (matplotlib)")
+    fr.add_argument("--html", help="plot the front (plotly, interactive)")
+    fr.set_defaults(run=_front)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftplan.planner.study import StudyError
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, StudyError) as e:
         print(f"peftplan {args.command}: error: {e}", file=sys.stderr)
         return 2
 

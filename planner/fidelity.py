@@ -1,0 +1,103 @@
+"""Successive halving for several objectives: short runs on data subsets first, then the
+non-dominated candidates go on to longer runs.
+
+optuna's pruners compare one objective, so promotion here sorts by non-dominated rank. The
+schedule is synchronous and deterministic:
+
+* rung 0 evaluates every candidate the sampler proposes, at ``fidelities[0]``;
+* once rung r is settled (nothing running or queued at it), its n completed candidates are
+  ordered by non-dominated rank, then by crowding distance (the spread of the front, larger
+  first), then by candidate number; the first ``promoted_count(n, eta)`` are re-evaluated at
+  ``fidelities[r + 1]`` as new trials with the same parameters;
+* the front comes from the highest rung that completed: metrics of different rungs are
+  never compared.
+
+    >>> halving_rungs(Fidelity(steps=90, train_batches=27), rungs=3, eta=3)
+    [Fidelity(steps=10, train_batches=3, eval_batches=None), Fidelity(steps=30, train_batches=9, eval_batches=None), Fidelity(steps=90, train_batches=27, eval_batches=None)]
+    >>> promote({0: {"metric": 0.9, "params": 9}, 1: {"metric": 0.8, "params": 5},
+    ...          2: {"metric": 0.7, "params": 7}}, {"metric": "max", "params": "min"}, eta=3)
+    [0]
+"""
+
+from __future__ import annotations
+
+import math
+
+from peftplan.planner.evaluate import Fidelity
+
+
+def halving_rungs(top: Fidelity, rungs: int = 3, eta: int = 3) -> list[Fidelity]:
+    """``rungs`` fidelities ending at ``top``, each ``eta`` times shorter (steps and training
+    batches) than the next; never below one step or one batch."""
+    if rungs < 1 or eta < 2:
+        raise ValueError(f"successive halving needs rungs >= 1 and eta >= 2, got rungs={rungs}, eta={eta}")
+
+    def shrink(n: int | None, k: int) -> int | None:
+        return None if n is None else max(1, n // eta**k)
+
+    return [Fidelity(shrink(top.steps, k), shrink(top.train_batches, k), top.eval_batches) for k in range(rungs - 1, -1, -1)]
+
+
+def promoted_count(n: int, eta: int) -> int:
+    """How many of ``n`` completed candidates go on to the next rung: ``n // eta``, at least
+    one while there is any."""
+    return max(1, n // eta) if n else 0
+
+
+def promote(candidates: dict[int, dict[str, float]], senses: dict[str, str], eta: int) -> list[int]:
+    """The candidates (by number) that go on to the next rung, best first: sorted by
+    non-dominated rank, crowding distance (larger first), then number."""
+    numbers = sorted(candidates)
+    points = [tuple(candidates[c][k] * (1 if s == "max" else -1) for k, s in senses.items()) for c in numbers]
+    ranks = nondominated_ranks(points)
+    spread = [0.0] * len(points)
+    for r in set(ranks):
+        members = [i for i, ri in enumerate(ranks) if ri == r]
+        for i, d in zip(members, crowding([points[i] for i in members]), strict=True):
+            spread[i] = d
+    order = sorted(range(len(numbers)), key=lambda i: (ranks[i], -spread[i], numbers[i]))
+    return [numbers[i] for i in order[: promoted_count(len(numbers), eta)]]
+
+
+def nondominated_ranks(points: list[tuple[float, ...]]) -> list[int]:
+    """Rank of each point (all objectives maximised): 0 for the non-dominated ones, 1 for
+    those dominated only by rank 0, and so on.
+
+    >>> nondominated_ranks([(1, 1), (2, 2), (0, 3), (0, 0)])
+    [1, 0, 0, 2]
+    """
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    ranks = [-1] * len(points)
+    left, rank = set(range(len(points))), 0
+    while left:
+        front = {i for i in left if not any(dominates(points[j], points[i]) for j in left)}
+        for i in front:
+            ranks[i] = rank
+        left -= front
+        rank += 1
+    return ranks
+
+
+def crowding(points: list[tuple[float, ...]]) -> list[float]:
+    """NSGA-II crowding distance: per objective, the normalised gap between each point's two
+    neighbours; the extremes get infinity.
+
+    >>> crowding([(0, 2), (1, 1), (2, 0)])
+    [inf, 2.0, inf]
+    """
+    n = len(points)
+    if n <= 2:
+        return [math.inf] * n
+    dist = [0.0] * n
+    for k in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: points[i][k])
+        lo, hi = points[order[0]][k], points[order[-1]][k]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if hi == lo:
+            continue
+        for a, i, b in zip(order, order[1:], order[2:], strict=False):
+            dist[i] += (points[b][k] - points[a][k]) / (hi - lo)
+    return dist

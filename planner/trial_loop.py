@@ -1,0 +1,284 @@
+"""`work`: what every process sharing a study runs — take the next trial, evaluate it, tell the
+storage; promote between rungs; wait for the others; stop when the study is done.
+
+Everything is read back from the storage on each turn, so any number of workers (and a
+restart after a crash) see the same state. Each trial carries user_attrs: ``rung``,
+``candidate`` (the number of the candidate's rung-0 trial), ``costs`` (exact, before
+training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
+``seconds``, ``fidelity`` and ``worker``.
+
+Two workers may both decide to create the same trial (the last rung-0 slot, the same
+promotion): trial numbers are handed out one at a time by the storage, so the rule "within a
+slot group, the lowest-numbered live trials win" settles it — the loser is PRUNED as surplus
+before it trains.
+
+    >>> evaluations = work(study, context, progress=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+import torch.nn as nn
+from optuna.trial import FrozenTrial, TrialState
+
+from peftplan.planner.evaluate import Evaluation, Fidelity
+from peftplan.planner.fidelity import promote, promoted_count
+from peftplan.planner.front import FrontPoint, ParetoFront
+from peftplan.planner.plan import Plan, provenance
+from peftplan.planner.task import Task
+
+LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)
+
+Evaluator = Callable[..., Evaluation]
+
+
+@dataclass
+class Context:
+    """What one worker evaluates with; ``config`` is the study's `StudyConfig`."""
+
+    config: Any
+    base: nn.Module
+    task: Task
+    space: Any
+    evaluator: Evaluator
+    threads: int | None = None
+
+
+def rung_of(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("rung", 0))
+
+
+def candidate_of(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("candidate", t.number))
+
+
+def work(study: optuna.Study, ctx: Context, *, progress: bool = True, poll: float = 1.0) -> int:
+    """Run trials of ``study`` until it holds ``config.trials`` completed rung-0 trials and
+    every promotion is evaluated; returns how many evaluations this worker ran. It gives up,
+    with a warning, once as many of its evaluations failed as the study wants (at least 3)."""
+    display = _Display(progress, planned_evaluations(ctx.config), study.study_name)
+    evaluations = failures = stalls = 0
+    try:
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial → FAIL, re-queued
+            trials = study.get_trials(deepcopy=False)
+            display.update(trials, ctx.config)
+            step = _next_step(study, trials, ctx.config)
+            if step == "done":
+                return evaluations
+            if step == "wait":
+                time.sleep(poll)
+                continue
+            outcome = _run_one(study, ctx)
+            evaluations += outcome in ("trained", "failed")
+            failures += outcome == "failed"
+            if failures >= max(3, ctx.config.trials):
+                reasons = sorted({t.user_attrs["failed"] for t in study.get_trials(deepcopy=False) if "failed" in t.user_attrs})
+                warnings.warn(f"study {study.study_name!r}: {failures} evaluations failed ({reasons[:3]}), stopping this "
+                              "worker; fix the cause and run it again to go on", stacklevel=2)  # fmt: skip
+                return evaluations
+            stalls = stalls + 1 if outcome == "skipped" else 0
+            if outcome == "surplus":  # another worker holds the slot: let it get on
+                time.sleep(poll / 10)
+            if stalls >= MAX_STALLS:
+                warnings.warn(f"study {study.study_name!r}: {stalls} proposals in a row were duplicates or over "
+                              "budget; the space looks exhausted, stopping this worker", stacklevel=2)  # fmt: skip
+                return evaluations
+    finally:
+        display.close()
+
+
+def planned_evaluations(config: Any) -> int:
+    """Evaluations a study plans when nothing fails: the rung-0 trials plus each promotion."""
+    total = n = config.trials
+    for _ in config.fidelities[1:]:
+        n = promoted_count(n, config.eta)
+        total += n
+    return total
+
+
+def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> str:
+    """Return "ask" when a trial is waiting or a slot is free, "wait" while others run, else "done";
+    enqueues the promotions of a settled rung on the way."""
+    if any(t.state == TrialState.WAITING for t in trials):
+        return "ask"
+    if sum(t.state in LIVE for t in trials if rung_of(t) == 0) < config.trials:
+        return "ask"
+    for r in range(len(config.fidelities) - 1):
+        if any(t.state == TrialState.RUNNING for t in trials if rung_of(t) == r):
+            return "wait"
+        done: dict[int, FrozenTrial] = {}
+        for t in trials:  # in number order: a candidate's first completed trial at rung r
+            if rung_of(t) == r and t.state == TrialState.COMPLETE:
+                done.setdefault(candidate_of(t), t)
+        chosen = promote({c: dict(zip(config.objectives, t.values)) for c, t in done.items()}, config.senses, config.eta)
+        taken = {candidate_of(t) for t in trials if rung_of(t) == r + 1 and (t.state in LIVE or _finished_failure(t))}
+        missing = [c for c in chosen if c not in taken]
+        for c in missing:
+            study.enqueue_trial(done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted"})
+        if missing:
+            return "ask"
+    return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
+
+
+def _finished_failure(t: FrozenTrial) -> bool:
+    """A failure that must not be repeated (not an interrupted run)."""
+    return t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")
+
+
+def _surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | None:
+    r = rung_of(me)
+    group = [t.number for t in trials if t.state in LIVE and rung_of(t) == r and (r == 0 or candidate_of(t) == candidate_of(me))]
+    allowed = config.trials if r == 0 else 1
+    if me.number in sorted(group)[:allowed]:
+        return None
+    return f"surplus: rung {r} already has its {allowed} trial(s) for this slot"
+
+
+def _run_one(study: optuna.Study, ctx: Context) -> str:
+    """Ask one trial and settle it: "trained", "failed" (FAIL, with the reason), "surplus" or
+    "skipped" (a duplicate or over budget; both PRUNED untrained, with the reason)."""
+    config = ctx.config
+    with warnings.catch_warnings():  # heartbeats are sent below, around the evaluation
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
+    fresh = "rung" not in trial.user_attrs  # sampled now, not enqueued (seed, promotion, retry)
+    r = int(trial.user_attrs.get("rung", 0))
+    trial.set_user_attr("rung", r)
+    trial.set_user_attr("candidate", int(trial.user_attrs.get("candidate", trial.number)))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trials = study.get_trials(deepcopy=False)
+    me = next(t for t in trials if t.number == trial.number)
+    reason = _surplus(trials, me, config)
+    if reason:
+        return _skip(study, trial, "skipped", reason, outcome="surplus")
+    try:
+        plan = ctx.space.suggest(trial)
+        costs = {k: float(v) for k, v in ctx.space.costs(trial.params).items()}
+    except Exception as e:  # a plan the space cannot build is a failed trial, not a crash
+        return _fail(study, trial, f"building the plan: {type(e).__name__}: {e}")
+    trial.set_user_attr("costs", costs)
+    with warnings.catch_warnings():  # a re-queued trial carries its constraints already
+        warnings.filterwarnings("ignore", "The constraint value is ignored")
+        for k, limit in config.limits.items():  # optuna's constraints: feasible when <= 0
+            trial.set_constraint(k, costs.get(k, 0.0) - limit)
+    if fresh:
+        twin = next((t.number for t in study.get_trials(deepcopy=False) if t.number != trial.number and rung_of(t) == 0
+                     and t.state != TrialState.PRUNED and t.params == trial.params), None)  # fmt: skip
+        if twin is not None:
+            return _skip(study, trial, "skipped", f"duplicate of trial {twin}")
+    over = {k: (costs[k], limit) for k, limit in config.limits.items() if k in costs and costs[k] > limit}
+    if over:
+        return _skip(study, trial, "infeasible", "; ".join(f"{k} {v:,.0f} > limit {lim:,.0f}" for k, (v, lim) in over.items()))
+
+    fidelity: Fidelity = config.fidelities[r]
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
+    from optuna.storages._heartbeat import get_heartbeat_thread  # no public ask/tell heartbeat
+
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            result = _evaluate(ctx, plan, fidelity)
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    try:
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        trial.set_user_attr("fidelity", str(fidelity))
+        if not result.ok:
+            return _fail(study, trial, result.failed)
+        values = [float(v) for v in ctx.space.values(plan, result.metric)]
+        plan.objectives = dict(zip(config.objectives, values))
+        plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
+                           "study": study.study_name, "trial": trial.number, "rung": r, "fidelity": str(fidelity)}  # fmt: skip
+        trial.set_user_attr("plan", plan.to_dict())
+        study.tell(trial, values, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # heartbeats starved: another worker re-queued it
+        warnings.warn(f"trial {trial.number} sent no heartbeat for a grace period, so it was failed and re-queued "
+                      "while it ran; its result is dropped (raise the heartbeat interval)", stacklevel=2)  # fmt: skip
+        return "surplus"
+    return "trained"
+
+
+def _evaluate(ctx: Context, plan: Plan, fidelity: Fidelity) -> Evaluation:
+    start = time.perf_counter()
+    try:
+        return ctx.evaluator(ctx.base, plan, ctx.task, fidelity, lr=ctx.config.lr, seed=ctx.config.seed)
+    except Exception as e:  # an evaluator that raises still only fails its trial
+        return Evaluation(None, 0, time.perf_counter() - start, f"{type(e).__name__}: {e}"[:500])
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str | None) -> str:
+    trial.set_user_attr("failed", reason or "unknown")
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    return "failed"
+
+
+def _skip(study: optuna.Study, trial: optuna.Trial, key: str, reason: str, outcome: str = "skipped") -> str:
+    trial.set_user_attr(key, reason)
+    study.tell(trial, state=TrialState.PRUNED)
+    return outcome
+
+
+def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tuple[str, ...]) -> ParetoFront:
+    """The front of the highest rung that has completed trials, with each point's plan."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    top = max((rung_of(t) for t in done), default=0)
+    points = []
+    for t in done:
+        if rung_of(t) == top:
+            plan = Plan.from_dict(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
+            info = {"trial": t.number, "rung": top, "candidate": candidate_of(t), "fidelity": t.user_attrs.get("fidelity", "")}
+            points.append(FrontPoint(dict(zip(objectives, t.values)), plan, info))
+    return ParetoFront.from_points(points, {k: senses[k] for k in objectives})
+
+
+class _Display:
+    """A rich progress line: evaluations done / planned, the front's size and hypervolume, ETA."""
+
+    def __init__(self, enabled: bool, total: int, name: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("front {task.fields[front]} · hv {task.fields[hv]}"), TimeRemainingColumn())  # fmt: skip
+            self.bar.start()
+            self.id = self.bar.add_task(name, total=total, front=0, hv="–")
+
+    def update(self, trials: list[FrozenTrial], config: Any) -> None:
+        if self.bar is None:
+            return
+        front = front_of(trials, config.senses, config.objectives)
+        hv = "–"
+        if len(front):
+            rung = front.points[0].info["rung"]  # reference: the worst of that rung, the limits
+            seen = [dict(zip(config.objectives, t.values)) for t in trials if t.state == TrialState.COMPLETE and rung_of(t) == rung]
+            worst = {k: (min if s == "max" else max)(v[k] for v in seen) for k, s in front.senses.items()}
+            ref = {**worst, **{k: v for k, v in config.limits.items() if k in worst}}
+            hv = f"{front.hypervolume(ref):.4g}"
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        self.bar.update(self.id, completed=min(done, self.bar.tasks[0].total), front=len(front), hv=hv)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,49 @@
+"""`peftplan search | front | worker` on a tiny model factory and a tiny TSV task, in-process."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import optuna
+
+import peftplan as pp
+from peftplan.cli import main
+from tests.planner.test_study import tiny_classifier, write_task
+
+MODEL = "tests.planner.test_study:tiny_classifier"
+
+
+def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
+    task, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
+    search = ["search", MODEL, "--task", str(task), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
+              "--trials", "3", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
+              "-o", str(tmp_path / "plan.json"), "--front-png", str(tmp_path / "front.png")]  # fmt: skip
+    assert main(search) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front:" in out and "peftplan worker" in out
+    plan = pp.Plan.load(tmp_path / "plan.json")
+    model = tiny_classifier()
+    limit = pp.Budget(params="1%").param_limit(pp.lower(model).total_params)
+    pp.apply(model, plan)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.objectives["params"] <= limit
+    assert (tmp_path / "front.png").stat().st_size > 0
+
+    files = {k: tmp_path / f"front.{k}" for k in ("csv", "png", "html", "json")}
+    assert main(["front", url, *(a for k, f in files.items() for a in (f"--{k}", str(f)))]) == 0
+    front = pp.planner.front.ParetoFront.load(files["json"])
+    rows = list(csv.DictReader(files["csv"].open()))
+    assert len(rows) == len(front) >= 1 and {"metric", "params", "trial", "rung"} <= set(rows[0])
+    assert plan.objectives in [p.values for p in front]
+    assert files["png"].read_bytes()[:4] == b"\x89PNG" and "plotly" in files["html"].read_text()
+
+    n_trials = len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials)
+    assert main(search) == 0  # the same call again: the study is complete, nothing runs
+    assert main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json")]) == 0
+    assert len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials) == n_trials
+    assert json.loads((tmp_path / "again.json").read_text())["sites"] == json.loads((tmp_path / "plan.json").read_text())["sites"]
+
+
+def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
+    assert main(["front", f"sqlite:///{tmp_path / 'none.db'}", "--csv", str(tmp_path / "f.csv")]) == 2
+    assert "holds 0 studies" in capsys.readouterr().err

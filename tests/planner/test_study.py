@@ -1,0 +1,306 @@
+"""The study engine: failures, successive halving, a real trial, resume after SIGKILL, and two
+workers sharing a PostgreSQL study. Evaluations are stand-ins unless said otherwise."""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import peftplan as pp
+from peftplan.planner.evaluate import Evaluation, Fidelity
+from peftplan.planner.fidelity import nondominated_ranks, promote
+from peftplan.planner.study import StudyError, open_storage, run_search
+from peftplan.planner.trial_loop import planned_evaluations
+from tests.planner.test_evaluate import model as tiny_bert
+from tests.planner.test_evaluate import tiny_task
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def stand_in(base, plan, task, fidelity, *, lr, seed, sleep=0.0):
+    """A deterministic score of the plan's knobs (the same in every process), scaled by the
+    fidelity's steps so that rungs differ; ``sleep`` stands for training time."""
+    time.sleep(sleep)
+    knobs = repr(sorted(plan.provenance["knobs"].items())).encode()
+    return Evaluation((zlib.crc32(knobs) % 1000) / 1000 * fidelity.steps, int(plan.objectives["params"]), sleep)
+
+
+def slow_stand_in(base, plan, task, fidelity, *, lr, seed):
+    return stand_in(base, plan, task, fidelity, lr=lr, seed=seed, sleep=1.0)
+
+
+def tiny_classifier():
+    """A 2-layer BERT classifier with MiniLM's vocabulary, so MiniLM's tokenizer fits it."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=64, max_position_embeddings=64))  # fmt: skip
+
+
+def write_task(folder: Path, n_train: int = 48, n_dev: int = 16) -> Path:
+    """``train.tsv``/``dev.tsv`` where label 1 texts say "good" and label 0 texts say "bad"."""
+    rng = random.Random(0)
+    words = "movie plot actor scene story music film the a it was".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            text = rng.sample(words, 4) + ["good" if label else "bad"]
+            rng.shuffle(text)
+            rows.append(f"{label}\t{' '.join(text)}")
+        (folder / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def run(storage, trials=6, **kw):
+    options = {"strategy": "random", "study_name": "s", "progress": False, "evaluator": stand_in, "threads": 1, **kw}
+    return run_search(tiny_bert(), "5%", tiny_task(), trials=trials, storage=storage, **options)
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on():
+    calls = []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            return Evaluation(None, 0, 0.1, "training diverged: loss is nan at step 3")
+        if len(calls) == 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return stand_in(*args, **kw)
+
+    storage = optuna.storages.InMemoryStorage()
+    plan = run(storage, trials=5, evaluator=flaky)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    failed = {t.user_attrs["failed"] for t in trials if t.state == FAIL}
+    assert failed == {"training diverged: loss is nan at step 3", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert sum(t.state == COMPLETE for t in trials) == 5 and len(calls) == 7
+    assert all("costs" in t.user_attrs and "plan" in t.user_attrs for t in trials if t.state == COMPLETE)
+    assert len(plan.front) >= 1 and plan.objectives["params"] <= pp.Budget(params="5%").param_limit(36_322)
+
+
+def test_rerun_finishes_only_the_remainder_and_checks_settings():
+    storage = optuna.storages.InMemoryStorage()
+    run(storage, trials=3)
+    calls = []
+    run(storage, trials=5, evaluator=lambda *a, **k: calls.append(1) or stand_in(*a, **k))
+    assert len(calls) == 2  # trials=N counts completed trials: only the two missing ones ran
+    with pytest.raises(StudyError, match="other settings.*strategy"):
+        run(storage, trials=5, strategy="nsga2")
+
+
+def test_nondominated_ranks_by_hand():
+    assert nondominated_ranks([(1, 1), (2, 2), (0, 3), (0, 0), (2, 2)]) == [1, 0, 0, 2, 0]
+
+
+def test_halving_promotes_exactly_the_non_dominated():
+    senses = {"metric": "max", "params": "min"}
+    # 2, 5 and 7 are non-dominated; every other point is beaten by one of them in both objectives
+    values = {0: (0.60, 400), 1: (0.80, 950), 2: (0.90, 900), 3: (0.50, 200), 4: (0.65, 500),
+              5: (0.70, 300), 6: (0.85, 1000), 7: (0.50, 100), 8: (0.40, 150)}  # fmt: skip
+    cands = {c: {"metric": m, "params": p} for c, (m, p) in values.items()}
+    assert promote(cands, senses, eta=3) == [2, 7, 5]  # extremes first (infinite crowding), then by number
+
+
+def test_halving_breaks_ties_in_a_rank_by_crowding():
+    senses = {"metric": "max", "params": "min"}
+    # four non-dominated points, three places: crowding (metric gap/0.5 + params gap/900) is
+    # B = 0.15/0.5 + 550/900 = 0.91 and C = 0.4/0.5 + 400/900 = 1.24, so C beats B
+    front = {0: (1.0, 1000), 1: (0.9, 500), 2: (0.85, 450), 3: (0.5, 100)}
+    rest = {4: (0.4, 1000), 5: (0.3, 900), 6: (0.2, 800), 7: (0.1, 700), 8: (0.0, 600)}
+    cands = {c: {"metric": m, "params": p} for c, (m, p) in {**front, **rest}.items()}
+    assert promote(cands, senses, eta=3) == [0, 3, 2]
+
+
+def test_successive_halving_study_is_deterministic_and_fronts_the_top_rung():
+    rungs = [Fidelity(steps=1, train_batches=2), Fidelity(steps=3, train_batches=6)]
+    storages = [optuna.storages.InMemoryStorage() for _ in range(2)]
+    plans = [run(s, trials=9, fidelities=rungs, eta=3) for s in storages]
+    studies = [optuna.load_study(study_name="s", storage=s) for s in storages]
+    assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]  # same seed, same study
+    trials = studies[0].trials
+    rung0 = {t.number: t for t in trials if t.user_attrs["rung"] == 0}
+    rung1 = [t for t in trials if t.user_attrs["rung"] == 1]
+    assert len(rung0) == 9 and len(trials) == planned_evaluations(_config(studies[0])) == 12
+    chosen = promote({n: dict(zip(("metric", "params"), t.values)) for n, t in rung0.items()}, plans[0].front.senses, eta=3)
+    assert [t.user_attrs["candidate"] for t in rung1] == chosen
+    for t in rung1:  # same plan, longer run: the stand-in's metric triples
+        assert t.params == rung0[t.user_attrs["candidate"]].params and t.user_attrs["fidelity"] == "3 steps on 6 batches"
+        assert t.values[0] == pytest.approx(3 * rung0[t.user_attrs["candidate"]].values[0])
+    assert {p.info["rung"] for p in plans[0].front} == {1}
+    assert {p.info["trial"] for p in plans[0].front} <= {t.number for t in rung1}
+
+
+def _config(study):
+    from peftplan.planner.study import StudyConfig
+
+    return StudyConfig.from_dict(study.user_attrs["peftplan"])
+
+
+def test_a_real_search_trains_tiny_plans():
+    torch.set_num_threads(1)
+    base = tiny_bert()
+    plan = run_search(base, "5%", tiny_task(), strategy="tpe", trials=3, fidelities=[Fidelity(steps=8, train_batches=4)],
+                      lr=5e-3, progress=False, threads=1, seeds=3)  # fmt: skip
+    assert len(plan.front) >= 1 and plan.provenance["strategy"] == "tpe"
+    assert 0 <= plan.objectives["metric"] <= 1
+    limit = pp.Budget(params="5%").param_limit(sum(p.numel() for p in base.parameters()))
+    assert all(p.values["params"] <= limit for p in plan.front)
+    tuned = pp.apply(tiny_bert(), plan)
+    assert sum(p.numel() for p in tuned.parameters() if p.requires_grad) == plan.objectives["params"]
+
+
+RESUME = """
+import torch; torch.set_num_threads(1)
+from peftplan.planner.study import open_storage, run_search
+from tests.planner.test_evaluate import model, tiny_task
+from tests.planner.test_study import slow_stand_in
+run_search(model(), "5%", tiny_task(), strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=1),
+           study_name="resume", evaluator=slow_stand_in, progress=False, threads=1)
+"""
+
+
+def _spawn(code: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=url).trials
+    except KeyError:
+        return []
+
+
+def test_a_search_killed_mid_run_resumes_without_rerunning(tmp_path):
+    url, n = f"sqlite:///{tmp_path / 'study.db'}", 6
+    proc = _spawn(RESUME.format(url=url, trials=n))
+    deadline = time.time() + 120
+    while sum(t.state == COMPLETE for t in _trials(url, "resume")) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the search did not complete two trials in 120 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.params, t.values) for t in _trials(url, "resume") if t.state == COMPLETE}
+    killed = [t.number for t in _trials(url, "resume") if t.state == optuna.trial.TrialState.RUNNING]
+
+    calls = []
+    run_search(tiny_bert(), "5%", tiny_task(), strategy="random", trials=n, storage=open_storage(url, heartbeat=1),
+               study_name="resume", evaluator=lambda *a, **k: calls.append(1) or stand_in(*a, **k),
+               progress=False, threads=1)  # fmt: skip
+    after = {t.number: t for t in _trials(url, "resume")}
+    assert sum(t.state == COMPLETE for t in after.values()) == n
+    assert {k: (after[k].params, after[k].values) for k in before} == before  # kept as they were
+    assert len(calls) == n - len(before)  # nothing completed was run again
+    for k in killed:  # the trial that died is failed by its silence and re-run with its parameters
+        assert after[k].state == FAIL
+        retry = [t for t in after.values() if t.system_attrs.get("failed_trial") == k]
+        assert len(retry) == 1 and retry[0].state == COMPLETE and retry[0].params == after[k].params
+
+
+@pytest.fixture
+def postgres_url():
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"PostgreSQL is unreachable at 127.0.0.1:5432 as user postgres ({str(e).strip()}); start it to test workers")
+    conn.autocommit = True
+    name = f"peftplan_test_{secrets.token_hex(4)}"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+SEARCH = """
+import torch; torch.set_num_threads(1)
+from peftplan.planner.study import Source, open_storage, run_search
+from tests.planner.test_study import slow_stand_in
+source = Source("tests.planner.test_study:tiny_classifier", {task!r}, tokenizer="minilm", batch_size=8)
+model, task = source.load()
+run_search(model, "1%", task, strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=2),
+           study_name="shared", source=source, evaluator=slow_stand_in, progress=False, threads=1)
+"""
+WORKER = """
+import time, optuna
+from peftplan.planner.study import open_storage, run_worker
+from tests.planner.test_study import slow_stand_in
+storage = open_storage({url!r}, heartbeat=2)
+deadline = time.time() + 120
+while "shared" not in optuna.get_all_study_names(storage):
+    assert time.time() < deadline, "the search never created its study"
+    time.sleep(0.2)
+run_worker(storage, "shared", evaluator=slow_stand_in, progress=False, threads=1)
+"""
+
+
+def test_two_workers_share_a_postgres_study_without_duplicates(tmp_path, postgres_url):
+    n, task = 8, write_task(tmp_path / "task")
+    procs = [_spawn(SEARCH.format(task=str(task), trials=n, url=postgres_url)), _spawn(WORKER.format(url=postgres_url))]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise AssertionError([p.communicate()[0][-3000:] for p in procs]) from None
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    done = [t for t in _trials(postgres_url, "shared") if t.state == COMPLETE]
+    assert len(done) == n
+    assert len({tuple(sorted(t.params.items())) for t in done}) == n  # distinct plans, none evaluated twice
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both took a share
+
+
+def test_plans_over_a_limit_are_never_trained():
+    from peftplan.planner.allocate import eligible_sites
+    from peftplan.planner.space import AllocatorSpace
+
+    base = tiny_bert()
+    graph = pp.lower(base)
+    scores = {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}
+    probe = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    memory = []
+    for _ in range(8):
+        trial = study.ask()
+        probe.suggest(trial)
+        memory.append(probe.costs(trial.params)["memory"])
+    memory.sort()
+    limit = memory[4]  # about half of the random plans are over it
+    space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"], limits={"memory": limit})
+    trained = []
+    storage = optuna.storages.InMemoryStorage()
+    run_search(base, "5%", tiny_task(), strategy="random", trials=4, space=space, storage=storage, study_name="s",
+               evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k), progress=False)  # fmt: skip
+    assert all(space.costs(p.provenance["knobs"])["memory"] <= limit for p in trained) and len(trained) == 4
+    skipped = [t.user_attrs["infeasible"] for t in optuna.load_study(study_name="s", storage=storage).trials if "infeasible" in t.user_attrs]
+    assert skipped and all("memory" in r and "> limit" in r for r in skipped)
+
+
+def test_a_study_where_everything_fails_stops_with_the_reason():
+    def broken(*args, **kw):
+        return Evaluation(None, 0, 0.0, "training diverged: loss is inf at step 1")
+
+    with pytest.warns(UserWarning, match="3 evaluations failed"), pytest.raises(StudyError, match="diverged"):
+        run(optuna.storages.InMemoryStorage(), trials=2, evaluator=broken)

@@ -91,6 +91,11 @@ class Method:
         params = self.param_count(site, **hp)
         return params * (2 * param_bytes + 4 * optimizer_states) + act_bytes * self.saved_activations(site, tokens, **hp)
 
+    def adapter_bytes(self, site: Site, *, param_bytes: int = 4, **hp: Any) -> int:
+        """Bytes this site adds to ``adapters.safetensors`` (values only, unless a method also
+        stores indices or other buffers)."""
+        return self.param_count(site, **hp) * param_bytes
+
     def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
         """A module to put in place of ``module``: the frozen base inside, a trainable delta."""
         raise NotImplementedError(f"{type(self).__name__} must define wrap")

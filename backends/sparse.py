@@ -76,6 +76,9 @@ class Sparse(Method):
     def param_count(self, site: Site, density: float, selection: str = "magnitude") -> int:
         return max(1, round(density * weight_numel(site)))
 
+    def adapter_bytes(self, site: Site, *, param_bytes: int = 4, density: float = 0.01, selection: str = "magnitude") -> int:
+        return self.param_count(site, density) * (param_bytes + 8)  # values plus int64 indices
+
     def overhead_flops(self, site: Site, density: float, selection: str = "magnitude") -> int:
         # No matmul is added: each call scatters k values and adds the dense delta to W.
         return (weight_numel(site) + self.param_count(site, density)) * site.calls

@@ -34,7 +34,6 @@ from peftplan.planner.plan import Plan
 
 # Methods that train the site's own weights: those weights are in the model already, so the
 # plan adds only their gradients and optimizer states.
-OWN_WEIGHTS = frozenset({"full"})
 OPTIMIZER_STATE_BYTES = 8  # AdamW: exp_avg and exp_avg_sq, fp32
 
 
@@ -215,13 +214,11 @@ def _cost(graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_
         tokens = tokens_of(site)
         params = method.param_count(site, **hp)
         train = method.train_memory(site, tokens, param_bytes=param_bytes, act_bytes=act_bytes, **hp)
-        if method.name in OWN_WEIGHTS:
-            train -= params * param_bytes  # the weights exist already; grads and states are new
+        if method.name == "full":
             if any(t in counted_full for t in site.tied):  # a shared weight trains once
                 train -= params * (param_bytes + OPTIMIZER_STATE_BYTES)
                 params = 0
             counted_full.add(name)
-        stored = getattr(method, "adapter_bytes", None)  # methods that store more than values
         flops = round(method.overhead_flops(site, **hp) * flops_scale)
         sites[name] = SiteCost(
             method=method.name,
@@ -229,7 +226,7 @@ def _cost(graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_
             train_bytes=train,
             unmerged_flops=flops,
             latency_flops=0 if method.can_merge(site, **hp) is None else flops,
-            adapter_bytes=stored(site, param_bytes=param_bytes, **hp) if stored else method.param_count(site, **hp) * param_bytes,
+            adapter_bytes=method.adapter_bytes(site, param_bytes=param_bytes, **hp),
         )
     return PlanCost(
         params=sum(c.params for c in sites.values()),

@@ -109,13 +109,10 @@ def test_params_and_adapter_bytes_match_the_applied_model(tiny_bert, tiny_bert_g
     stored = sum(end - start for start, end in (v["data_offsets"] for v in tensors.values()))
     per_site = {n: sum(e - s for k, v in tensors.items() if k.startswith(n + ".") for s, e in [v["data_offsets"]]) for n in cost.sites}
     assert len(raw) == 8 + header_len + stored
-    # a method that stores more than its parameters (a sparse delta's indices, a buffer) says
-    # so with `adapter_bytes`; until it does, the cost model counts its parameters only
+    # every method's adapter_bytes is what it actually writes (a sparse delta's indices too)
     for name, c in cost.sites.items():
-        module = model.get_submodule(name)
-        buffers = sum(b.numel() * b.element_size() for n, b in module.named_buffers() if not n.startswith("base."))
-        uncounted = 0 if hasattr(pp.get_method(c.method), "adapter_bytes") else buffers
-        assert c.adapter_bytes + uncounted == per_site[name], name
+        assert c.adapter_bytes == per_site[name], name
+
 
 def test_tied_weights_trained_in_full_count_once():
     model = TiedLM()

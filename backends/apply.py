@@ -16,6 +16,7 @@ model classes, ``generate()`` and ``Trainer`` keep working on the same object:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from peftplan.ir.site import Site
 if TYPE_CHECKING:
     from peftplan.planner.plan import Plan
 
+log = logging.getLogger("peftplan")
 PLAN_ATTR = "peftplan_plan"  # the applied Plan, public: `save` and users read it
 UNDO_ATTR = "_peftplan_undo"  # what `remove` needs to restore the model exactly
 
@@ -59,8 +61,15 @@ def apply(
     *,
     check: bool = True,
     scores: dict[str, torch.Tensor] | None = None,
+    match: str = "name",
 ) -> nn.Module:
     """Tune ``model`` in place as ``plan`` says and return it.
+
+    ``match="name"`` (default) applies each entry to the site of that name, on a model whose
+    fingerprint matches the plan's. ``match="role+depth"`` re-targets the plan onto a model of
+    the same family with another depth: each site takes the entry of the same role at the
+    nearest relative depth; the mapping is logged and kept in
+    ``applied_plan(model).provenance["mapping"]``.
 
     Every site entry is resolved and validated first, so a bad plan raises `PlanError` with the
     model untouched. ``check=False`` skips the fingerprint and the per-site op/shape comparison
@@ -77,6 +86,15 @@ def apply(
     73728
     >>> apply(model, sparse_plan, scores={"encoder.layer.0.output.dense": grad2})  # doctest: +SKIP
     """
+    if match == "role+depth":
+        from peftplan.ir import lower
+        from peftplan.planner.retarget import retarget  # lazy: planner imports backends
+
+        plan, mapping = retarget(_as_plan(plan), lower(model))
+        plan.provenance["mapping"] = mapping
+        log.info("re-targeted %d sites by role and depth: %s", len(mapping), mapping)
+    elif match != "name":
+        raise PlanError(f"match must be 'name' or 'role+depth', got {match!r}")
     return _apply(model, plan, check=check, scores=scores or {}, restoring=False)
 
 

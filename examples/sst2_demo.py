@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     # 2. peftplan's sensitivity plan at the same parameter count
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
-    plan = pp.search(model, pp.Budget(params=budget), task=task, seed=args.seed, train_modules=["classifier"])
+    plan = pp.search(model, pp.Budget(params=budget), task=task, strategy="proxy", seed=args.seed, train_modules=["classifier"])
     plan_seconds = time.perf_counter() - t0
     pp.apply(model, plan)
     run = train(model, task, steps=args.steps, lr=args.lr, seed=args.seed, progress=True, description="peftplan plan")

@@ -49,7 +49,7 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model)
         heads = []
-    plan = search(model, budget, task=task, seed=args.seed, train_modules=heads or None)
+    plan = search(model, budget, task=task, strategy="proxy", seed=args.seed, train_modules=heads or None)
     print(plan.summary())
     plan.save(args.out)
     print(f"wrote {args.out}")

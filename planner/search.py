@@ -1,6 +1,10 @@
 """`search`: model + budget (+ task) → `Plan`.
 
-The ``proxy`` strategy trains nothing: it scores each eligible site (weight statistics with no
+With a task, the default is a multi-objective search (``strategy="botorch"``; also
+``random``, ``nsga2``, ``tpe``, ``gp``) that trains candidate plans and returns the best one
+within the budget, with ``plan.front`` holding the Pareto front (see `planner.study`).
+
+The ``proxy`` strategy (the default without a task) trains nothing: it scores each eligible site (weight statistics with no
 task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate`.
 
 With a task the scores are grad² (Fisher mass) raised to ``sensitivity_power``. The mass
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch.nn as nn
 
@@ -27,9 +32,9 @@ from peftplan.planner.allocate import allocate, eligible_sites
 from peftplan.planner.budget import Budget, BudgetError
 from peftplan.planner.plan import Plan, provenance
 from peftplan.planner.scores import alpha_scores, grad2_scores
+from peftplan.planner.strategies import STRATEGIES
 from peftplan.planner.task import Task
 
-STRATEGIES = ("proxy",)
 METHOD = "lora"
 
 
@@ -38,7 +43,7 @@ def search(
     budget: Budget | int | str,
     task: Task | None = None,
     *,
-    strategy: str = "proxy",
+    strategy: str | None = None,
     seed: int = 0,
     roles: Iterable[str] = ("attn", "mlp"),
     max_rank: int = 64,
@@ -46,10 +51,19 @@ def search(
     train_modules: Iterable[str] | None = None,
     calibration_batches: int = 4,
     sensitivity_power: float = 0.5,
+    trials: int = 16,
+    storage: str | None = None,
+    study_name: str | None = None,
+    **study_options: Any,
 ) -> Plan:
-    """A LoRA plan for ``model`` within ``budget``.
+    """A plan for ``model`` within ``budget``.
 
-    ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
+    ``strategy`` defaults to ``"botorch"`` with a task and ``"proxy"`` without one. A training
+    strategy runs ``trials`` completed candidates in an optuna study (in memory unless
+    ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
+    `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, …).
+
+    For ``proxy``: ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
     sites are scored from their weights (Hill alpha); with one, by grad² on its first
     ``calibration_batches`` training batches, raised to ``sensitivity_power`` (0.5: gradient
     norm; 1: Fisher mass; 0: every site alike). ``train_modules`` (site names, e.g. a new
@@ -60,8 +74,18 @@ def search(
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
     ('full', True)
     """
+    strategy = strategy or ("botorch" if task is not None else "proxy")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {list(STRATEGIES)}")
+    if strategy != "proxy":
+        if task is None:
+            raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=...; without a task use strategy='proxy'")
+        from peftplan.planner.study import run_search
+
+        return run_search(model, budget, task, strategy=strategy, trials=trials, storage=storage, study_name=study_name,
+                          seed=seed, train_modules=train_modules, **study_options)  # fmt: skip
+    if study_options:
+        raise TypeError(f"strategy 'proxy' trains nothing; options {sorted(study_options)} apply to the other strategies")
     budget = as_budget(budget)
     if graph is None:
         from peftplan.ir import lower

@@ -46,3 +46,17 @@ def test_errors():
         retarget(pp.Plan(sites={"x": {"method": "lora", "rank": 2}}), big)
     with pytest.raises(PlanError, match="same family"):
         retarget(pp.Plan(sites={"x": {"method": "lora", "rank": 2, "role": "mlp.gate", "depth": 0.0}}), big)
+
+
+def test_apply_with_role_and_depth_matching():
+    small_model, big_model = bert(2), bert(4)
+    plan = pp.search(small_model, "5%")
+    with pytest.raises(PlanError, match="does not fit"):
+        pp.apply(bert(4), plan)
+    pp.apply(big_model, plan, match="role+depth")
+    applied = pp.backends.applied_plan(big_model)
+    mapping = applied.provenance["mapping"]
+    assert mapping["encoder.layer.3.attention.self.value"] == "encoder.layer.1.attention.self.value"
+    assert sum(p.numel() for p in big_model.parameters() if p.requires_grad) == applied.objectives["params"]
+    with pytest.raises(PlanError, match="match must be"):
+        pp.apply(bert(2), plan, match="depth")

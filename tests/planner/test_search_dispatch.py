@@ -1,0 +1,31 @@
+"""`peftplan.search` picks the strategy: proxy without a task, a trained search with one."""
+
+from __future__ import annotations
+
+import pytest
+
+import peftplan as pp
+from tests.planner.test_evaluate import model as tiny_bert
+from tests.planner.test_evaluate import tiny_task
+from tests.planner.test_study import stand_in
+
+
+def test_task_search_returns_best_plan_with_front():
+    model, task = tiny_bert(), tiny_task()
+    plan = pp.search(model, "5%", task, strategy="random", trials=4, evaluator=stand_in, progress=False, threads=1)
+    assert plan.front is not None and len(plan.front) >= 1
+    best = plan.front.best()
+    assert plan.sites == best.plan.sites
+    limit = pp.Budget(params="5%").param_limit(pp.lower(model).total_params)
+    assert all(p.values["params"] <= limit for p in plan.front)
+
+
+def test_defaults_and_errors():
+    model = tiny_bert()
+    assert pp.search(model, "5%").provenance["strategy"] == "proxy"
+    with pytest.raises(ValueError, match="trains candidate plans: pass task"):
+        pp.search(model, "5%", strategy="tpe")
+    with pytest.raises(ValueError, match="unknown strategy 'annealing'"):
+        pp.search(model, "5%", strategy="annealing")
+    with pytest.raises(TypeError, match="apply to the other strategies"):
+        pp.search(model, "5%", strategy="proxy", lr=1e-3)

@@ -1,14 +1,18 @@
-"""Demo: a sensitivity-planned LoRA against peft's uniform LoRA, on a real model and real data.
+"""Demo: search per-site PEFT plans on a real model and real data, against peft's default.
 
-MiniLM-L6 (22M params, offline from its wheel) learns SST-2 sentiment twice, with the same
-steps, seed, data order and learning rate:
+MiniLM-L6 (22M params, offline from its wheel) learns SST-2 sentiment:
 
-1. peft: LoRA r=8 (alpha 16) on every query and value projection — the usual default;
-2. peftplan: per-site LoRA ranks planned by gradient sensitivity (grad², as in SPT) on a few
-   training batches, at the same trainable-parameter count (within 2%).
+1. peft: LoRA r=8 (alpha 16) on every query and value projection — the usual default; its
+   trainable-parameter count (classifier head included) becomes the budget;
+2. peftplan search: a short multi-objective search (dev accuracy up, trainable params down)
+   over per-site plans within that budget — botorch qLogNEHVI, seeded with sensitivity (grad²)
+   plans, each candidate trained briefly on a fresh copy. Prints the Pareto front and writes
+   front.png, front.html and plan.json;
+3. the best plan within the budget is applied to a fresh model and trained exactly like the
+   baseline (same steps, seed, data order, learning rate).
 
-Both train the new classification head in full. Prints one table: trainable params, dev
-accuracy, training time. Run from the repository root: ``make demo``.
+Prints one table: trainable params, dev accuracy, training time. Run from the repository root:
+``make demo``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import optuna  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -46,68 +51,95 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def train_and_score(model, task, args, description):
+    run = train(model, task, steps=args.steps, lr=args.lr, seed=args.seed, progress=True, description=description)
+    return trainable(model), accuracy(model, task.eval_batches), run.seconds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA, help="folder with train.tsv and dev.tsv (default: shared sst2)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the final runs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
-    ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where the plan and adapters are saved")
+    ap.add_argument("--strategy", default="botorch", help="search strategy (botorch, tpe, nsga2, gp, random)")
+    ap.add_argument("--trials", type=int, default=8, help="candidate plans the search trains")
+    ap.add_argument("--search-steps", type=int, default=60, help="training steps per candidate")
+    ap.add_argument("--search-dev-batches", type=int, default=10, help="dev batches each candidate is scored on")
+    ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
     args = ap.parse_args(argv)
     if not (args.data / "train.tsv").exists():
         print(f"no {args.data / 'train.tsv'}: pass --data FOLDER with train.tsv and dev.tsv", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it all
     console = Console(width=120)
+    args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    base = load_minilm(num_labels=2)  # the new head is initialised once, shared by both runs
+    base = load_minilm(num_labels=2)  # the new head is initialised once, shared by every run
     task = pp.Task.for_sequence_classification(
         minilm_dir(), None, args.data / "train.tsv", args.data / "dev.tsv",
         batch_size=args.batch_size, max_dev=args.max_dev, seed=args.seed,
     )  # fmt: skip
     task.name = args.data.name
     console.print(f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
-                  f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples, {args.steps} steps")  # fmt: skip
+                  f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples, {args.steps} steps per final run")  # fmt: skip
+    rows = []
 
-    results = []
-
-    # 1. peft's uniform LoRA
+    # 1. peft's uniform LoRA sets the budget
     reference = peft_baseline(copy.deepcopy(base))
-    budget = trainable(reference)
-    run = train(reference, task, steps=args.steps, lr=args.lr, seed=args.seed, progress=True, description="peft r=8 q,v")
-    results.append(("peft LoRA r=8 on query,value", trainable(reference), accuracy(reference, task.eval_batches), run.seconds, "-"))
+    budget = pp.Budget(params=trainable(reference))
+    rows.append(("peft LoRA r=8 on query,value", *train_and_score(reference, task, args, "peft r=8 q,v"), "-"))
 
-    # 2. peftplan's sensitivity plan at the same parameter count
-    model = copy.deepcopy(base)
+    # 2. the sensitivity plan alone (no training while planning)
     t0 = time.perf_counter()
-    plan = pp.search(model, pp.Budget(params=budget), task=task, strategy="proxy", seed=args.seed, train_modules=["classifier"])
-    plan_seconds = time.perf_counter() - t0
-    pp.apply(model, plan)
-    run = train(model, task, steps=args.steps, lr=args.lr, seed=args.seed, progress=True, description="peftplan plan")
-    results.append(("peftplan sensitivity plan", trainable(model), accuracy(model, task.eval_batches), run.seconds, f"{plan_seconds:.1f}s"))
-    pp.save(model, args.out)
+    proxy = pp.search(base, budget, task=task, strategy="proxy", seed=args.seed, train_modules=["classifier"])
+    planning = time.perf_counter() - t0
+    model = pp.apply(copy.deepcopy(base), proxy)
+    rows.append(("peftplan sensitivity plan (proxy)", *train_and_score(model, task, args, "proxy plan"), f"{planning:.0f}s"))
 
-    table = Table(title=f"MiniLM-L6 + {task.name}: same steps ({args.steps}), seed, data order and lr")
+    # 3. the multi-objective search
+    t0 = time.perf_counter()
+    plan = pp.search(base, budget, task=task, strategy=args.strategy, trials=args.trials, seed=args.seed,
+                     train_modules=["classifier"], lr=args.lr,
+                     fidelities=[pp.Fidelity(steps=args.search_steps, eval_batches=args.search_dev_batches)])  # fmt: skip
+    planning = time.perf_counter() - t0
+    front = plan.front
+    console.print(front_table(front, budget))
+    front.plot(args.out / "front.png", title=f"MiniLM-L6 + {task.name}: {args.strategy}, {args.trials} trials")
+    front.plot(args.out / "front.html", title=f"MiniLM-L6 + {task.name}: {args.strategy}, {args.trials} trials")
+    plan.save(args.out / "plan.json")
+    model = pp.apply(copy.deepcopy(base), pp.Plan.load(args.out / "plan.json"))
+    rows.append((f"peftplan searched plan ({args.strategy})", *train_and_score(model, task, args, "searched plan"), f"{planning:.0f}s"))
+    pp.save(model, args.out / "adapters")
+
+    table = Table(title=f"MiniLM-L6 + {task.name}: final runs with the same steps ({args.steps}), seed, data order and lr")
     for col in ("tuning", "trainable params", "dev accuracy", "train time", "planning"):
         table.add_column(col, justify="left" if col == "tuning" else "right")
-    for name, params, acc, seconds, planning in results:
-        table.add_row(name, f"{params:,}", f"{acc:.4f}", f"{seconds:.1f}s", planning)
+    for name, params, acc, seconds, planned in rows:
+        table.add_row(name, f"{params:,}", f"{acc:.4f}", f"{seconds:.1f}s", planned)
     console.print(table)
-    console.print(f"plan: {plan.summary()}")
-    lora = {n: e["rank"] for n, e in plan.sites.items() if e["method"] == "lora"}
-    by_role: dict[str, list[int]] = {}
-    for n, r in lora.items():
-        by_role.setdefault(plan.sites[n]["role"], []).append(r)
-    console.print("ranks by role: " + ", ".join(f"{role} {sorted(rs)}" for role, rs in sorted(by_role.items())))
-    console.print(f"saved plan.json + adapters.safetensors to {args.out}/")
-    ratio = results[1][1] / results[0][1]
-    if abs(ratio - 1) > 0.02:
-        console.print(f"[red]parameter counts differ by {ratio - 1:+.1%} (more than 2%)[/red]")
+    console.print(f"searched plan: {plan.summary()}")
+    console.print(f"wrote {args.out}/plan.json, front.png, front.html and adapters/ (plan.json + adapters.safetensors)")
+    over = [name for name, params, *_ in rows if params > budget.params]
+    if over:
+        console.print(f"[red]over the budget of {budget.params:,} params: {over}[/red]")
         return 1
     return 0
+
+
+def front_table(front, budget) -> Table:
+    table = Table(title=f"Pareto front ({len(front)} plans, budget {budget.params:,} params)")
+    for col in ("dev accuracy (search fidelity)", "trainable params", "plan"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    knee = front.knee()
+    for p in front:
+        mark = " (knee)" if p is knee else ""
+        table.add_row(f"{p.values['metric']:.4f}", f"{int(p.values['params']):,}", (p.plan.summary() if p.plan else "") + mark)
+    return table
 
 
 if __name__ == "__main__":

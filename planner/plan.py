@@ -61,7 +61,7 @@ class Plan:
             ranks = sorted({h["rank"] for h in hps if "rank" in h})
             extra = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}"
             parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
-        obj = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in self.objectives.items())
+        obj = ", ".join(f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items())
         return "; ".join(parts) + (f" ({obj})" if obj else "")
 
     def to_peft(self) -> tuple[dict[str, Any], list[str]]:

@@ -1,0 +1,231 @@
+"""Search benchmark: every strategy on MiniLM-L6 + SST-2, hypervolume as evaluations accrue.
+
+Each strategy (random, nsga2, tpe, gp, botorch, proxy) runs one `run_search` per seed, all
+with the same budget (75,000 trainable params, the new classification head trained in full
+and paid from it), the same search space (`default_space`, built once per seed and shared by
+the strategies), the same data subset, learning rate and one fidelity. After each run the
+front of its first N completed evaluations (in completion order) is measured against one
+reference point, for every N up to the run's length.
+
+* One fidelity, no promotion rungs: with successive halving the first N completions mix rungs,
+  the study's front jumps to the highest rung as soon as one completes (metrics of different
+  rungs are never compared), and a strategy's curve would follow the promotion schedule
+  rather than what it proposed. One rung makes every evaluation cost the same and every
+  front comparable.
+* Reference point: accuracy 0.5 (chance on SST-2's two balanced classes) and params 75,000
+  (the budget). Hypervolume is printed as a fraction of the box between the reference and
+  the ideal point (accuracy 1.0 at 0 params), so 1.0 is unreachable and 0 is "nothing beats
+  chance within budget".
+* Seeded strategies (nsga2, tpe, gp, botorch) start with 4 proxy plans (1/4 … 4/4 of the
+  budget) as the study does by default; random does not; proxy evaluates proxy plans only.
+* Spread: ± half the range over seeds (the mean and the two extremes, for two seeds).
+
+Goals, for the default strategy (``--default``, botorch): (1) within 12 evaluations its mean
+hypervolume reaches 95% of the best mean any strategy reaches at the largest N (32; at
+``--quick`` scale, 12, which makes the check weaker: said so in the output); (2) its mean beats
+random's at every N of the table.
+
+    python benchmarks/search.py            # 6 strategies x 2 seeds x 32 evaluations (~40 min on 2 idle cores)
+    python benchmarks/search.py --quick    # 6 strategies x 1 seed x 12 evaluations, smaller subsets (~8 min)
+
+Sizing: the quick run measured 4 s per evaluation on 2 idle cores and up to 17 s while another
+process trained on them; the full fidelity (32 steps, 256 dev examples) costs about 1.4x that,
+so 384 evaluations take ~40 min idle and can pass 90 min on a busy machine. Runs are
+sequential, so each run's wall time also records the machine's load at that moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = ROOT.parent / "shared" / "data" / "text" / "sst2"
+STRATEGIES = ("random", "nsga2", "tpe", "gp", "botorch", "proxy")
+BUDGET = 75_000
+REFERENCE = {"metric": 0.5, "params": BUDGET}
+BOX = (1.0 - REFERENCE["metric"]) * REFERENCE["params"]  # the hypervolume of the ideal point
+BATCH, MAX_LENGTH, LR = 16, 32, 3e-3
+# steps, training examples (steps // (examples // BATCH) epochs), dev examples, table's N, seeds
+SCALES = {
+    "full": {"steps": 32, "train": 512, "dev": 256, "evals": (4, 8, 12, 16, 32), "seeds": (0, 1)},
+    "quick": {"steps": 24, "train": 384, "dev": 160, "evals": (4, 8, 12), "seeds": (0,)},
+}
+GOAL_WITHIN, GOAL_SHARE = 12, 0.95
+
+
+def load_task(scale: dict):
+    import torch
+    from transformers import AutoTokenizer
+
+    from peftplan.models import load_minilm, minilm_dir
+    from peftplan.planner.task import Task
+
+    torch.manual_seed(0)  # the new head's initialisation, the same for every run
+    model = load_minilm(num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    task = Task.for_sequence_classification(model, tokenizer, DATA / "train.tsv", DATA / "dev.tsv", batch_size=BATCH,
+                                            max_length=MAX_LENGTH, max_train=scale["train"], max_dev=scale["dev"])  # fmt: skip
+    return model, task
+
+
+def seconds_per_eval(model, task, space, fidelity, threads: int) -> float:
+    """One evaluation of the full-budget proxy plan, timed: what the run plan is sized by."""
+    import torch
+
+    from peftplan.planner.evaluate import evaluate
+
+    torch.set_num_threads(threads)
+    result = evaluate(model, space.plan_from_params(space.proxy_params(1.0)), task, fidelity, lr=LR)
+    if not result.ok:
+        raise SystemExit(f"the timing evaluation failed: {result.failed}")
+    return result.seconds
+
+
+def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, threads: int) -> dict:
+    """One search; its completed trials' values in completion order, wall time, what was skipped."""
+    import optuna
+
+    from peftplan.planner.study import run_search
+
+    storage = optuna.storages.InMemoryStorage()
+    name = f"bench-{strategy}-{seed}"
+    start = time.perf_counter()
+    run_search(model, BUDGET, task, strategy=strategy, trials=trials, storage=storage, study_name=name, seed=seed,
+               fidelities=[fidelity], space=space, progress=False, lr=LR, threads=threads)  # fmt: skip
+    wall = time.perf_counter() - start
+    trials_ = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    done = sorted((t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number))
+    objectives = tuple(space.objectives)
+    return {"values": [dict(zip(objectives, t.values)) for t in done], "wall": wall,
+            "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_),
+            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials_),
+            "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials_)}  # fmt: skip
+
+
+def hypervolume_curve(values: list[dict[str, float]], senses: dict[str, str]) -> list[float]:
+    """Normalised hypervolume of the front of the first N values, for N = 1 … len(values)."""
+    from peftplan.planner.front import ParetoFront
+
+    return [ParetoFront.from_points([(v, None) for v in values[:n]], senses).hypervolume(REFERENCE) / BOX
+            for n in range(1, len(values) + 1)]  # fmt: skip
+
+
+def at(curve: list[float], n: int) -> float | None:
+    return curve[n - 1] if len(curve) >= n else None
+
+
+def mean_at(curves: list[list[float]], n: int) -> float | None:
+    vals = [at(c, n) for c in curves]
+    return None if None in vals else statistics.fmean(vals)
+
+
+def cell(curves: list[list[float]], n: int) -> str:
+    vals = [at(c, n) for c in curves]
+    if None in vals:
+        return "n/a (fewer completed)"
+    if len(vals) == 1:
+        return f"{vals[0]:.4f}"
+    return f"{statistics.fmean(vals):.4f} ± {(max(vals) - min(vals)) / 2:.4f}"
+
+
+def verdicts(curves: dict[str, list[list[float]]], evals: tuple[int, ...], default: str, quick: bool) -> list[str]:
+    top = evals[-1]
+    means = {s: mean_at(c, top) for s, c in curves.items() if mean_at(c, top) is not None}
+    best_strategy = max(means, key=means.get)
+    best = means[best_strategy]
+    mine = [mean_at(curves[default], n) for n in range(1, top + 1)]
+    reached = next((n for n, v in enumerate(mine, 1) if v is not None and v >= GOAL_SHARE * best), None)
+    ok1 = reached is not None and reached <= GOAL_WITHIN
+    scale = (f" (quick scale: the best is taken at {top} evaluations, not 32, so this is a weaker check)"
+             if top < 32 else "")  # fmt: skip
+    by = mean_at(curves[default], GOAL_WITHIN)
+    mine_at = "n/a" if by is None else f"{by:.4f} ({by / best:.1%} of best)" if best else f"{by:.4f}"
+    lines = [f"Goal 1 — {default} reaches {GOAL_SHARE:.0%} of the best hypervolume at {top} evaluations "
+             f"({best_strategy}: {best:.4f}; target {GOAL_SHARE * best:.4f}) within {GOAL_WITHIN} evaluations: "
+             f"{'PASS' if ok1 else 'MISS'} — {default} at {GOAL_WITHIN}: {mine_at}; "
+             f"first reached at N = {reached or 'never'}{scale}"]  # fmt: skip
+    if "random" in curves:
+        pairs = [(n, mean_at(curves[default], n), mean_at(curves["random"], n)) for n in evals]
+        ok2 = all(d is not None and r is not None and d > r for _, d, r in pairs)
+        detail = ", ".join(f"N={n}: {d:.4f} vs {r:.4f}" for n, d, r in pairs if d is not None and r is not None)
+        lines.append(f"Goal 2 — {default} beats random at every N: {'PASS' if ok2 else 'MISS'} — {detail}")
+    if quick:
+        lines.append("Quick scale: one seed, 12 evaluations, smaller subsets; the verdicts are indicative only.")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~8 min)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per evaluation (default 2)")
+    ap.add_argument("--default", default="botorch", choices=STRATEGIES, help="the strategy the goals are checked for")
+    args = ap.parse_args()
+
+    import optuna
+    import torch
+
+    from peftplan.planner.evaluate import Fidelity
+    from peftplan.planner.study import default_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    torch.set_num_threads(args.threads)
+    scale = SCALES["quick" if args.quick else "full"]
+    evals, seeds, trials = scale["evals"], scale["seeds"], scale["evals"][-1]
+    fidelity = Fidelity(steps=scale["steps"])
+    started = time.perf_counter()
+    model, task = load_task(scale)
+    spaces = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        spaces[seed] = default_space(model, BUDGET, task, seed=seed)
+        space_s = time.perf_counter() - t0
+    per_eval = seconds_per_eval(model, task, spaces[seeds[0]], fidelity, args.threads)
+    runs = len(STRATEGIES) * len(seeds)
+    estimate = runs * trials * per_eval
+    print(f"Task: sst2, {len(task.train_batches) * BATCH} training examples ({len(task.train_batches)} batches of {BATCH}, "
+          f"max length {MAX_LENGTH}), {sum(len(b['labels']) for b in task.eval_batches)} dev examples; "
+          f"fidelity {fidelity} (one rung), lr {LR}, budget {BUDGET:,} params, reference {REFERENCE}, {args.threads} threads")  # fmt: skip
+    print(f"Plan: {len(STRATEGIES)} strategies x {len(seeds)} seed(s) x {trials} evaluations x {per_eval:.1f} s/eval "
+          f"(one timed evaluation) = {estimate / 60:.1f} min of training, + samplers' time "
+          f"(space: {space_s:.1f} s per seed)\n", flush=True)  # fmt: skip
+
+    curves: dict[str, list[list[float]]] = {s: [] for s in STRATEGIES}
+    walls: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    trains: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    for seed in seeds:
+        for strategy in STRATEGIES:
+            out = run(model, task, spaces[seed], strategy, seed, trials, fidelity, args.threads)
+            curve = hypervolume_curve(out["values"], spaces[seed].objectives)
+            curves[strategy].append(curve)
+            walls[strategy].append(out["wall"])
+            trains[strategy].append(out["train"])
+            shown = " ".join(f"@{n}={at(curve, n):.4f}" if at(curve, n) is not None else f"@{n}=n/a" for n in evals)
+            print(f"{strategy:8s} seed {seed}: {len(out['values'])} evaluations ({out['pruned']} skipped, {out['failed']} failed) "
+                  f"in {out['wall']:.0f} s ({out['train']:.0f} s training); HV {shown}", flush=True)  # fmt: skip
+
+    print(f"\nHypervolume (fraction of the box from accuracy 0.5 / {BUDGET:,} params to accuracy 1.0 / 0 params) of the "
+          f"front of the first N evaluations, mean ± half-range over seeds {list(seeds)}:\n")  # fmt: skip
+    print("| strategy | " + " | ".join(f"N = {n}" for n in evals) + " | wall per run | training per run |")
+    print("|---|" + "---:|" * (len(evals) + 2))
+    for s in STRATEGIES:
+        wall, train = statistics.fmean(walls[s]), statistics.fmean(trains[s])
+        print(f"| {s} | " + " | ".join(cell(curves[s], n) for n in evals) + f" | {wall:.0f} s | {train:.0f} s |")
+    print()
+    for line in verdicts(curves, evals, args.default, args.quick):
+        print(line)
+    print(f"\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
+
+
+if __name__ == "__main__":
+    main()

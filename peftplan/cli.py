@@ -34,9 +34,9 @@ def _lower(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from peftplan.models import load_model
-    from peftplan.planner import Budget, Task, search
+    from peftplan.planner import Task, search
 
-    budget = Budget.parse(args.budget)
+    budget = _budget(args)
     task = None
     if args.task:
         folder = Path(args.task)
@@ -62,6 +62,14 @@ def _tokenizer(spec: str):
     return load_tokenizer(spec)
 
 
+def _budget(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from peftplan.planner import Budget
+
+    return replace(Budget.parse(args.budget), memory=args.memory, latency=args.latency, adapter_bytes=args.adapter_bytes)
+
+
 def _search(args: argparse.Namespace) -> int:
     from peftplan.planner.evaluate import Fidelity
     from peftplan.planner.fidelity import halving_rungs
@@ -70,7 +78,7 @@ def _search(args: argparse.Namespace) -> int:
     source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.max_train, args.max_dev)
     model, task = source.load()
     top = Fidelity(args.steps or task.steps, len(task.train_batches))
-    plan = run_search(model, args.budget, task, strategy=args.strategy, trials=args.trials, storage=args.storage,
+    plan = run_search(model, _budget(args), task, strategy=args.strategy, trials=args.trials, storage=args.storage,
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
                       fidelities=halving_rungs(top, args.rungs, args.eta), eta=args.eta, lr=args.lr,
                       methods=args.methods.split(","), threads=args.threads, source=source,
@@ -117,6 +125,12 @@ def _print_front(front) -> None:
         print(f"  {values}  ({where}) {p.plan.summary().split(' (')[0] if p.plan else ''}")
 
 
+def _limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory", help="limit on the training memory the plan adds (512MiB, 2GB)")
+    parser.add_argument("--latency", help="limit on the forward FLOPs left after merging (2%%)")
+    parser.add_argument("--adapter-bytes", help="limit on the saved adapters' size (10MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftplan", description="Plan and apply parameter-efficient fine-tuning, per site.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="allocate a LoRA plan under a parameter budget")
     pl.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
     pl.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
+    _limits(pl)
     pl.add_argument("--task", help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT): plan by gradient sensitivity")
     pl.add_argument("--num-labels", type=int, default=2, help="classes of the task (with --task)")
     pl.add_argument("--batches", type=int, default=8, help="calibration batches for the sensitivity pass")
@@ -142,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
     se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT)")
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
-    se.add_argument("--strategy", default="nsga2", help="random, nsga2, tpe, gp, botorch or proxy (default nsga2)")
+    _limits(se)
+    se.add_argument("--strategy", default="botorch", help="botorch (default), tpe, nsga2, gp, random or proxy")
     se.add_argument("--trials", type=int, default=24, help="completed candidates at the first rung (default 24)")
     se.add_argument("--storage", default="sqlite:///peftplan-study.db",
                     help="optuna storage URL: SQLite file (default sqlite:///peftplan-study.db) or postgresql://… for several machines")  # fmt: skip

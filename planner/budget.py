@@ -4,6 +4,8 @@
     250000
     >>> Budget(params="0.5%").param_limit(total_params=22_000_000)
     110000
+    >>> Budget(params="1%", memory="512MiB", latency="2%").limits(total_params=22_000_000)
+    {'params': 220000, 'memory': 536870912, 'latency': 0.02}
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ class Budget:
     0.5% or 0.005%."""
 
     params: int | str | None = None
+    memory: int | str | None = None  # training memory the plan adds: bytes, or "512MiB", "2GB"
+    latency: str | None = None  # forward FLOPs left after merging, as "2%" of the model's
+    adapter_bytes: int | str | None = None  # size of the saved adapters: bytes, or "10MiB"
 
     def __post_init__(self) -> None:
+        for name in ("memory", "adapter_bytes"):
+            if getattr(self, name) is not None:
+                _bytes(name, getattr(self, name))
+        if self.latency is not None:
+            if not isinstance(self.latency, str):
+                raise BudgetError(f"Budget(latency={self.latency!r}): write the overhead as a percentage string, e.g. '2%'")
+            _percent(self.latency, field="latency", low_inclusive=True)
         p = self.params
         if p is None:
             return
@@ -55,8 +67,23 @@ class Budget:
             return self.params
         return int(total_params * _percent(self.params) / 100)
 
+    def limits(self, total_params: int) -> dict[str, float]:
+        """Every set limit as a number, by cost name: params (count), memory and adapter_bytes
+        (bytes), latency (fraction of the model's forward FLOPs)."""
+        out: dict[str, float] = {}
+        if self.params is not None:
+            out["params"] = self.param_limit(total_params)
+        if self.memory is not None:
+            out["memory"] = _bytes("memory", self.memory)
+        if self.latency is not None:
+            out["latency"] = _percent(self.latency, field="latency", low_inclusive=True) / 100
+        if self.adapter_bytes is not None:
+            out["adapter_bytes"] = _bytes("adapter_bytes", self.adapter_bytes)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {"params": self.params}
+        return {k: v for k, v in {"params": self.params, "memory": self.memory, "latency": self.latency,
+                                  "adapter_bytes": self.adapter_bytes}.items() if v is not None}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Budget:
@@ -76,17 +103,41 @@ class Budget:
         return cls(params=int(n))
 
     def __str__(self) -> str:
-        return f"params≤{self.params:,}" if isinstance(self.params, int) else f"params≤{self.params}"
+        return ", ".join(f"{k}≤{v:,}" if isinstance(v, int) else f"{k}≤{v}" for k, v in self.to_dict().items())
 
 
-def _percent(text: str) -> float:
+def _percent(text: str, field: str = "params", low_inclusive: bool = False) -> float:
     t = text.strip()
     if not t.endswith("%"):
-        raise BudgetError(f"Budget(params={text!r}): a fraction is written as a percentage, e.g. '0.5%'")
+        raise BudgetError(f"Budget({field}={text!r}): a fraction is written as a percentage, e.g. '0.5%'")
     try:
         v = float(t[:-1])
     except ValueError:
-        raise BudgetError(f"Budget(params={text!r}): {t[:-1]!r} is not a number") from None
-    if not 0 < v <= 100:
-        raise BudgetError(f"Budget(params={text!r}): the percentage must be in (0, 100]")
+        raise BudgetError(f"Budget({field}={text!r}): {t[:-1]!r} is not a number") from None
+    if not (0 <= v if low_inclusive else 0 < v) or v > 100:
+        raise BudgetError(f"Budget({field}={text!r}): the percentage must be in {'[' if low_inclusive else '('}0, 100]")
     return v
+
+
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _bytes(field: str, value: int | str) -> int:
+    """Bytes from an int, a string of digits, or a string with a unit (``"512MiB"``, ``"2GB"``,
+    ``"1.5 GiB"``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise BudgetError(f"Budget({field}={value}) must be a positive number of bytes")
+        return value
+    if isinstance(value, str):
+        t = value.strip().lower().replace(" ", "")
+        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if t.endswith(u)), None)
+        if unit is None and t.isdigit():  # a bare number of bytes, as a CLI passes it
+            t, unit = t + "b", "b"
+        try:
+            n = float(t[: -len(unit)]) * UNITS[unit] if unit else None
+        except ValueError:
+            n = None
+        if n is not None and n > 0:
+            return int(n)
+    raise BudgetError(f"Budget({field}={value!r}): give bytes as an int or a string with a unit, e.g. '512MiB' or '2GB'")

@@ -140,13 +140,32 @@ def search(
             r = ranks[s.name]
             sites[s.name] = {"method": METHOD, "rank": r, "alpha": 2 * r, **_describe(s)}
     params = full_params + sum(lora.param_count(graph[n], rank=r) for n, r in ranks.items())
-    return Plan(
+    plan = Plan(
         sites=sites,
         model={"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)},
         budget=budget.to_dict(),
         objectives={"params": params},
         provenance={**provenance(strategy, seed, task.name if task else None), **scoring},
     )
+    _check_other_limits(plan, graph, budget)
+    return plan
+
+
+def _check_other_limits(plan: Plan, graph: SiteGraph, budget: Budget) -> None:
+    """The proxy allocates parameters only: a plan over the budget's other limits is an error."""
+    limits = {k: v for k, v in budget.limits(graph.total_params).items() if k != "params"}
+    if not limits:
+        return
+    from peftplan.planner.cost import plan_cost
+
+    cost = plan_cost(graph, plan)
+    have = {"memory": cost.train_bytes, "latency": cost.latency_fraction, "adapter_bytes": cost.adapter_bytes}
+    over = [f"{k} {have[k]:,.4g} > {v:,.4g}" for k, v in limits.items() if have[k] > v]
+    if over:
+        raise BudgetError(
+            f"the proxy plan for {budget.params} params breaks the budget's other limits ({'; '.join(over)}); "
+            "lower the parameter budget, or search with a task so these limits act as constraints"
+        )
 
 
 def as_budget(budget: Budget | int | str) -> Budget:

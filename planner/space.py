@@ -35,7 +35,7 @@ from peftplan.planner.budget import Budget, BudgetError
 from peftplan.planner.cost import plan_cost
 from peftplan.planner.plan import Plan
 
-SENSES = {"metric": "max", "params": "min", "memory": "min", "latency": "min"}
+SENSES = {"metric": "max", "params": "min", "memory": "min", "latency": "min", "adapter_bytes": "min"}
 VECTOR = ("ia3", "ssf")  # one vector per site: their size has no knob
 
 
@@ -44,9 +44,10 @@ class Space:
 
     ``objectives`` maps each objective to its sense, "metric" first; "memory" is the plan's own
     training bytes (`plan_cost` ``train_bytes`` at ``tokens_scale``) and "latency" its FLOPs
-    overhead after merging, as a fraction of the model's. ``limits`` caps costs by name: params
-    come from ``budget`` (always enforced by construction), others are for the samplers'
-    constraints. ``train_modules`` are fully trained and paid from the budget first.
+    overhead after merging, as a fraction of the model's; "adapter_bytes" what the artifact
+    stores. ``limits`` caps costs by name: every field of ``budget`` (params are enforced by
+    construction, the others as constraints: plans over them are never trained), plus any
+    given here. ``train_modules`` are fully trained and paid from the budget first.
     """
 
     name = ""
@@ -64,7 +65,7 @@ class Space:
         if unknown or "metric" not in objectives:
             raise ValueError(f"objectives must include 'metric' and come from {list(SENSES)}, got {list(objectives)}")
         self.objectives = {"metric": "max", **{k: SENSES[k] for k in objectives if k != "metric"}}
-        self.limits = {"params": limit, **(limits or {})}
+        self.limits = {**self.budget.limits(graph.total_params), **(limits or {})}  # every Budget field
         if set(self.limits) - set(SENSES) or "metric" in self.limits:
             raise ValueError(f"limits are on costs {[k for k in SENSES if k != 'metric']}, got {sorted(self.limits)}")
         self.full = [graph[n] for n in train_modules]
@@ -118,8 +119,8 @@ class Space:
                     provenance={"space": self.name, "knobs": dict(params)})  # fmt: skip
 
     def costs(self, params: Mapping[str, Any]) -> dict[str, float]:
-        """Exact costs of ``params``' plan without training: params, memory and latency
-        (whichever are objectives or not)."""
+        """Exact costs of ``params``' plan without training: params, memory, latency and
+        adapter bytes (whichever are objectives or not)."""
         return dict(self._build(params)[1])
 
     def seeds(self, n: int) -> list[dict[str, Any]]:
@@ -140,7 +141,8 @@ class Space:
             sites = {s.name: {**full.get(s.name, tuned.get(s.name, {})), **_describe(s)}
                      for s in self.graph if s.name in full or s.name in tuned}  # fmt: skip
             cost = plan_cost(self.graph, Plan(sites=sites), tokens_scale=self.tokens_scale)
-            costs = {"params": cost.params, "memory": cost.train_bytes, "latency": cost.latency_fraction}
+            costs = {"params": cost.params, "memory": cost.train_bytes, "latency": cost.latency_fraction,
+                     "adapter_bytes": cost.adapter_bytes}
             self._cache[key] = (sites, costs)
         return self._cache[key]
 

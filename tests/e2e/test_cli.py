@@ -41,6 +41,8 @@ def test_plan_writes_a_plan_that_applies(tmp_path, capsys):
         (["lower", "/nonexistent/dir"], "cannot resolve model"),
         (["plan", "tests.zoo:bert", "--budget", "0.5"], "cannot read budget"),
         (["plan", "tests.zoo:bert", "--budget", "1"], "cheapest plan"),
+        (["plan", "tests.zoo:bert", "--budget", "5%", "--adapter-bytes", "100"], "other limits (adapter_bytes"),
+        (["plan", "tests.zoo:bert", "--budget", "5%", "--memory", "lots"], "string with a unit"),
     ],
 )
 def test_errors_are_reported_not_raised(argv, message, capsys):

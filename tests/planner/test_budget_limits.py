@@ -45,3 +45,32 @@ def test_dict_round_trip_and_str():
         assert Budget.from_dict(b.to_dict()) == b
     assert str(Budget(params=1234)) == "params≤1,234"
     assert str(Budget(params="2%")) == "params≤2%"
+
+
+def test_other_limits_parse_and_convert():
+    b = Budget(params="1%", memory="1.5 GiB", latency="2%", adapter_bytes="10MB")
+    assert b.limits(total_params=1_000_000) == {
+        "params": 10_000, "memory": int(1.5 * 2**30), "latency": 0.02, "adapter_bytes": 10 * 10**6,
+    }  # fmt: skip
+    assert Budget.from_dict(b.to_dict()) == b
+    assert Budget(params=5, memory=4096).limits(10) == {"params": 5, "memory": 4096}
+    for bad, message in [
+        ({"memory": "2 parsecs"}, "string with a unit"),
+        ({"memory": 0}, "positive number of bytes"),
+        ({"latency": 0.02}, "percentage string"),
+        ({"latency": "101%"}, r"\[0, 100\]"),
+    ]:
+        with pytest.raises(BudgetError, match=message):
+            Budget(params=5, **bad)
+
+
+def test_proxy_plan_over_another_limit_is_an_error():
+    import peftplan as pp
+    from tests import zoo
+
+    model = zoo.bert()
+    plan = pp.search(model, Budget(params="5%"))
+    cost = pp.plan_cost(pp.lower(model), plan)
+    assert pp.search(model, Budget(params="5%", adapter_bytes=cost.adapter_bytes)).sites == plan.sites
+    with pytest.raises(BudgetError, match=r"other limits \(adapter_bytes"):
+        pp.search(model, Budget(params="5%", adapter_bytes=cost.adapter_bytes - 1))

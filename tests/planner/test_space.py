@@ -160,3 +160,15 @@ def test_errors_say_what_to_fix():
         GroupedSpace(graph, LIMIT, objectives=("params",))
     with pytest.raises(ValueError, match="lack knob"):
         GroupedSpace(graph, LIMIT).plan_from_params({})
+
+
+def test_every_budget_field_is_a_limit():
+    from peftplan.planner import Budget
+
+    graph = small_graph()
+    budget = Budget(params=LIMIT, memory="1MiB", latency="1%", adapter_bytes=5_000)
+    space = AllocatorSpace(graph, scores_for(graph), budget, methods=ALL)
+    assert space.limits == {"params": LIMIT, "memory": 2**20, "latency": 0.01, "adapter_bytes": 5_000}
+    params = space.proxy_params(1.0)
+    costs = space.costs(params)
+    assert costs["adapter_bytes"] == plan_cost(graph, space.plan_from_params(params)).adapter_bytes

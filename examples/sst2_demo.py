@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
     ap.add_argument("--strategy", default="botorch", help="search strategy (botorch, tpe, nsga2, gp, random)")
     ap.add_argument("--trials", type=int, default=8, help="candidate plans the search trains")
-    ap.add_argument("--search-steps", type=int, default=60, help="training steps per candidate")
+    ap.add_argument("--search-steps", type=int, default=40, help="training steps per candidate")
     ap.add_argument("--search-dev-batches", type=int, default=10, help="dev batches each candidate is scored on")
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
     args = ap.parse_args(argv)

@@ -17,12 +17,14 @@ before it trains.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
@@ -70,9 +72,7 @@ def work(study: optuna.Study, ctx: Context, *, progress: bool = True, poll: floa
     evaluations = failures = stalls = 0
     try:
         while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial → FAIL, re-queued
+            fail_dead_trials(study)  # a dead worker's trial → FAIL, re-queued
             trials = study.get_trials(deepcopy=False)
             display.update(trials, ctx.config)
             step = _next_step(study, trials, ctx.config)
@@ -98,6 +98,50 @@ def work(study: optuna.Study, ctx: Context, *, progress: bool = True, poll: floa
                 return evaluations
     finally:
         display.close()
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """optuna's ``fail_stale_trials``, plus the trials whose worker died before their first
+    heartbeat: optuna never counts those stale, so they would stay RUNNING (and the study
+    would wait on them) forever. Both are failed and handed to the storage's retry callback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if interval is None:
+        return
+    backend = getattr(storage, "_backend", storage)
+    grace = getattr(backend, "grace_period", None) or 2 * interval
+    silent = _without_heartbeat(backend, study._study_id)
+    now = datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial._trial_id in silent and trial.datetime_start and now - trial.datetime_start > timedelta(seconds=grace):
+            try:
+                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+                continue
+            callback = storage.get_heartbeat_stale_trial_callback()
+            if callback is not None:
+                callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+
+
+def _without_heartbeat(backend: Any, study_id: int) -> set[int]:
+    """Ids of the study's RUNNING trials that never recorded a heartbeat (RDB storages)."""
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        return set()
+    from optuna.storages._rdb import models
+    from sqlalchemy import orm
+
+    with orm.Session(backend.engine) as session:
+        running = (
+            session.query(models.TrialModel)
+            .options(orm.selectinload(models.TrialModel.heartbeats))
+            .filter(models.TrialModel.state == TrialState.RUNNING, models.TrialModel.study_id == study_id)
+            .all()
+        )
+        return {t.trial_id for t in running if not t.heartbeats}
 
 
 def planned_evaluations(config: Any) -> int:

@@ -304,3 +304,18 @@ def test_a_study_where_everything_fails_stops_with_the_reason():
 
     with pytest.warns(UserWarning, match="3 evaluations failed"), pytest.raises(StudyError, match="diverged"):
         run(optuna.storages.InMemoryStorage(), trials=2, evaluator=broken)
+
+
+def test_a_trial_that_died_before_its_first_heartbeat_is_retried(tmp_path):
+    from peftplan.planner.trial_loop import fail_dead_trials
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
+    study = optuna.create_study(storage=storage, study_name="silent")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # never beats: its worker "died"
+    fail_dead_trials(study)
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # still within the grace period
+    time.sleep(2.5)
+    fail_dead_trials(study)
+    states = [t.state for t in study.trials]
+    assert states == [FAIL, optuna.trial.TrialState.WAITING]  # failed, and queued again with its params
+    assert study.trials[1].params == trial.params

@@ -212,7 +212,9 @@ def test_a_search_killed_mid_run_resumes_without_rerunning(tmp_path):
     for k in killed:  # the trial that died is failed by its silence and re-run with its parameters
         assert after[k].state == FAIL
         retry = [t for t in after.values() if t.system_attrs.get("failed_trial") == k]
-        assert len(retry) == 1 and retry[0].state == COMPLETE and retry[0].params == after[k].params
+        assert len(retry) == 1 and retry[0].state == COMPLETE
+        if after[k].params:  # it died while training: the retry has the same parameters
+            assert retry[0].params == after[k].params  # (one killed before sampling has none to keep)
 
 
 @pytest.fixture

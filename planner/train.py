@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from peftplan.planner.progress import ProgressLine
 from peftplan.planner.task import Task
 
 
@@ -45,7 +46,7 @@ def train(model: nn.Module, task: Task, *, steps: int | None = None, lr: float =
     losses: list[float] = []
     batches: list = []
     start = time.perf_counter()
-    bar = _progress(progress, description, steps)
+    bar = ProgressLine(progress, description, steps, fields={"loss": float("nan")}, text="loss {loss:.3f}", transient=True)
     try:
         for _ in range(steps):
             if not batches:
@@ -58,36 +59,8 @@ def train(model: nn.Module, task: Task, *, steps: int | None = None, lr: float =
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            bar.advance(losses[-1])
+            bar.update(advance=1, loss=losses[-1])
     finally:
         bar.close()
         model.train(was_training)
     return TrainResult(steps, time.perf_counter() - start, losses)
-
-
-class _progress:
-    """A rich progress bar showing the running loss (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool, description: str, total: int):
-        self.bar = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), transient=True)  # fmt: skip
-            self.bar.start()
-            self.id = self.bar.add_task(description, total=total, loss=float("nan"))
-
-    def advance(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.id, advance=1, loss=loss)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

@@ -36,6 +36,7 @@ from peftplan.planner.evaluate import Evaluation, Fidelity
 from peftplan.planner.fidelity import promote, promoted_count
 from peftplan.planner.front import FrontPoint, ParetoFront
 from peftplan.planner.plan import Plan, provenance
+from peftplan.planner.progress import ProgressLine
 from peftplan.planner.task import Task
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -74,7 +75,7 @@ def work(study: optuna.Study, ctx: Context, *, progress: bool = True, poll: floa
         while True:
             fail_dead_trials(study)  # a dead worker's trial → FAIL, re-queued
             trials = study.get_trials(deepcopy=False)
-            display.update(trials, ctx.config)
+            display.show(trials, ctx.config)
             step = _next_step(study, trials, ctx.config)
             if step == "done":
                 return evaluations
@@ -290,27 +291,14 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
     return ParetoFront.from_points(points, {k: senses[k] for k in objectives})
 
 
-class _Display:
+class _Display(ProgressLine):
     """A rich progress line: evaluations done / planned, the front's size and hypervolume, ETA."""
 
     def __init__(self, enabled: bool, total: int, name: str):
-        self.bar = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+        super().__init__(enabled, name, total, fields={"front": 0, "hv": "–"}, text="front {front} · hv {hv}")
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("front {task.fields[front]} · hv {task.fields[hv]}"), TimeRemainingColumn())  # fmt: skip
-            self.bar.start()
-            self.id = self.bar.add_task(name, total=total, front=0, hv="–")
-
-    def update(self, trials: list[FrozenTrial], config: Any) -> None:
-        if self.bar is None:
+    def show(self, trials: list[FrozenTrial], config: Any) -> None:
+        if not self.enabled:
             return
         front = front_of(trials, config.senses, config.objectives)
         hv = "–"
@@ -321,8 +309,5 @@ class _Display:
             ref = {**worst, **{k: v for k, v in config.limits.items() if k in worst}}
             hv = f"{front.hypervolume(ref):.4g}"
         done = sum(t.state == TrialState.COMPLETE for t in trials)
-        self.bar.update(self.id, completed=min(done, self.bar.tasks[0].total), front=len(front), hv=hv)
+        self.update(completed=min(done, self.bar.tasks[0].total), front=len(front), hv=hv)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

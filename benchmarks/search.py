@@ -37,6 +37,7 @@ sequential, so each run's wall time also records the machine's load at that mome
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -54,11 +55,11 @@ STRATEGIES = ("random", "nsga2", "tpe", "gp", "botorch", "proxy")
 BUDGET = 75_000
 REFERENCE = {"metric": 0.5, "params": BUDGET}
 BOX = (1.0 - REFERENCE["metric"]) * REFERENCE["params"]  # the hypervolume of the ideal point
-BATCH, MAX_LENGTH, LR = 16, 32, 3e-3
-# steps, training examples (steps // (examples // BATCH) epochs), dev examples, table's N, seeds
+BATCH, MAX_LENGTH, LR = 8, 32, 2e-3
+# steps, training examples (steps * BATCH / examples epochs), dev examples, table's N, seeds
 SCALES = {
-    "full": {"steps": 32, "train": 512, "dev": 256, "evals": (4, 8, 12, 16, 32), "seeds": (0, 1)},
-    "quick": {"steps": 24, "train": 384, "dev": 160, "evals": (4, 8, 12), "seeds": (0,)},
+    "full": {"steps": 64, "train": 512, "dev": 256, "evals": (4, 8, 12, 16, 32), "seeds": (0, 1)},
+    "quick": {"steps": 64, "train": 384, "dev": 160, "evals": (4, 8, 12), "seeds": (0,)},
 }
 GOAL_WITHIN, GOAL_SHARE = 12, 0.95
 
@@ -78,20 +79,39 @@ def load_task(scale: dict):
     return model, task
 
 
-def seconds_per_eval(model, task, space, fidelity, threads: int) -> float:
-    """One evaluation of the full-budget proxy plan, timed: what the run plan is sized by."""
+def seconds_per_eval(model, task, space, fidelity, threads: int, cache: CachedEvaluator) -> float:
+    """One evaluation of the full-budget proxy plan (a seed plan, so not wasted), timed."""
     import torch
 
-    from peftplan.planner.evaluate import evaluate
-
     torch.set_num_threads(threads)
-    result = evaluate(model, space.plan_from_params(space.proxy_params(1.0)), task, fidelity, lr=LR)
+    result = cache(model, space.plan_from_params(space.proxy_params(1.0)), task, fidelity, lr=LR, seed=0)
     if not result.ok:
         raise SystemExit(f"the timing evaluation failed: {result.failed}")
     return result.seconds
 
 
-def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, threads: int) -> dict:
+class CachedEvaluator:
+    """`evaluate`, remembering each (plan, fidelity, lr, seed): training is deterministic for
+    those, so a plan another run of the same seed evaluated (the seeded strategies share their
+    4 seed plans, and samplers re-propose knobs that map to a plan already seen) gets the same
+    result without training again. Curves are unchanged; ``hits`` counts what was not re-run."""
+
+    def __init__(self) -> None:
+        self.results: dict[tuple, object] = {}
+        self.hits = 0
+
+    def __call__(self, base, plan, task, fidelity, *, lr: float, seed: int):
+        from peftplan.planner.evaluate import evaluate
+
+        key = (json.dumps(plan.sites, sort_keys=True), str(fidelity), lr, seed)
+        if key in self.results:
+            self.hits += 1
+        else:
+            self.results[key] = evaluate(base, plan, task, fidelity, lr=lr, seed=seed)
+        return self.results[key]
+
+
+def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, threads: int, cache: CachedEvaluator) -> dict:
     """One search; its completed trials' values in completion order, wall time, what was skipped."""
     import optuna
 
@@ -99,15 +119,15 @@ def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, thr
 
     storage = optuna.storages.InMemoryStorage()
     name = f"bench-{strategy}-{seed}"
-    start = time.perf_counter()
+    start, hits = time.perf_counter(), cache.hits
     run_search(model, BUDGET, task, strategy=strategy, trials=trials, storage=storage, study_name=name, seed=seed,
-               fidelities=[fidelity], space=space, progress=False, lr=LR, threads=threads)  # fmt: skip
+               fidelities=[fidelity], space=space, progress=False, lr=LR, threads=threads, evaluator=cache)  # fmt: skip
     wall = time.perf_counter() - start
     trials_ = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     done = sorted((t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number))
     objectives = tuple(space.objectives)
     return {"values": [dict(zip(objectives, t.values)) for t in done], "wall": wall,
-            "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_),
+            "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_), "cached": cache.hits - hits,
             "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials_),
             "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials_)}  # fmt: skip
 
@@ -164,12 +184,43 @@ def verdicts(curves: dict[str, list[list[float]]], evals: tuple[int, ...], defau
     return lines
 
 
+def report(runs: list[dict], evals: tuple[int, ...], seeds: tuple[int, ...], default: str, quick: bool) -> None:
+    """The table and the goals' verdicts from the runs' records (fresh or ``--load``ed)."""
+    curves = {s: [r["curve"] for r in runs if r["strategy"] == s] for s in STRATEGIES}
+    curves = {s: c for s, c in curves.items() if c}
+    print(f"\nHypervolume (fraction of the box from accuracy 0.5 / {BUDGET:,} params to accuracy 1.0 / 0 params) of the "
+          f"front of the first N evaluations, mean ± half-range over seeds {list(seeds)}:\n")  # fmt: skip
+    print("| strategy | " + " | ".join(f"N = {n}" for n in evals) + " | wall per run | trained per run |")
+    print("|---|" + "---:|" * (len(evals) + 2))
+    for s, c in curves.items():
+        mine = [r for r in runs if r["strategy"] == s]
+        wall = statistics.fmean(r["wall"] for r in mine)
+        trained = statistics.fmean(len(r["values"]) - r["cached"] for r in mine)
+        print(f"| {s} | " + " | ".join(cell(c, n) for n in evals) + f" | {wall:.0f} s | {trained:.1f} |")
+    print()
+    if default in curves:
+        for line in verdicts(curves, evals, default, quick):
+            print(line)
+
+
+def save(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~8 min)")
+    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~12 min)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per evaluation (default 2)")
-    ap.add_argument("--default", default="botorch", choices=STRATEGIES, help="the strategy the goals are checked for")
+    ap.add_argument("--default", default="tpe", choices=STRATEGIES, help="the strategy the goals are checked for")
+    ap.add_argument("--save", type=Path, help="write every run's evaluations and curve to this JSON file, after each run")
+    ap.add_argument("--load", type=Path, help="report a saved run (its table and the goals for --default); trains nothing")
     args = ap.parse_args()
+    if args.load:
+        record = json.loads(args.load.read_text())
+        report(record["runs"], tuple(record["evals"]), tuple(record["seeds"]), args.default, record["quick"])
+        return
 
     import optuna
     import torch
@@ -190,40 +241,30 @@ def main() -> None:
         t0 = time.perf_counter()
         spaces[seed] = default_space(model, BUDGET, task, seed=seed)
         space_s = time.perf_counter() - t0
-    per_eval = seconds_per_eval(model, task, spaces[seeds[0]], fidelity, args.threads)
-    runs = len(STRATEGIES) * len(seeds)
-    estimate = runs * trials * per_eval
+    caches = {seed: CachedEvaluator() for seed in seeds}
+    per_eval = seconds_per_eval(model, task, spaces[seeds[0]], fidelity, args.threads, caches[seeds[0]])
+    estimate = len(STRATEGIES) * len(seeds) * trials * per_eval
     print(f"Task: sst2, {len(task.train_batches) * BATCH} training examples ({len(task.train_batches)} batches of {BATCH}, "
           f"max length {MAX_LENGTH}), {sum(len(b['labels']) for b in task.eval_batches)} dev examples; "
           f"fidelity {fidelity} (one rung), lr {LR}, budget {BUDGET:,} params, reference {REFERENCE}, {args.threads} threads")  # fmt: skip
     print(f"Plan: {len(STRATEGIES)} strategies x {len(seeds)} seed(s) x {trials} evaluations x {per_eval:.1f} s/eval "
-          f"(one timed evaluation) = {estimate / 60:.1f} min of training, + samplers' time "
-          f"(space: {space_s:.1f} s per seed)\n", flush=True)  # fmt: skip
+          f"(one timed evaluation) = {estimate / 60:.1f} min of training at most (plans evaluated before in the same "
+          f"seed are not trained again), + samplers' time (space: {space_s:.1f} s per seed)\n", flush=True)  # fmt: skip
 
-    curves: dict[str, list[list[float]]] = {s: [] for s in STRATEGIES}
-    walls: dict[str, list[float]] = {s: [] for s in STRATEGIES}
-    trains: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    record = {"quick": args.quick, "evals": list(evals), "seeds": list(seeds), "scale": scale, "batch": BATCH,
+              "lr": LR, "budget": BUDGET, "reference": REFERENCE, "threads": args.threads, "runs": []}  # fmt: skip
     for seed in seeds:
         for strategy in STRATEGIES:
-            out = run(model, task, spaces[seed], strategy, seed, trials, fidelity, args.threads)
+            out = run(model, task, spaces[seed], strategy, seed, trials, fidelity, args.threads, caches[seed])
             curve = hypervolume_curve(out["values"], spaces[seed].objectives)
-            curves[strategy].append(curve)
-            walls[strategy].append(out["wall"])
-            trains[strategy].append(out["train"])
+            record["runs"].append({"strategy": strategy, "seed": seed, "curve": curve, **out})
+            if args.save:
+                save(args.save, record)
             shown = " ".join(f"@{n}={at(curve, n):.4f}" if at(curve, n) is not None else f"@{n}=n/a" for n in evals)
-            print(f"{strategy:8s} seed {seed}: {len(out['values'])} evaluations ({out['pruned']} skipped, {out['failed']} failed) "
-                  f"in {out['wall']:.0f} s ({out['train']:.0f} s training); HV {shown}", flush=True)  # fmt: skip
+            print(f"{strategy:8s} seed {seed}: {len(out['values'])} evaluations ({out['cached']} seen before, "
+                  f"{out['pruned']} skipped, {out['failed']} failed) in {out['wall']:.0f} s; HV {shown}", flush=True)  # fmt: skip
 
-    print(f"\nHypervolume (fraction of the box from accuracy 0.5 / {BUDGET:,} params to accuracy 1.0 / 0 params) of the "
-          f"front of the first N evaluations, mean ± half-range over seeds {list(seeds)}:\n")  # fmt: skip
-    print("| strategy | " + " | ".join(f"N = {n}" for n in evals) + " | wall per run | training per run |")
-    print("|---|" + "---:|" * (len(evals) + 2))
-    for s in STRATEGIES:
-        wall, train = statistics.fmean(walls[s]), statistics.fmean(trains[s])
-        print(f"| {s} | " + " | ".join(cell(curves[s], n) for n in evals) + f" | {wall:.0f} s | {train:.0f} s |")
-    print()
-    for line in verdicts(curves, evals, args.default, args.quick):
-        print(line)
+    report(record["runs"], evals, seeds, args.default, args.quick)
     print(f"\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
 
 

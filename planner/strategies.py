@@ -3,11 +3,12 @@
     >>> space = AllocatorSpace(graph, scores, 250_000)  # doctest: +SKIP
     >>> study = optuna.create_study(directions=space.directions,
     ...                             sampler=make_sampler("botorch", space, seed=0))  # doctest: +SKIP
-    >>> enqueue_seeds(study, space, "botorch", 4)  # proxy plans at 1/4 … 4/4 of the budget  # doctest: +SKIP
+    >>> enqueue_seeds(study, space, "botorch", 4)  # proxy plans at 5%, 14%, 37%, 100% of the budget  # doctest: +SKIP
     4
 
 - ``proxy``: no model; trial ``i`` is the proxy allocation at a budget share from a van der
-  Corput sequence (1, ½, ¾, ¼, ⅞, …), so its trials trace the proxy's own front.
+  Corput sequence in log scale between the whole budget and `Space.min_share` (1, 0.22, 0.47,
+  0.11, …), so its trials trace the proxy's own front, cheap end included.
 - ``random``: uniform sampling, unseeded: the honest baseline.
 - ``nsga2``, ``tpe`` (multivariate), ``gp``: optuna's samplers.
 - ``botorch``: `QLogNEHVISampler`, a GP on the metric only with the exact costs as known
@@ -94,8 +95,8 @@ def enqueue_seeds(study: Study, space: Space, strategy: str, n: int) -> int:
 
 
 class ProxySampler(BaseSampler):
-    """Trial ``i`` gets ``space.proxy_params(share)``, the share running 1, ½, ¾, ¼, ⅞, …
-    (1 minus the base-2 van der Corput sequence), so no model and no randomness."""
+    """Trial ``i`` gets ``space.proxy_params(share(i, space.min_share))``: no model, no
+    randomness."""
 
     def __init__(self, space: Space) -> None:
         self.space = space
@@ -104,25 +105,26 @@ class ProxySampler(BaseSampler):
         return self.space.distributions()
 
     def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        params = self.space.proxy_params(share(trial.number))
+        params = self.space.proxy_params(share(trial.number, self.space.min_share))
         return {k: v for k, v in params.items() if k in search_space}
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        return self.space.proxy_params(share(trial.number))[param_name]
+        return self.space.proxy_params(share(trial.number, self.space.min_share))[param_name]
 
 
-def share(i: int) -> float:
-    """``1 - vdc(i)`` for the base-2 van der Corput sequence.
+def share(i: int, low: float) -> float:
+    """``low ** vdc(i)`` for the base-2 van der Corput sequence: budget shares from 1 down
+    towards ``low``, spread evenly in log scale, each new one halving the largest gap.
 
-    >>> [share(i) for i in range(6)]
-    [1.0, 0.5, 0.75, 0.25, 0.875, 0.375]
+    >>> [round(share(i, 1 / 16), 4) for i in range(6)]
+    [1.0, 0.25, 0.5, 0.125, 0.7071, 0.1768]
     """
     x, denom = 0.0, 1.0
     while i:
         denom *= 2
         i, bit = divmod(i, 2)
         x += bit / denom
-    return 1.0 - x
+    return low**x
 
 
 def _check(strategy: str) -> None:

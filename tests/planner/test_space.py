@@ -94,10 +94,12 @@ def test_allocator_seeds_reproduce_allocate():
     scores = scores_for(graph)
     space = AllocatorSpace(graph, scores, LIMIT, max_rank=16, train_modules=["head"])
     available = LIMIT - graph["head"].params
-    for k, params in enumerate(space.seeds(4), start=1):
-        assert params["budget"] == k / 4
+    shares = [0.05, 0.05 ** (2 / 3), 0.05 ** (1 / 3), 1.0]  # evenly spaced in log scale, by hand
+    assert space.min_share == 0.05 and [p["budget"] for p in space.seeds(4)] == pytest.approx(shares, rel=1e-12)
+    assert space.seeds(1) == [space.proxy_params(1.0)]
+    for share, params in zip(shares, space.seeds(4)):
         ranks = {n: e["rank"] for n, e in space.plan_from_params(params).sites.items() if e["method"] == "lora"}
-        assert ranks == allocate(graph, scores, math.floor(k / 4 * available), max_rank=16)
+        assert ranks == allocate(graph, scores, math.floor(share * available), max_rank=16)
 
 
 def test_allocator_seed_is_the_proxy_plan():

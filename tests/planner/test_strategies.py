@@ -121,9 +121,11 @@ def test_seeds_only_for_model_based_strategies():
 
 
 def test_proxy_walks_the_proxy_front():
-    assert [share(i) for i in range(6)] == [1.0, 0.5, 0.75, 0.25, 0.875, 0.375]
+    # 1/16 ** (0, 1/2, 1/4, 3/4, 1/8, 5/8), by hand
+    assert [share(i, 1 / 16) for i in range(6)] == pytest.approx([1.0, 0.25, 0.5, 0.125, 2**-0.5, 2**-2.5])
     study, plans, space = run("proxy", seed=0, n=4, fail=(-1, -1))
-    assert [t.params for t in study.trials] == [space.proxy_params(share(i)) for i in range(4)]
+    shares = [1.0, space.min_share**0.5, space.min_share**0.25, space.min_share**0.75]
+    assert [t.params for t in study.trials] == [space.proxy_params(s) for s in shares]
     assert plans[0].sites == space.plan_from_params(space.seeds(1)[0]).sites
 
 

@@ -5,8 +5,8 @@ MiniLM-L6 (22M params, offline from its wheel) learns SST-2 sentiment:
 1. peft: LoRA r=8 (alpha 16) on every query and value projection — the usual default; its
    trainable-parameter count (classifier head included) becomes the budget;
 2. peftplan search: a short multi-objective search (dev accuracy up, trainable params down)
-   over per-site plans within that budget — botorch qLogNEHVI, seeded with sensitivity (grad²)
-   plans, each candidate trained briefly on a fresh copy. Prints the Pareto front and writes
+   over per-site plans within that budget — `peftplan.search`'s default strategy, seeded with
+   sensitivity (grad²) plans, each candidate trained briefly (64 steps of 8) on a fresh copy. Prints the Pareto front and writes
    front.png, front.html and plan.json;
 3. the best plan within the budget is applied to a fresh model and trained exactly like the
    baseline (same steps, seed, data order, learning rate).
@@ -64,10 +64,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
-    ap.add_argument("--strategy", default="botorch", help="search strategy (botorch, tpe, nsga2, gp, random)")
-    ap.add_argument("--trials", type=int, default=8, help="candidate plans the search trains")
-    ap.add_argument("--search-steps", type=int, default=40, help="training steps per candidate")
-    ap.add_argument("--search-dev-batches", type=int, default=10, help="dev batches each candidate is scored on")
+    ap.add_argument("--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)")
+    ap.add_argument("--trials", type=int, default=12, help="candidate plans the search trains")
+    ap.add_argument("--search-steps", type=int, default=64, help="training steps per candidate")
+    ap.add_argument("--search-batch-size", type=int, default=8, help="batch size of the candidates' training")
+    ap.add_argument("--search-lr", type=float, default=2e-3, help="learning rate of the candidates' training")
+    ap.add_argument("--search-train", type=int, default=512, help="training examples the candidates see")
+    ap.add_argument("--search-dev", type=int, default=256, help="dev examples each candidate is scored on")
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
     args = ap.parse_args(argv)
     if not (args.data / "train.tsv").exists():
@@ -85,6 +88,13 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, max_dev=args.max_dev, seed=args.seed,
     )  # fmt: skip
     task.name = args.data.name
+    # candidates train briefly: small batches, a higher rate, so that 64 steps already tell plans apart
+    # (benchmarks/search.py measured this fidelity; at 32 steps of 16 most plans stay at chance)
+    search_task = pp.Task.for_sequence_classification(
+        minilm_dir(), None, args.data / "train.tsv", args.data / "dev.tsv", batch_size=args.search_batch_size,
+        max_length=32, max_train=args.search_train, max_dev=args.search_dev, seed=args.seed,
+    )  # fmt: skip
+    search_task.name = args.data.name
     console.print(f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
                   f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples, {args.steps} steps per final run")  # fmt: skip
     rows = []
@@ -103,17 +113,17 @@ def main(argv=None) -> int:
 
     # 3. the multi-objective search
     t0 = time.perf_counter()
-    plan = pp.search(base, budget, task=task, strategy=args.strategy, trials=args.trials, seed=args.seed,
-                     train_modules=["classifier"], lr=args.lr,
-                     fidelities=[pp.Fidelity(steps=args.search_steps, eval_batches=args.search_dev_batches)])  # fmt: skip
+    plan = pp.search(base, budget, task=search_task, strategy=args.strategy, trials=args.trials, seed=args.seed,
+                     train_modules=["classifier"], lr=args.search_lr, fidelities=[pp.Fidelity(steps=args.search_steps)])  # fmt: skip
     planning = time.perf_counter() - t0
+    strategy = plan.provenance["strategy"]
     front = plan.front
     console.print(front_table(front, budget))
-    front.plot(args.out / "front.png", title=f"MiniLM-L6 + {task.name}: {args.strategy}, {args.trials} trials")
-    front.plot(args.out / "front.html", title=f"MiniLM-L6 + {task.name}: {args.strategy}, {args.trials} trials")
+    front.plot(args.out / "front.png", title=f"MiniLM-L6 + {task.name}: {strategy}, {args.trials} trials")
+    front.plot(args.out / "front.html", title=f"MiniLM-L6 + {task.name}: {strategy}, {args.trials} trials")
     plan.save(args.out / "plan.json")
     model = pp.apply(copy.deepcopy(base), pp.Plan.load(args.out / "plan.json"))
-    rows.append((f"peftplan searched plan ({args.strategy})", *train_and_score(model, task, args, "searched plan"), f"{planning:.0f}s"))
+    rows.append((f"peftplan searched plan ({strategy})", *train_and_score(model, task, args, "searched plan"), f"{planning:.0f}s"))
     pp.save(model, args.out / "adapters")
 
     table = Table(title=f"MiniLM-L6 + {task.name}: final runs with the same steps ({args.steps}), seed, data order and lr")

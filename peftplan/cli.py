@@ -132,6 +132,8 @@ def _limits(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftplan.planner.strategies import DEFAULT, STRATEGIES
+
     p = argparse.ArgumentParser(prog="peftplan", description="Plan and apply parameter-efficient fine-tuning, per site.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT)")
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(se)
-    se.add_argument("--strategy", default="botorch", help="botorch (default), tpe, nsga2, gp, random or proxy")
+    se.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
     se.add_argument("--trials", type=int, default=24, help="completed candidates at the first rung (default 24)")
     se.add_argument("--storage", default="sqlite:///peftplan-study.db",
                     help="optuna storage URL: SQLite file (default sqlite:///peftplan-study.db) or postgresql://… for several machines")  # fmt: skip

@@ -1,7 +1,7 @@
 """`search`: model + budget (+ task) → `Plan`.
 
-With a task, the default is a multi-objective search (``strategy="botorch"``; also
-``random``, ``nsga2``, ``tpe``, ``gp``) that trains candidate plans and returns the best one
+With a task, the default is a multi-objective search (``strategy="gp"``, optuna's GP sampler;
+also ``botorch``, ``tpe``, ``nsga2``, ``random``) that trains candidate plans and returns the best one
 within the budget, with ``plan.front`` holding the Pareto front (see `planner.study`).
 
 The ``proxy`` strategy (the default without a task) trains nothing: it scores each eligible site (weight statistics with no
@@ -32,7 +32,7 @@ from peftplan.planner.allocate import allocate, eligible_sites
 from peftplan.planner.budget import Budget, BudgetError
 from peftplan.planner.plan import Plan, provenance
 from peftplan.planner.scores import alpha_scores, grad2_scores
-from peftplan.planner.strategies import STRATEGIES
+from peftplan.planner.strategies import DEFAULT, STRATEGIES
 from peftplan.planner.task import Task
 
 METHOD = "lora"
@@ -58,7 +58,7 @@ def search(
 ) -> Plan:
     """A plan for ``model`` within ``budget``.
 
-    ``strategy`` defaults to ``"botorch"`` with a task and ``"proxy"`` without one. A training
+    ``strategy`` defaults to ``"gp"`` with a task and ``"proxy"`` without one. A training
     strategy runs ``trials`` completed candidates in an optuna study (in memory unless
     ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
     `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, …).
@@ -74,7 +74,7 @@ def search(
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
     ('full', True)
     """
-    strategy = strategy or ("botorch" if task is not None else "proxy")
+    strategy = strategy or (DEFAULT if task is not None else "proxy")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {list(STRATEGIES)}")
     if strategy != "proxy":

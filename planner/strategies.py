@@ -10,7 +10,8 @@
   Corput sequence in log scale between the whole budget and `Space.min_share` (1, 0.22, 0.47,
   0.11, …), so its trials trace the proxy's own front, cheap end included.
 - ``random``: uniform sampling, unseeded: the honest baseline.
-- ``nsga2``, ``tpe`` (multivariate), ``gp``: optuna's samplers.
+- ``nsga2``, ``tpe`` (multivariate), ``gp``: optuna's samplers; ``gp`` is the default with a
+  task (`DEFAULT`): on MiniLM + SST-2 it reached the best hypervolume early (RESULTS.md).
 - ``botorch``: `QLogNEHVISampler`, a GP on the metric only with the exact costs as known
   objectives.
 
@@ -34,6 +35,7 @@ from peftplan.planner.botorch_sampler import WARMUP, QLogNEHVISampler
 from peftplan.planner.space import Space
 
 STRATEGIES = ("proxy", "random", "nsga2", "tpe", "gp", "botorch")
+DEFAULT = "gp"  # with a task: the strategy benchmarks/search.py found best early (RESULTS.md)
 SEEDED = frozenset({"nsga2", "tpe", "gp", "botorch"})
 POPULATION = 8  # NSGA-II generation size: a 32-trial study sees four generations
 

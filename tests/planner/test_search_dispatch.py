@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 import peftplan as pp
+from peftplan.cli import build_parser
+from peftplan.planner.strategies import DEFAULT
 from tests.planner.test_evaluate import model as tiny_bert
 from tests.planner.test_evaluate import tiny_task
 from tests.planner.test_study import stand_in
@@ -23,6 +25,10 @@ def test_task_search_returns_best_plan_with_front():
 def test_defaults_and_errors():
     model = tiny_bert()
     assert pp.search(model, "5%").provenance["strategy"] == "proxy"
+    # with a task: the strategy the search benchmark chose, which the CLI and the README name too
+    with_task = pp.search(model, "5%", tiny_task(), trials=6, evaluator=stand_in, progress=False, threads=1)
+    assert with_task.provenance["strategy"] == DEFAULT == "gp"
+    assert build_parser().parse_args(["search", "m", "--task", "t", "--budget", "1%"]).strategy == "gp"
     with pytest.raises(ValueError, match="trains candidate plans: pass task"):
         pp.search(model, "5%", strategy="tpe")
     with pytest.raises(ValueError, match="unknown strategy 'annealing'"):

@@ -16,22 +16,30 @@ reference point, for every N up to the run's length.
   (the budget). Hypervolume is printed as a fraction of the box between the reference and
   the ideal point (accuracy 1.0 at 0 params), so 1.0 is unreachable and 0 is "nothing beats
   chance within budget".
-* Seeded strategies (nsga2, tpe, gp, botorch) start with 4 proxy plans (1/4 … 4/4 of the
-  budget) as the study does by default; random does not; proxy evaluates proxy plans only.
+* Fidelity: 64 AdamW steps of 8 examples at lr 2e-3 (one epoch of 512 examples), scored on
+  256 dev examples. At 32 steps of 16 (lr 1e-3 or 3e-3) most plans stayed at chance, so the
+  fronts measured luck; at 64 steps of 8 plans reach 0.70-0.82 and differ.
+* Seeded strategies (nsga2, tpe, gp, botorch) start with 4 proxy plans at budget shares
+  spread in log scale (0.05, 0.14, 0.37, 1) as the study does by default; random does not;
+  proxy evaluates proxy plans only.
+* Evaluations are deterministic for a plan, fidelity, lr and seed, so within one seed a plan
+  any run already evaluated is not trained again (`CachedEvaluator`): the seeded strategies
+  share their 4 seed plans, and samplers re-propose knobs that map to a plan already seen.
+  The curves are what they would be without it; "trained per run" counts the rest.
 * Spread: ± half the range over seeds (the mean and the two extremes, for two seeds).
 
-Goals, for the default strategy (``--default``, botorch): (1) within 12 evaluations its mean
+Goals, for the default strategy (``--default``, gp): (1) within 12 evaluations its mean
 hypervolume reaches 95% of the best mean any strategy reaches at the largest N (32; at
 ``--quick`` scale, 12, which makes the check weaker: said so in the output); (2) its mean beats
 random's at every N of the table.
 
-    python benchmarks/search.py            # 6 strategies x 2 seeds x 32 evaluations (~40 min on 2 idle cores)
-    python benchmarks/search.py --quick    # 6 strategies x 1 seed x 12 evaluations, smaller subsets (~8 min)
+    python benchmarks/search.py --save run.json   # 6 strategies x 2 seeds x 32 evaluations (73 min on 2 idle cores)
+    python benchmarks/search.py --quick           # 6 strategies x 1 seed x 12 evaluations, smaller subsets (9.8 min)
+    python benchmarks/search.py --load run.json --default tpe   # the table and goals again, for any strategy
 
-Sizing: the quick run measured 4 s per evaluation on 2 idle cores and up to 17 s while another
-process trained on them; the full fidelity (32 steps, 256 dev examples) costs about 1.4x that,
-so 384 evaluations take ~40 min idle and can pass 90 min on a busy machine. Runs are
-sequential, so each run's wall time also records the machine's load at that moment.
+Sizing: an evaluation takes 10-15 s on 2 idle cores (more params, longer); 384 evaluations
+less the ~60 served from the cache took 73 min. Runs are sequential, so each run's wall time
+also records the machine's load at that moment.
 """
 
 from __future__ import annotations
@@ -211,9 +219,11 @@ def save(path: Path, record: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~12 min)")
+    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~10 min)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per evaluation (default 2)")
-    ap.add_argument("--default", default="tpe", choices=STRATEGIES, help="the strategy the goals are checked for")
+    from peftplan.planner.strategies import DEFAULT
+
+    ap.add_argument("--default", default=DEFAULT, choices=STRATEGIES, help=f"the strategy the goals are checked for ({DEFAULT})")
     ap.add_argument("--save", type=Path, help="write every run's evaluations and curve to this JSON file, after each run")
     ap.add_argument("--load", type=Path, help="report a saved run (its table and the goals for --default); trains nothing")
     args = ap.parse_args()

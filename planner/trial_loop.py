@@ -5,7 +5,8 @@ Everything is read back from the storage on each turn, so any number of workers 
 restart after a crash) see the same state. Each trial carries user_attrs: ``rung``,
 ``candidate`` (the number of the candidate's rung-0 trial), ``costs`` (exact, before
 training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
-``seconds``, ``fidelity`` and ``worker``.
+``seconds``, ``fidelity``, ``worker``, and ``reused`` (the trial whose result a trial with the
+same plan took instead of training again).
 
 Two workers may both decide to create the same trial (the last rung-0 slot, the same
 promotion): trial numbers are handed out one at a time by the storage, so the rule "within a
@@ -18,6 +19,7 @@ before it trains.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -229,6 +231,18 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
         return _skip(study, trial, "infeasible", "; ".join(f"{k} {v:,.0f} > limit {lim:,.0f}" for k, (v, lim) in over.items()))
 
     fidelity: Fidelity = config.fidelities[r]
+    same = _same_plan(study, trial.number, r, plan)
+    if same is not None:  # other knobs, the same plan: its evaluation would repeat, not train it again
+        trial.set_user_attr("reused", same.number)
+        trial.set_user_attr("seconds", 0.0)
+        trial.set_user_attr("fidelity", str(fidelity))
+        plan.objectives = dict(zip(config.objectives, same.values))
+        plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
+                           "study": study.study_name, "trial": trial.number, "rung": r, "fidelity": str(fidelity),
+                           "reused": same.number}  # fmt: skip
+        trial.set_user_attr("plan", plan.to_dict())
+        study.tell(trial, list(same.values), skip_if_finished=True)
+        return "reused"
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
     from optuna.storages._heartbeat import get_heartbeat_thread  # no public ask/tell heartbeat
@@ -256,6 +270,17 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
                       "while it ran; its result is dropped (raise the heartbeat interval)", stacklevel=2)  # fmt: skip
         return "surplus"
     return "trained"
+
+
+def _same_plan(study: optuna.Study, number: int, rung: int, plan: Plan) -> FrozenTrial | None:
+    """A completed trial of ``rung`` whose plan has the same sites as ``plan``. Many knob
+    settings map to one plan (a rank cap above every allocated rank, a share that rounds to no
+    site), and samplers propose them again; training is seeded, so the result would repeat."""
+    sites = json.dumps(plan.sites, sort_keys=True)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != number and rung_of(t) == rung and json.dumps(t.user_attrs.get("plan", {}).get("sites"), sort_keys=True) == sites:
+            return t
+    return None
 
 
 def _evaluate(ctx: Context, plan: Plan, fidelity: Fidelity) -> Evaluation:

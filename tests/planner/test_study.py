@@ -21,7 +21,7 @@ import torch
 import peftplan as pp
 from peftplan.planner.evaluate import Evaluation, Fidelity
 from peftplan.planner.fidelity import nondominated_ranks, promote
-from peftplan.planner.study import StudyError, open_storage, run_search
+from peftplan.planner.study import StudyError, default_space, open_storage, run_search
 from peftplan.planner.trial_loop import planned_evaluations
 from tests.planner.test_evaluate import model as tiny_bert
 from tests.planner.test_evaluate import tiny_task
@@ -102,6 +102,28 @@ def test_rerun_finishes_only_the_remainder_and_checks_settings():
     assert len(calls) == 2  # trials=N counts completed trials: only the two missing ones ran
     with pytest.raises(StudyError, match="other settings.*strategy"):
         run(storage, trials=5, strategy="nsga2")
+
+
+def test_a_plan_already_evaluated_is_reused_not_trained_again():
+    model, task = tiny_bert(), tiny_task()
+    space = default_space(model, "5%", task)
+    same = space.proxy_params(1.0)
+    other_knobs = {**same, "none_share": 0.5 / len(space.sites)}  # cuts floor(0.5) = 0 sites: the same plan
+    assert other_knobs != same and space.plan_from_params(other_knobs).sites == space.plan_from_params(same).sites
+    storage, calls = optuna.storages.InMemoryStorage(), []
+
+    def counted(*a, **k):
+        calls.append(a[1].provenance["knobs"])
+        return stand_in(*a, **k)
+
+    run(storage, trials=1, space=space, strategy="proxy", evaluator=counted)  # trial 0: the proxy plan at the full budget
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.enqueue_trial(other_knobs)
+    run(storage, trials=2, space=space, strategy="proxy", evaluator=counted)
+    first, second = optuna.load_study(study_name="s", storage=storage).trials
+    assert len(calls) == 1 and first.params == same and second.params == other_knobs
+    assert second.state == COMPLETE and second.values == first.values and second.user_attrs["reused"] == 0
+    assert second.user_attrs["plan"]["provenance"]["reused"] == 0 and second.user_attrs["seconds"] == 0.0
 
 
 def test_nondominated_ranks_by_hand():

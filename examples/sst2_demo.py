@@ -59,8 +59,8 @@ def train_and_score(model, task, args, description):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA, help="folder with train.tsv and dev.tsv (default: shared sst2)")
-    ap.add_argument("--steps", type=int, default=300, help="training steps of the final runs")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=200, help="training steps of the final runs")
+    ap.add_argument("--batch-size", type=int, default=16, help="batch size of the final runs")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")

@@ -23,9 +23,10 @@ reference point, for every N up to the run's length.
   spread in log scale (0.05, 0.14, 0.37, 1) as the study does by default; random does not;
   proxy evaluates proxy plans only.
 * Evaluations are deterministic for a plan, fidelity, lr and seed, so within one seed a plan
-  any run already evaluated is not trained again (`CachedEvaluator`): the seeded strategies
-  share their 4 seed plans, and samplers re-propose knobs that map to a plan already seen.
-  The curves are what they would be without it; "trained per run" counts the rest.
+  any run already evaluated is not trained again (`CachedEvaluator`: the seeded strategies
+  share their 4 seed plans), nor, within a run, a plan the study already has (its trial is
+  ``reused``). The curves are what they would be without either; "trained per run" counts
+  the rest.
 * Spread: ± half the range over seeds (the mean and the two extremes, for two seeds).
 
 Goals, for the default strategy (``--default``, gp): (1) within 12 evaluations its mean
@@ -101,8 +102,8 @@ def seconds_per_eval(model, task, space, fidelity, threads: int, cache: CachedEv
 class CachedEvaluator:
     """`evaluate`, remembering each (plan, fidelity, lr, seed): training is deterministic for
     those, so a plan another run of the same seed evaluated (the seeded strategies share their
-    4 seed plans, and samplers re-propose knobs that map to a plan already seen) gets the same
-    result without training again. Curves are unchanged; ``hits`` counts what was not re-run."""
+    4 seed plans) gets the same result without training again. Curves are unchanged; ``hits``
+    counts what was not re-run."""
 
     def __init__(self) -> None:
         self.results: dict[tuple, object] = {}
@@ -135,7 +136,7 @@ def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, thr
     done = sorted((t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number))
     objectives = tuple(space.objectives)
     return {"values": [dict(zip(objectives, t.values)) for t in done], "wall": wall,
-            "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_), "cached": cache.hits - hits,
+            "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_), "cached": cache.hits - hits + sum("reused" in t.user_attrs for t in done),
             "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials_),
             "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials_)}  # fmt: skip
 
@@ -194,17 +195,17 @@ def verdicts(curves: dict[str, list[list[float]]], evals: tuple[int, ...], defau
 
 def report(runs: list[dict], evals: tuple[int, ...], seeds: tuple[int, ...], default: str, quick: bool) -> None:
     """The table and the goals' verdicts from the runs' records (fresh or ``--load``ed)."""
-    curves = {s: [r["curve"] for r in runs if r["strategy"] == s] for s in STRATEGIES}
-    curves = {s: c for s, c in curves.items() if c}
+    by = {s: [r for r in runs if r["strategy"] == s] for s in STRATEGIES}
+    by = {s: mine for s, mine in by.items() if mine}
+    curves = {s: [r["curve"] for r in mine] for s, mine in by.items()}
     print(f"\nHypervolume (fraction of the box from accuracy 0.5 / {BUDGET:,} params to accuracy 1.0 / 0 params) of the "
           f"front of the first N evaluations, mean ± half-range over seeds {list(seeds)}:\n")  # fmt: skip
     print("| strategy | " + " | ".join(f"N = {n}" for n in evals) + " | wall per run | trained per run |")
     print("|---|" + "---:|" * (len(evals) + 2))
-    for s, c in curves.items():
-        mine = [r for r in runs if r["strategy"] == s]
+    for s, mine in by.items():
         wall = statistics.fmean(r["wall"] for r in mine)
         trained = statistics.fmean(len(r["values"]) - r["cached"] for r in mine)
-        print(f"| {s} | " + " | ".join(cell(c, n) for n in evals) + f" | {wall:.0f} s | {trained:.1f} |")
+        print(f"| {s} | " + " | ".join(cell(curves[s], n) for n in evals) + f" | {wall:.0f} s | {trained:.1f} |")
     print()
     if default in curves:
         for line in verdicts(curves, evals, default, quick):

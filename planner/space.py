@@ -130,9 +130,7 @@ class Space:
         evenly spaced in log scale from `min_share` up to the whole available budget (n = 4:
         0.05, 0.136, 0.368, 1). A front over trainable params spans orders of magnitude and its
         cheap end holds most of the hypervolume, so linear shares (¼ … 1) would leave it empty."""
-        if n == 1:
-            return [self.proxy_params(1.0)]
-        return [self.proxy_params(self.min_share ** ((n - 1 - i) / (n - 1))) for i in range(n)]
+        return [self.proxy_params(self.min_share ** ((n - 1 - i) / max(1, n - 1))) for i in range(n)]
 
     def _build(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
         key = tuple(sorted(params.items()))

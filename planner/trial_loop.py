@@ -235,13 +235,7 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
     if same is not None:  # other knobs, the same plan: its evaluation would repeat, not train it again
         trial.set_user_attr("reused", same.number)
         trial.set_user_attr("seconds", 0.0)
-        trial.set_user_attr("fidelity", str(fidelity))
-        plan.objectives = dict(zip(config.objectives, same.values))
-        plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
-                           "study": study.study_name, "trial": trial.number, "rung": r, "fidelity": str(fidelity),
-                           "reused": same.number}  # fmt: skip
-        trial.set_user_attr("plan", plan.to_dict())
-        study.tell(trial, list(same.values), skip_if_finished=True)
+        _complete(study, trial, ctx, plan, list(same.values), r, fidelity, reused=same.number)
         return "reused"
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
@@ -256,20 +250,27 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
         raise
     try:
         trial.set_user_attr("seconds", round(result.seconds, 3))
-        trial.set_user_attr("fidelity", str(fidelity))
         if not result.ok:
+            trial.set_user_attr("fidelity", str(fidelity))
             return _fail(study, trial, result.failed)
-        values = [float(v) for v in ctx.space.values(plan, result.metric)]
-        plan.objectives = dict(zip(config.objectives, values))
-        plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
-                           "study": study.study_name, "trial": trial.number, "rung": r, "fidelity": str(fidelity)}  # fmt: skip
-        trial.set_user_attr("plan", plan.to_dict())
-        study.tell(trial, values, skip_if_finished=True)
+        _complete(study, trial, ctx, plan, [float(v) for v in ctx.space.values(plan, result.metric)], r, fidelity)
     except optuna.exceptions.UpdateFinishedTrialError:  # heartbeats starved: another worker re-queued it
         warnings.warn(f"trial {trial.number} sent no heartbeat for a grace period, so it was failed and re-queued "
                       "while it ran; its result is dropped (raise the heartbeat interval)", stacklevel=2)  # fmt: skip
         return "surplus"
     return "trained"
+
+
+def _complete(study: optuna.Study, trial: optuna.Trial, ctx: Context, plan: Plan, values: list[float], rung: int,
+              fidelity: Fidelity, **extra: Any) -> None:
+    """Record ``plan`` with its objective ``values`` and provenance on ``trial``, and tell it."""
+    config = ctx.config
+    trial.set_user_attr("fidelity", str(fidelity))
+    plan.objectives = dict(zip(config.objectives, values))
+    plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
+                       "study": study.study_name, "trial": trial.number, "rung": rung, "fidelity": str(fidelity), **extra}  # fmt: skip
+    trial.set_user_attr("plan", plan.to_dict())
+    study.tell(trial, values, skip_if_finished=True)
 
 
 def _same_plan(study: optuna.Study, number: int, rung: int, plan: Plan) -> FrozenTrial | None:

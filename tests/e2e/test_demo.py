@@ -4,7 +4,6 @@ stage runs, the files it promises exist, and no row exceeds the budget peft's Lo
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for name in ("plan.json", "front.png", "front.html", "adapters/plan.json", "adapters/adapters.safetensors"):
         assert (tmp_path / name).is_file(), f"the demo did not write {name}"
     plan = pp.Plan.load(tmp_path / "plan.json")
-    budget = json.loads((tmp_path / "plan.json").read_text())["budget"]["params"]
-    assert plan.objectives["params"] <= budget
+    assert plan.objectives["params"] <= plan.budget["params"]
     assert plan.provenance["strategy"] in out and "peft LoRA r=8 on query,value" in out

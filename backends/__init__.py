@@ -8,8 +8,8 @@ them all. The verbs work in place on the model:
     >>> pp.save(model, "adapter_dir"); pp.merge(model); pp.remove(model)  # doctest: +SKIP
 """
 
-from peftplan.backends import adapter, dora, full, ia3, lora, moe_lora, none, sparse, ssf  # noqa: F401  (registers the methods)
-from peftplan.backends.apply import (
+from . import adapter, dora, full, ia3, lora, moe_lora, none, sparse, ssf  # noqa: F401  (registers the methods)
+from .apply import (
     MergeReport,
     adapter_tensors,
     applied_plan,
@@ -21,12 +21,12 @@ from peftplan.backends.apply import (
     trainable_parameters,
     unmerge,
 )
-from peftplan.backends.artifact import load, save
-from peftplan.backends.base import Method, PlanError, get_method, methods, register
-from peftplan.backends.peft_interop import export_peft, import_peft
+from .artifact import load, save
+from .base import Method, PlanError, get_method, methods, register
+from .peft_interop import export_peft, import_peft, to_peft
 
 __all__ = [
     "Method", "MergeReport", "PlanError", "adapter_tensors", "aux_loss", "applied_plan", "apply",
-    "count_trainable", "export_peft", "get_method", "import_peft", "load", "merge", "methods", "register", "remove", "save",
+    "count_trainable", "export_peft", "get_method", "import_peft", "load", "merge", "methods", "register", "remove", "save", "to_peft",
     "trainable_parameters", "unmerge",
 ]  # fmt: skip

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftplan.backends.base import Method, PlanError, register
-from peftplan.backends.wrapper import Wrapper
-from peftplan.ir.modules import module_features
-from peftplan.ir.site import Site
+from ..ir.modules import module_features
+from ..ir.site import Site
+from .base import Method, PlanError, register
+from .wrapper import Wrapper
 
 __all__ = ["Adapter", "BottleneckAdapter"]
 

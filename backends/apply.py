@@ -5,7 +5,7 @@ every base parameter and swaps each tuned module for its wrapper on the parent m
 model classes, ``generate()`` and ``Trainer`` keep working on the same object:
 
     >>> import torch.nn as nn
-    >>> from peftplan.planner.plan import Plan
+    >>> from peftplan.plan import Plan
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> model = apply(model, Plan(sites={"0": {"method": "lora", "rank": 2}, "2": {"method": "full"}}))
     >>> count_trainable(model)  # 2 * (8 + 8) for the LoRA, 8 * 2 + 2 for the head
@@ -19,17 +19,17 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from peftplan.backends.base import PlanError, get_method
-from peftplan.ir.modules import fingerprint, module_features, module_op, static_site
-from peftplan.ir.site import Site
-
-if TYPE_CHECKING:
-    from peftplan.planner.plan import Plan
+from ..ir import lower
+from ..ir.modules import fingerprint, module_features, module_op, static_site
+from ..ir.site import Site
+from ..plan import Plan
+from .base import PlanError, get_method
+from .retarget import retarget
 
 log = logging.getLogger("peftplan")
 PLAN_ATTR = "peftplan_plan"  # the applied Plan, public: `save` and users read it
@@ -87,9 +87,6 @@ def apply(
     >>> apply(model, sparse_plan, scores={"encoder.layer.0.output.dense": grad2})  # doctest: +SKIP
     """
     if match == "role+depth":
-        from peftplan.ir import lower
-        from peftplan.planner.retarget import retarget  # lazy: planner imports backends
-
         plan, mapping = retarget(_as_plan(plan), lower(model))
         plan.provenance["mapping"] = mapping
         log.info("re-targeted %d sites by role and depth: %s", len(mapping), mapping)
@@ -269,7 +266,6 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def _as_plan(plan: Any) -> Plan:
-    from peftplan.planner.plan import Plan  # lazy: planner imports backends for costs
 
     if isinstance(plan, Plan):
         return plan

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from peftplan.backends.apply import _apply, adapter_tensors, applied_plan, remove
-from peftplan.backends.base import PlanError
+from ..plan import Plan
+from .apply import _apply, adapter_tensors, applied_plan, remove
+from .base import PlanError
 
 PLAN_FILE = "plan.json"
 ADAPTERS_FILE = "adapters.safetensors"
@@ -65,7 +66,6 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) 
 
     >>> model = load(BertModel(config), "adapter_dir")  # doctest: +SKIP
     """
-    from peftplan.planner.plan import Plan  # lazy: planner imports backends for costs
 
     directory = Path(directory)
     plan = Plan.load(directory / PLAN_FILE)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from peftplan.ir.site import Site
+from ..ir.site import Site
 
 
 class PlanError(ValueError):

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftplan.backends.base import register
-from peftplan.backends.lora import LoRA
-from peftplan.backends.lora_layers import LoRAConv2d, LoRALayer, LoRALinear
-from peftplan.ir.site import Site
+from ..ir.site import Site
+from .base import register
+from .lora import LoRA
+from .lora_layers import LoRAConv2d, LoRALayer, LoRALinear
 
 __all__ = ["DoRA", "DoRAConv2d", "DoRALinear"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from peftplan.backends.base import register
-from peftplan.backends.none import NoTuning
-from peftplan.ir.site import Site
+from ..ir.site import Site
+from .base import register
+from .none import NoTuning
 
 
 @register

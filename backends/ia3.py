@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftplan.backends.base import Method, PlanError, register
-from peftplan.backends.ssf import ChannelWrapper, ScaleShift
-from peftplan.ir.modules import is_hf_conv1d, module_features
-from peftplan.ir.site import Site
+from ..ir.modules import is_hf_conv1d, module_features
+from ..ir.site import Site
+from .base import Method, PlanError, register
+from .ssf import ChannelWrapper, ScaleShift
 
 __all__ = ["IA3", "InputScale"]
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from peftplan.backends.base import Method, PlanError, register
-from peftplan.backends.lora_layers import LoRAConv2d, LoRAEmbedding, LoRALinear
-from peftplan.ir.site import Site
+from ..ir.site import Site
+from .base import Method, PlanError, register
+from .lora_layers import LoRAConv2d, LoRAEmbedding, LoRALinear
 
 __all__ = ["LoRA"]
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftplan.backends.wrapper import Wrapper
-from peftplan.ir.modules import is_hf_conv1d, module_features
+from ..ir.modules import is_hf_conv1d, module_features
+from .wrapper import Wrapper
 
 
 class LoRALayer(Wrapper):

@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftplan.backends.base import Method, PlanError, register
-from peftplan.backends.lora_layers import LoRALayer
-from peftplan.ir.modules import is_hf_conv1d, module_features
-from peftplan.ir.site import Site
+from ..ir.modules import is_hf_conv1d, module_features
+from ..ir.site import Site
+from .base import Method, PlanError, register
+from .lora_layers import LoRALayer
 
 __all__ = ["MoELoRA", "MoELoRALinear"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from peftplan.backends.base import Method, register
-from peftplan.ir.site import OPS, Site
+from ..ir.site import OPS, Site
+from .base import Method, register
 
 
 @register

@@ -32,19 +32,17 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from peftplan.backends.apply import _listing, adapter_tensors, applied_plan, apply, remove
-from peftplan.backends.base import PlanError, get_method, methods
-from peftplan.ir.modules import fingerprint, is_hf_conv1d, module_op, static_site, tunable_modules
-from peftplan.ir.site import Site
-
-if TYPE_CHECKING:
-    from peftplan.planner.plan import Plan
+from ..ir.modules import fingerprint, is_hf_conv1d, module_op, static_site, tunable_modules
+from ..ir.site import Site
+from ..plan import Plan
+from .apply import _listing, adapter_tensors, applied_plan, apply, remove
+from .base import PlanError, get_method, methods
 
 __all__ = ["PeftExport", "export_peft", "import_peft", "to_peft"]
 
@@ -125,7 +123,6 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     >>> peftplan.applied_plan(model).summary()  # doctest: +SKIP
     'lora: 8 sites, ranks 4–8'
     """
-    from peftplan.planner.plan import Plan  # lazy: planner imports backends for costs
 
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists():

@@ -41,10 +41,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftplan.backends.base import Method, PlanError, register
-from peftplan.backends.wrapper import Wrapper
-from peftplan.ir.modules import is_hf_conv1d
-from peftplan.ir.site import Site
+from ..ir.modules import is_hf_conv1d
+from ..ir.site import Site
+from .base import Method, PlanError, register
+from .wrapper import Wrapper
 
 __all__ = ["Sparse", "SparseDelta", "select_top"]
 

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftplan.backends.base import Method, register
-from peftplan.backends.wrapper import Wrapper
-from peftplan.ir.modules import is_hf_conv1d, module_features, module_op
-from peftplan.ir.site import Site
+from ..ir.modules import is_hf_conv1d, module_features, module_op
+from ..ir.site import Site
+from .base import Method, register
+from .wrapper import Wrapper
 
 __all__ = ["SSF", "ChannelWrapper", "ScaleShift"]
 

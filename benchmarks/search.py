@@ -78,7 +78,7 @@ def load_task(scale: dict):
     from transformers import AutoTokenizer
 
     from peftplan.models import load_minilm, minilm_dir
-    from peftplan.planner.task import Task
+    from peftplan.planner.training.task import Task
 
     torch.manual_seed(0)  # the new head's initialisation, the same for every run
     model = load_minilm(num_labels=2)
@@ -110,7 +110,7 @@ class CachedEvaluator:
         self.hits = 0
 
     def __call__(self, base, plan, task, fidelity, *, lr: float, seed: int):
-        from peftplan.planner.evaluate import evaluate
+        from peftplan.planner.training.evaluate import evaluate
 
         key = (json.dumps(plan.sites, sort_keys=True), str(fidelity), lr, seed)
         if key in self.results:
@@ -236,8 +236,8 @@ def main() -> None:
     import optuna
     import torch
 
-    from peftplan.planner.evaluate import Fidelity
-    from peftplan.planner.study import default_space
+    from peftplan.planner.space import default_space
+    from peftplan.planner.training.evaluate import Fidelity
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

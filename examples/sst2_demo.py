@@ -34,8 +34,8 @@ from rich.table import Table  # noqa: E402
 
 import peftplan as pp  # noqa: E402
 from peftplan.models import load_minilm, minilm_dir  # noqa: E402
-from peftplan.planner.task import accuracy  # noqa: E402
-from peftplan.planner.train import train  # noqa: E402
+from peftplan.planner.training.task import accuracy  # noqa: E402
+from peftplan.planner.training.train import train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "sst2"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.nn as nn
 
-from peftplan.ir.modules import module_op
+from .modules import module_op
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftplan.ir.modules import module_op
+from .modules import module_op
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "multi_head_attention")
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}

@@ -19,7 +19,7 @@ from graphlib import TopologicalSorter
 
 import networkx as nx
 
-from peftplan.ir.capture import OpGraph
+from .capture import OpGraph
 
 ATTN = "@attn"
 

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftplan.ir import blocks as blocks_pass
-from peftplan.ir import dataflow, roles
-from peftplan.ir.capture import CaptureError, OpGraph, capture
-from peftplan.ir.inputs import example_inputs as synthesise
-from peftplan.ir.inputs import normalise
-from peftplan.ir.modules import count_params, fingerprint, module_features, module_op, static_site
-from peftplan.ir.site import Block, SiteGraph
+from . import blocks as blocks_pass
+from . import dataflow, roles
+from .capture import CaptureError, OpGraph, capture
+from .inputs import batch_shape, normalise
+from .inputs import example_inputs as synthesise
+from .modules import count_params, fingerprint, module_features, module_op, static_site
+from .site import Block, SiteGraph
 
 
 class LoweringError(ValueError):
@@ -118,6 +118,7 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
         model_class=type(model).__name__,
         total_params=count_params(model),
         notes=notes,
+        example_shape=batch_shape(*inputs),
     )
 
 

@@ -13,6 +13,8 @@ import hashlib
 
 import torch.nn as nn
 
+from .site import Site
+
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """GPT-2 style ``Conv1D``: a linear layer whose weight is stored as (in, out)."""
@@ -94,8 +96,6 @@ def count_params(model: nn.Module) -> int:
 def static_site(name: str, module: nn.Module, op: str, **known):
     """A `Site` from the module alone (no tracing): shapes, params and op, no flops or role
     unless given in ``known``. ``apply`` uses it so that applying a plan never re-lowers."""
-    from peftplan.ir.site import Site
-
     i, o = module_features(module)
     own = {id(p): p for p in module.parameters(recurse=False)}
     return Site(

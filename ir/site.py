@@ -63,6 +63,28 @@ class Site:
             numel *= d
         return numel // self.out_features if self.out_shape and self.out_features else 0
 
+    def tokens_at(self, batch: int, length: int, example: tuple[int, int]) -> int:
+        """Positions per call for inputs of ``batch`` sequences of ``length``, the site having
+        been measured on inputs of shape ``example`` (batch, length): the output's leading
+        dimension scales with the batch and a dimension equal to the example's length with the
+        length; a pooled output (a classification head's) scales with the batch alone.
+
+        >>> s = Site(name="q", op="linear", role="attn.q", module_type="Linear", in_features=8, out_features=8,
+        ...          params=72, out_shape=(1, 16, 8))
+        >>> s.tokens_at(32, 64, (1, 16)), Site(**{**s.to_dict(), "out_shape": (1, 8)}).tokens_at(32, 64, (1, 16))
+        (2048, 32)
+        """
+        if not self.out_shape:
+            return 0
+        b0, l0 = example
+        dims = list(self.out_shape)
+        channel = 1 if self.op.startswith("conv") and len(dims) > 2 else len(dims) - 1
+        rest = [d for i, d in enumerate(dims) if i != channel]
+        n = 1
+        for i, d in enumerate(rest):
+            n *= d * batch // b0 if i == 0 else (d * length // l0 if l0 > 1 and d == l0 else d)
+        return n
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for k in ("kernel", "in_shape", "out_shape", "tied"):
@@ -112,6 +134,7 @@ class SiteGraph:
     model_class: str
     total_params: int
     notes: list[str] = field(default_factory=list)
+    example_shape: tuple[int, int] = (1, 1)  # (batch, sequence) of the example the sites were measured on
 
     def __post_init__(self) -> None:
         self._by_name = {s.name: s for s in self.sites}
@@ -213,6 +236,7 @@ class SiteGraph:
             "fingerprint": self.fingerprint,
             "capture": self.capture,
             "total_params": self.total_params,
+            "example_shape": list(self.example_shape),
             "notes": list(self.notes),
             "blocks": [asdict(b) for b in self.blocks],
             "sites": [s.to_dict() for s in self.sites],
@@ -242,6 +266,7 @@ class SiteGraph:
             model_class=d["model_class"],
             total_params=d["total_params"],
             notes=list(d.get("notes", [])),
+            example_shape=tuple(d.get("example_shape", (1, 1))),
         )
 
 

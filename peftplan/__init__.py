@@ -3,9 +3,7 @@
     model ──lower──▶ SiteGraph ──search──▶ Plan ──apply──▶ tuned model
 """
 
-__version__ = "0.1.0"
-
-from peftplan.backends import (  # noqa: E402
+from peftplan.backends import (
     apply,
     aux_loss,
     export_peft,
@@ -14,24 +12,26 @@ from peftplan.backends import (  # noqa: E402
     merge,
     remove,
     save,
+    to_peft,
     unmerge,
 )
-from peftplan.backends.base import Method, PlanError, get_method, methods, register  # noqa: E402
-from peftplan.ir import Site, SiteGraph, lower  # noqa: E402
-from peftplan.planner import (  # noqa: E402
+from peftplan.backends.base import Method, PlanError, get_method, methods, register
+from peftplan.ir import Site, SiteGraph, lower
+from peftplan.plan import Plan
+from peftplan.planner import (
     Budget,
     BudgetError,
     Fidelity,
     ParetoFront,
-    Plan,
     Task,
     plan_cost,
     search,
     train,
 )
+from peftplan.version import __version__
 
 __all__ = [
     "Budget", "BudgetError", "Fidelity", "Method", "ParetoFront", "Plan", "PlanError", "Site", "SiteGraph",
-    "Task", "apply", "aux_loss", "export_peft", "get_method", "import_peft", "load", "lower", "merge", "methods",
-    "plan_cost", "register", "remove", "save", "search", "train", "unmerge",
+    "Task", "__version__", "apply", "aux_loss", "export_peft", "get_method", "import_peft", "load", "lower", "merge",
+    "methods", "plan_cost", "register", "remove", "save", "search", "to_peft", "train", "unmerge",
 ]  # fmt: skip

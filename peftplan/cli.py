@@ -25,7 +25,7 @@ def _lower(args: argparse.Namespace) -> int:
     graph = lower(load_model(args.model))
     print(graph.table(max_rows=None if args.all else 60))
     if args.json:
-        from peftplan.planner.plan import write_atomic
+        from peftplan.plan import write_atomic
 
         write_atomic(args.json, graph.to_json() + "\n")
         print(f"wrote {args.json}")
@@ -45,11 +45,9 @@ def _plan(args: argparse.Namespace) -> int:
         task = Task.for_sequence_classification(
             model, tokenizer, folder / "train.tsv", folder / "dev.tsv", batch_size=args.batch_size, max_train=args.batch_size * args.batches
         )
-        heads = [n for n in ("classifier", "score") if hasattr(model, n)]
     else:
         model = load_model(args.model)
-        heads = []
-    plan = search(model, budget, task=task, strategy="proxy", seed=args.seed, train_modules=heads or None)
+    plan = search(model, budget, task=task, strategy="proxy", seed=args.seed, calibration_batches=args.batches if task else None)
     print(plan.summary())
     plan.save(args.out)
     print(f"wrote {args.out}")
@@ -71,9 +69,9 @@ def _budget(args: argparse.Namespace):
 
 
 def _search(args: argparse.Namespace) -> int:
-    from peftplan.planner.evaluate import Fidelity
-    from peftplan.planner.fidelity import halving_rungs
     from peftplan.planner.study import Source, run_search
+    from peftplan.planner.study.halving import halving_rungs
+    from peftplan.planner.training.evaluate import Fidelity
 
     source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.max_train, args.max_dev)
     model, task = source.load()
@@ -149,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _limits(pl)
     pl.add_argument("--task", help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT): plan by gradient sensitivity")
     pl.add_argument("--num-labels", type=int, default=2, help="classes of the task (with --task)")
-    pl.add_argument("--batches", type=int, default=8, help="calibration batches for the sensitivity pass")
+    pl.add_argument("--batches", type=int, default=4, help="calibration batches of the sensitivity pass (with --task; default 4)")
     pl.add_argument("--batch-size", type=int, default=16)
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("-o", "--out", default="plan.json", help="where to write the plan (default plan.json)")

@@ -90,6 +90,19 @@ class Budget:
         return cls(**(d or {}))
 
     @classmethod
+    def coerce(cls, budget: Budget | int | str) -> Budget:
+        """A `Budget` from a `Budget`, an int count or a string such as ``"0.5%"`` or ``"250k"``.
+
+        >>> Budget.coerce("250k")
+        Budget(params=250000, memory=None, latency=None, adapter_bytes=None)
+        """
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, str):
+            return cls.parse(budget)
+        return cls(params=budget)
+
+    @classmethod
     def parse(cls, text: str) -> Budget:
         """CLI form: ``"1%"``, ``"0.5%"``, ``"250000"``, ``"250_000"`` or ``"250k"``/``"1.5M"``."""
         t = text.strip().replace("_", "").replace(",", "")

@@ -28,9 +28,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftplan.backends.base import PlanError, get_method
-from peftplan.ir.site import Site, SiteGraph
-from peftplan.planner.plan import Plan
+from ..backends.apply import PLAN_ATTR
+from ..backends.base import PlanError, get_method
+from ..ir.inputs import example_inputs, model_device, normalise
+from ..ir.site import Site, SiteGraph
+from ..plan import Plan
 
 # Methods that train the site's own weights: those weights are in the model already, so the
 # plan adds only their gradients and optimizer states.
@@ -84,13 +86,15 @@ class PlanCost:
         )
 
 
-def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, param_bytes: int = 4,
-              act_bytes: int = 4) -> PlanCost:
+def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, batch_shape: tuple[int, int] | None = None,
+              param_bytes: int = 4, act_bytes: int = 4) -> PlanCost:  # fmt: skip
     """The cost of ``plan`` on the model ``graph`` describes.
 
     Activations and FLOPs are at ``tokens_scale`` times each site's example positions
     (``site.tokens``): lowered with one 16-token sequence, ``tokens_scale=32 * 64 / 16`` is a
-    batch of 32 sequences of 64. ``param_bytes`` is the size of an adapter element (4: fp32),
+    batch of 32 sequences of 64. ``batch_shape`` (batch, length) says the same exactly, site by
+    site (`Site.tokens_at`: a pooled head's positions grow with the batch only); a search costs
+    training memory at its task's `Task.batch_shape`. ``param_bytes`` is the size of an adapter element (4: fp32),
     ``act_bytes`` of a saved activation element; optimizer states are AdamW's two fp32 tensors.
     Weights shared by sites (``Site.tied``) trained with ``full`` count once, as
     `count_trainable` counts them.
@@ -99,6 +103,9 @@ def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, param_
     """
     if tokens_scale <= 0:
         raise ValueError(f"tokens_scale must be positive, got {tokens_scale}")
+    if batch_shape is not None:
+        (b, n), (b0, n0) = batch_shape, graph.example_shape
+        return _cost(graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes)
     return _cost(graph, plan, lambda s: round(s.tokens * tokens_scale), tokens_scale, param_bytes, act_bytes)
 
 
@@ -137,7 +144,6 @@ def train_memory_estimate(model: nn.Module, graph: SiteGraph, plan: Plan, *, bat
     >>> print(est)  # doctest: +SKIP
     428 MiB = weights 87 + frozen activations 303 + plan 38
     """
-    from peftplan.backends.apply import PLAN_ATTR
 
     if hasattr(model, PLAN_ATTR):
         raise PlanError("train_memory_estimate needs the model before apply (the plan's own activations "
@@ -241,7 +247,6 @@ def _cost(graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_
 
 def _one_example(model: nn.Module, seq_len: int, given: Any) -> tuple[tuple, dict]:
     """Inputs for one training example: ``given``, or ``seq_len`` random ids for HF text models."""
-    from peftplan.ir.inputs import example_inputs, model_device, normalise
 
     if given is not None:
         return normalise(given)

@@ -2,10 +2,15 @@
 
 With a task, the default is a multi-objective search (``strategy="gp"``, optuna's GP sampler;
 also ``botorch``, ``tpe``, ``nsga2``, ``random``) that trains candidate plans and returns the best one
-within the budget, with ``plan.front`` holding the Pareto front (see `planner.study`).
+within the budget, with ``plan.front`` holding the Pareto front (see `peftplan.planner.study`).
 
 The ``proxy`` strategy (the default without a task) trains nothing: it scores each eligible site (weight statistics with no
 task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate`.
+
+Both paths read one `ProxyOptions` (roles, max_rank, train_modules, calibration_batches,
+sensitivity_power): the proxy allocates with it, and a task search builds its default space
+from it, so the plans that seed the search are the proxy's plans. An option the chosen path
+cannot use is an error, never silently dropped.
 
 With a task the scores are grad² (Fisher mass) raised to ``sensitivity_power``. The mass
 spans orders of magnitude across depth, so as-is (power 1) it puts most of the budget on a
@@ -20,22 +25,23 @@ params on MiniLM (SST-2 +0.3 pt, MR +4.3 pt). 0 scores every site alike.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch.nn as nn
 
-from peftplan.backends.base import get_method
-from peftplan.ir.site import Site, SiteGraph
-from peftplan.planner.allocate import allocate, eligible_sites
-from peftplan.planner.budget import Budget, BudgetError
-from peftplan.planner.plan import Plan, provenance
-from peftplan.planner.scores import alpha_scores, grad2_scores
-from peftplan.planner.strategies import DEFAULT, STRATEGIES
-from peftplan.planner.task import Task
+from ..backends.base import get_method
+from ..ir import lower
+from ..ir.site import SiteGraph
+from ..plan import Plan, describe, model_header, provenance
+from .budget import Budget, BudgetError
+from .cost import plan_cost
+from .proxy.allocate import allocate
+from .proxy.options import METHOD, ProxyOptions
+from .strategies import DEFAULT, get_strategy
+from .training.task import Task
 
-METHOD = "lora"
+TRIALS = 16  # completed candidates of a training strategy when not told
 
 
 def search(
@@ -45,13 +51,13 @@ def search(
     *,
     strategy: str | None = None,
     seed: int = 0,
-    roles: Iterable[str] = ("attn", "mlp"),
-    max_rank: int = 64,
     graph: SiteGraph | None = None,
+    roles: Iterable[str] | None = None,
+    max_rank: int | None = None,
     train_modules: Iterable[str] | None = None,
-    calibration_batches: int = 4,
-    sensitivity_power: float = 0.5,
-    trials: int = 16,
+    calibration_batches: int | None = None,
+    sensitivity_power: float | None = None,
+    trials: int | None = None,
     storage: str | None = None,
     study_name: str | None = None,
     **study_options: Any,
@@ -59,49 +65,50 @@ def search(
     """A plan for ``model`` within ``budget``.
 
     ``strategy`` defaults to ``"gp"`` with a task and ``"proxy"`` without one. A training
-    strategy runs ``trials`` completed candidates in an optuna study (in memory unless
-    ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
+    strategy runs ``trials`` (default 16) completed candidates in an optuna study (in memory
+    unless ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
     `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, …).
 
-    For ``proxy``: ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
+    ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
     sites are scored from their weights (Hill alpha); with one, by grad² on its first
-    ``calibration_batches`` training batches, raised to ``sensitivity_power`` (0.5: gradient
-    norm; 1: Fisher mass; 0: every site alike). ``train_modules`` (site names, e.g. a new
-    classification head) are fully trained; their parameters are paid from the budget first.
-    ``graph`` skips lowering.
+    ``calibration_batches`` training batches, raised to ``sensitivity_power``. ``train_modules``
+    (site names) are fully trained, their parameters paid from the budget first; by default
+    the model's new classification head (`peftplan.planner.proxy.options.heads`). ``roles``,
+    ``max_rank``: which sites get ranks and how large (`ProxyOptions`). ``graph`` skips lowering.
 
     >>> plan = search(model, 250_000, train_modules=["classifier"])  # doctest: +SKIP
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
     ('full', True)
     """
     strategy = strategy or (DEFAULT if task is not None else "proxy")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; available: {list(STRATEGIES)}")
-    if strategy != "proxy":
-        if task is None:
-            raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=...; without a task use strategy='proxy'")
-        from peftplan.planner.study import run_search
+    trains = get_strategy(strategy).trains
+    options = ProxyOptions.build(roles=roles, max_rank=max_rank, train_modules=train_modules,
+                                 calibration_batches=calibration_batches, sensitivity_power=sensitivity_power)  # fmt: skip
+    if not trains:
+        unused = sorted(k for k, v in {"trials": trials, "storage": storage, "study_name": study_name, **study_options}.items()
+                        if v is not None)  # fmt: skip
+        if unused:
+            raise TypeError(f"strategy 'proxy' trains nothing, so it cannot use {unused}: drop them, or pass a task "
+                            f"and a training strategy (e.g. strategy={DEFAULT!r})")  # fmt: skip
+        return proxy_plan(model, budget, task, options, graph=graph, seed=seed)
+    if task is None:
+        raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=...; without a task use strategy='proxy'")
+    from .study import run_search  # optuna: loaded only when a search trains
 
-        return run_search(model, budget, task, strategy=strategy, trials=trials, storage=storage, study_name=study_name,
-                          seed=seed, train_modules=train_modules, **study_options)  # fmt: skip
-    if study_options:
-        raise TypeError(f"strategy 'proxy' trains nothing; options {sorted(study_options)} apply to the other strategies")
-    budget = as_budget(budget)
-    if graph is None:
-        from peftplan.ir import lower
+    return run_search(model, budget, task, strategy=strategy, trials=TRIALS if trials is None else trials, storage=storage,
+                      study_name=study_name, seed=seed, proxy=options, graph=graph, **study_options)  # fmt: skip
 
-        graph = lower(model)
+
+def proxy_plan(model: nn.Module, budget: Budget | int | str, task: Task | None, options: ProxyOptions, *,
+               graph: SiteGraph | None = None, seed: int = 0) -> Plan:  # fmt: skip
+    """The proxy's plan: ``options.train_modules`` fully trained, LoRA ranks on the tuned sites
+    by `allocate` over their scores; see `search`."""
+    budget = Budget.coerce(budget)
+    graph = lower(model) if graph is None else graph
     limit = budget.param_limit(graph.total_params)
     if limit is None:
         raise BudgetError("the budget sets no parameter limit; give one, e.g. Budget(params='0.5%')")
-    roles = tuple(roles)
-    if not (math.isfinite(sensitivity_power) and sensitivity_power >= 0):
-        raise ValueError(
-            f"sensitivity_power must be finite and non-negative (0.5: gradient norm; 1: Fisher mass), "
-            f"got {sensitivity_power}"
-        )
-
-    full = [_site(graph, name, "train_modules") for name in train_modules or ()]
+    full = [graph[n] for n in options.full_sites(graph)]
     full_names = {s.name for s in full}
     full_params = sum(get_method("full").param_count(s) for s in full)
     if full_params > limit:
@@ -110,16 +117,9 @@ def search(
             f"{[s.name for s in full]}; raise it to more than {full_params:,}",
             minimum=full_params,
         )
-
-    names = [s.name for s in eligible_sites(graph, METHOD, roles, exclude=full_names)]
-    if task is None:
-        scores, scoring = alpha_scores(model, graph, names), {"scores": "hill-alpha"}
-    else:
-        mass = grad2_scores(model, graph, task, names, batches=calibration_batches, seed=seed)
-        scores = {n: m**sensitivity_power for n, m in mass.items()}
-        scoring = {"scores": "grad2", "calibration_batches": calibration_batches, "sensitivity_power": sensitivity_power}
+    scores, scoring = options.site_scores(model, graph, task, seed=seed)
     try:
-        ranks = allocate(graph, scores, limit - full_params, method=METHOD, roles=roles, max_rank=max_rank, seed=seed)
+        ranks = allocate(graph, scores, limit - full_params, method=METHOD, roles=options.roles, max_rank=options.max_rank)
     except BudgetError as e:
         if not full or e.minimum is None:
             raise
@@ -135,30 +135,32 @@ def search(
     sites = {}
     for s in graph:  # entries in execution order
         if s.name in full_names:
-            sites[s.name] = {"method": "full", **_describe(s)}
+            sites[s.name] = {"method": "full", **describe(s)}
         elif s.name in ranks:
             r = ranks[s.name]
-            sites[s.name] = {"method": METHOD, "rank": r, "alpha": 2 * r, **_describe(s)}
+            sites[s.name] = {"method": METHOD, "rank": r, "alpha": 2 * r, **describe(s)}
     params = full_params + sum(lora.param_count(graph[n], rank=r) for n, r in ranks.items())
     plan = Plan(
         sites=sites,
-        model={"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)},
+        model=model_header(graph),
         budget=budget.to_dict(),
         objectives={"params": params},
-        provenance={**provenance(strategy, seed, task.name if task else None), **scoring},
+        provenance={**provenance("proxy", seed, task.name if task else None), **scoring},
     )
-    _check_other_limits(plan, graph, budget)
+    _check_other_limits(plan, graph, budget, task)
     return plan
 
 
-def _check_other_limits(plan: Plan, graph: SiteGraph, budget: Budget) -> None:
-    """The proxy allocates parameters only: a plan over the budget's other limits is an error."""
+def _check_other_limits(plan: Plan, graph: SiteGraph, budget: Budget, task: Task | None) -> None:
+    """The proxy allocates parameters only: a plan over the budget's other limits is an error.
+    Training memory is costed at the task's largest training batch."""
     limits = {k: v for k, v in budget.limits(graph.total_params).items() if k != "params"}
     if not limits:
         return
-    from peftplan.planner.cost import plan_cost
-
-    cost = plan_cost(graph, plan)
+    if "memory" in limits and task is None:
+        raise BudgetError("a memory limit depends on the training batch: pass the task it will be trained on "
+                          "(search(model, budget, task=...)), or drop Budget(memory=...)")  # fmt: skip
+    cost = plan_cost(graph, plan, batch_shape=None if task is None else task.batch_shape())
     have = {"memory": cost.train_bytes, "latency": cost.latency_fraction, "adapter_bytes": cost.adapter_bytes}
     over = [f"{k} {have[k]:,.4g} > {v:,.4g}" for k, v in limits.items() if have[k] > v]
     if over:
@@ -166,26 +168,3 @@ def _check_other_limits(plan: Plan, graph: SiteGraph, budget: Budget) -> None:
             f"the proxy plan for {budget.params} params breaks the budget's other limits ({'; '.join(over)}); "
             "lower the parameter budget, or search with a task so these limits act as constraints"
         )
-
-
-def as_budget(budget: Budget | int | str) -> Budget:
-    """A `Budget` from a `Budget`, an int count or a string such as ``"0.5%"`` or ``"250k"``.
-
-    >>> as_budget("250k")
-    Budget(params=250000)
-    """
-    if isinstance(budget, Budget):
-        return budget
-    if isinstance(budget, str):
-        return Budget.parse(budget)
-    return Budget(params=budget)
-
-
-def _site(graph: SiteGraph, name: str, what: str) -> Site:
-    if name not in graph:
-        raise ValueError(f"{what}: no site named {name!r}; see graph.names() for the {len(graph)} sites")
-    return graph[name]
-
-
-def _describe(site: Site) -> dict:
-    return {"role": site.role, "depth": site.depth, "op": site.op, "shape": [site.in_features, site.out_features]}

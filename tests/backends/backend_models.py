@@ -15,7 +15,7 @@ from transformers import (
 
 from peftplan.backends import adapter_tensors
 from peftplan.ir.modules import fingerprint
-from peftplan.planner.plan import Plan
+from peftplan.plan import Plan
 
 BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 LLAMA = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -21,7 +21,7 @@ from peftplan.backends import (
     unmerge,
 )
 from peftplan.ir.modules import module_op, static_site, tunable_modules
-from peftplan.planner.plan import Plan
+from peftplan.plan import Plan
 
 
 def _bert_plan(model):

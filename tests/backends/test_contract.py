@@ -45,7 +45,7 @@ from peftplan.backends import (
 )
 from peftplan.backends.base import Method
 from peftplan.ir import SiteGraph, lower
-from peftplan.planner.plan import Plan
+from peftplan.plan import Plan
 from tests import zoo
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

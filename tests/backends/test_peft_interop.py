@@ -148,7 +148,7 @@ def test_unsupported_sites_are_named_or_left_out_on_request(tmp_path):
 
 def test_to_peft_configs_target_exactly_the_planned_sites():
     plan = plan_for(llama(), _llama_entries("lora", rank=4) | {"model.layers.1.self_attn.q_proj": {"method": "lora", "rank": 8}})
-    configs, unsupported = plan.to_peft()
+    configs, unsupported = to_peft(plan)
     lora = configs["lora"]
     assert isinstance(lora, LoraConfig) and unsupported == [] and lora.r == 4
     assert lora.rank_pattern == {r"model\.layers\.1\.self_attn\.q_proj": 8}

@@ -11,8 +11,8 @@ import torch
 
 import peftplan as pp
 from peftplan.models import load_minilm, minilm_dir
-from peftplan.planner.task import accuracy
-from peftplan.planner.train import train
+from peftplan.planner.training.task import accuracy
+from peftplan.planner.training.train import train
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "text" / "sst2"
 pytestmark = [

@@ -6,8 +6,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import peftplan as pp
-from peftplan.planner.evaluate import Fidelity, evaluate
-from peftplan.planner.task import Task, accuracy, classification_loss
+from peftplan.planner.training.evaluate import Fidelity, evaluate
+from peftplan.planner.training.task import Task, accuracy, classification_loss
 
 
 def tiny_task(n_batches=12, batch=16, seed=0) -> Task:

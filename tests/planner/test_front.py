@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
+from peftplan.plan import Plan
 from peftplan.planner.front import ParetoFront
-from peftplan.planner.plan import Plan
 
 SENSES = {"metric": "max", "params": "min"}
 POINTS = [

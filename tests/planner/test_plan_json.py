@@ -4,8 +4,8 @@ import os
 import pytest
 
 from peftplan.backends.base import PlanError
+from peftplan.plan import FORMAT, VERSION
 from peftplan.planner import Plan
-from peftplan.planner.plan import FORMAT, VERSION
 
 
 def a_plan() -> Plan:

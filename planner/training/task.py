@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...ir.inputs import batch_shape
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -38,6 +40,17 @@ class Task:
     metric: Callable[[nn.Module, list[Batch]], float]
     steps: int = 100
     name: str = "task"
+
+    def batch_shape(self) -> tuple[int, int]:
+        """(batch, length) of the largest training batch: what training memory is costed at.
+
+        >>> Task([{"input_ids": torch.zeros(8, 20)}, {"input_ids": torch.zeros(3, 40)}], [], None, None).batch_shape()
+        (8, 20)
+        """
+        if not self.train_batches:
+            raise ValueError(f"task {self.name!r} has no training batches")
+        shapes = [batch_shape((), {k: v for k, v in b.items() if k != "labels"}) for b in self.train_batches]
+        return max(shapes, key=lambda s: s[0] * s[1])
 
     def calibration(self, n: int) -> list[Batch]:
         """The first ``n`` training batches (all of them when there are fewer).

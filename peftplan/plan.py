@@ -19,7 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from peftplan.backends.base import PlanError, get_method
+from .backends.base import PlanError, get_method
+from .ir.site import Site
+from .version import __version__
 
 FORMAT = "peftplan.plan"
 VERSION = 1
@@ -63,17 +65,6 @@ class Plan:
             parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
         obj = ", ".join(f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items())
         return "; ".join(parts) + (f" ({obj})" if obj else "")
-
-    def to_peft(self) -> tuple[dict[str, Any], list[str]]:
-        """HF peft configs for the sites peft can express, and why the others cannot be;
-        see `peftplan.backends.peft_interop.to_peft`.
-
-        >>> configs, unsupported = plan.to_peft()  # doctest: +SKIP
-        """
-        # lazy, as backends import the planner lazily too
-        from peftplan.backends.peft_interop import to_peft
-
-        return to_peft(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,9 +149,24 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-def provenance(strategy: str, seed: int | None, task: str | None = None) -> dict[str, Any]:
-    from peftplan import __version__
+def describe(site: Site) -> dict[str, Any]:
+    """A site's description in a plan entry (for checking and re-targeting; not hyper-parameters).
 
+    >>> import torch.nn as nn
+    >>> from peftplan.ir.modules import static_site
+    >>> describe(static_site("fc", nn.Linear(4, 2), "linear"))
+    {'role': 'other', 'depth': 0.0, 'op': 'linear', 'shape': [4, 2]}
+    """
+    return {"role": site.role, "depth": site.depth, "op": site.op, "shape": [site.in_features, site.out_features]}
+
+
+def model_header(graph: Any) -> dict[str, Any]:
+    """The plan's ``model`` field for a `SiteGraph`: what `apply` checks the target against."""
+    return {"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)}
+
+
+def provenance(strategy: str, seed: int | None, task: str | None = None) -> dict[str, Any]:
+    """Who made a plan: peftplan's version, the strategy, seed, task and time."""
     return {
         "peftplan": __version__,
         "strategy": strategy,

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from peftplan.planner.plan import Plan, write_atomic
+from ...plan import Plan, write_atomic
+from .plot import plot_html, plot_png
 
 SENSES = ("max", "min")
 
@@ -162,8 +163,6 @@ class ParetoFront:
         """Scatter of two objectives with the front's staircase: ``.png`` (matplotlib) or
         ``.html`` (plotly, interactive: hover shows each plan). Defaults: x = the first "min"
         objective, y = the first "max" one."""
-        from peftplan.planner.front_plot import plot_html, plot_png
-
         path = Path(path)
         x = x or _sort_key(self.senses)
         y = y or next((k for k in self.senses if k != x), x)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftplan.planner.plan import write_atomic
+from ...plan import write_atomic
 
 if TYPE_CHECKING:
-    from peftplan.planner.front import ParetoFront
+    from .pareto import ParetoFront
 
 
 def _staircase(front: ParetoFront, x: str, y: str) -> tuple[list[float], list[float]]:

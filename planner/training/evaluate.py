@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 
-from peftplan.planner.plan import Plan
-from peftplan.planner.task import Task
-from peftplan.planner.train import train
+from ...backends import apply, aux_loss, count_trainable
+from ...plan import Plan
+from .task import Task
+from .train import train
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,6 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, lr:
     """Apply ``plan`` to a copy of ``base`` (left untouched), train at ``fidelity``, score.
 
     ``aux_weight`` scales auxiliary losses of the plan's sites (MoE-LoRA load balancing)."""
-    from peftplan.backends import apply, aux_loss, count_trainable
-
     start = time.perf_counter()
     params = int(plan.objectives.get("params", 0))
     losses: list[float] = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from peftplan.planner.evaluate import Fidelity
+from ..training.evaluate import Fidelity
 
 
 def halving_rungs(top: Fidelity, rungs: int = 3, eta: int = 3) -> list[Fidelity]:

@@ -23,9 +23,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from peftplan.ir.modules import is_hf_conv1d
-from peftplan.ir.site import SiteGraph
-from peftplan.planner.task import Task
+from ...ir.modules import is_hf_conv1d
+from ...ir.site import SiteGraph
+from ..training.task import Task
 
 log = logging.getLogger("peftplan.planner")
 

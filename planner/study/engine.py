@@ -34,12 +34,12 @@ import torch
 import torch.nn as nn
 from optuna.trial import FrozenTrial, TrialState
 
-from peftplan.planner.evaluate import Evaluation, Fidelity
-from peftplan.planner.fidelity import promote, promoted_count
-from peftplan.planner.front import FrontPoint, ParetoFront
-from peftplan.planner.plan import Plan, provenance
-from peftplan.planner.progress import ProgressLine
-from peftplan.planner.task import Task
+from ...plan import Plan, provenance
+from ..front import FrontPoint, ParetoFront
+from ..training.evaluate import Evaluation, Fidelity
+from ..training.progress import ProgressLine
+from ..training.task import Task
+from .halving import promote, promoted_count
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)

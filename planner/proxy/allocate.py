@@ -23,9 +23,9 @@ from functools import reduce
 
 import numpy as np
 
-from peftplan.backends.base import get_method
-from peftplan.ir.site import Site, SiteGraph
-from peftplan.planner.budget import BudgetError
+from ...backends.base import get_method
+from ...ir.site import Site, SiteGraph
+from ..budget import BudgetError
 
 MIN_USE = 0.95  # the share of the limit a plan should use when some plan can
 DP_CELLS = 4_000_000  # sites x cost cells the repair pass may hold; coarser cost units beyond

@@ -38,7 +38,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from peftplan.planner.space import Space
+from ..space import Space
 
 WARMUP = 5  # completed trials before any model fits (for every model-based strategy)
 

@@ -12,9 +12,9 @@ leaves the target's lower blocks alone.
 
 from __future__ import annotations
 
-from peftplan.backends.base import PlanError, get_method
-from peftplan.ir.site import SiteGraph
-from peftplan.planner.plan import Plan
+from ..ir.site import SiteGraph
+from ..plan import Plan
+from .base import PlanError, get_method
 
 
 def retarget(plan: Plan, graph: SiteGraph) -> tuple[Plan, dict[str, str]]:

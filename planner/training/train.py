@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from peftplan.planner.progress import ProgressLine
-from peftplan.planner.task import Task
+from .progress import ProgressLine
+from .task import Task
 
 
 @dataclass

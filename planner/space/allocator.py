@@ -1,0 +1,148 @@
+"""`AllocatorSpace`: about a dozen knobs over site sensitivity scores, each plan made by
+`allocate` (AutoPEFT-sized)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from ...backends.base import get_method
+from ...ir.site import Site, SiteGraph
+from ..budget import Budget, BudgetError
+from ..proxy.allocate import allocate, eligible_sites
+from .base import VECTOR, Space
+
+
+class AllocatorSpace(Space):
+    """Knobs over sensitivity ``scores``, each plan made by `allocate` (AutoPEFT-sized: ≤ 12).
+
+    Site scores become ``score**power * exp(depth_tilt * (depth - ½) ± mlp_tilt / 2)``. Sites
+    ranked by that score are cut into bands, low to high: ``none_share`` untouched, then
+    ``vector_share`` of the rest on ``vector_method`` (ia3/ssf), ``sparse_share`` of the rest on
+    ``sparse`` at ``density``, and the rest on a rank method, whose top ``dora_share`` use
+    ``dora`` and, deeper, ``moe_lora`` with ``1 + ⌊experts_slope * depth⌋`` experts. Fixed
+    costs are paid first (the lowest-scoring fall back while they exceed the budget); the rank
+    band shares the rest by `allocate` with ranks capped at ``max_rank``, ``budget`` being the
+    share of the budget used. A site whose op the band's method cannot tune is left out.
+
+    >>> space = AllocatorSpace(graph, scores, 5_000)  # doctest: +SKIP
+    >>> space.plan_from_params(space.seeds(1)[0]).sites == search(..., strategy="proxy").sites  # doctest: +SKIP
+    True
+    """
+
+    name = "allocator"
+
+    def __init__(self, graph: SiteGraph, scores: Mapping[str, float], budget: Budget | int | str, *,
+                 methods: Iterable[str] = ("lora",), roles: Iterable[str] = ("attn", "mlp"), max_rank: int = 64,
+                 **kwargs: Any):  # fmt: skip
+        super().__init__(graph, budget, **kwargs)
+        self.methods, self.roles, self.max_rank = tuple(methods), tuple(roles), max_rank
+        known = ("lora", "dora", *VECTOR, "sparse", "moe_lora")
+        if "lora" not in self.methods or set(self.methods) - set(known):
+            raise ValueError(f"AllocatorSpace methods must include 'lora' and come from {list(known)}, got {list(self.methods)}")
+        skip = {s.name for s in self.full}
+        self.sites = [s for s in eligible_sites(graph, "lora", self.roles, exclude=skip) if s.name in scores]
+        if not self.sites:
+            raise ValueError(f"no site has a score and a role in {list(self.roles)}; score the eligible sites first")
+        self.scores = {s.name: float(scores[s.name]) for s in self.sites}
+        families = {s.role.split(".")[0] == "mlp" for s in self.sites}
+        d: dict[str, BaseDistribution] = {
+            "budget": FloatDistribution(self.min_share, 1.0), "power": FloatDistribution(0.0, 2.0),
+            "max_rank": IntDistribution(1, max_rank, log=True), "depth_tilt": FloatDistribution(-3.0, 3.0),
+        }  # fmt: skip
+        if len(families) == 2:
+            d["mlp_tilt"] = FloatDistribution(-3.0, 3.0)
+        d["none_share"] = FloatDistribution(0.0, 0.9)
+        vector = [m for m in VECTOR if m in self.methods]
+        if vector:
+            d["vector_share"] = FloatDistribution(0.0, 1.0)
+            if len(vector) > 1:
+                d["vector_method"] = CategoricalDistribution(vector)
+        if "sparse" in self.methods:
+            d["sparse_share"], d["density"] = FloatDistribution(0.0, 1.0), FloatDistribution(1e-3, 0.1, log=True)
+        if "dora" in self.methods:
+            d["dora_share"] = FloatDistribution(0.0, 1.0)
+        if "moe_lora" in self.methods:
+            d["experts_slope"] = FloatDistribution(0.0, 4.0)
+        self._distributions = d
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return dict(self._distributions)
+
+    def proxy_params(self, fraction: float) -> dict[str, Any]:
+        fixed = {"power": 1.0, "max_rank": self.max_rank, "density": 0.01,
+                 "vector_method": next((m for m in VECTOR if m in self.methods), None)}  # fmt: skip
+        low = self._distributions["budget"].low
+        return {k: max(low, min(1.0, fraction)) if k == "budget" else fixed.get(k, 0.0) for k in self._distributions}
+
+    def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        p = {"mlp_tilt": 0.0, "vector_share": 0.0, "sparse_share": 0.0, "dora_share": 0.0, "experts_slope": 0.0, **params}
+        adjusted = {s.name: self.scores[s.name] ** p["power"]
+                    * math.exp(p["depth_tilt"] * (s.depth - 0.5) + p["mlp_tilt"] * (0.5 if s.role.startswith("mlp") else -0.5))
+                    for s in self.sites}  # fmt: skip
+        order = sorted(range(len(self.sites)), key=lambda i: (adjusted[self.sites[i].name], -i))  # ascending
+        cut = math.floor(p["none_share"] * len(order))
+        rest = order[cut:]
+        bands: dict[int, str] = {}
+        for share, method in ((p["vector_share"], p.get("vector_method") or "ia3"), (p["sparse_share"], "sparse")):
+            n = math.floor(share * len(rest))
+            bands.update((i, method) for i in rest[:n])
+            rest = rest[n:]
+        n_dora = math.floor(p["dora_share"] * len(rest))
+        for k, i in enumerate(rest):
+            bands[i] = "dora" if k >= len(rest) - n_dora else "lora"
+        experts = {i: 1 + math.floor(p["experts_slope"] * self.sites[i].depth) for i in rest}
+
+        def method_at(i: int) -> str:  # moe_lora replaces lora where the slope gives ≥ 2 experts
+            m = "moe_lora" if bands[i] == "lora" and experts[i] > 1 else bands[i]
+            return m if self.sites[i].op in get_method(m).ops else ("lora" if m in ("dora", "moe_lora") else "none")
+
+        kind = {i: method_at(i) for i in bands}
+        hp = {"sparse": {"density": p.get("density", 0.01)}, "ia3": {}, "ssf": {}}
+        extra = {i: _fixed_cost(self.sites[i], kind[i], hp.get(kind[i], {}), experts[i] if i in experts else 1) for i in bands}
+        limit = math.floor(p["budget"] * self.available)
+        fixed = sum(extra.values())
+        for i in order:  # the lowest-scoring fixed costs give way first
+            if fixed <= limit:
+                break
+            if extra.get(i):
+                fixed -= extra[i]
+                kind[i], extra[i] = ("none" if kind[i] in ("sparse", *VECTOR) else "lora"), 0
+        ranked = {self.sites[i].name: adjusted[self.sites[i].name] for i in bands if kind[i] in ("lora", "dora", "moe_lora")}
+        try:
+            ranks = allocate(self.graph, ranked, limit - fixed, method="lora", roles=self.roles,
+                             max_rank=p["max_rank"]) if ranked else {}  # fmt: skip
+        except BudgetError:
+            ranks = {}
+        entries = {}
+        for i in sorted(bands):
+            name, m = self.sites[i].name, kind[i]
+            if m in ("lora", "dora") and name in ranks:
+                entries[name] = {"method": m, "rank": ranks[name], "alpha": 2 * ranks[name]}
+            elif m == "moe_lora" and name in ranks:  # the allocated rank split among the experts
+                e = min(experts[i], ranks[name])
+                r = ranks[name] // e
+                entries[name] = {"method": m, "experts": e, "rank": r, "alpha": 2 * r}
+            elif m in hp:
+                entries[name] = {"method": m, **hp[m]}
+        return entries
+
+
+def _fixed_cost(site: Site, method: str, hp: dict[str, Any], experts: int) -> int:
+    """Params a band's method costs before any rank: the whole of ia3/ssf/sparse, DoRA's
+    magnitude vector, MoE-LoRA's router."""
+    if method in ("sparse", *VECTOR):
+        return get_method(method).param_count(site, **hp)
+    if method == "dora":
+        return get_method("dora").param_count(site, rank=1) - get_method("lora").param_count(site, rank=1)
+    if method == "moe_lora":
+        return site.in_features * experts
+    return 0

@@ -1,0 +1,154 @@
+"""Search spaces: a few knobs a sampler can turn, and the `Plan` each setting of them means.
+
+A `Space` maps a trial's choices to a plan deterministically, so a params dict alone (an
+optuna ``FixedTrial``, a stored trial) reproduces its plan, and the plan's exact costs
+(trainable params; training memory and merged latency overhead on request) are known before
+anything trains. Trainable params never exceed the budget: the space builds plans within it.
+
+    >>> space = AllocatorSpace(graph, scores, 5_000, methods=("lora", "ia3"))  # doctest: +SKIP
+    >>> sorted(space.distributions())  # doctest: +SKIP
+    ['budget', 'depth_tilt', 'max_rank', 'mlp_tilt', 'none_share', 'power', 'vector_share']
+    >>> plan = space.plan_from_params(space.seeds(1)[0])  # the proxy plan at the full budget  # doctest: +SKIP
+    >>> plan.objectives["params"] <= 5_000, space.objectives  # doctest: +SKIP
+    (True, {'metric': 'max', 'params': 'min'})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from ...backends.base import get_method
+from ...ir.site import SiteGraph
+from ...plan import Plan, describe
+from ..budget import Budget, BudgetError
+from ..cost import plan_cost
+
+SENSES = {"metric": "max", "params": "min", "memory": "min", "latency": "min", "adapter_bytes": "min"}
+VECTOR = ("ia3", "ssf")  # one vector per site: their size has no knob
+
+
+class Space:
+    """One space: knobs (`distributions`) → per-site entries (`site_entries`, by subclasses).
+
+    ``objectives`` maps each objective to its sense, "metric" first; "memory" is the plan's own
+    training bytes (`plan_cost` ``train_bytes`` at ``batch_shape``, (batch, length) of a training step) and "latency" its FLOPs
+    overhead after merging, as a fraction of the model's; "adapter_bytes" what the artifact
+    stores. ``limits`` caps costs by name: every field of ``budget`` (params are enforced by
+    construction, the others as constraints: plans over them are never trained), plus any
+    given here. ``train_modules`` are fully trained and paid from the budget first.
+    ``min_share``: the smallest budget share `seeds` starts from.
+    """
+
+    name = ""
+    min_share = 0.05
+
+    def __init__(self, graph: SiteGraph, budget: Budget | int | str, *, objectives: Iterable[str] = ("metric", "params"),
+                 limits: Mapping[str, float] | None = None, train_modules: Iterable[str] = (),
+                 batch_shape: tuple[int, int] | None = None):  # fmt: skip
+        self.graph, self.budget, self.batch_shape = graph, Budget.coerce(budget), batch_shape
+        limit = self.budget.param_limit(graph.total_params)
+        if limit is None:
+            raise BudgetError("the budget sets no parameter limit; give one, e.g. Budget(params='0.5%')")
+        unknown = [k for k in objectives if k not in SENSES]
+        if unknown or "metric" not in objectives:
+            raise ValueError(f"objectives must include 'metric' and come from {list(SENSES)}, got {list(objectives)}")
+        self.objectives = {"metric": "max", **{k: SENSES[k] for k in objectives if k != "metric"}}
+        self.limits = {**self.budget.limits(graph.total_params), **(limits or {})}  # every Budget field
+        if set(self.limits) - set(SENSES) or "metric" in self.limits:
+            raise ValueError(f"limits are on costs {[k for k in SENSES if k != 'metric']}, got {sorted(self.limits)}")
+        self.full = [graph[n] for n in train_modules]
+        self.full_params = sum(get_method("full").param_count(s) for s in self.full)
+        self.available = limit - self.full_params  # what the tuned sites may spend
+        if self.available < 0:
+            raise BudgetError(f"budget {limit:,} params is below the {self.full_params:,} params of train_modules "
+                              f"{[s.name for s in self.full]}; raise it", minimum=self.full_params)
+        self._cache: dict[tuple, tuple[dict, dict]] = {}
+
+    @property
+    def directions(self) -> list[str]:
+        """``optuna.create_study(directions=space.directions)``: one per objective, in order."""
+        return ["maximize" if s == "max" else "minimize" for s in self.objectives.values()]
+
+    def values(self, plan: Plan, metric: float) -> list[float]:
+        """A trial's objective values in ``objectives`` order: ``metric`` and the plan's costs."""
+        return [metric, *(plan.objectives[k] for k in self.objectives if k != "metric")]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """The knobs, by name, in a fixed order."""
+        raise NotImplementedError(f"{type(self).__name__} must define distributions")
+
+    def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Per-site ``{"method": …, hyper-parameters…}`` for tuned sites (train_modules aside)."""
+        raise NotImplementedError(f"{type(self).__name__} must define site_entries")
+
+    def proxy_params(self, fraction: float) -> dict[str, Any]:
+        """Knobs reproducing (or, where the space cannot express it, approximating) the proxy
+        allocation at ``fraction`` of the available budget."""
+        raise NotImplementedError(f"{type(self).__name__} must define proxy_params")
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Plan:
+        """Ask ``trial`` for every knob and return the plan they make. Each limit but params
+        (met by construction) is recorded as ``trial.set_constraint(name, cost - limit)``,
+        feasible at ≤ 0, which optuna's samplers and the front read back from the storage."""
+        params = {name: _suggest(trial, name, d) for name, d in self.distributions().items()}
+        costs = self.costs(params)
+        for k, limit in self.limits.items():
+            if k != "params":
+                trial.set_constraint(k, costs[k] - limit)
+        return self.plan_from_params(params)
+
+    def plan_from_params(self, params: Mapping[str, Any]) -> Plan:
+        """The plan for ``params`` (every knob of `distributions`), its costs in ``objectives``."""
+        sites, costs = self._build(params)
+        costs = {k: v for k, v in costs.items() if k in self.objectives}
+        return Plan(sites={n: dict(e) for n, e in sites.items()},
+                    model={"fingerprint": self.graph.fingerprint, "class": self.graph.model_class, "n_sites": len(self.graph)},
+                    budget=self.budget.to_dict(), objectives=dict(costs),
+                    provenance={"space": self.name, "knobs": dict(params)})  # fmt: skip
+
+    def costs(self, params: Mapping[str, Any]) -> dict[str, float]:
+        """Exact costs of ``params``' plan without training: params, memory, latency and
+        adapter bytes (whichever are objectives or not)."""
+        return dict(self._build(params)[1])
+
+    def seeds(self, n: int) -> list[dict[str, Any]]:
+        """``n`` params dicts for ``study.enqueue_trial``: the proxy plans at budget shares
+        evenly spaced in log scale from `min_share` up to the whole available budget (n = 4:
+        0.05, 0.136, 0.368, 1). A front over trainable params spans orders of magnitude and its
+        cheap end holds most of the hypervolume, so linear shares (¼ … 1) would leave it empty."""
+        return [self.proxy_params(self.min_share ** ((n - 1 - i) / max(1, n - 1))) for i in range(n)]
+
+    def _build(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
+        key = tuple(sorted(params.items()))
+        if key not in self._cache:
+            missing = sorted(set(self.distributions()) - set(params))
+            if missing:
+                raise ValueError(f"{type(self).__name__}: params lack knob(s) {missing}")
+            tuned = self.site_entries(params)
+            full = {s.name: {"method": "full"} for s in self.full}
+            sites = {s.name: {**full.get(s.name, tuned.get(s.name, {})), **describe(s)}
+                     for s in self.graph if s.name in full or s.name in tuned}  # fmt: skip
+            cost = plan_cost(self.graph, Plan(sites=sites), batch_shape=self.batch_shape)
+            costs = {"params": cost.params, "memory": cost.train_bytes, "latency": cost.latency_fraction,
+                     "adapter_bytes": cost.adapter_bytes}
+            self._cache[key] = (sites, costs)
+        return self._cache[key]
+
+
+def _suggest(trial: optuna.trial.BaseTrial, name: str, d: BaseDistribution) -> Any:
+    if isinstance(d, FloatDistribution):
+        return trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
+    if isinstance(d, IntDistribution):
+        return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+    if isinstance(d, CategoricalDistribution):
+        return trial.suggest_categorical(name, d.choices)
+    raise TypeError(f"no suggest_* for {type(d).__name__}")

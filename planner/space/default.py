@@ -1,0 +1,32 @@
+"""`default_space`: the space a task search runs when given none — an `AllocatorSpace` over
+the proxy's sites and scores, so that its seed plans are the proxy's plans."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from ...ir import lower
+from ...ir.site import SiteGraph
+from ..budget import Budget
+from ..proxy.options import ProxyOptions
+from ..training.task import Task
+from .allocator import AllocatorSpace
+
+
+def default_space(model: nn.Module, budget: Budget | int | str, task: Task, *, seed: int = 0,
+                  objectives: Iterable[str] = ("metric", "params"), methods: Iterable[str] = ("lora",),
+                  proxy: ProxyOptions | None = None, graph: SiteGraph | None = None) -> AllocatorSpace:  # fmt: skip
+    """An `AllocatorSpace` over the sites ``search(strategy="proxy")`` tunes, with the same
+    scores, roles, rank cap and fully trained sites (all from ``proxy``), so ``space.seeds(1)``
+    is the proxy plan. Training memory is costed at ``task``'s largest training batch.
+
+    >>> space = default_space(model, "1%", task, methods=("lora", "ia3"))  # doctest: +SKIP
+    """
+    options = proxy or ProxyOptions()
+    graph = lower(model) if graph is None else graph
+    scores, _ = options.site_scores(model, graph, task, seed=seed, progress=False)
+    return AllocatorSpace(graph, scores, budget, methods=tuple(methods), roles=options.roles, max_rank=options.max_rank,
+                          objectives=tuple(objectives), train_modules=options.full_sites(graph),
+                          batch_shape=task.batch_shape())  # fmt: skip

@@ -1,0 +1,112 @@
+"""What defines a study, stored in its user_attrs so workers and restarts agree: `StudyConfig`
+and the `Source` a worker rebuilds the model and task from."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..budget import Budget
+from ..proxy.options import ProxyOptions
+from ..space.default import default_space
+from ..training.evaluate import Fidelity
+from ..training.task import Task
+
+ATTR = "peftplan"  # the study user_attr holding its StudyConfig
+
+
+class StudyError(RuntimeError):
+    """A study that cannot be opened, joined or summarised; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a worker finds the model and task: a `load_model` spec and a folder with
+    ``train.tsv``/``dev.tsv``; ``space`` is ``package.module:factory`` called like
+    `default_space` (the default).
+
+    >>> model, task = Source("minilm", "data/text/sst2", max_train=256).load()  # doctest: +SKIP
+    """
+
+    model: str
+    task: str
+    tokenizer: str | None = None
+    num_labels: int = 2
+    batch_size: int = 16
+    max_train: int | None = None
+    max_dev: int | None = None
+    space: str | None = None
+
+    def load(self) -> tuple[nn.Module, Task]:
+        from ...models import load_model
+
+        folder = Path(self.task)
+        model = load_model(self.model, num_labels=self.num_labels)
+        task = Task.for_sequence_classification(model, load_tokenizer(self.tokenizer or self.model), folder / "train.tsv",
+                                                folder / "dev.tsv", batch_size=self.batch_size, max_train=self.max_train,
+                                                max_dev=self.max_dev)  # fmt: skip
+        return model, task
+
+    def build_space(self, model: nn.Module, task: Task, config: StudyConfig) -> Any:
+        options = {"seed": config.seed, "objectives": config.objectives, "methods": config.methods}
+        if self.space is None:
+            return default_space(model, Budget.from_dict(config.budget), task, proxy=ProxyOptions.from_dict(config.proxy),
+                                 **options)  # fmt: skip
+        module, _, name = self.space.partition(":")
+        return getattr(importlib.import_module(module), name)(model, task, Budget.from_dict(config.budget), **options)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of ``minilm`` or of a local or hub model directory."""
+    from transformers import AutoTokenizer
+
+    from ...models import minilm_dir
+
+    if ":" in spec and not Path(spec).exists():
+        raise ValueError(f"model {spec!r} is a factory: name its tokenizer (a model directory or 'minilm')")
+    return AutoTokenizer.from_pretrained(minilm_dir() if spec == "minilm" else spec)
+
+
+@dataclass
+class StudyConfig:
+    """Everything that defines a study; stored in its user_attrs so workers and restarts
+    agree. ``limits`` are the budget as exact costs no plan may exceed."""
+
+    strategy: str
+    trials: int
+    objectives: tuple[str, ...]
+    senses: dict[str, str]
+    fidelities: tuple[Fidelity, ...]
+    limits: dict[str, float]
+    budget: dict[str, Any]
+    eta: int = 3
+    seed: int = 0
+    lr: float = 1e-3
+    seeds: int = 4
+    methods: tuple[str, ...] = ("lora",)
+    proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space
+    source: Source | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fidelities"] = [asdict(f) for f in self.fidelities]
+        for k in ("objectives", "methods"):
+            d[k] = None if d[k] is None else list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        tuples = {k: None if d[k] is None else tuple(d[k]) for k in ("objectives", "methods")}
+        return cls(**{**d, **tuples, "fidelities": tuple(Fidelity(**f) for f in d["fidelities"]),
+                      "source": Source(**d["source"]) if d.get("source") else None})  # fmt: skip
+
+    def default_name(self, task: Task, model: nn.Module) -> str:
+        """Stable across calls with the same settings (``trials`` aside), so a rerun resumes."""
+        key = {**self.to_dict(), "trials": None, "model": type(model).__name__, "task": task.name}
+        return f"{task.name}-{self.strategy}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"

@@ -1,0 +1,146 @@
+"""Multi-objective search as an optuna study that survives crashes and is shared by workers.
+
+    >>> plan = run_search(model, "1%", task, strategy="nsga2", trials=27,
+    ...                   storage="sqlite:///study.db",
+    ...                   fidelities=halving_rungs(Fidelity(steps=90, train_batches=27)))  # doctest: +SKIP
+    >>> len(plan.front), plan.objectives  # doctest: +SKIP
+    (4, {'metric': 0.86, 'params': 71424.0})
+
+Each trial evaluates one plan of the `Space` at one rung of `fidelities` (successive
+halving, see `peftplan.planner.study.halving`); `trials` counts completed rung-0 trials, so calling
+again with the same storage and study name after a crash runs only what is left. A trial
+killed outright stops sending heartbeats and is re-queued with the same parameters.
+
+The study's user_attrs hold its `StudyConfig` — with a `Source` (model spec and task folder)
+when started from the command line — so `run_worker(storage)` on another machine rebuilds
+the model, task and space and takes its share of the trials.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import optuna
+import torch.nn as nn
+
+from ...ir.site import SiteGraph
+from ...plan import Plan
+from ..budget import Budget
+from ..front import ParetoFront
+from ..proxy.options import ProxyOptions
+from ..space.default import default_space
+from ..training.evaluate import Fidelity, evaluate
+from ..training.task import Task
+from .config import ATTR, Source, StudyConfig, StudyError
+from .engine import Context, Evaluator, front_of, work
+from .storage import only_study, open_storage, open_study, stored_config
+
+
+def run_search(
+    model: nn.Module,
+    budget: Budget | int | str,
+    task: Task,
+    *,
+    strategy: str,
+    trials: int,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    objectives: Iterable[str] = ("metric", "params"),
+    fidelities: Iterable[Fidelity] | None = None,
+    eta: int = 3,
+    space: Any = None,
+    progress: bool = True,
+    lr: float = 1e-3,
+    seeds: int = 4,
+    methods: Iterable[str] = ("lora",),
+    proxy: ProxyOptions | None = None,
+    graph: SiteGraph | None = None,
+    threads: int | None = None,
+    source: Source | None = None,
+    evaluator: Evaluator = evaluate,
+    heartbeat: int = 30,
+) -> Plan:
+    """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
+    return the best plan within budget, with ``plan.front``.
+
+    The default space is `default_space` over ``objectives`` and ``methods``, with the
+    proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
+    model's lowering, when already at hand); a given ``space`` brings all of that itself, with
+    its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` proxy plans start seeded
+    strategies. ``fidelities`` (default: one rung of ``task.steps`` steps) are the rungs of
+    successive halving by ``eta``; ``threads`` sets torch's thread count for each trial; ``source``
+    records how workers rebuild the model and task (without it, none can join).
+
+    >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
+    >>> plan.front.to_csv("front.csv")  # doctest: +SKIP
+    """
+    budget = Budget.coerce(budget)
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    methods, proxy = tuple(methods), proxy or ProxyOptions()
+    if space is None:
+        space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph)
+    elif proxy != ProxyOptions() or graph is not None:
+        raise ValueError("a given space brings its own sites, scores and fully trained modules: the proxy options "
+                         f"{proxy.to_dict()} and graph apply only to the default space; drop them or the space")  # fmt: skip
+    fidelities = tuple(fidelities) if fidelities is not None else (Fidelity(steps=task.steps),)
+    if not fidelities:
+        raise ValueError("fidelities is empty: give at least one Fidelity")
+    config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
+                         {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, lr, seeds,
+                         methods, proxy.to_dict(), source)  # fmt: skip
+    name = study_name or config.default_name(task, model)
+    study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
+    work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
+    return best_plan(study)
+
+
+def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
+               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30) -> Plan:
+    """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
+    model, task and space from the stored `Source` and take trials until it is done.
+
+    >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d")  # doctest: +SKIP
+    """
+    store = open_storage(storage, heartbeat=heartbeat)
+    name = study_name or only_study(store)
+    config = stored_config(store, name)
+    if config.source is None:
+        raise StudyError(f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
+                         "start it with `peftplan search` (or run_search(source=Source(...)))")  # fmt: skip
+    model, task = config.source.load()
+    space = config.source.build_space(model, task, config)
+    worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
+    study = open_study(store, name, config, space, worker_seed, worker=True)
+    work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
+    return best_plan(study)
+
+
+def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | None = None) -> ParetoFront:
+    """The front of a stored study (its highest completed rung), plans included.
+
+    >>> study_front("sqlite:///peftplan-study.db").to_csv("front.csv")  # doctest: +SKIP
+    """
+    name = study_name or only_study(storage)
+    config = stored_config(storage, name)
+    study = optuna.load_study(study_name=name, storage=storage)
+    return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+
+
+def best_plan(study: optuna.Study) -> Plan:
+    """The best plan within budget of the study's front (highest first "max" objective),
+    with ``plan.front`` set."""
+    config = StudyConfig.from_dict(study.user_attrs[ATTR])
+    front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    if not len(front):
+        reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
+                          if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip
+        raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5] or 'none'}")
+    within = {k: v for k, v in config.limits.items() if k in front.senses}
+    plan = replace(front.best(within=within).plan)
+    plan.front = front
+    return plan

@@ -1,0 +1,93 @@
+"""Optuna storages and studies: open (in memory, SQLite, PostgreSQL, with heartbeats), create
+or reopen with the same settings, list, read back a study's config."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import optuna
+
+from ..strategies import enqueue_seeds, make_sampler
+from .config import ATTR, StudyConfig, StudyError
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat: int = 30) -> optuna.storages.BaseStorage:
+    """In memory (None), or an RDB URL (``sqlite:///study.db``, ``postgresql://…``) with
+    heartbeats every ``heartbeat`` seconds: a trial silent for twice that is failed and
+    re-queued with the same parameters (at most 3 times)."""
+    if storage is None:
+        return optuna.storages.InMemoryStorage()
+    if not isinstance(storage, str):
+        return storage
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import DBAPIError
+
+    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
+    def connect() -> RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))  # fmt: skip
+
+    for attempt in range(4):
+        try:
+            return connect()
+        except DBAPIError:  # processes starting together on a new database race to create its tables
+            time.sleep(0.5 * (attempt + 1))
+    return connect()
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, space: Any,
+               sampler_seed: int | None = None, *, worker: bool = False) -> optuna.Study:  # fmt: skip
+    """Create the study (enqueuing the space's seed plans once; never by a ``worker``, which
+    could race its creator) or reopen it, checking it was made with the same settings; a
+    different ``trials`` extends or shortens it.
+
+    The sampler is seeded with ``sampler_seed`` (default ``config.seed``) on a new study and
+    with a seed moved on by the trial count on a resumed one, so it does not replay the
+    proposals it made before the crash."""
+    directions = ["maximize" if config.senses[k] == "max" else "minimize" for k in config.objectives]
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True,
+                                sampler=optuna.samplers.RandomSampler())  # replaced below, once the history is known  # fmt: skip
+    stored = study.user_attrs.get(ATTR)
+    if stored is None:
+        study.set_user_attr(ATTR, config.to_dict())
+    else:
+        new = config.to_dict()
+        differ = sorted(k for k in new if k != "trials" and new[k] != stored.get(k))
+        if differ:
+            raise StudyError(f"study {name!r} exists with other settings ({', '.join(differ)}): "
+                             "reuse them or give another study name")  # fmt: skip
+        if stored["trials"] != config.trials:
+            study.set_user_attr(ATTR, new)
+    if not worker and not study.user_attrs.get("seeds_enqueued"):  # once per study, not again on resume
+        enqueue_seeds(study, space, config.strategy, min(config.seeds, config.trials))
+        study.set_user_attr("seeds_enqueued", True)
+    started = sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    seed = (config.seed if sampler_seed is None else sampler_seed) + 7919 * started
+    study.sampler = make_sampler(config.strategy, space, seed=seed, constraints=config.limits)
+    return study
+
+
+def stored_config(storage: optuna.storages.BaseStorage | str, name: str) -> StudyConfig:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise StudyError(f"no study named {name!r} in the storage; it has {study_names(storage)}") from None
+    if ATTR not in study.user_attrs:
+        raise StudyError(f"study {name!r} was not made by peftplan (no {ATTR!r} user_attr)")
+    return StudyConfig.from_dict(study.user_attrs[ATTR])
+
+
+def study_names(storage: optuna.storages.BaseStorage | str) -> list[str]:
+    return sorted(optuna.get_all_study_names(storage=storage))
+
+
+def only_study(storage: optuna.storages.BaseStorage | str) -> str:
+    """The name of the storage's single study; an error naming them all when there are more."""
+    names = study_names(storage)
+    if len(names) != 1:
+        raise StudyError(f"the storage holds {len(names)} studies {names}: choose one with --study NAME")
+    return names[0]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,12 +29,11 @@ def _staircase(front: ParetoFront, x: str, y: str) -> tuple[list[float], list[fl
 
 
 def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str) -> Path:
-    import matplotlib
+    # a Figure of its own (no pyplot): the user's process keeps its matplotlib backend
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    ax = fig.subplots()
     if len(front):
         xs, ys = _staircase(front, x, y)
         ax.plot(xs, ys, color="tab:blue", alpha=0.5, lw=1.5, drawstyle="default")
@@ -46,11 +46,9 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str) -> Path
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return write_atomic(path, png.getvalue())
 
 
 def plot_html(front: ParetoFront, path: Path, x: str, y: str, title: str) -> Path:

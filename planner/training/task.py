@@ -132,7 +132,8 @@ class Task:
 
 
 def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped.
+    """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped. An empty
+    text (``0<TAB>``) is an example like any other: it tokenises to the special tokens.
 
     >>> read_labelled_text("sst2/dev.tsv")[0]  # doctest: +SKIP
     (1, "it 's a charming and often affecting journey .")
@@ -144,7 +145,7 @@ def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
             if not line.strip():
                 continue
             label, tab, text = line.partition("\t")
-            if not tab or not text.strip() or not label.strip().lstrip("-").isdigit():
+            if not tab or not label.strip().lstrip("-").isdigit():
                 raise ValueError(
                     f"{path}:{lineno}: expected LABEL<TAB>TEXT with an integer label, got {line[:80]!r}"
                 )

@@ -112,13 +112,25 @@ def test_matthews_by_hand():
 
 
 @pytest.mark.parametrize(
-    "line", ["no tab here", "x\tlabel is not a number", "1\t", "1.5\tfractional label"]
+    "line", ["no tab here", "x\tlabel is not a number", "\tno label", "1.5\tfractional label"]
 )
 def test_malformed_lines_name_file_and_line(tmp_path, line):
     path = tmp_path / "bad.tsv"
     path.write_text(f"1\tfine\n0\talso fine\n{line}\n")
     with pytest.raises(ValueError, match=r"bad\.tsv:3: expected LABEL<TAB>TEXT"):
         read_labelled_text(path)
+
+
+def test_an_empty_text_is_an_example(tmp_path, tokenizer):
+    """A real held-out set has a line ``0<TAB>``: it tokenises to the special tokens alone."""
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / name).write_text("1\ta fine film\n0\t\n1\tgreat\n")
+    assert read_labelled_text(tmp_path / "dev.tsv") == [(1, "a fine film"), (0, ""), (1, "great")]
+    task = Task.for_sequence_classification(minilm.get_model_path(), tokenizer, tmp_path / "train.tsv", tmp_path / "dev.tsv")
+    batch = task.eval_batches[0]
+    assert batch["labels"].tolist() == [1, 0, 1]
+    empty = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
+    assert empty == [tokenizer.cls_token_id, tokenizer.sep_token_id]
 
 
 def test_other_errors(files, tokenizer, tmp_path):

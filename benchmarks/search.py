@@ -54,6 +54,8 @@ import time
 import warnings
 from pathlib import Path
 
+from peftplan.recipe import Recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,12 +67,14 @@ BUDGET = 75_000
 REFERENCE = {"metric": 0.5, "params": BUDGET}
 BOX = (1.0 - REFERENCE["metric"]) * REFERENCE["params"]  # the hypervolume of the ideal point
 BATCH, MAX_LENGTH, LR = 8, 32, 2e-3
-# steps, training examples (steps * BATCH / examples epochs), dev examples, table's N, seeds
+# steps, training examples (steps * BATCH / examples epochs), validation examples, table's N, seeds
 SCALES = {
     "full": {"steps": 64, "train": 512, "dev": 256, "evals": (4, 8, 12, 16, 32), "seeds": (0, 1)},
     "quick": {"steps": 64, "train": 384, "dev": 160, "evals": (4, 8, 12), "seeds": (0,)},
 }
 GOAL_WITHIN, GOAL_SHARE = 12, 0.95
+# candidates train at a constant rate without warm-up or clipping: the rule this benchmark measured
+RECIPE = Recipe(lr=LR, warmup=0.0, schedule="constant", clip=None)
 
 
 def load_task(scale: dict):
@@ -84,7 +88,7 @@ def load_task(scale: dict):
     model = load_minilm(num_labels=2)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     task = Task.for_sequence_classification(model, tokenizer, DATA / "train.tsv", DATA / "dev.tsv", batch_size=BATCH,
-                                            max_length=MAX_LENGTH, max_train=scale["train"], max_dev=scale["dev"])  # fmt: skip
+                                            max_length=MAX_LENGTH, max_train=scale["train"], validation=scale["dev"])  # fmt: skip
     return model, task
 
 
@@ -93,14 +97,14 @@ def seconds_per_eval(model, task, space, fidelity, threads: int, cache: CachedEv
     import torch
 
     torch.set_num_threads(threads)
-    result = cache(model, space.plan_from_params(space.proxy_params(1.0)), task, fidelity, lr=LR, seed=0)
+    result = cache(model, space.plan_from_params(space.proxy_params(1.0)), task, fidelity, recipe=RECIPE, seed=0)
     if not result.ok:
         raise SystemExit(f"the timing evaluation failed: {result.failed}")
     return result.seconds
 
 
 class CachedEvaluator:
-    """`evaluate`, remembering each (plan, fidelity, lr, seed): training is deterministic for
+    """`evaluate`, remembering each (plan, fidelity, recipe, seed): training is deterministic for
     those, so a plan another run of the same seed evaluated (the seeded strategies share their
     4 seed plans) gets the same result without training again. Curves are unchanged; ``hits``
     counts what was not re-run."""
@@ -109,14 +113,14 @@ class CachedEvaluator:
         self.results: dict[tuple, object] = {}
         self.hits = 0
 
-    def __call__(self, base, plan, task, fidelity, *, lr: float, seed: int):
+    def __call__(self, base, plan, task, fidelity, *, recipe, seed: int):
         from peftplan.planner.training.evaluate import evaluate
 
-        key = (json.dumps(plan.sites, sort_keys=True), str(fidelity), lr, seed)
+        key = (json.dumps(plan.sites, sort_keys=True), str(fidelity), str(recipe), seed)
         if key in self.results:
             self.hits += 1
         else:
-            self.results[key] = evaluate(base, plan, task, fidelity, lr=lr, seed=seed)
+            self.results[key] = evaluate(base, plan, task, fidelity, recipe=recipe, seed=seed)
         return self.results[key]
 
 
@@ -130,7 +134,7 @@ def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, thr
     name = f"bench-{strategy}-{seed}"
     start, hits = time.perf_counter(), cache.hits
     run_search(model, BUDGET, task, strategy=strategy, trials=trials, storage=storage, study_name=name, seed=seed,
-               fidelities=[fidelity], space=space, progress=False, lr=LR, threads=threads, evaluator=cache)  # fmt: skip
+               fidelities=[fidelity], space=space, progress=False, recipe=RECIPE, threads=threads, evaluator=cache)  # fmt: skip
     wall = time.perf_counter() - start
     trials_ = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     done = sorted((t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number))
@@ -256,7 +260,7 @@ def main() -> None:
     per_eval = seconds_per_eval(model, task, spaces[seeds[0]], fidelity, args.threads, caches[seeds[0]])
     estimate = len(STRATEGIES) * len(seeds) * trials * per_eval
     print(f"Task: sst2, {len(task.train_batches) * BATCH} training examples ({len(task.train_batches)} batches of {BATCH}, "
-          f"max length {MAX_LENGTH}), {sum(len(b['labels']) for b in task.eval_batches)} dev examples; "
+          f"max length {MAX_LENGTH}), {sum(len(b['labels']) for b in task.validation_batches)} validation examples held out of train.tsv; "
           f"fidelity {fidelity} (one rung), lr {LR}, budget {BUDGET:,} params, reference {REFERENCE}, {args.threads} threads")  # fmt: skip
     print(f"Plan: {len(STRATEGIES)} strategies x {len(seeds)} seed(s) x {trials} evaluations x {per_eval:.1f} s/eval "
           f"(one timed evaluation) = {estimate / 60:.1f} min of training at most (plans evaluated before in the same "

@@ -28,10 +28,11 @@ from peftplan.planner import (
     search,
     train,
 )
+from peftplan.recipe import Recipe
 from peftplan.version import __version__
 
 __all__ = [
     "Budget", "BudgetError", "Fidelity", "Method", "ParetoFront", "Plan", "PlanError", "Site", "SiteGraph",
-    "Task", "__version__", "apply", "aux_loss", "export_peft", "get_method", "import_peft", "load", "lower", "merge",
+    "Recipe", "Task", "__version__", "apply", "aux_loss", "export_peft", "get_method", "import_peft", "load", "lower", "merge",
     "methods", "plan_cost", "register", "remove", "save", "search", "to_peft", "train", "unmerge",
 ]  # fmt: skip

@@ -72,13 +72,17 @@ def _search(args: argparse.Namespace) -> int:
     from peftplan.planner.study import Source, run_search
     from peftplan.planner.study.halving import halving_rungs
     from peftplan.planner.training.evaluate import Fidelity
+    from peftplan.recipe import Recipe
 
-    source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.max_train, args.max_dev)
+    source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.max_train, args.max_dev,
+                    validation=args.validation, seed=args.seed)  # fmt: skip
     model, task = source.load()
-    top = Fidelity(args.steps or task.steps, len(task.train_batches))
+    recipe = Recipe(lr=args.lr, steps=args.steps, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+                    batch_size=args.batch_size)  # fmt: skip
+    top = Fidelity(recipe.total_steps(len(task.train_batches)))
     plan = run_search(model, _budget(args), task, strategy=args.strategy, trials=args.trials, storage=args.storage,
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
-                      fidelities=halving_rungs(top, args.rungs, args.eta), eta=args.eta, lr=args.lr,
+                      fidelities=halving_rungs(top, args.rungs, args.eta), eta=args.eta, recipe=recipe,
                       methods=args.methods.split(","), threads=args.threads, source=source,
                       progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
@@ -155,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="multi-objective search over plans: trains candidates, keeps the Pareto front")
     se.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
-    se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT)")
+    se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT); candidates are scored on a "
+                    "validation split of train.tsv (--validation), never on dev.tsv")
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(se)
     se.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
@@ -168,13 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
     se.add_argument("--rungs", type=int, default=1, help="successive-halving rungs (default 1: every trial at full length)")
     se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")
-    se.add_argument("--steps", type=int, help="training steps at the last rung (default: one pass over the training batches)")
-    se.add_argument("--lr", type=float, default=1e-3)
+    se.add_argument("--steps", type=int, help="training steps of the recipe, the last rung's (default: one pass over the training batches)")
+    se.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the recipe (default 1e-3)")
+    se.add_argument("--warmup", type=float, default=0.06, help="share of the steps the learning rate warms up over (default 0.06)")
+    se.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"), help="after warm-up (default linear decay)")
+    se.add_argument("--weight-decay", type=float, default=0.0)
+    se.add_argument("--validation", type=float, default=0.2, help="share of train.tsv held out to score candidates on (default 0.2)")
     se.add_argument("--tokenizer", help="tokenizer directory or 'minilm' (default: the model's; needed for a factory)")
     se.add_argument("--num-labels", type=int, default=2, help="classes of the task")
     se.add_argument("--batch-size", type=int, default=16)
-    se.add_argument("--max-train", type=int, help="keep this many training examples")
-    se.add_argument("--max-dev", type=int, help="keep this many dev examples")
+    se.add_argument("--max-train", type=int, help="keep this many training examples (after the validation split)")
+    se.add_argument("--max-dev", type=int, help="keep this many dev (evaluation) examples")
     se.set_defaults(run=_search)
 
     wo = sub.add_parser("worker", help="join a study made by `peftplan search` and take a share of its trials")

@@ -7,6 +7,8 @@
 
 Site entries spell hyper-parameters flat next to ``method``; ``role``, ``depth``, ``op`` and
 ``shape`` describe the site (for checking and re-targeting) and are not hyper-parameters.
+``recipe`` is how the plan was trained when it was found (`Recipe`), so that whoever applies it
+trains it the same way. Version 1 files (before recipes) are read as plans without one.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import Any
 
 from .backends.base import PlanError, get_method
 from .ir.site import Site
+from .recipe import Recipe
 from .version import __version__
 
 FORMAT = "peftplan.plan"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions from_dict understands: 1 had no recipe
 SITE_KEYS = ("method", "role", "depth", "op", "shape")  # everything else in an entry is a hyper-parameter
 
 
@@ -38,6 +42,7 @@ class Plan:
     budget: dict[str, Any] | None = None
     objectives: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    recipe: Recipe | None = None
     front: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +80,7 @@ class Plan:
             "objectives": dict(self.objectives),
             "sites": {n: dict(e) for n, e in self.sites.items()},
             "provenance": dict(self.provenance),
+            "recipe": None if self.recipe is None else self.recipe.to_dict(),
         }
 
     @classmethod
@@ -84,10 +90,10 @@ class Plan:
             raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise PlanError(f"not a peftplan plan: format is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READS:
             raise PlanError(
                 f"plan format version {d.get('version')!r} is not supported by this peftplan "
-                f"(reads version {VERSION}); upgrade peftplan or re-create the plan"
+                f"(reads versions {list(READS)}); upgrade peftplan or re-create the plan"
             )
         missing = [k for k in ("model", "sites") if k not in d]
         if missing:
@@ -100,6 +106,7 @@ class Plan:
             budget=d.get("budget"),
             objectives=dict(d.get("objectives") or {}),
             provenance=dict(d.get("provenance") or {}),
+            recipe=_recipe(d.get("recipe")),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -116,6 +123,17 @@ class Plan:
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON ({e})") from None
         return cls.from_dict(d)
+
+
+def _recipe(d: Any) -> Recipe | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise PlanError(f"plan field 'recipe' must be an object like {{'lr': 0.001, 'steps': 600}}, got {type(d).__name__}")
+    try:
+        return Recipe.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"plan field 'recipe': {e}") from None
 
 
 def _check_entry(name: str, entry: Any) -> None:

@@ -28,8 +28,9 @@ class StudyError(RuntimeError):
 @dataclass(frozen=True)
 class Source:
     """Where a worker finds the model and task: a `load_model` spec and a folder with
-    ``train.tsv``/``dev.tsv``; ``space`` is ``package.module:factory`` called like
-    `default_space` (the default).
+    ``train.tsv`` (training and, carved from it by ``validation`` and ``seed``, validation
+    examples) and ``dev.tsv`` (evaluation only: a search never scores on it); ``space`` is
+    ``package.module:factory`` called like `default_space` (the default).
 
     >>> model, task = Source("minilm", "data/text/sst2", max_train=256).load()  # doctest: +SKIP
     """
@@ -42,6 +43,8 @@ class Source:
     max_train: int | None = None
     max_dev: int | None = None
     space: str | None = None
+    validation: float | int = 0.2
+    seed: int = 0
 
     def load(self) -> tuple[nn.Module, Task]:
         from ...models import load_model
@@ -50,7 +53,7 @@ class Source:
         model = load_model(self.model, num_labels=self.num_labels)
         task = Task.for_sequence_classification(model, load_tokenizer(self.tokenizer or self.model), folder / "train.tsv",
                                                 folder / "dev.tsv", batch_size=self.batch_size, max_train=self.max_train,
-                                                max_dev=self.max_dev)  # fmt: skip
+                                                max_dev=self.max_dev, validation=self.validation, seed=self.seed)  # fmt: skip
         return model, task
 
     def build_space(self, model: nn.Module, task: Task, config: StudyConfig) -> Any:
@@ -87,7 +90,7 @@ class StudyConfig:
     budget: dict[str, Any]
     eta: int = 3
     seed: int = 0
-    lr: float = 1e-3
+    recipe: dict[str, Any] | None = None  # the Recipe every trial trains by (at its rung's fidelity)
     seeds: int = 4
     methods: tuple[str, ...] = ("lora",)
     proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space

@@ -5,7 +5,7 @@ Everything is read back from the storage on each turn, so any number of workers 
 restart after a crash) see the same state. Each trial carries user_attrs: ``rung``,
 ``candidate`` (the number of the candidate's rung-0 trial), ``costs`` (exact, before
 training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
-``seconds``, ``fidelity``, ``worker``, and ``reused`` (the trial whose result a trial with the
+``seconds``, ``fidelity``, ``validation_loss``, ``worker``, and ``reused`` (the trial whose result a trial with the
 same plan took instead of training again).
 
 Two workers may both decide to create the same trial (the last rung-0 slot, the same
@@ -35,6 +35,7 @@ import torch.nn as nn
 from optuna.trial import FrozenTrial, TrialState
 
 from ...plan import Plan, provenance
+from ...recipe import Recipe
 from ..front import FrontPoint, ParetoFront
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.progress import ProgressLine
@@ -253,6 +254,8 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
         if not result.ok:
             trial.set_user_attr("fidelity", str(fidelity))
             return _fail(study, trial, result.failed)
+        if result.loss is not None:
+            trial.set_user_attr("validation_loss", float(result.loss))
         _complete(study, trial, ctx, plan, [float(v) for v in ctx.space.values(plan, result.metric)], r, fidelity)
     except optuna.exceptions.UpdateFinishedTrialError:  # heartbeats starved: another worker re-queued it
         warnings.warn(f"trial {trial.number} sent no heartbeat for a grace period, so it was failed and re-queued "
@@ -267,6 +270,7 @@ def _complete(study: optuna.Study, trial: optuna.Trial, ctx: Context, plan: Plan
     config = ctx.config
     trial.set_user_attr("fidelity", str(fidelity))
     plan.objectives = dict(zip(config.objectives, values))
+    plan.recipe = Recipe.from_dict(config.recipe)  # how it was trained: the final run trains it so too
     plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
                        "study": study.study_name, "trial": trial.number, "rung": rung, "fidelity": str(fidelity), **extra}  # fmt: skip
     trial.set_user_attr("plan", plan.to_dict())
@@ -287,7 +291,7 @@ def _same_plan(study: optuna.Study, number: int, rung: int, plan: Plan) -> Froze
 def _evaluate(ctx: Context, plan: Plan, fidelity: Fidelity) -> Evaluation:
     start = time.perf_counter()
     try:
-        return ctx.evaluator(ctx.base, plan, ctx.task, fidelity, lr=ctx.config.lr, seed=ctx.config.seed)
+        return ctx.evaluator(ctx.base, plan, ctx.task, fidelity, recipe=Recipe.from_dict(ctx.config.recipe), seed=ctx.config.seed)
     except Exception as e:  # an evaluator that raises still only fails its trial
         return Evaluation(None, 0, time.perf_counter() - start, f"{type(e).__name__}: {e}"[:500])
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ...ir.site import SiteGraph
 from ...plan import Plan
+from ...recipe import Recipe
 from ..budget import Budget
 from ..front import ParetoFront
 from ..proxy.options import ProxyOptions
@@ -54,7 +55,7 @@ def run_search(
     eta: int = 3,
     space: Any = None,
     progress: bool = True,
-    lr: float = 1e-3,
+    recipe: Recipe | None = None,
     seeds: int = 4,
     methods: Iterable[str] = ("lora",),
     proxy: ProxyOptions | None = None,
@@ -71,8 +72,10 @@ def run_search(
     proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
     model's lowering, when already at hand); a given ``space`` brings all of that itself, with
     its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` proxy plans start seeded
-    strategies. ``fidelities`` (default: one rung of ``task.steps`` steps) are the rungs of
-    successive halving by ``eta``; ``threads`` sets torch's thread count for each trial; ``source``
+    strategies. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
+    `Fidelity`; ``fidelities`` (default: one rung, the full recipe) are the rungs of successive
+    halving by ``eta``; the returned plan carries the recipe (`Plan.recipe`). Candidates are
+    scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
     records how workers rebuild the model and task (without it, none can join).
 
     >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
@@ -87,11 +90,16 @@ def run_search(
     elif proxy != ProxyOptions() or graph is not None:
         raise ValueError("a given space brings its own sites, scores and fully trained modules: the proxy options "
                          f"{proxy.to_dict()} and graph apply only to the default space; drop them or the space")  # fmt: skip
-    fidelities = tuple(fidelities) if fidelities is not None else (Fidelity(steps=task.steps),)
+    if not task.validation_batches:
+        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+                         "split carved from the training data, never on the evaluation split; build the task with "
+                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
+    recipe = recipe or Recipe()
+    fidelities = tuple(fidelities) if fidelities is not None else (Fidelity(),)
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
-                         {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, lr, seeds,
+                         {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
                          methods, proxy.to_dict(), source)  # fmt: skip
     name = study_name or config.default_name(task, model)
     study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)

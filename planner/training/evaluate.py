@@ -1,10 +1,11 @@
-"""`evaluate`: one trial — a plan on a fresh copy of the base model, trained at a fidelity,
-scored on the task's dev batches. A trial that diverges, runs out of memory or raises comes
-back as failed with its reason; it never takes the search down.
+"""`evaluate`: one trial — a plan on a fresh copy of the base model, trained by a `Recipe` at a
+`Fidelity`, scored on the task's validation batches (carved from its training data: a search
+never scores on the evaluation split it is reported on). A trial that diverges, runs out of
+memory or raises comes back as failed with its reason; it never takes the search down.
 
-    >>> result = evaluate(base, plan, task, Fidelity(steps=50, train_batches=20))  # doctest: +SKIP
-    >>> result.metric, result.params, result.failed  # doctest: +SKIP
-    (0.84, 74114, None)
+    >>> result = evaluate(base, plan, task, Fidelity(steps=50), recipe=Recipe(lr=1e-3, steps=500))  # doctest: +SKIP
+    >>> result.metric, result.loss, result.params, result.failed  # doctest: +SKIP
+    (0.84, 0.41, 74114, None)
 """
 
 from __future__ import annotations
@@ -13,60 +14,93 @@ import copy
 import time
 from dataclasses import dataclass, field, replace
 
+import torch
 import torch.nn as nn
 
 from ...backends import apply, aux_loss, count_trainable
 from ...plan import Plan
+from ...recipe import Recipe
 from .task import Task
 from .train import train
 
 
 @dataclass(frozen=True)
 class Fidelity:
-    """How much a trial trains: ``steps`` optimizer steps over the first ``train_batches``
-    training batches (all when None), scored on the first ``eval_batches`` dev batches."""
+    """How much a trial trains: the recipe compressed to ``steps`` optimizer steps (None: the
+    recipe's full length) over the first ``train_batches`` training batches (all when None),
+    scored on the first ``eval_batches`` validation batches (all when None).
 
-    steps: int
+    >>> Fidelity(steps=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Fidelity(steps=0): a trial trains at least one step (None: the recipe's full length)
+    """
+
+    steps: int | None = None
     train_batches: int | None = None
     eval_batches: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "train_batches", "eval_batches"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                what = "trains at least one step (None: the recipe's full length)" if name == "steps" else \
+                    "uses at least one batch (None: all of them)"  # fmt: skip
+                raise ValueError(f"Fidelity({name}={v!r}): a trial {what}")
+
+    def recipe(self, recipe: Recipe) -> Recipe:
+        """``recipe`` at this fidelity: the same shape over ``steps`` steps."""
+        return recipe if self.steps is None else recipe.with_steps(self.steps)
+
     def __str__(self) -> str:
-        return f"{self.steps} steps" + (f" on {self.train_batches} batches" if self.train_batches else "")
+        length = "the full recipe" if self.steps is None else f"{self.steps} steps"
+        return length + (f" on {self.train_batches} batches" if self.train_batches else "")
 
 
 @dataclass
 class Evaluation:
+    """A trial's outcome: the validation ``metric`` (higher is better) and mean validation
+    ``loss`` (None when failed), trainable params, seconds, the failure reason, training losses."""
+
     metric: float | None
     params: int
     seconds: float
     failed: str | None = None
     losses: list[float] = field(default_factory=list, repr=False)
+    loss: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.failed is None
 
 
-def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, lr: float = 1e-3,
-             seed: int = 0, aux_weight: float = 0.01) -> Evaluation:
-    """Apply ``plan`` to a copy of ``base`` (left untouched), train at ``fidelity``, score.
+def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, recipe: Recipe | None = None,
+             seed: int = 0, aux_weight: float = 0.01) -> Evaluation:  # fmt: skip
+    """Apply ``plan`` to a copy of ``base`` (left untouched), train by ``recipe`` (default
+    `Recipe()`) at ``fidelity``, score on the validation batches.
 
     ``aux_weight`` scales auxiliary losses of the plan's sites (MoE-LoRA load balancing)."""
+    if not task.validation_batches:
+        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+                         "split carved from the training data, never on the evaluation split; build the task with "
+                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
+    recipe = recipe or Recipe()
     start = time.perf_counter()
     params = int(plan.objectives.get("params", 0))
     losses: list[float] = []
     try:
         model = apply(copy.deepcopy(base), plan)
         params = count_trainable(model)
+        validation = task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
         sub = replace(
             task,
             train_batches=task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches,
-            eval_batches=task.eval_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.eval_batches,
             loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m),
         )
-        run = train(model, sub, steps=fidelity.steps, lr=lr, seed=seed)
+        run = train(model, sub, fidelity.recipe(recipe), seed=seed)
         losses = run.losses
-        metric = float(task.metric(model, sub.eval_batches))
+        metric = float(task.metric(model, validation))
+        loss = validation_loss(model, task, validation)
     except MemoryError as e:
         return Evaluation(None, params, time.perf_counter() - start, f"out of memory: {e}", losses)
     except Exception as e:  # any failing plan is a failed trial, recorded with its reason
@@ -77,4 +111,20 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, lr:
         return Evaluation(None, params, time.perf_counter() - start, reason, losses)
     if metric != metric:  # NaN metric: the model produced garbage
         return Evaluation(None, params, time.perf_counter() - start, "metric is NaN", losses)
-    return Evaluation(metric, params, time.perf_counter() - start, None, losses)
+    return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss)
+
+
+def validation_loss(model: nn.Module, task: Task, batches: list) -> float:
+    """Mean of ``task.loss`` over ``batches``, weighted by examples, in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    total = n = 0.0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                k = len(next(iter(batch.values())))
+                total += float(task.loss(model, batch)) * k
+                n += k
+    finally:
+        model.train(was_training)
+    return total / n if n else float("nan")

@@ -12,7 +12,7 @@ import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class Task:
-    """Training and evaluation batches plus how to score a model on them.
+    """Training, validation and evaluation batches plus how to score a model on them.
 
     ``loss(model, batch)`` returns a scalar tensor with an autograd graph;
     ``metric(model, batches)`` returns a float where higher is better; ``steps`` is the number
-    of optimizer steps a training run on this task takes.
+    of optimizer steps a training run on this task takes. A search scores candidates on
+    ``validation_batches`` (carved from the training data); ``eval_batches`` are for the final
+    report only.
     """
 
     train_batches: list[Batch]
@@ -40,6 +42,23 @@ class Task:
     metric: Callable[[nn.Module, list[Batch]], float]
     steps: int = 100
     name: str = "task"
+    validation_batches: list[Batch] = field(default_factory=list)
+
+    def with_validation(self, share: float | int, seed: int = 0) -> Task:
+        """A copy whose validation batches are ``share`` of the training batches (a fraction in
+        (0, 1), or a count), drawn with ``seed``; the rest stay training batches. For tasks
+        built from batches; `for_sequence_classification` carves examples, stratified by label.
+
+        >>> t = Task([{"x": i} for i in range(10)], [], None, None).with_validation(0.2, seed=1)
+        >>> len(t.train_batches), len(t.validation_batches)
+        (8, 2)
+        """
+        n = len(self.train_batches)
+        k = _count(share, n, "training batches")
+        picked = set(random.Random(seed).sample(range(n), k))
+        return replace(self, train_batches=[b for i, b in enumerate(self.train_batches) if i not in picked],
+                       validation_batches=[b for i, b in enumerate(self.train_batches) if i in picked],
+                       steps=max(1, round(self.steps * (n - k) / n)))  # fmt: skip
 
     def batch_shape(self) -> tuple[int, int]:
         """(batch, length) of the largest training batch: what training memory is costed at.
@@ -51,6 +70,12 @@ class Task:
             raise ValueError(f"task {self.name!r} has no training batches")
         shapes = [batch_shape((), {k: v for k, v in b.items() if k != "labels"}) for b in self.train_batches]
         return max(shapes, key=lambda s: s[0] * s[1])
+
+    def batch_size(self) -> int:
+        """Examples in the first training batch (the others have as many, but the last)."""
+        if not self.train_batches:
+            raise ValueError(f"task {self.name!r} has no training batches")
+        return _examples(self.train_batches[0])
 
     def calibration(self, n: int) -> list[Batch]:
         """The first ``n`` training batches (all of them when there are fewer).
@@ -78,12 +103,16 @@ class Task:
         max_dev: int | None = None,
         metric: str = "accuracy",
         seed: int = 0,
+        validation: float | int | None = 0.2,
     ) -> Task:
-        """A task from ``LABEL<TAB>TEXT`` files (one example per line, integer labels).
+        """A task from ``LABEL<TAB>TEXT`` files (one example per line, integer labels):
+        ``train`` gives the training and validation examples, ``dev`` the evaluation examples.
 
         ``tokenizer`` may be None to load it from the model directory (or, for a model, from
-        ``model.config._name_or_path``). Training examples are shuffled with ``seed`` before
-        ``max_train`` keeps a prefix; dev keeps file order. Each batch is padded to its own
+        ``model.config._name_or_path``). Training examples are shuffled with ``seed``; then
+        ``validation`` of them (a fraction, or a count; None: none) become the validation split,
+        stratified by label (`stratified_split`), and ``max_train`` keeps a prefix of the rest;
+        dev keeps file order. Each batch is padded to its own
         longest text. The loss is cross-entropy on ``model(**inputs).logits``; ``metric`` is
         ``"accuracy"`` or ``"mcc"`` (Matthews correlation, the usual CoLA metric).
 
@@ -100,11 +129,14 @@ class Task:
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
         train_rows = read_labelled_text(train)
         random.Random(seed).shuffle(train_rows)
+        validation_rows: list[tuple[int, str]] = []
+        if validation is not None:
+            train_rows, validation_rows = stratified_split(train_rows, validation, seed=seed)
         train_rows = train_rows[:max_train]
         dev_rows = read_labelled_text(dev)[:max_dev]
         n_labels = getattr(getattr(model_dir_or_model, "config", None), "num_labels", None)
         if n_labels is not None:
-            seen = max(label for label, _ in train_rows + dev_rows)
+            seen = max(label for label, _ in train_rows + validation_rows + dev_rows)
             if seen >= n_labels:
                 raise ValueError(
                     f"the data has label {seen} but the model has {n_labels} labels; "
@@ -128,7 +160,44 @@ class Task:
             metric=METRICS[metric],
             steps=len(train_batches),
             name=Path(train).parent.name or Path(train).stem,
+            validation_batches=batches(validation_rows),
         )
+
+
+def stratified_split(rows: list[tuple[int, str]], share: float | int, *, seed: int = 0) -> tuple[list, list]:
+    """(rest, held out): ``share`` of ``rows`` (a fraction in (0, 1), or a count) held out with
+    each label in its proportion (largest remainders), drawn with ``seed``; both keep the rows'
+    order.
+
+    >>> rows = [(0, "a"), (0, "b"), (0, "c"), (0, "d"), (1, "e"), (1, "f"), (1, "g"), (1, "h")]
+    >>> rest, held = stratified_split(rows, 0.25, seed=0)
+    >>> sorted(label for label, _ in held), len(rest)
+    ([0, 1], 6)
+    """
+    k = _count(share, len(rows), "training examples")
+    by_label: dict[int, list[int]] = {}
+    for i, (label, _) in enumerate(rows):
+        by_label.setdefault(label, []).append(i)
+    exact = {label: k * len(ix) / len(rows) for label, ix in by_label.items()}
+    take = {label: math.floor(q) for label, q in exact.items()}
+    for label in sorted(exact, key=lambda lb: (take[lb] - exact[lb], lb))[: k - sum(take.values())]:
+        take[label] += 1
+    rng = random.Random(seed)
+    held = {i for label, ix in sorted(by_label.items()) for i in rng.sample(ix, take[label])}
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _count(share: float | int, n: int, what: str) -> int:
+    """How many of ``n`` items a validation ``share`` (a fraction in (0, 1) or a count) holds out."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise ValueError(f"validation must be a fraction in (0, 1) or a count, got {share!r}")
+    k = share if isinstance(share, int) else round(share * n)
+    if isinstance(share, float) and not 0 < share < 1:
+        raise ValueError(f"validation={share}: a fraction lies in (0, 1); give a count as an int")
+    if not 1 <= k < n:
+        raise ValueError(f"validation={share!r} of {n} {what} leaves {'no validation' if k < 1 else 'no training'} "
+                         f"example; the split needs at least one of each")  # fmt: skip
+    return k
 
 
 def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
@@ -204,6 +273,10 @@ def matthews(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 METRICS: dict[str, Callable[[nn.Module, list[Batch]], float]] = {"accuracy": accuracy, "mcc": mcc}
+
+
+def _examples(batch: Batch) -> int:
+    return int(batch["labels"].shape[0]) if "labels" in batch else batch_shape((), dict(batch))[0]
 
 
 def _split(model: nn.Module, batch: Batch) -> tuple[Batch, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""`train`: a plain AdamW loop over a `Task`'s batches, for demos, benchmarks and trials.
+"""`train`: AdamW over a `Task`'s training batches as a `Recipe` says, for demos, benchmarks,
+trials and final runs alike.
 
 Only parameters with ``requires_grad`` are optimised (after `peftplan.apply`, the adapters
 and any fully-trained head). The batch order comes from ``seed``, so two models trained with
 the same seed see the same data in the same order.
 
-    >>> result = train(model, task, steps=100, lr=1e-3, seed=0)  # doctest: +SKIP
+    >>> result = train(model, task, Recipe(lr=1e-3, steps=100), seed=0)  # doctest: +SKIP
     >>> result.seconds, result.losses[-1]  # doctest: +SKIP
     (41.2, 0.31)
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ...recipe import Recipe
 from .progress import ProgressLine
 from .task import Task
 
@@ -29,18 +31,21 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def train(model: nn.Module, task: Task, *, steps: int | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
-          seed: int = 0, progress: bool = False, description: str = "training") -> TrainResult:
-    """Train ``model`` in place for ``steps`` optimizer steps (default ``task.steps``)."""
-    steps = task.steps if steps is None else steps
+def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: int = 0, progress: bool = False,
+          description: str = "training") -> TrainResult:  # fmt: skip
+    """Train ``model`` in place by ``recipe`` (default `Recipe()`: one epoch at lr 1e-3)."""
+    recipe = recipe or Recipe()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter: apply a plan first (peftplan.apply)")
     if not task.train_batches:
         raise ValueError(f"task {task.name!r} has no training batches")
+    check_batch_size(task, recipe)
+    steps = recipe.total_steps(len(task.train_batches))
     torch.manual_seed(seed)
     order = random.Random(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.factor(step, steps))
     was_training = model.training
     model.train()
     losses: list[float] = []
@@ -57,10 +62,23 @@ def train(model: nn.Module, task: Task, *, steps: int | None = None, lr: float =
                 raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, recipe.clip)
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
             bar.update(advance=1, loss=losses[-1])
     finally:
         bar.close()
         model.train(was_training)
     return TrainResult(steps, time.perf_counter() - start, losses)
+
+
+def check_batch_size(task: Task, recipe: Recipe) -> None:
+    """A recipe made for one batch size trains another only by mistake: say so."""
+    if recipe.batch_size is None:
+        return
+    size = task.batch_size()
+    if size != recipe.batch_size:
+        raise ValueError(f"the recipe was made for batches of {recipe.batch_size}, task {task.name!r} has batches of "
+                         f"{size}: rebuild the task with batch_size={recipe.batch_size}, or give a recipe for {size}")  # fmt: skip

@@ -26,7 +26,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         rc = demo.main(["--steps", "2", "--max-dev", "32", "--trials", "3", "--search-steps", "2", "--search-train", "32",
-                        "--search-dev", "16", "--out", str(tmp_path)])  # fmt: skip
+                        "--search-validation", "16", "--out", str(tmp_path)])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

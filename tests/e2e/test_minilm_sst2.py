@@ -39,7 +39,7 @@ def test_sensitivity_plan_trains_and_round_trips(task, tmp_path):
     pp.apply(model, plan)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.objectives["params"]
     chance = accuracy(model, task.eval_batches)
-    run = train(model, task, steps=80, lr=2e-3, seed=0)
+    run = train(model, task, pp.Recipe(lr=2e-3, steps=80, warmup=0.0, schedule="constant", clip=None), seed=0)
     first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
     assert last < first - 0.1, (first, last)
     acc = accuracy(model, task.eval_batches)

@@ -8,6 +8,11 @@ from transformers import BertConfig, BertForSequenceClassification
 import peftplan as pp
 from peftplan.planner.training.evaluate import Fidelity, evaluate
 from peftplan.planner.training.task import Task, accuracy, classification_loss
+from peftplan.recipe import Recipe
+
+
+def CONSTANT(lr):  # noqa: N802  the old loop's rule: a constant rate, no warm-up, no clipping
+    return Recipe(lr=lr, warmup=0.0, schedule="constant", clip=None)
 
 
 def tiny_task(n_batches=12, batch=16, seed=0) -> Task:
@@ -19,7 +24,7 @@ def tiny_task(n_batches=12, batch=16, seed=0) -> Task:
         labels = torch.randint(0, 2, (batch,), generator=g)
         ids[labels == 1, 3] = 5
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return Task(batches[:8], batches[8:], classification_loss, accuracy, steps=40, name="tiny")
+    return Task(batches[:8], batches[10:], classification_loss, accuracy, steps=40, name="tiny", validation_batches=batches[8:10])
 
 
 def model():
@@ -38,7 +43,7 @@ def plan_for(base, rank=4):
 def test_trial_trains_a_copy_and_scores_it():
     base, task = model(), tiny_task()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    result = evaluate(base, plan_for(base), task, Fidelity(steps=60), lr=5e-3)
+    result = evaluate(base, plan_for(base), task, Fidelity(steps=60), recipe=CONSTANT(5e-3))
     assert result.ok and result.metric >= 0.9, result
     assert result.params == 8 * 4 * (32 + 32) + 32 * 2 + 2
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # base untouched
@@ -49,12 +54,13 @@ def test_fidelity_limits_data_and_steps():
     base, task = model(), tiny_task()
     result = evaluate(base, plan_for(base), task, Fidelity(steps=3, train_batches=2, eval_batches=1))
     assert result.ok and len(result.losses) == 3
-    assert result.metric in {i / 16 for i in range(17)}  # one dev batch of 16
+    assert result.metric in {i / 16 for i in range(17)}  # one validation batch of 16
+    assert result.loss is not None and result.loss > 0
 
 
 def test_failures_are_recorded_not_raised():
     base, task = model(), tiny_task()
-    diverged = evaluate(base, plan_for(base), task, Fidelity(steps=30), lr=1e6)
+    diverged = evaluate(base, plan_for(base), task, Fidelity(steps=30), recipe=CONSTANT(1e6))
     assert not diverged.ok and "diverged" in diverged.failed
     bad = pp.Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 0}})
     broken = evaluate(base, bad, task, Fidelity(steps=1))

@@ -24,6 +24,7 @@ from peftplan.planner.study import StudyError, open_storage, run_search
 from peftplan.planner.study.engine import planned_evaluations
 from peftplan.planner.study.halving import nondominated_ranks, promote
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
+from peftplan.recipe import Recipe
 from tests.planner.test_evaluate import model as tiny_bert
 from tests.planner.test_evaluate import tiny_task
 
@@ -32,16 +33,17 @@ COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def stand_in(base, plan, task, fidelity, *, lr, seed, sleep=0.0):
+def stand_in(base, plan, task, fidelity, *, recipe, seed, sleep=0.0):
     """A deterministic score of the plan's knobs (the same in every process), scaled by the
     fidelity's steps so that rungs differ; ``sleep`` stands for training time."""
     time.sleep(sleep)
     knobs = repr(sorted(plan.provenance["knobs"].items())).encode()
-    return Evaluation((zlib.crc32(knobs) % 1000) / 1000 * fidelity.steps, int(plan.objectives["params"]), sleep)
+    steps = fidelity.steps or recipe.total_steps(len(task.train_batches))
+    return Evaluation((zlib.crc32(knobs) % 1000) / 1000 * steps, int(plan.objectives["params"]), sleep)
 
 
-def slow_stand_in(base, plan, task, fidelity, *, lr, seed):
-    return stand_in(base, plan, task, fidelity, lr=lr, seed=seed, sleep=1.0)
+def slow_stand_in(base, plan, task, fidelity, *, recipe, seed):
+    return stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed, sleep=1.0)
 
 
 def tiny_classifier():
@@ -179,8 +181,9 @@ def test_a_real_search_trains_tiny_plans():
     torch.set_num_threads(1)
     base = tiny_bert()
     plan = run_search(base, "5%", tiny_task(), strategy="tpe", trials=3, fidelities=[Fidelity(steps=8, train_batches=4)],
-                      lr=5e-3, progress=False, threads=1, seeds=3)  # fmt: skip
+                      recipe=Recipe(lr=5e-3, steps=8), progress=False, threads=1, seeds=3)  # fmt: skip
     assert len(plan.front) >= 1 and plan.provenance["strategy"] == "tpe"
+    assert plan.recipe == Recipe(lr=5e-3, steps=8)  # the recipe it was found with travels with it
     assert 0 <= plan.objectives["metric"] <= 1
     limit = pp.Budget(params="5%").param_limit(sum(p.numel() for p in base.parameters()))
     assert all(p.values["params"] <= limit for p in plan.front)

@@ -1,0 +1,107 @@
+"""`Recipe`: how a plan is trained — learning rate, length, warm-up, schedule, weight decay,
+clipping — shared by `train`, every trial of a search and the final run, and saved with the
+plan (`Plan.recipe`) so that whoever applies it trains it the way it was found.
+
+    >>> r = Recipe(lr=2e-3, epochs=3, warmup=0.1, schedule="cosine")
+    >>> r.total_steps(batches_per_epoch=100), r.with_steps(30).total_steps(100)
+    (300, 30)
+    >>> [round(r.with_steps(10).lr_at(s), 6) for s in (0, 1, 5, 9)]
+    [0.002, 0.002, 0.001174, 6e-05]
+    >>> Recipe.from_dict(r.to_dict()) == r
+    True
+
+A trial at a fidelity trains the same recipe compressed to fewer steps (`with_steps`): the
+same warm-up fraction and schedule shape, so short runs are shaped like the final one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``lr``: AdamW's peak learning rate; length: ``steps`` optimizer steps, or ``epochs``
+    passes over the training batches (one pass when neither is given); ``warmup``: the share
+    of the steps the learning rate rises linearly over, from ``lr / (warmup steps)`` to ``lr``;
+    ``schedule``: then ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant``;
+    ``weight_decay``: AdamW's (decoupled); ``clip``: the largest gradient norm (None: no
+    clipping); ``batch_size``: the training batch size the recipe was made for (None: the
+    task's), checked against the task's batches by `train`."""
+
+    lr: float = 1e-3
+    steps: int | None = None
+    epochs: float | None = None
+    warmup: float = 0.06
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Recipe(lr={self.lr!r}): the learning rate must be a positive number")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("Recipe: give steps or epochs, not both")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"Recipe(steps={self.steps!r}): steps must be a positive int")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"Recipe(epochs={self.epochs!r}): epochs must be positive")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"Recipe(warmup={self.warmup!r}): the warm-up is a share of the steps in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Recipe(schedule={self.schedule!r}): choose one of {list(SCHEDULES)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"Recipe(weight_decay={self.weight_decay!r}) must be non-negative")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"Recipe(clip={self.clip!r}): the gradient-norm limit must be positive, or None")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"Recipe(batch_size={self.batch_size!r}) must be a positive int, or None")
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of a run over ``batches_per_epoch`` training batches."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil((self.epochs or 1.0) * batches_per_epoch))
+
+    def with_steps(self, steps: int) -> Recipe:
+        """The same recipe compressed (or stretched) to ``steps`` optimizer steps."""
+        return replace(self, steps=steps, epochs=None)
+
+    def lr_at(self, step: int, total: int | None = None) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of a ``total``-step run
+        (default: ``steps``)."""
+        total = self.steps if total is None else total
+        if total is None:
+            raise ValueError("lr_at needs the run's total steps: the recipe counts epochs")
+        return self.lr * self.factor(step, total)
+
+    def factor(self, step: int, total: int) -> float:
+        """The learning rate of step ``step`` of ``total`` as a multiple of ``lr``."""
+        warm = math.ceil(self.warmup * total)
+        if step < warm:
+            return (step + 1) / warm
+        if self.schedule == "constant":
+            return 1.0
+        done = (step - warm) / max(1, total - warm)  # 0 at the first step after warm-up
+        return 1.0 - done if self.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Recipe:
+        """Read a recipe dict, refusing unknown fields (a typo would otherwise train differently)."""
+        d = dict(d or {})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"recipe has unknown field(s) {unknown}; it takes {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        length = f"{self.steps} steps" if self.steps else f"{self.epochs or 1:g} epoch(s)"
+        return f"lr {self.lr:g}, {length}, warm-up {self.warmup:.0%}, {self.schedule}"

@@ -1,8 +1,8 @@
 import random
 
 import pytest
-from conftest import graph_of, linear_site
 
+from conftest import graph_of, linear_site
 from peftplan.backends.base import get_method
 from peftplan.planner import BudgetError, allocate, rank_grid
 

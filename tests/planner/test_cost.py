@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import graph_of, linear_site
 
 import peftplan as pp
+from conftest import graph_of, linear_site
 from peftplan.backends import count_trainable, methods
 from peftplan.planner.cost import plan_cost, train_memory_estimate
 from tests.zoo import TiedLM

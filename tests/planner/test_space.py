@@ -5,9 +5,9 @@ import optuna
 import pytest
 import torch
 import torch.nn as nn
-from conftest import graph_of, linear_site
 
 import peftplan
+from conftest import graph_of, linear_site
 from peftplan.backends.base import get_method
 from peftplan.planner import BudgetError, allocate, alpha_scores, eligible_sites, search
 from peftplan.planner.cost import plan_cost

@@ -6,8 +6,8 @@ import random
 import optuna
 import pytest
 import torch
-from conftest import graph_of, linear_site
 
+from conftest import graph_of, linear_site
 from peftplan.planner.front import ParetoFront
 from peftplan.planner.space import AllocatorSpace, GroupedSpace
 from peftplan.planner.strategies import STRATEGIES, enqueue_seeds, make_sampler, seeded

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from backend_models import plan_for
 from test_costs import frozen, saved_elements
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
@@ -15,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from peftplan.backends import PlanError, apply, get_method, merge
 from peftplan.backends.adapter import ACTIVATIONS, BottleneckAdapter
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import plan_for
 
 adapter = get_method("adapter")
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}  # the reference's own table

@@ -11,7 +11,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, cnn, gpt2, llama, plan_for, token_ids
 from peft import LoraConfig, get_peft_model
 from test_costs import frozen, saved_elements
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,6 +19,8 @@ from transformers.pytorch_utils import Conv1D
 from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge
 from peftplan.backends.dora import DoRAConv2d, DoRALinear
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import plan_for
+from tests.zoo import bert_eager, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -103,7 +104,7 @@ def test_bert_equals_peft():
         entries[f"{p}.attention.self.value"] = {"rank": 4, "alpha": 3}
         entries[f"{p}.intermediate.dense"] = {"rank": 1 + 2 * i, "alpha": 5}
         entries[f"{p}.output.dense"] = {"rank": 2}
-    compare_with_peft(bert(), entries, token_ids(), out=lambda o: o.last_hidden_state)
+    compare_with_peft(bert_eager(), entries, token_ids(), out=lambda o: o.last_hidden_state)
 
 
 def test_llama_equals_peft():
@@ -113,13 +114,13 @@ def test_llama_equals_peft():
         for proj, r in (("self_attn.q_proj", 4), ("self_attn.k_proj", 2), ("self_attn.o_proj", 1), ("mlp.down_proj", 3 + i)):
             entries[f"{p}.{proj}"] = {"rank": r}
     entries["lm_head"] = {"rank": 2, "alpha": 7}
-    compare_with_peft(llama(), entries, token_ids(), out=lambda o: o.logits)
+    compare_with_peft(llama_eager(), entries, token_ids(), out=lambda o: o.logits)
 
 
 def test_gpt2_conv1d_and_cnn_equal_peft():
     entries = {f"transformer.h.{i}.{m}": {"rank": 2 + i} for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")}
-    compare_with_peft(gpt2(), entries, token_ids(), out=lambda o: o.logits)
-    compare_with_peft(cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
+    compare_with_peft(gpt2_eager(), entries, token_ids(), out=lambda o: o.logits)
+    compare_with_peft(pointwise_cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
              torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)))  # fmt: skip
 
 

@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, plan_for, token_ids
 from test_adapter import matmul_flops
 from test_costs import frozen, saved_elements
 from transformers.pytorch_utils import Conv1D
@@ -27,6 +26,8 @@ from peftplan.backends import (
 )
 from peftplan.backends.moe_lora import MoELoRALinear
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import plan_for
+from tests.zoo import bert_eager, token_ids
 
 moe = get_method("moe_lora")
 KINDS = {"linear": lambda: nn.Linear(12, 7), "conv1d_hf": lambda: Conv1D(7, 12)}
@@ -139,7 +140,7 @@ def test_bf16_and_meta():
 
 
 def test_mixed_plan_trains_saves_loads_and_merges(tmp_path):
-    model = bert()
+    model = bert_eager()
     fresh = copy.deepcopy(model)
     layer = "encoder.layer.{}.{}"
     sites = {

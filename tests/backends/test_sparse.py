@@ -8,13 +8,14 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, gpt2, plan_for, token_ids
 from test_costs import frozen, saved_elements
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, apply, count_trainable, get_method, load, merge, save
 from peftplan.backends.sparse import SparseDelta, select_top
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import plan_for
+from tests.zoo import bert_eager, gpt2_eager, token_ids
 
 sparse = get_method("sparse")
 
@@ -181,7 +182,7 @@ def test_meta_defers_selection_and_allocates_nothing():
 
 
 def test_save_load_restores_exact_sensitivity_indices(tmp_path):
-    model = bert()
+    model = bert_eager()
     fresh = copy.deepcopy(model)
     name = "encoder.layer.0.intermediate.dense"
     scores = torch.rand(model.get_submodule(name).weight.shape, generator=torch.Generator().manual_seed(4))
@@ -196,7 +197,7 @@ def test_save_load_restores_exact_sensitivity_indices(tmp_path):
 
 
 def test_tied_weight_is_left_unmerged():
-    model = gpt2()  # lm_head shares wte's weight
+    model = gpt2_eager()  # lm_head shares wte's weight
     apply(model, plan_for(model, {"transformer.wte": {"method": "sparse", "density": 0.1}}))
     with torch.no_grad():
         model.transformer.wte.values.normal_()

@@ -10,13 +10,14 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, llama, plan_for, snapshot, token_ids
 from test_costs import frozen, saved_elements
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge, remove, unmerge
 from peftplan.ir.modules import module_op, static_site, tunable_modules
+from tests.backends.adapters import plan_for, snapshot
+from tests.zoo import bert_eager, llama_eager, token_ids
 
 
 def _cases() -> dict[str, tuple[nn.Module, torch.Tensor, int]]:
@@ -98,7 +99,7 @@ def test_norm_without_bias_refuses_to_merge():
 
 
 def test_whole_models_merge_where_they_can():
-    for make, out in ((bert, lambda o: o.last_hidden_state), (llama, lambda o: o.logits)):
+    for make, out in ((bert_eager, lambda o: o.last_hidden_state), (llama_eager, lambda o: o.logits)):
         model = make()
         before = snapshot(model)
         entries = {n: {"method": "ssf"} for n, _, op in tunable_modules(model) if op in get_method("ssf").ops}
@@ -110,7 +111,7 @@ def test_whole_models_merge_where_they_can():
             report = merge(model)
             torch.testing.assert_close(out(model(token_ids())), unmerged, atol=1e-5, rtol=1e-5)
         norms = {n for n in entries if module_op(model.get_submodule(n).base) == "norm"}
-        if make is llama:  # RMSNorms have nowhere to put the shift
+        if make is llama_eager:  # RMSNorms have nowhere to put the shift
             assert set(report.left) == norms and norms
         else:
             assert not report.left

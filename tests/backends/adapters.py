@@ -1,0 +1,28 @@
+"""Plans and adapter tensors for the backend tests: a plan with a model's fingerprint,
+non-zero adapter values, a copy of the weights, a frozen module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from peftplan.backends import adapter_tensors
+from peftplan.ir.modules import fingerprint
+from peftplan.plan import Plan
+
+
+def plan_for(model: nn.Module, entries: dict[str, dict]) -> Plan:
+    """A plan with the model's fingerprint; entries map site names to {"method": ..., hp...}."""
+    return Plan(sites=entries, model={"fingerprint": fingerprint(model)})
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Give every adapter tensor non-zero values, so the delta actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_tensors(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -81,6 +81,24 @@ def vit():
     )
 
 
+def bert_classifier():
+    """A seeded 2-layer BERT classifier over a 50-token vocabulary (the planner's tiny task)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF)
+    return BertForSequenceClassification(cfg)
+
+
+def minilm_vocab_classifier():
+    """A seeded 2-layer BERT classifier with MiniLM's vocabulary, so MiniLM's tokenizer fits it."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
+                                                    intermediate_size=FF, max_position_embeddings=64))  # fmt: skip
+
+
 def minilm():
     from peftplan.models import load_minilm
 

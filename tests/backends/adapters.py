@@ -1,5 +1,5 @@
 """Plans and adapter tensors for the backend tests: a plan with a model's fingerprint,
-non-zero adapter values, a copy of the weights, a frozen module."""
+non-zero or perturbed adapter values, a copy of the weights, a frozen module."""
 
 from __future__ import annotations
 
@@ -24,5 +24,20 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def perturb(model: nn.Module, std: float = 0.1) -> None:
+    """Move every adapter tensor off its initial value (B leaves zero, m leaves ||W||)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in adapter_tensors(model).values():
+            t.add_(torch.randn(t.shape, generator=g) * std)
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter frozen, as `apply` leaves the base before wrapping."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

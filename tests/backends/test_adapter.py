@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_costs import frozen, saved_elements
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, apply, get_method, merge
 from peftplan.backends.adapter import ACTIVATIONS, BottleneckAdapter
 from peftplan.ir.modules import module_op, static_site
-from tests.backends.adapters import plan_for
+from tests.backends.adapters import frozen, plan_for
+from tests.backends.references import matmul_flops, saved_elements
 
 adapter = get_method("adapter")
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}  # the reference's own table
@@ -27,13 +26,6 @@ def _case(kind: str, **hp) -> tuple[nn.Module, BottleneckAdapter, torch.Tensor]:
     site = static_site("m", base, module_op(base))
     layer = adapter.wrap(frozen(base), site, **adapter.validate(site, **hp))
     return base, layer, torch.randn(3, 5, 12)
-
-
-def matmul_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs torch's counter sees in one forward (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -8,29 +8,8 @@ import torch.nn as nn
 
 from peftplan.backends import aux_loss, get_method
 from peftplan.ir.modules import module_op, static_site
-
-
-def saved_elements(module: nn.Module, x: torch.Tensor) -> int:
-    """Reference: elements autograd saves for backward during one forward of ``module``,
-    excluding parameters (they live in memory anyway)."""
-    params = {p.data_ptr() for p in module.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x).sum()
-    return total
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+from tests.backends.adapters import frozen
+from tests.backends.references import saved_elements
 
 
 @pytest.mark.parametrize("method,hp", [("lora", {"rank": 4}), ("full", {}), ("none", {})])

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 from peft import IA3Config, get_peft_model
-from test_costs import frozen, saved_elements
-from test_dora import assert_matches_reference
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge
 from peftplan.backends.ia3 import InputScale
 from peftplan.backends.ssf import ScaleShift
 from peftplan.ir.modules import module_op, static_site
-from tests.backends.adapters import plan_for
+from tests.backends.adapters import frozen, plan_for
+from tests.backends.references import assert_matches_reference, saved_elements
 from tests.zoo import bert_eager, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

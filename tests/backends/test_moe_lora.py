@@ -9,8 +9,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from test_adapter import matmul_flops
-from test_costs import frozen, saved_elements
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import (
@@ -26,7 +24,8 @@ from peftplan.backends import (
 )
 from peftplan.backends.moe_lora import MoELoRALinear
 from peftplan.ir.modules import module_op, static_site
-from tests.backends.adapters import plan_for
+from tests.backends.adapters import frozen, plan_for
+from tests.backends.references import matmul_flops, saved_elements
 from tests.zoo import bert_eager, token_ids
 
 moe = get_method("moe_lora")

@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from test_costs import frozen, saved_elements
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, apply, count_trainable, get_method, load, merge, save
 from peftplan.backends.sparse import SparseDelta, select_top
 from peftplan.ir.modules import module_op, static_site
-from tests.backends.adapters import plan_for
+from tests.backends.adapters import frozen, plan_for
+from tests.backends.references import saved_elements
 from tests.zoo import bert_eager, gpt2_eager, token_ids
 
 sparse = get_method("sparse")

@@ -10,13 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
-from test_costs import frozen, saved_elements
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge, remove, unmerge
 from peftplan.ir.modules import module_op, static_site, tunable_modules
-from tests.backends.adapters import plan_for, snapshot
+from tests.backends.adapters import frozen, plan_for, snapshot
+from tests.backends.references import saved_elements
 from tests.zoo import bert_eager, llama_eager, token_ids
 
 

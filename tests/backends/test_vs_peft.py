@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from peftplan.backends import apply
 from tests.backends.adapters import plan_for, randomize
+from tests.backends.references import copy_lora_weights
 from tests.zoo import bert_eager, embedding_mlp, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -28,20 +29,6 @@ def _peft_like(model, entries: dict[str, dict]):
     return get_peft_model(reference, config), names
 
 
-def _copy_weights(ours, theirs, names):
-    with torch.no_grad():
-        for name in names:
-            mine = ours.get_submodule(name)
-            other = theirs.base_model.model.get_submodule(name)
-            if "default" in other.lora_embedding_A:
-                other.lora_embedding_A["default"].copy_(mine.lora_A)
-                other.lora_embedding_B["default"].copy_(mine.lora_B)
-            else:
-                other.lora_A["default"].weight.copy_(mine.lora_A)
-                other.lora_B["default"].weight.copy_(mine.lora_B)
-            assert other.scaling["default"] == mine.scaling
-
-
 def _compare(model, entries, inputs, out=lambda o: o):
     reference, names = _peft_like(model, entries)
     with torch.no_grad():
@@ -49,7 +36,7 @@ def _compare(model, entries, inputs, out=lambda o: o):
     plan = plan_for(model, {n: {"method": "lora", **e} for n, e in entries.items()})
     ours = apply(model, plan)
     randomize(ours)
-    _copy_weights(ours, reference, names)
+    copy_lora_weights(ours, reference, names)
     with torch.no_grad():
         expected, got = out(reference(inputs)), out(ours(inputs))
     assert not torch.allclose(got, base, atol=1e-3)  # the adapters are live

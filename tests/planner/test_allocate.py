@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from conftest import graph_of, linear_site
 from peftplan.backends.base import get_method
 from peftplan.planner import BudgetError, allocate, rank_grid
+from tests.planner.graphs import graph_of, linear_site
 
 
 def lora_cost(graph, ranks):

@@ -18,7 +18,7 @@ from peftplan.backends.ia3 import InputScale
 from peftplan.backends.ssf import ScaleShift
 from peftplan.ir.modules import module_op, static_site
 from tests.backends.adapters import frozen, plan_for
-from tests.backends.references import assert_matches_reference, saved_elements
+from tests.backends.references import assert_matches_reference
 from tests.zoo import bert_eager, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -180,10 +180,8 @@ def test_costs_are_exact(case, placement):
     y = module(x)
     site = replace(static_site("m", module, module_op(module)), out_shape=tuple(y.shape))
     channels = site.in_features if placement == "input" else site.out_features
-    before = saved_elements(frozen(copy.deepcopy(module)), x)
     layer = ia3.wrap(frozen(module), site, placement=placement)
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == ia3.param_count(site, placement) == channels
-    assert saved_elements(layer, x) - before == ia3.saved_activations(site, site.tokens, placement)
     assert ia3.overhead_flops(site, placement) == site.tokens * channels  # one multiply per scaled element
 
 

@@ -1,6 +1,6 @@
 """SSF against the hand computation ``base(x) * scale + shift`` on every op it tunes, merge round
 trips (bias-less layers gain a bias while merged and lose it after; bias-less norms refuse),
-whole models, bf16, the meta device and exact costs against autograd."""
+whole models, bf16, the meta device and exact costs (saved activations: test_contract.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from transformers.pytorch_utils import Conv1D
 from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge, remove, unmerge
 from peftplan.ir.modules import module_op, static_site, tunable_modules
 from tests.backends.adapters import frozen, plan_for, snapshot
-from tests.backends.references import saved_elements
 from tests.zoo import bert_eager, llama_eager, token_ids
 
 
@@ -152,11 +151,8 @@ def test_costs_are_exact(case):
     y = module(x)
     site = replace(static_site("m", module, module_op(module)), out_shape=tuple(y.shape))
     channels = y.shape[1] if site.op == "conv2d" or isinstance(module, nn.GroupNorm) else y.shape[-1]
-    positions = y.numel() // channels
-    before = saved_elements(frozen(copy.deepcopy(module)), x)
     layer = ssf.wrap(frozen(module), site)
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == ssf.param_count(site) == 2 * channels
-    assert saved_elements(layer, x) - before == ssf.saved_activations(site, positions)
     with FlopCounterMode(display=False) as flops:
         layer(x)
     with FlopCounterMode(display=False) as base_flops:

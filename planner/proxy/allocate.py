@@ -10,7 +10,10 @@ worth less than a first rank on another of equal score. Costs are the backend's 
 3. repair, only if the plan still uses under 95% of the limit: a dynamic programme over
    exact costs that returns the best-utility plan using at least 95% when one exists.
 
-    >>> allocate(graph, {"q": 3.0, "k": 1.0}, 80)  # two 10x10 sites: 20 params per rank  # doctest: +SKIP
+    >>> from collections import OrderedDict
+    >>> import torch.nn as nn, peftplan as pp
+    >>> graph = pp.lower(nn.Sequential(OrderedDict(q=nn.Linear(10, 10), k=nn.Linear(10, 10))))
+    >>> allocate(graph, {"q": 3.0, "k": 1.0}, 80)  # two 10x10 sites: 20 params per rank
     {'q': 3, 'k': 1}
 """
 
@@ -62,19 +65,20 @@ def allocate(
     method: str = "lora",
     roles: Iterable[str] = ("attn", "mlp"),
     max_rank: int = 64,
-    seed: int = 0,
 ) -> dict[str, int]:
     """Ranks for the eligible sites that have a score, costing at most ``limit`` parameters.
 
     A site's rank is capped at ``min(max_rank, in_features, out_features)``. Sites left at rank 0
     are omitted. Ties go to the site earlier in the graph, so the result depends only on the
-    inputs (``seed`` is accepted for the common signature; nothing here is random).
+    inputs (nothing here is random).
     Raises `BudgetError` naming the minimum when not even rank 1 on the cheapest site fits.
 
-    >>> allocate(graph, {"q": 3.0, "k": 1.0}, 80)  # two 10x10 sites: 20 params per rank  # doctest: +SKIP
-    {'q': 3, 'k': 1}
+    >>> from collections import OrderedDict
+    >>> import torch.nn as nn, peftplan as pp
+    >>> graph = pp.lower(nn.Sequential(OrderedDict(q=nn.Linear(10, 10), k=nn.Linear(10, 10))))
+    >>> allocate(graph, {"q": 3.0, "k": 1.0}, 80, max_rank=2)  # q alone would take rank 3
+    {'q': 2, 'k': 2}
     """
-    del seed
     if max_rank < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
     roles = tuple(roles)

@@ -80,7 +80,7 @@ class Task:
     def calibration(self, n: int) -> list[Batch]:
         """The first ``n`` training batches (all of them when there are fewer).
 
-        >>> Task([{"x": 1}, {"x": 2}], [], None, None).calibration(1)  # doctest: +SKIP
+        >>> Task([{"x": 1}, {"x": 2}], [], None, None).calibration(1)
         [{'x': 1}]
         """
         if n < 1:

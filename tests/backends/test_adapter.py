@@ -1,5 +1,6 @@
 """Bottleneck adapters against a hand computation of ``y + up(act(down(source)))``, serial and
-parallel, on nn.Linear and HF Conv1D; costs against autograd and torch's flop counter."""
+parallel, on nn.Linear and HF Conv1D; FLOPs against torch's flop counter (saved activations:
+test_contract.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from backend_models import plan_for
-from test_costs import frozen, saved_elements
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, apply, get_method, merge
 from peftplan.backends.adapter import ACTIVATIONS, BottleneckAdapter
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import frozen, plan_for
+from tests.backends.references import matmul_flops
 
 adapter = get_method("adapter")
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}  # the reference's own table
@@ -27,13 +27,6 @@ def _case(kind: str, **hp) -> tuple[nn.Module, BottleneckAdapter, torch.Tensor]:
     site = static_site("m", base, module_op(base))
     layer = adapter.wrap(frozen(base), site, **adapter.validate(site, **hp))
     return base, layer, torch.randn(3, 5, 12)
-
-
-def matmul_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs torch's counter sees in one forward (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -63,17 +56,6 @@ def test_param_count_is_exact_and_only_adapter_trains(placement):
     assert sum(trainable.values()) == adapter.param_count(site, bottleneck=4, placement=placement) == d * 4 + 4 + 4 * 7 + 7
     layer(x).sum().backward()
     assert layer.up.weight.grad is not None and base.weight.grad is None
-
-
-@pytest.mark.parametrize("placement", ["serial", "parallel"])
-@pytest.mark.parametrize("activation", sorted(ACTS))
-def test_saved_activations_match_autograd(placement, activation):
-    x = torch.randn(3, 5, 12, requires_grad=True)  # 15 positions
-    base, layer, _ = _case("linear", bottleneck=3, placement=placement, activation=activation)
-    site = static_site("m", base, "linear")
-    before = saved_elements(base, x)
-    hp = {"bottleneck": 3, "placement": placement, "activation": activation}
-    assert saved_elements(layer, x) - before == adapter.saved_activations(site, 15, **hp)
 
 
 @pytest.mark.parametrize("placement", ["serial", "parallel"])

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, cnn, gpt2, llama, mlp, plan_for, randomize, snapshot, token_ids
 
 from peftplan.backends import (
     PlanError,
@@ -22,6 +21,8 @@ from peftplan.backends import (
 )
 from peftplan.ir.modules import module_op, static_site, tunable_modules
 from peftplan.plan import Plan
+from tests.backends.adapters import plan_for, randomize, snapshot
+from tests.zoo import bert_eager, embedding_mlp, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 
 def _bert_plan(model):
@@ -44,7 +45,7 @@ def _expected_count(model, plan: Plan) -> int:
 
 
 def test_output_equals_base_at_init_and_structure():
-    model = bert()
+    model = bert_eager()
     expected = model(token_ids()).last_hidden_state
     plan = _bert_plan(model)
     apply(model, plan)
@@ -55,8 +56,8 @@ def test_output_equals_base_at_init_and_structure():
 
 
 @pytest.mark.parametrize("make, inputs", [
-    (bert, token_ids), (llama, token_ids), (gpt2, token_ids),
-    (cnn, lambda: torch.randn(2, 3, 8, 8)), (mlp, lambda: torch.randint(0, 20, (2, 5))),
+    (bert_eager, token_ids), (llama_eager, token_ids), (gpt2_eager, token_ids),
+    (pointwise_cnn, lambda: torch.randn(2, 3, 8, 8)), (embedding_mlp, lambda: torch.randint(0, 20, (2, 5))),
 ])  # fmt: skip
 def test_trainable_count_is_sum_of_param_count_and_only_adapters_get_grads(make, inputs):
     model = make()
@@ -77,7 +78,7 @@ def test_trainable_count_is_sum_of_param_count_and_only_adapters_get_grads(make,
 
 
 def test_merge_equals_unmerged_and_unmerge_restores_weights():
-    model = bert()
+    model = bert_eager()
     before = snapshot(model)
     apply(model, _bert_plan(model))
     randomize(model)
@@ -96,7 +97,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_weights():
 
 @pytest.mark.parametrize("merged", [False, True])
 def test_remove_restores_original_model_exactly(merged):
-    model = llama()
+    model = llama_eager()
     reference = copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     plan = plan_for(model, {n: {"method": "lora", "rank": 2} for n, _, op in tunable_modules(model) if op in ("linear", "embedding")})
@@ -115,7 +116,7 @@ def test_remove_restores_original_model_exactly(merged):
 
 
 def test_generate_keeps_working():
-    model = gpt2()
+    model = gpt2_eager()
     ids = token_ids()[:1]
     expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     apply(model, plan_for(model, {f"transformer.h.{i}.attn.c_attn": {"method": "lora", "rank": 2} for i in range(2)}))
@@ -126,7 +127,7 @@ def test_trainer_step_updates_only_adapters(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
-    model = llama()
+    model = llama_eager()
     apply(model, plan_for(model, {f"model.layers.{i}.self_attn.q_proj": {"method": "lora", "rank": 2} for i in range(2)}))
     before = snapshot(model)
     data = [{"input_ids": token_ids()[0], "labels": token_ids()[0]} for _ in range(4)]
@@ -138,7 +139,7 @@ def test_trainer_step_updates_only_adapters(tmp_path):
 
 
 def test_fingerprint_mismatch_lists_sites():
-    model = bert()
+    model = bert_eager()
     plan = _bert_plan(model)
     plan.sites["encoder.layer.7.attention.self.query"] = {"method": "lora", "rank": 2}
     plan.sites["pooler.dense"]["shape"] = [64, 32]
@@ -156,7 +157,7 @@ def test_fingerprint_mismatch_lists_sites():
 
 
 def test_fingerprint_mismatch_elsewhere_needs_check_false():
-    model, other = mlp(), nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 9))
+    model, other = embedding_mlp(), nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 9))
     plan = plan_for(model, {"1": {"method": "lora", "rank": 2}})
     with pytest.raises(PlanError, match="check=False"):
         apply(other, plan)
@@ -172,7 +173,7 @@ def test_fingerprint_mismatch_elsewhere_needs_check_false():
     ({"method": "lora", "rank": 2, "dropout": 1.0}, "dropout"),
 ])  # fmt: skip
 def test_bad_hyper_parameters_fail_before_any_change(bad, match):
-    model = bert()
+    model = bert_eager()
     plan = _bert_plan(model)
     plan.sites["encoder.layer.1.attention.self.key"] = bad
     before = snapshot(model)
@@ -183,7 +184,7 @@ def test_bad_hyper_parameters_fail_before_any_change(bad, match):
 
 
 def test_unknown_hyper_parameter_method_and_op_fail_before_any_change():
-    model = bert()
+    model = bert_eager()
     before = snapshot(model)
     plan = _bert_plan(model)
     plan.sites["pooler.dense"] = {"method": "lora", "rank": 2, "ranks": 3}  # edited after Plan checked it
@@ -205,7 +206,7 @@ def test_unknown_hyper_parameter_method_and_op_fail_before_any_change():
 
 
 def test_failing_wrap_leaves_model_unchanged(monkeypatch):
-    model = bert()
+    model = bert_eager()
     before = snapshot(model)
     lora = get_method("lora")
     calls = []
@@ -223,7 +224,7 @@ def test_failing_wrap_leaves_model_unchanged(monkeypatch):
 
 
 def test_apply_twice_is_an_error():
-    model = mlp()
+    model = embedding_mlp()
     plan = plan_for(model, {"1": {"method": "lora", "rank": 2}})
     apply(model, plan)
     with pytest.raises(PlanError, match="remove"):
@@ -232,7 +233,7 @@ def test_apply_twice_is_an_error():
 
 def test_meta_device_allocates_nothing():
     with torch.device("meta"):
-        model = llama()
+        model = llama_eager()
     plan = plan_for(model, {n: {"method": "lora", "rank": 4} for n, _, op in tunable_modules(model) if op == "linear"})
     expected = _expected_count(model, plan)
     apply(model, plan)
@@ -241,7 +242,7 @@ def test_meta_device_allocates_nothing():
 
 
 def test_bf16_model():
-    model = llama().to(torch.bfloat16)
+    model = llama_eager().to(torch.bfloat16)
     expected = model(token_ids()).logits
     apply(model, plan_for(model, {n: {"method": "lora", "rank": 2} for n, _, op in tunable_modules(model) if op == "linear"}))
     assert all(p.dtype == torch.bfloat16 for p in trainable_parameters(model).values())

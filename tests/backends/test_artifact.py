@@ -7,15 +7,16 @@ import json
 
 import pytest
 import torch
-from backend_models import bert, gpt2, plan_for, randomize, token_ids
 from safetensors.torch import load_file, save_file
 
 from peftplan.backends import PlanError, adapter_tensors, apply, load, merge, save
 from peftplan.ir.modules import tunable_modules
+from tests.backends.adapters import plan_for, randomize
+from tests.zoo import bert_eager, gpt2_eager, token_ids
 
 
 def _tuned_bert():
-    model = bert()
+    model = bert_eager()
     fresh = copy.deepcopy(model)
     entries = {n: {"method": "lora", "rank": 2 + i % 2} for i, (n, _, op) in enumerate(tunable_modules(model)) if op == "linear"}
     entries["embeddings.word_embeddings"] = {"method": "lora", "rank": 3}
@@ -50,7 +51,7 @@ def test_merged_model_saves_adapter_values(tmp_path):
 
 
 def test_tied_weights_save(tmp_path):
-    model = gpt2()
+    model = gpt2_eager()
     fresh = copy.deepcopy(model)
     apply(model, plan_for(model, {"lm_head": {"method": "full"}, "transformer.wte": {"method": "full"}}))
     randomize(model)
@@ -80,7 +81,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_errors(tmp_path):
 
 def test_save_needs_an_applied_plan(tmp_path):
     with pytest.raises(PlanError, match="apply"):
-        save(bert(), tmp_path)
+        save(bert_eager(), tmp_path)
 
 
 def test_adapter_keys_follow_sites():

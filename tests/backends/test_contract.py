@@ -21,14 +21,16 @@ A new method is one file registering a `Method`; this suite picks it up by itsel
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 import peftplan  # noqa: F401  (registers every method)
 from peftplan.backends import (
@@ -45,8 +47,11 @@ from peftplan.backends import (
 )
 from peftplan.backends.base import Method
 from peftplan.ir import SiteGraph, lower
+from peftplan.ir.modules import module_op, static_site
 from peftplan.plan import Plan
 from tests import zoo
+from tests.backends.adapters import frozen
+from tests.backends.references import saved_elements
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -276,3 +281,61 @@ def test_meta_device_allocates_nothing_until_materialised(method_name, model_nam
             t.copy_(values[n])
         x = _inputs(model_name)
         torch.testing.assert_close(_out(model, x), _out(real, x), atol=0, rtol=0)
+
+
+# -- saved activations: the training-memory cost against what autograd keeps ---------------
+
+SAVED_MODULES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {  # (module, input)
+    "linear": lambda: (nn.Linear(12, 7), torch.randn(3, 5, 12)),
+    "linear_wide": lambda: (nn.Linear(24, 40), torch.randn(3, 5, 24)),
+    "linear_no_bias": lambda: (nn.Linear(12, 7, bias=False), torch.randn(3, 5, 12)),
+    "conv1d_hf": lambda: (Conv1D(7, 12), torch.randn(3, 5, 12)),
+    "conv2d": lambda: (nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 6, 6)),
+    "conv2d_strided": lambda: (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)),
+    "conv2d_grouped": lambda: (nn.Conv2d(4, 6, 3, groups=2), torch.randn(2, 4, 9, 9)),
+    "conv2d_grouped_no_bias": lambda: (nn.Conv2d(4, 6, 3, groups=2, bias=False), torch.randn(2, 4, 7, 7)),
+    # stride 1, same padding: input and output maps have one size, as input scaling assumes
+    "conv2d_grouped_reflect": lambda: (nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), torch.randn(2, 4, 6, 6)),
+    "embedding": lambda: (nn.Embedding(20, 8, padding_idx=0), torch.randint(0, 20, (3, 5))),
+    "layernorm": lambda: (nn.LayerNorm(8), torch.randn(3, 5, 8)),
+    "groupnorm": lambda: (nn.GroupNorm(2, 6), torch.randn(2, 6, 4, 4)),
+    "rmsnorm": lambda: (nn.RMSNorm(8), torch.randn(3, 5, 8)),
+}
+# The hyper-parameters that change what a method saves, on the module kinds it tunes.
+SAVED_VARIANTS: dict[str, list[tuple[str, dict]]] = {
+    "lora": [("linear_wide", {"rank": 4})],
+    "full": [("linear_wide", {})],
+    "none": [("linear_wide", {})],
+    "adapter": [("linear", {"bottleneck": 3, "placement": p, "activation": a})
+                for p in ("serial", "parallel") for a in ("gelu", "relu", "silu", "tanh")],
+    "dora": [("linear", {"rank": 3}), ("linear", {"rank": 3, "dropout": 0.1}), ("conv1d_hf", {"rank": 3}),
+             ("conv2d", {"rank": 3}), ("linear_no_bias", {"rank": 3, "dropout": 0.2})],
+    "ia3": [(k, {"placement": p}) for k in ("linear", "linear_no_bias", "conv1d_hf", "conv2d", "conv2d_grouped_reflect")
+            for p in ("output", "input")],
+    "moe_lora": [("linear", {"experts": 4, "rank": 2, "top_k": k}) for k in (1, 3)],
+    "sparse": [(k, {"density": d}) for k in ("linear", "conv1d_hf", "conv2d_strided", "conv2d_grouped", "embedding")
+               for d in (0.05, 0.2)],
+    "ssf": [(k, {}) for k in ("linear", "linear_no_bias", "conv1d_hf", "conv2d_strided", "conv2d_grouped_no_bias",
+                              "embedding", "layernorm", "groupnorm", "rmsnorm")],
+}  # fmt: skip
+SAVED_CASES = [
+    pytest.param(m, kind, hp, id=f"{m}-{kind}-" + "-".join(f"{k}={v}" for k, v in hp.items()))
+    for m in sorted(methods())
+    for kind, hp in SAVED_VARIANTS.get(m, [("linear", methods()[m].example)])  # a new method: its example
+]
+
+
+@pytest.mark.parametrize("method_name, module_kind, hp", SAVED_CASES)
+def test_saved_activations_equal_what_autograd_saves(method_name, module_kind, hp):
+    """``saved_activations`` counts exactly the elements autograd keeps for backward beyond
+    what the frozen module keeps, in training mode (dropout masks included)."""
+    torch.manual_seed(0)
+    module, x = SAVED_MODULES[module_kind]()
+    if x.is_floating_point():
+        x.requires_grad_(True)  # as inside a model
+    method = methods()[method_name]
+    site = replace(static_site("m", module, module_op(module)), out_shape=tuple(module(x).shape))
+    full = method.validate(site, **hp)
+    before = saved_elements(frozen(copy.deepcopy(module)), x)
+    layer = method.wrap(frozen(module), site, **full)  # as apply does: freeze, then wrap
+    assert saved_elements(layer, x) - before == method.saved_activations(site, site.tokens, **full)

@@ -1,98 +1,30 @@
 """DoRA against HF peft's ``LoraConfig(use_dora=True)`` as the reference (outputs, gradients,
 merged weights, the dropout path), and its own properties: identity at init, merge round trips,
-bf16, the meta device, exact costs against autograd and the FLOP counter."""
+bf16, the meta device, exact params and FLOPs against the FLOP counter (saved activations:
+test_contract.py)."""
 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, cnn, gpt2, llama, plan_for, token_ids
 from peft import LoraConfig, get_peft_model
-from test_costs import frozen, saved_elements
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
-from peftplan.backends import PlanError, adapter_tensors, apply, get_method, merge
+from peftplan.backends import PlanError, apply, get_method
 from peftplan.backends.dora import DoRAConv2d, DoRALinear
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import frozen, perturb, plan_for
+from tests.backends.references import (
+    compare_dora_with_peft,
+)
+from tests.zoo import bert_eager, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _perturb(model: nn.Module, std: float = 0.1) -> None:
-    """Move every adapter tensor off its initial value (B leaves zero, m leaves ||W||)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in adapter_tensors(model).values():
-            t.add_(torch.randn(t.shape, generator=g) * std)
-
-
-def _peft_twin(model: nn.Module, ours: nn.Module, entries: dict[str, dict], **options) -> nn.Module:
-    """peft's DoRA on the untouched ``model``, holding our adapter values; ``options`` go to
-    `LoraConfig` (``use_rslora=True``, say)."""
-    config = LoraConfig(
-        r=8, lora_alpha=8, target_modules=list(entries), use_dora=True,
-        rank_pattern={re.escape(n): e["rank"] for n, e in entries.items()},
-        alpha_pattern={re.escape(n): e.get("alpha", 2 * e["rank"]) for n, e in entries.items()}, **options,
-    )  # fmt: skip
-    theirs = get_peft_model(copy.deepcopy(model), config)
-    with torch.no_grad():
-        for name in entries:
-            mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
-            assert other.scaling["default"] == mine.scaling
-            other.lora_A["default"].weight.copy_(mine.lora_A)
-            other.lora_B["default"].weight.copy_(mine.lora_B)
-            magnitude = other.lora_magnitude_vector["default"].weight
-            magnitude.copy_(mine.magnitude.view_as(magnitude))
-    return theirs
-
-
-def assert_matches_reference(got: torch.Tensor, expected: torch.Tensor, base: torch.Tensor,
-                             pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Our output equals the reference's and differs from the base model's; so do the gradients
-    of each (ours, reference) parameter pair, under a random projection of the output (not
-    sum(y²), which is constant after BERT's final LayerNorm)."""
-    assert not torch.allclose(got, base, atol=1e-3)  # the adapters are live
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    direction = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
-    (got * direction).sum().backward()
-    (expected * direction).sum().backward()
-    for mine, theirs in pairs:
-        assert mine.grad.abs().max() > 1e-4
-        torch.testing.assert_close(mine.grad, theirs.grad.view_as(mine.grad), atol=1e-5, rtol=1e-4)
-
-
-def compare_with_peft(model: nn.Module, entries: dict[str, dict], inputs: torch.Tensor, out=lambda o: o, **options) -> None:
-    """Outputs, gradients and merged weights of our DoRA and peft's on ``model``."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        base = out(model(inputs))
-    ours = apply(model, plan_for(model, {n: {"method": "dora", **e} for n, e in entries.items()}))
-    _perturb(ours)
-    theirs = _peft_twin(twin, ours, entries, **options)
-
-    pairs = []
-    for name in entries:
-        mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
-        pairs += [(mine.lora_A, other.lora_A["default"].weight), (mine.lora_B, other.lora_B["default"].weight),
-                  (mine.magnitude, other.lora_magnitude_vector["default"].weight)]  # fmt: skip
-    # peft treats the column norm as a constant for autograd, and so must we
-    got = out(ours(inputs))
-    assert_matches_reference(got, out(theirs(inputs)), base, pairs)
-
-    with torch.no_grad():
-        merge(ours)
-        theirs.merge_adapter()
-        torch.testing.assert_close(out(ours(inputs)), got, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out(theirs(inputs)), got, atol=1e-5, rtol=1e-5)
-        for name in entries:
-            torch.testing.assert_close(ours.get_submodule(name).base.weight,
-                                       theirs.base_model.model.get_submodule(name).base_layer.weight, atol=1e-6, rtol=1e-5)  # fmt: skip
 
 
 def test_bert_equals_peft():
@@ -103,7 +35,7 @@ def test_bert_equals_peft():
         entries[f"{p}.attention.self.value"] = {"rank": 4, "alpha": 3}
         entries[f"{p}.intermediate.dense"] = {"rank": 1 + 2 * i, "alpha": 5}
         entries[f"{p}.output.dense"] = {"rank": 2}
-    compare_with_peft(bert(), entries, token_ids(), out=lambda o: o.last_hidden_state)
+    compare_dora_with_peft(bert_eager(), entries, token_ids(), out=lambda o: o.last_hidden_state)
 
 
 def test_llama_equals_peft():
@@ -113,13 +45,13 @@ def test_llama_equals_peft():
         for proj, r in (("self_attn.q_proj", 4), ("self_attn.k_proj", 2), ("self_attn.o_proj", 1), ("mlp.down_proj", 3 + i)):
             entries[f"{p}.{proj}"] = {"rank": r}
     entries["lm_head"] = {"rank": 2, "alpha": 7}
-    compare_with_peft(llama(), entries, token_ids(), out=lambda o: o.logits)
+    compare_dora_with_peft(llama_eager(), entries, token_ids(), out=lambda o: o.logits)
 
 
 def test_gpt2_conv1d_and_cnn_equal_peft():
     entries = {f"transformer.h.{i}.{m}": {"rank": 2 + i} for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")}
-    compare_with_peft(gpt2(), entries, token_ids(), out=lambda o: o.logits)
-    compare_with_peft(cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
+    compare_dora_with_peft(gpt2_eager(), entries, token_ids(), out=lambda o: o.logits)
+    compare_dora_with_peft(pointwise_cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
              torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)))  # fmt: skip
 
 
@@ -128,7 +60,7 @@ def test_dropout_path_equals_peft_in_training():
     model = nn.Sequential(nn.Linear(6, 5))
     twin = copy.deepcopy(model)
     ours = apply(model, plan_for(model, {"0": {"method": "dora", "rank": 2, "dropout": 0.5}}))
-    _perturb(ours)
+    perturb(ours)
     config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["0"], use_dora=True)
     theirs = get_peft_model(twin, config)
     with torch.no_grad():
@@ -237,12 +169,10 @@ def test_costs_are_exact(case, hp):
     site = replace(site, out_shape=tuple(y.shape))
     tokens = site.tokens
     full = dora.validate(site, rank=3, **hp)
-    before = saved_elements(frozen(copy.deepcopy(module)), x)
     with FlopCounterMode(display=False) as base_flops:
         module(x)
     layer = dora.wrap(frozen(module), site, **full)  # training mode: dropout active
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == dora.param_count(site, **full)
-    assert saved_elements(layer, x) - before == dora.saved_activations(site, tokens, **full)
     with FlopCounterMode(display=False) as flops:
         layer.eval()(x)
     # the FLOP counter sees the matmuls: LoRA's path and B·A; the rest is element-wise

@@ -9,9 +9,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, plan_for, token_ids
-from test_adapter import matmul_flops
-from test_costs import frozen, saved_elements
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import (
@@ -27,6 +24,9 @@ from peftplan.backends import (
 )
 from peftplan.backends.moe_lora import MoELoRALinear
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import frozen, plan_for
+from tests.backends.references import matmul_flops
+from tests.zoo import bert_eager, token_ids
 
 moe = get_method("moe_lora")
 KINDS = {"linear": lambda: nn.Linear(12, 7), "conv1d_hf": lambda: Conv1D(7, 12)}
@@ -107,12 +107,11 @@ def test_param_count_is_exact(kind):
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
-def test_costs_match_autograd_and_flop_counter(top_k):
+def test_overhead_flops_match_flop_counter(top_k):
     base, layer, _ = _case(top_k=top_k)
     x = torch.randn(3, 5, 12, requires_grad=True)
     site = static_site("m", base, "linear", out_shape=(3, 5, 7))  # tokens = 15
     hp = {"experts": 4, "rank": 2, "top_k": top_k}
-    assert saved_elements(layer, x) - saved_elements(base, x) == moe.saved_activations(site, 15, **hp)
     assert matmul_flops(layer, x) - matmul_flops(base, x) == moe.overhead_flops(site, **hp)
 
 
@@ -139,7 +138,7 @@ def test_bf16_and_meta():
 
 
 def test_mixed_plan_trains_saves_loads_and_merges(tmp_path):
-    model = bert()
+    model = bert_eager()
     fresh = copy.deepcopy(model)
     layer = "encoder.layer.{}.{}"
     sites = {

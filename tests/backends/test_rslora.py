@@ -10,14 +10,14 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, llama, plan_for, randomize, token_ids
 from peft import LoraConfig, get_peft_model
-from test_dora import compare_with_peft
-from test_vs_peft import _copy_weights
 
 from peftplan.backends import PlanError, apply, get_method, merge
 from peftplan.backends.lora_layers import LoRALinear
 from peftplan.ir.modules import static_site
+from tests.backends.adapters import plan_for, randomize
+from tests.backends.references import compare_dora_with_peft, copy_lora_weights
+from tests.zoo import bert_eager, llama_eager, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -47,7 +47,7 @@ def _compare_lora(model: nn.Module, entries: dict[str, dict], out) -> None:
     theirs = get_peft_model(twin, config)
     ours = apply(model, plan_for(model, {n: {"method": "lora", "rslora": True, **e} for n, e in entries.items()}))
     randomize(ours)
-    _copy_weights(ours, theirs, list(entries))  # asserts the scalings are equal
+    copy_lora_weights(ours, theirs, list(entries))  # asserts the scalings are equal
     with torch.no_grad():
         got = out(ours(token_ids()))
         torch.testing.assert_close(got, out(theirs(token_ids())), atol=1e-5, rtol=1e-5)
@@ -61,11 +61,11 @@ def test_lora_equals_peft_on_bert_and_llama():
     bert_entries = {f"encoder.layer.{i}.{m}": {"rank": 4 + 5 * i, "alpha": 3}
                     for i in range(2) for m in ("attention.self.query", "output.dense")}  # fmt: skip
     bert_entries["embeddings.word_embeddings"] = {"rank": 9}
-    _compare_lora(bert(), bert_entries, lambda o: o.last_hidden_state)
+    _compare_lora(bert_eager(), bert_entries, lambda o: o.last_hidden_state)
     llama_entries = {f"model.layers.{i}.{m}": {"rank": 1 + 3 * i} for i in range(2) for m in ("self_attn.v_proj", "mlp.gate_proj")}
-    _compare_lora(llama(), llama_entries, lambda o: o.logits)
+    _compare_lora(llama_eager(), llama_entries, lambda o: o.logits)
 
 
 def test_dora_equals_peft():
     entries = {f"model.layers.{i}.{m}": {"rank": 4, "rslora": True} for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")}
-    compare_with_peft(llama(), entries, token_ids(), out=lambda o: o.logits, use_rslora=True)
+    compare_dora_with_peft(llama_eager(), entries, token_ids(), out=lambda o: o.logits, use_rslora=True)

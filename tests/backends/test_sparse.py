@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from backend_models import bert, gpt2, plan_for, token_ids
-from test_costs import frozen, saved_elements
 from transformers.pytorch_utils import Conv1D
 
 from peftplan.backends import PlanError, apply, count_trainable, get_method, load, merge, save
 from peftplan.backends.sparse import SparseDelta, select_top
 from peftplan.ir.modules import module_op, static_site
+from tests.backends.adapters import frozen, plan_for
+from tests.zoo import bert_eager, gpt2_eager, token_ids
 
 sparse = get_method("sparse")
 
@@ -137,17 +137,6 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
     torch.testing.assert_close(module.weight, original, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_saved_activations_match_autograd(case):
-    module, x = _modules()[case]
-    if x.is_floating_point():
-        x.requires_grad_(True)  # as inside a model
-    site = static_site("m", module, module_op(module))
-    tokens = x.numel() if case == "embedding" else x.numel() // x.shape[1 if case.startswith("conv2d") else -1]
-    before = saved_elements(frozen(copy.deepcopy(module)), x)
-    assert saved_elements(_wrap(module), x) - before == sparse.saved_activations(site, tokens, density=0.2)
-
-
 def test_overhead_flops_by_hand():
     site = static_site("fc", nn.Linear(100, 10), "linear", calls=2)
     assert sparse.overhead_flops(site, density=0.01) == 2 * (1000 + 10)  # add W + Δ, scatter k
@@ -181,7 +170,7 @@ def test_meta_defers_selection_and_allocates_nothing():
 
 
 def test_save_load_restores_exact_sensitivity_indices(tmp_path):
-    model = bert()
+    model = bert_eager()
     fresh = copy.deepcopy(model)
     name = "encoder.layer.0.intermediate.dense"
     scores = torch.rand(model.get_submodule(name).weight.shape, generator=torch.Generator().manual_seed(4))
@@ -196,7 +185,7 @@ def test_save_load_restores_exact_sensitivity_indices(tmp_path):
 
 
 def test_tied_weight_is_left_unmerged():
-    model = gpt2()  # lm_head shares wte's weight
+    model = gpt2_eager()  # lm_head shares wte's weight
     apply(model, plan_for(model, {"transformer.wte": {"method": "sparse", "density": 0.1}}))
     with torch.no_grad():
         model.transformer.wte.values.normal_()

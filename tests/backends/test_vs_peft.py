@@ -7,10 +7,12 @@ import re
 
 import pytest
 import torch
-from backend_models import bert, cnn, gpt2, llama, mlp, plan_for, randomize, token_ids
 from peft import LoraConfig, get_peft_model
 
 from peftplan.backends import apply
+from tests.backends.adapters import plan_for, randomize
+from tests.backends.references import copy_lora_weights
+from tests.zoo import bert_eager, embedding_mlp, gpt2_eager, llama_eager, pointwise_cnn, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -27,20 +29,6 @@ def _peft_like(model, entries: dict[str, dict]):
     return get_peft_model(reference, config), names
 
 
-def _copy_weights(ours, theirs, names):
-    with torch.no_grad():
-        for name in names:
-            mine = ours.get_submodule(name)
-            other = theirs.base_model.model.get_submodule(name)
-            if "default" in other.lora_embedding_A:
-                other.lora_embedding_A["default"].copy_(mine.lora_A)
-                other.lora_embedding_B["default"].copy_(mine.lora_B)
-            else:
-                other.lora_A["default"].weight.copy_(mine.lora_A)
-                other.lora_B["default"].weight.copy_(mine.lora_B)
-            assert other.scaling["default"] == mine.scaling
-
-
 def _compare(model, entries, inputs, out=lambda o: o):
     reference, names = _peft_like(model, entries)
     with torch.no_grad():
@@ -48,7 +36,7 @@ def _compare(model, entries, inputs, out=lambda o: o):
     plan = plan_for(model, {n: {"method": "lora", **e} for n, e in entries.items()})
     ours = apply(model, plan)
     randomize(ours)
-    _copy_weights(ours, reference, names)
+    copy_lora_weights(ours, reference, names)
     with torch.no_grad():
         expected, got = out(reference(inputs)), out(ours(inputs))
     assert not torch.allclose(got, base, atol=1e-3)  # the adapters are live
@@ -58,7 +46,7 @@ def _compare(model, entries, inputs, out=lambda o: o):
 
 
 def test_bert_per_site_ranks():
-    model = bert()
+    model = bert_eager()
     entries = {}
     for i in range(2):
         p = f"encoder.layer.{i}"
@@ -70,7 +58,7 @@ def test_bert_per_site_ranks():
 
 
 def test_llama_per_site_ranks():
-    model = llama()
+    model = llama_eager()
     entries = {}
     for i in range(2):
         p = f"model.layers.{i}"
@@ -81,12 +69,12 @@ def test_llama_per_site_ranks():
 
 
 def test_gpt2_conv1d():
-    model = gpt2()
+    model = gpt2_eager()
     entries = {f"transformer.h.{i}.{m}": {"rank": 2 + i} for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")}
     _compare(model, entries, token_ids(), out=lambda o: o.logits)
 
 
 def test_conv2d_and_embedding():
-    _compare(cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
+    _compare(pointwise_cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
              torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)))  # fmt: skip
-    _compare(mlp(), {"0": {"rank": 3}, "1": {"rank": 2}}, torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(0)))
+    _compare(embedding_mlp(), {"0": {"rank": 3}, "1": {"rank": 2}}, torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(0)))

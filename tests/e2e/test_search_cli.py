@@ -9,9 +9,10 @@ import optuna
 
 import peftplan as pp
 from peftplan.cli import main
-from tests.planner.test_study import tiny_classifier, write_task
+from tests.planner.trials import write_task
+from tests.zoo import minilm_vocab_classifier
 
-MODEL = "tests.planner.test_study:tiny_classifier"
+MODEL = "tests.zoo:minilm_vocab_classifier"
 
 
 def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
@@ -23,7 +24,7 @@ def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Pareto front:" in out and "peftplan worker" in out
     plan = pp.Plan.load(tmp_path / "plan.json")
-    model = tiny_classifier()
+    model = minilm_vocab_classifier()
     limit = pp.Budget(params="1%").param_limit(pp.lower(model).total_params)
     pp.apply(model, plan)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.objectives["params"] <= limit

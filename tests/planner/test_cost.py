@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import graph_of, linear_site
 
 import peftplan as pp
 from peftplan.backends import count_trainable, methods
 from peftplan.planner.cost import plan_cost, train_memory_estimate
+from tests.planner.graphs import graph_of, linear_site
 from tests.zoo import TiedLM
 
 TOKENS = 2 * 16  # the hand-built sites' example: batch 2, sequence 16

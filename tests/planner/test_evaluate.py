@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import peftplan as pp
 from peftplan.planner.training.evaluate import Fidelity, evaluate
-from peftplan.planner.training.task import Task, accuracy, classification_loss
 from peftplan.recipe import Recipe
+from tests.planner.trials import tiny_task
+from tests.zoo import bert_classifier
 
 
 def CONSTANT(lr):  # noqa: N802  the old loop's rule: a constant rate, no warm-up, no clipping
     return Recipe(lr=lr, warmup=0.0, schedule="constant", clip=None)
-
-
-def tiny_task(n_batches=12, batch=16, seed=0) -> Task:
-    """Label = whether token 5 appears: learnable in a few dozen steps."""
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(6, 50, (batch, 8), generator=g)
-        labels = torch.randint(0, 2, (batch,), generator=g)
-        ids[labels == 1, 3] = 5
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return Task(batches[:8], batches[10:], classification_loss, accuracy, steps=40, name="tiny", validation_batches=batches[8:10])
-
-
-def model():
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    return BertForSequenceClassification(cfg)
 
 
 def plan_for(base, rank=4):
@@ -41,7 +23,7 @@ def plan_for(base, rank=4):
 
 
 def test_trial_trains_a_copy_and_scores_it():
-    base, task = model(), tiny_task()
+    base, task = bert_classifier(), tiny_task()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     result = evaluate(base, plan_for(base), task, Fidelity(steps=60), recipe=CONSTANT(5e-3))
     assert result.ok and result.metric >= 0.9, result
@@ -51,7 +33,7 @@ def test_trial_trains_a_copy_and_scores_it():
 
 
 def test_fidelity_limits_data_and_steps():
-    base, task = model(), tiny_task()
+    base, task = bert_classifier(), tiny_task()
     result = evaluate(base, plan_for(base), task, Fidelity(steps=3, train_batches=2, eval_batches=1))
     assert result.ok and len(result.losses) == 3
     assert result.metric in {i / 16 for i in range(17)}  # one validation batch of 16
@@ -59,7 +41,7 @@ def test_fidelity_limits_data_and_steps():
 
 
 def test_failures_are_recorded_not_raised():
-    base, task = model(), tiny_task()
+    base, task = bert_classifier(), tiny_task()
     diverged = evaluate(base, plan_for(base), task, Fidelity(steps=30), recipe=CONSTANT(1e6))
     assert not diverged.ok and "diverged" in diverged.failed
     bad = pp.Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 0}})

@@ -8,8 +8,8 @@ import torch
 
 import peftplan as pp
 from peftplan.planner.training.task import stratified_split
-from tests.planner.test_evaluate import model as tiny_bert
-from tests.planner.test_evaluate import tiny_task
+from tests.planner.trials import tiny_task
+from tests.zoo import bert_classifier as tiny_bert
 
 
 class Untouchable(list):

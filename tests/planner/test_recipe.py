@@ -12,8 +12,13 @@ import torch
 import peftplan as pp
 from peftplan.planner.training.train import train
 from peftplan.recipe import Recipe
-from tests.planner.test_evaluate import model as tiny_bert
-from tests.planner.test_evaluate import plan_for, tiny_task
+from tests.planner.trials import tiny_task
+from tests.zoo import bert_classifier as tiny_bert
+
+
+def plan_for(base):
+    graph = pp.lower(base)
+    return pp.Plan(sites={s.name: {"method": "lora", "rank": 2} for s in graph.select(role="attn")})
 
 
 def test_schedules_by_hand():

@@ -7,13 +7,12 @@ import pytest
 import peftplan as pp
 from peftplan.cli import build_parser
 from peftplan.planner.strategies import DEFAULT
-from tests.planner.test_evaluate import model as tiny_bert
-from tests.planner.test_evaluate import tiny_task
-from tests.planner.test_study import stand_in
+from tests.planner.trials import stand_in, tiny_task
+from tests.zoo import bert_classifier
 
 
 def test_task_search_returns_best_plan_with_front():
-    model, task = tiny_bert(), tiny_task()
+    model, task = bert_classifier(), tiny_task()
     plan = pp.search(model, "5%", task, strategy="random", trials=4, evaluator=stand_in, progress=False, threads=1)
     assert plan.front is not None and len(plan.front) >= 1
     best = plan.front.best()
@@ -23,7 +22,7 @@ def test_task_search_returns_best_plan_with_front():
 
 
 def test_defaults_and_errors():
-    model = tiny_bert()
+    model = bert_classifier()
     assert pp.search(model, "5%").provenance["strategy"] == "proxy"
     # with a task: the strategy the search benchmark chose, which the CLI and the README name too
     with_task = pp.search(model, "5%", tiny_task(), trials=6, evaluator=stand_in, progress=False, threads=1)

@@ -13,15 +13,14 @@ from peftplan.models import minilm_dir
 from peftplan.planner.cost import plan_cost
 from peftplan.planner.space import default_space
 from peftplan.planner.study import run_search
-from tests.planner.test_evaluate import model as tiny_bert
-from tests.planner.test_evaluate import tiny_task
-from tests.planner.test_study import stand_in
+from tests.planner.trials import stand_in, tiny_task
+from tests.zoo import bert_classifier
 
 OPTIONS = {"roles": ("attn",), "max_rank": 2, "sensitivity_power": 1.0, "calibration_batches": 2}
 
 
 def test_the_training_path_uses_every_proxy_option_and_seeds_with_the_proxy_plan():
-    model, task = tiny_bert(), tiny_task()
+    model, task = bert_classifier(), tiny_task()
     proxy = pp.search(model, "5%", task, strategy="proxy", **OPTIONS)
     searched = pp.search(model, "5%", task, strategy="tpe", trials=3, evaluator=stand_in, progress=False, threads=1, **OPTIONS)
     graph = pp.lower(model)
@@ -37,7 +36,7 @@ def test_the_training_path_uses_every_proxy_option_and_seeds_with_the_proxy_plan
 
 
 def test_an_option_a_path_cannot_use_is_an_error():
-    model, task = tiny_bert(), tiny_task()
+    model, task = bert_classifier(), tiny_task()
     with pytest.raises(TypeError, match=r"cannot use \['storage', 'trials'\]"):
         pp.search(model, "5%", trials=8, storage="sqlite:///x.db")
     space = default_space(model, "5%", task)
@@ -49,7 +48,7 @@ def test_an_option_a_path_cannot_use_is_an_error():
 
 
 def test_training_memory_is_costed_at_the_tasks_batch_shape():
-    model, task = tiny_bert(), tiny_task(batch=16)  # 16 x 8 positions per step; the lowering saw 1 x 16
+    model, task = bert_classifier(), tiny_task(batch=16)  # 16 x 8 positions per step; the lowering saw 1 x 16
     space = default_space(model, "5%", task)
     plan = space.plan_from_params(space.seeds(1)[0])
     at_batch = pp.lower(model, example_inputs={k: v for k, v in task.train_batches[0].items() if k != "labels"})
@@ -58,7 +57,7 @@ def test_training_memory_is_costed_at_the_tasks_batch_shape():
 
 
 def test_the_proxy_checks_a_memory_limit_at_the_tasks_batch_shape():
-    model, task = tiny_bert(), tiny_task(batch=16)
+    model, task = bert_classifier(), tiny_task(batch=16)
     plan = pp.search(model, "5%", task, strategy="proxy")
     at_example = plan_cost(pp.lower(model), plan).train_bytes
     at_batch = plan_cost(pp.lower(model, example_inputs={k: v for k, v in task.train_batches[0].items() if k != "labels"}),

@@ -5,13 +5,13 @@ import optuna
 import pytest
 import torch
 import torch.nn as nn
-from conftest import graph_of, linear_site
 
 import peftplan
 from peftplan.backends.base import get_method
 from peftplan.planner import BudgetError, allocate, alpha_scores, eligible_sites, search
 from peftplan.planner.cost import plan_cost
 from peftplan.planner.space import AllocatorSpace, GroupedSpace
+from tests.planner.graphs import graph_of, linear_site
 
 ALL = ("lora", "dora", "ia3", "ssf", "sparse", "moe_lora")
 LIMIT = 3_000

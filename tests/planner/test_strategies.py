@@ -6,12 +6,12 @@ import random
 import optuna
 import pytest
 import torch
-from conftest import graph_of, linear_site
 
 from peftplan.planner.front import ParetoFront
 from peftplan.planner.space import AllocatorSpace, GroupedSpace
 from peftplan.planner.strategies import STRATEGIES, enqueue_seeds, make_sampler, seeded
 from peftplan.planner.strategies.proxy import share
+from tests.planner.graphs import graph_of, linear_site
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 LIMIT = 2_000

@@ -4,14 +4,12 @@ workers sharing a PostgreSQL study. Evaluations are stand-ins unless said otherw
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import zlib
 from pathlib import Path
 
 import optuna
@@ -25,55 +23,17 @@ from peftplan.planner.study.engine import planned_evaluations
 from peftplan.planner.study.halving import nondominated_ranks, promote
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
-from tests.planner.test_evaluate import model as tiny_bert
-from tests.planner.test_evaluate import tiny_task
+from tests.planner.trials import stand_in, tiny_task, write_task
+from tests.zoo import bert_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def stand_in(base, plan, task, fidelity, *, recipe, seed, sleep=0.0):
-    """A deterministic score of the plan's knobs (the same in every process), scaled by the
-    fidelity's steps so that rungs differ; ``sleep`` stands for training time."""
-    time.sleep(sleep)
-    knobs = repr(sorted(plan.provenance["knobs"].items())).encode()
-    steps = fidelity.steps or recipe.total_steps(len(task.train_batches))
-    return Evaluation((zlib.crc32(knobs) % 1000) / 1000 * steps, int(plan.objectives["params"]), sleep)
-
-
-def slow_stand_in(base, plan, task, fidelity, *, recipe, seed):
-    return stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed, sleep=1.0)
-
-
-def tiny_classifier():
-    """A 2-layer BERT classifier with MiniLM's vocabulary, so MiniLM's tokenizer fits it."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                    intermediate_size=64, max_position_embeddings=64))  # fmt: skip
-
-
-def write_task(folder: Path, n_train: int = 48, n_dev: int = 16) -> Path:
-    """``train.tsv``/``dev.tsv`` where label 1 texts say "good" and label 0 texts say "bad"."""
-    rng = random.Random(0)
-    words = "movie plot actor scene story music film the a it was".split()
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
-        rows = []
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            text = rng.sample(words, 4) + ["good" if label else "bad"]
-            rng.shuffle(text)
-            rows.append(f"{label}\t{' '.join(text)}")
-        (folder / name).write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def run(storage, trials=6, **kw):
     options = {"strategy": "random", "study_name": "s", "progress": False, "evaluator": stand_in, "threads": 1, **kw}
-    return run_search(tiny_bert(), "5%", tiny_task(), trials=trials, storage=storage, **options)
+    return run_search(bert_classifier(), "5%", tiny_task(), trials=trials, storage=storage, **options)
 
 
 def test_failed_trials_are_recorded_and_the_study_goes_on():
@@ -108,7 +68,7 @@ def test_rerun_finishes_only_the_remainder_and_checks_settings():
 
 
 def test_a_plan_already_evaluated_is_reused_not_trained_again():
-    model, task = tiny_bert(), tiny_task()
+    model, task = bert_classifier(), tiny_task()
     space = default_space(model, "5%", task)
     same = space.proxy_params(1.0)
     other_knobs = {**same, "none_share": 0.5 / len(space.sites)}  # cuts floor(0.5) = 0 sites: the same plan
@@ -179,7 +139,7 @@ def _config(study):
 
 def test_a_real_search_trains_tiny_plans():
     torch.set_num_threads(1)
-    base = tiny_bert()
+    base = bert_classifier()
     plan = run_search(base, "5%", tiny_task(), strategy="tpe", trials=3, fidelities=[Fidelity(steps=8, train_batches=4)],
                       recipe=Recipe(lr=5e-3, steps=8), progress=False, threads=1, seeds=3)  # fmt: skip
     assert len(plan.front) >= 1 and plan.provenance["strategy"] == "tpe"
@@ -187,16 +147,16 @@ def test_a_real_search_trains_tiny_plans():
     assert 0 <= plan.objectives["metric"] <= 1
     limit = pp.Budget(params="5%").param_limit(sum(p.numel() for p in base.parameters()))
     assert all(p.values["params"] <= limit for p in plan.front)
-    tuned = pp.apply(tiny_bert(), plan)
+    tuned = pp.apply(bert_classifier(), plan)
     assert sum(p.numel() for p in tuned.parameters() if p.requires_grad) == plan.objectives["params"]
 
 
 RESUME = """
 import torch; torch.set_num_threads(1)
 from peftplan.planner.study import open_storage, run_search
-from tests.planner.test_evaluate import model, tiny_task
-from tests.planner.test_study import slow_stand_in
-run_search(model(), "5%", tiny_task(), strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=1),
+from tests.planner.trials import slow_stand_in, tiny_task
+from tests.zoo import bert_classifier
+run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=1),
            study_name="resume", evaluator=slow_stand_in, progress=False, threads=1)
 """
 
@@ -228,7 +188,7 @@ def test_a_search_killed_mid_run_resumes_without_rerunning(tmp_path):
     killed = [t.number for t in _trials(url, "resume") if t.state == optuna.trial.TrialState.RUNNING]
 
     calls = []
-    run_search(tiny_bert(), "5%", tiny_task(), strategy="random", trials=n, storage=open_storage(url, heartbeat=1),
+    run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=n, storage=open_storage(url, heartbeat=1),
                study_name="resume", evaluator=lambda *a, **k: calls.append(1) or stand_in(*a, **k),
                progress=False, threads=1)  # fmt: skip
     after = {t.number: t for t in _trials(url, "resume")}
@@ -266,8 +226,8 @@ def postgres_url():
 SEARCH = """
 import torch; torch.set_num_threads(1)
 from peftplan.planner.study import Source, open_storage, run_search
-from tests.planner.test_study import slow_stand_in
-source = Source("tests.planner.test_study:tiny_classifier", {task!r}, tokenizer="minilm", batch_size=8)
+from tests.planner.trials import slow_stand_in
+source = Source("tests.zoo:minilm_vocab_classifier", {task!r}, tokenizer="minilm", batch_size=8)
 model, task = source.load()
 run_search(model, "1%", task, strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=2),
            study_name="shared", source=source, evaluator=slow_stand_in, progress=False, threads=1)
@@ -275,7 +235,7 @@ run_search(model, "1%", task, strategy="random", trials={trials}, storage=open_s
 WORKER = """
 import time, optuna
 from peftplan.planner.study import open_storage, run_worker
-from tests.planner.test_study import slow_stand_in
+from tests.planner.trials import slow_stand_in
 storage = open_storage({url!r}, heartbeat=2)
 deadline = time.time() + 120
 while "shared" not in optuna.get_all_study_names(storage):
@@ -305,7 +265,7 @@ def test_plans_over_a_limit_are_never_trained():
     from peftplan.planner.proxy.allocate import eligible_sites
     from peftplan.planner.space import AllocatorSpace
 
-    base = tiny_bert()
+    base = bert_classifier()
     graph = pp.lower(base)
     scores = {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}
     probe = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"])

@@ -1,0 +1,62 @@
+"""Runs the docstring examples of the source folders, each module imported by its installed name.
+
+setuptools installs ``ir/`` as ``peftplan.ir`` (``planner/`` and ``backends/`` likewise), so
+``ir/site.py`` is ``peftplan.ir.site``. pytest's own ``--doctest-modules`` would import it as a
+top-level ``ir.site``, where the relative imports reaching across packages
+(``from ..backends.base import …``) fail and every class would exist twice. Collected here
+instead: the folders as plain directories (pytest would import their ``__init__.py`` under the
+folder's name) and each module through `importlib` under its installed name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from _pytest.doctest import DoctestModule
+
+ROOT = Path(__file__).parent
+PACKAGES = {"peftplan": "peftplan", "ir": "peftplan.ir", "planner": "peftplan.planner", "backends": "peftplan.backends"}
+
+
+def installed_name(path: Path) -> str | None:
+    """``planner/proxy/scores.py`` → ``peftplan.planner.proxy.scores``; None outside the packages."""
+    parts = path.relative_to(ROOT).with_suffix("").parts if path.is_relative_to(ROOT) else ()
+    if not parts or parts[0] not in PACKAGES:
+        return None
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join((PACKAGES[parts[0]], *parts[1:]))
+
+
+class InstalledDoctestModule(DoctestModule):
+    def _getobj(self):
+        return importlib.import_module(installed_name(self.path))
+
+
+def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if path.is_relative_to(ROOT) and path != ROOT and installed_name(path / "__init__.py"):
+        return pytest.Dir.from_parent(parent, path=path)
+    return None
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if file_path.suffix == ".py" and installed_name(file_path):
+        return InstalledDoctestModule.from_parent(parent, path=file_path)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _registrations_end_with_their_example(request: pytest.FixtureRequest):
+    """A method a docstring example registers (``backends/base.py`` shows how) is gone after it,
+    so that tests iterating over the registered methods do not meet it."""
+    if not isinstance(request.node, pytest.DoctestItem):
+        yield
+        return
+    from peftplan.backends import base
+
+    before = dict(base._REGISTRY)
+    yield
+    base._REGISTRY.clear()
+    base._REGISTRY.update(before)

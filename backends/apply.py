@@ -150,15 +150,19 @@ def applied_plan(model: nn.Module) -> Plan:
 def merge(model: nn.Module) -> MergeReport:
     """Fold every mergeable site's delta into its base weight (forward no longer adds it).
 
-    A site is left, with the reason in the report, when its method cannot merge with these
-    hyper-parameters or when its weight is tied to another module (GPT-2's ``wte`` and
-    ``lm_head``): folding the delta in would change that module too.
+    A site is left, with the reason in the report, when its method's ``can_merge`` says no
+    for these hyper-parameters or when its weight is tied to another module (GPT-2's ``wte``
+    and ``lm_head``): folding the delta in would change that module too.
+
+    All or nothing, like `apply`: if a site's ``merge()`` raises, every site merged so far is
+    unmerged again before the error propagates, so the model computes what it did before.
 
     >>> print(merge(model))  # doctest: +SKIP
     merged 12 site(s), left 0
     """
     report = MergeReport()
     plan = applied_plan(model)
+    todo = []
     owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
@@ -173,10 +177,19 @@ def merge(model: nn.Module) -> MergeReport:
             why = f"its weight is shared with {shared} (tied); merging would change them too"
         if why is not None:
             report.left[name] = why
-            continue
-        if hasattr(module, "merge"):
-            module.merge()
-        report.merged.append(name)
+        else:
+            todo.append((name, module))
+    done = []
+    try:
+        for name, module in todo:
+            if hasattr(module, "merge") and not module.merged:
+                module.merge()
+                done.append(module)
+            report.merged.append(name)
+    except BaseException:
+        for module in reversed(done):
+            module.unmerge()
+        raise
     return report
 
 

@@ -53,6 +53,7 @@ class Site:
     calls: int = 1
     bias: bool = False
     tied: tuple[str, ...] = ()
+    affine_norm: bool = False  # a torch LayerNorm/GroupNorm with a bias: normalised · weight + bias
 
     @property
     def tokens(self) -> int:

@@ -28,8 +28,9 @@ from ..ir import lower
 from ..ir.modules import fingerprint, module_features, module_op, static_site
 from ..ir.site import Site
 from ..plan import Plan
-from .base import PlanError, get_method
+from .base import Method, PlanError, get_method
 from .retarget import retarget
+from .wrapper import Wrapper
 
 log = logging.getLogger("peftplan")
 PLAN_ATTR = "peftplan_plan"  # the applied Plan, public: `save` and users read it
@@ -77,9 +78,9 @@ def apply(
 
     ``scores`` maps site names to per-element scores shaped like the site's weight (grad² from
     the planner, say), for methods that choose entries by them (``sparse`` with
-    ``selection="sensitivity"``). Convention: such a method defines ``needs_scores(**hp) ->
-    bool``, and its ``wrap`` then receives ``scores=<tensor>``; a site that needs scores and has
-    none is a `PlanError`. Scores for other sites are ignored.
+    ``selection="sensitivity"``): where `Method.needs_scores` says so, ``wrap`` receives
+    ``scores=<tensor>``; a site that needs scores and has none is a `PlanError`. Scores for
+    other sites are ignored.
 
     >>> model = apply(model, Plan.load("plan.json"))  # doctest: +SKIP
     >>> count_trainable(model)  # doctest: +SKIP
@@ -249,14 +250,13 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
     """The sum of the auxiliary losses of the last forward (a MoE-LoRA router's load-balancing
     loss, say), to add to the task loss while training; 0.0 when no site has one.
 
-    Convention: a wrapper module exposes ``aux_loss() -> Tensor | None``.
+    Each site's `Wrapper.aux_loss` gives its own (None by default).
 
     >>> loss = task_loss + 0.01 * aux_loss(model)  # doctest: +SKIP
     """
     total: torch.Tensor | float = 0.0
     for module in model.modules():
-        fn = getattr(module, "aux_loss", None)
-        if callable(fn) and module is not model and (value := fn()) is not None:
+        if isinstance(module, Wrapper) and module is not model and (value := module.aux_loss()) is not None:
             total = total + value
     return total
 
@@ -289,11 +289,10 @@ def _as_plan(plan: Any) -> Plan:
     raise TypeError(f"apply() needs a Plan, a plan dict or a path to plan.json, got {type(plan).__name__}")
 
 
-def _scores_for(name: str, module: nn.Module, method: Any, hp: dict[str, Any], scores: dict[str, torch.Tensor],
+def _scores_for(name: str, module: nn.Module, method: Method, hp: dict[str, Any], scores: dict[str, torch.Tensor],
                 restoring: bool) -> dict[str, torch.Tensor]:
     """``{"scores": tensor}`` for a site whose method needs scores, ``{}`` otherwise."""
-    needs = getattr(method, "needs_scores", None)
-    if needs is None or not needs(**hp):
+    if not method.needs_scores(**hp):
         return {}
     weight = module.weight
     if name not in scores:

@@ -59,6 +59,9 @@ class SSF(Method):
     def overhead_flops(self, site: Site, **hp: Any) -> int:
         return 2 * site.tokens * site.out_features * site.calls  # a multiply and an add per output
 
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 2  # the scale's multiply, the shift's add
+
     def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
         return tokens * site.out_features * site.calls  # the base output, for the scale's gradient
 

@@ -27,13 +27,12 @@ from optuna.distributions import (
 )
 
 from ...backends.base import get_method
-from ...ir.site import SiteGraph
+from ...ir.site import Site, SiteGraph
 from ...plan import Plan, describe
 from ..budget import Budget, BudgetError
 from ..cost import plan_cost
 
 SENSES = {"metric": "max", "params": "min", "memory": "min", "latency": "min", "adapter_bytes": "min"}
-VECTOR = ("ia3", "ssf")  # one vector per site: their size has no knob
 
 
 class Space:
@@ -142,6 +141,11 @@ class Space:
                      "adapter_bytes": cost.adapter_bytes}
             self._cache[key] = (sites, costs)
         return self._cache[key]
+
+
+def sizeless(method: str, site: Site) -> bool:
+    """Whether ``method`` has no size knob (ia3, ssf: one vector per site, on or off)."""
+    return get_method(method).sized(site, 1) is None
 
 
 def _suggest(trial: optuna.trial.BaseTrial, name: str, d: BaseDistribution) -> Any:

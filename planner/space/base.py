@@ -39,8 +39,8 @@ class Space:
     """One space: knobs (`distributions`) → per-site entries (`site_entries`, by subclasses).
 
     ``objectives`` maps each objective to its sense, "metric" first; "memory" is the plan's own
-    training bytes (`plan_cost` ``train_bytes`` at ``batch_shape``, (batch, length) of a training step) and "latency" its FLOPs
-    overhead after merging, as a fraction of the model's; "adapter_bytes" what the artifact
+    training bytes (`plan_cost` ``train_bytes`` at ``batch_shape``, (batch, length) of a training step) and "latency" its
+    predicted forward-time overhead after merging (`PlanCost.latency_fraction`); "adapter_bytes" what the artifact
     stores. ``limits`` caps costs by name: every field of ``budget`` (params are enforced by
     construction, the others as constraints: plans over them are never trained), plus any
     given here. ``train_modules`` are fully trained and paid from the budget first.

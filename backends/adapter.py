@@ -65,6 +65,18 @@ class Adapter(Method):
         d = _adapter_in(site, placement)
         return d * bottleneck + bottleneck + bottleneck * site.out_features + site.out_features
 
+    def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any]:
+        return {"bottleneck": rank}
+
+    def fixed_params(self, site: Site, **choices: Any) -> int:
+        # beyond LoRA's r·(in + out): both biases, and a serial adapter on a site that widens
+        # (out > in) has a larger down projection; bounded at the largest rank, min(in, out)
+        widening = max(0, site.out_features - site.in_features)
+        return min(site.in_features, site.out_features) * (1 + widening) + site.out_features
+
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 4  # down, activation, up, the sum
+
     def overhead_flops(self, site: Site, bottleneck: int, placement: str = "serial", activation: str = "relu") -> int:
         # the two matmuls, counted as LoRA counts its own; bias, activation and sum are elementwise
         d = _adapter_in(site, placement)

@@ -28,8 +28,9 @@ from ..ir import lower
 from ..ir.modules import fingerprint, module_features, module_op, static_site
 from ..ir.site import Site
 from ..plan import Plan
-from .base import PlanError, get_method
+from .base import Method, PlanError, get_method
 from .retarget import retarget
+from .wrapper import Wrapper
 
 log = logging.getLogger("peftplan")
 PLAN_ATTR = "peftplan_plan"  # the applied Plan, public: `save` and users read it
@@ -77,9 +78,9 @@ def apply(
 
     ``scores`` maps site names to per-element scores shaped like the site's weight (grad² from
     the planner, say), for methods that choose entries by them (``sparse`` with
-    ``selection="sensitivity"``). Convention: such a method defines ``needs_scores(**hp) ->
-    bool``, and its ``wrap`` then receives ``scores=<tensor>``; a site that needs scores and has
-    none is a `PlanError`. Scores for other sites are ignored.
+    ``selection="sensitivity"``): where `Method.needs_scores` says so, ``wrap`` receives
+    ``scores=<tensor>``; a site that needs scores and has none is a `PlanError`. Scores for
+    other sites are ignored.
 
     >>> model = apply(model, Plan.load("plan.json"))  # doctest: +SKIP
     >>> count_trainable(model)  # doctest: +SKIP
@@ -150,15 +151,19 @@ def applied_plan(model: nn.Module) -> Plan:
 def merge(model: nn.Module) -> MergeReport:
     """Fold every mergeable site's delta into its base weight (forward no longer adds it).
 
-    A site is left, with the reason in the report, when its method cannot merge with these
-    hyper-parameters or when its weight is tied to another module (GPT-2's ``wte`` and
-    ``lm_head``): folding the delta in would change that module too.
+    A site is left, with the reason in the report, when its method's ``can_merge`` says no
+    for these hyper-parameters or when its weight is tied to another module (GPT-2's ``wte``
+    and ``lm_head``): folding the delta in would change that module too.
+
+    All or nothing, like `apply`: if a site's ``merge()`` raises, every site merged so far is
+    unmerged again before the error propagates, so the model computes what it did before.
 
     >>> print(merge(model))  # doctest: +SKIP
     merged 12 site(s), left 0
     """
     report = MergeReport()
     plan = applied_plan(model)
+    todo = []
     owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
@@ -173,10 +178,19 @@ def merge(model: nn.Module) -> MergeReport:
             why = f"its weight is shared with {shared} (tied); merging would change them too"
         if why is not None:
             report.left[name] = why
-            continue
-        if hasattr(module, "merge"):
-            module.merge()
-        report.merged.append(name)
+        else:
+            todo.append((name, module))
+    done = []
+    try:
+        for name, module in todo:
+            if hasattr(module, "merge") and not module.merged:
+                module.merge()
+                done.append(module)
+            report.merged.append(name)
+    except BaseException:
+        for module in reversed(done):
+            module.unmerge()
+        raise
     return report
 
 
@@ -236,14 +250,13 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
     """The sum of the auxiliary losses of the last forward (a MoE-LoRA router's load-balancing
     loss, say), to add to the task loss while training; 0.0 when no site has one.
 
-    Convention: a wrapper module exposes ``aux_loss() -> Tensor | None``.
+    Each site's `Wrapper.aux_loss` gives its own (None by default).
 
     >>> loss = task_loss + 0.01 * aux_loss(model)  # doctest: +SKIP
     """
     total: torch.Tensor | float = 0.0
     for module in model.modules():
-        fn = getattr(module, "aux_loss", None)
-        if callable(fn) and module is not model and (value := fn()) is not None:
+        if isinstance(module, Wrapper) and module is not model and (value := module.aux_loss()) is not None:
             total = total + value
     return total
 
@@ -276,11 +289,10 @@ def _as_plan(plan: Any) -> Plan:
     raise TypeError(f"apply() needs a Plan, a plan dict or a path to plan.json, got {type(plan).__name__}")
 
 
-def _scores_for(name: str, module: nn.Module, method: Any, hp: dict[str, Any], scores: dict[str, torch.Tensor],
+def _scores_for(name: str, module: nn.Module, method: Method, hp: dict[str, Any], scores: dict[str, torch.Tensor],
                 restoring: bool) -> dict[str, torch.Tensor]:
     """``{"scores": tensor}`` for a site whose method needs scores, ``{}`` otherwise."""
-    needs = getattr(method, "needs_scores", None)
-    if needs is None or not needs(**hp):
+    if not method.needs_scores(**hp):
         return {}
     weight = module.weight
     if name not in scores:

@@ -2,20 +2,27 @@
 
 A method says which site ops it can tune, how many trainable parameters it adds (exactly:
 the contract tests check it against the module it builds), the extra forward FLOPs while
-unmerged, the activations it keeps for backward (for the training-memory cost), and how to
-wrap a module. Adding a method is one file:
+unmerged and the tensor ops (kernel launches) it adds to each call, the activations it keeps
+for backward (for the training-memory cost), and how to wrap a module. The five abstract
+methods are required; the other hooks have documented defaults. Adding a method is one file:
 
     >>> @register
     ... class Scale(Method):
     ...     name = "scale"; ops = frozenset({"linear"}); mergeable = False
     ...     def param_count(self, site, **hp): return site.out_features
     ...     def overhead_flops(self, site, **hp): return site.tokens * site.out_features * site.calls
+    ...     def extra_ops(self, site, **hp): return 1  # one multiply per call
     ...     def saved_activations(self, site, tokens, **hp): return tokens * site.out_features * site.calls
     ...     def wrap(self, module, site, **hp): ...
+    >>> get_method("scale").sized(None, rank=8) is None  # no size knob: on or off
+    True
+    >>> _REGISTRY.pop("scale").name
+    'scale'
 """
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 import torch.nn as nn
@@ -27,7 +34,7 @@ class PlanError(ValueError):
     """A plan that cannot be applied as written; the message says what to change."""
 
 
-class Method:
+class Method(abc.ABC):
     """Base class of every PEFT method.
 
     ``hyper`` maps each hyper-parameter to its default (``None``: required); ``validate``
@@ -42,8 +49,32 @@ class Method:
     identity_at_init: ClassVar[bool] = True  # a freshly wrapped site computes what its base computes
 
     def can_merge(self, site: Site, **hp: Any) -> str | None:
-        """Why this site cannot be merged with these hyper-parameters, or None when it can."""
+        """Why this site cannot be merged with these hyper-parameters, or None when it can.
+
+        The one place mergeability is decided: `peftplan.backends.merge` and the cost model
+        ask it, and a layer's own ``merge()`` defers to it. Default: ``mergeable``."""
         return None if self.mergeable else f"method {self.name!r} cannot be merged"
+
+    def needs_scores(self, **hp: Any) -> bool:
+        """Whether ``wrap`` needs per-element ``scores=`` shaped like the site's weight
+        (`peftplan.backends.apply` passes them, or refuses the plan). Default: False."""
+        return False
+
+    def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any] | None:
+        """Hyper-parameters that make this method about as big as LoRA at ``rank`` on
+        ``site``, or None when it has no size knob (on or off, like ia3/ssf). Default: None.
+
+        Invariant (the contract suite checks it): ``param_count(site, **sized(site, r))`` is at
+        most LoRA's at rank ``r`` plus `fixed_params`, for every ``1 <= r <= min(in, out)``.
+        ``choices`` are a space's structural choices (``experts=``) that methods without such
+        a choice ignore. Search spaces size plans through this hook alone."""
+        return None
+
+    def fixed_params(self, site: Site, **choices: Any) -> int:
+        """Params `sized` costs at ``site`` beyond LoRA's at the same rank, whatever the rank
+        (DoRA's magnitude vector, MoE-LoRA's router): what a planner pays before sharing ranks.
+        Default: 0."""
+        return 0
 
     def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
         """Full hyper-parameters for ``site`` (defaults filled in), or a `PlanError`."""
@@ -66,20 +97,28 @@ class Method:
         return full
 
     def check(self, site: Site, hp: dict[str, Any]) -> None:
-        """Method-specific checks of filled-in hyper-parameters; raise `PlanError`."""
+        """Method-specific checks of filled-in hyper-parameters; raise `PlanError`. Default:
+        none beyond `validate`'s."""
+        return None
 
+    @abc.abstractmethod
     def param_count(self, site: Site, **hp: Any) -> int:
         """Exact number of trainable parameters this method adds at ``site``."""
-        raise NotImplementedError(f"{type(self).__name__} must define param_count")
 
+    @abc.abstractmethod
     def overhead_flops(self, site: Site, **hp: Any) -> int:
         """Extra forward FLOPs at the site's example shape while unmerged."""
-        raise NotImplementedError(f"{type(self).__name__} must define overhead_flops")
 
+    @abc.abstractmethod
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        """Tensor ops (aten kernels; views excluded) the wrapped site adds to each of its
+        calls while unmerged, in inference: what per-call overhead the latency model charges.
+        A site that merges adds none after `merge`; one that cannot keeps these."""
+
+    @abc.abstractmethod
     def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
         """Elements this method keeps for backward beyond what the frozen model keeps, for one
         forward with ``tokens`` positions per call (e.g. batch x sequence) at this site."""
-        raise NotImplementedError(f"{type(self).__name__} must define saved_activations")
 
     def train_memory(self, site: Site, tokens: int, *, param_bytes: int = 4, act_bytes: int = 4,
                      optimizer_states: int = 2, **hp: Any) -> int:
@@ -96,9 +135,9 @@ class Method:
         stores indices or other buffers)."""
         return self.param_count(site, **hp) * param_bytes
 
+    @abc.abstractmethod
     def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:
         """A module to put in place of ``module``: the frozen base inside, a trainable delta."""
-        raise NotImplementedError(f"{type(self).__name__} must define wrap")
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -108,6 +147,8 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available to plans under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.__abstractmethods__:
+        raise TypeError(f"method {cls.name!r} ({cls.__name__}) must define {sorted(cls.__abstractmethods__)} to be registered")
     if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({type(_REGISTRY[cls.name]).__name__})")
     _REGISTRY[cls.name] = cls()

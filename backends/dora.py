@@ -51,6 +51,14 @@ class DoRA(LoRA):
     def param_count(self, site: Site, rank: int, **_: Any) -> int:
         return super().param_count(site, rank) + site.out_features  # + the magnitude vector
 
+    def fixed_params(self, site: Site, **choices: Any) -> int:
+        return site.out_features  # the magnitude vector
+
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        # LoRA's 4; B·A, its scaling, W + ΔW, the norm, magnitude / norm; then rescale and
+        # combine (3), and taking the bias out of the base output when there is one
+        return 13 + site.bias
+
     def overhead_flops(self, site: Site, rank: int, **_: Any) -> int:
         # LoRA's path, then once per call B·A and the norm of W + s·B·A (scale, add, square,
         # sum), and per position three element-wise ops to rescale and combine the outputs.

@@ -61,6 +61,9 @@ class IA3(Method):
         # map (stride 1), as the other methods' costs do
         return site.tokens * self.param_count(site, placement) * site.calls
 
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 1  # one multiply, of the input or of the output
+
     def saved_activations(self, site: Site, tokens: int, placement: str = "auto") -> int:
         # the tensor that is scaled, for the vector's gradient
         return tokens * self.param_count(site, placement) * site.calls

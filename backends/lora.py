@@ -76,6 +76,12 @@ class LoRA(Method):
             per_token = rank * (site.in_features + site.out_features)
         return 2 * site.tokens * per_token * site.calls
 
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 4  # A (a matmul, convolution or lookup), B, the scaling, the sum
+
+    def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any]:
+        return {"rank": rank, "alpha": 2 * rank}
+
     def saved_activations(self, site: Site, tokens: int, rank: int, dropout: float = 0.0, **_: Any) -> int:
         # A's gradient needs the (dropped-out) input, B's the rank-r projection; a frozen base
         # keeps neither. An embedding's A gradient needs only the ids.

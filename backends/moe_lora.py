@@ -79,6 +79,19 @@ class MoELoRA(Method):
     def param_count(self, site: Site, experts: int, rank: int, alpha: float | None = None, top_k: int = 1) -> int:
         return experts * rank * (site.in_features + site.out_features) + site.in_features * experts
 
+    def sized(self, site: Site, rank: int, experts: int = 1, **choices: Any) -> dict[str, Any]:
+        """``rank`` split among the experts: ``min(experts, rank)`` of rank ``rank // experts``."""
+        e = min(experts, rank)
+        return {"experts": e, "rank": rank // e, "alpha": 2 * (rank // e)}
+
+    def fixed_params(self, site: Site, experts: int = 1, **choices: Any) -> int:
+        return site.in_features * experts  # the router
+
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        # router, softmax, top-k, routing mask (zeros, scatter), gates; A, gating, B, scaling,
+        # the sum; the balance loss (two means, the share's division, product, sum, x experts)
+        return 17
+
     def overhead_flops(self, site: Site, experts: int, rank: int, alpha: float | None = None, top_k: int = 1) -> int:
         # router, then every expert's A and B (computed densely, then masked)
         per_token = experts * (site.in_features + rank * (site.in_features + site.out_features))

@@ -31,6 +31,9 @@ class NoTuning(Method):
     def overhead_flops(self, site: Site, **hp: Any) -> int:
         return 0
 
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 0
+
     def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
         return 0
 

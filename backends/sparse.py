@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..ir.modules import is_hf_conv1d
 from ..ir.site import Site
-from .base import Method, PlanError, register
+from .base import Method, PlanError, get_method, register
 from .wrapper import Wrapper
 
 __all__ = ["Sparse", "SparseDelta", "select_top"]
@@ -72,6 +72,13 @@ class Sparse(Method):
     def needs_scores(self, density: float, selection: str = "magnitude") -> bool:
         """Whether ``apply`` must hand this site per-element scores (see `apply`)."""
         return selection == "sensitivity"
+
+    def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any]:
+        lora = get_method("lora").param_count(site, rank=rank)
+        return {"density": min(1.0, lora / weight_numel(site))}
+
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 3  # a zero delta, the scatter of the values into it, W + delta (the base op is replaced)
 
     def param_count(self, site: Site, density: float, selection: str = "magnitude") -> int:
         return max(1, round(density * weight_numel(site)))

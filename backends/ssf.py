@@ -25,14 +25,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..ir.modules import is_hf_conv1d, module_features, module_op
+from ..ir.modules import is_hf_conv1d, module_features, module_op, static_site
 from ..ir.site import Site
-from .base import Method, register
+from .base import Method, get_method, register
 from .wrapper import Wrapper
 
 __all__ = ["SSF", "ChannelWrapper", "ScaleShift"]
-
-_MERGEABLE_NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
 @register
@@ -48,9 +46,9 @@ class SSF(Method):
     def can_merge(self, site: Site, **hp: Any) -> str | None:
         if (why := super().can_merge(site, **hp)) is not None:
             return why
-        if site.op == "norm" and not (site.module_type in {c.__name__ for c in _MERGEABLE_NORMS} and site.bias):
+        if site.op == "norm" and not site.affine_norm:
             return (
-                f"ssf on a {site.module_type} cannot be merged: only a LayerNorm or GroupNorm with a bias "
+                f"ssf on a {site.module_type} cannot be merged: only a torch LayerNorm or GroupNorm with a bias "
                 "can take the shift; keep it unmerged (cost: one multiply-add per output)"
             )
         return None
@@ -60,6 +58,9 @@ class SSF(Method):
 
     def overhead_flops(self, site: Site, **hp: Any) -> int:
         return 2 * site.tokens * site.out_features * site.calls  # a multiply and an add per output
+
+    def extra_ops(self, site: Site, **hp: Any) -> int:
+        return 2  # the scale's multiply, the shift's add
 
     def saved_activations(self, site: Site, tokens: int, **hp: Any) -> int:
         return tokens * site.out_features * site.calls  # the base output, for the scale's gradient
@@ -115,18 +116,16 @@ class ScaleShift(ChannelWrapper):
             out = out + _along(self.shift, y.dim(), self.channel)
         return out.to(y.dtype)
 
-    def why_not_mergeable(self) -> str | None:
-        if self.op == "norm" and self.shift is not None and not (isinstance(self.base, _MERGEABLE_NORMS) and self.bias is not None):
-            return f"a {type(self.base).__name__} without a LayerNorm/GroupNorm bias has nowhere to take the shift"
-        return None
-
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold scale (and shift) into the base's weight and bias. Merging twice is a no-op."""
+        """Fold scale (and shift) into the base's weight and bias. Merging twice is a no-op.
+        Whether a shifted site can merge is `SSF.can_merge`'s to say (a scale alone always can)."""
         if self.merged:
             return
-        if (why := self.why_not_mergeable()) is not None:
-            raise ValueError(f"cannot merge: {why}")
+        if self.shift is not None:
+            why = get_method("ssf").can_merge(static_site("", self.base, self.op))
+            if why is not None:
+                raise ValueError(f"cannot merge: {why}")
         w = self.base.weight
         w.copy_(w * _along(self.scale, w.dim(), self._weight_out))
         if self.shift is not None and self.op == "embedding":

@@ -35,3 +35,8 @@ class Wrapper(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base, "bias", None)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """This site's auxiliary loss from the last forward, for `peftplan.backends.aux_loss`
+        to sum into training (a MoE-LoRA router's balance loss); None when it has none."""
+        return None

@@ -6,7 +6,10 @@ value, 73,728, is the reference; the table prints each method's sites and count)
 1. train step time (median of the steps after warm-up) and peak memory against peft's own
    LoRA, DoRA and IA3 on the same modules, as ratios measured in the same run: all models
    step in one process, round-robin, so load from other processes hits them alike;
-2. merged inference time against the unmodified model, alternated the same way;
+2. unmerged inference time against the unmodified model, alternated the same way, beside the
+   cost model's prediction (`PlanCost.unmerged_latency_fraction`) with this machine's
+   constants (`Machine.measure`, its per-kernel time taken on one activation, batch x
+   sequence x hidden) and with the planner's `DEFAULT_MACHINE`; then merged inference time;
 3. ``sparse`` at density 0.01 against dense fine-tuning of the same matrices: AdamW state
    bytes (exp_avg + exp_avg_sq) after a step;
 4. the cost model's whole-model training-memory estimate against the measured peak.
@@ -22,11 +25,13 @@ activations stay cached in the heap and the mark measures that caching as well (
 the tensors for LoRA here, varying from run to run). The measured whole = the model's
 parameter bytes + the peak growth.
 
-Goals: train step and peak memory ≤ 1.0x peft; merged inference 1.00x ± 2%; sparse optimizer
-memory ≥ 10x below dense; estimate within 20% of the measured peak.
+Goals: train step and peak memory ≤ 1.0x peft; predicted unmerged latency within 10% of the
+measured; merged inference 1.00x ± 2%; sparse optimizer memory ≥ 10x below dense; estimate
+within 20% of the measured peak.
 
     python benchmarks/methods.py            # prints markdown tables (15 min on 2 shared cores)
     python benchmarks/methods.py --quick    # fewer repeats
+    python benchmarks/methods.py --latency  # the inference tables only (a few minutes)
 """
 
 from __future__ import annotations
@@ -194,6 +199,7 @@ def round_robin(fns: dict, rounds: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about half the time)")
+    ap.add_argument("--latency", action="store_true", help="only the inference tables: predicted against measured latency")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,6 +218,9 @@ def main() -> None:
     missing = [m for m in CONFIGS if m not in available]
     base, graph = model_and_graph()
     costs = {m: plan_cost(graph, plan_for(m, graph), tokens_scale=BATCH * SEQ / 16) for m in available}
+    if args.latency:
+        latency_tables(base, graph, {m: build(base, graph, m, "ours") for m in available}, infer_rounds)
+        return
 
     mem = {(m, i): run_one(m, i, mem_steps) for m in available for i in ("ours", "peft") if i == "ours" or m in PEFT}
     if "sparse" in available:
@@ -262,23 +271,51 @@ def main() -> None:
         print("| AdamW state after one step | bytes | ratio |\n|---|---:|---:|")
         print(f"| sparse, density 0.01 | {s:,} | 1 |\n| dense (full) on the same matrices | {d:,} | {d / s:.1f}x |\n")
 
-    for t in trainers.values():
-        t.model.eval()
-    fns, left = {"base": lambda: forward(base, batch)}, {}
-    for m in available:
-        model = models[(m, "ours")]
-        left[m] = pp.merge(model).left
-        fns[m] = lambda model=model: forward(model, batch)
-    base.eval()
-    infer = round_robin(fns, infer_rounds)
-    rows = ["| method | merged | inference (median) | base model | ratio | cost model: FLOPs left |", "|---|---|---:|---:|---:|---:|"]
-    for m in available:
-        merged = "yes" if not left[m] else f"no ({len(left[m])} sites unmerged)"
-        rows.append(f"| {m} | {merged} | {infer[m] * 1e3:.1f} ms | {infer['base'] * 1e3:.1f} ms | {infer[m] / infer['base']:.3f}x "
-                    f"| +{costs[m].latency_fraction:.2%} |")  # fmt: skip
-    print("\n".join(rows))
+    latency_tables(base, graph, {m: models[(m, "ours")] for m in available}, infer_rounds)
     if missing:
         print(f"\nnot available (not registered): {', '.join(missing)}")
+
+
+def latency_tables(base, graph, tuned: dict, rounds: int) -> None:
+    """Inference time of each tuned model, unmerged then merged, against the base model's,
+    round-robin; unmerged beside the cost model's predictions."""
+    import torch
+
+    import peftplan as pp
+    from peftplan.planner.cost import plan_cost
+    from peftplan.planner.latency import DEFAULT_MACHINE, Machine
+
+    batch = batch_of()
+    base.eval()
+    for model in tuned.values():
+        model.eval()
+    machine = Machine.measure(elements=BATCH * SEQ * base.config.hidden_size)
+    shape = (BATCH, SEQ)
+    predicted = {m: plan_cost(graph, plan_for(m, graph), batch_shape=shape, machine=machine) for m in tuned}
+    default = {m: plan_cost(graph, plan_for(m, graph), batch_shape=shape, machine=DEFAULT_MACHINE) for m in tuned}
+    fns = {"base": lambda: forward(base, batch), **{m: (lambda model=model: forward(model, batch)) for m, model in tuned.items()}}
+    unmerged = round_robin(fns, rounds)
+    print(f"Machine.measure() here, {torch.get_num_threads()} threads: {machine.flops_per_second / 1e9:.1f} GFLOP/s, "
+          f"{machine.seconds_per_kernel * 1e6:.0f} µs per kernel on one activation ({BATCH}x{SEQ}x{base.config.hidden_size}); "
+          f"base model: {graph.kernels} kernels, {predicted['lora'].base_flops / 1e9:.1f} GFLOPs per batch\n")
+    rows = ["| method | extra kernels | extra GFLOPs | measured unmerged | predicted (this machine) | error (forward time) | predicted (DEFAULT_MACHINE) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for m, c in predicted.items():
+        measured = unmerged[m] / unmerged["base"] - 1
+        error = (1 + c.unmerged_latency_fraction) / (1 + measured) - 1  # of the predicted forward time
+        rows.append(f"| {m} | {c.unmerged_ops} | {c.unmerged_flops / 1e9:.2f} | +{measured:.1%} | +{c.unmerged_latency_fraction:.1%} "
+                    f"| {error:+.1%} | +{default[m].unmerged_latency_fraction:.1%} |")  # fmt: skip
+    print("\n".join(rows), end="\n\n")
+
+    left = {m: pp.merge(model).left for m, model in tuned.items()}
+    merged = round_robin(fns, rounds)
+    rows = ["| method | merged | inference (median) | base model | ratio | cost model: predicted overhead left |",
+            "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for m in tuned:
+        state = "yes" if not left[m] else f"no ({len(left[m])} sites unmerged)"
+        rows.append(f"| {m} | {state} | {merged[m] * 1e3:.1f} ms | {merged['base'] * 1e3:.1f} ms | {merged[m] / merged['base']:.3f}x "
+                    f"| +{predicted[m].latency_fraction:.2%} |")  # fmt: skip
+    print("\n".join(rows))
 
 
 def forward(model, batch) -> float:

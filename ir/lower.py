@@ -23,6 +23,7 @@ from . import dataflow, roles
 from .capture import CaptureError, OpGraph, capture
 from .inputs import batch_shape, normalise
 from .inputs import example_inputs as synthesise
+from .kernels import count_kernels
 from .modules import count_params, fingerprint, module_features, module_op, static_site
 from .site import Block, SiteGraph
 
@@ -54,6 +55,7 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
     model.eval()
     try:
         og, shortened = _capture_shortened(model, inputs, stacks if shorten else [])
+        kernels, kernel_note = _kernels(model, inputs)
     finally:
         model.train(was_training)
 
@@ -106,7 +108,7 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
             )  # fmt: skip
         )
     block_list = [Block(s.path, i, s.size, s.type_names[i]) for s in stacks for i in range(s.size)]
-    notes = list(og.notes) + notes
+    notes = list(og.notes) + notes + kernel_note
     if shortened:
         notes.append("captured " + ", ".join(f"{s.path or '<root>'}: {len(s.kept)} of {s.size} blocks" for s in stacks) + " and expanded by structure")
     return SiteGraph(
@@ -119,7 +121,17 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
         total_params=count_params(model),
         notes=notes,
         example_shape=batch_shape(*inputs),
+        kernels=kernels,
     )
+
+
+def _kernels(model: nn.Module, inputs) -> tuple[int, list[str]]:
+    """Kernels of one eager forward of the whole model (the latency model's per-call term);
+    0 and a note when the model does not run eagerly on these inputs."""
+    try:
+        return count_kernels(model, inputs), []
+    except Exception as e:  # the graph is still useful without the count
+        return 0, [f"kernels not counted: {type(e).__name__}: {str(e)[:200]}"]
 
 
 def _capture_shortened(model: nn.Module, inputs, stacks) -> tuple[OpGraph, bool]:

@@ -32,6 +32,17 @@ def is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.dim() == 1
 
 
+def is_affine_norm(module: nn.Module) -> bool:
+    """A torch ``LayerNorm`` or ``GroupNorm`` (or a subclass) with a bias: its output is the
+    normalised input times ``weight`` plus ``bias``, so a per-channel scale and shift fold into
+    them. Look-alikes may use their weight otherwise (Gemma scales by ``1 + weight``).
+
+    >>> is_affine_norm(nn.LayerNorm(4)), is_affine_norm(nn.LayerNorm(4, bias=False)), is_affine_norm(nn.RMSNorm(4))
+    (True, False, False)
+    """
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and getattr(module, "bias", None) is not None
+
+
 def module_op(module: nn.Module) -> str | None:
     """The site op of a module, or None when it is not tunable."""
     if isinstance(module, nn.Linear) or is_hf_conv1d(module):
@@ -109,5 +120,6 @@ def static_site(name: str, module: nn.Module, op: str, **known):
         kernel=tuple(getattr(module, "kernel_size", ())),
         groups=getattr(module, "groups", 1),
         bias=getattr(module, "bias", None) is not None,
+        affine_norm=is_affine_norm(module),
         **known,
     )

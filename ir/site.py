@@ -53,6 +53,7 @@ class Site:
     calls: int = 1
     bias: bool = False
     tied: tuple[str, ...] = ()
+    affine_norm: bool = False  # a torch LayerNorm/GroupNorm with a bias: normalised · weight + bias
 
     @property
     def tokens(self) -> int:
@@ -135,6 +136,7 @@ class SiteGraph:
     total_params: int
     notes: list[str] = field(default_factory=list)
     example_shape: tuple[int, int] = (1, 1)  # (batch, sequence) of the example the sites were measured on
+    kernels: int = 0  # tensor kernels one forward of the example runs (`ir.kernels`); 0: not counted
 
     def __post_init__(self) -> None:
         self._by_name = {s.name: s for s in self.sites}

@@ -31,7 +31,7 @@ class Budget:
 
     params: int | str | None = None
     memory: int | str | None = None  # training memory the plan adds: bytes, or "512MiB", "2GB"
-    latency: str | None = None  # forward FLOPs left after merging, as "2%" of the model's
+    latency: str | None = None  # predicted forward time added after merging, "2%" of the model's (PlanCost.latency_fraction)
     adapter_bytes: int | str | None = None  # size of the saved adapters: bytes, or "10MiB"
 
     def __post_init__(self) -> None:
@@ -69,7 +69,7 @@ class Budget:
 
     def limits(self, total_params: int) -> dict[str, float]:
         """Every set limit as a number, by cost name: params (count), memory and adapter_bytes
-        (bytes), latency (fraction of the model's forward FLOPs)."""
+        (bytes), latency (fraction of the model's predicted forward time)."""
         out: dict[str, float] = {}
         if self.params is not None:
             out["params"] = self.param_limit(total_params)

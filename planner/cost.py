@@ -1,8 +1,8 @@
 """The planner's cost model: what a plan costs, per site and in total, before it is applied.
 
 Every per-site figure comes from the method's own contract (`Method.param_count`,
-``overhead_flops``, ``train_memory``, ``can_merge``), so a newly registered method is costed
-without touching this file:
+``overhead_flops``, ``extra_ops``, ``train_memory``, ``can_merge``), so a newly registered
+method is costed without touching this file:
 
     >>> import torch, torch.nn as nn, peftplan as pp
     >>> graph = pp.lower(nn.Sequential(nn.Linear(384, 384)), torch.randn(16, 384))
@@ -11,6 +11,13 @@ without touching this file:
     (6144, 123392, 24576)
     >>> cost.unmerged_flops, cost.latency_flops, f"{cost.unmerged_fraction:.4f}"
     (196608, 0, '0.0417')
+    >>> cost.unmerged_ops, cost.base_ops, f"{cost.unmerged_latency_fraction:.2f}", cost.latency_fraction
+    (4, 1, '0.13', 0.0)
+
+Latency is predicted time, not FLOPs (`planner.latency`): 16 tokens through one linear layer
+take 86 µs of FLOPs and 2 µs of kernel call on `DEFAULT_MACHINE`; unmerged, LoRA's four extra
+kernels add 8 µs and its 4% more FLOPs 3.6 µs: +13%. ``latency_fraction`` is the overhead
+left after `merge`, what ``Budget(latency=…)`` limits.
 
 ``train_memory_estimate`` adds the frozen model around the plan: its weights and the
 activations it keeps for backward once gradients flow from the tuned sites. That last term is
@@ -22,7 +29,7 @@ parameters excluded), scaled by the batch size, which every saved tensor is line
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,6 +40,7 @@ from ..backends.base import PlanError, get_method
 from ..ir.inputs import example_inputs, model_device, normalise
 from ..ir.site import Site, SiteGraph
 from ..plan import Plan
+from .latency import DEFAULT_MACHINE, Machine
 
 # Methods that train the site's own weights: those weights are in the model already, so the
 # plan adds only their gradients and optimizer states.
@@ -42,7 +50,8 @@ OPTIMIZER_STATE_BYTES = 8  # AdamW: exp_avg and exp_avg_sq, fp32
 @dataclass(frozen=True)
 class SiteCost:
     """One tuned site: trainable parameters, bytes added while training, extra forward FLOPs
-    while unmerged and after `merge` (0 when the site folds in), bytes in the artifact."""
+    and kernels while unmerged and after `merge` (0 when the site folds in), bytes in the
+    artifact."""
 
     method: str
     params: int
@@ -50,16 +59,21 @@ class SiteCost:
     unmerged_flops: int
     latency_flops: int
     adapter_bytes: int
+    unmerged_ops: int = 0
+    latency_ops: int = 0
 
 
 @dataclass(frozen=True)
 class PlanCost:
     """A plan's cost in total and per site (``sites``, tuned sites only).
 
-    ``unmerged_flops``: extra forward FLOPs while training or serving unmerged;
-    ``latency_flops``: what is left after `merge` (sites that cannot fold in). Fractions are
-    of ``base_flops``, the FLOPs of every site of the graph (its linear layers, convolutions
-    and norms: attention's score products are not sites, so fractions are slight overstatements).
+    ``unmerged_flops``/``unmerged_ops``: extra forward FLOPs and kernels while training or
+    serving unmerged; ``latency_flops``/``latency_ops``: what is left after `merge` (sites that
+    cannot fold in). ``base_flops`` are the FLOPs of every site of the graph (its linear
+    layers, convolutions and norms: attention's score products are not sites), ``base_ops``
+    the kernels of one forward (`SiteGraph.kernels`). ``latency_fraction`` and
+    ``unmerged_latency_fraction`` are predicted forward-time overheads on ``machine``;
+    ``unmerged_fraction`` is the FLOPs ratio alone.
     """
 
     params: int
@@ -69,25 +83,35 @@ class PlanCost:
     base_flops: int
     adapter_bytes: int
     sites: dict[str, SiteCost] = field(default_factory=dict)
+    unmerged_ops: int = 0
+    latency_ops: int = 0
+    base_ops: int = 0
+    machine: Machine = DEFAULT_MACHINE
 
     @property
     def unmerged_fraction(self) -> float:
         return self.unmerged_flops / self.base_flops if self.base_flops else 0.0
 
     @property
+    def unmerged_latency_fraction(self) -> float:
+        """Predicted forward-time overhead while unmerged (training, or serving unmerged)."""
+        return self.machine.overhead(self.unmerged_flops, self.unmerged_ops, self.base_flops, self.base_ops)
+
+    @property
     def latency_fraction(self) -> float:
-        return self.latency_flops / self.base_flops if self.base_flops else 0.0
+        """Predicted forward-time overhead after `merge`: what ``Budget(latency=…)`` limits."""
+        return self.machine.overhead(self.latency_flops, self.latency_ops, self.base_flops, self.base_ops)
 
     def __str__(self) -> str:
         return (
             f"{len(self.sites)} tuned site(s): {self.params:,} params, +{self.train_bytes / 2**20:,.1f} MiB "
-            f"training, +{self.unmerged_fraction:.2%} FLOPs unmerged, +{self.latency_fraction:.2%} merged, "
-            f"{self.adapter_bytes / 2**20:,.2f} MiB adapters"
+            f"training, +{self.unmerged_latency_fraction:.2%} forward time unmerged, +{self.latency_fraction:.2%} "
+            f"merged, {self.adapter_bytes / 2**20:,.2f} MiB adapters"
         )
 
 
 def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, batch_shape: tuple[int, int] | None = None,
-              param_bytes: int = 4, act_bytes: int = 4) -> PlanCost:  # fmt: skip
+              param_bytes: int = 4, act_bytes: int = 4, machine: Machine = DEFAULT_MACHINE) -> PlanCost:  # fmt: skip
     """The cost of ``plan`` on the model ``graph`` describes.
 
     Activations and FLOPs are at ``tokens_scale`` times each site's example positions
@@ -97,7 +121,8 @@ def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, batch_
     training memory at its task's `Task.batch_shape`. ``param_bytes`` is the size of an adapter element (4: fp32),
     ``act_bytes`` of a saved activation element; optimizer states are AdamW's two fp32 tensors.
     Weights shared by sites (``Site.tied``) trained with ``full`` count once, as
-    `count_trainable` counts them.
+    `count_trainable` counts them. ``machine`` holds the latency model's constants; kernels
+    per forward do not grow with the batch, FLOPs do.
 
     >>> plan_cost(graph, plan, tokens_scale=128).train_bytes  # doctest: +SKIP
     """
@@ -105,8 +130,10 @@ def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, batch_
         raise ValueError(f"tokens_scale must be positive, got {tokens_scale}")
     if batch_shape is not None:
         (b, n), (b0, n0) = batch_shape, graph.example_shape
-        return _cost(graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes)
-    return _cost(graph, plan, lambda s: round(s.tokens * tokens_scale), tokens_scale, param_bytes, act_bytes)
+        cost = _cost(graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes)
+    else:
+        cost = _cost(graph, plan, lambda s: round(s.tokens * tokens_scale), tokens_scale, param_bytes, act_bytes)
+    return replace(cost, machine=machine)
 
 
 @dataclass(frozen=True)
@@ -226,13 +253,17 @@ def _cost(graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_
                 params = 0
             counted_full.add(name)
         flops = round(method.overhead_flops(site, **hp) * flops_scale)
+        ops = method.extra_ops(site, **hp) * site.calls
+        merges = method.can_merge(site, **hp) is None
         sites[name] = SiteCost(
             method=method.name,
             params=params,
             train_bytes=train,
             unmerged_flops=flops,
-            latency_flops=0 if method.can_merge(site, **hp) is None else flops,
+            latency_flops=0 if merges else flops,
             adapter_bytes=method.adapter_bytes(site, param_bytes=param_bytes, **hp),
+            unmerged_ops=ops,
+            latency_ops=0 if merges else ops,
         )
     return PlanCost(
         params=sum(c.params for c in sites.values()),
@@ -242,6 +273,9 @@ def _cost(graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_
         base_flops=round(sum(s.flops for s in graph) * flops_scale),
         adapter_bytes=sum(c.adapter_bytes for c in sites.values()),
         sites=sites,
+        unmerged_ops=sum(c.unmerged_ops for c in sites.values()),
+        latency_ops=sum(c.latency_ops for c in sites.values()),
+        base_ops=graph.kernels or sum(s.calls for s in graph),  # uncounted: one kernel per site call
     )
 
 

@@ -18,7 +18,7 @@ from ...backends.base import get_method
 from ...ir.site import Site, SiteGraph
 from ..budget import Budget, BudgetError
 from ..proxy.allocate import allocate, eligible_sites
-from .base import VECTOR, Space
+from .base import Space, sizeless
 
 
 class AllocatorSpace(Space):
@@ -45,13 +45,16 @@ class AllocatorSpace(Space):
                  **kwargs: Any):  # fmt: skip
         super().__init__(graph, budget, **kwargs)
         self.methods, self.roles, self.max_rank = tuple(methods), tuple(roles), max_rank
-        known = ("lora", "dora", *VECTOR, "sparse", "moe_lora")
-        if "lora" not in self.methods or set(self.methods) - set(known):
-            raise ValueError(f"AllocatorSpace methods must include 'lora' and come from {list(known)}, got {list(self.methods)}")
         skip = {s.name for s in self.full}
         self.sites = [s for s in eligible_sites(graph, "lora", self.roles, exclude=skip) if s.name in scores]
         if not self.sites:
             raise ValueError(f"no site has a score and a role in {list(self.roles)}; score the eligible sites first")
+        vector = sorted(m for m in self.methods if sizeless(m, self.sites[0]))
+        known = ("lora", "dora", "sparse", "moe_lora")  # the methods the knobs below are about
+        if "lora" not in self.methods or set(self.methods) - set(known) - set(vector):
+            raise ValueError(f"AllocatorSpace methods must include 'lora' and come from {list(known)} or methods "
+                             f"without a size knob (ia3, ssf), got {list(self.methods)}")  # fmt: skip
+        self.vector = vector
         self.scores = {s.name: float(scores[s.name]) for s in self.sites}
         families = {s.role.split(".")[0] == "mlp" for s in self.sites}
         d: dict[str, BaseDistribution] = {
@@ -61,7 +64,6 @@ class AllocatorSpace(Space):
         if len(families) == 2:
             d["mlp_tilt"] = FloatDistribution(-3.0, 3.0)
         d["none_share"] = FloatDistribution(0.0, 0.9)
-        vector = [m for m in VECTOR if m in self.methods]
         if vector:
             d["vector_share"] = FloatDistribution(0.0, 1.0)
             if len(vector) > 1:
@@ -79,7 +81,7 @@ class AllocatorSpace(Space):
 
     def proxy_params(self, fraction: float) -> dict[str, Any]:
         fixed = {"power": 1.0, "max_rank": self.max_rank, "density": 0.01,
-                 "vector_method": next((m for m in VECTOR if m in self.methods), None)}  # fmt: skip
+                 "vector_method": next(iter(self.vector), None)}  # fmt: skip
         low = self._distributions["budget"].low
         return {k: max(low, min(1.0, fraction)) if k == "budget" else fixed.get(k, 0.0) for k in self._distributions}
 
@@ -92,7 +94,7 @@ class AllocatorSpace(Space):
         cut = math.floor(p["none_share"] * len(order))
         rest = order[cut:]
         bands: dict[int, str] = {}
-        for share, method in ((p["vector_share"], p.get("vector_method") or "ia3"), (p["sparse_share"], "sparse")):
+        for share, method in ((p["vector_share"], p.get("vector_method") or next(iter(self.vector), None)), (p["sparse_share"], "sparse")):
             n = math.floor(share * len(rest))
             bands.update((i, method) for i in rest[:n])
             rest = rest[n:]
@@ -106,8 +108,8 @@ class AllocatorSpace(Space):
             return m if self.sites[i].op in get_method(m).ops else ("lora" if m in ("dora", "moe_lora") else "none")
 
         kind = {i: method_at(i) for i in bands}
-        hp = {"sparse": {"density": p.get("density", 0.01)}, "ia3": {}, "ssf": {}}
-        extra = {i: _fixed_cost(self.sites[i], kind[i], hp.get(kind[i], {}), experts[i] if i in experts else 1) for i in bands}
+        hp = {"sparse": {"density": p.get("density", 0.01)}, **{m: {} for m in self.vector}}  # bands of fixed size
+        extra = {i: _fixed_cost(self.sites[i], kind[i], hp.get(kind[i]), experts.get(i, 1)) for i in bands}
         limit = math.floor(p["budget"] * self.available)
         fixed = sum(extra.values())
         for i in order:  # the lowest-scoring fixed costs give way first
@@ -115,8 +117,8 @@ class AllocatorSpace(Space):
                 break
             if extra.get(i):
                 fixed -= extra[i]
-                kind[i], extra[i] = ("none" if kind[i] in ("sparse", *VECTOR) else "lora"), 0
-        ranked = {self.sites[i].name: adjusted[self.sites[i].name] for i in bands if kind[i] in ("lora", "dora", "moe_lora")}
+                kind[i], extra[i] = ("none" if kind[i] in hp else "lora"), 0
+        ranked = {self.sites[i].name: adjusted[self.sites[i].name] for i in bands if kind[i] not in hp and kind[i] != "none"}
         try:
             ranks = allocate(self.graph, ranked, limit - fixed, method="lora", roles=self.roles,
                              max_rank=p["max_rank"]) if ranked else {}  # fmt: skip
@@ -125,24 +127,19 @@ class AllocatorSpace(Space):
         entries = {}
         for i in sorted(bands):
             name, m = self.sites[i].name, kind[i]
-            if m in ("lora", "dora") and name in ranks:
-                entries[name] = {"method": m, "rank": ranks[name], "alpha": 2 * ranks[name]}
-            elif m == "moe_lora" and name in ranks:  # the allocated rank split among the experts
-                e = min(experts[i], ranks[name])
-                r = ranks[name] // e
-                entries[name] = {"method": m, "experts": e, "rank": r, "alpha": 2 * r}
-            elif m in hp:
+            if m in hp:
                 entries[name] = {"method": m, **hp[m]}
+            elif name in ranks:  # the allocated rank, sized by the method (MoE-LoRA splits it among experts)
+                entries[name] = {"method": m, **get_method(m).sized(self.sites[i], ranks[name], experts=experts[i])}
         return entries
 
 
-def _fixed_cost(site: Site, method: str, hp: dict[str, Any], experts: int) -> int:
-    """Params a band's method costs before any rank: the whole of ia3/ssf/sparse, DoRA's
-    magnitude vector, MoE-LoRA's router."""
-    if method in ("sparse", *VECTOR):
+def _fixed_cost(site: Site, method: str, hp: dict[str, Any] | None, experts: int) -> int:
+    """Params a band's method costs before any rank: the whole of a fixed-size band's method
+    (ia3/ssf, sparse at its density), `Method.fixed_params` of a ranked one (DoRA's magnitude
+    vector, MoE-LoRA's router)."""
+    if method == "none":
+        return 0
+    if hp is not None:
         return get_method(method).param_count(site, **hp)
-    if method == "dora":
-        return get_method("dora").param_count(site, rank=1) - get_method("lora").param_count(site, rank=1)
-    if method == "moe_lora":
-        return site.in_features * experts
-    return 0
+    return get_method(method).fixed_params(site, experts=experts)

@@ -27,21 +27,20 @@ from optuna.distributions import (
 )
 
 from ...backends.base import get_method
-from ...ir.site import SiteGraph
+from ...ir.site import Site, SiteGraph
 from ...plan import Plan, describe
 from ..budget import Budget, BudgetError
 from ..cost import plan_cost
 
 SENSES = {"metric": "max", "params": "min", "memory": "min", "latency": "min", "adapter_bytes": "min"}
-VECTOR = ("ia3", "ssf")  # one vector per site: their size has no knob
 
 
 class Space:
     """One space: knobs (`distributions`) → per-site entries (`site_entries`, by subclasses).
 
     ``objectives`` maps each objective to its sense, "metric" first; "memory" is the plan's own
-    training bytes (`plan_cost` ``train_bytes`` at ``batch_shape``, (batch, length) of a training step) and "latency" its FLOPs
-    overhead after merging, as a fraction of the model's; "adapter_bytes" what the artifact
+    training bytes (`plan_cost` ``train_bytes`` at ``batch_shape``, (batch, length) of a training step) and "latency" its
+    predicted forward-time overhead after merging (`PlanCost.latency_fraction`); "adapter_bytes" what the artifact
     stores. ``limits`` caps costs by name: every field of ``budget`` (params are enforced by
     construction, the others as constraints: plans over them are never trained), plus any
     given here. ``train_modules`` are fully trained and paid from the budget first.
@@ -142,6 +141,11 @@ class Space:
                      "adapter_bytes": cost.adapter_bytes}
             self._cache[key] = (sites, costs)
         return self._cache[key]
+
+
+def sizeless(method: str, site: Site) -> bool:
+    """Whether ``method`` has no size knob (ia3, ssf: one vector per site, on or off)."""
+    return get_method(method).sized(site, 1) is None
 
 
 def _suggest(trial: optuna.trial.BaseTrial, name: str, d: BaseDistribution) -> Any:

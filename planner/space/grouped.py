@@ -9,12 +9,11 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
 from ...backends.base import get_method
-from ...backends.sparse import weight_numel
 from ...ir.site import Site, SiteGraph
 from ...plan import Plan
 from ..budget import Budget, BudgetError
 from ..proxy.allocate import allocate, rank_grid
-from .base import VECTOR, Space
+from .base import Space, sizeless
 
 
 class GroupedSpace(Space):
@@ -23,10 +22,10 @@ class GroupedSpace(Space):
 
     Knobs ``method:<group>`` (when there is more than one method) and ``rank:<group>``, an index
     into ``levels = [0, *rank_grid(max_rank)]``: level 0 is "none", so a group is switched off
-    by its rank, not by a separate switch. A rank sizes each method alike: LoRA/DoRA rank,
-    MoE-LoRA rank per expert (``experts`` of them), adapter bottleneck, sparse density with the
-    params of LoRA at that rank; ia3/ssf are on at any rank above 0. Ranks are capped by each
-    site's size. Over the budget, the costliest group steps down a level until the plan fits.
+    by its rank, not by a separate switch. A rank sizes each method by its `Method.sized`
+    (LoRA/DoRA rank, adapter bottleneck, sparse density with the params of LoRA at that rank);
+    a method with experts gets a rank's worth per expert (``experts`` of them); methods without
+    a size knob (ia3/ssf) are on at any rank above 0. Ranks are capped by each site's size. Over the budget, the costliest group steps down a level until the plan fits.
     Given ``scores``, `proxy_params` rounds the proxy allocation's mean rank per group down to a
     level (uniform scores otherwise): an approximation, as groups share one rank.
 
@@ -97,26 +96,17 @@ class GroupedSpace(Space):
         cost = {g: params_of(g) for g in self.groups}
         while sum(cost.values()) > self.available:  # the costliest group steps down first
             g = max((g for g in self.groups if level[g] > 0), key=lambda g: cost[g])
-            level[g] = 0 if method[g] in VECTOR else level[g] - 1
+            level[g] = 0 if sizeless(method[g], self.groups[g][0]) else level[g] - 1
             cost[g] = params_of(g)
         return {n: e for g in self.groups for n, e in entries(g).items()}
 
     def _entry(self, site: Site, method: str, rank: int) -> dict[str, Any] | None:
         if rank == 0 or site.op not in get_method(method).ops:
             return None
+        m = get_method(method)
         r = min(rank, site.in_features, site.out_features)
-        if method in ("lora", "dora"):
-            return {"method": method, "rank": r, "alpha": 2 * r}
-        if method == "moe_lora":
-            return {"method": method, "experts": self.experts, "rank": r, "alpha": 2 * r}
-        if method == "adapter":
-            return {"method": method, "bottleneck": r}
-        if method == "sparse":
-            density = get_method("lora").param_count(site, rank=r) / weight_numel(site)
-            return {"method": method, "density": min(1.0, density)}
-        if method in VECTOR:
-            return {"method": method}
-        raise ValueError(f"GroupedSpace cannot size method {method!r}; it sizes {['lora', 'dora', 'moe_lora', 'adapter', 'sparse', *VECTOR]}")
+        per_expert = self.experts if "experts" in m.hyper else 1
+        return {"method": method, **(m.sized(site, r * per_expert, experts=self.experts) or {})}
 
 
 def _group(site: Site, group_by: str, buckets: int) -> str:

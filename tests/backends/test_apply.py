@@ -223,6 +223,32 @@ def test_failing_wrap_leaves_model_unchanged(monkeypatch):
     _assert_untouched(model, before)
 
 
+def test_merge_failing_half_way_leaves_the_model_as_before(monkeypatch):
+    model = bert_eager()
+    apply(model, _bert_plan(model))
+    randomize(model)
+    x = token_ids()
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    before = snapshot(model)
+    third = applied_plan(model).tuned()
+    third = [n for n in third if hasattr(model.get_submodule(n), "merge")][2]
+
+    def fail():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(model.get_submodule(third), "merge", fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        merge(model)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, expected, atol=1e-6, rtol=0)
+
+
 def test_apply_twice_is_an_error():
     model = embedding_mlp()
     plan = plan_for(model, {"1": {"method": "lora", "rank": 2}})

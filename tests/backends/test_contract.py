@@ -8,6 +8,9 @@ checked for properties, not numbers copied from a run:
 - ``param_count`` summed over the plan equals the trainable parameters created;
 - only adapter tensors receive gradients, base weights keep ``.grad is None``;
 - merged == unmerged where ``can_merge`` allows, and ``unmerge`` restores the base weights;
+- ``extra_ops`` per call equals the aten kernels (views aside) the tuned model's forward
+  runs beyond the base model's, counted by a ``TorchDispatchMode``, unmerged and merged;
+- ``sized`` hyper-parameters cost at most LoRA at that rank plus ``fixed_params``;
 - ``save`` → ``load`` onto a fresh copy of the base gives identical outputs;
 - 30 AdamW steps fit the outputs of a perturbed copy of the tuned model (a teacher the
   method can match) better than at the start;
@@ -30,6 +33,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 import peftplan  # noqa: F401  (registers every method)
@@ -45,7 +49,7 @@ from peftplan.backends import (
     trainable_parameters,
     unmerge,
 )
-from peftplan.backends.base import Method
+from peftplan.backends.base import Method, register
 from peftplan.ir import SiteGraph, lower
 from peftplan.ir.modules import module_op, static_site
 from peftplan.plan import Plan
@@ -150,6 +154,24 @@ def _loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None)
     return (y - target).pow(2).mean()
 
 
+class _KernelCount(TorchDispatchMode):
+    """Aten ops a forward dispatches, views and aliases aside (they launch no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.kernels += not (func.is_view or func is torch.ops.aten._unsafe_view.default)
+        return func(*args, **(kwargs or {}))
+
+
+def _kernels(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), _KernelCount() as count:
+        _out(model, x)
+    return count.kernels
+
+
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
 
@@ -214,6 +236,57 @@ def test_merge_equals_unmerged_and_unmerge_restores_base(method_name, model_name
         torch.testing.assert_close(after[k], v, atol=1e-6, rtol=1e-6, msg=lambda m, k=k: f"{k} after unmerge: {m}")
     with torch.no_grad():
         torch.testing.assert_close(_out(model, x), unmerged, atol=1e-6, rtol=1e-6)
+
+
+@each_case
+def test_extra_ops_are_the_kernels_the_wrapped_forward_adds(method_name, model_name):
+    method, plan, model = _setup(method_name, model_name)
+    graph, x = _graph(model_name), _inputs(model_name)
+    base = _kernels(model, x)
+    apply(model, plan)
+    _perturb(model)
+
+    def declared(names) -> int:
+        return sum(method.extra_ops(graph[n], **plan.hyper(plan.sites[n])) * graph[n].calls for n in names)
+
+    assert _kernels(model, x) - base == declared(plan.sites), "unmerged"
+    report = merge(model)
+    assert _kernels(model, x) - base == declared(report.left), f"merged: {report}"
+
+
+@pytest.mark.parametrize("method_name", [m for m in sorted(methods()) if m != "none"])
+def test_sized_costs_at_most_lora_plus_fixed_params(method_name):
+    method, lora = methods()[method_name], methods()["lora"]
+    checked = 0
+    for site in [*_graph("cnn"), *_graph("gpt2"), *_graph("bert")]:
+        if site.op not in method.ops or site.op not in lora.ops:
+            continue
+        top = min(site.in_features, site.out_features)
+        for rank, experts in itertools.product(sorted({1, 2, 3, top}), (1, 3)):
+            hp = method.sized(site, rank, experts=experts)
+            if hp is None:
+                assert all(method.sized(site, r) is None for r in (1, top)), "a size knob for some ranks only"
+                continue
+            hp = method.validate(site, **hp)  # sized gives valid hyper-parameters
+            limit = lora.param_count(site, rank=rank) + method.fixed_params(site, experts=experts)
+            assert method.param_count(site, **hp) <= limit, f"{site.name} rank {rank} experts {experts}: {hp}"
+            checked += 1
+    if method.sized(_graph("bert").sites[-1], 1) is not None:
+        assert checked, f"{method_name} has a size knob but no site was checked"
+
+
+def test_a_method_missing_an_abstract_hook_is_not_registered():
+    class Half(Method):
+        name = "half"
+        ops = frozenset({"linear"})
+
+        def param_count(self, site, **hp):
+            return 0
+
+    before = methods()
+    with pytest.raises(TypeError, match=r"'extra_ops', 'overhead_flops', 'saved_activations', 'wrap'"):
+        register(Half)
+    assert methods() == before
 
 
 @each_case

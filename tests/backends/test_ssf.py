@@ -97,6 +97,45 @@ def test_norm_without_bias_refuses_to_merge():
         _wrap(module).merge()
 
 
+class LayerNorm(nn.Module):
+    """A look-alike named like torch's norm, as many model repos define one: what it does with
+    its weight is its own business, so SSF must not fold into it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, x.shape[-1:]) * (1 + self.weight) + self.bias
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """A torch LayerNorm under another name (vision models' ``LayerNorm2d``): it merges."""
+
+
+def test_mergeability_is_decided_by_the_method_alone():
+    ssf = get_method("ssf")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), LayerNorm(8), nn.Linear(8, 8), ChannelsFirstLayerNorm(8)).eval()
+    assert [module_op(m) for m in model] == ["linear", "norm", "linear", "norm"]
+    apply(model, plan_for(model, {n: {"method": "ssf"} for n in ("0", "1", "2", "3")}))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for t in adapter_tensors(model).values():
+            t.add_(torch.randn(t.shape) * 0.1)
+        unmerged = model(x)
+        report = merge(model)  # the look-alike is left, not a ValueError half-way through
+        merged = model(x)
+    for name in ("1", "3"):
+        site = static_site(name, model.get_submodule(name).base, "norm")
+        assert (name in report.left) == (ssf.can_merge(site) is not None), str(report)
+    assert report.merged == ["0", "2", "3"] and list(report.left) == ["1"], str(report)
+    assert "cannot be merged" in report.left["1"]
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.get_submodule("1").merge()  # the layer asks the method too
+
+
 def test_whole_models_merge_where_they_can():
     for make, out in ((bert_eager, lambda o: o.last_hidden_state), (llama_eager, lambda o: o.logits)):
         model = make()

@@ -13,6 +13,7 @@ import torch
 import peftplan as pp
 from peftplan.backends import count_trainable, methods
 from peftplan.planner.cost import plan_cost, train_memory_estimate
+from peftplan.planner.latency import Machine
 from tests.planner.graphs import graph_of, linear_site
 from tests.zoo import TiedLM
 
@@ -68,6 +69,33 @@ def test_unmergeable_sites_keep_their_overhead():
     cost = plan_cost(GRAPH, pp.Plan(sites={"q": {"method": "adapter", "bottleneck": 4}, "v": {"method": "lora", "rank": 2}}))
     assert cost.latency_flops == cost.sites["q"].unmerged_flops > 0
     assert cost.sites["v"].latency_flops == 0
+
+
+def test_latency_is_predicted_time_flops_and_kernels_by_hand():
+    if "adapter" not in methods():
+        pytest.skip("the adapter method is not registered")
+    machine = Machine(flops_per_second=1e9, seconds_per_kernel=1e-4)
+    plan = pp.Plan(sites={"q": {"method": "adapter", "bottleneck": 4}, "v": {"method": "lora", "rank": 2}})
+    cost = plan_cost(GRAPH, plan, machine=machine)
+    adapter_flops = 2 * TOKENS * 4 * (384 + 384)  # down and up
+    lora_flops = 2 * TOKENS * 2 * (384 + 384)
+    base_seconds = 2 * (2 * TOKENS * 384 * 384) / 1e9 + 2 * 1e-4  # uncounted graph: a kernel per site call
+    # adapter: down, relu, up, sum; LoRA: A, B, scaling, sum; only the adapter stays after merge
+    assert (cost.unmerged_ops, cost.latency_ops, cost.base_ops) == (8, 4, 2)
+    assert cost.latency_fraction == pytest.approx((adapter_flops / 1e9 + 4e-4) / base_seconds)
+    assert cost.unmerged_latency_fraction == pytest.approx(((adapter_flops + lora_flops) / 1e9 + 8e-4) / base_seconds)
+    # the FLOPs ratio alone says 1.04% for the adapter; its kernels make it 3.1% on this machine
+    assert cost.latency_flops / cost.base_flops == pytest.approx(0.0104, abs=1e-4)
+    assert cost.latency_fraction == pytest.approx(0.0313, abs=1e-3)
+
+
+def test_kernels_per_call_do_not_grow_with_the_batch():
+    graph = pp.lower(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)), torch.randn(1, 64))
+    assert graph.kernels == 3  # addmm, relu, addmm
+    plan = pp.Plan(sites={"0": {"method": "adapter", "bottleneck": 4}})
+    small, large = (plan_cost(graph, plan, tokens_scale=s) for s in (1, 4096))
+    assert small.latency_ops == large.latency_ops == 4
+    assert small.latency_fraction > 10 * large.latency_fraction  # per-call cost dominates small batches
 
 
 def test_unknown_site_is_an_error():

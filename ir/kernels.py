@@ -16,10 +16,12 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["count_kernels"]
+__all__ = ["KernelCount", "count_kernels"]
 
 
-class _KernelCount(TorchDispatchMode):
+class KernelCount(TorchDispatchMode):
+    """Counts the kernels dispatched while active (``with KernelCount() as c: …; c.kernels``)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.kernels = 0
@@ -32,6 +34,6 @@ class _KernelCount(TorchDispatchMode):
 def count_kernels(model: nn.Module, inputs: tuple[tuple, dict[str, Any]]) -> int:
     """Kernels one inference forward of ``model(*args, **kwargs)`` runs (no grad, as called)."""
     args, kwargs = inputs
-    with torch.no_grad(), _KernelCount() as count:
+    with torch.no_grad(), KernelCount() as count:
         model(*args, **kwargs)
     return count.kernels

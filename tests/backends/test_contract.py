@@ -33,7 +33,6 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 import peftplan  # noqa: F401  (registers every method)
@@ -51,6 +50,7 @@ from peftplan.backends import (
 )
 from peftplan.backends.base import Method, register
 from peftplan.ir import SiteGraph, lower
+from peftplan.ir.kernels import KernelCount
 from peftplan.ir.modules import module_op, static_site
 from peftplan.plan import Plan
 from tests import zoo
@@ -154,20 +154,8 @@ def _loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None)
     return (y - target).pow(2).mean()
 
 
-class _KernelCount(TorchDispatchMode):
-    """Aten ops a forward dispatches, views and aliases aside (they launch no kernel)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.kernels += not (func.is_view or func is torch.ops.aten._unsafe_view.default)
-        return func(*args, **(kwargs or {}))
-
-
 def _kernels(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), _KernelCount() as count:
+    with torch.no_grad(), KernelCount() as count:
         _out(model, x)
     return count.kernels
 

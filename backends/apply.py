@@ -279,7 +279,6 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def _as_plan(plan: Any) -> Plan:
-
     if isinstance(plan, Plan):
         return plan
     if isinstance(plan, dict):

@@ -16,8 +16,6 @@ methods are required; the other hooks have documented defaults. Adding a method 
     ...     def wrap(self, module, site, **hp): ...
     >>> get_method("scale").sized(None, rank=8) is None  # no size knob: on or off
     True
-    >>> _REGISTRY.pop("scale").name
-    'scale'
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ wrapping a model on the meta device allocates nothing.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -32,7 +33,7 @@ from ..ir.modules import is_hf_conv1d, module_features
 from .wrapper import Wrapper
 
 
-class LoRALayer(Wrapper):
+class LoRALayer(Wrapper, abc.ABC):
     """What every LoRA layer shares: the frozen ``base``, the scaling and the merge logic.
 
     Subclasses set ``lora_A``/``lora_B`` and define ``_delta(A, B)`` in the layout of
@@ -59,8 +60,9 @@ class LoRALayer(Wrapper):
             a, b = a.float(), b.float()
         return self._delta(a, b).to(w.dtype)
 
+    @abc.abstractmethod
     def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``B @ A`` laid out like ``base.weight`` (a Linear's ``(out, in)``, a Conv1D's ``(in, out)``…)."""
 
     @torch.no_grad()
     def merge(self) -> None:

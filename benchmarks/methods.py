@@ -217,7 +217,7 @@ def main() -> None:
     available = [m for m in CONFIGS if m in pp.methods()]
     missing = [m for m in CONFIGS if m not in available]
     base, graph = model_and_graph()
-    costs = {m: plan_cost(graph, plan_for(m, graph), tokens_scale=BATCH * SEQ / 16) for m in available}
+    costs = {m: plan_cost(graph, plan_for(m, graph), batch_shape=(BATCH, SEQ)) for m in available}
     if args.latency:
         latency_tables(base, graph, {m: build(base, graph, m, "ours") for m in available}, infer_rounds)
         return

@@ -110,29 +110,24 @@ class PlanCost:
         )
 
 
-def plan_cost(graph: SiteGraph, plan: Plan, *, tokens_scale: float = 1.0, batch_shape: tuple[int, int] | None = None,
-              param_bytes: int = 4, act_bytes: int = 4, machine: Machine = DEFAULT_MACHINE) -> PlanCost:  # fmt: skip
+def plan_cost(graph: SiteGraph, plan: Plan, *, batch_shape: tuple[int, int] | None = None, param_bytes: int = 4, act_bytes: int = 4, machine: Machine = DEFAULT_MACHINE) -> PlanCost:  # fmt: skip
     """The cost of ``plan`` on the model ``graph`` describes.
 
-    Activations and FLOPs are at ``tokens_scale`` times each site's example positions
-    (``site.tokens``): lowered with one 16-token sequence, ``tokens_scale=32 * 64 / 16`` is a
-    batch of 32 sequences of 64. ``batch_shape`` (batch, length) says the same exactly, site by
-    site (`Site.tokens_at`: a pooled head's positions grow with the batch only); a search costs
-    training memory at its task's `Task.batch_shape`. ``param_bytes`` is the size of an adapter element (4: fp32),
+    Activations and FLOPs are at ``batch_shape`` (batch, sequence length; default: the example
+    the graph was lowered with), site by site (`Site.tokens_at`: a pooled head's positions grow
+    with the batch only); a search costs training memory at its task's `Task.batch_shape`.
+    ``param_bytes`` is the size of an adapter element (4: fp32),
     ``act_bytes`` of a saved activation element; optimizer states are AdamW's two fp32 tensors.
     Weights shared by sites (``Site.tied``) trained with ``full`` count once, as
     `count_trainable` counts them. ``machine`` holds the latency model's constants; kernels
     per forward do not grow with the batch, FLOPs do.
 
-    >>> plan_cost(graph, plan, tokens_scale=128).train_bytes  # doctest: +SKIP
+    >>> plan_cost(graph, plan, batch_shape=(32, 64)).train_bytes  # doctest: +SKIP
     """
-    if tokens_scale <= 0:
-        raise ValueError(f"tokens_scale must be positive, got {tokens_scale}")
-    if batch_shape is not None:
-        (b, n), (b0, n0) = batch_shape, graph.example_shape
-        cost = _cost(graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes)
-    else:
-        cost = _cost(graph, plan, lambda s: round(s.tokens * tokens_scale), tokens_scale, param_bytes, act_bytes)
+    (b, n), (b0, n0) = batch_shape or graph.example_shape, graph.example_shape
+    if b < 1 or n < 1:
+        raise ValueError(f"batch_shape must be two positive sizes (batch, sequence length), got {batch_shape}")
+    cost = _cost(graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes)
     return replace(cost, machine=machine)
 
 

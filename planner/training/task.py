@@ -30,8 +30,8 @@ class Task:
     """Training, validation and evaluation batches plus how to score a model on them.
 
     ``loss(model, batch)`` returns a scalar tensor with an autograd graph;
-    ``metric(model, batches)`` returns a float where higher is better; ``steps`` is the number
-    of optimizer steps a training run on this task takes. A search scores candidates on
+    ``metric(model, batches)`` returns a float where higher is better; how long a run trains
+    is its `Recipe`'s business (one pass over ``train_batches`` by default). A search scores candidates on
     ``validation_batches`` (carved from the training data); ``eval_batches`` are for the final
     report only.
     """
@@ -40,7 +40,6 @@ class Task:
     eval_batches: list[Batch]
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     metric: Callable[[nn.Module, list[Batch]], float]
-    steps: int = 100
     name: str = "task"
     validation_batches: list[Batch] = field(default_factory=list)
 
@@ -57,8 +56,7 @@ class Task:
         k = _count(share, n, "training batches")
         picked = set(random.Random(seed).sample(range(n), k))
         return replace(self, train_batches=[b for i, b in enumerate(self.train_batches) if i not in picked],
-                       validation_batches=[b for i, b in enumerate(self.train_batches) if i in picked],
-                       steps=max(1, round(self.steps * (n - k) / n)))  # fmt: skip
+                       validation_batches=[b for i, b in enumerate(self.train_batches) if i in picked])  # fmt: skip
 
     def batch_shape(self) -> tuple[int, int]:
         """(batch, length) of the largest training batch: what training memory is costed at.
@@ -152,13 +150,11 @@ class Task:
                 out.append({**enc, "labels": torch.tensor([label for label, _ in chunk])})
             return out
 
-        train_batches = batches(train_rows)
         return cls(
-            train_batches=train_batches,
+            train_batches=batches(train_rows),
             eval_batches=batches(dev_rows),
             loss=classification_loss,
             metric=METRICS[metric],
-            steps=len(train_batches),
             name=Path(train).parent.name or Path(train).stem,
             validation_batches=batches(validation_rows),
         )

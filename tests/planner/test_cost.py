@@ -27,13 +27,13 @@ def shaped(name: str, role: str, n_in: int, n_out: int):
 
 
 Q, V = shaped("q", "attn.q", 384, 384), shaped("v", "attn.v", 384, 384)
-GRAPH = graph_of(Q, V)
+GRAPH = replace(graph_of(Q, V), example_shape=(2, 16))  # the sites were measured on 2 x 16
 
 
 def test_lora_by_hand():
     plan = pp.Plan(sites={"q": {"method": "lora", "rank": 8}, "v": {"method": "lora", "rank": 8, "alpha": 8}})
     params = 8 * (384 + 384)  # per site
-    cost = plan_cost(GRAPH, plan, tokens_scale=4)
+    cost = plan_cost(GRAPH, plan, batch_shape=(8, 16))  # 4 x the example's positions
     assert cost.params == 2 * params
     # fp32 weights + grads (8 B) + AdamW's two states (8 B) per parameter; LoRA keeps its input
     # and its rank-8 projection for backward, 4 B per element, at 4 x 32 positions
@@ -93,7 +93,7 @@ def test_kernels_per_call_do_not_grow_with_the_batch():
     graph = pp.lower(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)), torch.randn(1, 64))
     assert graph.kernels == 3  # addmm, relu, addmm
     plan = pp.Plan(sites={"0": {"method": "adapter", "bottleneck": 4}})
-    small, large = (plan_cost(graph, plan, tokens_scale=s) for s in (1, 4096))
+    small, large = (plan_cost(graph, plan, batch_shape=(b, 1)) for b in (1, 4096))
     assert small.latency_ops == large.latency_ops == 4
     assert small.latency_fraction > 10 * large.latency_fraction  # per-call cost dominates small batches
 

@@ -94,7 +94,7 @@ def toy_task():
         ids = torch.randint(1, 100, (8, 12), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,), generator=g)}
 
-    return Task([batch() for _ in range(3)], [batch()], classification_loss, accuracy, steps=3, name="toy")
+    return Task([batch() for _ in range(3)], [batch()], classification_loss, accuracy, name="toy")
 
 
 def test_task_plan_uses_grad2_and_applies(tiny_bert, tiny_bert_graph, toy_task):

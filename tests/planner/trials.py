@@ -23,7 +23,7 @@ def tiny_task(n_batches=12, batch=16, seed=0) -> Task:
         labels = torch.randint(0, 2, (batch,), generator=g)
         ids[labels == 1, 3] = 5
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return Task(batches[:8], batches[10:], classification_loss, accuracy, steps=40, name="tiny", validation_batches=batches[8:10])
+    return Task(batches[:8], batches[10:], classification_loss, accuracy, name="tiny", validation_batches=batches[8:10])
 
 
 def write_task(folder: Path, n_train: int = 48, n_dev: int = 16) -> Path:

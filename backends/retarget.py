@@ -13,7 +13,7 @@ leaves the target's lower blocks alone.
 from __future__ import annotations
 
 from ..ir.site import SiteGraph
-from ..plan import Plan
+from ..plan import Plan, describe, model_header
 from .base import PlanError, get_method
 
 
@@ -37,13 +37,12 @@ def retarget(plan: Plan, graph: SiteGraph) -> tuple[Plan, dict[str, str]]:
         entry = plan.sites[source]
         mapping[s.name] = source
         if entry["method"] != "none":
-            sites[s.name] = {**entry, "role": s.role, "depth": s.depth, "op": s.op, "shape": [s.in_features, s.out_features]}
+            sites[s.name] = {**entry, **describe(s)}
     if not sites:
         raise PlanError(
             f"no site of {graph.model_class} matches the plan's roles "
             f"{sorted({r for r, _ in by_kind})}; is it a model of the same family?"
         )
     params = sum(get_method(e["method"]).param_count(graph[n], **Plan.hyper(e)) for n, e in sites.items())
-    model = {"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)}
     provenance = {**plan.provenance, "retargeted_from": plan.model.get("fingerprint"), "match": "role+depth"}
-    return Plan(sites=sites, model=model, budget=plan.budget, objectives={"params": params}, provenance=provenance), mapping
+    return Plan(sites=sites, model=model_header(graph), budget=plan.budget, objectives={"params": params}, provenance=provenance), mapping

@@ -15,6 +15,7 @@ anything trains. Trainable params never exceed the budget: the space builds plan
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,14 +29,14 @@ from optuna.distributions import (
 
 from ...backends.base import get_method
 from ...ir.site import Site, SiteGraph
-from ...plan import Plan, describe
+from ...plan import Plan, describe, model_header
 from ..budget import Budget, BudgetError
 from ..cost import plan_cost
 
 SENSES = {"metric": "max", "params": "min", "memory": "min", "latency": "min", "adapter_bytes": "min"}
 
 
-class Space:
+class Space(abc.ABC):
     """One space: knobs (`distributions`) → per-site entries (`site_entries`, by subclasses).
 
     ``objectives`` maps each objective to its sense, "metric" first; "memory" is the plan's own
@@ -81,18 +82,18 @@ class Space:
         """A trial's objective values in ``objectives`` order: ``metric`` and the plan's costs."""
         return [metric, *(plan.objectives[k] for k in self.objectives if k != "metric")]
 
+    @abc.abstractmethod
     def distributions(self) -> dict[str, BaseDistribution]:
         """The knobs, by name, in a fixed order."""
-        raise NotImplementedError(f"{type(self).__name__} must define distributions")
 
+    @abc.abstractmethod
     def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Per-site ``{"method": …, hyper-parameters…}`` for tuned sites (train_modules aside)."""
-        raise NotImplementedError(f"{type(self).__name__} must define site_entries")
 
+    @abc.abstractmethod
     def proxy_params(self, fraction: float) -> dict[str, Any]:
         """Knobs reproducing (or, where the space cannot express it, approximating) the proxy
         allocation at ``fraction`` of the available budget."""
-        raise NotImplementedError(f"{type(self).__name__} must define proxy_params")
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> Plan:
         """Ask ``trial`` for every knob and return the plan they make. Each limit but params
@@ -110,7 +111,7 @@ class Space:
         sites, costs = self._build(params)
         costs = {k: v for k, v in costs.items() if k in self.objectives}
         return Plan(sites={n: dict(e) for n, e in sites.items()},
-                    model={"fingerprint": self.graph.fingerprint, "class": self.graph.model_class, "n_sites": len(self.graph)},
+                    model=model_header(self.graph),
                     budget=self.budget.to_dict(), objectives=dict(costs),
                     provenance={"space": self.name, "knobs": dict(params)})  # fmt: skip
 

@@ -135,6 +135,7 @@ def _limits(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from peftplan.planner.strategies import DEFAULT, STRATEGIES
+    from peftplan.recipe import SCHEDULES
 
     p = argparse.ArgumentParser(prog="peftplan", description="Plan and apply parameter-efficient fine-tuning, per site.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--steps", type=int, help="training steps of the recipe, the last rung's (default: one pass over the training batches)")
     se.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the recipe (default 1e-3)")
     se.add_argument("--warmup", type=float, default=0.06, help="share of the steps the learning rate warms up over (default 0.06)")
-    se.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"), help="after warm-up (default linear decay)")
+    se.add_argument("--schedule", default="linear", choices=SCHEDULES, help="after warm-up (default linear decay)")
     se.add_argument("--weight-decay", type=float, default=0.0)
     se.add_argument("--validation", type=float, default=0.2, help="share of train.tsv held out to score candidates on (default 0.2)")
     se.add_argument("--tokenizer", help="tokenizer directory or 'minilm' (default: the model's; needed for a factory)")

@@ -4,7 +4,7 @@ MiniLM-L6 (22M params, offline from its wheel) learns SST-2 sentiment:
 
 1. peft: LoRA r=8 (alpha 16) on every query and value projection — the usual default; its
    trainable-parameter count (classifier head included) becomes the budget;
-2. peftplan search: a short multi-objective search (dev accuracy up, trainable params down)
+2. peftplan search: a short multi-objective search (validation accuracy up, trainable params down)
    over per-site plans within that budget, each candidate scored on examples held out of the
    training file (the dev set is only for the final table) — `peftplan.search`'s default strategy, seeded with
    sensitivity (grad²) plans, each candidate trained briefly (64 steps of 8) on a fresh copy. Prints the Pareto front and writes
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
 def front_table(front, budget) -> Table:
     table = Table(title=f"Pareto front ({len(front)} plans, budget {budget.params:,} params)")
-    for col in ("dev accuracy (search fidelity)", "trainable params", "plan"):
+    for col in ("validation accuracy (search fidelity)", "trainable params", "plan"):
         table.add_column(col, justify="left" if col == "plan" else "right")
     knee = front.knee()
     for p in front:

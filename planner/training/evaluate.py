@@ -26,10 +26,13 @@ from .train import train
 
 @dataclass(frozen=True)
 class Fidelity:
-    """How much a trial trains: the recipe compressed to ``steps`` optimizer steps (None: the
-    recipe's full length) over the first ``train_batches`` training batches (all when None),
-    scored on the first ``eval_batches`` validation batches (all when None).
+    """How much a trial trains: the recipe compressed to ``steps`` optimizer steps, or to
+    ``share`` of its own steps (neither: the recipe's full length), over the first
+    ``train_batches`` training batches (all when None), scored on the first ``eval_batches``
+    validation batches (all when None).
 
+    >>> Fidelity(share=0.1).recipe(Recipe(lr=1e-3, steps=200)).steps
+    20
     >>> Fidelity(steps=0)
     Traceback (most recent call last):
     ...
@@ -39,6 +42,7 @@ class Fidelity:
     steps: int | None = None
     train_batches: int | None = None
     eval_batches: int | None = None
+    share: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "train_batches", "eval_batches"):
@@ -47,13 +51,26 @@ class Fidelity:
                 what = "trains at least one step (None: the recipe's full length)" if name == "steps" else \
                     "uses at least one batch (None: all of them)"  # fmt: skip
                 raise ValueError(f"Fidelity({name}={v!r}): a trial {what}")
+        if self.share is not None:
+            if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 < self.share <= 1:
+                raise ValueError(f"Fidelity(share={self.share!r}): a share of the recipe's steps lies in (0, 1]")
+            if self.steps is not None:
+                raise ValueError("Fidelity: give steps or share, not both")
 
-    def recipe(self, recipe: Recipe) -> Recipe:
-        """``recipe`` at this fidelity: the same shape over ``steps`` steps."""
+    def recipe(self, recipe: Recipe, batches_per_epoch: int | None = None) -> Recipe:
+        """``recipe`` at this fidelity: the same shape over fewer steps (``batches_per_epoch``:
+        the training batches, needed for a share of a recipe counted in epochs)."""
+        if self.share is not None:
+            if recipe.steps is None and batches_per_epoch is None:
+                raise ValueError("Fidelity(share=…) of a recipe counted in epochs needs batches_per_epoch")
+            return recipe.with_steps(max(1, round(self.share * recipe.total_steps(batches_per_epoch or 1))))
         return recipe if self.steps is None else recipe.with_steps(self.steps)
 
     def __str__(self) -> str:
-        length = "the full recipe" if self.steps is None else f"{self.steps} steps"
+        if self.share is not None:
+            length = f"{self.share:.0%} of the recipe"
+        else:
+            length = "the full recipe" if self.steps is None else f"{self.steps} steps"
         return length + (f" on {self.train_batches} batches" if self.train_batches else "")
 
 
@@ -97,7 +114,7 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
             train_batches=task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches,
             loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m),
         )
-        run = train(model, sub, fidelity.recipe(recipe), seed=seed)
+        run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed)
         losses = run.losses
         metric = float(task.metric(model, validation))
         loss = validation_loss(model, task, validation)

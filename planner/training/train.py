@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,12 @@ class TrainResult:
 
 
 def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: int = 0, progress: bool = False,
-          description: str = "training") -> TrainResult:  # fmt: skip
-    """Train ``model`` in place by ``recipe`` (default `Recipe()`: one epoch at lr 1e-3)."""
+          description: str = "training", on_step: Callable[[int], None] | None = None) -> TrainResult:  # fmt: skip
+    """Train ``model`` in place by ``recipe`` (default `Recipe()`: one epoch at lr 1e-3).
+
+    ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the
+    hook a method that reshapes itself while training needs (peft AdaLoRA's
+    ``update_and_allocate``)."""
     recipe = recipe or Recipe()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -65,6 +70,8 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
             if recipe.clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.clip)
             optimizer.step()
+            if on_step is not None:
+                on_step(len(losses))
             schedule.step()
             losses.append(loss.item())
             bar.update(advance=1, loss=losses[-1])

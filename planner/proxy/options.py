@@ -17,9 +17,10 @@ import torch.nn as nn
 from ...ir.site import SiteGraph
 from ..training.task import Task
 from .allocate import eligible_sites
-from .scores import alpha_scores, grad2_scores
+from .scores import activation_scores, alpha_scores, grad2_scores
 
 METHOD = "lora"  # the method the proxy allocates ranks of
+QUERY_VALUE = ("attn.q", "attn.v", "attn.qkv")  # peft's default LoRA targets: query and value, or the fused qkv
 HEAD_NAMES = ("classifier", "score")  # top-level modules HF classification models add, freshly initialised
 
 
@@ -107,3 +108,18 @@ class ProxyOptions:
                    "sensitivity_power": self.sensitivity_power}  # fmt: skip
         return {n: m**self.sensitivity_power for n, m in mass.items()}, scoring
 
+
+    def priors(self, model: nn.Module, graph: SiteGraph, task: Task | None) -> dict[str, dict[str, float]]:
+        """Score vectors besides the proxy's for `AllocatorSpace` (``priors``): the placements
+        users write by hand — ``"query-value"`` (1 on the query and value projections, when
+        the model has them) and ``"uniform"`` (1 on every tuned site) — and, with a task,
+        ``"activation"`` (`activation_scores` on ``calibration_batches``)."""
+        names = self.tuned_sites(graph)
+        out: dict[str, dict[str, float]] = {}
+        qv = {n: 1.0 for n in names if graph[n].role in QUERY_VALUE}
+        if qv:
+            out["query-value"] = qv
+        out["uniform"] = {n: 1.0 for n in names}
+        if task is not None:
+            out["activation"] = activation_scores(model, graph, task, names, batches=self.calibration_batches)
+        return out

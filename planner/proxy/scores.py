@@ -1,12 +1,15 @@
 """Per-site scores that say where tuning pays: higher means "more to gain here".
 
-Two proxies, both returning ``{site name: float}`` and deterministic:
+Three proxies, each returning ``{site name: float}`` and deterministic:
 
 - `alpha_scores` (data-free): the heavy-tailed self-regularisation exponent of each weight
   matrix (AlphaLoRA, WeightWatcher). Well-trained layers have heavy-tailed spectra (small
   alpha); a large alpha means a layer that training has shaped less, so more to gain.
 - `grad2_scores` (needs a `Task`): the Fisher mass ``sum(grad(W)**2)`` of each site's weight
   summed over a few calibration batches, as in SPT.
+- `activation_scores` (needs a `Task`): the share of each site's input variance its top
+  ``rank`` singular directions hold, over a few calibration batches — EVA's rule (rank goes
+  where a few input directions explain most of the activations), one shot, no gradients.
 
     >>> import torch
     >>> hill_alpha(torch.tensor([1.0, 1.0, 2.0, 4.0]))  # xmin = median = 1.5, tail [2, 4]
@@ -154,6 +157,62 @@ def grad2_scores(
         model.train(was_training)
     log.info("grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), len(calib), time.perf_counter() - start)
     return {name: mass[index[id(w)]] for name, w in weights.items()}
+
+
+def activation_scores(model: nn.Module, graph: SiteGraph, task: Task, names: Iterable[str] | None = None, *,
+                      batches: int = 4, rank: int = 8) -> dict[str, float]:  # fmt: skip
+    """Per site, the explained-variance ratio of the top ``rank`` right-singular directions of
+    its inputs (uncentred, as EVA's SVD): ``Σ_top λ / Σ λ`` of ``Σ_tokens x xᵀ`` over the first
+    ``batches`` training batches, padding tokens left out where the batch has an
+    ``attention_mask`` of the input's leading shape. Embedding sites (integer inputs) score
+    the mean of the others. The model runs in eval mode without gradients.
+
+    >>> scores = activation_scores(model, pp.lower(model), task, batches=4)  # doctest: +SKIP
+    >>> 0 < scores["encoder.layer.0.attention.self.query"] <= 1  # doctest: +SKIP
+    True
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    sites = _matrix_sites(graph, names)
+    grams: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str, op: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if op == "conv2d":  # channels are the features
+                x = x.movedim(1, -1)
+            m = mask[0]
+            if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                x = x[m.bool()]
+            x = x.reshape(-1, x.shape[-1]).double()
+            g = x.t() @ x
+            grams[name] = grams[name] + g if name in grams else g
+
+        return record
+
+    handles = [model.get_submodule(s.name).register_forward_pre_hook(hook(s.name, s.op)) for s in sites if s.op != "embedding"]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in task.calibration(batches):
+                mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                task.loss(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out: dict[str, float] = {}
+    for name, g in grams.items():
+        lam = torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
+        total = lam.sum().item()
+        out[name] = lam[:rank].sum().item() / total if total > 0 else 0.0
+    missing = [s.name for s in sites if s.name not in out and s.op != "embedding"]
+    if missing:
+        raise ValueError(f"sites {missing[:3]} were never called by task.loss, so their inputs cannot be scored")
+    mean = sum(out.values()) / len(out) if out else 1.0
+    return {s.name: out.get(s.name, mean) for s in sites}
 
 
 def _matrix_sites(graph: SiteGraph, names: Iterable[str] | None):

@@ -20,6 +20,8 @@ from ..budget import Budget, BudgetError
 from ..proxy.allocate import allocate, eligible_sites
 from .base import Space, sizeless
 
+HAND_WRITTEN = {"query-value": 0, "uniform": 1}  # priors users write by hand: ranks above the uniform one allowed
+
 
 class AllocatorSpace(Space):
     """Knobs over sensitivity ``scores``, each plan made by `allocate` (AutoPEFT-sized: ≤ 12).
@@ -33,6 +35,14 @@ class AllocatorSpace(Space):
     band shares the rest by `allocate` with ranks capped at ``max_rank``, ``budget`` being the
     share of the budget used. A site whose op the band's method cannot tune is left out.
 
+    ``priors`` name other score vectors besides ``scores`` (the proxy's, named ``"proxy"``):
+    knob ``scores`` then chooses the one a plan starts from, and a site a prior scores 0 is
+    left untuned by it. Hand-written placements are priors too: ``"query-value"`` (1 on the
+    query and value projections) is uniform LoRA there, ``"uniform"`` (1 everywhere) LoRA on
+    every linear layer at the rank that fits. With priors, `seeds` starts from each prior's
+    plan at the whole budget — the plans a user would write by hand and the one-shot
+    allocations — so a search is compared with them before anything else.
+
     >>> space = AllocatorSpace(graph, scores, 5_000)  # doctest: +SKIP
     >>> space.plan_from_params(space.seeds(1)[0]).sites == search(..., strategy="proxy").sites  # doctest: +SKIP
     True
@@ -42,7 +52,7 @@ class AllocatorSpace(Space):
 
     def __init__(self, graph: SiteGraph, scores: Mapping[str, float], budget: Budget | int | str, *,
                  methods: Iterable[str] = ("lora",), roles: Iterable[str] = ("attn", "mlp"), max_rank: int = 64,
-                 **kwargs: Any):  # fmt: skip
+                 priors: Mapping[str, Mapping[str, float]] | None = None, **kwargs: Any):  # fmt: skip
         super().__init__(graph, budget, **kwargs)
         self.methods, self.roles, self.max_rank = tuple(methods), tuple(roles), max_rank
         skip = {s.name for s in self.full}
@@ -56,8 +66,19 @@ class AllocatorSpace(Space):
                              f"without a size knob (ia3, ssf), got {list(self.methods)}")  # fmt: skip
         self.vector = vector
         self.scores = {s.name: float(scores[s.name]) for s in self.sites}
+        self.priors = {"proxy": self.scores}
+        for name, prior in (priors or {}).items():
+            if name in self.priors:
+                raise ValueError(f"prior {name!r}: 'proxy' names the scores given as scores; choose another name")
+            values = {s.name: float(prior.get(s.name, 0.0)) for s in self.sites}
+            if not any(v > 0 for v in values.values()) or any(v < 0 or v != v for v in values.values()):
+                raise ValueError(f"prior {name!r} must score some site above 0 and none below (a site scored 0 is left untuned)")
+            self.priors[name] = values
         families = {s.role.split(".")[0] == "mlp" for s in self.sites}
-        d: dict[str, BaseDistribution] = {
+        d: dict[str, BaseDistribution] = {}
+        if len(self.priors) > 1:
+            d["scores"] = CategoricalDistribution(list(self.priors))
+        d |= {
             "budget": FloatDistribution(self.min_share, 1.0), "power": FloatDistribution(0.0, 2.0),
             "max_rank": IntDistribution(1, max_rank, log=True), "depth_tilt": FloatDistribution(-3.0, 3.0),
         }  # fmt: skip
@@ -74,23 +95,57 @@ class AllocatorSpace(Space):
             d["dora_share"] = FloatDistribution(0.0, 1.0)
         if "moe_lora" in self.methods:
             d["experts_slope"] = FloatDistribution(0.0, 4.0)
-        self._distributions = d
+        self._distributions = d | self._lr_knob()
 
     def distributions(self) -> dict[str, BaseDistribution]:
         return dict(self._distributions)
 
     def proxy_params(self, fraction: float) -> dict[str, Any]:
-        fixed = {"power": 1.0, "max_rank": self.max_rank, "density": 0.01,
-                 "vector_method": next(iter(self.vector), None)}  # fmt: skip
+        fixed = {"power": 1.0, "max_rank": self.max_rank, "density": 0.01, "scores": "proxy",
+                 "vector_method": next(iter(self.vector), None), **self._lr_seed()}  # fmt: skip
         low = self._distributions["budget"].low
         return {k: max(low, min(1.0, fraction)) if k == "budget" else fixed.get(k, 0.0) for k in self._distributions}
 
+    def prior_params(self, name: str) -> dict[str, Any]:
+        """Knobs of prior ``name``'s plan at the whole budget, taken as it is (power 1, no
+        tilt, every site it scores). The hand-written placements are capped at the largest
+        rank r every site they score can have at once: ``"query-value"`` at r (uniform LoRA),
+        ``"uniform"`` at r + 1, so the rest goes one rank up on the cheapest sites (peft's
+        ``rank_pattern``)."""
+        if name not in self.priors:
+            raise ValueError(f"no prior {name!r}; this space has {list(self.priors)}")
+        params = {**self.proxy_params(1.0), **({"scores": name} if "scores" in self._distributions else {})}
+        if name in HAND_WRITTEN:
+            per_rank = sum(get_method("lora").param_count(s, 1) for s in self.sites if self.priors[name][s.name] > 0)
+            params["max_rank"] = min(self.max_rank, max(1, self.available // max(1, per_rank) + HAND_WRITTEN[name]))
+        return params
+
+    def seeds(self, n: int) -> list[dict[str, Any]]:
+        """With priors: each prior's plan at the whole budget (``query-value``, ``uniform``, the
+        proxy, then the others), then the proxy at budget shares spread in log scale below it;
+        without: `Space.seeds`."""
+        if len(self.priors) == 1:
+            return super().seeds(n)
+        out = [self.prior_params(p) for p in self.baselines()][:n]
+        rest = n - len(out)
+        return out + [self.proxy_params(self.min_share ** ((rest - i) / rest)) for i in range(rest)]
+
+    def baselines(self) -> list[str]:
+        """With priors, each prior's plan at the whole budget: ``query-value``, ``uniform``,
+        ``proxy``, then the others (``activation``)."""
+        if len(self.priors) == 1:
+            return []
+        order = [p for p in ("query-value", "uniform", "proxy") if p in self.priors]
+        return order + [p for p in self.priors if p not in order]
+
     def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         p = {"mlp_tilt": 0.0, "vector_share": 0.0, "sparse_share": 0.0, "dora_share": 0.0, "experts_slope": 0.0, **params}
-        adjusted = {s.name: self.scores[s.name] ** p["power"]
+        prior = self.priors[p.get("scores", "proxy")]
+        adjusted = {s.name: prior[s.name] ** p["power"]
                     * math.exp(p["depth_tilt"] * (s.depth - 0.5) + p["mlp_tilt"] * (0.5 if s.role.startswith("mlp") else -0.5))
-                    for s in self.sites}  # fmt: skip
-        order = sorted(range(len(self.sites)), key=lambda i: (adjusted[self.sites[i].name], -i))  # ascending
+                    for s in self.sites if prior[s.name] > 0}  # fmt: skip
+        scored = [i for i, s in enumerate(self.sites) if s.name in adjusted]
+        order = sorted(scored, key=lambda i: (adjusted[self.sites[i].name], -i))  # ascending
         cut = math.floor(p["none_share"] * len(order))
         rest = order[cut:]
         bands: dict[int, str] = {}

@@ -16,7 +16,9 @@ anything trains. Trainable params never exceed the budget: the space builds plan
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -30,6 +32,7 @@ from optuna.distributions import (
 from ...backends.base import get_method
 from ...ir.site import Site, SiteGraph
 from ...plan import Plan, describe, model_header
+from ...recipe import Recipe
 from ..budget import Budget, BudgetError
 from ..cost import plan_cost
 
@@ -45,7 +48,9 @@ class Space(abc.ABC):
     stores. ``limits`` caps costs by name: every field of ``budget`` (params are enforced by
     construction, the others as constraints: plans over them are never trained), plus any
     given here. ``train_modules`` are fully trained and paid from the budget first.
-    ``min_share``: the smallest budget share `seeds` starts from.
+    ``min_share``: the smallest budget share `seeds` starts from. ``lr``: a (low, high) range
+    the learning rate is searched in (log scale, knob ``"lr"``; seeds take its geometric mean),
+    so each plan comes with the rate it trains best at (`recipe`); None: the recipe's rate.
     """
 
     name = ""
@@ -53,8 +58,13 @@ class Space(abc.ABC):
 
     def __init__(self, graph: SiteGraph, budget: Budget | int | str, *, objectives: Iterable[str] = ("metric", "params"),
                  limits: Mapping[str, float] | None = None, train_modules: Iterable[str] = (),
-                 batch_shape: tuple[int, int] | None = None):  # fmt: skip
+                 batch_shape: tuple[int, int] | None = None, lr: tuple[float, float] | None = None):  # fmt: skip
         self.graph, self.budget, self.batch_shape = graph, Budget.coerce(budget), batch_shape
+        if lr is not None:
+            lr = tuple(float(x) for x in lr)
+            if len(lr) != 2 or not 0 < lr[0] < lr[1] or not math.isfinite(lr[1]):
+                raise ValueError(f"lr must be a (low, high) range with 0 < low < high, e.g. (2e-4, 5e-3); got {lr!r}")
+        self.lr = lr
         limit = self.budget.param_limit(graph.total_params)
         if limit is None:
             raise BudgetError("the budget sets no parameter limit; give one, e.g. Budget(params='0.5%')")
@@ -95,6 +105,23 @@ class Space(abc.ABC):
         """Knobs reproducing (or, where the space cannot express it, approximating) the proxy
         allocation at ``fraction`` of the available budget."""
 
+    def recipe(self, params: Mapping[str, Any], base: Recipe) -> Recipe:
+        """How ``params``' plan trains: ``base`` at the knob ``"lr"`` when the space searches it.
+
+        >>> space.recipe({"lr": 2e-3, **knobs}, Recipe(lr=1e-3, steps=200)).lr  # doctest: +SKIP
+        0.002
+        """
+        if self.lr is None or "lr" not in params:
+            return base
+        return replace(base, lr=float(params["lr"]))
+
+    def _lr_knob(self) -> dict[str, BaseDistribution]:
+        return {} if self.lr is None else {"lr": FloatDistribution(self.lr[0], self.lr[1], log=True)}
+
+    def _lr_seed(self) -> dict[str, float]:
+        """The seeds' learning rate: the range's geometric mean (the recipe's rate by default)."""
+        return {} if self.lr is None else {"lr": math.sqrt(self.lr[0] * self.lr[1])}
+
     def suggest(self, trial: optuna.trial.BaseTrial) -> Plan:
         """Ask ``trial`` for every knob and return the plan they make. Each limit but params
         (met by construction) is recorded as ``trial.set_constraint(name, cost - limit)``,
@@ -127,8 +154,13 @@ class Space(abc.ABC):
         cheap end holds most of the hypervolume, so linear shares (¼ … 1) would leave it empty."""
         return [self.proxy_params(self.min_share ** ((n - 1 - i) / max(1, n - 1))) for i in range(n)]
 
+    def baselines(self) -> list[str]:
+        """Names of the leading `seeds` that are baselines a search must be compared with at
+        its top rung (promoted whatever their rank); none here."""
+        return []
+
     def _build(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
-        key = tuple(sorted(params.items()))
+        key = tuple(sorted((k, v) for k, v in params.items() if k != "lr"))  # the rate changes no site
         if key not in self._cache:
             missing = sorted(set(self.distributions()) - set(params))
             if missing:

@@ -1,5 +1,7 @@
 """`default_space`: the space a task search runs when given none — an `AllocatorSpace` over
-the proxy's sites and scores, so that its seed plans are the proxy's plans."""
+the proxy's sites and scores, with the hand-written placements and the activation scores as
+priors (so its seed plans are what a user would write and the one-shot allocations), and the
+learning rate as a knob."""
 
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from .allocator import AllocatorSpace
 
 def default_space(model: nn.Module, budget: Budget | int | str, task: Task, *, seed: int = 0,
                   objectives: Iterable[str] = ("metric", "params"), methods: Iterable[str] = ("lora",),
-                  proxy: ProxyOptions | None = None, graph: SiteGraph | None = None) -> AllocatorSpace:  # fmt: skip
+                  proxy: ProxyOptions | None = None, graph: SiteGraph | None = None,
+                  lr: tuple[float, float] | None = None) -> AllocatorSpace:  # fmt: skip
     """An `AllocatorSpace` over the sites ``search(strategy="proxy")`` tunes, with the same
-    scores, roles, rank cap and fully trained sites (all from ``proxy``), so ``space.seeds(1)``
-    is the proxy plan. Training memory is costed at ``task``'s largest training batch.
+    scores, roles, rank cap and fully trained sites (all from ``proxy``), so
+    ``space.proxy_params(1.0)`` is the proxy plan; `ProxyOptions.priors` as further score
+    vectors (`AllocatorSpace.seeds` starts from them); ``lr``: the learning-rate range searched
+    (None: the recipe's rate). Training memory is costed at ``task``'s largest training batch.
 
     >>> space = default_space(model, "1%", task, methods=("lora", "ia3"))  # doctest: +SKIP
     """
@@ -29,4 +34,4 @@ def default_space(model: nn.Module, budget: Budget | int | str, task: Task, *, s
     scores, _ = options.site_scores(model, graph, task, seed=seed, progress=False)
     return AllocatorSpace(graph, scores, budget, methods=tuple(methods), roles=options.roles, max_rank=options.max_rank,
                           objectives=tuple(objectives), train_modules=options.full_sites(graph),
-                          batch_shape=task.batch_shape())  # fmt: skip
+                          batch_shape=task.batch_shape(), priors=options.priors(model, graph, task), lr=lr)  # fmt: skip

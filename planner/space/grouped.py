@@ -64,7 +64,7 @@ class GroupedSpace(Space):
             if len(self.methods) > 1:
                 d[f"method:{g}"] = CategoricalDistribution(self.methods)
             d[f"rank:{g}"] = IntDistribution(0, len(self.levels) - 1)
-        return d
+        return d | self._lr_knob()
 
     def proxy_params(self, fraction: float) -> dict[str, Any]:
         method = "lora" if "lora" in self.methods else self.methods[0]
@@ -80,7 +80,7 @@ class GroupedSpace(Space):
             if len(self.methods) > 1:
                 params[f"method:{g}"] = method
             params[f"rank:{g}"] = max(k for k, r in enumerate(self.levels) if r <= mean)
-        return params
+        return params | self._lr_seed()
 
     def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         method = {g: params.get(f"method:{g}", self.methods[0]) for g in self.groups}

@@ -70,7 +70,7 @@ def _budget(args: argparse.Namespace):
 
 def _search(args: argparse.Namespace) -> int:
     from peftplan.planner.study import Source, run_search
-    from peftplan.planner.study.halving import halving_rungs
+    from peftplan.planner.study.halving import default_rungs, halving_rungs
     from peftplan.planner.training.evaluate import Fidelity
     from peftplan.recipe import Recipe
 
@@ -80,12 +80,24 @@ def _search(args: argparse.Namespace) -> int:
     recipe = Recipe(lr=args.lr, steps=args.steps, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
                     batch_size=args.batch_size)  # fmt: skip
     top = Fidelity(recipe.total_steps(len(task.train_batches)))
+    rungs = default_rungs() if args.rungs is None else halving_rungs(top, args.rungs, args.eta)
     plan = run_search(model, _budget(args), task, strategy=args.strategy, trials=args.trials, storage=args.storage,
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
-                      fidelities=halving_rungs(top, args.rungs, args.eta), eta=args.eta, recipe=recipe,
+                      fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range),
                       methods=args.methods.split(","), threads=args.threads, source=source,
                       progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
+
+
+def _lr_range(text: str):
+    """``auto``, ``none`` or ``LOW,HIGH`` (e.g. ``2e-4,5e-3``) as `run_search`'s ``lr_range``."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--lr-range {text!r}: give auto, none, or LOW,HIGH such as 2e-4,5e-3") from None
+    return (low, high)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -165,14 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(se)
     se.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
-    se.add_argument("--trials", type=int, default=24, help="completed candidates at the first rung (default 24)")
+    se.add_argument("--trials", type=int, default=12, help="completed candidates at the first rung (default 12)")
     se.add_argument("--storage", default="sqlite:///peftplan-study.db",
                     help="optuna storage URL: SQLite file (default sqlite:///peftplan-study.db) or postgresql://… for several machines")  # fmt: skip
     se.add_argument("--study", help="study name (default: derived from the settings, so a rerun resumes)")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--objectives", default="metric,params", help="comma-separated: metric plus params, memory, latency")
     se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
-    se.add_argument("--rungs", type=int, default=1, help="successive-halving rungs (default 1: every trial at full length)")
+    se.add_argument("--rungs", type=int, help="successive-halving rungs, each eta times longer (default: every candidate at "
+                    "10%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)")
+    se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a fifth to five times --lr), "
+                    "none (--lr for all) or LOW,HIGH")
     se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")
     se.add_argument("--steps", type=int, help="training steps of the recipe, the last rung's (default: one pass over the training batches)")
     se.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the recipe (default 1e-3)")

@@ -15,7 +15,8 @@ builds an optuna sampler over a `Space`.
 - ``botorch``: `QLogNEHVISampler`, a GP on the metric only with the exact costs as known
   objectives.
 
-Model-based strategies (``seeded``) start from the proxy plans, enqueued by `enqueue_seeds`.
+Model-based strategies (``seeded``) start from the space's seed plans — its baselines (the
+hand-written placements, the one-shot allocations) and proxy plans — enqueued by `enqueue_seeds`.
 Limits other than params (which every space meets by construction) reach optuna's samplers as
 trial constraints, ``cost - limit <= 0``, recorded by `Space.suggest`; botorch drops candidates
 beyond them itself (``own_limits``). The table imports no optuna: each ``make`` does, when called.
@@ -41,7 +42,7 @@ WARMUP = 5  # completed trials before any model fits (for every model-based stra
 @dataclass(frozen=True)
 class Strategy:
     """``make(space, seed, limits, warmup, options)`` → sampler; ``seeded``: starts from the
-    proxy plans; ``own_limits``: the sampler enforces limits itself (else it reads the
+    space's seed plans; ``own_limits``: the sampler enforces limits itself (else it reads the
     constraints `Space.suggest` records, so limits belong on the space)."""
 
     make: Callable[..., BaseSampler]
@@ -135,12 +136,15 @@ def make_sampler(strategy: str, space: Space, *, seed: int, constraints: Mapping
 
 
 def enqueue_seeds(study: Study, space: Space, strategy: str, n: int) -> int:
-    """Enqueue ``n`` proxy plans (`Space.seeds`) when ``strategy`` is seeded; how many were.
+    """Enqueue ``n`` seed plans (`Space.seeds`) when ``strategy`` is seeded; how many were.
+    The first ones, the space's `Space.baselines`, carry user_attr ``baseline`` (their name):
+    they are promoted to every rung.
 
     Call it once, on a new study: a resumed one has them already.
     """
     if not seeded(strategy) or n <= 0:
         return 0
-    for params in space.seeds(n):
-        study.enqueue_trial(params, skip_if_exists=True)
+    names = space.baselines()
+    for i, params in enumerate(space.seeds(n)):
+        study.enqueue_trial(params, user_attrs={"baseline": names[i]} if i < len(names) else None, skip_if_exists=True)
     return n

@@ -60,7 +60,7 @@ class Source:
         options = {"seed": config.seed, "objectives": config.objectives, "methods": config.methods}
         if self.space is None:
             return default_space(model, Budget.from_dict(config.budget), task, proxy=ProxyOptions.from_dict(config.proxy),
-                                 **options)  # fmt: skip
+                                 lr=config.lr_range, **options)  # fmt: skip
         module, _, name = self.space.partition(":")
         return getattr(importlib.import_module(module), name)(model, task, Budget.from_dict(config.budget), **options)
 
@@ -91,21 +91,22 @@ class StudyConfig:
     eta: int = 3
     seed: int = 0
     recipe: dict[str, Any] | None = None  # the Recipe every trial trains by (at its rung's fidelity)
-    seeds: int = 4
+    seeds: int = 6
     methods: tuple[str, ...] = ("lora",)
     proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space
     source: Source | None = None
+    lr_range: tuple[float, float] | None = None  # the default space's learning-rate knob (None: the recipe's rate)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["fidelities"] = [asdict(f) for f in self.fidelities]
-        for k in ("objectives", "methods"):
+        for k in ("objectives", "methods", "lr_range"):
             d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
-        tuples = {k: None if d[k] is None else tuple(d[k]) for k in ("objectives", "methods")}
+        tuples = {k: None if d.get(k) is None else tuple(d[k]) for k in ("objectives", "methods", "lr_range")}
         return cls(**{**d, **tuples, "fidelities": tuple(Fidelity(**f) for f in d["fidelities"]),
                       "source": Source(**d["source"]) if d.get("source") else None})  # fmt: skip
 

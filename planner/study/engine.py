@@ -5,8 +5,11 @@ Everything is read back from the storage on each turn, so any number of workers 
 restart after a crash) see the same state. Each trial carries user_attrs: ``rung``,
 ``candidate`` (the number of the candidate's rung-0 trial), ``costs`` (exact, before
 training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
-``seconds``, ``fidelity``, ``validation_loss``, ``worker``, and ``reused`` (the trial whose result a trial with the
-same plan took instead of training again).
+``seconds``, ``fidelity``, ``validation_loss``, ``worker``, ``reused`` (the trial whose result a trial with the
+same plan took instead of training again), and ``baseline`` on the seed plans a user would
+write by hand and the one-shot allocations (`Space.baselines`): those are promoted to every
+rung whatever their rank (and 1/eta of the others), so the plan a search returns was compared
+with them at the top rung.
 
 Two workers may both decide to create the same trial (the last rung-0 slot, the same
 promotion): trial numbers are handed out one at a time by the storage, so the rule "within a
@@ -171,11 +174,14 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
         for t in trials:  # in number order: a candidate's first completed trial at rung r
             if rung_of(t) == r and t.state == TrialState.COMPLETE:
                 done.setdefault(candidate_of(t), t)
-        chosen = promote({c: dict(zip(config.objectives, t.values)) for c, t in done.items()}, config.senses, config.eta)
+        baselines = [c for c, t in done.items() if t.user_attrs.get("baseline")]  # always go on: compared at the top
+        others = {c: dict(zip(config.objectives, t.values)) for c, t in done.items() if c not in baselines}
+        chosen = baselines + promote(others, config.senses, config.eta)
         taken = {candidate_of(t) for t in trials if rung_of(t) == r + 1 and (t.state in LIVE or _finished_failure(t))}
         missing = [c for c in chosen if c not in taken]
         for c in missing:
-            study.enqueue_trial(done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted"})
+            kept = {"baseline": done[c].user_attrs["baseline"]} if done[c].user_attrs.get("baseline") else {}
+            study.enqueue_trial(done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted", **kept})
         if missing:
             return "ask"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
@@ -232,8 +238,9 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
         return _skip(study, trial, "infeasible", "; ".join(f"{k} {v:,.0f} > limit {lim:,.0f}" for k, (v, lim) in over.items()))
 
     fidelity: Fidelity = config.fidelities[r]
+    plan.recipe = ctx.space.recipe(trial.params, Recipe.from_dict(config.recipe))  # the trial's learning rate, if searched
     same = _same_plan(study, trial.number, r, plan)
-    if same is not None:  # other knobs, the same plan: its evaluation would repeat, not train it again
+    if same is not None:  # other knobs, the same plan and recipe: its evaluation would repeat, not train it again
         trial.set_user_attr("reused", same.number)
         trial.set_user_attr("seconds", 0.0)
         _complete(study, trial, ctx, plan, list(same.values), r, fidelity, reused=same.number)
@@ -244,7 +251,7 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
 
     try:
         with get_heartbeat_thread(trial._trial_id, study._storage):
-            result = _evaluate(ctx, plan, fidelity)
+            result = _evaluate(ctx, plan, fidelity, plan.recipe)
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
@@ -270,7 +277,7 @@ def _complete(study: optuna.Study, trial: optuna.Trial, ctx: Context, plan: Plan
     config = ctx.config
     trial.set_user_attr("fidelity", str(fidelity))
     plan.objectives = dict(zip(config.objectives, values))
-    plan.recipe = Recipe.from_dict(config.recipe)  # how it was trained: the final run trains it so too
+    plan.recipe = plan.recipe or Recipe.from_dict(config.recipe)  # how it was trained: the final run trains it so too
     plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
                        "study": study.study_name, "trial": trial.number, "rung": rung, "fidelity": str(fidelity), **extra}  # fmt: skip
     trial.set_user_attr("plan", plan.to_dict())
@@ -278,20 +285,21 @@ def _complete(study: optuna.Study, trial: optuna.Trial, ctx: Context, plan: Plan
 
 
 def _same_plan(study: optuna.Study, number: int, rung: int, plan: Plan) -> FrozenTrial | None:
-    """A completed trial of ``rung`` whose plan has the same sites as ``plan``. Many knob
-    settings map to one plan (a rank cap above every allocated rank, a share that rounds to no
-    site), and samplers propose them again; training is seeded, so the result would repeat."""
-    sites = json.dumps(plan.sites, sort_keys=True)
+    """A completed trial of ``rung`` whose plan has the same sites and recipe as ``plan``. Many
+    knob settings map to one plan (a rank cap above every allocated rank, a share that rounds
+    to no site), and samplers propose them again; training is seeded, so the result would repeat."""
+    mine = json.dumps([plan.sites, plan.recipe.to_dict() if plan.recipe else None], sort_keys=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.number != number and rung_of(t) == rung and json.dumps(t.user_attrs.get("plan", {}).get("sites"), sort_keys=True) == sites:
+        stored = t.user_attrs.get("plan", {})
+        if t.number != number and rung_of(t) == rung and json.dumps([stored.get("sites"), stored.get("recipe")], sort_keys=True) == mine:
             return t
     return None
 
 
-def _evaluate(ctx: Context, plan: Plan, fidelity: Fidelity) -> Evaluation:
+def _evaluate(ctx: Context, plan: Plan, fidelity: Fidelity, recipe: Recipe) -> Evaluation:
     start = time.perf_counter()
     try:
-        return ctx.evaluator(ctx.base, plan, ctx.task, fidelity, recipe=Recipe.from_dict(ctx.config.recipe), seed=ctx.config.seed)
+        return ctx.evaluator(ctx.base, plan, ctx.task, fidelity, recipe=recipe, seed=ctx.config.seed)
     except Exception as e:  # an evaluator that raises still only fails its trial
         return Evaluation(None, 0, time.perf_counter() - start, f"{type(e).__name__}: {e}"[:500])
 

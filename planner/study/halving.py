@@ -9,11 +9,13 @@ schedule is synchronous and deterministic:
   ordered by non-dominated rank, then by crowding distance (the spread of the front, larger
   first), then by candidate number; the first ``promoted_count(n, eta)`` are re-evaluated at
   ``fidelities[r + 1]`` as new trials with the same parameters;
+* baselines (seed plans with user_attr ``baseline``) go on to every rung whatever their
+  rank, and ``promoted_count`` of the others: the returned plan has met them at the top;
 * the front comes from the highest rung that completed: metrics of different rungs are
   never compared.
 
-    >>> halving_rungs(Fidelity(steps=90, train_batches=27), rungs=3, eta=3)
-    [Fidelity(steps=10, train_batches=3, eval_batches=None), Fidelity(steps=30, train_batches=9, eval_batches=None), Fidelity(steps=90, train_batches=27, eval_batches=None)]
+    >>> [str(f) for f in halving_rungs(Fidelity(steps=90, train_batches=27), rungs=3, eta=3)]
+    ['10 steps on 3 batches', '30 steps on 9 batches', '90 steps on 27 batches']
     >>> promote({0: {"metric": 0.9, "params": 9}, 1: {"metric": 0.8, "params": 5},
     ...          2: {"metric": 0.7, "params": 7}}, {"metric": "max", "params": "min"}, eta=3)
     [0]
@@ -24,6 +26,19 @@ from __future__ import annotations
 import math
 
 from ..training.evaluate import Fidelity
+
+SCREEN = 0.1  # the first rung's share of the final recipe by default (benchmarks/fidelity.py)
+
+
+def default_rungs() -> tuple[Fidelity, ...]:
+    """The default schedule: every candidate at `SCREEN` of the final recipe, then the
+    promoted ones and the baselines at the full recipe, so the plan a search returns is chosen
+    on full-length results.
+
+    >>> [str(f) for f in default_rungs()]
+    ['10% of the recipe', 'the full recipe']
+    """
+    return (Fidelity(share=SCREEN), Fidelity())
 
 
 def halving_rungs(top: Fidelity, rungs: int = 3, eta: int = 3) -> list[Fidelity]:

@@ -37,6 +37,7 @@ from ..training.evaluate import Fidelity, evaluate
 from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
 from .engine import Context, Evaluator, front_of, work
+from .halving import default_rungs
 from .storage import only_study, open_storage, open_study, stored_config
 
 
@@ -56,7 +57,7 @@ def run_search(
     space: Any = None,
     progress: bool = True,
     recipe: Recipe | None = None,
-    seeds: int = 4,
+    seeds: int = 6,
     methods: Iterable[str] = ("lora",),
     proxy: ProxyOptions | None = None,
     graph: SiteGraph | None = None,
@@ -64,6 +65,7 @@ def run_search(
     source: Source | None = None,
     evaluator: Evaluator = evaluate,
     heartbeat: int = 30,
+    lr_range: tuple[float, float] | str | None = "auto",
 ) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
     return the best plan within budget, with ``plan.front``.
@@ -71,10 +73,14 @@ def run_search(
     The default space is `default_space` over ``objectives`` and ``methods``, with the
     proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
     model's lowering, when already at hand); a given ``space`` brings all of that itself, with
-    its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` proxy plans start seeded
-    strategies. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
-    `Fidelity`; ``fidelities`` (default: one rung, the full recipe) are the rungs of successive
-    halving by ``eta``; the returned plan carries the recipe (`Plan.recipe`). Candidates are
+    its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans start seeded
+    strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on every
+    linear layer, the one-shot allocations), promoted to every rung, then proxy plans at smaller
+    budget shares. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
+    `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a fifth
+    to five times ``recipe.lr``, log scale; None: ``recipe.lr`` for all); ``fidelities``
+    (default `default_rungs`: 10% of the recipe, then the full recipe) are the rungs of
+    successive halving by ``eta``; the returned plan carries its recipe (`Plan.recipe`). Candidates are
     scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
     records how workers rebuild the model and task (without it, none can join).
 
@@ -84,23 +90,25 @@ def run_search(
     budget = Budget.coerce(budget)
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
-    methods, proxy = tuple(methods), proxy or ProxyOptions()
+    methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     if space is None:
-        space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph)
-    elif proxy != ProxyOptions() or graph is not None:
-        raise ValueError("a given space brings its own sites, scores and fully trained modules: the proxy options "
-                         f"{proxy.to_dict()} and graph apply only to the default space; drop them or the space")  # fmt: skip
+        lr_range = (recipe.lr / 5, recipe.lr * 5) if lr_range == "auto" else lr_range
+        space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph,
+                              lr=lr_range)  # fmt: skip
+    elif proxy != ProxyOptions() or graph is not None or lr_range != "auto":
+        raise ValueError("a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
+                         f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
+                         "or the space")  # fmt: skip
     if not task.validation_batches:
         raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
                          "split carved from the training data, never on the evaluation split; build the task with "
                          "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
-    recipe = recipe or Recipe()
-    fidelities = tuple(fidelities) if fidelities is not None else (Fidelity(),)
+    fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
                          {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
-                         methods, proxy.to_dict(), source)  # fmt: skip
+                         methods, proxy.to_dict(), source, space.lr)  # fmt: skip
     name = study_name or config.default_name(task, model)
     study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
     work(study, Context(config, model, task, space, evaluator, threads), progress=progress)

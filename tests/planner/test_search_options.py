@@ -3,6 +3,7 @@ calibration batches. Each test here failed before its fix."""
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -29,9 +30,14 @@ def test_the_training_path_uses_every_proxy_option_and_seeds_with_the_proxy_plan
     for point in searched.front:
         for name, entry in point.plan.tuned().items():
             assert entry["method"] == "full" or (graph[name].role.startswith("attn") and entry["rank"] <= 2)
-    # the seeded strategy's first trial is the proxy plan at the whole budget: same sites, same head
-    seed = pp.search(model, "5%", task, strategy="tpe", trials=1, evaluator=stand_in, progress=False, threads=1, **OPTIONS)
-    assert seed.sites == proxy.sites
+    # a seeded strategy's baselines include the proxy plan at the whole budget: same sites, same head
+    storage = optuna.storages.InMemoryStorage()
+    pp.search(model, "5%", task, strategy="tpe", trials=4, evaluator=stand_in, progress=False, threads=1, storage=storage,
+              study_name="s", **OPTIONS)  # fmt: skip
+    baselines = {t.user_attrs["baseline"]: t for t in optuna.load_study(study_name="s", storage=storage).trials
+                 if "baseline" in t.user_attrs and t.user_attrs.get("rung") == 0}  # fmt: skip
+    assert sorted(baselines) == ["activation", "proxy", "query-value", "uniform"]
+    assert baselines["proxy"].user_attrs["plan"]["sites"] == proxy.sites
     assert proxy.sites["classifier"]["method"] == "full"  # one head rule in both paths
 
 

@@ -32,7 +32,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def run(storage, trials=6, **kw):
-    options = {"strategy": "random", "study_name": "s", "progress": False, "evaluator": stand_in, "threads": 1, **kw}
+    """A search of one rung unless told otherwise: every trial is one evaluation."""
+    options = {"strategy": "random", "study_name": "s", "progress": False, "evaluator": stand_in, "threads": 1,
+               "fidelities": [Fidelity()], **kw}  # fmt: skip
     return run_search(bert_classifier(), "5%", tiny_task(), trials=trials, storage=storage, **options)
 
 
@@ -154,10 +156,11 @@ def test_a_real_search_trains_tiny_plans():
 RESUME = """
 import torch; torch.set_num_threads(1)
 from peftplan.planner.study import open_storage, run_search
+from peftplan.planner.training.evaluate import Fidelity
 from tests.planner.trials import slow_stand_in, tiny_task
 from tests.zoo import bert_classifier
 run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=1),
-           study_name="resume", evaluator=slow_stand_in, progress=False, threads=1)
+           study_name="resume", evaluator=slow_stand_in, progress=False, threads=1, fidelities=[Fidelity()])
 """
 
 
@@ -190,7 +193,7 @@ def test_a_search_killed_mid_run_resumes_without_rerunning(tmp_path):
     calls = []
     run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=n, storage=open_storage(url, heartbeat=1),
                study_name="resume", evaluator=lambda *a, **k: calls.append(1) or stand_in(*a, **k),
-               progress=False, threads=1)  # fmt: skip
+               progress=False, threads=1, fidelities=[Fidelity()])  # fmt: skip
     after = {t.number: t for t in _trials(url, "resume")}
     assert sum(t.state == COMPLETE for t in after.values()) == n
     assert {k: (after[k].params, after[k].values) for k in before} == before  # kept as they were
@@ -226,11 +229,12 @@ def postgres_url():
 SEARCH = """
 import torch; torch.set_num_threads(1)
 from peftplan.planner.study import Source, open_storage, run_search
+from peftplan.planner.training.evaluate import Fidelity
 from tests.planner.trials import slow_stand_in
 source = Source("tests.zoo:minilm_vocab_classifier", {task!r}, tokenizer="minilm", batch_size=8)
 model, task = source.load()
 run_search(model, "1%", task, strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=2),
-           study_name="shared", source=source, evaluator=slow_stand_in, progress=False, threads=1)
+           study_name="shared", source=source, evaluator=slow_stand_in, progress=False, threads=1, fidelities=[Fidelity()])
 """
 WORKER = """
 import time, optuna
@@ -281,7 +285,8 @@ def test_plans_over_a_limit_are_never_trained():
     trained = []
     storage = optuna.storages.InMemoryStorage()
     run_search(base, "5%", tiny_task(), strategy="random", trials=4, space=space, storage=storage, study_name="s",
-               evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k), progress=False)  # fmt: skip
+               evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k), progress=False,
+               fidelities=[Fidelity()])  # fmt: skip
     assert all(space.costs(p.provenance["knobs"])["memory"] <= limit for p in trained) and len(trained) == 4
     skipped = [t.user_attrs["infeasible"] for t in optuna.load_study(study_name="s", storage=storage).trials if "infeasible" in t.user_attrs]
     assert skipped and all("memory" in r and "> limit" in r for r in skipped)

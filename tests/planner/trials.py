@@ -47,7 +47,7 @@ def stand_in(base, plan, task, fidelity, *, recipe, seed, sleep=0.0):
     fidelity's steps so that rungs differ; ``sleep`` stands for training time."""
     time.sleep(sleep)
     knobs = repr(sorted(plan.provenance["knobs"].items())).encode()
-    steps = fidelity.steps or recipe.total_steps(len(task.train_batches))
+    steps = fidelity.recipe(recipe, len(task.train_batches)).total_steps(len(task.train_batches))
     return Evaluation((zlib.crc32(knobs) % 1000) / 1000 * steps, int(plan.objectives["params"]), sleep)
 
 

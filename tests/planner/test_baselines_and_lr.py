@@ -1,0 +1,189 @@
+"""The default space's priors and seeds (the plans a user writes by hand, the one-shot
+allocations), the learning rate as a knob that ends up in the plan's recipe, baselines promoted
+to the top rung, the default fidelity schedule, and the activation (EVA-like) scores."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+import torch.nn as nn
+
+import peftplan as pp
+from peftplan.backends import count_trainable
+from peftplan.planner.proxy import activation_scores
+from peftplan.planner.proxy.allocate import eligible_sites
+from peftplan.planner.space import AllocatorSpace, default_space
+from peftplan.planner.study import run_search
+from peftplan.planner.study.halving import default_rungs
+from peftplan.planner.training.evaluate import Evaluation, Fidelity
+from peftplan.planner.training.task import Task
+from peftplan.planner.training.train import train
+from peftplan.recipe import Recipe
+from tests.planner.trials import stand_in, tiny_task
+from tests.zoo import bert_classifier
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def space():
+    model, task = bert_classifier(), tiny_task()
+    return default_space(model, "5%", task, lr=(2e-4, 5e-3))
+
+
+def test_the_query_value_seed_is_uniform_lora_on_query_and_value_at_the_rank_that_fits(space):
+    graph = space.graph
+    qv = [s for s in graph if s.role in ("attn.q", "attn.v")]
+    per_rank = sum(s.in_features + s.out_features for s in qv)
+    rank = space.available // per_rank  # by hand: the budget left after the head, shared evenly
+    plan = space.plan_from_params(space.seeds(1)[0])
+    assert space.baselines()[0] == "query-value"
+    assert {n: (e["method"], e.get("rank")) for n, e in plan.tuned().items()} == {
+        **{s.name: ("lora", rank) for s in qv}, "classifier": ("full", None)}
+    assert count_trainable(pp.apply(bert_classifier(), plan)) == plan.objectives["params"] <= space.budget.param_limit(graph.total_params)
+
+
+def test_the_uniform_seed_is_every_linear_layer_at_the_largest_rank_that_fits(space):
+    plan = space.plan_from_params(space.prior_params("uniform"))
+    sites = eligible_sites(space.graph, "lora", ("attn", "mlp"), exclude={"classifier"})
+    ranks = {n: e["rank"] for n, e in plan.tuned().items() if e["method"] == "lora"}
+    r = space.available // sum(s.in_features + s.out_features for s in sites)
+    assert set(ranks) == {s.name for s in sites}  # every linear layer
+    assert set(ranks.values()) <= {r, r + 1} and min(ranks.values()) == r
+    spare = space.available - sum(ranks[s.name] * (s.in_features + s.out_features) for s in sites)
+    assert 0 <= spare < min(s.in_features + s.out_features for s in sites if ranks[s.name] == r)  # no site could go up
+
+
+def test_seeds_are_the_baselines_then_cheaper_proxy_plans(space):
+    seeds = space.seeds(6)
+    assert space.baselines() == ["query-value", "uniform", "proxy", "activation"]
+    assert [p["scores"] for p in seeds] == ["query-value", "uniform", "proxy", "activation", "proxy", "proxy"]
+    assert seeds[2] == space.proxy_params(1.0) and [p["budget"] for p in seeds[4:]] == pytest.approx([0.05, 0.05**0.5])
+    assert all(p["lr"] == pytest.approx(1e-3) for p in seeds)  # the range's geometric mean: the recipe's own rate
+
+
+def test_a_prior_scoring_a_site_zero_leaves_it_untuned():
+    model = bert_classifier()
+    graph = pp.lower(model)
+    names = [s.name for s in eligible_sites(graph, "lora", ("attn", "mlp"), exclude={"classifier"})]
+    space = AllocatorSpace(graph, {n: 1.0 for n in names}, "5%", train_modules=["classifier"],
+                           priors={"first": {names[0]: 1.0}})  # fmt: skip
+    plan = space.plan_from_params({**space.proxy_params(1.0), "scores": "first", "power": 0.0})
+    assert set(plan.tuned()) == {names[0], "classifier"}
+    with pytest.raises(ValueError, match="must score some site above 0"):
+        AllocatorSpace(graph, {n: 1.0 for n in names}, "5%", priors={"none": {}})
+
+
+def test_the_learning_rate_is_a_log_knob_that_changes_the_recipe_not_the_sites(space):
+    d = space.distributions()["lr"]
+    assert (d.low, d.high, d.log) == (2e-4, 5e-3, True)
+    knobs = space.proxy_params(1.0)
+    base = Recipe(lr=1e-3, steps=40, batch_size=16)
+    assert space.recipe({**knobs, "lr": 3e-3}, base) == Recipe(lr=3e-3, steps=40, batch_size=16)
+    assert space.plan_from_params({**knobs, "lr": 3e-3}).sites == space.plan_from_params(knobs).sites
+    with pytest.raises(ValueError, match="low < high"):
+        default_space(bert_classifier(), "5%", tiny_task(), lr=(1e-2, 1e-3))
+
+
+def test_each_trial_trains_at_its_own_rate_and_the_plan_records_it():
+    seen = []
+
+    def recording(base, plan, task, fidelity, *, recipe, seed):
+        seen.append((plan.provenance["knobs"]["lr"], recipe.lr))
+        return stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+
+    storage = optuna.storages.InMemoryStorage()
+    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=8, storage=storage, study_name="s",
+                      fidelities=[Fidelity()], evaluator=recording, progress=False, recipe=Recipe(lr=1e-3, steps=6))  # fmt: skip
+    assert all(knob == used for knob, used in seen) and len({lr for lr, _ in seen}) > 1
+    assert all(1e-3 / 5 <= lr <= 1e-3 * 5 for lr, _ in seen)  # "auto": a fifth to five times the recipe's rate
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    best = next(t for t in trials if t.number == plan.provenance["trial"])
+    assert plan.recipe == Recipe(lr=best.params["lr"], steps=6)
+
+
+def test_the_same_sites_at_another_rate_are_trained_not_reused():
+    model, task = bert_classifier(), tiny_task()
+    space = default_space(model, "5%", task, lr=(1e-4, 1e-2))
+    knobs = space.proxy_params(1.0)
+    storage, calls = optuna.storages.InMemoryStorage(), []
+    study = optuna.create_study(storage=storage, study_name="s", directions=space.directions)
+    same_sites = {**knobs, "none_share": 0.5 / len(space.sites)}  # cuts floor(0.5) = 0 sites
+    for params in ({**knobs, "lr": 1e-3}, {**same_sites, "lr": 2e-3}, {**same_sites, "lr": 1e-3}):  # the third: reused
+        study.enqueue_trial(params)
+    run_search(model, "5%", task, strategy="random", trials=3, space=space, storage=storage, study_name="s",
+               fidelities=[Fidelity()], progress=False,
+               evaluator=lambda *a, **k: calls.append(k["recipe"].lr) or stand_in(*a, **k))  # fmt: skip
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert calls == [1e-3, 2e-3] and trials[2].user_attrs["reused"] == 0
+
+
+def test_baselines_reach_the_top_rung_however_they_screen():
+    def baselines_screen_badly(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        if fidelity.share is not None and plan.provenance["knobs"]["budget"] == 1.0:  # every baseline: the whole budget
+            return Evaluation(-1.0, result.params, 0.0)
+        return result
+
+    storage = optuna.storages.InMemoryStorage()
+    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=10, storage=storage, study_name="s",
+                      evaluator=baselines_screen_badly, progress=False, recipe=Recipe(lr=1e-3, steps=20))  # fmt: skip
+    trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    screened = [t for t in trials if t.user_attrs["rung"] == 0]
+    top = [t for t in trials if t.user_attrs["rung"] == 1]
+    assert len(screened) == 10 and {t.user_attrs["fidelity"] for t in screened} == {"10% of the recipe"}
+    assert sorted(t.user_attrs["baseline"] for t in top if "baseline" in t.user_attrs) == sorted(
+        ["query-value", "uniform", "proxy", "activation"])  # fmt: skip
+    others = [t for t in top if "baseline" not in t.user_attrs]
+    assert len(others) == (10 - 4) // 3  # and 1/eta of the rest, the best of them
+    assert {t.user_attrs["fidelity"] for t in top} == {"the full recipe"}
+    assert plan.provenance["rung"] == 1  # chosen on full-length results
+
+
+def test_the_default_schedule_screens_at_a_tenth_then_trains_in_full():
+    screen, full = default_rungs()
+    recipe = Recipe(lr=1e-3, epochs=2)
+    assert screen.recipe(recipe, batches_per_epoch=50).steps == 10 and full.recipe(recipe, 50) == recipe
+    assert str(screen) == "10% of the recipe"
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="share"):
+            Fidelity(share=bad)
+    with pytest.raises(ValueError, match="not both"):
+        Fidelity(steps=3, share=0.5)
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        screen.recipe(recipe)
+
+
+def test_activation_scores_equal_the_explained_variance_of_the_inputs_by_hand():
+    torch.manual_seed(0)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 2)
+
+        def forward(self, x, attention_mask=None):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Toy()
+    mix = torch.randn(6, 6) * torch.tensor([3.0, 2.0, 1.0, 0.1, 0.1, 0.1])  # inputs near a 3-dim subspace
+    batches = [{"x": torch.randn(2, 4, 6) @ mix, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])} for _ in range(3)]
+    task = Task(batches, [], lambda m, b: m(b["x"]).sum(), None, name="toy")
+    scores = activation_scores(model, pp.lower(model, example_inputs=(batches[0]["x"],)), task, ["a", "b"], batches=2, rank=2)
+
+    def by_hand(inputs):  # stacked real (unpadded) tokens, uncentred SVD
+        s = torch.linalg.svdvals(torch.cat(inputs).double())
+        return float((s[:2] ** 2).sum() / (s**2).sum())
+
+    xs = [b["x"][b["attention_mask"].bool()] for b in batches[:2]]
+    hidden = [torch.tanh(model.a(x)).detach() for x in xs]
+    assert scores == pytest.approx({"a": by_hand(xs), "b": by_hand(hidden)}, rel=1e-6)  # float32 forwards
+    assert scores["a"] > 0.9  # most of the variance lies in two directions
+
+
+def test_train_calls_on_step_after_every_optimizer_step():
+    model = pp.apply(bert_classifier(), pp.search(bert_classifier(), "5%"))
+    steps = []
+    train(model, tiny_task(), Recipe(lr=1e-3, steps=5), on_step=steps.append)
+    assert steps == [0, 1, 2, 3, 4]

@@ -31,6 +31,9 @@ from ...plan import Plan, write_atomic
 from .plot import plot_html, plot_png
 
 SENSES = ("max", "min")
+AXIS_LABELS = {"metric": "validation metric (higher is better)", "params": "trainable parameters",
+               "memory": "training memory (bytes)", "latency": "forward-time overhead after merging",
+               "adapter_bytes": "adapter file size (bytes)"}  # fmt: skip
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ParetoFront:
 
     points: list[FrontPoint]
     senses: dict[str, str]
+    evaluated: list[FrontPoint] = field(default_factory=list, repr=False, compare=False)  # every trial, for plots
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.senses.items() if v not in SENSES}
@@ -159,17 +163,23 @@ class ParetoFront:
             w.writerow([*(p.values[k] for k in self.senses), *(p.info.get(k, "") for k in info_keys), p.plan.summary() if p.plan else ""])
         return write_atomic(path, buf.getvalue())
 
-    def plot(self, path: str | os.PathLike, *, x: str | None = None, y: str | None = None, title: str = "Pareto front") -> Path:
-        """Scatter of two objectives with the front's staircase: ``.png`` (matplotlib) or
-        ``.html`` (plotly, interactive: hover shows each plan). Defaults: x = the first "min"
-        objective, y = the first "max" one."""
+    def plot(self, path: str | os.PathLike, *, x: str | None = None, y: str | None = None, title: str = "Pareto front",
+             labels: dict[str, str] | None = None, markers: dict[str, dict[str, float]] | None = None) -> Path:  # fmt: skip
+        """The front's staircase over every evaluated trial (`evaluated`: dominated ones faint,
+        those screened at a shorter fidelity fainter, baselines named), plus ``markers``
+        (``{label: values}``, e.g. a hand-tuned baseline) as labelled points: ``.png``
+        (matplotlib) or ``.html`` (plotly, interactive: hover shows each plan). Defaults: x =
+        the first "min" objective (log scale when it spans more than 20x), y = the first "max"
+        one; ``labels`` names the axes (e.g. ``{"metric": "validation accuracy"}``)."""
         path = Path(path)
         x = x or _sort_key(self.senses)
         y = y or next((k for k in self.senses if k != x), x)
+        names = {**AXIS_LABELS, **(labels or {})}
+        axes = {k: names.get(k, f"{k} ({self.senses[k]})") for k in (x, y)}
         if path.suffix == ".png":
-            return plot_png(self, path, x, y, title)
+            return plot_png(self, path, x, y, title, axes, markers or {})
         if path.suffix == ".html":
-            return plot_html(self, path, x, y, title)
+            return plot_html(self, path, x, y, title, axes, markers or {})
         raise ValueError(f"plot() writes .png or .html, got {path.name!r}")
 
 

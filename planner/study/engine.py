@@ -317,16 +317,21 @@ def _skip(study: optuna.Study, trial: optuna.Trial, key: str, reason: str, outco
 
 
 def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tuple[str, ...]) -> ParetoFront:
-    """The front of the highest rung that has completed trials, with each point's plan."""
+    """The front of the highest rung that has completed trials, with each point's plan; every
+    completed trial of every rung (plans left out) is in ``front.evaluated``, for plots."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     top = max((rung_of(t) for t in done), default=0)
-    points = []
+    points, evaluated = [], []
     for t in done:
+        info = {"trial": t.number, "rung": rung_of(t), "candidate": candidate_of(t), "fidelity": t.user_attrs.get("fidelity", ""),
+                **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {})}  # fmt: skip
+        evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
         if rung_of(t) == top:
             plan = Plan.from_dict(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
-            info = {"trial": t.number, "rung": top, "candidate": candidate_of(t), "fidelity": t.user_attrs.get("fidelity", "")}
-            points.append(FrontPoint(dict(zip(objectives, t.values)), plan, info))
-    return ParetoFront.from_points(points, {k: senses[k] for k in objectives})
+            points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
+    front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})
+    front.evaluated = evaluated
+    return front
 
 
 class _Display(ProgressLine):

@@ -75,3 +75,28 @@ def test_exports(tmp_path):
     assert "plotly" in html and "lora: 1 site" in html
     with pytest.raises(ValueError, match=".png or .html"):
         f.plot(tmp_path / "f.svg")
+
+
+def test_plots_show_every_trial_the_baselines_and_given_markers(tmp_path):
+    from peftplan.planner.front import FrontPoint
+    from peftplan.planner.front.plot import html_figure, layers
+
+    trials = [FrontPoint({"metric": 0.6, "params": 300}, None, {"trial": 0, "rung": 0}),  # screened only
+              FrontPoint({"metric": 0.7, "params": 500}, None, {"trial": 1, "rung": 1}),
+              FrontPoint({"metric": 0.79, "params": 80_000}, None, {"trial": 2, "rung": 1, "baseline": "query-value"}),
+              FrontPoint({"metric": 0.85, "params": 40_000}, None, {"trial": 3, "rung": 1})]  # fmt: skip
+    f = ParetoFront.from_points([FrontPoint(dict(p.values), None, dict(p.info)) for p in trials if p.info["rung"] == 1], SENSES)
+    f.evaluated = trials
+    parts = layers(f, "params", "metric")
+    assert [p.info["trial"] for p in parts["screened"]] == [0] and [p.info["trial"] for p in parts["dominated"]] == [2]
+    assert [p.info["trial"] for p in parts["front"]] == [1, 3] and [p.info["baseline"] for p in parts["baselines"]] == ["query-value"]
+    markers = {"peft LoRA r8 q,v": {"metric": 0.83, "params": 74_498}}
+    html = f.plot(tmp_path / "f.html", labels={"metric": "validation accuracy"}, markers=markers).read_text()
+    assert "validation accuracy" in html and "peft LoRA r8 q,v" in html
+    fig = html_figure(f, "params", "metric", "t", {"params": "trainable parameters", "metric": "validation accuracy"}, markers)
+    assert [t.name for t in fig.data] == ["screened at a shorter fidelity", "evaluated, dominated", "front", "Pareto front",
+                                          "peft LoRA r8 q,v"]  # fmt: skip
+    assert list(fig.data[4].x) == [74_498] and list(fig.data[1].x) == [80_000] and list(fig.data[0].x) == [300]
+    assert list(fig.data[1].text) == ["query-value"]  # a baseline is named even where it is dominated
+    assert fig.layout.xaxis.type == "log"  # params span 267x
+    assert f.plot(tmp_path / "f.png", markers=markers).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,8 +25,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     spec.loader.exec_module(demo)
     threads = torch.get_num_threads()
     try:
-        rc = demo.main(["--steps", "2", "--max-dev", "32", "--trials", "3", "--search-steps", "2", "--search-train", "32",
-                        "--search-validation", "16", "--out", str(tmp_path)])  # fmt: skip
+        rc = demo.main(["--steps", "4", "--max-dev", "32", "--trials", "5", "--max-train", "64", "--validation", "16",
+                        "--out", str(tmp_path)])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -36,3 +36,4 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     plan = pp.Plan.load(tmp_path / "plan.json")
     assert plan.objectives["params"] <= plan.budget["params"]
     assert plan.provenance["strategy"] in out and "peft LoRA r=8 on query,value" in out
+    assert plan.provenance["rung"] == 1 and plan.recipe.steps == 4  # chosen at the full recipe, which it carries

@@ -1,0 +1,140 @@
+"""What the training benchmarks (fidelity.py, quality.py) share: the real tasks, a store that
+keeps every finished training as JSON the moment it ends (so a rerun skips it and a study
+spans sittings), rank correlations, and a writer for their section of RESULTS.md."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = ROOT.parent / "shared" / "data" / "text"
+METRICS = {"sst2": "accuracy", "mr": "accuracy", "subj": "accuracy", "cola": "mcc"}
+METRIC_NAMES = {"accuracy": "accuracy", "mcc": "Matthews correlation"}
+BATCH, MAX_LENGTH = 32, 64  # the final recipe's batch and the tokeniser's cut, for every contender
+VALIDATION = 0.2  # the share of train.tsv held out (stratified) that searches and lr choices score on
+
+
+def load_task(name: str, *, seed: int = 0, validation: float | int = VALIDATION, max_train: int | None = None,
+              max_dev: int | None = None):
+    """MiniLM-L6 with a fresh 2-way head (initialised from ``seed``), and the task ``name`` of
+    ../shared/data/text: its train.tsv split into training and validation batches, dev.tsv as
+    the evaluation batches (what results are reported on; never seen by a search)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from peftplan.models import load_minilm, minilm_dir
+    from peftplan.planner.training.task import Task
+
+    folder = DATA / name
+    if not (folder / "train.tsv").exists():
+        raise SystemExit(f"no {folder / 'train.tsv'}: the benchmark needs ../shared/data/text/{name}")
+    torch.manual_seed(seed)
+    model = load_minilm(num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    task = Task.for_sequence_classification(model, tokenizer, folder / "train.tsv", folder / "dev.tsv", batch_size=BATCH,
+                                            max_length=MAX_LENGTH, metric=METRICS[name], seed=0, validation=validation,
+                                            max_train=max_train, max_dev=max_dev)  # fmt: skip
+    task.name = name
+    return model, task
+
+
+def examples(batches: list) -> int:
+    return sum(len(b["labels"]) for b in batches)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunStore:
+    """One JSON file per finished training under ``root``: `get` returns the record stored for
+    ``key`` if its ``spec`` (what was trained: plan, recipe, seed…) is the same, else None;
+    `put` writes it atomically. A changed spec under an old key is trained again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.@=-]+", "_", key)
+        return self.root / f"{safe}.json"
+
+    def get(self, key: str, spec: dict) -> dict | None:
+        p = self.path(key)
+        if not p.exists():
+            return None
+        record = json.loads(p.read_text())
+        return record if record.get("spec_digest") == digest(spec) else None
+
+    def put(self, key: str, spec: dict, result: dict) -> dict:
+        record = {"key": key, "spec": spec, "spec_digest": digest(spec), **result}
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        return record
+
+    def all(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.root.rglob("*.json"))] if self.root.exists() else []
+
+
+def rank_correlations(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Spearman's rho and Kendall's tau (tau-b) of two equally long lists (nan below 3 points)."""
+    from scipy import stats
+
+    if len(xs) < 3:
+        return float("nan"), float("nan")
+    return float(stats.spearmanr(xs, ys).statistic), float(stats.kendalltau(xs, ys).statistic)
+
+
+def write_section(results: Path, name: str, text: str) -> None:
+    """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` of
+    ``results`` (appended when absent) by ``text``, stamped with today's date."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n\nGenerated {date.today().isoformat()} by the command above.\n{end}"
+    old = results.read_text() if results.exists() else "# Benchmark results\n"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=results.parent, prefix=results.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, results)
+
+
+def score(model, task, batches: list) -> tuple[float, float]:
+    """(metric, mean cross-entropy) of a sequence classifier over ``batches`` in one forward pass
+    each, in eval mode without gradients; the metric is the task's (accuracy or Matthews)."""
+    import torch
+    import torch.nn.functional as F
+
+    from peftplan.planner.training.task import matthews
+
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits.append(model(**inputs).logits.float())
+            labels.append(batch["labels"])
+    model.train()
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    pred = logits.argmax(-1)
+    metric = matthews(pred, labels) if METRICS[task.name] == "mcc" else (pred == labels).double().mean().item()
+    return float(metric), float(F.cross_entropy(logits, labels))

@@ -1,0 +1,402 @@
+"""Quality benchmark: does the searched plan beat what users do by hand, on data it never saw?
+
+MiniLM-L6 (the bundled model) with a fresh 2-way head on real tasks of ../shared/data/text.
+Every contender trains by one final recipe — AdamW, 6% warm-up then linear decay, batch 32,
+max length 64, `steps` steps — on train.tsv less a stratified validation split; learning
+rates and plans are chosen on that validation split only, and results are reported on
+dev.tsv, which nothing chose anything on. At the same trainable parameters (±2%, head
+included) as peft's LoRA r=8 on query/value (74,498):
+
+* peft LoRA r=8 on query/value, r=4 on the four attention projections, and every linear
+  layer at the largest rank that fits (``rank_pattern``: r=2, the MLP partly at r=1), each
+  at the learning rate of the grid that scores best on validation (the grid is extended by a
+  factor 2.5 while the best lies at its edge);
+* peft AdaLoRA (q,v, initial rank 12, target rank 8: the same final rank budget) and peft
+  EVA (r=8 on q,v, ``init_lora_weights="eva"``, rho 2), both at LoRA q,v's chosen rate;
+* full fine-tuning (lr 5e-5) as the ceiling;
+* peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
+* peftplan's default search (``pp.search(model, budget, task, recipe=…)`` with every default:
+  its strategy, trials, seeds, learning-rate knob and fidelity schedule), its returned plan
+  trained at the plan's own recipe.
+
+Final runs on every seed of the scale (the seed sets the head's initialisation, the adapters'
+and the data order); lr choices and the search use seed 0. Each finished training is stored
+as JSON under benchmarks/runs/quality/ the moment it ends and a rerun skips it, so the study
+spans sittings. Costs are counted in optimizer steps (a search's every trial included) and
+given as multiples of one final run.
+
+    python benchmarks/quality.py --quick        # sst2 + subj, 1 seed, 64 steps on subsets (indicative only)
+    python benchmarks/quality.py                # sst2 + subj + cola, 2 seeds, 200 steps
+    python benchmarks/quality.py --quick --results benchmarks/RESULTS.md   # a rerun trains only what is not stored
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+from common import METRIC_NAMES, METRICS, ROOT, RunStore, examples, load_task, score, write_section
+
+BUDGET = 74_498  # peft LoRA r=8 on query/value of MiniLM-L6 plus the 2-way head
+QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
+SCALES = {
+    "full": {"tasks": ("sst2", "subj", "cola"), "seeds": (0, 1), "steps": 200, "validation": 1000, "max_train": None,
+             "max_dev": None, "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)},
+    "quick": {"tasks": ("sst2", "subj"), "seeds": (0,), "steps": 64, "validation": 256, "max_train": 2048,
+              "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3)},
+}  # fmt: skip
+FULL_LR, PROXY_LR, SEARCH_LR = 5e-5, 1e-3, 1e-3
+STORE = ROOT / "benchmarks" / "runs" / "quality"
+
+
+def recipe(steps: int, lr: float):
+    from peftplan.recipe import Recipe
+
+    return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32)
+
+
+def peft_lora(base, targets: list[str] | None = None, r: int = 8, **extra):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type=TaskType.SEQ_CLS, **extra)
+    return get_peft_model(copy.deepcopy(base), config, low_cpu_mem_usage=extra.get("init_lora_weights") == "eva")
+
+
+def all_linear_pattern(base) -> dict[str, int]:
+    """Ranks of every linear layer at the largest rank that fits the budget (`rank_pattern`):
+    the largest uniform rank r, then r + 1 on as many of the cheapest layers as still fit."""
+    from peftplan import lower
+    from peftplan.planner.proxy.allocate import allocate
+
+    graph = lower(base)
+    linear = [s for s in graph if s.op == "linear" and s.role.split(".")[0] in ("attn", "mlp")]
+    head = sum(s.params for s in graph if s.name.startswith("classifier"))
+    per_rank = sum(s.in_features + s.out_features for s in linear)
+    r = max(1, (BUDGET - head) // per_rank)
+    return allocate(graph, {s.name: 1.0 for s in linear}, BUDGET - head, method="lora", roles=("attn", "mlp"), max_rank=r + 1)
+
+
+def build(kind: str, base, task, lr: float, steps: int):
+    """(model ready to train, its training loss, on_step hook or None) for contender ``kind``."""
+    import torch
+
+    from peftplan.planner.training.task import classification_loss
+
+    hook = None
+    loss = classification_loss
+    if kind == "lora-qv":
+        model = peft_lora(base, QV)
+    elif kind == "lora-qkvo":
+        model = peft_lora(base, QKVO, r=4)
+    elif kind == "lora-all":
+        ranks = all_linear_pattern(base)
+        top = max(ranks.values())
+        model = peft_lora(base, sorted(ranks), r=top, rank_pattern=ranks, alpha_pattern={n: 2 * r for n, r in ranks.items()})
+    elif kind == "adalora":
+        from peft import AdaLoraConfig, TaskType, get_peft_model
+
+        config = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=QV, task_type=TaskType.SEQ_CLS,
+                               total_step=steps, tinit=steps // 10, tfinal=steps * 3 // 10, deltaT=max(1, steps // 40))  # fmt: skip
+        model = get_peft_model(copy.deepcopy(base), config)
+        hook = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
+        loss = lambda m, b: m(**b).loss  # noqa: E731 — the model's loss carries AdaLoRA's orthogonality term
+    elif kind == "eva":
+        from peft import EvaConfig, initialize_lora_eva_weights
+
+        model = peft_lora(base, QV, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0))
+        calibration = [{k: v for k, v in b.items() if k != "labels"} for b in task.train_batches[:16]]
+        with torch.no_grad():
+            initialize_lora_eva_weights(model, dataloader=calibration, show_progress_bar=False)
+    elif kind == "full":
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown contender kind {kind!r}")
+    return model, loss, hook
+
+
+def train_and_score(model, task, rec, seed: int, loss=None, hook=None) -> dict:
+    from dataclasses import replace
+
+    from peftplan.planner.training.train import train
+
+    sub = task if loss is None else replace(task, loss=loss)
+    run = train(model, sub, rec, seed=seed, on_step=hook)
+    val_metric, val_loss = score(model, task, task.validation_batches)
+    dev_metric, _ = score(model, task, task.eval_batches)
+    return {"params": trainable_after(model), "val_metric": val_metric,
+            "val_loss": val_loss, "dev_metric": dev_metric, "seconds": round(run.seconds, 1), "steps": run.steps}  # fmt: skip
+
+
+def trainable_after(model) -> int:
+    """Trainable params at the end of training; for AdaLoRA the ranks left after pruning (an
+    entry of E set to 0 is a pruned rank), counted like LoRA's: rank x (in + out) per layer."""
+    pruned = 0
+    for module in model.modules():
+        e = getattr(module, "lora_E", None)
+        if isinstance(e, dict) or hasattr(e, "keys"):
+            for name in e.keys():
+                a, b = module.lora_A[name], module.lora_B[name]
+                zero = int((e[name].detach() == 0).sum())
+                pruned += zero * (a.shape[1] + b.shape[0] + 1)  # a row of A, a column of B, an entry of E
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) - pruned
+
+
+class Study:
+    """One scale's runs, stored as they finish."""
+
+    def __init__(self, scale: str, store: RunStore) -> None:
+        self.scale, self.cfg, self.store = scale, SCALES[scale], store
+        self.tasks: dict = {}
+
+    def task(self, name: str, seed: int):
+        if (name, seed) not in self.tasks:
+            self.tasks[(name, seed)] = load_task(name, seed=seed, validation=self.cfg["validation"],
+                                                 max_train=self.cfg["max_train"], max_dev=self.cfg["max_dev"])  # fmt: skip
+        return self.tasks[(name, seed)]
+
+    def run(self, name: str, contender: str, spec: dict, make) -> dict:
+        key = f"{self.scale}/{name}/{contender}"
+        spec = {"scale": self.scale, "task": name, **spec}
+        record = self.store.get(key, spec)
+        if record is None:
+            start = time.perf_counter()
+            result = make()
+            record = self.store.put(key, spec, {"task": name, "contender": contender, **result,
+                                                "wall": round(time.perf_counter() - start, 1)})  # fmt: skip
+            print(f"  {key}: val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}, {record['params']:,} params, "
+                  f"{record['wall']:.0f} s", flush=True)  # fmt: skip
+        return record
+
+    def baseline(self, name: str, kind: str, lr: float, seed: int) -> dict:
+        steps = self.cfg["steps"]
+
+        def make():
+            base, task = self.task(name, seed)
+            model, loss, hook = build(kind, base, task, lr, steps)
+            return train_and_score(model, task, recipe(steps, lr), seed, loss, hook)
+
+        return self.run(name, f"{kind}@lr={lr:g},seed={seed}", {"kind": kind, "lr": lr, "seed": seed, "steps": steps}, make)
+
+    def tuned(self, name: str, kind: str) -> tuple[float, list[dict]]:
+        """The grid's best lr on validation (seed 0), extended while the best is at an edge."""
+        grid = list(self.cfg["grid"])
+        runs = {lr: self.baseline(name, kind, lr, 0) for lr in grid}
+        while True:
+            best = max(runs, key=lambda lr: (runs[lr]["val_metric"], -runs[lr]["val_loss"]))
+            if len(runs) >= len(grid) + 2 or min(runs) < best < max(runs):  # at most two extensions
+                return best, [runs[lr] for lr in sorted(runs)]
+            lr = float(f"{best / 2.5 if best == min(runs) else best * 2.5:.3g}")
+            runs[lr] = self.baseline(name, kind, lr, 0)
+
+    def plan_run(self, name: str, contender: str, plan, seed: int, extra: dict | None = None) -> dict:
+        from peftplan.backends import apply
+
+        steps = self.cfg["steps"]
+        rec = recipe(steps, plan.recipe.lr if plan.recipe else PROXY_LR)
+
+        def make():
+            base, task = self.task(name, seed)
+            return train_and_score(apply(copy.deepcopy(base), plan), task, rec, seed)
+
+        spec = {"sites": plan.sites, "recipe": rec.to_dict(), "seed": seed}
+        record = self.run(name, f"{contender},seed={seed}", spec, make)
+        return {**record, **(extra or {})}
+
+    def proxy(self, name: str) -> object:
+        import peftplan as pp
+
+        base, task = self.task(name, 0)
+        plan = pp.search(base, BUDGET, task, strategy="proxy")
+        plan.recipe = recipe(self.cfg["steps"], PROXY_LR)
+        return plan
+
+    def search(self, name: str) -> tuple[object, dict]:
+        """peftplan's default search on seed 0's task; its plan and what it cost, stored."""
+        import optuna
+
+        import peftplan as pp
+
+        key = f"{self.scale}/{name}/search"
+        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__}
+        record = self.store.get(key, spec)
+        if record is None:
+            base, task = self.task(name, 0)
+            storage = optuna.storages.InMemoryStorage()
+            start = time.perf_counter()
+            plan = pp.search(base, BUDGET, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
+                             study_name="quality", progress=False, threads=2)  # fmt: skip
+            wall = time.perf_counter() - start
+            trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
+            done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            points = [{"trial": t.number, "rung": t.user_attrs.get("rung", 0), "metric": t.values[0], "params": t.values[1],
+                       "baseline": t.user_attrs.get("baseline"), "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
+                       "reused": "reused" in t.user_attrs} for t in done]  # fmt: skip
+            steps = sum(_trial_steps(t, self.cfg["steps"]) for t in done if "reused" not in t.user_attrs)
+            record = self.store.put(key, spec, {"plan": plan.to_dict(), "wall": round(wall, 1), "trials": points,
+                                                "evaluations": sum(not p["reused"] for p in points), "steps": steps})  # fmt: skip
+            print(f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}", flush=True)
+        return pp.Plan.from_dict(record["plan"]), record
+
+
+def _trial_steps(t, final: int) -> int:
+    fidelity = t.user_attrs.get("fidelity", "")
+    if fidelity.endswith("of the recipe"):
+        return max(1, round(float(fidelity.split("%")[0]) / 100 * final))
+    if fidelity.endswith(" steps"):
+        return int(fidelity.split()[0])
+    return final
+
+
+def run_task(study: Study, name: str) -> dict:
+    """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``."""
+    seeds, steps = study.cfg["seeds"], study.cfg["steps"]
+    rows: dict[str, dict] = {}
+    print(f"{name}:", flush=True)
+    for kind, label in (("lora-qv", "peft LoRA r8 q,v"), ("lora-qkvo", "peft LoRA r4 q,k,v,o"),
+                        ("lora-all", "peft LoRA all linear (rank_pattern)")):  # fmt: skip
+        lr, grid = study.tuned(name, kind)
+        runs = [study.baseline(name, kind, lr, s) for s in seeds]
+        rows[label] = {"runs": runs, "lr": lr, "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": kind}
+    qv_lr = rows["peft LoRA r8 q,v"]["lr"]
+    for kind, label in (("adalora", "peft AdaLoRA (q,v, r 12→8)"), ("eva", "peft EVA (r8 q,v)")):
+        rows[label] = {"runs": [study.baseline(name, kind, qv_lr, s) for s in seeds], "lr": qv_lr, "cost": len(seeds), "kind": kind}
+    rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", FULL_LR, s) for s in seeds], "lr": FULL_LR,
+                                "cost": len(seeds), "kind": "full"}  # fmt: skip
+    proxy = study.proxy(name)
+    rows["peftplan proxy plan"] = {"runs": [study.plan_run(name, "proxy", proxy, s) for s in seeds], "lr": PROXY_LR,
+                                   "cost": len(seeds), "kind": "proxy"}  # fmt: skip
+    plan, record = study.search(name)
+    rows["peftplan search"] = {"runs": [study.plan_run(name, "search", plan, s) for s in seeds], "lr": plan.recipe.lr,
+                               "cost": record["steps"] / steps + len(seeds), "kind": "search", "search": record,
+                               "summary": plan.summary()}  # fmt: skip
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table(name: str, rows: dict, study: Study) -> list[str]:
+    metric = METRIC_NAMES[METRICS[name]]
+    seeds = study.cfg["seeds"]
+    base, task = study.task(name, 0)
+    lines = [f"**{name}** — {examples(task.train_batches):,} training, {examples(task.validation_batches):,} validation, "
+             f"{examples(task.eval_batches):,} dev examples; dev {metric} over seed(s) {list(seeds)}:", "",
+             f"| contender | lr | trainable params | dev {metric} | validation (seed 0) | trainings (final-run equivalents) | wall |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for label, row in rows.items():
+        runs = row["runs"]
+        wall = sum(r["wall"] for r in runs) + sum(r["wall"] for r in row.get("grid", [])) + row.get("search", {}).get("wall", 0)
+        lines.append(f"| {label} | {row['lr']:g} | {runs[0]['params']:,} | {mean_std([r['dev_metric'] for r in runs])} | "
+                     f"{runs[0]['val_metric']:.4f} | {row['cost']:.1f} | {wall / 60:.1f} min |")  # fmt: skip
+    s = rows["peftplan search"]
+    lines += ["", f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
+              f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min; returned "
+              f"{s['summary']} at lr {s['lr']:g}."]  # fmt: skip
+    grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
+                      for label, row in rows.items() if "grid" in row)  # fmt: skip
+    lines += ["", f"Learning-rate grids (validation {metric}, seed 0): {grids}.", ""]
+    return lines
+
+
+def verdicts(results: dict) -> list[str]:
+    lora = ("peft LoRA r8 q,v", "peft LoRA r4 q,k,v,o", "peft LoRA all linear (rank_pattern)")
+    lines, gains, vs_ada, vs_eva, costs = [], [], [], [], []
+    for name, rows in results.items():
+        mine = statistics.fmean(r["dev_metric"] for r in rows["peftplan search"]["runs"])
+        best_label = max(lora, key=lambda k: statistics.fmean(r["dev_metric"] for r in rows[k]["runs"]))
+        best = statistics.fmean(r["dev_metric"] for r in rows[best_label]["runs"])
+        gains.append(100 * (mine - best))
+        vs_ada.append(100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft AdaLoRA (q,v, r 12→8)"]["runs"])))
+        vs_eva.append(100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft EVA (r8 q,v)"]["runs"])))
+        costs.append(rows["peftplan search"]["cost"] - len(rows["peftplan search"]["runs"]))
+        lines.append(f"- {name}: search {mine:.4f} vs best tuned LoRA ({best_label}) {best:.4f}: "
+                     f"{100 * (mine - best):+.2f} points — {'PASS' if mine >= best else 'MISS'}")  # fmt: skip
+    avg = statistics.fmean(gains)
+    lines += [f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +1.00) — {'PASS' if avg >= 1.0 else 'MISS'}",
+              f"- average vs AdaLoRA {statistics.fmean(vs_ada):+.2f}, vs EVA {statistics.fmean(vs_eva):+.2f} points (goal ≥ 0) — "
+              f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
+              f"- search cost: {max(costs):.1f} final runs at most (goal ≤ 8) — {'PASS' if max(costs) <= 8 else 'MISS'}"]  # fmt: skip
+    return lines
+
+
+def plot(name: str, rows: dict, path: Path) -> None:
+    """Validation metric against trainable params: the search's trials (screened faint, full
+    recipe solid), its front, and every contender as a labelled marker."""
+    from matplotlib.figure import Figure
+
+    from peftplan.planner.front import ParetoFront
+
+    metric = METRIC_NAMES[METRICS[name]]
+    trials = rows["peftplan search"]["search"]["trials"]
+    top = max(t["rung"] for t in trials)
+    fig = Figure(figsize=(7.5, 4.8), dpi=120)
+    ax = fig.subplots()
+    low = [t for t in trials if t["rung"] < top]
+    full = [t for t in trials if t["rung"] == top]
+    ax.scatter([t["params"] for t in low], [t["metric"] for t in low], s=18, color="grey", alpha=0.35,
+               label="search trials, screened (short runs)")  # fmt: skip
+    ax.scatter([t["params"] for t in full], [t["metric"] for t in full], s=28, color="tab:blue", alpha=0.8,
+               label="search trials at the full recipe")  # fmt: skip
+    front = ParetoFront.from_points([({"metric": t["metric"], "params": t["params"]}, None) for t in full],
+                                    {"metric": "max", "params": "min"})  # fmt: skip
+    pts = sorted((p.values["params"], p.values["metric"]) for p in front)
+    ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:blue", lw=1.2, label="search front")
+    markers = iter("s^vDPX*ho")
+    for label, row in rows.items():
+        if label == "peftplan search":
+            continue
+        r = row["runs"][0]
+        ax.scatter([r["params"]], [r["val_metric"]], marker=next(markers), s=60, zorder=4, label=f"{label} (lr {row['lr']:g})")
+    s = rows["peftplan search"]["runs"][0]
+    ax.scatter([s["params"]], [s["val_metric"]], marker="*", s=220, color="tab:red", zorder=5, label="peftplan search: returned plan")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale, head included)")
+    ax.set_ylabel(f"validation {metric} (held out of train.tsv)")
+    ax.set_title(f"MiniLM-L6 + {name}: search trials and baselines")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 tasks, 1 seed, 64 steps on subsets, a higher lr grid (about 45 min)")
+    ap.add_argument("--tasks", nargs="+", choices=sorted(METRICS), help="override the scale's tasks")
+    ap.add_argument("--store", type=Path, default=STORE)
+    ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
+    ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    scale = "quick" if args.quick else "full"
+    study = Study(scale, RunStore(args.store))
+    tasks = args.tasks or study.cfg["tasks"]
+    started = time.perf_counter()
+    results = {name: run_task(study, name) for name in tasks}
+    lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
+             f"lr grid {list(study.cfg['grid'])}, seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip
+    for name, rows in results.items():
+        lines += table(name, rows, study)
+        png = args.plots / f"quality-{scale}-{name}.png"
+        plot(name, rows, png)
+        lines += [f"![{name}]({png.name})", ""]
+    lines += ["Goals:", "", *verdicts(results)]
+    text = "\n".join(lines)
+    print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
+    if args.results:
+        command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + " --results benchmarks/RESULTS.md"
+        write_section(args.results, f"quality-{scale}", f"## Quality ({scale}) — `{command}`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()

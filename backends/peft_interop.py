@@ -36,12 +36,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..ir.modules import fingerprint, is_hf_conv1d, module_op, static_site, tunable_modules
 from ..ir.site import Site
 from ..plan import Plan
 from .apply import _listing, adapter_tensors, applied_plan, apply, remove
+from .artifact import read_safetensors
+from .atomic import read_files, replace_dir
 from .base import PlanError, get_method, methods
 
 __all__ = ["PeftExport", "export_peft", "import_peft", "to_peft"]
@@ -101,17 +103,18 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     tensors = adapter_tensors(model)
     result = PeftExport(unsupported=unsupported)
     root = Path(directory)
-    for name, config in dicts.items():
-        out = root if len(dicts) == 1 else root / name
-        weights = {}
-        for site in _config_sites(plan, config):
-            entry = plan.sites[site]
-            for ours, theirs in _key_map(entry["method"], site, sites[site], model).items():
-                weights[PREFIX + theirs] = tensors[ours].detach().reshape(_peft_shape(theirs, sites[site], entry, tensors[ours])).contiguous().cpu()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_unshared(weights), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        result.adapters[name] = out
+    with replace_dir(root, names={CONFIG_FILE, WEIGHTS_FILE, "README.md", *dicts}) as tmp:
+        for name, config in dicts.items():
+            out = Path() if len(dicts) == 1 else Path(name)
+            weights = {}
+            for site in _config_sites(plan, config):
+                entry = plan.sites[site]
+                for ours, theirs in _key_map(entry["method"], site, sites[site], model).items():
+                    weights[PREFIX + theirs] = tensors[ours].detach().reshape(_peft_shape(theirs, sites[site], entry, tensors[ours])).contiguous().cpu()
+            (tmp / out).mkdir(exist_ok=True)
+            (tmp / out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            save_file(_unshared(weights), str(tmp / out / WEIGHTS_FILE), metadata={"format": "pt"})
+            result.adapters[name] = root / out
     return result
 
 
@@ -127,8 +130,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}; is it a peft adapter directory?")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    saved = load_file(str(directory / WEIGHTS_FILE))
+    files = read_files(directory, [CONFIG_FILE, WEIGHTS_FILE])
+    config = _read_config(files[CONFIG_FILE], directory / CONFIG_FILE)
+    saved = read_safetensors(files[WEIGHTS_FILE], directory / WEIGHTS_FILE)
     entries = _entries_from_config(model, config)
     plan = Plan(sites=entries, model={"fingerprint": fingerprint(model), "class": type(model).__name__},
                 provenance={"imported_from": str(directory), "peft_type": config.get("peft_type")})  # fmt: skip
@@ -148,6 +152,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         remove(model)
         raise
     return model
+
+
+def _read_config(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{path} is not valid JSON ({e}); it is damaged: export the adapter again") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"{path} must hold a JSON object (a peft config), got {type(config).__name__}")
+    return config
 
 
 # -- plan → peft config dicts (adapter_config.json) ------------------------------------------

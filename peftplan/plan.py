@@ -115,13 +115,33 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan file written by `save` (`PlanError` naming the file when it is not one)."""
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"{path} is a directory, not a plan file; an artifact written by peftplan.save "
+                            "is read with peftplan.load(model, directory)")  # fmt: skip
         try:
-            d = json.loads(path.read_text())
+            data = path.read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"no plan file at {path}") from None
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data: str | bytes, source: str | os.PathLike = "<plan>") -> Plan:
+        """Parse a plan's JSON text; ``source`` names it in errors.
+
+        >>> Plan.from_json(b"\\x89PNG", "plan.json")
+        Traceback (most recent call last):
+        peftplan.backends.base.PlanError: plan.json is not a plan file: it is not UTF-8 text
+        """
+        try:
+            text = data.decode() if isinstance(data, bytes) else data
+        except UnicodeDecodeError:
+            raise PlanError(f"{source} is not a plan file: it is not UTF-8 text") from None
+        try:
+            d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PlanError(f"{path} is not valid JSON ({e})") from None
+            raise PlanError(f"{source} is not valid JSON ({e})") from None
         return cls.from_dict(d)
 
 

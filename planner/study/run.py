@@ -108,11 +108,16 @@ def run_search(
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
-               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30) -> Plan:
+               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
+               allow: Iterable[str] = ()) -> Plan:  # fmt: skip
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
+    The database does not choose what code runs: a `Source` naming a ``package.module:factory``
+    (model or space) is refused unless that spec is in ``allow`` (`StudyError` saying so).
+
     >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d")  # doctest: +SKIP
+    >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
     """
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
@@ -120,6 +125,7 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     if config.source is None:
         raise StudyError(f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
                          "start it with `peftplan search` (or run_search(source=Source(...)))")  # fmt: skip
+    config.source.check_trusted(allow, name)
     model, task = config.source.load()
     space = config.source.build_space(model, task, config)
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals

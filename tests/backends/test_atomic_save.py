@@ -16,7 +16,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peftplan.backends import PlanError, adapter_tensors, applied_plan, apply, export_peft, import_peft, load, save
+from peftplan.backends import (
+    PlanError,
+    adapter_tensors,
+    applied_plan,
+    apply,
+    export_peft,
+    import_peft,
+    load,
+    save,
+)
 from tests.backends.adapters import plan_for
 
 TRIES = 20

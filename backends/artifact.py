@@ -24,6 +24,7 @@ from ..plan import Plan
 from .apply import _apply, adapter_tensors, applied_plan, remove
 from .atomic import read_files, replace_dir
 from .base import PlanError
+from .wrapper import Wrapper
 
 PLAN_FILE = "plan.json"
 ADAPTERS_FILE = "adapters.safetensors"
@@ -73,6 +74,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) 
     _apply(model, plan, check=check, scores={}, restoring=True)  # saved selections (sparse indices) are copied in below
     try:
         _copy_into(adapter_tensors(model), saved, path)
+        _check_states(model, plan, path)
     except BaseException:
         remove(model)
         raise
@@ -92,9 +94,27 @@ def _copy_into(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], 
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
     wrong = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(p.shape)}" for k, p in params.items() if k in saved and saved[k].shape != p.shape]
-    if missing or unexpected or wrong:
-        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "", f"shape mismatch {wrong[:10]}" if wrong else ""]
+    kinds = [f"{k}: saved {saved[k].dtype}, model {p.dtype}" for k, p in params.items()
+             if k in saved and _kind(saved[k].dtype) != _kind(p.dtype)]  # fmt: skip
+    if missing or unexpected or wrong or kinds:
+        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "",
+                 f"shape mismatch {wrong[:10]}" if wrong else "", f"dtype mismatch {kinds[:10]}" if kinds else ""]  # fmt: skip
         raise PlanError(f"{path} does not match its plan: " + "; ".join(p for p in parts if p))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """Integer, boolean or floating: values of one kind copy into another without meaning."""
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point or dtype.is_complex else "int"
+
+
+def _check_states(model: nn.Module, plan: Plan, path: Path) -> None:
+    for name in plan.tuned():
+        module = model.get_submodule(name)
+        if isinstance(module, Wrapper):
+            try:
+                module.check_state()
+            except PlanError as e:
+                raise PlanError(f"{path}: site {name!r}: {e}; the file is damaged or edited: save the artifact again") from None

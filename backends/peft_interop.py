@@ -171,7 +171,7 @@ def _plan_sites(plan: Plan) -> dict[str, Site]:
     """Sites built from plan entries alone (op, shape, role), for `to_peft` without a model."""
     out = {}
     for name, e in plan.tuned().items():
-        n_in, n_out = e.get("shape", (1, 1))
+        n_in, n_out = e.get("shape", (0, 0))  # unknown: no rank limit to check
         out[name] = Site(name=name, op=e.get("op", "linear"), role=e.get("role", "other"), module_type="",
                          in_features=n_in, out_features=n_out, params=0)  # fmt: skip
     return out
@@ -334,11 +334,11 @@ def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, 
     exclude = config.get("exclude_modules")
     targets = _all_linear(model, modules) if str(config.get("target_modules")).lower() == "all-linear" else config.get("target_modules")
     for name, (_, op) in modules.items():
-        if name in entries or not _matches(targets, name) or _matches(exclude, name):
+        if name in entries or not _matches(targets, name) or _matches(exclude, name, "exclude_modules"):
             continue
         if kind == "IA3":
             ff = config.get("feedforward_modules") or []
-            is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(k) for k in ff)
+            is_ff = _matches(ff, name, "feedforward_modules") if isinstance(ff, str) else any(name.endswith(k) for k in ff)
             entries[name] = {"method": "ia3", "placement": "input" if is_ff else "output"}
         else:
             entries[name] = _lora_entry(config, name, op)
@@ -365,22 +365,43 @@ def _lora_entry(config: dict[str, Any], name: str, op: str) -> dict[str, Any]:
 def _pattern(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
     """peft's rank_pattern/alpha_pattern lookup: the first key matching a suffix of the name."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _fullmatch(rf"(?:.*\.)?(?:{key})", name, what=f"rank/alpha pattern {key!r}"):
             return value
     return default
 
 
-def _matches(targets: Any, name: str) -> bool:
+def _matches(targets: Any, name: str, field: str = "target_modules") -> bool:
     """peft's target rule: a string full-matches as a regex, a list matches whole name suffixes."""
     if not targets:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return _fullmatch(targets, name, what=f"{field} {targets!r}")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise PlanError(f"{field} must be a regex string or a list of module names, got {targets!r}")
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+REGEX_SECONDS = 0.5  # per module name: ample for any sane pattern, short for a pathological one
+
+
+def _fullmatch(pattern: str, name: str, *, what: str) -> bool:
+    """Whether ``pattern`` full-matches ``name``, for patterns from an untrusted config: the
+    ``regex`` engine (which avoids most catastrophic backtracking) with a time limit."""
+    import regex
+
+    try:
+        return regex.fullmatch(pattern, name, timeout=REGEX_SECONDS) is not None
+    except regex.error as e:
+        raise PlanError(f"the peft config's {what} is not a valid regular expression ({e}); fix or remove it") from None
+    except TimeoutError:
+        raise PlanError(f"the peft config's {what} takes over {REGEX_SECONDS}s to match {name!r} (catastrophic "
+                        "backtracking?); use a list of module names or a simpler pattern") from None  # fmt: skip
 
 
 def _matches_save(names: list[str] | None, name: str) -> bool:
     """peft's modules_to_save rule (a name suffix), applied to the module or a container of it."""
+    if names is not None and (not isinstance(names, list) or not all(isinstance(m, str) for m in names)):
+        raise PlanError(f"modules_to_save must be a list of module names, got {names!r}")
     parts = name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(p.endswith(m) for m in names or [] for p in prefixes)

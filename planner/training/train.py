@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ...backends.base import PlanError
 from ...recipe import Recipe
 from .progress import ProgressLine
 from .task import Task
@@ -38,6 +39,10 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter: apply a plan first (peftplan.apply)")
+    merged = [n for n, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise PlanError(f"sites {merged[:5]} are merged, so their adapters get no gradient: call "
+                        "peftplan.unmerge(model) before training (merge only for inference)")  # fmt: skip
     if not task.train_batches:
         raise ValueError(f"task {task.name!r} has no training batches")
     check_batch_size(task, recipe)

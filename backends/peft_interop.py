@@ -145,6 +145,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
         if missing or unexpected:
             raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        wrong = [f"{theirs}: saved {tuple(saved[theirs].shape)}, expected {tuple(tensors[ours].shape)}" for theirs, ours in wanted.items()
+                 if saved[theirs].numel() != tensors[ours].numel()]  # fmt: skip
+        if wrong:
+            raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config (r, rank_pattern) or this model: "
+                            f"shape mismatch {wrong[:5]}")  # fmt: skip
         with torch.no_grad():
             for theirs, ours in wanted.items():
                 tensors[ours].copy_(saved[theirs].reshape(tensors[ours].shape))

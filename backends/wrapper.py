@@ -29,6 +29,10 @@ class Wrapper(nn.Module):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+            raise PlanError(f"{type(base).__name__} has a {weight.dtype} weight; adapters need a floating-point base "
+                            "weight: apply the plan to the model before quantizing it")  # fmt: skip
         self.base = base
         self.merged = False
         for p in base.parameters():

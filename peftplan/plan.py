@@ -162,12 +162,25 @@ def _check_entry(name: str, entry: Any) -> None:
     if "method" not in entry:
         raise PlanError(f"site {name!r}: entry has no 'method' (e.g. {{'method': 'lora', 'rank': 8}})")
     method = get_method(entry["method"])
+    _check_description(name, entry)
     unknown = set(Plan.hyper(entry)) - set(method.hyper)
     if unknown:
         raise PlanError(
             f"site {name!r}: method {method.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
             f"it takes {sorted(method.hyper)}"
         )
+
+
+def _check_description(name: str, entry: dict[str, Any]) -> None:
+    """``role``/``op`` are strings, ``depth`` a number in [0, 1], ``shape`` two positive ints."""
+    shape, depth = entry.get("shape", [1, 1]), entry.get("depth", 0.0)
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise PlanError(f"site {name!r}: 'shape' must be [in_features, out_features] (two positive ints), got {shape!r}")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise PlanError(f"site {name!r}: 'depth' must be a number in [0, 1] (relative depth), got {depth!r}")
+    for key in ("role", "op"):
+        if key in entry and not isinstance(entry[key], str):
+            raise PlanError(f"site {name!r}: {key!r} must be a string like 'attn.q' or 'linear', got {entry[key]!r}")
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:

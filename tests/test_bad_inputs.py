@@ -247,3 +247,182 @@ def test_slow_patterns_are_cut_off(monkeypatch):
     monkeypatch.setattr(peft_interop, "REGEX_SECONDS", 1e-9)
     with pytest.raises(PlanError, match=r"takes over 1e-09s to match 'a.b' \(catastrophic backtracking\?\)"):
         peft_interop._fullmatch(r"(?:a|b|\.)*c", "a.b" * 1, what="target_modules")
+
+
+# -- errors that name the problem and the fix ----------------------------------------------
+
+
+class KeywordsOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.fc(inputs["x"])
+
+
+def _quantized() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear}, dtype=torch.qint8)
+
+
+@pytest.mark.parametrize("model, problem", [
+    (_quantized, "holds quantized modules .*plan and apply on the floating-point model, then quantize"),
+    (lambda: torch.jit.script(nn.Sequential(nn.Linear(4, 4))), "TorchScript module.*lower and apply the eager model"),
+    (lambda: nn.Linear(32, 32), r"the model is a single Linear.*nn.Sequential\(layer\)"),
+])  # fmt: skip
+def test_lowering_what_cannot_be_tuned_says_why(model, problem):
+    from peftplan.ir.lower import LoweringError
+
+    with pytest.raises(LoweringError, match=problem):
+        pp.lower(model())
+
+
+def test_a_keyword_only_model_is_told_how_to_pass_inputs_to_search():
+    from peftplan.ir.capture import CaptureError
+
+    with pytest.raises(CaptureError, match=r"search\(\.\.\., graph=lower\(model, example_inputs=\.\.\.\)\)"):
+        pp.search(KeywordsOnly(), pp.Budget(params="5%"))
+    graph = pp.lower(KeywordsOnly(), {"x": torch.randn(2, 4)})
+    assert [s.name for s in graph.sites] == ["fc"]
+
+
+def test_a_model_that_falls_back_prints_no_traceback(capfd):
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+    with pytest.warns(UserWarning, match="fell back to a module walk"):
+        pp.lower(DataDependent(), torch.randn(2, 4))
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_int8_weight_under_lora_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    before = snapshot(model)
+    with pytest.raises(PlanError, match="torch.int8 weight; adapters need a floating-point base weight"):
+        pp.apply(model, pp.Plan(sites={"0": {"method": "lora", "rank": 2}}))
+    assert not hasattr(model, "peftplan_plan") and all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+def test_training_on_the_meta_device_says_materialise_first():
+    from peftplan.planner.training.train import train
+
+    with torch.device("meta"):
+        model = _mlp()
+    pp.apply(model, plan_for(model, {"0": {"method": "lora", "rank": 2}}))
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        train(model, SimpleNamespace(train_batches=[{}], name="t"))
+
+
+@pytest.mark.parametrize("text", ["infk", "nank", "-5k", "lots"])
+def test_unreadable_budgets(text):
+    from peftplan.planner.budget import BudgetError
+
+    with pytest.raises(BudgetError, match=f"cannot read budget '{text}': use a count"):
+        pp.Budget.parse(text)
+
+
+def test_plan_load_on_binary_files_and_directories(tmp_path):
+    (tmp_path / "plan.json").write_bytes(bytes(range(256)))
+    with pytest.raises(PlanError, match="plan.json is not a plan file: it is not UTF-8 text"):
+        pp.Plan.load(tmp_path / "plan.json")
+    model = _mlp()
+    pp.apply(model, plan_for(model, {"0": {"method": "lora", "rank": 2}}))
+    pp.save(model, tmp_path / "artifact")
+    with pytest.raises(PlanError, match=r"is a directory, not a plan file.*peftplan.load\(model, directory\)"):
+        pp.apply(_mlp(), tmp_path / "artifact")
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("shape", 5, r"'shape' must be \[in_features, out_features\] \(two positive ints\), got 5"),
+    ("depth", "deep", r"'depth' must be a number in \[0, 1\].*got 'deep'"),
+    ("role", 3, "'role' must be a string"),
+])  # fmt: skip
+def test_mistyped_site_descriptions(field, value, problem):
+    with pytest.raises(PlanError, match=problem):
+        pp.Plan(sites={"0": {"method": "lora", "rank": 2, field: value}})
+
+
+@pytest.mark.parametrize("name, content, loader", [
+    ("adapters.safetensors", b"random bytes" * 10, "load"),
+    ("adapter_model.safetensors", b"random bytes" * 10, "import"),
+    ("adapter_config.json", b'{"peft_type": "LO', "import"),
+])  # fmt: skip
+def test_damaged_artifact_files_are_named(tmp_path, name, content, loader):
+    model = _mlp()
+    pp.apply(model, plan_for(model, {"0": {"method": "lora", "rank": 2}}))
+    (pp.save if loader == "load" else export_peft)(model, tmp_path)
+    (tmp_path / name).write_bytes(content)
+    fresh = _mlp()
+    before = snapshot(fresh)
+    with pytest.raises(PlanError, match=f"{name} is not (a readable safetensors file|valid JSON).*again"):
+        (pp.load if loader == "load" else import_peft)(fresh, tmp_path)
+    assert _untouched(fresh, before)
+
+
+def test_a_peft_tensor_of_the_wrong_shape_is_named(peft_dir):
+    path = peft_dir / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    save_file({**tensors, key: torch.zeros(3, 16)}, str(path))
+    model = _mlp()
+    before = snapshot(model)
+    with pytest.raises(PlanError, match=f"shape mismatch.*{key}: saved \\(3, 16\\), expected \\(2, 16\\)"):
+        import_peft(model, peft_dir)
+    assert _untouched(model, before)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("notaurl", "'notaurl' is not a database URL: use sqlite:///study.db"),
+    ("sqlite:///{tmp}/missing/study.db", "folder of the SQLite storage .* does not exist: create"),
+    ("sqlite:///{tmp}/junk.db", "cannot open the study storage .*not a database"),
+])  # fmt: skip
+def test_bad_storages(tmp_path, url, problem):
+    from peftplan.planner.study import StudyError, open_storage
+
+    (tmp_path / "junk.db").write_bytes(b"not sqlite" * 100)
+    start = time.perf_counter()
+    with pytest.raises(StudyError, match=problem):
+        open_storage(url.format(tmp=tmp_path))
+    assert time.perf_counter() - start < 2  # no retries for what cannot succeed
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_front_on_a_missing_database_creates_nothing(tmp_path, capsys):
+    from peftplan.cli import main
+
+    assert main(["front", f"sqlite:///{tmp_path / 'none.db'}", "--csv", str(tmp_path / "f.csv")]) == 2
+    assert "no SQLite database at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["worker", "notaurl"]) == 2
+    assert "not a database URL" in capsys.readouterr().err
+
+
+def test_cli_lower_on_a_directory_without_config(tmp_path, capsys):
+    from peftplan.cli import main
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
+    assert main(["lower", str(tmp_path)]) == 2
+    assert "directory without config.json (it holds ['pytorch_model.bin'])" in capsys.readouterr().err
+
+
+def test_no_trial_fitting_the_limits_names_them():
+    import optuna
+
+    from peftplan.planner.study import StudyError
+    from peftplan.planner.study.config import ATTR, StudyConfig
+    from peftplan.planner.study.run import best_plan
+
+    config = StudyConfig("random", 1, ("metric", "memory"), {"metric": "max", "memory": "min"}, (Fidelity(),),
+                         {"memory": 1000.0}, pp.Budget.coerce("1%").to_dict())  # fmt: skip
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr(ATTR, config.to_dict())
+    with pytest.raises(StudyError, match=r"none failed: plans over the limits \{'memory': 1000.0\} are never trained.*raise the"):
+        best_plan(study)

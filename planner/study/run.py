@@ -37,7 +37,7 @@ from ..training.evaluate import Fidelity, evaluate
 from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
 from .engine import Context, Evaluator, front_of, work
-from .storage import only_study, open_storage, open_study, stored_config
+from .storage import check_url, only_study, open_storage, open_study, stored_config
 
 
 def run_search(
@@ -119,6 +119,8 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d")  # doctest: +SKIP
     >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
     """
+    if isinstance(storage, str):
+        check_url(storage, exists=True)
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
     config = stored_config(store, name)
@@ -139,6 +141,8 @@ def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | No
 
     >>> study_front("sqlite:///peftplan-study.db").to_csv("front.csv")  # doctest: +SKIP
     """
+    if isinstance(storage, str):
+        check_url(storage, exists=True)
     name = study_name or only_study(storage)
     config = stored_config(storage, name)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -153,7 +157,11 @@ def best_plan(study: optuna.Study) -> Plan:
     if not len(front):
         reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
                           if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip
-        raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5] or 'none'}")
+        if not reasons:
+            raise StudyError(f"study {study.study_name!r}: no trial completed and none failed: plans over the limits "
+                             f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
+                             "limits (--memory, --latency, --adapter-bytes) or the budget")  # fmt: skip
+        raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5]}")
     within = {k: v for k, v in config.limits.items() if k in front.senses}
     plan = replace(front.best(within=within).plan)
     plan.front = front

@@ -39,6 +39,9 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter: apply a plan first (peftplan.apply)")
+    if any(p.is_meta for p in params):
+        raise ValueError("the model's weights are on the meta device (no data): materialise them (model.to_empty(device=...) "
+                         "and load a state dict, or peftplan.load an artifact) before training")  # fmt: skip
     merged = [n for n, m in model.named_modules() if getattr(m, "merged", False) is True]
     if merged:
         raise PlanError(f"sites {merged[:5]} are merged, so their adapters get no gradient: call "

@@ -48,5 +48,9 @@ def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
 
 
 def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
-    assert main(["front", f"sqlite:///{tmp_path / 'none.db'}", "--csv", str(tmp_path / "f.csv")]) == 2
+    from peftplan.planner.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    open_storage(url)  # a database without studies (a missing one: tests/test_bad_inputs.py)
+    assert main(["front", url, "--csv", str(tmp_path / "f.csv")]) == 2
     assert "holds 0 studies" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +40,9 @@ UNDO_ATTR = "_peftplan_undo"  # what `remove` needs to restore the model exactly
 
 @dataclass
 class _Undo:
-    swapped: list[str]  # sites whose module was replaced by a wrapper holding it as `.base`
+    swapped: list[str]  # names (sites and their aliases) whose module was replaced by a wrapper holding it as `.base`
     trainable_before: set[str]  # parameter names that required grad before `apply`
+    watch: list = field(default_factory=list)  # hooks checking that the first forward calls every tuned site
 
 
 @dataclass
@@ -123,17 +125,64 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
         p.requires_grad_(False)
     setattr(model, PLAN_ATTR, plan)
     setattr(model, UNDO_ATTR, _Undo([], trainable_before))
+    undo = getattr(model, UNDO_ATTR)
+    names = _names_by_module(model)
     try:
-        for name, module, site, method, hp in todo:
+        for _name, module, site, method, hp in todo:
             wrapped = method.wrap(module, site, **hp)
             if wrapped is not module:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, wrapped)
-                getattr(model, UNDO_ATTR).swapped.append(name)
+                for alias in names[id(module)]:  # `self.b = self.a`: every name calls the adapter
+                    parent, _, child = alias.rpartition(".")
+                    if getattr(model.get_submodule(parent), child) is module:
+                        setattr(model.get_submodule(parent), child, wrapped)
+                        undo.swapped.append(alias)
     except BaseException:
         remove(model)  # a method failing half-way must not leave a half-tuned model
         raise
+    undo.watch = [model.get_submodule(name).register_forward_pre_hook(_mark_called) for name, *_ in todo]
+    undo.watch.append(model.register_forward_hook(_warn_uncalled))
     return model
+
+
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module is reachable by (one module held as two attributes has two)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(module), []).append(name)
+    return out
+
+
+CALLED_ATTR = "_peftplan_called"
+
+
+def _mark_called(module: nn.Module, args: Any) -> None:
+    module.__dict__[CALLED_ATTR] = True
+
+
+def _warn_uncalled(model: nn.Module, args: Any, output: Any) -> None:
+    """After the first forward: warn about tuned sites it never called (T5's ``shared``,
+    reached only through its tied copies), whose adapters change nothing and get no gradient."""
+    undo = getattr(model, UNDO_ATTR, None)
+    if undo is None or not undo.watch:
+        return
+    for handle in undo.watch:
+        handle.remove()
+    undo.watch = []
+    uncalled = [n for n in applied_plan(model).tuned() if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False)]
+    if uncalled:
+        reasons = [f"{n}{_tied_note(model, n)}" for n in uncalled]
+        warnings.warn(_listing(f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
+                               "adapters change nothing and get no gradient", reasons)
+                      + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
+                      stacklevel=2)  # fmt: skip
+
+
+def _tied_note(model: nn.Module, name: str) -> str:
+    module = model.get_submodule(name)
+    weight = getattr(getattr(module, "base", module), "weight", None)
+    tied = [n for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
+            and any(p is weight for p in m.parameters(recurse=False))]  # fmt: skip
+    return f" (its weight is tied to {tied[:5]}, which the forward calls instead)" if tied else ""
 
 
 def applied_plan(model: nn.Module) -> Plan:
@@ -165,6 +214,7 @@ def merge(model: nn.Module) -> MergeReport:
     plan = applied_plan(model)
     todo = []
     owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
+    names = _names_by_module(model)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(mname)
@@ -173,7 +223,8 @@ def merge(model: nn.Module) -> MergeReport:
         module = model.get_submodule(name)
         base = getattr(module, "base", module)
         why = method.can_merge(static_site(name, base, module_op(base)), **plan.hyper(entry))
-        shared = sorted({o for p in base.parameters(recurse=False) for o in owners[id(p)]} - {name, f"{name}.base"})
+        own = set(names[id(base)]) | set(names[id(module)])  # the site under each of its aliases
+        shared = sorted({o for p in base.parameters(recurse=False) for o in owners[id(p)]} - own)
         if why is None and shared and hasattr(module, "merge"):
             why = f"its weight is shared with {shared} (tied); merging would change them too"
         if why is not None:
@@ -217,6 +268,10 @@ def remove(model: nn.Module) -> nn.Module:
     """
     unmerge(model)
     undo: _Undo = getattr(model, UNDO_ATTR)
+    for handle in undo.watch:
+        handle.remove()
+    for name in getattr(model, PLAN_ATTR).tuned():
+        model.get_submodule(name).__dict__.pop(CALLED_ATTR, None)
     for name in undo.swapped:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, model.get_submodule(name).base)

@@ -5,8 +5,9 @@
     PosixPath('out/run1')
     >>> model = load(AutoModel.from_pretrained(name), "out/run1")  # doctest: +SKIP
 
-Both files are written through a temporary file and a rename, so a crash never leaves a
-half-written artifact file behind.
+The artifact is written as a whole (a temporary directory, fsync, one rename; see
+`peftplan.backends.atomic`): a crash or a kill -9 during a re-save leaves the old artifact or
+the new one, never the plan of one save beside the tensors of another.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..plan import Plan
 from .apply import _apply, adapter_tensors, applied_plan, remove
+from .atomic import read_files, replace_dir
 from .base import PlanError
+from .wrapper import Wrapper
 
 PLAN_FILE = "plan.json"
 ADAPTERS_FILE = "adapters.safetensors"
@@ -46,14 +50,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[key] = t.cpu()
-    directory.mkdir(parents=True, exist_ok=True)
-    plan.save(directory / PLAN_FILE)
-    tmp = directory / f".{ADAPTERS_FILE}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "peftplan.adapters", "version": "1"})
-        os.replace(tmp, directory / ADAPTERS_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replace_dir(directory, names={PLAN_FILE, ADAPTERS_FILE}) as tmp:
+        plan.save(tmp / PLAN_FILE)
+        save_file(tensors, str(tmp / ADAPTERS_FILE), metadata={"format": "peftplan.adapters", "version": "1"})
     return directory
 
 
@@ -68,27 +67,54 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) 
     """
 
     directory = Path(directory)
-    plan = Plan.load(directory / PLAN_FILE)
+    files = read_files(directory, [PLAN_FILE, ADAPTERS_FILE])
+    plan = Plan.from_json(files[PLAN_FILE], directory / PLAN_FILE)
     path = directory / ADAPTERS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no {ADAPTERS_FILE} in {directory}; was it written by peftplan.save?")
-    saved = load_file(str(path))
+    saved = read_safetensors(files[ADAPTERS_FILE], path)
     _apply(model, plan, check=check, scores={}, restoring=True)  # saved selections (sparse indices) are copied in below
     try:
         _copy_into(adapter_tensors(model), saved, path)
+        _check_states(model, plan, path)
     except BaseException:
         remove(model)
         raise
     return model
 
 
+def read_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes; `PlanError` naming ``path`` when it is not one."""
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error type (or OSError) on a bad header
+        raise PlanError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); "
+                        "it is damaged or was not written by peftplan: save the artifact again") from None  # fmt: skip
+
+
 def _copy_into(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: Path) -> None:
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
     wrong = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(p.shape)}" for k, p in params.items() if k in saved and saved[k].shape != p.shape]
-    if missing or unexpected or wrong:
-        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "", f"shape mismatch {wrong[:10]}" if wrong else ""]
+    kinds = [f"{k}: saved {saved[k].dtype}, model {p.dtype}" for k, p in params.items()
+             if k in saved and _kind(saved[k].dtype) != _kind(p.dtype)]  # fmt: skip
+    if missing or unexpected or wrong or kinds:
+        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "",
+                 f"shape mismatch {wrong[:10]}" if wrong else "", f"dtype mismatch {kinds[:10]}" if kinds else ""]  # fmt: skip
         raise PlanError(f"{path} does not match its plan: " + "; ".join(p for p in parts if p))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """Integer, boolean or floating: values of one kind copy into another without meaning."""
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point or dtype.is_complex else "int"
+
+
+def _check_states(model: nn.Module, plan: Plan, path: Path) -> None:
+    for name in plan.tuned():
+        module = model.get_submodule(name)
+        if isinstance(module, Wrapper):
+            try:
+                module.check_state()
+            except PlanError as e:
+                raise PlanError(f"{path}: site {name!r}: {e}; the file is damaged or edited: save the artifact again") from None

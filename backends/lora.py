@@ -104,6 +104,19 @@ class LoRA(Method):
     def _check_rank(self, site: Site, rank: Any) -> None:
         if not _is_int(rank) or rank <= 0:
             raise PlanError(f"site {site.name!r}: {self.name} rank must be a positive int, got {rank!r}; use e.g. rank=8 or method 'none'")
+        check_rank_limit(site, self.name, rank)
+
+
+def check_rank_limit(site: Site, method: str, rank: int) -> None:
+    """`PlanError` for a rank above max(in, out) of ``site``, where each factor alone is larger
+    than the weight (a rank of 2**40 read from a file would otherwise reach the allocator).
+    Ranks between min(in, out) and max(in, out) add no expressiveness but are allowed: a
+    uniform plan's rank may exceed a small head's outputs."""
+    limit = max(site.in_features * (math.prod(site.kernel) if site.op == "conv2d" else 1), site.out_features)
+    if limit > 0 and rank > limit:  # a site without shapes (a plan read without its model) has no limit
+        raise PlanError(f"site {site.name!r}: {method} rank {rank} exceeds max(in, out) = {limit} of this {site.op}, "
+                        f"so each factor is larger than the weight itself: use a rank of at most "
+                        f"{min(limit, site.in_features, site.out_features)} (min(in, out)), or 'full'")  # fmt: skip
 
 
 def _is_int(x: Any) -> bool:

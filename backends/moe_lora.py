@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..ir.modules import is_hf_conv1d, module_features
 from ..ir.site import Site
 from .base import Method, PlanError, register
+from .lora import check_rank_limit
 from .lora_layers import LoRALayer
 
 __all__ = ["MoELoRA", "MoELoRALinear"]
@@ -65,6 +66,7 @@ class MoELoRA(Method):
     def check(self, site: Site, hp: dict[str, Any]) -> None:
         for key in ("experts", "rank", "top_k"):
             _check_positive_int(site, key, hp[key])
+        check_rank_limit(site, self.name, hp["rank"])
         alpha = hp["alpha"]
         if not isinstance(alpha, Real) or isinstance(alpha, bool) or not (alpha > 0 and math.isfinite(alpha)):
             raise PlanError(f"site {site.name!r}: moe_lora alpha must be a positive number, got {alpha!r}")

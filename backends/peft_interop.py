@@ -36,12 +36,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..ir.modules import fingerprint, is_hf_conv1d, module_op, static_site, tunable_modules
 from ..ir.site import Site
 from ..plan import Plan
 from .apply import _listing, adapter_tensors, applied_plan, apply, remove
+from .artifact import read_safetensors
+from .atomic import read_files, replace_dir
 from .base import PlanError, get_method, methods
 
 __all__ = ["PeftExport", "export_peft", "import_peft", "to_peft"]
@@ -101,17 +103,18 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     tensors = adapter_tensors(model)
     result = PeftExport(unsupported=unsupported)
     root = Path(directory)
-    for name, config in dicts.items():
-        out = root if len(dicts) == 1 else root / name
-        weights = {}
-        for site in _config_sites(plan, config):
-            entry = plan.sites[site]
-            for ours, theirs in _key_map(entry["method"], site, sites[site], model).items():
-                weights[PREFIX + theirs] = tensors[ours].detach().reshape(_peft_shape(theirs, sites[site], entry, tensors[ours])).contiguous().cpu()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_unshared(weights), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        result.adapters[name] = out
+    with replace_dir(root, names={CONFIG_FILE, WEIGHTS_FILE, "README.md", *dicts}) as tmp:
+        for name, config in dicts.items():
+            out = Path() if len(dicts) == 1 else Path(name)
+            weights = {}
+            for site in _config_sites(plan, config):
+                entry = plan.sites[site]
+                for ours, theirs in _key_map(entry["method"], site, sites[site], model).items():
+                    weights[PREFIX + theirs] = tensors[ours].detach().reshape(_peft_shape(theirs, sites[site], entry, tensors[ours])).contiguous().cpu()
+            (tmp / out).mkdir(exist_ok=True)
+            (tmp / out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            save_file(_unshared(weights), str(tmp / out / WEIGHTS_FILE), metadata={"format": "pt"})
+            result.adapters[name] = root / out
     return result
 
 
@@ -127,8 +130,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}; is it a peft adapter directory?")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    saved = load_file(str(directory / WEIGHTS_FILE))
+    files = read_files(directory, [CONFIG_FILE, WEIGHTS_FILE])
+    config = _read_config(files[CONFIG_FILE], directory / CONFIG_FILE)
+    saved = read_safetensors(files[WEIGHTS_FILE], directory / WEIGHTS_FILE)
     entries = _entries_from_config(model, config)
     plan = Plan(sites=entries, model={"fingerprint": fingerprint(model), "class": type(model).__name__},
                 provenance={"imported_from": str(directory), "peft_type": config.get("peft_type")})  # fmt: skip
@@ -141,6 +145,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
         if missing or unexpected:
             raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        wrong = [f"{theirs}: saved {tuple(saved[theirs].shape)}, expected {tuple(tensors[ours].shape)}" for theirs, ours in wanted.items()
+                 if saved[theirs].numel() != tensors[ours].numel()]  # fmt: skip
+        if wrong:
+            raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config (r, rank_pattern) or this model: "
+                            f"shape mismatch {wrong[:5]}")  # fmt: skip
         with torch.no_grad():
             for theirs, ours in wanted.items():
                 tensors[ours].copy_(saved[theirs].reshape(tensors[ours].shape))
@@ -150,6 +159,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _read_config(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{path} is not valid JSON ({e}); it is damaged: export the adapter again") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"{path} must hold a JSON object (a peft config), got {type(config).__name__}")
+    return config
+
+
 # -- plan → peft config dicts (adapter_config.json) ------------------------------------------
 
 
@@ -157,7 +176,7 @@ def _plan_sites(plan: Plan) -> dict[str, Site]:
     """Sites built from plan entries alone (op, shape, role), for `to_peft` without a model."""
     out = {}
     for name, e in plan.tuned().items():
-        n_in, n_out = e.get("shape", (1, 1))
+        n_in, n_out = e.get("shape", (0, 0))  # unknown: no rank limit to check
         out[name] = Site(name=name, op=e.get("op", "linear"), role=e.get("role", "other"), module_type="",
                          in_features=n_in, out_features=n_out, params=0)  # fmt: skip
     return out
@@ -320,11 +339,11 @@ def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, 
     exclude = config.get("exclude_modules")
     targets = _all_linear(model, modules) if str(config.get("target_modules")).lower() == "all-linear" else config.get("target_modules")
     for name, (_, op) in modules.items():
-        if name in entries or not _matches(targets, name) or _matches(exclude, name):
+        if name in entries or not _matches(targets, name) or _matches(exclude, name, "exclude_modules"):
             continue
         if kind == "IA3":
             ff = config.get("feedforward_modules") or []
-            is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(k) for k in ff)
+            is_ff = _matches(ff, name, "feedforward_modules") if isinstance(ff, str) else any(name.endswith(k) for k in ff)
             entries[name] = {"method": "ia3", "placement": "input" if is_ff else "output"}
         else:
             entries[name] = _lora_entry(config, name, op)
@@ -351,22 +370,43 @@ def _lora_entry(config: dict[str, Any], name: str, op: str) -> dict[str, Any]:
 def _pattern(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
     """peft's rank_pattern/alpha_pattern lookup: the first key matching a suffix of the name."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _fullmatch(rf"(?:.*\.)?(?:{key})", name, what=f"rank/alpha pattern {key!r}"):
             return value
     return default
 
 
-def _matches(targets: Any, name: str) -> bool:
+def _matches(targets: Any, name: str, field: str = "target_modules") -> bool:
     """peft's target rule: a string full-matches as a regex, a list matches whole name suffixes."""
     if not targets:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return _fullmatch(targets, name, what=f"{field} {targets!r}")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise PlanError(f"{field} must be a regex string or a list of module names, got {targets!r}")
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+REGEX_SECONDS = 0.5  # per module name: ample for any sane pattern, short for a pathological one
+
+
+def _fullmatch(pattern: str, name: str, *, what: str) -> bool:
+    """Whether ``pattern`` full-matches ``name``, for patterns from an untrusted config: the
+    ``regex`` engine (which avoids most catastrophic backtracking) with a time limit."""
+    import regex
+
+    try:
+        return regex.fullmatch(pattern, name, timeout=REGEX_SECONDS) is not None
+    except regex.error as e:
+        raise PlanError(f"the peft config's {what} is not a valid regular expression ({e}); fix or remove it") from None
+    except TimeoutError:
+        raise PlanError(f"the peft config's {what} takes over {REGEX_SECONDS}s to match {name!r} (catastrophic "
+                        "backtracking?); use a list of module names or a simpler pattern") from None  # fmt: skip
 
 
 def _matches_save(names: list[str] | None, name: str) -> bool:
     """peft's modules_to_save rule (a name suffix), applied to the module or a container of it."""
+    if names is not None and (not isinstance(names, list) or not all(isinstance(m, str) for m in names)):
+        raise PlanError(f"modules_to_save must be a list of module names, got {names!r}")
     parts = name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(p.endswith(m) for m in names or [] for p in prefixes)

@@ -147,6 +147,15 @@ class SparseDelta(Wrapper):
         self.register_buffer("indices", indices.to(device=w.device, dtype=torch.long))
         self.values = nn.Parameter(torch.zeros(indices.numel(), device=w.device, dtype=w.dtype))
 
+    def check_state(self) -> None:
+        """`PlanError` unless ``indices`` are distinct flat indices into ``base.weight`` (after
+        `peftplan.load` copied them from a file, which could hold anything)."""
+        n, ix = self.base.weight.numel(), self.indices
+        if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= n):
+            raise PlanError(f"sparse indices must lie in [0, {n}) (the weight's entries), found {int(ix.min())}..{int(ix.max())}")
+        if torch.unique(ix).numel() != ix.numel():
+            raise PlanError("sparse indices must be distinct; found repeated entries")
+
     def delta_weight(self) -> torch.Tensor:
         """The dense delta, shaped and typed like ``base.weight``."""
         w = self.base.weight

@@ -140,7 +140,8 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[
     gm = torch.fx.GraphModule(tracer.root, graph)
     from torch.fx.passes.shape_prop import ShapeProp
 
-    ShapeProp(gm).propagate(*args)
+    with redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising; the fallback reports it in one line
+        ShapeProp(gm).propagate(*args)
 
     nodes: list[OpNode] = []
     index: dict[torch.fx.Node, int] = {}
@@ -278,7 +279,8 @@ def _module_walk(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[str
     except Exception as e:
         raise CaptureError(
             f"{type(model).__name__} failed to run on the example inputs ({type(e).__name__}: {_first_line(e)}); "
-            "pass example_inputs=(args...) or a dict of keyword inputs that the model accepts"
+            "pass lower(model, example_inputs=...) a tensor, a tuple of arguments or a dict of keyword inputs the "
+            "model accepts (search and the CLI take that lowering as search(..., graph=lower(model, example_inputs=...)))"
         ) from e
     finally:
         for h in handles:

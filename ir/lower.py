@@ -42,7 +42,17 @@ def lower(model: nn.Module, example_inputs: Any = None, *, shorten: bool = True)
     """
     if not isinstance(model, nn.Module):
         raise LoweringError(f"lower() takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise LoweringError(f"{type(model).__name__} is a TorchScript module, whose submodules peftplan cannot "
+                            "replace: lower and apply the eager model, then script the tuned one")  # fmt: skip
     tunable = {n: op for n, m in model.named_modules() if (op := module_op(m))}
+    if "" in tunable:
+        raise LoweringError(f"the model is a single {type(model).__name__}: peftplan tunes the modules inside a model; "
+                            "wrap it, e.g. nn.Sequential(layer), and tune site '0'")  # fmt: skip
+    quantized = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules() if "quantized" in type(m).__module__})
+    if quantized and not tunable:
+        raise LoweringError(f"{type(model).__name__} holds quantized modules ({', '.join(quantized[:3])}), which peftplan "
+                            "does not tune: plan and apply on the floating-point model, then quantize")  # fmt: skip
     if not tunable:
         raise LoweringError(
             f"{type(model).__name__} has no tunable module (Linear, Conv1d/2d, HF Conv1D, Embedding, "

@@ -6,6 +6,7 @@
     peftplan plan minilm --budget 75k --task ../shared/data/text/sst2 -o plan.json
     peftplan search minilm --task data/sst2 --budget 1% --strategy nsga2 --trials 27 --rungs 3
     peftplan worker sqlite:///peftplan-study.db     # another process joins the same study
+    peftplan worker sqlite:///s.db --allow tests.zoo:llama   # ... whose model is a factory it trusts
     peftplan front sqlite:///peftplan-study.db --csv front.csv --png front.png --html front.html
 
 MODEL is ``minilm``, a local Hugging Face model directory, or ``package.module:factory``.
@@ -103,7 +104,8 @@ def _lr_range(text: str):
 def _worker(args: argparse.Namespace) -> int:
     from peftplan.planner.study import run_worker
 
-    plan = run_worker(args.storage, args.study, progress=not args.quiet, threads=args.threads, heartbeat=args.heartbeat)
+    plan = run_worker(args.storage, args.study, progress=not args.quiet, threads=args.threads, heartbeat=args.heartbeat,
+                      allow=args.allow)  # fmt: skip
     return _report(plan, args)
 
 
@@ -116,7 +118,10 @@ def _report(plan, args: argparse.Namespace) -> int:
         print(f"wrote {plan.front.plot(args.front_png)}")
     study = plan.provenance.get("study")
     if args.command == "search" and args.storage:
-        print(f"study {study!r}: more workers join with `peftplan worker {args.storage} --study {study}`")
+        from peftplan.planner.study.config import is_factory
+
+        allow = f" --allow {args.model}" if is_factory(args.model) else ""
+        print(f"study {study!r}: more workers join with `peftplan worker {args.storage} --study {study}{allow}`")
     return 0
 
 
@@ -205,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     wo = sub.add_parser("worker", help="join a study made by `peftplan search` and take a share of its trials")
     wo.add_argument("storage", help="the study's storage URL")
     wo.add_argument("--study", help="study name (default: the storage's only study)")
+    wo.add_argument("--allow", action="append", default=[], metavar="PACKAGE.MODULE:FACTORY",
+                    help="a model or space factory this worker may import and run (repeatable); the study's "
+                    "database cannot choose code on its own")  # fmt: skip
     wo.set_defaults(run=_worker)
 
     for cmd in (se, wo):

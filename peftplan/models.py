@@ -62,6 +62,10 @@ def load_model(spec: str, num_labels: int | None = None) -> nn.Module:
         if num_labels is None:
             return AutoModel.from_pretrained(path)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir())[:5]
+        raise ValueError(f"{spec!r} is a directory without config.json (it holds {found}); a Hugging Face model directory "
+                         "needs config.json and its weights (save_pretrained writes both)")  # fmt: skip
     raise ValueError(
         f"cannot resolve model {spec!r}: use 'minilm', a local Hugging Face model directory "
         "(with config.json), or 'package.module:factory'"

@@ -115,13 +115,33 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan file written by `save` (`PlanError` naming the file when it is not one)."""
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"{path} is a directory, not a plan file; an artifact written by peftplan.save "
+                            "is read with peftplan.load(model, directory)")  # fmt: skip
         try:
-            d = json.loads(path.read_text())
+            data = path.read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"no plan file at {path}") from None
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data: str | bytes, source: str | os.PathLike = "<plan>") -> Plan:
+        """Parse a plan's JSON text; ``source`` names it in errors.
+
+        >>> Plan.from_json(b"\\x89PNG", "plan.json")
+        Traceback (most recent call last):
+        peftplan.backends.base.PlanError: plan.json is not a plan file: it is not UTF-8 text
+        """
+        try:
+            text = data.decode() if isinstance(data, bytes) else data
+        except UnicodeDecodeError:
+            raise PlanError(f"{source} is not a plan file: it is not UTF-8 text") from None
+        try:
+            d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PlanError(f"{path} is not valid JSON ({e})") from None
+            raise PlanError(f"{source} is not valid JSON ({e})") from None
         return cls.from_dict(d)
 
 
@@ -142,12 +162,25 @@ def _check_entry(name: str, entry: Any) -> None:
     if "method" not in entry:
         raise PlanError(f"site {name!r}: entry has no 'method' (e.g. {{'method': 'lora', 'rank': 8}})")
     method = get_method(entry["method"])
+    _check_description(name, entry)
     unknown = set(Plan.hyper(entry)) - set(method.hyper)
     if unknown:
         raise PlanError(
             f"site {name!r}: method {method.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
             f"it takes {sorted(method.hyper)}"
         )
+
+
+def _check_description(name: str, entry: dict[str, Any]) -> None:
+    """``role``/``op`` are strings, ``depth`` a number in [0, 1], ``shape`` two positive ints."""
+    shape, depth = entry.get("shape", [1, 1]), entry.get("depth", 0.0)
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise PlanError(f"site {name!r}: 'shape' must be [in_features, out_features] (two positive ints), got {shape!r}")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise PlanError(f"site {name!r}: 'depth' must be a number in [0, 1] (relative depth), got {depth!r}")
+    for key in ("role", "op"):
+        if key in entry and not isinstance(entry[key], str):
+            raise PlanError(f"site {name!r}: {key!r} must be a string like 'attn.q' or 'linear', got {entry[key]!r}")
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:

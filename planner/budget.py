@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,9 @@ class Budget:
         try:
             n = float(t[:-1]) * mult if mult else int(t)
         except ValueError:
-            raise BudgetError(f"cannot read budget {text!r}: use a count (250000, 250k, 1.5M) or a percentage (0.5%)") from None
+            n = None
+        if n is None or not math.isfinite(n) or n < 0:
+            raise BudgetError(f"cannot read budget {text!r}: use a count (250000, 250k, 1.5M) or a percentage (0.5%)")
         return cls(params=int(n))
 
     def __str__(self) -> str:

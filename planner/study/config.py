@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,27 @@ class Source:
     validation: float | int = 0.2
     seed: int = 0
 
+    def factories(self) -> list[str]:
+        """The ``package.module:factory`` specs `load` and `build_space` would import and call.
+
+        >>> Source("tests.zoo:llama", "data", space="my.spaces:grouped").factories()
+        ['tests.zoo:llama', 'my.spaces:grouped']
+        """
+        return [s for s in (self.model, self.space) if s is not None and is_factory(s)]
+
+    def check_trusted(self, allow: Iterable[str], study: str) -> None:
+        """Refuse a source that names code not in ``allow``: whoever can write a study's
+        database chooses its `Source`, so a worker runs only the factories its own command line
+        names (``peftplan worker URL --allow package.module:factory``)."""
+        untrusted = [s for s in self.factories() if s not in set(allow)]
+        if untrusted:
+            flags = " ".join(f"--allow {s}" for s in untrusted)
+            raise StudyError(
+                f"study {study!r} asks its workers to import and run {untrusted}; a worker runs only the "
+                f"factories its own command line allows. If you trust that code, run `peftplan worker URL {flags}` "
+                f"(run_worker(..., allow={untrusted!r}))"
+            )
+
     def load(self) -> tuple[nn.Module, Task]:
         from ...models import load_model
 
@@ -65,13 +87,19 @@ class Source:
         return getattr(importlib.import_module(module), name)(model, task, Budget.from_dict(config.budget), **options)
 
 
+def is_factory(spec: str) -> bool:
+    """Whether a model or space spec names Python code (``package.module:factory``), not a
+    directory or ``minilm``."""
+    return ":" in spec and not Path(spec).exists()
+
+
 def load_tokenizer(spec: str) -> Any:
     """The tokenizer of ``minilm`` or of a local or hub model directory."""
     from transformers import AutoTokenizer
 
     from ...models import minilm_dir
 
-    if ":" in spec and not Path(spec).exists():
+    if is_factory(spec):
         raise ValueError(f"model {spec!r} is a factory: name its tokenizer (a model directory or 'minilm')")
     return AutoTokenizer.from_pretrained(minilm_dir() if spec == "minilm" else spec)
 

@@ -19,6 +19,7 @@ the model, task and space and takes its share of the trials.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -38,7 +39,7 @@ from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
 from .engine import Context, Evaluator, front_of, work
 from .halving import default_rungs
-from .storage import only_study, open_storage, open_study, stored_config
+from .storage import check_url, only_study, open_storage, open_study, stored_config
 
 
 def run_search(
@@ -116,18 +117,27 @@ def run_search(
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
-               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30) -> Plan:
+               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
+               allow: Iterable[str] = ()) -> Plan:  # fmt: skip
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
+    The database does not choose what code runs: a `Source` naming a ``package.module:factory``
+    (model or space) is refused unless that spec is in ``allow`` (`StudyError` saying so).
+
     >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d")  # doctest: +SKIP
+    >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
     """
+    if isinstance(storage, str):
+        check_url(storage, exists=True)
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
+    _wait_for_config(store, name)
     config = stored_config(store, name)
     if config.source is None:
         raise StudyError(f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
                          "start it with `peftplan search` (or run_search(source=Source(...)))")  # fmt: skip
+    config.source.check_trusted(allow, name)
     model, task = config.source.load()
     space = config.source.build_space(model, task, config)
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
@@ -136,11 +146,26 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     return best_plan(study)
 
 
+def _wait_for_config(storage: optuna.storages.BaseStorage, name: str, seconds: float = 30.0) -> None:
+    """A coordinator creates its study, then stores its config: a worker started at the same
+    moment waits for the config (``seconds`` at most; then `stored_config` says what is missing)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if ATTR in optuna.load_study(study_name=name, storage=storage).user_attrs:
+                return
+        except KeyError:  # not created yet either
+            pass
+        time.sleep(0.25)
+
+
 def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | None = None) -> ParetoFront:
     """The front of a stored study (its highest completed rung), plans included.
 
     >>> study_front("sqlite:///peftplan-study.db").to_csv("front.csv")  # doctest: +SKIP
     """
+    if isinstance(storage, str):
+        check_url(storage, exists=True)
     name = study_name or only_study(storage)
     config = stored_config(storage, name)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -155,7 +180,11 @@ def best_plan(study: optuna.Study) -> Plan:
     if not len(front):
         reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
                           if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip
-        raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5] or 'none'}")
+        if not reasons:
+            raise StudyError(f"study {study.study_name!r}: no trial completed and none failed: plans over the limits "
+                             f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
+                             "limits (--memory, --latency, --adapter-bytes) or the budget")  # fmt: skip
+        raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5]}")
     within = {k: v for k, v in config.limits.items() if k in front.senses}
     plan = replace(front.best(within=within).plan)
     plan.front = front

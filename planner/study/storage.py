@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,6 +22,7 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat
         return optuna.storages.InMemoryStorage()
     if not isinstance(storage, str):
         return storage
+    check_url(storage)
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import DBAPIError
 
@@ -34,9 +36,34 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat
     for attempt in range(4):
         try:
             return connect()
-        except DBAPIError:  # processes starting together on a new database race to create its tables
+        except DBAPIError as e:  # processes starting together on a new database race to create its tables
+            if "not a database" in str(e):
+                break
             time.sleep(0.5 * (attempt + 1))
-    return connect()
+    try:
+        return connect()
+    except DBAPIError as e:
+        raise StudyError(f"cannot open the study storage {storage!r}: {str(e.orig).splitlines()[0]}; "
+                         "give the URL of an optuna database (a new SQLite file is created)") from None  # fmt: skip
+
+
+def check_url(storage: str, *, exists: bool = False) -> None:
+    """`StudyError` unless ``storage`` is a database URL (and, for SQLite, one whose folder
+    exists, and with ``exists`` whose file does: reading must not create an empty database).
+
+    >>> check_url("study.db")
+    Traceback (most recent call last):
+    peftplan.planner.study.config.StudyError: storage 'study.db' is not a database URL: use sqlite:///study.db or postgresql://user@host/db
+    """
+    if "://" not in storage:
+        raise StudyError(f"storage {storage!r} is not a database URL: use sqlite:///study.db or postgresql://user@host/db")
+    if not storage.startswith("sqlite:///") or storage.endswith(":memory:"):
+        return
+    path = Path(storage[len("sqlite:///"):])
+    if not path.parent.is_dir():
+        raise StudyError(f"the folder of the SQLite storage {storage!r} does not exist: create {path.parent} or give another path")
+    if exists and not path.exists():
+        raise StudyError(f"no SQLite database at {path}; give the storage the study was run with")
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, space: Any,

@@ -133,6 +133,9 @@ class Task:
         train_rows = train_rows[:max_train]
         dev_rows = read_labelled_text(dev)[:max_dev]
         n_labels = getattr(getattr(model_dir_or_model, "config", None), "num_labels", None)
+        lowest = min((label for label, _ in train_rows + validation_rows + dev_rows), default=0)
+        if lowest < 0:
+            raise ValueError(f"the data has label {lowest}: labels are class numbers 0, 1, …; renumber the classes from 0")
         if n_labels is not None:
             seen = max(label for label, _ in train_rows + validation_rows + dev_rows)
             if seen >= n_labels:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ...backends.base import PlanError
 from ...recipe import Recipe
 from .progress import ProgressLine
 from .task import Task
@@ -43,6 +44,13 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter: apply a plan first (peftplan.apply)")
+    if any(p.is_meta for p in params):
+        raise ValueError("the model's weights are on the meta device (no data): materialise them (model.to_empty(device=...) "
+                         "and load a state dict, or peftplan.load an artifact) before training")  # fmt: skip
+    merged = [n for n, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise PlanError(f"sites {merged[:5]} are merged, so their adapters get no gradient: call "
+                        "peftplan.unmerge(model) before training (merge only for inference)")  # fmt: skip
     if not task.train_batches:
         raise ValueError(f"task {task.name!r} has no training batches")
     check_batch_size(task, recipe)

@@ -25,9 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def test_scaling_and_default():
     assert LoRALinear(nn.Linear(8, 8), rank=4, alpha=6, rslora=True).scaling == 6 / math.sqrt(4)
     assert LoRALinear(nn.Linear(8, 8), rank=4, alpha=6).scaling == 6 / 4
-    site = static_site("fc", nn.Linear(8, 8), "linear")
+    site = static_site("fc", nn.Linear(16, 16), "linear")
     assert get_method("lora").validate(site, rank=4)["rslora"] is False
-    layer = get_method("lora").wrap(nn.Linear(8, 8), site, **get_method("lora").validate(site, rank=9, rslora=True))
+    layer = get_method("lora").wrap(nn.Linear(16, 16), site, **get_method("lora").validate(site, rank=9, rslora=True))
     assert layer.scaling == 18 / 3
 
 

@@ -22,7 +22,7 @@ def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
               "-o", str(tmp_path / "plan.json"), "--front-png", str(tmp_path / "front.png")]  # fmt: skip
     assert main(search) == 0
     out = capsys.readouterr().out
-    assert "Pareto front:" in out and "peftplan worker" in out
+    assert "Pareto front:" in out and "peftplan worker" in out and f"--allow {MODEL}" in out
     plan = pp.Plan.load(tmp_path / "plan.json")
     model = minilm_vocab_classifier()
     limit = pp.Budget(params="1%").param_limit(pp.lower(model).total_params)
@@ -40,11 +40,17 @@ def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
 
     n_trials = len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials)
     assert main(search) == 0  # the same call again: the study is complete, nothing runs
-    assert main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json")]) == 0
+    assert main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json")]) == 2  # the database names code
+    assert f"--allow {MODEL}" in capsys.readouterr().err and not (tmp_path / "again.json").exists()
+    assert main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json"), "--allow", MODEL]) == 0
     assert len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials) == n_trials
     assert json.loads((tmp_path / "again.json").read_text())["sites"] == json.loads((tmp_path / "plan.json").read_text())["sites"]
 
 
 def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
-    assert main(["front", f"sqlite:///{tmp_path / 'none.db'}", "--csv", str(tmp_path / "f.csv")]) == 2
+    from peftplan.planner.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    open_storage(url)  # a database without studies (a missing one: tests/test_bad_inputs.py)
+    assert main(["front", url, "--csv", str(tmp_path / "f.csv")]) == 2
     assert "holds 0 studies" in capsys.readouterr().err

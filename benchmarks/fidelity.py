@@ -26,9 +26,18 @@ well each such rung predicts the final result:
 Every finished training is stored as JSON under benchmarks/runs/fidelity/ the moment it ends;
 a rerun skips it (same plan, recipe and seed), so the benchmark resumes after an interruption.
 
+``--proxies`` measures the site-scoring proxies instead: on the first task, the head alone and
+then each tunable site alone with LoRA r=8 (plus the head) train for half the final recipe at
+lr 3e-3; a site's gain is how much its LoRA lowers the validation loss below the head's alone.
+Reported: Kendall's tau and Spearman's rho between each proxy's site scores — weights only
+(Hill alpha), grad² (Fisher mass), grad norm (its square root: the same ranking, so the same
+correlations), activation SVD (EVA's explained variance) — and the gains. Stored under
+benchmarks/runs/site-gains/.
+
     python benchmarks/fidelity.py                         # sst2 + subj, 12 contenders x 4 rungs, 200 steps (~2 h)
     python benchmarks/fidelity.py --report                # the tables from what is stored; trains nothing
     python benchmarks/fidelity.py --results benchmarks/RESULTS.md --plot benchmarks/fidelity.png
+    python benchmarks/fidelity.py --proxies --results benchmarks/RESULTS.md   # 37 half-length runs on sst2 (~45 min)
 """
 
 from __future__ import annotations
@@ -151,6 +160,58 @@ def run_all(tasks: list[str], steps: int, store: RunStore) -> None:
                       f" [{done} trained, {wall:.1f} min]", flush=True)  # fmt: skip
 
 
+GAINS = ROOT / "benchmarks" / "runs" / "site-gains"
+GAIN_SHARE, GAIN_LR, GAIN_RANK = 0.5, 3e-3, 8
+
+
+def site_gains(name: str, steps: int, store: RunStore) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``({site: validation-loss gain}, {proxy: {site: score}})`` on task ``name``."""
+    import torch
+
+    from peftplan import lower
+    from peftplan.planner.proxy import activation_scores, alpha_scores, grad2_scores
+    from peftplan.planner.proxy.options import ProxyOptions
+    from peftplan.recipe import Recipe
+
+    torch.set_num_threads(2)
+    base, task = load_task(name, validation=VALIDATION)
+    graph = lower(base)
+    options = ProxyOptions()
+    names = options.tuned_sites(graph)
+    head = {n: {"method": "full"} for n in options.full_sites(graph)}
+    recipe = Recipe(lr=GAIN_LR, steps=steps, warmup=0.06, schedule="linear", batch_size=32)
+    losses = {}
+    for site in [None, *names]:
+        sites = {**head, **({site: {"method": "lora", "rank": GAIN_RANK, "alpha": 2 * GAIN_RANK}} if site else {})}
+        key = f"{name}/{site or 'head only'}"
+        spec = {"task": name, "sites": sites, "recipe": recipe.to_dict(), "rung": GAIN_SHARE, "seed": 0}
+        record = store.get(key, spec)
+        if record is None:
+            record = store.put(key, spec, {"task": name, "site": site, **train_rung(base, sites, task, recipe, GAIN_SHARE, 0)})
+            print(f"  {key}: val loss {record['val_loss']:.4f}, val {record['val_metric']:.4f}", flush=True)
+        losses[site] = record["val_loss"]
+    gains = {n: losses[None] - losses[n] for n in names}
+    grad2 = grad2_scores(base, graph, task, names, batches=options.calibration_batches, progress=False)
+    proxies = {"weights only (Hill alpha)": alpha_scores(base, graph, names), "grad²": grad2,
+               "grad norm": {n: v**0.5 for n, v in grad2.items()},
+               "activation SVD (EVA)": activation_scores(base, graph, task, names, batches=options.calibration_batches)}  # fmt: skip
+    return gains, proxies
+
+
+def proxy_report(name: str, gains: dict[str, float], proxies: dict[str, dict[str, float]]) -> str:
+    sites = sorted(gains)
+    lines = [f"Site gains on {name}: LoRA r={GAIN_RANK} on one site plus the head, {GAIN_SHARE:.0%} of the final recipe at "
+             f"lr {GAIN_LR:g}; gain = the head-only validation loss minus the site's ({len(sites)} sites; largest "
+             f"{max(gains.values()):.4f}, smallest {min(gains.values()):.4f}).", "",
+             "| proxy | Kendall τ with the gain | Spearman ρ |", "|---|---:|---:|"]  # fmt: skip
+    for label, scores in proxies.items():
+        rho, tau = rank_correlations([scores[n] for n in sites], [gains[n] for n in sites])
+        lines.append(f"| {label} | {tau:.2f} | {rho:.2f} |")
+    best = max(proxies, key=lambda k: rank_correlations([proxies[k][n] for n in sites], [gains[n] for n in sites])[1])
+    lines += ["", f"Best proxy by Kendall τ: {best}."]
+    return "\n".join(lines)
+
+
 def correlations(records: list[dict]) -> dict:
     """``{task: {rung: {signal: (rho, tau, n)}}}``, each signal against the final dev metric,
     plus ``n`` contenders with every rung stored."""
@@ -241,7 +302,16 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only report what is stored")
     ap.add_argument("--results", type=Path, help="write the report into this RESULTS.md's fidelity section")
     ap.add_argument("--plot", type=Path, help="write the correlation plot here (PNG)")
+    ap.add_argument("--proxies", action="store_true", help="measure the site-scoring proxies against per-site gains")
     args = ap.parse_args()
+    if args.proxies:
+        name = args.tasks[0]
+        text = proxy_report(name, *site_gains(name, args.steps, RunStore(GAINS)))
+        print("\n" + text)
+        if args.results:
+            command = "python benchmarks/fidelity.py --proxies --results benchmarks/RESULTS.md"
+            write_section(args.results, "proxies", f"## Site-scoring proxies — `{command}`\n\n{text}")
+        return
     store = RunStore(args.store)
     if not args.report:
         run_all(args.tasks, args.steps, store)

@@ -19,12 +19,14 @@ reference point, for every N up to the run's length.
 * Fidelity: 64 AdamW steps of 8 examples at lr 2e-3 (one epoch of 512 examples), scored on
   256 dev examples. At 32 steps of 16 (lr 1e-3 or 3e-3) most plans stayed at chance, so the
   fronts measured luck; at 64 steps of 8 plans reach 0.70-0.82 and differ.
-* Seeded strategies (nsga2, tpe, gp, botorch) start with 4 proxy plans at budget shares
-  spread in log scale (0.05, 0.14, 0.37, 1) as the study does by default; random does not;
-  proxy evaluates proxy plans only.
+* Seeded strategies (nsga2, tpe, gp, botorch) start with the study's default seed plans (the
+  default space's four baselines at the whole budget — uniform LoRA on query/value, every
+  linear layer at the rank that fits, the proxy and activation allocations — then proxy plans
+  at 5% and 22% of it); random does not; proxy evaluates proxy plans only. The learning rate
+  is not searched here (one fixed rate), so the curves compare samplers on placements alone.
 * Evaluations are deterministic for a plan, fidelity, lr and seed, so within one seed a plan
   any run already evaluated is not trained again (`CachedEvaluator`: the seeded strategies
-  share their 4 seed plans), nor, within a run, a plan the study already has (its trial is
+  share their seed plans), nor, within a run, a plan the study already has (its trial is
   ``reused``). The curves are what they would be without either; "trained per run" counts
   the rest.
 * Spread: ± half the range over seeds (the mean and the two extremes, for two seeds).
@@ -106,7 +108,7 @@ def seconds_per_eval(model, task, space, fidelity, threads: int, cache: CachedEv
 class CachedEvaluator:
     """`evaluate`, remembering each (plan, fidelity, recipe, seed): training is deterministic for
     those, so a plan another run of the same seed evaluated (the seeded strategies share their
-    4 seed plans) gets the same result without training again. Curves are unchanged; ``hits``
+    seed plans) gets the same result without training again. Curves are unchanged; ``hits``
     counts what was not re-run."""
 
     def __init__(self) -> None:

@@ -84,7 +84,7 @@ def _search(args: argparse.Namespace) -> int:
     rungs = default_rungs() if args.rungs is None else halving_rungs(top, args.rungs, args.eta)
     plan = run_search(model, _budget(args), task, strategy=args.strategy, trials=args.trials, storage=args.storage,
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
-                      fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range),
+                      fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range), screen_by=args.screen_by,
                       methods=args.methods.split(","), threads=args.threads, source=source,
                       progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
     se.add_argument("--rungs", type=int, help="successive-halving rungs, each eta times longer (default: every candidate at "
                     "10%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)")
+    se.add_argument("--screen-by", default="metric", choices=("metric", "loss"),
+                    help="what promotion to the next rung ranks candidates by (default: the metric)")
     se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a fifth to five times --lr), "
                     "none (--lr for all) or LOW,HIGH")
     se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")

@@ -175,7 +175,7 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
             if rung_of(t) == r and t.state == TrialState.COMPLETE:
                 done.setdefault(candidate_of(t), t)
         baselines = [c for c, t in done.items() if t.user_attrs.get("baseline")]  # always go on: compared at the top
-        others = {c: dict(zip(config.objectives, t.values)) for c, t in done.items() if c not in baselines}
+        others = {c: _screened(t, config) for c, t in done.items() if c not in baselines}
         chosen = baselines + promote(others, config.senses, config.eta)
         taken = {candidate_of(t) for t in trials if rung_of(t) == r + 1 and (t.state in LIVE or _finished_failure(t))}
         missing = [c for c in chosen if c not in taken]
@@ -185,6 +185,16 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
         if missing:
             return "ask"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
+
+
+def _screened(t: FrozenTrial, config: Any) -> dict[str, float]:
+    """A completed trial's values as promotion ranks them: its objectives, the metric replaced
+    by minus its validation loss when ``config.screen_by == "loss"`` (a short run's loss moves
+    before its accuracy does)."""
+    values = dict(zip(config.objectives, t.values))
+    if config.screen_by == "loss" and "validation_loss" in t.user_attrs:
+        values["metric"] = -float(t.user_attrs["validation_loss"])
+    return values
 
 
 def _finished_failure(t: FrozenTrial) -> bool:

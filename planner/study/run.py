@@ -67,6 +67,7 @@ def run_search(
     evaluator: Evaluator = evaluate,
     heartbeat: int = 30,
     lr_range: tuple[float, float] | str | None = "auto",
+    screen_by: str = "metric",
 ) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
     return the best plan within budget, with ``plan.front``.
@@ -81,7 +82,8 @@ def run_search(
     `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a fifth
     to five times ``recipe.lr``, log scale; None: ``recipe.lr`` for all); ``fidelities``
     (default `default_rungs`: 10% of the recipe, then the full recipe) are the rungs of
-    successive halving by ``eta``; the returned plan carries its recipe (`Plan.recipe`). Candidates are
+    successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("metric", or
+    "loss": the validation loss); the returned plan carries its recipe (`Plan.recipe`). Candidates are
     scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
     records how workers rebuild the model and task (without it, none can join).
 
@@ -105,11 +107,13 @@ def run_search(
                          "split carved from the training data, never on the evaluation split; build the task with "
                          "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
+    if screen_by not in ("metric", "loss"):
+        raise ValueError(f"screen_by must be 'metric' or 'loss', got {screen_by!r}")
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
                          {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
-                         methods, proxy.to_dict(), source, space.lr)  # fmt: skip
+                         methods, proxy.to_dict(), source, space.lr, screen_by)  # fmt: skip
     name = study_name or config.default_name(task, model)
     study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
     work(study, Context(config, model, task, space, evaluator, threads), progress=progress)

@@ -187,3 +187,28 @@ def test_train_calls_on_step_after_every_optimizer_step():
     steps = []
     train(model, tiny_task(), Recipe(lr=1e-3, steps=5), on_step=steps.append)
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metric():
+    def metric_and_loss_disagree(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        result.loss = result.metric  # the higher the metric, the worse the loss
+        return result
+
+    promoted = {}
+    for screen_by in ("metric", "loss"):
+        storage = optuna.storages.InMemoryStorage()
+        run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=9, storage=storage, study_name="s",
+                   evaluator=metric_and_loss_disagree, progress=False, recipe=Recipe(lr=1e-3, steps=20),
+                   screen_by=screen_by)  # fmt: skip
+        trials = optuna.load_study(study_name="s", storage=storage).trials
+        screened = [t for t in trials if t.user_attrs.get("rung") == 0 and t.state == optuna.trial.TrialState.COMPLETE]
+        promoted[screen_by] = {t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1}
+        by_loss = sorted(screened, key=lambda t: t.user_attrs["validation_loss"])
+        by_metric = sorted(screened, key=lambda t: -t.values[0])
+        assert len(promoted[screen_by]) == 9 // 3
+        if screen_by == "loss":  # the lowest losses among the cheapest plans form the first non-dominated ranks
+            assert by_loss[0].number in promoted["loss"] and by_metric[0].number not in promoted["loss"]
+    assert promoted["metric"] != promoted["loss"]
+    with pytest.raises(ValueError, match="screen_by"):
+        run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=1, screen_by="accuracy")

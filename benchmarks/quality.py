@@ -222,7 +222,8 @@ class Study:
         import peftplan as pp
 
         key = f"{self.scale}/{name}/search"
-        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__}
+        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
+                "planner": planner_tree()}  # fmt: skip
         record = self.store.get(key, spec)
         if record is None:
             base, task = self.task(name, 0)
@@ -241,6 +242,18 @@ class Study:
                                                 "evaluations": sum(not p["reused"] for p in points), "steps": steps})  # fmt: skip
             print(f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}", flush=True)
         return pp.Plan.from_dict(record["plan"]), record
+
+
+def planner_tree() -> str:
+    """The git tree of planner/ at HEAD: a search stored under another one is run again, since
+    any change to the planner may change what the default search returns."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD:planner"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _trial_steps(t, final: int) -> int:

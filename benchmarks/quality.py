@@ -149,8 +149,8 @@ def trainable_after(model) -> int:
 class Study:
     """One scale's runs, stored as they finish."""
 
-    def __init__(self, scale: str, store: RunStore) -> None:
-        self.scale, self.cfg, self.store = scale, SCALES[scale], store
+    def __init__(self, scale: str, store: RunStore, stored_only: bool = False) -> None:
+        self.scale, self.cfg, self.store, self.stored_only = scale, SCALES[scale], store, stored_only
         self.tasks: dict = {}
 
     def task(self, name: str, seed: int):
@@ -163,6 +163,8 @@ class Study:
         key = f"{self.scale}/{name}/{contender}"
         spec = {"scale": self.scale, "task": name, **spec}
         record = self.store.get(key, spec)
+        if record is None and self.stored_only:
+            raise SystemExit(f"{key} is not stored: run without --stored to train it")
         if record is None:
             start = time.perf_counter()
             result = make()
@@ -222,9 +224,13 @@ class Study:
         import peftplan as pp
 
         key = f"{self.scale}/{name}/search"
-        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
-                "planner": planner_tree()}  # fmt: skip
+        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__}
         record = self.store.get(key, spec)
+        if record is not None and record.get("planner") != planner_tree() and not self.stored_only:
+            print(f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True)
+            record = None
+        if record is None and self.stored_only:
+            raise SystemExit(f"{key} is not stored: run without --stored to train it")
         if record is None:
             base, task = self.task(name, 0)
             storage = optuna.storages.InMemoryStorage()
@@ -239,14 +245,16 @@ class Study:
                        "reused": "reused" in t.user_attrs} for t in done]  # fmt: skip
             steps = sum(_trial_steps(t, self.cfg["steps"]) for t in done if "reused" not in t.user_attrs)
             record = self.store.put(key, spec, {"plan": plan.to_dict(), "wall": round(wall, 1), "trials": points,
-                                                "evaluations": sum(not p["reused"] for p in points), "steps": steps})  # fmt: skip
+                                                "evaluations": sum(not p["reused"] for p in points), "steps": steps,
+                                                "planner": planner_tree()})  # fmt: skip
             print(f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}", flush=True)
         return pp.Plan.from_dict(record["plan"]), record
 
 
 def planner_tree() -> str:
-    """The git tree of planner/ at HEAD: a search stored under another one is run again, since
-    any change to the planner may change what the default search returns."""
+    """The git tree of planner/ at HEAD, recorded with each search: one stored under another
+    tree is run again (any planner change may change what the default search returns),
+    unless ``--stored`` asks for the stored results as they are."""
     import subprocess
 
     try:
@@ -311,8 +319,8 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
                      f"{runs[0]['val_metric']:.4f} | {row['cost']:.1f} | {wall / 60:.1f} min |")  # fmt: skip
     s = rows["peftplan search"]
     lines += ["", f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
-              f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min; returned "
-              f"{s['summary']} at lr {s['lr']:g}."]  # fmt: skip
+              f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min, planner tree "
+              f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}."]  # fmt: skip
     grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
                       for label, row in rows.items() if "grid" in row)  # fmt: skip
     lines += ["", f"Learning-rate grids (validation {metric}, seed 0): {grids}.", ""]
@@ -385,6 +393,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 tasks, 1 seed, 64 steps on subsets, a higher lr grid (about 45 min)")
     ap.add_argument("--tasks", nargs="+", choices=sorted(METRICS), help="override the scale's tasks")
     ap.add_argument("--store", type=Path, default=STORE)
+    ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing (searches made by "
+                    "another planner tree included, and said so)")
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
     args = ap.parse_args()
@@ -392,7 +402,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     scale = "quick" if args.quick else "full"
-    study = Study(scale, RunStore(args.store))
+    study = Study(scale, RunStore(args.store), stored_only=args.stored)
     tasks = args.tasks or study.cfg["tasks"]
     started = time.perf_counter()
     results = {name: run_task(study, name) for name in tasks}
@@ -407,7 +417,8 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:
-        command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + " --results benchmarks/RESULTS.md"
+        command = ("python benchmarks/quality.py" + (" --quick" if args.quick else "") + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
+                   + " --results benchmarks/RESULTS.md")  # fmt: skip
         write_section(args.results, f"quality-{scale}", f"## Quality ({scale}) — `{command}`\n\n{text}")
 
 

@@ -145,7 +145,7 @@ def proxy_plan(model: nn.Module, budget: Budget | int | str, task: Task | None, 
         model=model_header(graph),
         budget=budget.to_dict(),
         objectives={"params": params},
-        provenance={**provenance("proxy", seed, task.name if task else None), **scoring},
+        provenance={**provenance("proxy", seed, task.name if task else None), **scoring, **(task.provenance() if task else {})},
     )
     _check_other_limits(plan, graph, budget, task)
     return plan

@@ -19,9 +19,10 @@ def example(name: str) -> str:
     return found.group(1)
 
 
-def run(name: str, folder: Path, monkeypatch) -> dict:
+def run(name: str, folder: Path, monkeypatch, **given) -> dict:
+    """Run example ``name`` in ``folder`` with the names it says the reader brings (``given``)."""
     monkeypatch.chdir(folder)
-    scope: dict = {"__name__": f"readme_{name}"}
+    scope: dict = {"__name__": f"readme_{name}", **given}
     exec(compile(example(name), f"README.md:{name}", "exec"), scope)
     return scope
 
@@ -40,3 +41,14 @@ def test_own_data(tmp_path, monkeypatch, capsys):
     scope = run("own-data", tmp_path, monkeypatch)
     assert [line for line in capsys.readouterr().out.splitlines() if line.strip()] == ["('bad', 'good', 'ok')", "['bad', 'good', 'ok']"]
     assert sum(len(b["labels"]) for b in scope["task"].validation_batches) == 12  # 20% of 60
+
+
+def test_trainer(tmp_path, monkeypatch):
+    from tests.planner.test_trainer_loop import token_data
+    from tests.zoo import bert_classifier
+
+    scope = run("trainer", tmp_path, monkeypatch, model=bert_classifier(), train_ds=token_data(32, 0),
+                held_out_ds=token_data(16, 1))  # fmt: skip
+    plan = scope["plan"]
+    assert plan.objectives["metric"] < 0 and plan.recipe.steps == 10  # minus the eval loss, at the full recipe
+    assert len(plan.front) >= 1 and not (tmp_path / "trials").exists()  # trials keep no checkpoints

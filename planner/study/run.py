@@ -100,7 +100,7 @@ def run_search(
         raise ValueError("a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
                          f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
                          "or the space")  # fmt: skip
-    if not task.validation_batches:
+    if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data
         raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
                          "split carved from the training data, never on the evaluation split; build the task with "
                          "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip

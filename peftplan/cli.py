@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _lower(args: argparse.Namespace) -> int:
@@ -40,12 +39,9 @@ def _plan(args: argparse.Namespace) -> int:
     budget = _budget(args)
     task = None
     if args.task:
-        folder = Path(args.task)
         model = load_model(args.model, num_labels=args.num_labels)
-        tokenizer = _tokenizer(args.model)
-        task = Task.for_sequence_classification(
-            model, tokenizer, folder / "train.tsv", folder / "dev.tsv", batch_size=args.batch_size, max_train=args.batch_size * args.batches
-        )
+        task = Task.for_sequence_classification(model, _tokenizer(args.tokenizer or args.model), args.task, args.eval, **_columns(args),
+                                                batch_size=args.batch_size, max_train=args.batch_size * args.batches)  # fmt: skip
     else:
         model = load_model(args.model)
     plan = search(model, budget, task=task, strategy="proxy", seed=args.seed, calibration_batches=args.batches if task else None)
@@ -53,6 +49,10 @@ def _plan(args: argparse.Namespace) -> int:
     plan.save(args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _columns(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"text_column": args.text_column, "pair_column": args.pair_column, "label_column": args.label_column}
 
 
 def _tokenizer(spec: str):
@@ -76,7 +76,7 @@ def _search(args: argparse.Namespace) -> int:
     from peftplan.recipe import Recipe
 
     source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.max_train, args.max_dev,
-                    validation=args.validation, seed=args.seed)  # fmt: skip
+                    validation=args.validation, seed=args.seed, eval=args.eval, **_columns(args))  # fmt: skip
     model, task = source.load()
     recipe = Recipe(lr=args.lr, steps=args.steps, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
                     batch_size=args.batch_size)  # fmt: skip
@@ -144,6 +144,14 @@ def _print_front(front) -> None:
         print(f"  {values}  ({where}) {p.plan.summary().split(' (')[0] if p.plan else ''}")
 
 
+def _data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval", metavar="FILE", help="evaluation data (default: the task folder's dev.tsv; none for a "
+                        "data file); only for the final report")  # fmt: skip
+    parser.add_argument("--text-column", help="the text column of a data file (default text)")
+    parser.add_argument("--pair-column", help="the second text of sentence pairs (default: none)")
+    parser.add_argument("--label-column", help="the label column of a data file, class numbers or names (default label)")
+
+
 def _limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", help="limit on the training memory the plan adds (512MiB, 2GB)")
     parser.add_argument("--latency", help="limit on the forward FLOPs left after merging (2%%)")
@@ -167,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
     pl.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(pl)
-    pl.add_argument("--task", help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT): plan by gradient sensitivity")
+    pl.add_argument("--task", help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT) or a data file (.csv, .json, .jsonl, "
+                    ".parquet): plan by gradient sensitivity")  # fmt: skip
+    _data(pl)
+    pl.add_argument("--tokenizer", help="tokenizer directory or 'minilm' (with --task; default: the model's; needed for a factory)")
     pl.add_argument("--num-labels", type=int, default=2, help="classes of the task (with --task)")
     pl.add_argument("--batches", type=int, default=4, help="calibration batches of the sensitivity pass (with --task; default 4)")
     pl.add_argument("--batch-size", type=int, default=16)
@@ -177,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="multi-objective search over plans: trains candidates, keeps the Pareto front")
     se.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
-    se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT); candidates are scored on a "
-                    "validation split of train.tsv (--validation), never on dev.tsv")
+    se.add_argument("--task", required=True, help="folder with train.tsv/dev.tsv (LABEL<TAB>TEXT) or a data file (.csv, "
+                    ".json, .jsonl, .parquet); candidates are scored on a validation split of the training data "
+                    "(--validation), never on the evaluation data")  # fmt: skip
+    _data(se)
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(se)
     se.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
@@ -201,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--warmup", type=float, default=0.06, help="share of the steps the learning rate warms up over (default 0.06)")
     se.add_argument("--schedule", default="linear", choices=SCHEDULES, help="after warm-up (default linear decay)")
     se.add_argument("--weight-decay", type=float, default=0.0)
-    se.add_argument("--validation", type=float, default=0.2, help="share of train.tsv held out to score candidates on (default 0.2)")
+    se.add_argument("--validation", type=float, default=0.2, help="share of the training data held out to score candidates on (default 0.2)")
     se.add_argument("--tokenizer", help="tokenizer directory or 'minilm' (default: the model's; needed for a factory)")
     se.add_argument("--num-labels", type=int, default=2, help="classes of the task")
     se.add_argument("--batch-size", type=int, default=16)

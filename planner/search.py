@@ -25,7 +25,7 @@ params on MiniLM (SST-2 +0.3 pt, MR +4.3 pt). 0 scores every site alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.nn as nn
@@ -40,6 +40,7 @@ from .proxy.allocate import allocate
 from .proxy.options import METHOD, ProxyOptions
 from .strategies import DEFAULT, get_strategy
 from .training.task import Task
+from .training.user_loop import own_loop_options
 
 TRIALS = 12  # candidates a training strategy screens when not told: 12 x 10% + 6 full runs = 7.2 final runs
 
@@ -60,6 +61,7 @@ def search(
     trials: int | None = None,
     storage: str | None = None,
     study_name: str | None = None,
+    evaluate: Callable[..., Any] | None = None,
     **study_options: Any,
 ) -> Plan:
     """A plan for ``model`` within ``budget``.
@@ -67,7 +69,10 @@ def search(
     ``strategy`` defaults to ``"gp"`` with a task and ``"proxy"`` without one. A training
     strategy runs ``trials`` (default 12) completed candidates in an optuna study (in memory
     unless ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
-    `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, …).
+    `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, …). ``evaluate``
+    replaces peftplan's trainer in trials with your own loop: ``fn(model, fidelity[, recipe])``
+    returning the metric or ``{"metric", "loss"}`` (`peftplan.planner.training.user_loop`), or a
+    ready one such as `peftplan.integrations.transformers.TrainerLoop`.
 
     ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
     sites are scored from their weights (Hill alpha); with one, by grad² on its first
@@ -80,6 +85,8 @@ def search(
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
     ('full', True)
     """
+    if evaluate is not None:
+        task, study_options = own_loop_options(evaluate, task, study_options)
     strategy = strategy or (DEFAULT if task is not None else "proxy")
     trains = get_strategy(strategy).trains
     options = ProxyOptions.build(roles=roles, max_rank=max_rank, train_modules=train_modules,
@@ -145,7 +152,7 @@ def proxy_plan(model: nn.Module, budget: Budget | int | str, task: Task | None, 
         model=model_header(graph),
         budget=budget.to_dict(),
         objectives={"params": params},
-        provenance={**provenance("proxy", seed, task.name if task else None), **scoring},
+        provenance={**provenance("proxy", seed, task.name if task else None), **scoring, **(task.provenance() if task else {})},
     )
     _check_other_limits(plan, graph, budget, task)
     return plan

@@ -28,12 +28,15 @@ class StudyError(RuntimeError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where a worker finds the model and task: a `load_model` spec and a folder with
-    ``train.tsv`` (training and, carved from it by ``validation`` and ``seed``, validation
-    examples) and ``dev.tsv`` (evaluation only: a search never scores on it); ``space`` is
+    """Where a worker finds the model and task: a `load_model` spec and the task's data — a
+    folder with ``train.tsv`` and ``dev.tsv``, or a data file (CSV, JSON/JSONL, Parquet) with
+    its ``text_column``, ``pair_column`` and ``label_column`` — giving the training and, carved
+    from them by ``validation`` and ``seed``, validation examples; ``eval`` is the evaluation
+    file (default: the folder's ``dev.tsv``; a search never scores on it); ``space`` is
     ``package.module:factory`` called like `default_space` (the default).
 
     >>> model, task = Source("minilm", "data/text/sst2", max_train=256).load()  # doctest: +SKIP
+    >>> model, task = Source("minilm", "reviews.csv", eval="test.csv", text_column="review").load()  # doctest: +SKIP
     """
 
     model: str
@@ -46,6 +49,10 @@ class Source:
     space: str | None = None
     validation: float | int = 0.2
     seed: int = 0
+    eval: str | None = None
+    text_column: str | None = None
+    pair_column: str | None = None
+    label_column: str | None = None
 
     def factories(self) -> list[str]:
         """The ``package.module:factory`` specs `load` and `build_space` would import and call.
@@ -71,11 +78,12 @@ class Source:
     def load(self) -> tuple[nn.Module, Task]:
         from ...models import load_model
 
-        folder = Path(self.task)
         model = load_model(self.model, num_labels=self.num_labels)
-        task = Task.for_sequence_classification(model, load_tokenizer(self.tokenizer or self.model), folder / "train.tsv",
-                                                folder / "dev.tsv", batch_size=self.batch_size, max_train=self.max_train,
-                                                max_dev=self.max_dev, validation=self.validation, seed=self.seed)  # fmt: skip
+        task = Task.for_sequence_classification(model, load_tokenizer(self.tokenizer or self.model), self.task, self.eval,
+                                                text_column=self.text_column, pair_column=self.pair_column,
+                                                label_column=self.label_column, batch_size=self.batch_size,
+                                                max_train=self.max_train, max_dev=self.max_dev, validation=self.validation,
+                                                seed=self.seed)  # fmt: skip
         return model, task
 
     def build_space(self, model: nn.Module, task: Task, config: StudyConfig) -> Any:

@@ -102,7 +102,7 @@ def run_search(
         raise ValueError("a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
                          f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
                          "or the space")  # fmt: skip
-    if not task.validation_batches:
+    if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data
         raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
                          "split carved from the training data, never on the evaluation split; build the task with "
                          "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
@@ -117,7 +117,7 @@ def run_search(
     name = study_name or config.default_name(task, model)
     study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
     work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
-    return best_plan(study)
+    return best_plan(study, task)
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
@@ -147,7 +147,7 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
     study = open_study(store, name, config, space, worker_seed, worker=True)
     work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
-    return best_plan(study)
+    return best_plan(study, task)
 
 
 def _wait_for_config(storage: optuna.storages.BaseStorage, name: str, seconds: float = 30.0) -> None:
@@ -176,9 +176,9 @@ def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | No
     return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
 
 
-def best_plan(study: optuna.Study) -> Plan:
+def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
     """The best plan within budget of the study's front (highest first "max" objective),
-    with ``plan.front`` set."""
+    with ``plan.front`` set; the front's plans record ``task``'s class names (`Task.provenance`)."""
     config = StudyConfig.from_dict(study.user_attrs[ATTR])
     front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
     if not len(front):
@@ -189,6 +189,9 @@ def best_plan(study: optuna.Study) -> Plan:
                              f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
                              "limits (--memory, --latency, --adapter-bytes) or the budget")  # fmt: skip
         raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5]}")
+    for point in front.points:
+        if point.plan is not None and task is not None:
+            point.plan.provenance.update(task.provenance())
     within = {k: v for k, v in config.limits.items() if k in front.senses}
     plan = replace(front.best(within=within).plan)
     plan.front = front

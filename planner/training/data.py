@@ -1,0 +1,228 @@
+"""Labelled examples from where users keep them: peftplan's ``LABEL<TAB>TEXT`` files, CSV,
+JSON/JSONL and Parquet files (read by the `datasets` library, locally) and `datasets.Dataset`
+objects, with named columns. Every source becomes rows ``(label id, text)``, where the text is
+a string or, with a pair column, a ``(text, pair)`` tuple (sentence pairs as in MRPC or MNLI).
+
+String labels become ids through a `Labels` mapping: given, or the sorted names of the
+training labels; a label outside it is an error naming the source and the column.
+
+    >>> table = Labels.from_values(["pos", "neg", "pos"])
+    >>> table.names, table.ids(["neg", "pos"], "train.csv", "label")
+    (('neg', 'pos'), [0, 1])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Row = tuple[int, Any]  # (label id, text or (text, pair))
+FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the text, the optional second text of a pair, and the label."""
+
+    text: str = "text"
+    pair: str | None = None
+    label: str = "label"
+
+    def names(self) -> list[str]:
+        return [c for c in (self.text, self.pair, self.label) if c is not None]
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Class names by id (``names[i]`` is class ``i``); None names: the labels are ids already.
+
+    >>> Labels(("neg", "pos")).ids(["pos", "meh"], "dev.csv", "label")
+    Traceback (most recent call last):
+    ...
+    ValueError: dev.csv: column 'label' has label 'meh', which is not one of the classes ['neg', 'pos']; fix the data or pass labels=[...] naming every class
+    """
+
+    names: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_values(cls, values: Sequence[Any], given: Sequence[str] | None = None) -> Labels:
+        """The mapping for training labels ``values``: ``given`` names when passed, none for
+        integer labels, else the sorted distinct names."""
+        if given is not None:
+            names = tuple(str(n) for n in given)
+            if len(set(names)) != len(names) or not names:
+                raise ValueError(f"labels={list(given)!r}: name each class once")
+            return cls(names)
+        if all(isinstance(v, str) for v in values):
+            return cls(tuple(sorted(set(values))))
+        return cls(None)
+
+    def ids(self, values: Sequence[Any], source: str, column: str) -> list[int]:
+        """``values`` as class ids; unknown names, missing or fractional labels are errors
+        naming ``source`` and ``column``."""
+        if self.names is None:
+            return [_class_id(v, source, column) for v in values]
+        index = {n: i for i, n in enumerate(self.names)}
+        out = []
+        for v in values:
+            key = v if isinstance(v, str) else str(v)
+            if key not in index:
+                raise ValueError(f"{source}: column {column!r} has label {v!r}, which is not one of the classes "
+                                 f"{list(self.names)}; fix the data or pass labels=[...] naming every class")  # fmt: skip
+            out.append(index[key])
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        """What a plan records of the mapping: ``{"labels": [names…]}``, or nothing for ids."""
+        return {} if self.names is None else {"labels": list(self.names)}
+
+
+def _class_id(v: Any, source: str, column: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        what = "a missing label" if v is None else f"label {v!r}"
+        raise ValueError(f"{source}: column {column!r} has {what}; labels are class numbers 0, 1, … or class names "
+                         "(strings), one per example")  # fmt: skip
+    if v < 0:
+        raise ValueError(f"{source}: column {column!r} has label {v}: labels are class numbers 0, 1, …; renumber the "
+                         "classes from 0, or drop unlabelled examples (a test split often marks them -1)")  # fmt: skip
+    return v
+
+
+@dataclass
+class Split:
+    """One split as read: texts (or pairs), raw labels, what to call it in errors, and the class
+    names its label column declares (a ClassLabel), if any."""
+
+    texts: list[Any]
+    labels: list[Any]
+    source: str
+    class_names: tuple[str, ...] | None = None
+
+
+def read_split(source: Any, columns: Columns | None, what: str) -> Split:
+    """A split from a path (``.tsv`` as ``LABEL<TAB>TEXT``, or as a table with a header row when
+    ``columns`` are named; CSV, JSON/JSONL, Parquet) or a `datasets.Dataset`; ``what`` names a
+    dataset object in errors ("training data")."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.suffix.lower() == ".tsv" and columns is None:
+            rows = read_labelled_text(path)
+            return Split([t for _, t in rows], [label for label, _ in rows], str(path))
+        table = load_table(path, sep="\t" if path.suffix.lower() == ".tsv" else None)
+        name = str(path)
+    elif isinstance(getattr(source, "column_names", None), list):  # a datasets.Dataset
+        table, name = source, f"the {what}"
+    else:
+        raise TypeError(f"the {what} is a {type(source).__name__}: give a path (.tsv, .csv, .json, .jsonl, .parquet), "
+                        "a folder with train.tsv and dev.tsv, or a datasets.Dataset")  # fmt: skip
+    columns = columns or Columns()
+    texts, labels = table_rows(table, columns, name)
+    names = class_names(table, columns.label)
+    if names is not None:  # ids of the declared classes → their names, mapped like string labels
+        labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in labels]
+    return Split(texts, labels, name, names)
+
+
+def splits(train: Any, dev: Any, validation: Any) -> tuple[Any, Any, Any]:
+    """(train, dev, given validation) sources: a folder stands for its ``train.tsv`` and
+    ``dev.tsv``; a `datasets.DatasetDict` for its ``train`` split and, without ``dev``, its
+    ``validation`` (else ``test``) split as the evaluation data; ``validation`` is a source
+    when it is not a share (a number) or None.
+
+    >>> splits("data/sst2", None, 0.2)  # doctest: +SKIP
+    (PosixPath('data/sst2/train.tsv'), PosixPath('data/sst2/dev.tsv'), None)
+    """
+    if isinstance(train, (str, os.PathLike)) and Path(train).is_dir():
+        folder = Path(train)
+        train, dev = folder / "train.tsv", folder / "dev.tsv" if dev is None else dev
+        if not train.is_file():
+            raise FileNotFoundError(f"{folder} has no train.tsv: a task folder holds train.tsv and dev.tsv "
+                                    "(LABEL<TAB>TEXT); or give a data file")  # fmt: skip
+    elif isinstance(getattr(train, "column_names", None), dict):  # a DatasetDict: columns by split
+        if "train" not in train:
+            raise ValueError(f"the DatasetDict has splits {list(train)} but no 'train': pass the training split itself")
+        if dev is None:
+            dev = next((train[k] for k in ("validation", "test") if k in train), None)
+        train = train["train"]
+    given = None if validation is None or isinstance(validation, (int, float)) else validation
+    return train, dev, given
+
+
+def load_table(path: str | os.PathLike, sep: str | None = None) -> Any:
+    """A CSV, JSON/JSONL or Parquet file as a `datasets.Dataset` (``sep``: a CSV's delimiter).
+
+    >>> load_table("train.parquet").column_names  # doctest: +SKIP
+    ['text', 'label']
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file or task folder")
+    kind = "csv" if sep is not None else FILE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; give a .tsv (LABEL<TAB>TEXT), .csv, .json, "
+                         ".jsonl or .parquet file, or a folder holding train.tsv and dev.tsv")  # fmt: skip
+    options = {"delimiter": sep} if sep is not None else {}
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train", **options)
+    except Exception as e:  # datasets' parse errors do not name the file
+        if "corresponds to no data" in str(e):  # how datasets says a file holds a header alone
+            raise ValueError(f"{path} has no examples") from None
+        raise ValueError(f"{path}: cannot read it as {kind}: {type(e).__name__}: {e}") from None
+
+
+def table_rows(table: Any, columns: Columns, source: str) -> tuple[list[Any], list[Any]]:
+    """(texts, raw labels) of a `datasets.Dataset`; texts are ``(text, pair)`` tuples with a pair
+    column. ClassLabel labels come as ids."""
+    have = list(table.column_names)
+    for role, name in (("text", columns.text), ("pair", columns.pair), ("label", columns.label)):
+        if name is not None and name not in have:
+            raise ValueError(f"{source} has no {role} column {name!r}; its columns are {have}: pass "
+                             f"{role}_column=... (--{role}-column on the command line)")  # fmt: skip
+    if len(table) == 0:
+        raise ValueError(f"{source} has no examples")
+    texts = [_text(v, source, columns.text) for v in table[columns.text]]
+    if columns.pair is not None:
+        texts = list(zip(texts, (_text(v, source, columns.pair) for v in table[columns.pair])))
+    return texts, list(table[columns.label])
+
+
+def class_names(table: Any, column: str) -> tuple[str, ...] | None:
+    """The names of a ClassLabel column (GLUE's datasets have them), else None."""
+    feature = getattr(table, "features", {}).get(column)
+    return tuple(feature.names) if hasattr(feature, "names") else None
+
+
+def _text(v: Any, source: str, column: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
+                         "fill in missing texts or name another column")  # fmt: skip
+    return v
+
+
+def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped. An empty
+    text (``0<TAB>``) is an example like any other: it tokenises to the special tokens.
+
+    >>> read_labelled_text("sst2/dev.tsv")[0]  # doctest: +SKIP
+    (1, "it 's a charming and often affecting journey .")
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab or not label.strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f"{path}:{lineno}: expected LABEL<TAB>TEXT with an integer label, got {line[:80]!r}"
+                )
+            rows.append((int(label), text))
+    if not rows:
+        raise ValueError(f"{path} has no examples")
+    return rows

@@ -136,7 +136,8 @@ def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, thr
     name = f"bench-{strategy}-{seed}"
     start, hits = time.perf_counter(), cache.hits
     run_search(model, BUDGET, task, strategy=strategy, trials=trials, storage=storage, study_name=name, seed=seed,
-               fidelities=[fidelity], space=space, progress=False, recipe=RECIPE, threads=threads, evaluator=cache)  # fmt: skip
+               fidelities=[fidelity], space=space, progress=False, recipe=RECIPE, threads=threads, evaluator=cache,
+               seeds=6)  # fmt: skip
     wall = time.perf_counter() - start
     trials_ = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     done = sorted((t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number))

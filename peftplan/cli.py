@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(se)
     se.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
-    se.add_argument("--trials", type=int, default=12, help="completed candidates at the first rung (default 12)")
+    se.add_argument("--trials", type=int, default=18, help="completed candidates at the first rung (default 18)")
     se.add_argument("--storage", default="sqlite:///peftplan-study.db",
                     help="optuna storage URL: SQLite file (default sqlite:///peftplan-study.db) or postgresql://… for several machines")  # fmt: skip
     se.add_argument("--study", help="study name (default: derived from the settings, so a rerun resumes)")

@@ -121,22 +121,36 @@ class AllocatorSpace(Space):
         return params
 
     def seeds(self, n: int) -> list[dict[str, Any]]:
-        """With priors: each prior's plan at the whole budget (``query-value``, ``uniform``, the
-        proxy, then the others), then the proxy at budget shares spread in log scale below it;
-        without: `Space.seeds`."""
+        """With priors: each prior's plan at the whole budget (`baselines`), at each of the
+        seed learning rates (`seed_lrs`: the recipe's, then 2.5x below and above it), then the
+        proxy at budget shares spread in log scale below the whole; without: `Space.seeds`."""
         if len(self.priors) == 1:
             return super().seeds(n)
-        out = [self.prior_params(p) for p in self.baselines()][:n]
+        out = [params for _, params in self._baseline_seeds()][:n]
         rest = n - len(out)
         return out + [self.proxy_params(self.min_share ** ((rest - i) / rest)) for i in range(rest)]
 
     def baselines(self) -> list[str]:
-        """With priors, each prior's plan at the whole budget: ``query-value``, ``uniform``,
-        ``proxy``, then the others (``activation``)."""
+        """The baseline name of each leading seed (one per prior and seed learning rate, the
+        recipe's rate first): ``query-value``, ``uniform``, ``proxy``, then the others
+        (``activation``). A study screens each at every seed rate and promotes its best."""
+        return [name for name, _ in self._baseline_seeds()]
+
+    def seed_lrs(self) -> list[float | None]:
+        """The learning rates baselines are screened at: the range's geometric mean (the
+        recipe's rate), then 2.5x below and above it where the range reaches (None: no knob)."""
+        if self.lr is None:
+            return [None]
+        mid = math.sqrt(self.lr[0] * self.lr[1])
+        return [mid, *(lr for lr in (mid / 2.5, mid * 2.5) if self.lr[0] <= lr <= self.lr[1])]
+
+    def _baseline_seeds(self) -> list[tuple[str, dict[str, Any]]]:
         if len(self.priors) == 1:
             return []
         order = [p for p in ("query-value", "uniform", "proxy") if p in self.priors]
-        return order + [p for p in self.priors if p not in order]
+        order += [p for p in self.priors if p not in order]
+        return [(p, {**self.prior_params(p), **({"lr": lr} if lr is not None else {})})
+                for lr in self.seed_lrs() for p in order]  # fmt: skip
 
     def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         p = {"mlp_tilt": 0.0, "vector_share": 0.0, "sparse_share": 0.0, "dora_share": 0.0, "experts_slope": 0.0, **params}

@@ -155,8 +155,9 @@ class Space(abc.ABC):
         return [self.proxy_params(self.min_share ** ((n - 1 - i) / max(1, n - 1))) for i in range(n)]
 
     def baselines(self) -> list[str]:
-        """Names of the leading `seeds` that are baselines a search must be compared with at
-        its top rung (promoted whatever their rank); none here."""
+        """The baseline name of each leading `seed` that is a baseline a search must be
+        compared with at its top rung: of the seeds sharing a name (one plan at several
+        learning rates), the best screened is promoted whatever its rank. None here."""
         return []
 
     def _build(self, params: Mapping[str, Any]) -> tuple[dict, dict]:

@@ -127,7 +127,7 @@ class StudyConfig:
     eta: int = 3
     seed: int = 0
     recipe: dict[str, Any] | None = None  # the Recipe every trial trains by (at its rung's fidelity)
-    seeds: int = 6
+    seeds: int = 14
     methods: tuple[str, ...] = ("lora",)
     proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space
     source: Source | None = None

@@ -7,9 +7,9 @@ restart after a crash) see the same state. Each trial carries user_attrs: ``rung
 training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
 ``seconds``, ``fidelity``, ``validation_loss``, ``worker``, ``reused`` (the trial whose result a trial with the
 same plan took instead of training again), and ``baseline`` on the seed plans a user would
-write by hand and the one-shot allocations (`Space.baselines`): those are promoted to every
-rung whatever their rank (and 1/eta of the others), so the plan a search returns was compared
-with them at the top rung.
+write by hand and the one-shot allocations (`Space.baselines`), each screened at a few learning
+rates: the best rate of each is promoted to every rung whatever its rank (and 1/eta of the
+others), so the plan a search returns was compared with them at the top rung.
 
 Two workers may both decide to create the same trial (the last rung-0 slot, the same
 promotion): trial numbers are handed out one at a time by the storage, so the rule "within a
@@ -174,8 +174,14 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
         for t in trials:  # in number order: a candidate's first completed trial at rung r
             if rung_of(t) == r and t.state == TrialState.COMPLETE:
                 done.setdefault(candidate_of(t), t)
-        baselines = [c for c, t in done.items() if t.user_attrs.get("baseline")]  # always go on: compared at the top
-        others = {c: _screened(t, config) for c, t in done.items() if c not in baselines}
+        named: dict[str, list[int]] = {}  # each baseline's candidates (one per seed learning rate)
+        for c, t in done.items():
+            if t.user_attrs.get("baseline"):
+                named.setdefault(t.user_attrs["baseline"], []).append(c)
+        key = next(iter(config.objectives))
+        baselines = [max(cs, key=lambda c: (_screened(done[c], config)[key] * (1 if config.senses[key] == "max" else -1), -c))
+                     for cs in named.values()]  # its best rate always goes on: compared at the top  # fmt: skip
+        others = {c: _screened(t, config) for c, t in done.items() if not t.user_attrs.get("baseline")}
         chosen = baselines + promote(others, config.senses, config.eta)
         taken = {candidate_of(t) for t in trials if rung_of(t) == r + 1 and (t.state in LIVE or _finished_failure(t))}
         missing = [c for c in chosen if c not in taken]

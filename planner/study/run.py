@@ -58,7 +58,7 @@ def run_search(
     space: Any = None,
     progress: bool = True,
     recipe: Recipe | None = None,
-    seeds: int = 6,
+    seeds: int = 14,
     methods: Iterable[str] = ("lora",),
     proxy: ProxyOptions | None = None,
     graph: SiteGraph | None = None,
@@ -77,8 +77,8 @@ def run_search(
     model's lowering, when already at hand); a given ``space`` brings all of that itself, with
     its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans start seeded
     strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on every
-    linear layer, the one-shot allocations), promoted to every rung, then proxy plans at smaller
-    budget shares. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
+    linear layer, the one-shot allocations) at three learning rates each, the best rate of each
+    promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
     `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a fifth
     to five times ``recipe.lr``, log scale; None: ``recipe.lr`` for all); ``fidelities``
     (default `default_rungs`: 10% of the recipe, then the full recipe) are the rungs of

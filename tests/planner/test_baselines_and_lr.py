@@ -55,12 +55,16 @@ def test_the_uniform_seed_is_every_linear_layer_at_the_largest_rank_that_fits(sp
     assert 0 <= spare < min(s.in_features + s.out_features for s in sites if ranks[s.name] == r)  # no site could go up
 
 
-def test_seeds_are_the_baselines_then_cheaper_proxy_plans(space):
-    seeds = space.seeds(6)
-    assert space.baselines() == ["query-value", "uniform", "proxy", "activation"]
-    assert [p["scores"] for p in seeds] == ["query-value", "uniform", "proxy", "activation", "proxy", "proxy"]
-    assert seeds[2] == space.proxy_params(1.0) and [p["budget"] for p in seeds[4:]] == pytest.approx([0.05, 0.05**0.5])
-    assert all(p["lr"] == pytest.approx(1e-3) for p in seeds)  # the range's geometric mean: the recipe's own rate
+def test_seeds_are_the_baselines_at_three_rates_then_cheaper_proxy_plans(space):
+    seeds = space.seeds(14)
+    names = ["query-value", "uniform", "proxy", "activation"]
+    assert space.baselines() == names * 3 and space.seed_lrs() == pytest.approx([1e-3, 4e-4, 2.5e-3])
+    assert [p["scores"] for p in seeds] == [*names * 3, "proxy", "proxy"]
+    assert [p["lr"] for p in seeds[:12]] == pytest.approx([1e-3] * 4 + [4e-4] * 4 + [2.5e-3] * 4)  # the recipe's rate first
+    assert seeds[2] == space.proxy_params(1.0) and [p["budget"] for p in seeds[12:]] == pytest.approx([0.05, 0.05**0.5])
+    assert all({**p, "lr": 0} == {**seeds[i % 4], "lr": 0} for i, p in enumerate(seeds[:12]))  # the same plans
+    narrow = default_space(bert_classifier(), "5%", tiny_task(), lr=(9e-4, 1.1e-3))
+    assert narrow.seed_lrs() == pytest.approx([(9e-4 * 1.1e-3) ** 0.5])  # rates outside the range are left out
 
 
 def test_a_prior_scoring_a_site_zero_leaves_it_untuned():
@@ -119,24 +123,25 @@ def test_the_same_sites_at_another_rate_are_trained_not_reused():
     assert calls == [1e-3, 2e-3] and trials[2].user_attrs["reused"] == 0
 
 
-def test_baselines_reach_the_top_rung_however_they_screen():
+def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens():
     def baselines_screen_badly(base, plan, task, fidelity, *, recipe, seed):
         result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
         if fidelity.share is not None and plan.provenance["knobs"]["budget"] == 1.0:  # every baseline: the whole budget
-            return Evaluation(-1.0, result.params, 0.0)
+            return Evaluation(-1.0 + recipe.lr, result.params, 0.0)  # the highest rate screens best, yet below all others
         return result
 
     storage = optuna.storages.InMemoryStorage()
-    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=10, storage=storage, study_name="s",
+    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=18, storage=storage, study_name="s",
                       evaluator=baselines_screen_badly, progress=False, recipe=Recipe(lr=1e-3, steps=20))  # fmt: skip
     trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state == optuna.trial.TrialState.COMPLETE]
     screened = [t for t in trials if t.user_attrs["rung"] == 0]
     top = [t for t in trials if t.user_attrs["rung"] == 1]
-    assert len(screened) == 10 and {t.user_attrs["fidelity"] for t in screened} == {"10% of the recipe"}
-    assert sorted(t.user_attrs["baseline"] for t in top if "baseline" in t.user_attrs) == sorted(
-        ["query-value", "uniform", "proxy", "activation"])  # fmt: skip
+    assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"10% of the recipe"}
+    assert sum("baseline" in t.user_attrs for t in screened) == 12  # four baselines at three rates
+    kept = {t.user_attrs["baseline"]: t.params["lr"] for t in top if "baseline" in t.user_attrs}
+    assert kept == pytest.approx({"query-value": 2.5e-3, "uniform": 2.5e-3, "proxy": 2.5e-3, "activation": 2.5e-3})
     others = [t for t in top if "baseline" not in t.user_attrs]
-    assert len(others) == (10 - 4) // 3  # and 1/eta of the rest, the best of them
+    assert len(others) == (18 - 12) // 3  # and 1/eta of the rest, the best of them
     assert {t.user_attrs["fidelity"] for t in top} == {"the full recipe"}
     assert plan.provenance["rung"] == 1  # chosen on full-length results
 

@@ -155,18 +155,16 @@ def test_bad_data_names_the_column_or_file(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"dev\.csv: column 'label' has label 'meh', which is not one of the classes "
                                          r"\['neg', 'pos'\]"):  # fmt: skip
         make(train, tokenizer, dev)
-    (tmp_path / "empty.csv").write_text("text,label\n")
-    with pytest.raises(ValueError, match=r"empty\.csv has no examples"):
-        make(tmp_path / "empty.csv", tokenizer)
-    (tmp_path / "hole.csv").write_text("text,label\nfine,1\n,0\n")
-    with pytest.raises(ValueError, match=r"hole\.csv: column 'text' holds NoneType None where a text is expected"):
-        make(tmp_path / "hole.csv", tokenizer)
-    (tmp_path / "frac.jsonl").write_text('{"text": "a", "label": 0.5}\n{"text": "b", "label": 1.0}\n')
-    with pytest.raises(ValueError, match=r"frac\.jsonl: column 'label' has label 0\.5; labels are class numbers"):
-        make(tmp_path / "frac.jsonl", tokenizer)
-    (tmp_path / "train.xlsx").write_text("")
-    with pytest.raises(ValueError, match=r"unknown data file type '\.xlsx'"):
-        make(tmp_path / "train.xlsx", tokenizer)
+    for name, content, problem in (
+        ("empty.csv", "text,label\n", r"empty\.csv has no examples"),
+        ("hole.csv", "text,label\nfine,1\n,0\n", r"hole\.csv: column 'text' holds NoneType None where a text is expected"),
+        ("frac.jsonl", '{"text": "a", "label": 0.5}\n{"text": "b", "label": 1.0}\n',
+         r"frac\.jsonl: column 'label' has label 0\.5; labels are class numbers"),
+        ("train.xlsx", "", r"unknown data file type '\.xlsx'"),
+    ):  # fmt: skip
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=problem):
+            make(tmp_path / name, tokenizer)
     with pytest.raises(FileNotFoundError, match=r"missing\.parquet: no such data file or task folder"):
         make(tmp_path / "missing.parquet", tokenizer)
     with pytest.raises(FileNotFoundError, match="has no train.tsv"):

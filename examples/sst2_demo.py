@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it all
-    console = Console(width=120)
+    console = Console(width=150)
     args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)

@@ -50,6 +50,21 @@ def load_task(name: str, *, seed: int = 0, validation: float | int = VALIDATION,
     return model, task
 
 
+def all_linear_ranks(model, budget: int) -> dict[str, int]:
+    """LoRA ranks on every linear layer at the largest rank that fits ``budget`` (the fresh head
+    trained in full and paid first): the default space's ``uniform`` baseline, peft's
+    ``rank_pattern`` for it."""
+    from peftplan import lower
+    from peftplan.planner.proxy.options import ProxyOptions
+    from peftplan.planner.space import AllocatorSpace
+
+    graph, options = lower(model), ProxyOptions()
+    uniform = {n: 1.0 for n in options.tuned_sites(graph)}
+    space = AllocatorSpace(graph, uniform, budget, train_modules=options.full_sites(graph), priors={"uniform": uniform})
+    plan = space.plan_from_params(space.prior_params("uniform"))
+    return {n: e["rank"] for n, e in plan.tuned().items() if e["method"] == "lora"}
+
+
 def examples(batches: list) -> int:
     return sum(len(b["labels"]) for b in batches)
 

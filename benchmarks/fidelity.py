@@ -54,6 +54,7 @@ from common import (
     METRICS,
     ROOT,
     RunStore,
+    all_linear_ranks,
     examples,
     load_task,
     rank_correlations,
@@ -76,7 +77,6 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
     import optuna
 
     from peftplan import lower
-    from peftplan.planner.proxy.allocate import allocate
     from peftplan.planner.space import default_space
 
     graph = lower(model)
@@ -86,9 +86,7 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
         return {**{s.name: {"method": "lora", "rank": rank, "alpha": 2 * rank} for s in graph.select(role=roles)
                    if s.op == "linear"}, **head}  # fmt: skip
 
-    linear = [s for s in graph if s.op == "linear" and s.role.split(".")[0] in ("attn", "mlp")]
-    fit = allocate(graph, {s.name: 1.0 for s in linear}, budget - sum(s.params for s in graph if s.name in head),
-                   method="lora", roles=("attn", "mlp"), max_rank=2)  # fmt: skip
+    fit = all_linear_ranks(model, budget)
     out = {
         "lora r8 q,v lr 3e-4": (lora(["attn.q", "attn.v"], 8), 3e-4),
         "lora r8 q,v lr 1e-3": (lora(["attn.q", "attn.v"], 8), 1e-3),

@@ -38,7 +38,17 @@ import statistics
 import time
 from pathlib import Path
 
-from common import METRIC_NAMES, METRICS, ROOT, RunStore, examples, load_task, score, write_section
+from common import (
+    METRIC_NAMES,
+    METRICS,
+    ROOT,
+    RunStore,
+    all_linear_ranks,
+    examples,
+    load_task,
+    score,
+    write_section,
+)
 
 BUDGET = 74_498  # peft LoRA r=8 on query/value of MiniLM-L6 plus the 2-way head
 QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
@@ -65,20 +75,6 @@ def peft_lora(base, targets: list[str] | None = None, r: int = 8, **extra):
     return get_peft_model(copy.deepcopy(base), config, low_cpu_mem_usage=extra.get("init_lora_weights") == "eva")
 
 
-def all_linear_pattern(base) -> dict[str, int]:
-    """Ranks of every linear layer at the largest rank that fits the budget (`rank_pattern`):
-    the largest uniform rank r, then r + 1 on as many of the cheapest layers as still fit."""
-    from peftplan import lower
-    from peftplan.planner.proxy.allocate import allocate
-
-    graph = lower(base)
-    linear = [s for s in graph if s.op == "linear" and s.role.split(".")[0] in ("attn", "mlp")]
-    head = sum(s.params for s in graph if s.name.startswith("classifier"))
-    per_rank = sum(s.in_features + s.out_features for s in linear)
-    r = max(1, (BUDGET - head) // per_rank)
-    return allocate(graph, {s.name: 1.0 for s in linear}, BUDGET - head, method="lora", roles=("attn", "mlp"), max_rank=r + 1)
-
-
 def build(kind: str, base, task, lr: float, steps: int):
     """(model ready to train, its training loss, on_step hook or None) for contender ``kind``."""
     import torch
@@ -92,7 +88,7 @@ def build(kind: str, base, task, lr: float, steps: int):
     elif kind == "lora-qkvo":
         model = peft_lora(base, QKVO, r=4)
     elif kind == "lora-all":
-        ranks = all_linear_pattern(base)
+        ranks = all_linear_ranks(base, BUDGET)
         top = max(ranks.values())
         model = peft_lora(base, sorted(ranks), r=top, rank_pattern=ranks, alpha_pattern={n: 2 * r for n, r in ranks.items()})
     elif kind == "adalora":

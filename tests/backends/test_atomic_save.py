@@ -146,3 +146,18 @@ def test_save_refuses_a_directory_with_other_files(tmp_path):
         save(_version(1), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_written_files_get_the_umasks_mode_or_keep_the_replaced_ones(tmp_path):
+    import stat
+
+    from peftplan.plan import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        fresh = write_atomic(tmp_path / "front.html", "<html></html>")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's private 0o600
+        os.chmod(fresh, 0o604)
+        assert stat.S_IMODE(write_atomic(fresh, "again").stat().st_mode) == 0o604 and fresh.read_text() == "again"
+    finally:
+        os.umask(old)

@@ -81,6 +81,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyCon
     stored = study.user_attrs.get(ATTR)
     if stored is None:
         study.set_user_attr(ATTR, config.to_dict())
+        with warnings.catch_warnings():  # stable since optuna 3.2, still flagged experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(config.objectives))  # what optuna-dashboard and optuna's plots name the axes
     else:
         new = config.to_dict()
         differ = sorted(k for k in new if k != "trials" and new[k] != stored.get(k))

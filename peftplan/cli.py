@@ -7,6 +7,7 @@
     peftplan search minilm --task data/sst2 --budget 1% --strategy nsga2 --trials 27 --rungs 3
     peftplan worker sqlite:///peftplan-study.db     # another process joins the same study
     peftplan worker sqlite:///s.db --allow tests.zoo:llama   # ... whose model is a factory it trusts
+    peftplan worker postgresql://host/db --device cuda:1     # one worker per GPU
     peftplan front sqlite:///peftplan-study.db --csv front.csv --png front.png --html front.html
 
 MODEL is ``minilm``, a local Hugging Face model directory, or ``package.module:factory``.
@@ -34,14 +35,15 @@ def _lower(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from peftplan.models import load_model
-    from peftplan.planner import Task, search
+    from peftplan.planner import search
+    from peftplan.planner.study import Source
 
     budget = _budget(args)
     task = None
     if args.task:
-        model = load_model(args.model, num_labels=args.num_labels)
-        task = Task.for_sequence_classification(model, _tokenizer(args.tokenizer or args.model), args.task, args.eval, **_columns(args),
-                                                batch_size=args.batch_size, max_train=args.batch_size * args.batches)  # fmt: skip
+        source = Source(args.model, args.task, args.tokenizer, args.num_labels, args.batch_size, args.batch_size * args.batches,
+                        seed=args.seed, eval=args.eval, **_columns(args))  # fmt: skip
+        model, task = source.load()
     else:
         model = load_model(args.model)
     plan = search(model, budget, task=task, strategy="proxy", seed=args.seed, calibration_batches=args.batches if task else None)
@@ -52,7 +54,17 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _columns(args: argparse.Namespace) -> dict[str, str | None]:
-    return {"text_column": args.text_column, "pair_column": args.pair_column, "label_column": args.label_column}
+    """The data's columns and kind as `Source` fields; a flag of the other kind is an error."""
+    if args.causal_lm and (args.pair_column or args.label_column):
+        raise ValueError("--pair-column and --label-column are for classification; a causal LM reads --text-column, or "
+                         "--prompt-column and --response-column")  # fmt: skip
+    if not args.causal_lm and (args.prompt_column or args.response_column):
+        raise ValueError("--prompt-column and --response-column are for a causal language model: add --causal-lm")
+    if args.causal_lm:
+        return {"text_column": args.text_column, "prompt_column": args.prompt_column, "response_column": args.response_column,
+                "kind": "causal-lm", "max_length": args.max_length}  # fmt: skip
+    return {"text_column": args.text_column, "pair_column": args.pair_column, "label_column": args.label_column,
+            "max_length": args.max_length}  # fmt: skip
 
 
 def _tokenizer(spec: str):
@@ -85,7 +97,7 @@ def _search(args: argparse.Namespace) -> int:
     plan = run_search(model, _budget(args), task, strategy=args.strategy, trials=args.trials, storage=args.storage,
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
                       fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range), screen_by=args.screen_by,
-                      methods=args.methods.split(","), threads=args.threads, source=source,
+                      methods=args.methods.split(","), threads=args.threads, source=source, device=args.device, bf16=args.bf16,
                       progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
 
@@ -105,13 +117,18 @@ def _worker(args: argparse.Namespace) -> int:
     from peftplan.planner.study import run_worker
 
     plan = run_worker(args.storage, args.study, progress=not args.quiet, threads=args.threads, heartbeat=args.heartbeat,
-                      allow=args.allow)  # fmt: skip
+                      allow=args.allow, device=args.device, bf16=args.bf16)  # fmt: skip
     return _report(plan, args)
 
 
 def _report(plan, args: argparse.Namespace) -> int:
+    import math
+
     _print_front(plan.front)
     print(f"best within budget: {plan.summary()}")
+    metric = plan.objectives.get("metric")
+    if plan.provenance.get("kind") == "causal-lm" and metric is not None:
+        print(f"validation perplexity {math.exp(-metric):,.4g} (loss {-metric:.4f} per token)")
     plan.save(args.out)
     print(f"wrote {args.out}")
     if args.front_png:
@@ -150,6 +167,11 @@ def _data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", help="the text column of a data file (default text)")
     parser.add_argument("--pair-column", help="the second text of sentence pairs (default: none)")
     parser.add_argument("--label-column", help="the label column of a data file, class numbers or names (default label)")
+    parser.add_argument("--causal-lm", action="store_true", help="fine-tune a causal language model (next-token loss) "
+                        "instead of a classifier; the data is a .txt (one example per line) or a table")  # fmt: skip
+    parser.add_argument("--prompt-column", help="with --causal-lm: the prompt column of instruction data (not predicted)")
+    parser.add_argument("--response-column", help="with --causal-lm: the response column (the tokens the loss is over)")
+    parser.add_argument("--max-length", type=int, help="tokens per example (default 64; 128 with --causal-lm)")
 
 
 def _limits(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("-o", "--out", default="plan.json", help="where to write the best plan within budget (default plan.json)")
         cmd.add_argument("--front-png", help="also plot the front to this PNG")
         cmd.add_argument("--threads", type=int, help="torch threads per trial (default: torch's)")
+        cmd.add_argument("--device", help="where trials train: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+        cmd.add_argument("--bf16", action="store_true", help="bf16 autocast in training and scoring (weights stay fp32)")
         cmd.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats; a trial silent for twice that is re-queued")
         cmd.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 

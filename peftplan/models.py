@@ -40,9 +40,15 @@ def load_minilm(num_labels: int | None = None) -> nn.Module:
         logging.set_verbosity(verbosity)
 
 
-def load_model(spec: str, num_labels: int | None = None) -> nn.Module:
-    """Resolve a model spec: ``minilm``, a local HF directory, or ``package.module:factory``."""
+def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = False) -> nn.Module:
+    """Resolve a model spec: ``minilm``, a local HF directory, or ``package.module:factory``.
+
+    A directory loads as a sequence classifier with ``num_labels``, as a causal language model
+    (``AutoModelForCausalLM``) with ``causal_lm``, else as its bare ``AutoModel``."""
     if spec == "minilm":
+        if causal_lm:
+            raise ValueError("minilm is an encoder, not a causal language model: give a causal LM's directory (GPT-2, "
+                             "Llama, Qwen2, …) or a factory")  # fmt: skip
         return load_minilm(num_labels)
     if ":" in spec and not Path(spec).exists():
         mod_name, _, attr = spec.partition(":")
@@ -57,8 +63,10 @@ def load_model(spec: str, num_labels: int | None = None) -> nn.Module:
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        if causal_lm:
+            return AutoModelForCausalLM.from_pretrained(path)
         if num_labels is None:
             return AutoModel.from_pretrained(path)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)

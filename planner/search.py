@@ -69,7 +69,8 @@ def search(
     ``strategy`` defaults to ``"gp"`` with a task and ``"proxy"`` without one. A training
     strategy runs ``trials`` (default 18) completed candidates in an optuna study (in memory
     unless ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
-    `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, …). ``evaluate``
+    `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, ``device``,
+    ``bf16``, …). ``evaluate``
     replaces peftplan's trainer in trials with your own loop: ``fn(model, fidelity[, recipe])``
     returning the metric or ``{"metric", "loss"}`` (`peftplan.planner.training.user_loop`), or a
     ready one such as `peftplan.integrations.transformers.TrainerLoop`.

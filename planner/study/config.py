@@ -20,6 +20,7 @@ from ..training.evaluate import Fidelity
 from ..training.task import Task
 
 ATTR = "peftplan"  # the study user_attr holding its StudyConfig
+KINDS = ("classification", "causal-lm")
 
 
 class StudyError(RuntimeError):
@@ -33,10 +34,13 @@ class Source:
     its ``text_column``, ``pair_column`` and ``label_column`` — giving the training and, carved
     from them by ``validation`` and ``seed``, validation examples; ``eval`` is the evaluation
     file (default: the folder's ``dev.tsv``; a search never scores on it); ``space`` is
-    ``package.module:factory`` called like `default_space` (the default).
+    ``package.module:factory`` called like `default_space` (the default). With ``kind``
+    "causal-lm" the model loads as a causal language model and the task is
+    `Task.for_causal_lm` over ``text_column``, or ``prompt_column`` and ``response_column``.
 
     >>> model, task = Source("minilm", "data/text/sst2", max_train=256).load()  # doctest: +SKIP
     >>> model, task = Source("minilm", "reviews.csv", eval="test.csv", text_column="review").load()  # doctest: +SKIP
+    >>> model, task = Source("models/qwen2-0.5b", "chat.jsonl", kind="causal-lm").load()  # doctest: +SKIP
     """
 
     model: str
@@ -53,6 +57,14 @@ class Source:
     text_column: str | None = None
     pair_column: str | None = None
     label_column: str | None = None
+    kind: str = "classification"  # or "causal-lm": `Task.for_causal_lm` over text or prompt/response columns
+    prompt_column: str | None = None
+    response_column: str | None = None
+    max_length: int | None = None  # tokens per example (None: the task's default, 64 or 128 for a causal LM)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown task kind {self.kind!r}; choose one of {list(KINDS)}")
 
     def factories(self) -> list[str]:
         """The ``package.module:factory`` specs `load` and `build_space` would import and call.
@@ -78,12 +90,21 @@ class Source:
     def load(self) -> tuple[nn.Module, Task]:
         from ...models import load_model
 
+        length = {} if self.max_length is None else {"max_length": self.max_length}
+        if self.kind == "causal-lm":
+            model = load_model(self.model, causal_lm=True)
+            task = Task.for_causal_lm(model, load_tokenizer(self.tokenizer or self.model), self.task, self.eval,
+                                      text_column=self.text_column, prompt_column=self.prompt_column,
+                                      response_column=self.response_column, batch_size=self.batch_size,
+                                      max_train=self.max_train, max_dev=self.max_dev, validation=self.validation,
+                                      seed=self.seed, **length)  # fmt: skip
+            return model, task
         model = load_model(self.model, num_labels=self.num_labels)
         task = Task.for_sequence_classification(model, load_tokenizer(self.tokenizer or self.model), self.task, self.eval,
                                                 text_column=self.text_column, pair_column=self.pair_column,
                                                 label_column=self.label_column, batch_size=self.batch_size,
                                                 max_train=self.max_train, max_dev=self.max_dev, validation=self.validation,
-                                                seed=self.seed)  # fmt: skip
+                                                seed=self.seed, **length)  # fmt: skip
         return model, task
 
     def build_space(self, model: nn.Module, task: Task, config: StudyConfig) -> Any:

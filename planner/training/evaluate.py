@@ -20,6 +20,7 @@ import torch.nn as nn
 from ...backends import apply, aux_loss, count_trainable
 from ...plan import Plan
 from ...recipe import Recipe
+from .device import autocast, release, resolve
 from .task import Task
 from .train import train
 
@@ -92,9 +93,11 @@ class Evaluation:
 
 
 def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, recipe: Recipe | None = None,
-             seed: int = 0, aux_weight: float = 0.01) -> Evaluation:  # fmt: skip
+             seed: int = 0, aux_weight: float = 0.01, device: str | torch.device | None = None,
+             bf16: bool = False) -> Evaluation:  # fmt: skip
     """Apply ``plan`` to a copy of ``base`` (left untouched), train by ``recipe`` (default
-    `Recipe()`) at ``fidelity``, score on the validation batches.
+    `Recipe()`) at ``fidelity`` on ``device`` (None: CUDA when available, as `train`), with
+    ``bf16`` autocast or not, score on the validation batches.
 
     ``aux_weight`` scales auxiliary losses of the plan's sites (MoE-LoRA load balancing)."""
     if not task.validation_batches:
@@ -105,8 +108,10 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
     start = time.perf_counter()
     params = int(plan.objectives.get("params", 0))
     losses: list[float] = []
+    device = resolve(device, base)  # a device this machine lacks fails the search, not each trial
+    model = None
     try:
-        model = apply(copy.deepcopy(base), plan)
+        model = apply(copy.deepcopy(base), plan).to(device)
         params = count_trainable(model)
         validation = task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
         sub = replace(
@@ -114,12 +119,16 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
             train_batches=task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches,
             loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m),
         )
-        run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed)
+        run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed, device=device, bf16=bf16)
         losses = run.losses
-        metric = float(task.metric(model, validation))
-        loss = validation_loss(model, task, validation)
+        with autocast(device, bf16):
+            metric = float(task.metric(model, validation))
+            loss = validation_loss(model, task, validation)
     except Exception as e:  # any failing plan is a failed trial, recorded with its reason
         return failure(e, params, start, losses)
+    finally:
+        del model
+        release(device)
     if metric != metric:  # NaN metric: the model produced garbage
         return Evaluation(None, params, time.perf_counter() - start, "metric is NaN", losses)
     return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss)
@@ -135,14 +144,15 @@ def failure(e: BaseException, params: int, start: float, losses: list[float] | N
 
 
 def validation_loss(model: nn.Module, task: Task, batches: list) -> float:
-    """Mean of ``task.loss`` over ``batches``, weighted by examples, in eval mode without gradients."""
+    """Mean of ``task.loss`` over ``batches``, weighted by examples (or by ``task.weight``: a causal
+    LM's predicted tokens), in eval mode without gradients."""
     was_training = model.training
     model.eval()
     total = n = 0.0
     try:
         with torch.no_grad():
             for batch in batches:
-                k = len(next(iter(batch.values())))
+                k = task.weight(batch) if task.weight is not None else len(next(iter(batch.values())))
                 total += float(task.loss(model, batch)) * k
                 n += k
     finally:

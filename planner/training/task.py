@@ -44,6 +44,8 @@ class Task:
     name: str = "task"
     validation_batches: list[Batch] = field(default_factory=list)
     labels: tuple[str, ...] | None = None  # class names by id, when the data named its classes
+    kind: str = "classification"  # or "causal-lm" (`for_causal_lm`): what the metric means
+    weight: Callable[[Batch], int] | None = None  # what a batch's mean loss is over (None: its examples)
 
     def with_validation(self, share: float | int, seed: int = 0) -> Task:
         """A copy whose validation batches are ``share`` of the training batches (a fraction in
@@ -59,6 +61,22 @@ class Task:
         picked = set(random.Random(seed).sample(range(n), k))
         return replace(self, train_batches=[b for i, b in enumerate(self.train_batches) if i not in picked],
                        validation_batches=[b for i, b in enumerate(self.train_batches) if i in picked])  # fmt: skip
+
+    def to(self, device: str | torch.device) -> Task:
+        """A copy whose batches live on ``device`` (moved once here rather than at every step).
+
+        >>> Task([{"x": torch.ones(1)}], [], None, None).to("cpu").train_batches[0]["x"].device
+        device(type='cpu')
+        """
+        from .device import resolve
+
+        device = resolve(device)
+
+        def moved(batches: list[Batch]) -> list[Batch]:
+            return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+
+        return replace(self, train_batches=moved(self.train_batches), eval_batches=moved(self.eval_batches),
+                       validation_batches=moved(self.validation_batches))  # fmt: skip
 
     def batch_shape(self) -> tuple[int, int]:
         """(batch, length) of the largest training batch: what training memory is costed at.
@@ -96,7 +114,14 @@ class Task:
         >>> Task([], [], None, None, labels=("neg", "pos")).provenance()
         {'labels': ['neg', 'pos']}
         """
-        return Labels(self.labels).provenance()
+        return {**Labels(self.labels).provenance(), **({"kind": self.kind} if self.kind != "classification" else {})}
+
+    @property
+    def metric_name(self) -> str:
+        """What the metric is, for tables and plot axes."""
+        if self.kind == "causal-lm":
+            return "minus validation loss per token"
+        return {mcc: "validation MCC", accuracy: "validation accuracy"}.get(self.metric, "validation metric")
 
     @classmethod
     def for_sequence_classification(
@@ -118,6 +143,7 @@ class Task:
         seed: int = 0,
         validation: Any = 0.2,
         name: str | None = None,
+        device: str | torch.device | None = None,
     ) -> Task:
         """A classification task: ``train`` gives the training and validation examples, ``dev``
         the evaluation examples (the final report only; None: none, or a DatasetDict's own).
@@ -139,7 +165,8 @@ class Task:
         or Dataset); ``max_train`` keeps a prefix of the rest; dev keeps file order. Each batch
         is padded to its own longest text. The loss is cross-entropy on
         ``model(**inputs).logits``; ``metric`` is ``"accuracy"`` or ``"mcc"`` (Matthews
-        correlation, the usual CoLA metric).
+        correlation, the usual CoLA metric). ``device`` puts the batches there (None: they stay
+        on the CPU and move to the model's device batch by batch).
 
         >>> task = Task.for_sequence_classification(
         ...     MODEL_DIR, None, "data/text/sst2/train.tsv", "data/text/sst2/dev.tsv",
@@ -186,7 +213,7 @@ class Task:
                 out.append({**enc, "labels": torch.tensor([label for label, _ in chunk])})
             return out
 
-        return cls(
+        task = cls(
             train_batches=batches(train_rows),
             eval_batches=batches(dev_rows),
             loss=classification_loss,
@@ -195,6 +222,91 @@ class Task:
             validation_batches=batches(validation_rows),
             labels=table.names,
         )
+        return task if device is None else task.to(device)
+
+
+    @classmethod
+    def for_causal_lm(
+        cls,
+        model_dir_or_model: str | os.PathLike | nn.Module,
+        tokenizer: Any,
+        train: Any,
+        dev: Any = None,
+        *,
+        text_column: str | None = None,
+        prompt_column: str | None = None,
+        response_column: str | None = None,
+        batch_size: int = 8,
+        max_length: int = 128,
+        max_train: int | None = None,
+        max_dev: int | None = None,
+        seed: int = 0,
+        validation: Any = 0.2,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> Task:
+        """A causal language-model task: next-token loss over each text, or — with
+        ``prompt_column`` and ``response_column`` (instruction data) — over the response alone,
+        the prompt's tokens labelled -100. The metric is minus the validation loss per predicted
+        token (its perplexity is ``exp(-metric)``).
+
+        ``train`` (and ``dev``, the evaluation data: the final report only) is a ``.txt`` file
+        (one example per non-blank line), a CSV, JSON/JSONL or Parquet file, a
+        `datasets.Dataset` or ``DatasetDict`` (its ``train`` split; ``validation`` or ``test`` as
+        dev), or a list of strings or of dicts. Columns default to ``text``, else ``prompt`` and
+        ``response`` when the data has both. Training examples are shuffled with ``seed``; then
+        ``validation`` of them (a fraction, or a count; or data of its own) become the
+        validation split; ``max_train`` keeps a prefix of the rest. Each example is cut to
+        ``max_length`` tokens; batches are right-padded (the pad token, else EOS) with padding
+        labelled -100 and masked. ``tokenizer`` None loads the model directory's; ``device`` as in
+        `for_sequence_classification`.
+
+        >>> task = Task.for_causal_lm(model, tok, ["the cat sat", "a dog ran", "birds fly"], validation=1)  # doctest: +SKIP
+        >>> task.kind, len(task.validation_batches)  # doctest: +SKIP
+        ('causal-lm', 1)
+        """
+        from . import lm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: a causal LM example needs at least 2 tokens (one read, one predicted)")
+        columns = lm.LMColumns.of(text_column, prompt_column, response_column)
+        if isinstance(train, (str, os.PathLike)) and Path(train).is_dir():
+            raise ValueError(f"{train} is a folder: a causal LM task reads a data file (.txt with one example per line, "
+                             ".csv, .json, .jsonl, .parquet), a datasets.Dataset or a list of texts")  # fmt: skip
+        default_name = name or _task_name(train)
+        train, dev, given = splits(train, dev, validation) if not isinstance(train, (list, tuple)) else (train, dev, None)
+        if given is None and isinstance(validation, (list, tuple)):
+            given = validation
+        rows = lm.read_examples(train, columns, "training data")
+        random.Random(seed).shuffle(rows)
+        held: list = []
+        if given is not None:
+            held = lm.read_examples(given, columns, "validation data")
+        elif validation is not None:
+            rows, held = lm.split_examples(rows, validation, seed)
+        rows = rows[:max_train]
+        dev_rows = [] if dev is None else lm.read_examples(dev, columns, "evaluation data")[:max_dev]
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
+
+        def batches(examples: list) -> list[Batch]:
+            return lm.lm_batches(tokenizer, examples, batch_size, max_length)
+
+        task = cls(
+            train_batches=batches(rows),
+            eval_batches=batches(dev_rows),
+            loss=lm.causal_lm_loss,
+            metric=lm.negative_token_loss,
+            name=default_name,
+            validation_batches=batches(held),
+            kind="causal-lm",
+            weight=lm.predicted_tokens,
+        )
+        if not any(lm.predicted_tokens(b) for b in task.train_batches):
+            raise ValueError(f"no training example of {default_name!r} has a token to predict: the responses are empty "
+                             f"or the prompts fill max_length={max_length}; raise max_length")  # fmt: skip
+        return task if device is None else task.to(device)
 
 
 def _task_name(train: Any) -> str:
@@ -202,6 +314,8 @@ def _task_name(train: Any) -> str:
     if isinstance(train, (str, os.PathLike)):
         path = Path(train)
         return path.name if path.is_dir() else (path.parent.name or path.stem)
+    if isinstance(train, (list, tuple)):
+        return "dataset"
     info = getattr(train, "info", None) or getattr(next(iter(getattr(train, "values", list)()), None), "info", None)
     return getattr(info, "dataset_name", None) or "dataset"
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ...backends.base import PlanError
 from ...recipe import Recipe
+from .device import autocast, check_bf16, resolve
 from .progress import ProgressLine
 from .task import Task
 
@@ -34,8 +35,13 @@ class TrainResult:
 
 
 def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: int = 0, progress: bool = False,
-          description: str = "training", on_step: Callable[[int], None] | None = None) -> TrainResult:  # fmt: skip
+          description: str = "training", on_step: Callable[[int], None] | None = None,
+          device: str | torch.device | None = None, bf16: bool = False) -> TrainResult:  # fmt: skip
     """Train ``model`` in place by ``recipe`` (default `Recipe()`: one epoch at lr 1e-3).
+
+    The model moves to ``device`` (None: where it is unless that is the CPU, else CUDA when
+    available, else the CPU; `peftplan.planner.training.device.resolve`) and each batch with
+    it; ``bf16`` runs the forward passes under bf16 autocast (weights and optimizer stay fp32).
 
     ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the
     hook a method that reshapes itself while training needs (peft AdaLoRA's
@@ -54,6 +60,10 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     if not task.train_batches:
         raise ValueError(f"task {task.name!r} has no training batches")
     check_batch_size(task, recipe)
+    device = resolve(device, model)
+    if bf16:
+        check_bf16(device)
+    model.to(device)
     steps = recipe.total_steps(len(task.train_batches))
     torch.manual_seed(seed)
     order = random.Random(seed)
@@ -70,7 +80,8 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
             if not batches:
                 batches = list(task.train_batches)
                 order.shuffle(batches)
-            loss = task.loss(model, batches.pop())
+            with autocast(device, bf16):
+                loss = task.loss(model, batches.pop())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
             optimizer.zero_grad(set_to_none=True)

@@ -51,3 +51,30 @@ def test_plan_on_a_data_file(tmp_path, capsys):
             "--batches", "1", "--batch-size", "8", "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert pp.Plan.load(out).provenance["labels"] == ["bad", "good"]
+
+
+def test_search_a_causal_lm_on_instruction_data(tmp_path, capsys):
+    from tests.zoo import char_tokenizer
+
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    rng = random.Random(0)
+    words = "the cat dog sat ran far home".split()
+    lines = [json.dumps({"q": " ".join(rng.sample(words, 3)), "a": " ".join(rng.sample(words, 2))}) for _ in range(24)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = ["search", "tests.zoo:llama", "--task", str(tmp_path / "chat.jsonl"), "--causal-lm", "--prompt-column", "q",
+              "--response-column", "a", "--tokenizer", str(tmp_path / "tok"), "--max-length", "24", "--budget", "5%",
+              "--strategy", "random", "--trials", "2", "--steps", "2", "--batch-size", "4", "--storage", url, "--threads",
+              "1", "-q", "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    assert main(search) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["provenance"]["kind"] == "causal-lm"
+    perplexity = float(out.split("validation perplexity ")[1].split()[0].replace(",", ""))
+    assert perplexity == pytest.approx(2.718281828 ** -plan["objectives"]["metric"], rel=1e-3)
+    worker = ["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json"), "--allow", "tests.zoo:llama"]
+    assert main(worker) == 0  # rebuilt the causal LM task from the stored source
+    assert json.loads((tmp_path / "again.json").read_text())["sites"] == plan["sites"]
+
+    assert main([a for a in search if a != "--causal-lm"]) == 2
+    assert "--prompt-column and --response-column are for a causal language model: add --causal-lm" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""Causal language-model tasks: next-token loss over plain texts, or over the response alone of
+prompt/response pairs (instruction tuning: the prompt's tokens are labelled -100, so they are
+read but never predicted). The metric is minus the validation loss per predicted token (higher
+is better, as everywhere in peftplan); its perplexity is ``exp(-metric)``.
+
+    >>> task = Task.for_causal_lm(model, tokenizer, "chat.jsonl", prompt_column="prompt",
+    ...                           response_column="response", max_length=256)  # doctest: +SKIP
+    >>> sorted(task.train_batches[0])  # doctest: +SKIP
+    ['attention_mask', 'input_ids', 'labels']
+
+Examples come from a ``.txt`` file (one example per non-blank line), a CSV, JSON/JSONL or
+Parquet file (read by `datasets`), a `datasets.Dataset` or ``DatasetDict``, or a list of
+strings or of dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import load_table
+
+IGNORE = -100  # the label of a token that is read but not predicted (torch's cross-entropy ignore_index)
+Example = Any  # a text, or a (prompt, response) pair
+
+
+@dataclass(frozen=True)
+class LMColumns:
+    """Which columns hold the text, or the prompt and the response (instruction data)."""
+
+    text: str | None = "text"
+    prompt: str | None = None
+    response: str | None = None
+
+    @classmethod
+    def of(cls, text: str | None, prompt: str | None, response: str | None) -> LMColumns | None:
+        """The columns named (None when none is: `resolve` picks them from the data)."""
+        if (prompt is None) != (response is None):
+            raise ValueError("instruction data needs both prompt_column and response_column (--prompt-column, "
+                             "--response-column); give both, or text_column alone for plain text")  # fmt: skip
+        if text is not None and prompt is not None:
+            raise ValueError("give text_column for plain text or prompt_column and response_column for instruction "
+                             "data, not both")  # fmt: skip
+        if text is None and prompt is None:
+            return None
+        return cls(text, prompt, response) if prompt is None else cls(None, prompt, response)
+
+    @property
+    def instruction(self) -> bool:
+        return self.prompt is not None
+
+    def resolve(self, have: list[str], source: str) -> LMColumns:
+        """These columns checked against the table's ``have``."""
+        for role, name in (("text", self.text), ("prompt", self.prompt), ("response", self.response)):
+            if name is not None and name not in have:
+                raise ValueError(f"{source} has no {role} column {name!r}; its columns are {have}: pass "
+                                 f"{role}_column=... (--{role}-column on the command line)")  # fmt: skip
+        return self
+
+
+def default_columns(have: list[str], source: str) -> LMColumns:
+    """``text`` when the data has it, else ``prompt`` and ``response`` when it has both."""
+    if "text" in have:
+        return LMColumns()
+    if "prompt" in have and "response" in have:
+        return LMColumns(None, "prompt", "response")
+    raise ValueError(f"{source} has columns {have} but neither 'text' nor 'prompt' and 'response': name them with "
+                     "text_column=..., or prompt_column=... and response_column=... (--text-column, --prompt-column, "
+                     "--response-column)")  # fmt: skip
+
+
+def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Example]:
+    """Texts, or (prompt, response) pairs, from a path, a `datasets.Dataset` or a list."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.suffix.lower() == ".txt":
+            if columns is not None and columns.instruction:
+                raise ValueError(f"{path} is a text file (one example per line): instruction data with prompt and "
+                                 "response columns comes as CSV, JSON/JSONL or Parquet")  # fmt: skip
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such data file")
+            texts = [line.rstrip("\r\n") for line in path.open(encoding="utf-8") if line.strip()]
+            if not texts:
+                raise ValueError(f"{path} has no examples")
+            return texts
+        return _table_examples(load_table(path), columns, str(path))
+    if isinstance(getattr(source, "column_names", None), list):
+        return _table_examples(source, columns, f"the {what}")
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError(f"the {what} is an empty list")
+        if all(isinstance(x, str) for x in source):
+            if columns is not None and columns.instruction:
+                raise ValueError(f"the {what} is a list of strings: instruction data is a list of dicts with the "
+                                 "prompt and response columns")  # fmt: skip
+            return list(source)
+        if all(isinstance(x, dict) for x in source):
+            import datasets
+
+            return _table_examples(datasets.Dataset.from_list(list(source)), columns, f"the {what}")
+        raise TypeError(f"the {what} mixes types: give a list of strings, or of dicts with named columns")
+    raise TypeError(f"the {what} is a {type(source).__name__}: give a path (.txt, .csv, .json, .jsonl, .parquet), a "
+                    "datasets.Dataset or DatasetDict, or a list of strings or dicts")  # fmt: skip
+
+
+def _table_examples(table: Any, columns: LMColumns | None, source: str) -> list[Example]:
+    have = list(table.column_names)
+    columns = (columns or default_columns(have, source)).resolve(have, source)
+    if len(table) == 0:
+        raise ValueError(f"{source} has no examples")
+    if not columns.instruction:
+        return [_text(v, source, columns.text) for v in table[columns.text]]
+    prompts = [_text(v, source, columns.prompt) for v in table[columns.prompt]]
+    return list(zip(prompts, (_text(v, source, columns.response) for v in table[columns.response])))
+
+
+def _text(v: Any, source: str, column: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
+                         "fill in missing texts or name another column")  # fmt: skip
+    return v
+
+
+def split_examples(examples: list[Example], share: float | int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(rest, held out): ``share`` of ``examples`` (a fraction in (0, 1), or a count) drawn with
+    ``seed``; both keep their order.
+
+    >>> split_examples(list("abcdefghij"), 0.2, seed=0)[1]
+    ['g', 'j']
+    """
+    from .task import _count
+
+    k = _count(share, len(examples), "training examples")
+    held = set(random.Random(seed).sample(range(len(examples)), k))
+    return [x for i, x in enumerate(examples) if i not in held], [x for i, x in enumerate(examples) if i in held]
+
+
+def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of one example, at most ``max_length`` tokens. A text is predicted
+    whole (after the tokenizer's own special tokens, then its end-of-sequence token); of a
+    (prompt, response) pair only the response and the end-of-sequence token are, the prompt's
+    labels being -100. A pair too long keeps the start of the response (at least half the
+    length, or all of it) and the end of the prompt (its first token kept: often BOS).
+
+    >>> class Chars:  # a tokenizer of one id per character, BOS 1, EOS 2
+    ...     bos_token_id, eos_token_id = 1, 2
+    ...     def __call__(self, text, add_special_tokens=True):
+    ...         return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+    >>> encode(Chars(), ("ab", "c"), 16)
+    ([1, 97, 98, 99, 2], [-100, -100, -100, 99, 2])
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(example, str):
+        ids = list(tokenizer(example)["input_ids"])
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        ids = ids[:max_length]
+        return ids, list(ids)
+    prompt, response = example
+    p = list(tokenizer(prompt)["input_ids"])
+    r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+    if len(p) + len(r) > max_length:
+        keep = min(len(r), max(max_length // 2, max_length - len(p)))
+        r = r[:keep]
+        room = max_length - keep
+        p = (p[:1] + p[len(p) - room + 1 :] if room > 1 else p[:room]) if len(p) > room else p
+    return p + r, [IGNORE] * len(p) + r
+
+
+def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of ``input_ids``, ``attention_mask`` and ``labels``, each right-padded to its longest
+    example (the pad token, else the end-of-sequence token, else 0; padding labelled -100)."""
+    pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
+    out = []
+    for i in range(0, len(examples), batch_size):
+        encoded = [encode(tokenizer, x, max_length) for x in examples[i : i + batch_size]]
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+        for row, (x, y) in enumerate(encoded):
+            ids[row, : len(x)], mask[row, : len(x)], labels[row, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross-entropy, predicted tokens) of one batch: the logits at position
+    ``t`` predict the label at ``t + 1``."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"].to(device)[:, 1:]
+    logits = model(**inputs).logits[:, :-1]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE,
+                            reduction="sum")  # fmt: skip
+    return total, int((labels != IGNORE).sum())
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's predicted tokens (0, with a graph, when a
+    batch predicts none)."""
+    total, n = token_loss(model, batch)
+    return total / max(n, 1)
+
+
+def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a batch's loss is the mean over: what its validation loss is weighted by."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def negative_token_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Minus the mean next-token loss over every predicted token of ``batches`` (higher is
+    better; the perplexity is ``exp`` of minus this), in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    total = n = 0.0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                s, k = token_loss(model, batch)
+                total, n = total + float(s), n + k
+    finally:
+        model.train(was_training)
+    if not n:
+        raise ValueError("the batches predict no token: every label is -100 (empty responses, or prompts filling max_length)")
+    return -total / n

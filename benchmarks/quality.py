@@ -17,7 +17,9 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
 * peftplan's default search (``pp.search(model, budget, task, recipe=…)`` with every default:
   its strategy, trials, seeds, learning-rate knob and fidelity schedule), its returned plan
-  trained at the plan's own recipe.
+  trained at the plan's own recipe;
+* the same search promoting by the other signal (validation loss when the default screens by
+  the validation metric, and the other way round): what the default's choice is measured against.
 
 Final runs on every seed of the scale (the seed sets the head's initialisation, the adapters'
 and the data order); lr choices and the search use seed 0. Each finished training is stored
@@ -213,14 +215,16 @@ class Study:
         plan.recipe = recipe(self.cfg["steps"], PROXY_LR)
         return plan
 
-    def search(self, name: str) -> tuple[object, dict]:
-        """peftplan's default search on seed 0's task; its plan and what it cost, stored."""
+    def search(self, name: str, screen_by: str | None = None) -> tuple[object, dict]:
+        """peftplan's default search on seed 0's task (``screen_by``: promotion by another
+        signal than the default's); its plan and what it cost, stored."""
         import optuna
 
         import peftplan as pp
 
-        key = f"{self.scale}/{name}/search"
-        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__}
+        key = f"{self.scale}/{name}/search" + (f"-screen-{screen_by}" if screen_by else "")
+        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
+                **({"screen_by": screen_by} if screen_by else {})}  # fmt: skip
         record = self.store.get(key, spec)
         if record is not None and record.get("planner") != planner_tree() and not self.stored_only:
             print(f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True)
@@ -232,7 +236,8 @@ class Study:
             storage = optuna.storages.InMemoryStorage()
             start = time.perf_counter()
             plan = pp.search(base, BUDGET, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
-                             study_name="quality", progress=False, threads=2)  # fmt: skip
+                             study_name="quality", progress=False, threads=2,
+                             **({"screen_by": screen_by} if screen_by else {}))  # fmt: skip
             wall = time.perf_counter() - start
             trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
             done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -291,7 +296,21 @@ def run_task(study: Study, name: str) -> dict:
     rows["peftplan search"] = {"runs": [study.plan_run(name, "search", plan, s) for s in seeds], "lr": plan.recipe.lr,
                                "cost": record["steps"] / steps + len(seeds), "kind": "search", "search": record,
                                "summary": plan.summary()}  # fmt: skip
+    other = "metric" if default_screen() == "loss" else "loss"  # the promotion signal the default does not use, for contrast
+    plan, record = study.search(name, screen_by=other)
+    rows[f"peftplan search, screened by {other}"] = {
+        "runs": [study.plan_run(name, f"search-screen-{other}", plan, s) for s in seeds], "lr": plan.recipe.lr,
+        "cost": record["steps"] / steps + len(seeds), "kind": "search-variant", "search": record, "summary": plan.summary()}
     return rows
+
+
+def default_screen() -> str:
+    """What the default search promotes by (`run_search`'s ``screen_by``)."""
+    import inspect
+
+    from peftplan.planner.study import run_search
+
+    return inspect.signature(run_search).parameters["screen_by"].default
 
 
 def mean_std(values: list[float]) -> str:
@@ -317,6 +336,10 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
     lines += ["", f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
               f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min, planner tree "
               f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}."]  # fmt: skip
+    for label, row in rows.items():
+        if row["kind"] == "search-variant":
+            lines += ["", f"{label[0].upper() + label[1:]}: {row['search']['evaluations']} evaluations, "
+                      f"{row['search']['steps'] / study.cfg['steps']:.1f} final runs; returned {row['summary']} at lr {row['lr']:g}."]  # fmt: skip
     grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
                       for label, row in rows.items() if "grid" in row)  # fmt: skip
     lines += ["", f"Learning-rate grids (validation {metric}, seed 0): {grids}.", ""]

@@ -78,3 +78,9 @@ def test_search_a_causal_lm_on_instruction_data(tmp_path, capsys):
 
     assert main([a for a in search if a != "--causal-lm"]) == 2
     assert "--prompt-column and --response-column are for a causal language model: add --causal-lm" in capsys.readouterr().err
+    # the one-shot plan scores its sites by grad² of the same next-token loss
+    plan_argv = ["plan", "tests.zoo:llama", "--budget", "5%", *search[2:11], "--batch-size", "4", "--batches", "2",
+                 "-o", str(tmp_path / "proxy.json")]  # fmt: skip
+    assert main(plan_argv) == 0
+    proxy = json.loads((tmp_path / "proxy.json").read_text())
+    assert proxy["provenance"]["kind"] == "causal-lm" and proxy["provenance"]["scores"] == "grad2"

@@ -234,7 +234,7 @@ def report(records: list[dict], steps: int) -> str:
     corr = correlations(records)
     lines = [f"Final recipe: AdamW, 6% warm-up then linear decay, batch 32, max length 64, {steps} steps, seed 0; "
              "the contenders' learning rates as listed in the benchmark. Signals are measured on the validation split "
-             "(20% of train.tsv, stratified) or the training batches; the target is the dev metric after the full "
+             f"({VALIDATION:,} examples held out of train.tsv, stratified) or the training batches; the target is the dev metric after the full "
              "recipe. Losses are negated, so a positive correlation means the signal ranks like the final result.", ""]  # fmt: skip
     for name, rungs in corr.items():
         metric = METRIC_NAMES[METRICS[name]]

@@ -21,7 +21,7 @@ from ...backends import apply, aux_loss, count_trainable
 from ...plan import Plan
 from ...recipe import Recipe
 from .device import autocast, release, resolve
-from .task import Task
+from .task import Task, inference
 from .train import train
 
 
@@ -146,15 +146,10 @@ def failure(e: BaseException, params: int, start: float, losses: list[float] | N
 def validation_loss(model: nn.Module, task: Task, batches: list) -> float:
     """Mean of ``task.loss`` over ``batches``, weighted by examples (or by ``task.weight``: a causal
     LM's predicted tokens), in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
     total = n = 0.0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                k = task.weight(batch) if task.weight is not None else len(next(iter(batch.values())))
-                total += float(task.loss(model, batch)) * k
-                n += k
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for batch in batches:
+            k = task.weight(batch) if task.weight is not None else len(next(iter(batch.values())))
+            total += float(task.loss(model, batch)) * k
+            n += k
     return total / n if n else float("nan")

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import load_table
+from .task import _count, inference
 
 IGNORE = -100  # the label of a token that is read but not predicted (torch's cross-entropy ignore_index)
 Example = Any  # a text, or a (prompt, response) pair
@@ -135,8 +136,6 @@ def split_examples(examples: list[Example], share: float | int, seed: int) -> tu
     >>> split_examples(list("abcdefghij"), 0.2, seed=0)[1]
     ['g', 'j']
     """
-    from .task import _count
-
     k = _count(share, len(examples), "training examples")
     held = set(random.Random(seed).sample(range(len(examples)), k))
     return [x for i, x in enumerate(examples) if i not in held], [x for i, x in enumerate(examples) if i in held]
@@ -218,16 +217,11 @@ def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
 def negative_token_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Minus the mean next-token loss over every predicted token of ``batches`` (higher is
     better; the perplexity is ``exp`` of minus this), in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
     total = n = 0.0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                s, k = token_loss(model, batch)
-                total, n = total + float(s), n + k
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for batch in batches:
+            s, k = token_loss(model, batch)
+            total, n = total + float(s), n + k
     if not n:
         raise ValueError("the batches predict no token: every label is -100 (empty responses, or prompts filling max_length)")
     return -total / n

@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -375,19 +376,26 @@ def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(model(**inputs).logits, labels)
 
 
-def predictions(model: nn.Module, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted, true) labels over ``batches``, in eval mode and without gradients."""
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients; its mode is restored after."""
     was_training = model.training
     model.eval()
-    pred, true = [], []
     try:
         with torch.no_grad():
-            for batch in batches:
-                inputs, labels = _split(model, batch)
-                pred.append(model(**inputs).logits.argmax(-1).cpu())
-                true.append(labels.cpu())
+            yield model
     finally:
         model.train(was_training)
+
+
+def predictions(model: nn.Module, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) labels over ``batches``, in eval mode and without gradients."""
+    pred, true = [], []
+    with inference(model):
+        for batch in batches:
+            inputs, labels = _split(model, batch)
+            pred.append(model(**inputs).logits.argmax(-1).cpu())
+            true.append(labels.cpu())
     return torch.cat(pred), torch.cat(true)
 
 

@@ -10,8 +10,9 @@ read once, for the final table.
 2. peftplan's proxy plan: sensitivity scores and an allocation, no training while planning;
 3. peftplan search with its defaults: 18 candidates (uniform LoRA on query/value, LoRA on
    every linear layer and the one-shot allocations at three learning rates each, then the
-   sampler's proposals with their own) screened at 10% of the recipe, each baseline at its
-   best rate and the best third of the rest trained in full; prints the Pareto front and
+   sampler's proposals with their own) screened at 10% of the recipe and ranked by their
+   validation loss, each baseline at its best rate and the best third of the rest trained in
+   full; prints the Pareto front and
    writes front.png, front.html, plan.json;
 4. the best plan within the budget is applied to a fresh model and trained by its own
    recipe (the learning rate the search found), with the baseline's seed and data order.

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
     se.add_argument("--rungs", type=int, help="successive-halving rungs, each eta times longer (default: every candidate at "
                     "10%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)")
-    se.add_argument("--screen-by", default="metric", choices=("metric", "loss"),
-                    help="what promotion to the next rung ranks candidates by (default: the metric)")
+    se.add_argument("--screen-by", default="loss", choices=("loss", "metric"),
+                    help="what promotion to the next rung ranks candidates by (default: the validation loss; the "
+                    "returned plan is the best by the metric at the top rung)")
     se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a fifth to five times --lr), "
                     "none (--lr for all) or LOW,HIGH")
     se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")

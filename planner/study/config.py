@@ -153,7 +153,8 @@ class StudyConfig:
     proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space
     source: Source | None = None
     lr_range: tuple[float, float] | None = None  # the default space's learning-rate knob (None: the recipe's rate)
-    screen_by: str = "metric"  # what promotion ranks candidates by: the metric, or the validation loss
+    screen_by: str = "metric"  # what promotion ranks candidates by (run_search's default: "loss"; a study stored
+    # before the field existed promoted by the metric)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -69,7 +69,7 @@ def run_search(
     evaluator: Evaluator = evaluate,
     heartbeat: int = 30,
     lr_range: tuple[float, float] | str | None = "auto",
-    screen_by: str = "metric",
+    screen_by: str = "loss",
     device: str | Any = None,
     bf16: bool = False,
 ) -> Plan:
@@ -86,8 +86,10 @@ def run_search(
     `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a fifth
     to five times ``recipe.lr``, log scale; None: ``recipe.lr`` for all); ``fidelities``
     (default `default_rungs`: 10% of the recipe, then the full recipe) are the rungs of
-    successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("metric", or
-    "loss": the validation loss); the returned plan carries its recipe (`Plan.recipe`). Candidates are
+    successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the
+    validation loss, which ranks short runs like their final results where the metric does not
+    yet, benchmarks/fidelity.py; or "metric"), the returned plan chosen by the metric at the top
+    rung; the returned plan carries its recipe (`Plan.recipe`). Candidates are
     scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
     records how workers rebuild the model and task (without it, none can join). Trials train on
     ``device`` (None: CUDA when available, else the CPU; each trial's copy of the model moves

@@ -338,7 +338,7 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
               f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}."]  # fmt: skip
     for label, row in rows.items():
         if row["kind"] == "search-variant":
-            lines += ["", f"{label[0].upper() + label[1:]}: {row['search']['evaluations']} evaluations, "
+            lines += ["", f"{label}: {row['search']['evaluations']} evaluations, "
                       f"{row['search']['steps'] / study.cfg['steps']:.1f} final runs; returned {row['summary']} at lr {row['lr']:g}."]  # fmt: skip
     grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
                       for label, row in rows.items() if "grid" in row)  # fmt: skip

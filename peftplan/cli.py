@@ -5,6 +5,7 @@
     peftplan plan minilm --budget 0.5% -o plan.json
     peftplan plan minilm --budget 75k --task ../shared/data/text/sst2 -o plan.json
     peftplan search minilm --task data/sst2 --budget 1% --strategy nsga2 --trials 27 --rungs 3
+    peftplan apply minilm --plan plan.json --task data/sst2 -o adapter/   # train it by its recipe, save it
     peftplan worker sqlite:///peftplan-study.db     # another process joins the same study
     peftplan worker sqlite:///s.db --allow tests.zoo:llama   # ... whose model is a factory it trusts
     peftplan worker postgresql://host/db --device cuda:1     # one worker per GPU
@@ -100,6 +101,33 @@ def _search(args: argparse.Namespace) -> int:
                       methods=args.methods.split(","), threads=args.threads, source=source, device=args.device, bf16=args.bf16,
                       progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    """Apply a plan to the model, train it by the plan's recipe (or the flags'), report the
+    validation and evaluation metric, save the artifact."""
+    from dataclasses import replace
+
+    import peftplan as pp
+    from peftplan.planner.study import Source
+    from peftplan.planner.training.evaluate import validation_loss
+
+    plan = pp.Plan.load(args.plan)
+    recipe = plan.recipe or pp.Recipe()
+    changes = {k: v for k, v in (("lr", args.lr), ("steps", args.steps)) if v is not None}
+    recipe = replace(recipe, **changes, **({"epochs": None} if "steps" in changes else {}))
+    batch_size = args.batch_size or recipe.batch_size or 16
+    source = Source(args.model, args.task, args.tokenizer, args.num_labels, batch_size, args.max_train, args.max_dev,
+                    validation=args.validation, seed=args.seed, eval=args.eval, **_columns(args))  # fmt: skip
+    model, task = source.load()
+    model = pp.apply(model, plan)
+    print(f"applied {plan.summary()}; training {recipe.total_steps(len(task.train_batches))} steps at lr {recipe.lr:g}")
+    run = pp.train(model, task, recipe, seed=args.seed, progress=not args.quiet, device=args.device, bf16=args.bf16)
+    for split, batches in (("validation", task.validation_batches), ("evaluation", task.eval_batches)):
+        if batches:
+            print(f"{split} {task.metric_name} {task.metric(model, batches):.4f}, loss {validation_loss(model, task, batches):.4f}")
+    print(f"wrote {pp.save(model, args.out)} ({run.seconds:.0f} s of training)")
+    return 0
 
 
 def _lr_range(text: str):
@@ -207,6 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("-o", "--out", default="plan.json", help="where to write the plan (default plan.json)")
     pl.set_defaults(run=_plan)
+
+    ap = sub.add_parser("apply", help="apply a plan, train it by its recipe, save the adapters")
+    ap.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")
+    ap.add_argument("--plan", required=True, help="plan.json from `peftplan plan` or `peftplan search`")
+    ap.add_argument("--task", required=True, help="the training data, as for search (its validation split held out the "
+                    "same way); the evaluation data (--eval, a folder's dev.tsv) is scored after training")  # fmt: skip
+    _data(ap)
+    ap.add_argument("--lr", type=float, help="override the plan's learning rate")
+    ap.add_argument("--steps", type=int, help="override the plan's training length")
+    ap.add_argument("--validation", type=float, default=0.2, help="share of the training data held out (default 0.2, as search)")
+    ap.add_argument("--tokenizer", help="tokenizer directory or 'minilm' (default: the model's; needed for a factory)")
+    ap.add_argument("--num-labels", type=int, default=2, help="classes of the task")
+    ap.add_argument("--batch-size", type=int, help="default: the plan's recipe's")
+    ap.add_argument("--max-train", type=int, help="keep this many training examples (after the validation split)")
+    ap.add_argument("--max-dev", type=int, help="keep this many evaluation examples")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast while training")
+    ap.add_argument("-o", "--out", default="adapter", help="artifact directory (default adapter/)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    ap.set_defaults(run=_apply)
 
     se = sub.add_parser("search", help="multi-objective search over plans: trains candidates, keeps the Pareto front")
     se.add_argument("model", help="minilm, a local HF model directory, or package.module:factory")

@@ -119,10 +119,14 @@ class Task:
 
     @property
     def metric_name(self) -> str:
-        """What the metric is, for tables and plot axes."""
+        """What the metric is, for tables and plot axes ("accuracy", "MCC", "minus loss per token").
+
+        >>> Task([], [], None, mcc).metric_name
+        'MCC'
+        """
         if self.kind == "causal-lm":
-            return "minus validation loss per token"
-        return {mcc: "validation MCC", accuracy: "validation accuracy"}.get(self.metric, "validation metric")
+            return "minus loss per token"
+        return {mcc: "MCC", accuracy: "accuracy"}.get(self.metric, "metric")
 
     @classmethod
     def for_sequence_classification(

@@ -6,6 +6,7 @@ import csv
 import json
 
 import optuna
+import pytest
 
 import peftplan as pp
 from peftplan.cli import main
@@ -54,3 +55,32 @@ def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
     open_storage(url)  # a database without studies (a missing one: tests/test_bad_inputs.py)
     assert main(["front", url, "--csv", str(tmp_path / "f.csv")]) == 2
     assert "holds 0 studies" in capsys.readouterr().err
+
+
+def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsys):
+    import re
+
+    import torch
+
+    from peftplan.planner.training.task import accuracy
+
+    task_dir, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
+    search = ["search", MODEL, "--task", str(task_dir), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
+              "--trials", "2", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
+              "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    assert main(search) == 0
+    plan = pp.Plan.load(tmp_path / "plan.json")
+    capsys.readouterr()
+    apply = ["apply", MODEL, "--plan", str(tmp_path / "plan.json"), "--task", str(task_dir), "--tokenizer", "minilm",
+             "-q", "-o", str(tmp_path / "adapter")]  # fmt: skip
+    assert main(apply) == 0
+    out = capsys.readouterr().out
+    assert f"training 4 steps at lr {plan.recipe.lr:g}" in out  # the plan's own recipe, its batch size too
+    printed = float(re.search(r"evaluation accuracy (\S+),", out).group(1))
+    # the saved artifact, loaded into a fresh model, scores what apply printed on the same evaluation data
+    model, task = pp.planner.study.Source(MODEL, str(task_dir), "minilm", batch_size=8).load()
+    tuned = pp.load(model, tmp_path / "adapter")
+    assert accuracy(tuned, task.eval_batches) == pytest.approx(printed, abs=5e-5)
+    assert not torch.equal(tuned.classifier.weight, minilm_vocab_classifier().classifier.weight)  # trained, not fresh
+    assert main([*apply, "--steps", "2", "--lr", "1e-2"]) == 0
+    assert "training 2 steps at lr 0.01" in capsys.readouterr().out

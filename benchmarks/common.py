@@ -120,6 +120,8 @@ def rank_correlations(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def write_section(results: Path, name: str, text: str) -> None:
     """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` of
     ``results`` (appended when absent) by ``text``, stamped with today's date."""
+    from peftplan.plan import write_atomic
+
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{text.rstrip()}\n\nGenerated {date.today().isoformat()} by the command above.\n{end}"
     old = results.read_text() if results.exists() else "# Benchmark results\n"
@@ -127,10 +129,7 @@ def write_section(results: Path, name: str, text: str) -> None:
         new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=results.parent, prefix=results.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, results)
+    write_atomic(results, new)
 
 
 def score(model, task, batches: list) -> tuple[float, float]:

@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--validation", type=int, default=500,
                     help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
+    ap.add_argument("--results", type=Path, help="also write the tables into this RESULTS.md's demo section")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     if not (args.data / "train.tsv").exists():
         print(f"no {args.data / 'train.tsv'}: pass --data FOLDER with train.tsv and dev.tsv", file=sys.stderr)
         return 2
@@ -137,12 +139,40 @@ def main(argv=None) -> int:
         table.add_row(name, f"{params:,}", f"{lr:g}", f"{val:.4f}", f"{acc:.4f}", f"{seconds:.1f}s", planned)
     console.print(table)
     console.print(f"searched plan: {plan.summary()}")
+    if args.results:
+        write_results(args, task, recipe, rows, front, budget, plan, time.perf_counter() - started)
     console.print(f"wrote {args.out}/plan.json, front.png, front.html and adapters/ (plan.json + adapters.safetensors)")
     over = [name for name, params, *_ in rows if params > budget.params]
     if over:
         console.print(f"[red]over the budget of {budget.params:,} params: {over}[/red]")
         return 1
     return 0
+
+
+def write_results(args, task, recipe, rows, front, budget, plan, wall: float) -> None:
+    """The demo's tables as markdown in ``args.results``'s demo section (benchmarks/common.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import write_section
+
+    n = {k: sum(len(b["labels"]) for b in getattr(task, k)) for k in ("train_batches", "validation_batches", "eval_batches")}
+    lines = [f"MiniLM-L6 on {task.name}, seed {args.seed}: {n['train_batches']:,} training, {n['validation_batches']:,} "
+             f"validation (held out of train.tsv, stratified: the search's) and {n['eval_batches']:,} dev examples; "
+             f"every final run {recipe}, the searched plan at its own rate.", "",
+             "| tuning | trainable params | lr | validation accuracy | dev accuracy | train time | planning |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {name} | {params:,} | {lr:g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
+              for name, params, lr, val, acc, seconds, planned in rows]  # fmt: skip
+    knee = front.knee()
+    lines += ["", f"Pareto front of the search ({plan.provenance['strategy']}, {len(front.evaluated)} evaluations; validation "
+              f"accuracy at the top rung), budget {budget.params:,} params:", "", "| validation accuracy | trainable params | plan |",
+              "|---:|---:|---|"]  # fmt: skip
+    for p in front:
+        name = f" [{p.info['baseline']}]" if p.info.get("baseline") else ""
+        lines.append(f"| {p.values['metric']:.4f} | {int(p.values['params']):,} | {p.plan.summary() if p.plan else ''}{name}"
+                     f"{' (knee)' if p is knee else ''} |")  # fmt: skip
+    lines += ["", f"Returned: {plan.summary()} at lr {plan.recipe.lr:g}. Whole demo: {wall / 60:.1f} min wall."]
+    command = "python examples/sst2_demo.py --results benchmarks/RESULTS.md"
+    write_section(args.results, "demo", f"## Demo — `make demo` (`{command}`)\n\n" + "\n".join(lines))
 
 
 def front_table(front, budget) -> Table:

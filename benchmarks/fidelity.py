@@ -259,8 +259,8 @@ def verdict(corr: dict) -> str:
         return "Nothing stored yet."
     complete = all(by[1.0]["validation metric"][2] >= 12 for by in corr.values())
     for rung in RUNGS[:-1]:
-        best = {name: max((v[0], s) for s, v in by[rung].items() if not math.isnan(v[0])) if by[rung] else (float("nan"), "")
-                for name, by in corr.items()}  # fmt: skip
+        best = {name: max(((v[0], s) for s, v in by[rung].items() if not math.isnan(v[0])), default=(float("nan"), ""))
+                for name, by in corr.items()}  # fmt: skip  (nan: a task with fewer than 3 contenders at this rung)
         if all(rho >= TARGET for rho, _ in best.values()):
             said = ", ".join(f"{n}: {s} ρ = {rho:.2f}" for n, (rho, s) in best.items())
             return (f"Cheapest rung reaching ρ ≥ {TARGET} on every task: {rung:.0%} of the final steps ({said})."

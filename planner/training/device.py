@@ -1,6 +1,6 @@
-"""Where training runs: `resolve` turns ``device=`` (None, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
-`torch.device`) into a device this machine has, and `autocast` is the optional bf16 mixed
-precision around forward passes.
+"""Where and how a model runs: `resolve` turns ``device=`` (None, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
+`torch.device`) into a device this machine has, `autocast` is the optional bf16 mixed
+precision around forward passes, and `inference` the eval-mode, gradient-free scoring context.
 
     >>> resolve("cpu")
     device(type='cpu')
@@ -13,6 +13,7 @@ precision around forward passes.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,6 +64,18 @@ def release(device: torch.device) -> None:
     """Hand a trial's cached GPU memory back, so the next trial starts from the same free memory."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients; its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def _device_of(model: nn.Module | None) -> torch.device | None:

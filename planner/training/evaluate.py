@@ -20,8 +20,8 @@ import torch.nn as nn
 from ...backends import apply, aux_loss, count_trainable
 from ...plan import Plan
 from ...recipe import Recipe
-from .device import autocast, release, resolve
-from .task import Task, inference
+from .device import autocast, inference, release, resolve
+from .task import Task
 from .train import train
 
 

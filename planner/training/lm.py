@@ -16,7 +16,6 @@ strings or of dicts.
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import load_table
-from .task import _count, inference
+from .device import inference
 
 IGNORE = -100  # the label of a token that is read but not predicted (torch's cross-entropy ignore_index)
 Example = Any  # a text, or a (prompt, response) pair
@@ -127,18 +126,6 @@ def _text(v: Any, source: str, column: str) -> str:
         raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
                          "fill in missing texts or name another column")  # fmt: skip
     return v
-
-
-def split_examples(examples: list[Example], share: float | int, seed: int) -> tuple[list[Example], list[Example]]:
-    """(rest, held out): ``share`` of ``examples`` (a fraction in (0, 1), or a count) drawn with
-    ``seed``; both keep their order.
-
-    >>> split_examples(list("abcdefghij"), 0.2, seed=0)[1]
-    ['g', 'j']
-    """
-    k = _count(share, len(examples), "training examples")
-    held = set(random.Random(seed).sample(range(len(examples)), k))
-    return [x for i, x in enumerate(examples) if i not in held], [x for i, x in enumerate(examples) if i in held]
 
 
 def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:

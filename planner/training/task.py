@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ir.inputs import batch_shape
+from . import lm
 from .data import Columns, Labels, Row, read_split, splits
+from .device import inference, resolve
 
 Batch = dict[str, torch.Tensor]
 
@@ -69,8 +70,6 @@ class Task:
         >>> Task([{"x": torch.ones(1)}], [], None, None).to("cpu").train_batches[0]["x"].device
         device(type='cpu')
         """
-        from .device import resolve
-
         device = resolve(device)
 
         def moved(batches: list[Batch]) -> list[Batch]:
@@ -270,8 +269,6 @@ class Task:
         >>> task.kind, len(task.validation_batches)  # doctest: +SKIP
         ('causal-lm', 1)
         """
-        from . import lm
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if max_length < 2:
@@ -281,16 +278,15 @@ class Task:
             raise ValueError(f"{train} is a folder: a causal LM task reads a data file (.txt with one example per line, "
                              ".csv, .json, .jsonl, .parquet), a datasets.Dataset or a list of texts")  # fmt: skip
         default_name = name or _task_name(train)
-        train, dev, given = splits(train, dev, validation) if not isinstance(train, (list, tuple)) else (train, dev, None)
-        if given is None and isinstance(validation, (list, tuple)):
-            given = validation
+        train, dev, given = splits(train, dev, validation)
         rows = lm.read_examples(train, columns, "training data")
         random.Random(seed).shuffle(rows)
         held: list = []
         if given is not None:
             held = lm.read_examples(given, columns, "validation data")
         elif validation is not None:
-            rows, held = lm.split_examples(rows, validation, seed)
+            rest, kept = stratified_split([(0, x) for x in rows], validation, seed=seed)  # one class: a seeded draw
+            rows, held = [x for _, x in rest], [x for _, x in kept]
         rows = rows[:max_train]
         dev_rows = [] if dev is None else lm.read_examples(dev, columns, "evaluation data")[:max_dev]
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
@@ -378,18 +374,6 @@ def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Cross-entropy of ``model(**inputs).logits`` against ``batch["labels"]``."""
     inputs, labels = _split(model, batch)
     return F.cross_entropy(model(**inputs).logits, labels)
-
-
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode without gradients; its mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 def predictions(model: nn.Module, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,7 +111,7 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
     device = resolve(device, base)  # a device this machine lacks fails the search, not each trial
     model = None
     try:
-        model = apply(copy.deepcopy(base), plan).to(device)
+        model = apply(copy.deepcopy(base), plan)  # train() moves it to the device
         params = count_trainable(model)
         validation = task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
         sub = replace(

@@ -32,6 +32,12 @@ within 20% of the measured peak.
     python benchmarks/methods.py            # prints markdown tables (15 min on 2 shared cores)
     python benchmarks/methods.py --quick    # fewer repeats
     python benchmarks/methods.py --latency  # the inference tables only (a few minutes)
+    python benchmarks/methods.py --latency --rounds 30 --results benchmarks/RESULTS.md
+
+Inference ratios are paired: each round calls the base model and every tuned model in turn,
+and a model's ratio is the median over rounds of its time over the base model's time in the
+same round, so load that changes between rounds cancels. The load average before and after
+is printed with the tables; judge the latency goals only on a run that started idle.
 """
 
 from __future__ import annotations
@@ -189,17 +195,31 @@ def run_one(method: str, impl: str, steps: int) -> dict:
 
 def round_robin(fns: dict, rounds: int) -> dict[str, float]:
     """Median seconds of each function, called in turn once per round."""
+    return {k: statistics.median(v) for k, v in timings(fns, rounds).items()}
+
+
+def timings(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call, per function, the functions called in turn once per round."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             times[k].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], key: str, reference: str = "base") -> float:
+    """Median over rounds of key's time over the reference's time in the same round: a load
+    change between rounds moves both sides of each ratio, so it cancels where medians of the
+    two columns would not."""
+    return statistics.median(t / r for t, r in zip(times[key], times[reference]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about half the time)")
     ap.add_argument("--latency", action="store_true", help="only the inference tables: predicted against measured latency")
+    ap.add_argument("--rounds", type=int, help="inference rounds (default 15, 6 with --quick)")
+    ap.add_argument("--results", type=Path, help="with --latency: write the tables into this markdown file's latency section")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -218,8 +238,15 @@ def main() -> None:
     missing = [m for m in CONFIGS if m not in available]
     base, graph = model_and_graph()
     costs = {m: plan_cost(graph, plan_for(m, graph), batch_shape=(BATCH, SEQ)) for m in available}
+    infer_rounds = args.rounds or infer_rounds
     if args.latency:
-        latency_tables(base, graph, {m: build(base, graph, m, "ours") for m in available}, infer_rounds)
+        t0 = time.time()
+        text = latency_tables(base, graph, {m: build(base, graph, m, "ours") for m in available}, infer_rounds)
+        if args.results:
+            from common import write_section
+
+            command = f"python benchmarks/methods.py --latency --rounds {infer_rounds} --results {args.results}"
+            write_section(args.results, "latency", f"### Latency — `{command}` ({(time.time() - t0) / 60:.1f} min wall)\n\n{text}")
         return
 
     mem = {(m, i): run_one(m, i, mem_steps) for m in available for i in ("ours", "peft") if i == "ours" or m in PEFT}
@@ -276,9 +303,10 @@ def main() -> None:
         print(f"\nnot available (not registered): {', '.join(missing)}")
 
 
-def latency_tables(base, graph, tuned: dict, rounds: int) -> None:
+def latency_tables(base, graph, tuned: dict, rounds: int) -> str:
     """Inference time of each tuned model, unmerged then merged, against the base model's,
-    round-robin; unmerged beside the cost model's predictions."""
+    round-robin and paired per round; unmerged beside the cost model's predictions. Prints the
+    tables and the verdicts on the latency goals, and returns them as markdown."""
     import torch
 
     import peftplan as pp
@@ -286,6 +314,7 @@ def latency_tables(base, graph, tuned: dict, rounds: int) -> None:
     from peftplan.planner.latency import DEFAULT_MACHINE, Machine
 
     batch = batch_of()
+    load_before = os.getloadavg()
     base.eval()
     for model in tuned.values():
         model.eval()
@@ -294,28 +323,47 @@ def latency_tables(base, graph, tuned: dict, rounds: int) -> None:
     predicted = {m: plan_cost(graph, plan_for(m, graph), batch_shape=shape, machine=machine) for m in tuned}
     default = {m: plan_cost(graph, plan_for(m, graph), batch_shape=shape, machine=DEFAULT_MACHINE) for m in tuned}
     fns = {"base": lambda: forward(base, batch), **{m: (lambda model=model: forward(model, batch)) for m, model in tuned.items()}}
-    unmerged = round_robin(fns, rounds)
-    print(f"Machine.measure() here, {torch.get_num_threads()} threads: {machine.flops_per_second / 1e9:.1f} GFLOP/s, "
-          f"{machine.seconds_per_kernel * 1e6:.0f} µs per kernel on one activation ({BATCH}x{SEQ}x{base.config.hidden_size}); "
-          f"base model: {graph.kernels} kernels, {predicted['lora'].base_flops / 1e9:.1f} GFLOPs per batch\n")
+    unmerged = timings(fns, rounds)
+    head = (f"Machine.measure() here, {torch.get_num_threads()} threads: {machine.flops_per_second / 1e9:.1f} GFLOP/s, "
+            f"{machine.seconds_per_kernel * 1e6:.0f} µs per kernel on one activation ({BATCH}x{SEQ}x{base.config.hidden_size}); "
+            f"base model: {graph.kernels} kernels, {predicted['lora'].base_flops / 1e9:.1f} GFLOPs per batch; "
+            f"{rounds} rounds, batch {BATCH}x{SEQ}")
+    errors = {}
     rows = ["| method | extra kernels | extra GFLOPs | measured unmerged | predicted (this machine) | error (forward time) | predicted (DEFAULT_MACHINE) |",
             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for m, c in predicted.items():
-        measured = unmerged[m] / unmerged["base"] - 1
-        error = (1 + c.unmerged_latency_fraction) / (1 + measured) - 1  # of the predicted forward time
+        measured = paired_ratio(unmerged, m) - 1
+        error = errors[m] = (1 + c.unmerged_latency_fraction) / (1 + measured) - 1  # of the predicted forward time
         rows.append(f"| {m} | {c.unmerged_ops} | {c.unmerged_flops / 1e9:.2f} | +{measured:.1%} | +{c.unmerged_latency_fraction:.1%} "
                     f"| {error:+.1%} | +{default[m].unmerged_latency_fraction:.1%} |")  # fmt: skip
-    print("\n".join(rows), end="\n\n")
+    unmerged_table = "\n".join(rows)
 
     left = {m: pp.merge(model).left for m, model in tuned.items()}
-    merged = round_robin(fns, rounds)
+    merged = timings(fns, rounds)
     rows = ["| method | merged | inference (median) | base model | ratio | cost model: predicted overhead left |",
             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for m in tuned:
         state = "yes" if not left[m] else f"no ({len(left[m])} sites unmerged)"
-        rows.append(f"| {m} | {state} | {merged[m] * 1e3:.1f} ms | {merged['base'] * 1e3:.1f} ms | {merged[m] / merged['base']:.3f}x "
+        rows.append(f"| {m} | {state} | {statistics.median(merged[m]) * 1e3:.1f} ms | {statistics.median(merged['base']) * 1e3:.1f} ms "
+                    f"| {paired_ratio(merged, m):.3f}x "
                     f"| +{predicted[m].latency_fraction:.2%} |")  # fmt: skip
-    print("\n".join(rows))
+    merged_table = "\n".join(rows)
+    load_after = os.getloadavg()
+    worst = max(errors, key=lambda m: abs(errors[m]))
+    missed = [m for m in errors if abs(errors[m]) > 0.10]
+    exact = [m for m in tuned if not left[m]]  # merged: computes exactly the base model
+    spread = [paired_ratio(merged, m) for m in exact]
+    verdict = ("Goal \"predicted unmerged latency within 10% of the measured\" (this machine's constants): "
+               + (f"**met** for all {len(errors)} methods" if not missed else f"**missed** for {', '.join(missed)}")
+               + f"; the largest error is {errors[worst]:+.1%} ({worst}).\n"
+               f"Measurement noise: the merged models that compute exactly the base model ({', '.join(exact)}) "
+               f"measured {min(spread):.3f}x to {max(spread):.3f}x of it; goal \"merged inference 1.00x ± 2%\": "
+               + ("**met**" if all(abs(r - 1) <= 0.02 for r in spread) else "**missed**")
+               + f".\nLoad average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+               f"{os.cpu_count()} CPUs.")  # fmt: skip
+    text = f"{head}\n\n{unmerged_table}\n\n{merged_table}\n\n{verdict}\n"
+    print(text)
+    return text
 
 
 def forward(model, batch) -> float:

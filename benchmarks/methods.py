@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.results and not args.latency:
+        ap.error("--results writes only the latency section: pass it with --latency")
     if args.one:
         print(json.dumps(one(*args.one, args.steps)))
         return

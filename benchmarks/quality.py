@@ -18,8 +18,18 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * peftplan's default search (``pp.search(model, budget, task, recipe=…)`` with every default:
   its strategy, trials, seeds, learning-rate knob and fidelity schedule), its returned plan
   trained at the plan's own recipe;
-* the same search promoting by the other signal (validation loss when the default screens by
-  the validation metric, and the other way round): what the default's choice is measured against.
+* quick scale: the same search promoting by the other signal (validation loss when the
+  default screens by the validation metric, and the other way round), for contrast;
+* full scale, on the first task, for its front plot: ``random`` search with as many
+  evaluations (what seeding and the default strategy add), and the default search at a
+  smaller budget (0.1%, 22,714 params) beside peft LoRA r=2 on query/value (19,202, its lr
+  tuned like the others).
+
+Why 200 steps (full scale): 200 steps of 32 is 6,400 examples, about one epoch of each task's
+training split (5,900–7,500 examples once the 1,000 validation examples are held out) — long
+enough that every contender has left the loss plateau of its first tens of steps and ranks on
+validation as on dev (benchmarks/fidelity.py: rho 0.96 on sst2 at 200 steps), short enough
+that the study's ~140 trainings fit in about 4 hours on 2 cores.
 
 Final runs on every seed of the scale (the seed sets the head's initialisation, the adapters'
 and the data order); lr choices and the search use seed 0. Each finished training is stored
@@ -53,12 +63,13 @@ from common import (
 )
 
 BUDGET = 74_498  # peft LoRA r=8 on query/value of MiniLM-L6 plus the 2-way head
+SMALL_BUDGET = 22_714  # 0.1% of MiniLM-L6 with its head (22,713,986 params); peft LoRA r=2 on query/value is 19,202
 QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
 SCALES = {
     "full": {"tasks": ("sst2", "subj", "cola"), "seeds": (0, 1), "steps": 200, "validation": 1000, "max_train": None,
-             "max_dev": None, "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)},
+             "max_dev": None, "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3), "extras": True, "variant": False},
     "quick": {"tasks": ("sst2", "subj"), "seeds": (0,), "steps": 64, "validation": 256, "max_train": 2048,
-              "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3)},
+              "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3), "extras": False, "variant": True},
 }  # fmt: skip
 FULL_LR, PROXY_LR, SEARCH_LR = 5e-5, 1e-3, 1e-3
 STORE = ROOT / "benchmarks" / "runs" / "quality"
@@ -87,6 +98,8 @@ def build(kind: str, base, task, lr: float, steps: int):
     loss = classification_loss
     if kind == "lora-qv":
         model = peft_lora(base, QV)
+    elif kind == "lora-qv-r2":
+        model = peft_lora(base, QV, r=2)
     elif kind == "lora-qkvo":
         model = peft_lora(base, QKVO, r=4)
     elif kind == "lora-all":
@@ -215,16 +228,20 @@ class Study:
         plan.recipe = recipe(self.cfg["steps"], PROXY_LR)
         return plan
 
-    def search(self, name: str, screen_by: str | None = None) -> tuple[object, dict]:
+    def search(self, name: str, screen_by: str | None = None, budget: int = BUDGET,
+               strategy: str | None = None) -> tuple[object, dict]:  # fmt: skip
         """peftplan's default search on seed 0's task (``screen_by``: promotion by another
-        signal than the default's); its plan and what it cost, stored."""
+        signal than the default's; ``budget``, ``strategy``: another budget or strategy, the
+        rest as the default's); its plan and what it cost, stored."""
         import optuna
 
         import peftplan as pp
 
-        key = f"{self.scale}/{name}/search" + (f"-screen-{screen_by}" if screen_by else "")
+        key = (f"{self.scale}/{name}/search" + (f"-screen-{screen_by}" if screen_by else "")
+               + (f"-budget-{budget}" if budget != BUDGET else "") + (f"-{strategy}" if strategy else ""))  # fmt: skip
         spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
-                **({"screen_by": screen_by} if screen_by else {})}  # fmt: skip
+                **({"screen_by": screen_by} if screen_by else {}), **({"budget": budget} if budget != BUDGET else {}),
+                **({"strategy": strategy} if strategy else {})}  # fmt: skip
         record = self.store.get(key, spec)
         if record is not None and record.get("planner") != planner_tree() and not self.stored_only:
             print(f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True)
@@ -235,8 +252,8 @@ class Study:
             base, task = self.task(name, 0)
             storage = optuna.storages.InMemoryStorage()
             start = time.perf_counter()
-            plan = pp.search(base, BUDGET, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
-                             study_name="quality", progress=False, threads=2,
+            plan = pp.search(base, budget, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
+                             study_name="quality", progress=False, threads=2, strategy=strategy,
                              **({"screen_by": screen_by} if screen_by else {}))  # fmt: skip
             wall = time.perf_counter() - start
             trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
@@ -274,8 +291,10 @@ def _trial_steps(t, final: int) -> int:
     return final
 
 
-def run_task(study: Study, name: str) -> dict:
-    """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``."""
+def run_task(study: Study, name: str, extras: bool = False) -> dict:
+    """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``;
+    ``extras``: also the search at `SMALL_BUDGET` with peft LoRA r2 q,v (lr tuned) beside it,
+    and ``random`` search with as many evaluations, for the front plot."""
     seeds, steps = study.cfg["seeds"], study.cfg["steps"]
     rows: dict[str, dict] = {}
     print(f"{name}:", flush=True)
@@ -296,11 +315,23 @@ def run_task(study: Study, name: str) -> dict:
     rows["peftplan search"] = {"runs": [study.plan_run(name, "search", plan, s) for s in seeds], "lr": plan.recipe.lr,
                                "cost": record["steps"] / steps + len(seeds), "kind": "search", "search": record,
                                "summary": plan.summary()}  # fmt: skip
-    other = "metric" if default_screen() == "loss" else "loss"  # the promotion signal the default does not use, for contrast
-    plan, record = study.search(name, screen_by=other)
-    rows[f"peftplan search, screened by {other}"] = {
-        "runs": [study.plan_run(name, f"search-screen-{other}", plan, s) for s in seeds], "lr": plan.recipe.lr,
-        "cost": record["steps"] / steps + len(seeds), "kind": "search-variant", "search": record, "summary": plan.summary()}
+    variants = []
+    if study.cfg["variant"]:  # the promotion signal the default does not use, for contrast
+        other = "metric" if default_screen() == "loss" else "loss"
+        variants.append((f"peftplan search, screened by {other}", f"search-screen-{other}", {"screen_by": other}))
+    if extras:
+        variants += [("peftplan random search (as many evaluations)", "search-random", {"strategy": "random"}),
+                     (f"peftplan search at {SMALL_BUDGET:,} params (0.1%)", "search-small", {"budget": SMALL_BUDGET})]
+    for label, contender, options in variants:
+        plan, record = study.search(name, **options)
+        rows[label] = {"runs": [study.plan_run(name, contender, plan, s) for s in seeds], "lr": plan.recipe.lr,
+                       "cost": record["steps"] / steps + len(seeds), "kind": "search-variant", "search": record,
+                       "summary": plan.summary()}  # fmt: skip
+    if extras:
+        lr, grid = study.tuned(name, "lora-qv-r2")
+        rows["peft LoRA r2 q,v (beside the 0.1% search)"] = {
+            "runs": [study.baseline(name, "lora-qv-r2", lr, s) for s in seeds], "lr": lr, "cost": len(grid) + len(seeds) - 1,
+            "grid": grid, "kind": "lora-qv-r2"}  # fmt: skip
     return rows
 
 
@@ -389,7 +420,15 @@ def plot(name: str, rows: dict, path: Path) -> None:
                                     {"metric": "max", "params": "min"})  # fmt: skip
     pts = sorted((p.values["params"], p.values["metric"]) for p in front)
     ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:blue", lw=1.2, label="search front")
-    markers = iter("s^vDPX*ho")
+    colours = iter(("tab:orange", "tab:green", "tab:purple"))
+    for label, row in rows.items():  # the other searches' trials: at the full recipe, and faint where screened
+        if row["kind"] == "search-variant":
+            colour, variant = next(colours), row["search"]["trials"]
+            ax.scatter([t["params"] for t in variant if t["rung"] < top], [t["metric"] for t in variant if t["rung"] < top],
+                       s=12, color=colour, alpha=0.2)  # fmt: skip
+            ax.scatter([t["params"] for t in variant if t["rung"] == top], [t["metric"] for t in variant if t["rung"] == top],
+                       s=20, color=colour, alpha=0.8, label=f"{label}: trials at the full recipe")  # fmt: skip
+    markers = iter("s^vDPXhop<>d")
     for label, row in rows.items():
         if label == "peftplan search":
             continue
@@ -424,7 +463,7 @@ def main() -> None:
     study = Study(scale, RunStore(args.store), stored_only=args.stored)
     tasks = args.tasks or study.cfg["tasks"]
     started = time.perf_counter()
-    results = {name: run_task(study, name) for name in tasks}
+    results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0) for i, name in enumerate(tasks)}
     lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
              f"lr grid {list(study.cfg['grid'])}, seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip
     for name, rows in results.items():

@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--screen-by", default="loss", choices=("loss", "metric"),
                     help="what promotion to the next rung ranks candidates by (default: the validation loss; the "
                     "returned plan is the best by the metric at the top rung)")
-    se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a tenth to ten times --lr), "
+    se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a fifth to five times --lr), "
                     "none (--lr for all) or LOW,HIGH")
     se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")
     se.add_argument("--steps", type=int, help="training steps of the recipe, the last rung's (default: one pass over the training batches)")

@@ -21,31 +21,6 @@ from ..proxy.allocate import allocate, eligible_sites
 from .base import Space, sizeless
 
 HAND_WRITTEN = {"query-value": 0, "uniform": 1}  # priors users write by hand: ranks above the uniform one allowed
-LR_STEP = 2.5  # between the learning rates a baseline is screened at
-
-
-def next_seed_lr(screened: dict[float, float], lr_range: tuple[float, float]) -> float | None:
-    """The rate to screen a baseline at next, given ``{rate: score}`` (higher is better) of the
-    rates it was screened at: `LR_STEP` beyond its best rate when that is the highest (or the
-    lowest) of them, clipped to ``lr_range``; None when the best lies inside, at the range's
-    edge, or there is only one rate (no knob to tune).
-
-    >>> next_seed_lr({1e-3: 0.6, 4e-4: 0.5, 2.5e-3: 0.7}, (1e-4, 1e-2))
-    0.00625
-    >>> next_seed_lr({1e-3: 0.6, 4e-4: 0.5, 2.5e-3: 0.7, 6.25e-3: 0.8}, (1e-4, 1e-2))
-    0.01
-    >>> next_seed_lr({1e-3: 0.7, 4e-4: 0.5, 2.5e-3: 0.6}, (1e-4, 1e-2)) is None
-    True
-    """
-    if len(screened) < 2:
-        return None
-    best = max(screened, key=lambda lr: (screened[lr], -lr))  # a tie goes to the lower rate
-    low, high = lr_range
-    if best == max(screened) and best < high * (1 - 1e-9):
-        return min(high, best * LR_STEP)
-    if best == min(screened) and best > low * (1 + 1e-9):
-        return max(low, best / LR_STEP)
-    return None
 
 
 class AllocatorSpace(Space):
@@ -147,7 +122,7 @@ class AllocatorSpace(Space):
 
     def seeds(self, n: int) -> list[dict[str, Any]]:
         """With priors: each prior's plan at the whole budget (`baselines`), at each of the
-        seed learning rates (`seed_lrs`: the recipe's, then `LR_STEP` below and above it), then the
+        seed learning rates (`seed_lrs`: the recipe's, then 2.5x below and above it), then the
         proxy at budget shares spread in log scale below the whole; without: `Space.seeds`."""
         if len(self.priors) == 1:
             return super().seeds(n)
@@ -163,13 +138,11 @@ class AllocatorSpace(Space):
 
     def seed_lrs(self) -> list[float | None]:
         """The learning rates baselines are screened at: the range's geometric mean (the
-        recipe's rate), then `LR_STEP` times below and above it where the range reaches (None: no
-        knob). A study screens a baseline whose best rate is the highest or lowest it was screened
-        at once more, a step further (`next_seed_lr`), as a tuned baseline's grid is extended."""
+        recipe's rate), then 2.5x below and above it where the range reaches (None: no knob)."""
         if self.lr is None:
             return [None]
         mid = math.sqrt(self.lr[0] * self.lr[1])
-        return [mid, *(lr for lr in (mid / LR_STEP, mid * LR_STEP) if self.lr[0] <= lr <= self.lr[1])]
+        return [mid, *(lr for lr in (mid / 2.5, mid * 2.5) if self.lr[0] <= lr <= self.lr[1])]
 
     def _baseline_seeds(self) -> list[tuple[str, dict[str, Any]]]:
         if len(self.priors) == 1:

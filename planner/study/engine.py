@@ -40,14 +40,12 @@ from optuna.trial import FrozenTrial, TrialState
 from ...plan import Plan, provenance
 from ...recipe import Recipe
 from ..front import FrontPoint, ParetoFront
-from ..space.allocator import next_seed_lr
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.progress import ProgressLine
 from ..training.task import Task
 from .halving import promote, promoted_count
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-EDGE = "lr edge"  # origin of a baseline screened again beyond the rates it was seeded at
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)
 
 Evaluator = Callable[..., Evaluation]
@@ -167,7 +165,7 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
     enqueues the promotions of a settled rung on the way."""
     if any(t.state == TrialState.WAITING for t in trials):
         return "ask"
-    if sum(t.state in LIVE for t in trials if rung_of(t) == 0 and not _edge(t)) < config.trials:
+    if sum(t.state in LIVE for t in trials if rung_of(t) == 0) < config.trials:
         return "ask"
     for r in range(len(config.fidelities) - 1):
         if any(t.state == TrialState.RUNNING for t in trials if rung_of(t) == r):
@@ -181,8 +179,6 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
             if t.user_attrs.get("baseline"):
                 named.setdefault(t.user_attrs["baseline"], []).append(c)
         key = next(iter(config.objectives))
-        if r == 0 and config.lr_range and _extend_lr_grids(study, trials, done, named, config):
-            return "ask"
         baselines = [max(cs, key=lambda c: (_screened(done[c], config)[key] * (1 if config.senses[key] == "max" else -1), -c))
                      for cs in named.values()]  # its best rate always goes on: compared at the top  # fmt: skip
         others = {c: _screened(t, config) for c, t in done.items() if not t.user_attrs.get("baseline")}
@@ -195,34 +191,6 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
         if missing:
             return "ask"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
-
-
-def _edge(t: FrozenTrial) -> bool:
-    return t.user_attrs.get("origin") == EDGE
-
-
-def _extend_lr_grids(study: optuna.Study, trials: list[FrozenTrial], done: dict[int, FrozenTrial],
-                     named: dict[str, list[int]], config: Any) -> bool:  # fmt: skip
-    """Enqueue, at rung 0, each baseline whose best screened rate is the highest or lowest it
-    was screened at, one `LR_STEP` further (`next_seed_lr`): the grid of a tuned baseline is
-    extended so. True when something was enqueued; a rate already queued, running or failed
-    for that baseline is not asked again."""
-    key = next(iter(config.objectives))
-    sign = 1 if config.senses[key] == "max" else -1
-    asked = {(t.user_attrs.get("baseline"), t.params.get("lr")) for t in trials
-             if rung_of(t) == 0 and (t.state in LIVE or _finished_failure(t))}  # fmt: skip
-    enqueued = False
-    for name, cs in named.items():
-        if any("lr" not in done[c].params for c in cs):
-            continue
-        scores = {done[c].params["lr"]: sign * _screened(done[c], config)[key] for c in cs}
-        nxt = next_seed_lr(scores, config.lr_range)
-        if nxt is None or (name, nxt) in asked:
-            continue
-        best = max(cs, key=lambda c: (scores[done[c].params["lr"]], -done[c].params["lr"]))
-        study.enqueue_trial({**done[best].params, "lr": nxt}, user_attrs={"rung": 0, "baseline": name, "origin": EDGE})
-        enqueued = True
-    return enqueued
 
 
 def _screened(t: FrozenTrial, config: Any) -> dict[str, float]:
@@ -242,14 +210,8 @@ def _finished_failure(t: FrozenTrial) -> bool:
 
 def _surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | None:
     r = rung_of(me)
-    if r == 0 and _edge(me):  # one slot per baseline and rate
-        group = [t.number for t in trials if t.state in LIVE and rung_of(t) == 0 and _edge(t)
-                 and t.user_attrs.get("baseline") == me.user_attrs.get("baseline") and t.params.get("lr") == me.params.get("lr")]  # fmt: skip
-        allowed = 1
-    else:
-        group = [t.number for t in trials if t.state in LIVE and rung_of(t) == r and not _edge(t)
-                 and (r == 0 or candidate_of(t) == candidate_of(me))]  # fmt: skip
-        allowed = config.trials if r == 0 else 1
+    group = [t.number for t in trials if t.state in LIVE and rung_of(t) == r and (r == 0 or candidate_of(t) == candidate_of(me))]
+    allowed = config.trials if r == 0 else 1
     if me.number in sorted(group)[:allowed]:
         return None
     return f"surplus: rung {r} already has its {allowed} trial(s) for this slot"

@@ -81,13 +81,10 @@ def run_search(
     model's lowering, when already at hand); a given ``space`` brings all of that itself, with
     its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans start seeded
     strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on every
-    linear layer, the one-shot allocations) at three learning rates each (a baseline whose best
-    rate is the highest or lowest of them is screened again a step further, within the range,
-    as a tuned baseline's grid is extended), the best rate of each promoted to every rung, then
-    proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default `Recipe()`)
-    compressed to its rung's `Fidelity`, at the learning rate the default space searches in
-    ``lr_range`` ("auto": a tenth to ten times ``recipe.lr``, log scale; None: ``recipe.lr``
-    for all); ``fidelities``
+    linear layer, the one-shot allocations) at three learning rates each, the best rate of each
+    promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
+    `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a fifth
+    to five times ``recipe.lr``, log scale; None: ``recipe.lr`` for all); ``fidelities``
     (default `default_rungs`: 10% of the recipe, then the full recipe) are the rungs of
     successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the
     validation loss, which ranks short runs like their final results where the metric does not
@@ -107,7 +104,7 @@ def run_search(
         raise ValueError(f"trials must be at least 1, got {trials}")
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     if space is None:
-        lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
+        lr_range = (recipe.lr / 5, recipe.lr * 5) if lr_range == "auto" else lr_range
         space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph,
                               lr=lr_range)  # fmt: skip
     elif proxy != ProxyOptions() or graph is not None or lr_range != "auto":

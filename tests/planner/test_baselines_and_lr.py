@@ -4,8 +4,6 @@ to the top rung, the default fidelity schedule, and the activation (EVA-like) sc
 
 from __future__ import annotations
 
-import math
-
 import optuna
 import pytest
 import torch
@@ -17,7 +15,7 @@ from peftplan.planner.proxy import activation_scores
 from peftplan.planner.proxy.allocate import eligible_sites
 from peftplan.planner.space import AllocatorSpace, default_space
 from peftplan.planner.study import run_search
-from peftplan.planner.study.halving import default_rungs, promote
+from peftplan.planner.study.halving import default_rungs
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.planner.training.task import Task
 from peftplan.planner.training.train import train
@@ -103,7 +101,7 @@ def test_each_trial_trains_at_its_own_rate_and_the_plan_records_it():
     plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=8, storage=storage, study_name="s",
                       fidelities=[Fidelity()], evaluator=recording, progress=False, recipe=Recipe(lr=1e-3, steps=6))  # fmt: skip
     assert all(knob == used for knob, used in seen) and len({lr for lr, _ in seen}) > 1
-    assert all(1e-3 / 10 <= lr <= 1e-3 * 10 for lr, _ in seen)  # "auto": a tenth to ten times the recipe's rate
+    assert all(1e-3 / 5 <= lr <= 1e-3 * 5 for lr, _ in seen)  # "auto": a fifth to five times the recipe's rate
     trials = optuna.load_study(study_name="s", storage=storage).trials
     best = next(t for t in trials if t.number == plan.provenance["trial"])
     assert plan.recipe == Recipe(lr=best.params["lr"], steps=6)
@@ -138,60 +136,14 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
     trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state == optuna.trial.TrialState.COMPLETE]
     screened = [t for t in trials if t.user_attrs["rung"] == 0]
     top = [t for t in trials if t.user_attrs["rung"] == 1]
-    assert {t.user_attrs["fidelity"] for t in screened} == {"10% of the recipe"}
-    # four baselines at three rates; the highest screening best, each again at 2.5x, then at the range's edge
-    rates = sorted({t.params["lr"] for t in screened if "baseline" in t.user_attrs})
-    assert rates == pytest.approx([4e-4, 1e-3, 2.5e-3, 6.25e-3, 1e-2])
-    assert sum("baseline" in t.user_attrs for t in screened) == 12 + 4 * 2 and len(screened) == 18 + 4 * 2
+    assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"10% of the recipe"}
+    assert sum("baseline" in t.user_attrs for t in screened) == 12  # four baselines at three rates
     kept = {t.user_attrs["baseline"]: t.params["lr"] for t in top if "baseline" in t.user_attrs}
-    assert kept == pytest.approx({"query-value": 1e-2, "uniform": 1e-2, "proxy": 1e-2, "activation": 1e-2})
+    assert kept == pytest.approx({"query-value": 2.5e-3, "uniform": 2.5e-3, "proxy": 2.5e-3, "activation": 2.5e-3})
     others = [t for t in top if "baseline" not in t.user_attrs]
     assert len(others) == (18 - 12) // 3  # and 1/eta of the rest, the best of them
     assert {t.user_attrs["fidelity"] for t in top} == {"the full recipe"}
     assert plan.provenance["rung"] == 1  # chosen on full-length results
-
-
-def test_a_baseline_best_at_the_lowest_rate_is_screened_lower_one_best_inside_is_not():
-    def best_rate(base, plan, task, fidelity, *, recipe, seed):  # baselines peak at 1e-3 or 4e-4 / 2.5
-        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
-        if plan.provenance["knobs"]["budget"] == 1.0:
-            peak = 1e-3 if plan.provenance["knobs"]["scores"] == "query-value" else 1.6e-4
-            return Evaluation(-abs(math.log(recipe.lr / peak)), result.params, 0.0)
-        return result
-
-    storage = optuna.storages.InMemoryStorage()
-    run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=18, storage=storage, study_name="s",
-               evaluator=best_rate, progress=False, recipe=Recipe(lr=1e-3, steps=20))  # fmt: skip
-    trials = optuna.load_study(study_name="s", storage=storage).trials
-    screened = {}
-    for t in trials:
-        if t.user_attrs.get("rung") == 0 and "baseline" in t.user_attrs and t.state == optuna.trial.TrialState.COMPLETE:
-            screened.setdefault(t.user_attrs["baseline"], []).append(t.params["lr"])
-    assert sorted(screened["query-value"]) == pytest.approx([4e-4, 1e-3, 2.5e-3])  # best inside: nothing more
-    for name in ("uniform", "proxy", "activation"):  # best at 4e-4, then 1.6e-4 (better), then 1e-4 (the edge, worse)
-        assert sorted(screened[name]) == pytest.approx([1e-4, 1.6e-4, 4e-4, 1e-3, 2.5e-3])
-    kept = {t.user_attrs["baseline"]: t.params["lr"] for t in trials if t.user_attrs.get("rung") == 1 and "baseline" in t.user_attrs}
-    assert kept == pytest.approx({"query-value": 1e-3, "uniform": 1.6e-4, "proxy": 1.6e-4, "activation": 1.6e-4})
-
-
-def test_a_rate_that_fails_ends_the_extension():
-    calls = []
-
-    def diverges_above_3e3(base, plan, task, fidelity, *, recipe, seed):
-        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
-        if plan.provenance["knobs"]["budget"] == 1.0:
-            calls.append(recipe.lr)
-            if recipe.lr > 3e-3:
-                return Evaluation(None, 0, 0.0, "training diverged: loss is nan at step 2")
-            return Evaluation(recipe.lr, result.params, 0.0)  # the higher the better
-        return result
-
-    storage = optuna.storages.InMemoryStorage()
-    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=18, storage=storage, study_name="s",
-                      evaluator=diverges_above_3e3, progress=False, recipe=Recipe(lr=1e-3, steps=20))  # fmt: skip
-    screened = [lr for lr in calls if lr > 3e-3]
-    assert screened == pytest.approx([6.25e-3] * 4)  # each baseline tried once further, failed, and stopped there
-    assert plan.provenance["rung"] == 1
 
 
 def test_the_default_schedule_screens_at_a_tenth_then_trains_in_full():
@@ -257,11 +209,11 @@ def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metr
         trials = optuna.load_study(study_name="s", storage=storage).trials
         screened = [t for t in trials if t.user_attrs.get("rung") == 0 and t.state == optuna.trial.TrialState.COMPLETE]
         promoted[screen_by] = {t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1}
+        by_loss = sorted(screened, key=lambda t: t.user_attrs["validation_loss"])
+        by_metric = sorted(screened, key=lambda t: -t.values[0])
         assert len(promoted[screen_by]) == 9 // 3
-        sign = -1 if screen_by == "loss" else 1  # by hand: (metric or minus the loss, params) into promote
-        by_hand = promote({t.number: {"metric": sign * (t.user_attrs["validation_loss"] if sign < 0 else t.values[0]),
-                                      "params": t.values[1]} for t in screened}, {"metric": "max", "params": "min"}, eta=3)  # fmt: skip
-        assert promoted[screen_by] == set(by_hand)
+        if screen_by == "loss":  # the lowest losses among the cheapest plans form the first non-dominated ranks
+            assert by_loss[0].number in promoted["loss"] and by_metric[0].number not in promoted["loss"]
     assert promoted["metric"] != promoted["loss"]
     with pytest.raises(ValueError, match="screen_by"):
         run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=1, screen_by="accuracy")

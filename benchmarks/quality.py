@@ -237,11 +237,12 @@ class Study:
 
         import peftplan as pp
 
+        options = {k: v for k, v in (("screen_by", screen_by), ("budget", budget if budget != BUDGET else None),
+                                     ("strategy", strategy)) if v is not None}  # what differs from the default search
         key = (f"{self.scale}/{name}/search" + (f"-screen-{screen_by}" if screen_by else "")
-               + (f"-budget-{budget}" if budget != BUDGET else "") + (f"-{strategy}" if strategy else ""))  # fmt: skip
+               + (f"-budget-{budget}" if "budget" in options else "") + (f"-{strategy}" if strategy else ""))  # fmt: skip
         spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
-                **({"screen_by": screen_by} if screen_by else {}), **({"budget": budget} if budget != BUDGET else {}),
-                **({"strategy": strategy} if strategy else {})}  # fmt: skip
+                **options}  # fmt: skip
         record = self.store.get(key, spec)
         if record is not None and record.get("planner") != planner_tree() and not self.stored_only:
             print(f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True)
@@ -322,16 +323,15 @@ def run_task(study: Study, name: str, extras: bool = False) -> dict:
     if extras:
         variants += [("peftplan random search (as many evaluations)", "search-random", {"strategy": "random"}),
                      (f"peftplan search at {SMALL_BUDGET:,} params (0.1%)", "search-small", {"budget": SMALL_BUDGET})]
+        lr, grid = study.tuned(name, "lora-qv-r2")
+        rows["peft LoRA r2 q,v (beside the 0.1% search)"] = {
+            "runs": [study.baseline(name, "lora-qv-r2", lr, s) for s in seeds], "lr": lr, "cost": len(grid) + len(seeds) - 1,
+            "grid": grid, "kind": "lora-qv-r2"}  # fmt: skip
     for label, contender, options in variants:
         plan, record = study.search(name, **options)
         rows[label] = {"runs": [study.plan_run(name, contender, plan, s) for s in seeds], "lr": plan.recipe.lr,
                        "cost": record["steps"] / steps + len(seeds), "kind": "search-variant", "search": record,
                        "summary": plan.summary()}  # fmt: skip
-    if extras:
-        lr, grid = study.tuned(name, "lora-qv-r2")
-        rows["peft LoRA r2 q,v (beside the 0.1% search)"] = {
-            "runs": [study.baseline(name, "lora-qv-r2", lr, s) for s in seeds], "lr": lr, "cost": len(grid) + len(seeds) - 1,
-            "grid": grid, "kind": "lora-qv-r2"}  # fmt: skip
     return rows
 
 

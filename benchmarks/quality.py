@@ -40,6 +40,7 @@ given as multiples of one final run.
     python benchmarks/quality.py --quick        # sst2 + subj, 1 seed, 64 steps on subsets (indicative only)
     python benchmarks/quality.py                # sst2 + subj + cola, 2 seeds, 200 steps
     python benchmarks/quality.py --quick --results benchmarks/RESULTS.md   # a rerun trains only what is not stored
+    python benchmarks/quality.py --baselines    # only peft's baselines and full fine-tuning, on every task
 """
 
 from __future__ import annotations
@@ -292,10 +293,11 @@ def _trial_steps(t, final: int) -> int:
     return final
 
 
-def run_task(study: Study, name: str, extras: bool = False) -> dict:
+def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool = False) -> dict:
     """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``;
     ``extras``: also the search at `SMALL_BUDGET` with peft LoRA r2 q,v (lr tuned) beside it,
-    and ``random`` search with as many evaluations, for the front plot."""
+    and ``random`` search with as many evaluations, for the front plot; ``baselines_only``:
+    only the contenders no planner choice touches (peft's, full fine-tuning)."""
     seeds, steps = study.cfg["seeds"], study.cfg["steps"]
     rows: dict[str, dict] = {}
     print(f"{name}:", flush=True)
@@ -309,6 +311,12 @@ def run_task(study: Study, name: str, extras: bool = False) -> dict:
         rows[label] = {"runs": [study.baseline(name, kind, qv_lr, s) for s in seeds], "lr": qv_lr, "cost": len(seeds), "kind": kind}
     rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", FULL_LR, s) for s in seeds], "lr": FULL_LR,
                                 "cost": len(seeds), "kind": "full"}  # fmt: skip
+    if baselines_only:
+        if extras:
+            lr, grid = study.tuned(name, "lora-qv-r2")
+            for s in seeds:
+                study.baseline(name, "lora-qv-r2", lr, s)
+        return rows
     proxy = study.proxy(name)
     rows["peftplan proxy plan"] = {"runs": [study.plan_run(name, "proxy", proxy, s) for s in seeds], "lr": PROXY_LR,
                                    "cost": len(seeds), "kind": "proxy"}  # fmt: skip
@@ -453,6 +461,8 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=STORE)
     ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing (searches made by "
                     "another planner tree included, and said so)")
+    ap.add_argument("--baselines", action="store_true", help="train only the contenders no planner choice touches "
+                    "(peft's baselines, full fine-tuning) on every task, and stop: the searches can follow later")
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
     args = ap.parse_args()
@@ -463,6 +473,12 @@ def main() -> None:
     study = Study(scale, RunStore(args.store), stored_only=args.stored)
     tasks = args.tasks or study.cfg["tasks"]
     started = time.perf_counter()
+    if args.baselines:
+        for i, name in enumerate(tasks):
+            run_task(study, name, extras=study.cfg["extras"] and i == 0, baselines_only=True)
+        print(f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the report needs the searches: "
+              "run without --baselines.")  # fmt: skip
+        return
     results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0) for i, name in enumerate(tasks)}
     lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
              f"lr grid {list(study.cfg['grid'])}, seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip

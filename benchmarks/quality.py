@@ -28,8 +28,9 @@ included) as peft's LoRA r=8 on query/value (74,498):
 Why 200 steps (full scale): 200 steps of 32 is 6,400 examples, about one epoch of each task's
 training split (5,900–7,500 examples once the 1,000 validation examples are held out) — long
 enough that every contender has left the loss plateau of its first tens of steps and ranks on
-validation as on dev (benchmarks/fidelity.py: rho 0.96 on sst2 at 200 steps), short enough
-that the study's ~140 trainings fit in about 4 hours on 2 cores.
+validation as on dev (benchmarks/fidelity.py: rho 0.96 on sst2 at 200 steps). The study's
+~140 trainings take about 8-9 hours on these 2 shared cores (220-230 s per training with its
+validation and dev passes, measured 2026-12-03), so it runs over several sittings.
 
 Final runs on every seed of the scale (the seed sets the head's initialisation, the adapters'
 and the data order); lr choices and the search use seed 0. Each finished training is stored
@@ -262,7 +263,7 @@ class Study:
             done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
             points = [{"trial": t.number, "rung": t.user_attrs.get("rung", 0), "metric": t.values[0], "params": t.values[1],
                        "baseline": t.user_attrs.get("baseline"), "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
-                       "reused": "reused" in t.user_attrs} for t in done]  # fmt: skip
+                       "reused": "reused" in t.user_attrs, "refined": "refines" in t.user_attrs} for t in done]  # fmt: skip
             steps = sum(_trial_steps(t, self.cfg["steps"]) for t in done if "reused" not in t.user_attrs)
             record = self.store.put(key, spec, {"plan": plan.to_dict(), "wall": round(wall, 1), "trials": points,
                                                 "evaluations": sum(not p["reused"] for p in points), "steps": steps,
@@ -420,10 +421,14 @@ def plot(name: str, rows: dict, path: Path) -> None:
     ax = fig.subplots()
     low = [t for t in trials if t["rung"] < top]
     full = [t for t in trials if t["rung"] == top]
+    refined = [t for t in full if t.get("refined")]
     ax.scatter([t["params"] for t in low], [t["metric"] for t in low], s=18, color="grey", alpha=0.35,
                label="search trials, screened (short runs)")  # fmt: skip
-    ax.scatter([t["params"] for t in full], [t["metric"] for t in full], s=28, color="tab:blue", alpha=0.8,
-               label="search trials at the full recipe")  # fmt: skip
+    ax.scatter([t["params"] for t in full if not t.get("refined")], [t["metric"] for t in full if not t.get("refined")],
+               s=28, color="tab:blue", alpha=0.8, label="search trials at the full recipe")  # fmt: skip
+    if refined:
+        ax.scatter([t["params"] for t in refined], [t["metric"] for t in refined], s=40, marker="x", color="tab:blue",
+                   label="the best plan at neighbouring learning rates (full recipe)")  # fmt: skip
     front = ParetoFront.from_points([({"metric": t["metric"], "params": t["params"]}, None) for t in full],
                                     {"metric": "max", "params": "min"})  # fmt: skip
     pts = sorted((p.values["params"], p.values["metric"]) for p in front)

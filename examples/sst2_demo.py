@@ -8,11 +8,12 @@ read once, for the final table.
 1. peft: LoRA r=8 (alpha 16) on every query and value projection — the usual default; its
    trainable-parameter count (classifier head included) becomes the budget;
 2. peftplan's proxy plan: sensitivity scores and an allocation, no training while planning;
-3. peftplan search with its defaults: 18 candidates (uniform LoRA on query/value, LoRA on
+3. peftplan search with its defaults: 16 candidates (uniform LoRA on query/value, LoRA on
    every linear layer and the one-shot allocations at three learning rates each, then the
-   sampler's proposals with their own) screened at 10% of the recipe and ranked by their
+   sampler's proposals with their own) screened at 5% of the recipe and ranked by their
    validation loss, each baseline at its best rate and the best third of the rest trained in
-   full; prints the Pareto front and
+   full, the best of those twice more in full at neighbouring learning rates; prints the
+   Pareto front and
    writes front.png, front.html, plan.json;
 4. the best plan within the budget is applied to a fresh model and trained by its own
    recipe (the learning rate the search found), with the baseline's seed and data order.
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
     ap.add_argument("--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)")
-    ap.add_argument("--trials", type=int, default=None, help="candidates the search screens (default: peftplan.search's, 18)")
+    ap.add_argument("--trials", type=int, default=None, help="candidates the search screens (default: peftplan.search's, 16)")
     ap.add_argument("--max-train", type=int, default=None, help="keep this many training examples (default: all)")
     ap.add_argument("--validation", type=int, default=500,
                     help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search")  # fmt: skip

@@ -98,7 +98,7 @@ def _search(args: argparse.Namespace) -> int:
     plan = run_search(model, _budget(args), task, strategy=args.strategy, trials=args.trials, storage=args.storage,
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
                       fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range), screen_by=args.screen_by,
-                      methods=args.methods.split(","), threads=args.threads, source=source, device=args.device, bf16=args.bf16,
+                      refine=args.refine, methods=args.methods.split(","), threads=args.threads, source=source, device=args.device, bf16=args.bf16,
                       progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
 
@@ -209,6 +209,7 @@ def _limits(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftplan.planner.search import TRIALS
     from peftplan.planner.strategies import DEFAULT, STRATEGIES
     from peftplan.recipe import SCHEDULES
 
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--budget", required=True, help="trainable parameters: a count (250000, 250k) or a percentage (0.5%%)")
     _limits(se)
     se.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
-    se.add_argument("--trials", type=int, default=18, help="completed candidates at the first rung (default 18)")
+    se.add_argument("--trials", type=int, default=TRIALS, help=f"completed candidates at the first rung (default {TRIALS})")
     se.add_argument("--storage", default="sqlite:///peftplan-study.db",
                     help="optuna storage URL: SQLite file (default sqlite:///peftplan-study.db) or postgresql://… for several machines")  # fmt: skip
     se.add_argument("--study", help="study name (default: derived from the settings, so a rerun resumes)")
@@ -274,11 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--objectives", default="metric,params", help="comma-separated: metric plus params, memory, latency")
     se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
     se.add_argument("--rungs", type=int, help="successive-halving rungs, each eta times longer (default: every candidate at "
-                    "10%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)")
+                    "5%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)")
+    se.add_argument("--refine", type=int, default=2, help="trainings of the top rung's best plan at neighbouring learning "
+                    "rates, at the full recipe (default 2; 0: none)")
     se.add_argument("--screen-by", default="loss", choices=("loss", "metric"),
                     help="what promotion to the next rung ranks candidates by (default: the validation loss; the "
                     "returned plan is the best by the metric at the top rung)")
-    se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a fifth to five times --lr), "
+    se.add_argument("--lr-range", default="auto", help="learning rates the search tries: auto (a tenth to ten times --lr), "
                     "none (--lr for all) or LOW,HIGH")
     se.add_argument("--eta", type=int, default=3, help="each rung keeps 1/eta of the candidates, eta times longer")
     se.add_argument("--steps", type=int, help="training steps of the recipe, the last rung's (default: one pass over the training batches)")

@@ -42,7 +42,7 @@ from .strategies import DEFAULT, get_strategy
 from .training.task import Task
 from .training.user_loop import own_loop_options
 
-TRIALS = 18  # candidates a training strategy screens when not told: 18 x 10% + 6 full runs = 7.8 final runs
+TRIALS = 16  # candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
 
 
 def search(
@@ -67,7 +67,7 @@ def search(
     """A plan for ``model`` within ``budget``.
 
     ``strategy`` defaults to ``"gp"`` with a task and ``"proxy"`` without one. A training
-    strategy runs ``trials`` (default 18) completed candidates in an optuna study (in memory
+    strategy runs ``trials`` (default 16) completed candidates in an optuna study (in memory
     unless ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
     `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, ``device``,
     ``bf16``, …). ``evaluate``

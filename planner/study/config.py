@@ -155,6 +155,8 @@ class StudyConfig:
     lr_range: tuple[float, float] | None = None  # the default space's learning-rate knob (None: the recipe's rate)
     screen_by: str = "metric"  # what promotion ranks candidates by (run_search's default: "loss"; a study stored
     # before the field existed promoted by the metric)
+    refine: int = 0  # top-rung trainings of the best plan at neighbouring learning rates (run_search's default: 2;
+    # a study stored before the field existed made none)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

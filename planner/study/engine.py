@@ -9,7 +9,11 @@ training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (
 same plan took instead of training again), and ``baseline`` on the seed plans a user would
 write by hand and the one-shot allocations (`Space.baselines`), each screened at a few learning
 rates: the best rate of each is promoted to every rung whatever its rank (and 1/eta of the
-others), so the plan a search returns was compared with them at the top rung.
+others), so the plan a search returns was compared with them at the top rung. Once the top
+rung is settled, ``refines`` marks the trials that train its best plan again at the full
+recipe at neighbouring learning rates (`next_rate`, ``config.refine`` of them at most): the
+rate a plan is returned with is chosen on full-length results, not on the short screens,
+which favour high rates (benchmarks/RESULTS.md).
 
 Two workers may both decide to create the same trial (the last rung-0 slot, the same
 promotion): trial numbers are handed out one at a time by the storage, so the rule "within a
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import time
@@ -157,7 +162,64 @@ def planned_evaluations(config: Any) -> int:
     for _ in config.fidelities[1:]:
         n = promoted_count(n, config.eta)
         total += n
-    return total
+    return total + (config.refine if refinable(config) else 0)
+
+
+REFINE_STEP = 2.5  # a refinement's learning rate is the best one's times or divided by this (the seed rates' spacing)
+
+
+def refinable(config: Any) -> bool:
+    """Whether the study refines its best plan's learning rate at the top rung: it asks for
+    refinements, searches the rate, and has rungs below the top (one rung has no screen to
+    correct: its sampler chose every rate at full length already)."""
+    return config.refine > 0 and config.lr_range is not None and len(config.fidelities) > 1
+
+
+def next_rate(best: float, tried: list[float], low: float, high: float) -> float | None:
+    """The next learning rate to train the best plan at, or None: `REFINE_STEP` above ``best``
+    (clipped to ``high``), else as far below it (clipped to ``low``) — the first of them not
+    within a factor 1.25 of a rate already ``tried`` at the top rung. Up first: on every task
+    measured, the full recipe's best rate lay at or above the rate the screens chose.
+
+    >>> next_rate(2.5e-3, [2.5e-3], 1e-4, 1e-2)
+    0.00625
+    >>> next_rate(2.5e-3, [2.5e-3, 6.25e-3], 1e-4, 1e-2)
+    0.001
+    >>> next_rate(1e-2, [1e-2, 4e-3], 1e-4, 1e-2) is None  # both neighbours tried (one at the range's edge)
+    True
+    """
+    near = lambda a, b: abs(math.log(a / b)) < math.log(1.25)  # noqa: E731
+    for lr in (min(best * REFINE_STEP, high), max(best / REFINE_STEP, low)):
+        if not any(near(lr, t) for t in tried):
+            return float(f"{lr:.6g}")
+    return None
+
+
+def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The next refinement of a settled top rung — (params, user_attrs) to enqueue — or None:
+    the best plan there by the first objective, at `next_rate`, while fewer than
+    ``config.refine`` refinements were made."""
+    if not refinable(config):
+        return None
+    top = len(config.fidelities) - 1
+    at_top = [t for t in trials if rung_of(t) == top and (t.state in LIVE or _finished_failure(t))]
+    if any(t.state != TrialState.COMPLETE for t in at_top if t.state in LIVE) or sum("refines" in t.user_attrs for t in at_top) >= config.refine:
+        return None
+    done = [t for t in at_top if t.state == TrialState.COMPLETE and "lr" in t.params]
+    if not done:
+        return None
+    sign = 1 if config.senses[config.objectives[0]] == "max" else -1
+    best = max(done, key=lambda t: (sign * t.values[0], -t.number))
+    same = [t for t in at_top if _without_lr(t.params) == _without_lr(best.params)]
+    lr = next_rate(best.params["lr"], [t.params["lr"] for t in same], *config.lr_range)
+    if lr is None:
+        return None
+    kept = {"baseline": best.user_attrs["baseline"]} if "baseline" in best.user_attrs else {}
+    return {**best.params, "lr": lr}, {"rung": top, "origin": "refined", "refines": best.number, "refined_lr": lr, **kept}
+
+
+def _without_lr(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "lr"}
 
 
 def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> str:
@@ -190,7 +252,13 @@ def _next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> s
             study.enqueue_trial(done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted", **kept})
         if missing:
             return "ask"
-    return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
+    if any(t.state == TrialState.RUNNING for t in trials):
+        return "wait"
+    refinement = _refinement(trials, config)
+    if refinement is not None:
+        study.enqueue_trial(refinement[0], user_attrs=refinement[1])
+        return "ask"
+    return "done"
 
 
 def _screened(t: FrozenTrial, config: Any) -> dict[str, float]:
@@ -210,6 +278,10 @@ def _finished_failure(t: FrozenTrial) -> bool:
 
 def _surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | None:
     r = rung_of(me)
+    if "refines" in me.user_attrs:  # two workers may enqueue the same refinement: one trains it
+        mine = (me.user_attrs["refines"], me.user_attrs.get("refined_lr"))
+        group = [t.number for t in trials if t.state in LIVE and (t.user_attrs.get("refines"), t.user_attrs.get("refined_lr")) == mine]
+        return None if me.number == min(group) else f"surplus: trial {mine[0]} is already refined at lr {mine[1]:g}"
     group = [t.number for t in trials if t.state in LIVE and rung_of(t) == r and (r == 0 or candidate_of(t) == candidate_of(me))]
     allowed = config.trials if r == 0 else 1
     if me.number in sorted(group)[:allowed]:

@@ -70,6 +70,7 @@ def run_search(
     heartbeat: int = 30,
     lr_range: tuple[float, float] | str | None = "auto",
     screen_by: str = "loss",
+    refine: int = 2,
     device: str | Any = None,
     bf16: bool = False,
 ) -> Plan:
@@ -83,13 +84,17 @@ def run_search(
     strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on every
     linear layer, the one-shot allocations) at three learning rates each, the best rate of each
     promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
-    `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a fifth
-    to five times ``recipe.lr``, log scale; None: ``recipe.lr`` for all); ``fidelities``
-    (default `default_rungs`: 10% of the recipe, then the full recipe) are the rungs of
+    `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a tenth
+    to ten times ``recipe.lr``, log scale — tuned LoRA baselines end 3-12x above a 1e-3 recipe —;
+    None: ``recipe.lr`` for all); ``fidelities``
+    (default `default_rungs`: 5% of the recipe, then the full recipe) are the rungs of
     successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the
     validation loss, which ranks short runs like their final results where the metric does not
     yet, benchmarks/fidelity.py; or "metric"), the returned plan chosen by the metric at the top
-    rung; the returned plan carries its recipe (`Plan.recipe`). Candidates are
+    rung, after the best plan there is trained ``refine`` more times at the full recipe at
+    neighbouring learning rates (2.5x up, or down, from the best so far; 0: none, see
+    `peftplan.planner.study.engine.next_rate`), so its rate is chosen on full-length results; the
+    returned plan carries its recipe (`Plan.recipe`). Candidates are
     scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
     records how workers rebuild the model and task (without it, none can join). Trials train on
     ``device`` (None: CUDA when available, else the CPU; each trial's copy of the model moves
@@ -104,7 +109,7 @@ def run_search(
         raise ValueError(f"trials must be at least 1, got {trials}")
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     if space is None:
-        lr_range = (recipe.lr / 5, recipe.lr * 5) if lr_range == "auto" else lr_range
+        lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
         space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph,
                               lr=lr_range)  # fmt: skip
     elif proxy != ProxyOptions() or graph is not None or lr_range != "auto":
@@ -117,13 +122,15 @@ def run_search(
                          "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
     evaluator = placed(evaluator, model, device, bf16)
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be a count of top-rung trainings >= 0 (0: none), got {refine!r}")
     if screen_by not in ("metric", "loss"):
         raise ValueError(f"screen_by must be 'metric' or 'loss', got {screen_by!r}")
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
                          {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
-                         methods, proxy.to_dict(), source, space.lr, screen_by)  # fmt: skip
+                         methods, proxy.to_dict(), source, space.lr, screen_by, refine)  # fmt: skip
     name = study_name or config.default_name(task, model)
     study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
     work(study, Context(config, model, task, space, evaluator, threads), progress=progress)

@@ -101,7 +101,7 @@ def test_each_trial_trains_at_its_own_rate_and_the_plan_records_it():
     plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=8, storage=storage, study_name="s",
                       fidelities=[Fidelity()], evaluator=recording, progress=False, recipe=Recipe(lr=1e-3, steps=6))  # fmt: skip
     assert all(knob == used for knob, used in seen) and len({lr for lr, _ in seen}) > 1
-    assert all(1e-3 / 5 <= lr <= 1e-3 * 5 for lr, _ in seen)  # "auto": a fifth to five times the recipe's rate
+    assert all(1e-3 / 10 <= lr <= 1e-3 * 10 for lr, _ in seen)  # "auto": a tenth to ten times the recipe's rate
     trials = optuna.load_study(study_name="s", storage=storage).trials
     best = next(t for t in trials if t.number == plan.provenance["trial"])
     assert plan.recipe == Recipe(lr=best.params["lr"], steps=6)
@@ -135,8 +135,8 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
                       evaluator=baselines_screen_badly, progress=False, recipe=Recipe(lr=1e-3, steps=20))  # fmt: skip
     trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state == optuna.trial.TrialState.COMPLETE]
     screened = [t for t in trials if t.user_attrs["rung"] == 0]
-    top = [t for t in trials if t.user_attrs["rung"] == 1]
-    assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"10% of the recipe"}
+    top = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted, not refined
+    assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"5% of the recipe"}
     assert sum("baseline" in t.user_attrs for t in screened) == 12  # four baselines at three rates
     kept = {t.user_attrs["baseline"]: t.params["lr"] for t in top if "baseline" in t.user_attrs}
     assert kept == pytest.approx({"query-value": 2.5e-3, "uniform": 2.5e-3, "proxy": 2.5e-3, "activation": 2.5e-3})
@@ -146,11 +146,11 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
     assert plan.provenance["rung"] == 1  # chosen on full-length results
 
 
-def test_the_default_schedule_screens_at_a_tenth_then_trains_in_full():
+def test_the_default_schedule_screens_at_a_twentieth_then_trains_in_full():
     screen, full = default_rungs()
     recipe = Recipe(lr=1e-3, epochs=2)
-    assert screen.recipe(recipe, batches_per_epoch=50).steps == 10 and full.recipe(recipe, 50) == recipe
-    assert str(screen) == "10% of the recipe"
+    assert screen.recipe(recipe, batches_per_epoch=50).steps == 5 and full.recipe(recipe, 50) == recipe
+    assert str(screen) == "5% of the recipe"
     for bad in (0.0, 1.5, True):
         with pytest.raises(ValueError, match="share"):
             Fidelity(share=bad)
@@ -205,10 +205,11 @@ def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metr
         storage = optuna.storages.InMemoryStorage()
         run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=9, storage=storage, study_name="s",
                    evaluator=metric_and_loss_disagree, progress=False, recipe=Recipe(lr=1e-3, steps=20),
-                   screen_by=screen_by)  # fmt: skip
+                   screen_by=screen_by, lr_range=(2e-4, 5e-3))  # fmt: skip
         trials = optuna.load_study(study_name="s", storage=storage).trials
         screened = [t for t in trials if t.user_attrs.get("rung") == 0 and t.state == optuna.trial.TrialState.COMPLETE]
-        promoted[screen_by] = {t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1}
+        promoted[screen_by] = {t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1
+                               and "refines" not in t.user_attrs}  # fmt: skip
         by_loss = sorted(screened, key=lambda t: t.user_attrs["validation_loss"])
         by_metric = sorted(screened, key=lambda t: -t.values[0])
         assert len(promoted[screen_by]) == 9 // 3

@@ -122,15 +122,16 @@ def test_successive_halving_study_is_deterministic_and_fronts_the_top_rung():
     assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]  # same seed, same study
     trials = studies[0].trials
     rung0 = {t.number: t for t in trials if t.user_attrs["rung"] == 0}
-    rung1 = [t for t in trials if t.user_attrs["rung"] == 1]
-    assert len(rung0) == 9 and len(trials) == planned_evaluations(_config(studies[0])) == 12
+    rung1 = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted
+    refined = [t for t in trials if "refines" in t.user_attrs]  # the top's best plan at two more rates
+    assert len(rung0) == 9 and len(trials) == planned_evaluations(_config(studies[0])) == 9 + 3 + 2 and len(refined) == 2
     chosen = promote({n: dict(zip(("metric", "params"), t.values)) for n, t in rung0.items()}, plans[0].front.senses, eta=3)
     assert [t.user_attrs["candidate"] for t in rung1] == chosen
     for t in rung1:  # same plan, longer run: the stand-in's metric triples
         assert t.params == rung0[t.user_attrs["candidate"]].params and t.user_attrs["fidelity"] == "3 steps on 6 batches"
         assert t.values[0] == pytest.approx(3 * rung0[t.user_attrs["candidate"]].values[0])
     assert {p.info["rung"] for p in plans[0].front} == {1}
-    assert {p.info["trial"] for p in plans[0].front} <= {t.number for t in rung1}
+    assert {p.info["trial"] for p in plans[0].front} <= {t.number for t in rung1 + refined}
 
 
 def _config(study):

@@ -38,7 +38,7 @@ def test_the_function_gets_a_fresh_tuned_copy_and_the_trials_length_and_rate(tmp
     assert len(calls) == len(evaluated) >= 4
     for (trainable, frozen, steps, recipe_steps, lr), t in zip(calls, sorted(evaluated, key=lambda t: t.number)):
         assert frozen and trainable == t.user_attrs["costs"]["params"]  # the trial's plan, applied
-        assert steps == recipe_steps == (2 if t.user_attrs["rung"] == 0 else 20)  # 10% of the recipe, then all of it
+        assert steps == recipe_steps == (1 if t.user_attrs["rung"] == 0 else 20)  # 5% of the recipe, then all of it
         assert lr == pytest.approx(t.user_attrs["plan"]["recipe"]["lr"])  # the rate the search chose for the trial
         assert t.values[0] == pytest.approx(lr * steps) and t.user_attrs["validation_loss"] == pytest.approx(1 / steps)
     assert len({c[4] for c in calls}) > 1  # the learning rate is searched

@@ -1,0 +1,105 @@
+"""The top rung's best plan is trained again at neighbouring learning rates at the full recipe
+(`refine`), so the rate a plan is returned with is chosen on full-length results."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from peftplan.planner.study import StudyConfig, run_search
+from peftplan.planner.study.engine import next_rate, planned_evaluations
+from peftplan.planner.training.evaluate import Evaluation, Fidelity
+from peftplan.recipe import Recipe
+from tests.planner.trials import stand_in, tiny_task
+from tests.zoo import bert_classifier
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def peaked_at(peak: float):
+    """Screens favour the highest rate (as short runs do); at the full recipe every plan scores
+    best at ``peak`` (log distance), the whole-budget plans (the baselines) far above the others."""
+
+    def evaluate(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        if fidelity.share is not None:
+            return Evaluation(result.metric, result.params, 0.0, loss=-recipe.lr)
+        whole = plan.provenance["knobs"]["budget"] == 1.0
+        metric = 1.0 - abs(math.log(recipe.lr / peak)) + 10.0 * whole + 1e-4 * (result.metric % 1)
+        return Evaluation(metric, result.params, 0.0, loss=-metric)
+
+    return evaluate
+
+
+def search(evaluate, **options):
+    storage = optuna.storages.InMemoryStorage()
+    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=16, storage=storage, study_name="s",
+                      evaluator=evaluate, progress=False, recipe=Recipe(lr=1e-3, steps=20), **options)  # fmt: skip
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
+    return plan, trials
+
+
+def test_the_best_plan_climbs_to_the_rate_that_is_best_at_full_length():
+    plan, trials = search(peaked_at(6e-3))
+    top = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["rung"] == 1]
+    promoted = [t for t in top if "refines" not in t.user_attrs]
+    refined = [t for t in top if "refines" in t.user_attrs]
+    first = max(promoted, key=lambda t: (t.values[0], -t.number))
+    assert first.params["lr"] == pytest.approx(2.5e-3)  # the screens' choice, the highest seed rate
+    # by hand: 2.5e-3 -> 6.25e-3 (better, 2.5x up) -> 1.5625e-2 clipped to the range's 1e-2 (worse); two refinements
+    assert [t.params["lr"] for t in refined] == pytest.approx([6.25e-3, 1e-2])
+    assert [t.user_attrs["refines"] for t in refined] == [first.number, refined[0].number]
+    assert all({k: v for k, v in t.params.items() if k != "lr"} == {k: v for k, v in first.params.items() if k != "lr"}
+               for t in refined)  # the same plan, only the rate moves  # fmt: skip
+    assert {t.user_attrs["fidelity"] for t in refined} == {"the full recipe"}
+    assert refined[0].user_attrs["plan"]["sites"] == first.user_attrs["plan"]["sites"]
+    assert plan.recipe.lr == pytest.approx(6.25e-3) and plan.provenance["trial"] == refined[0].number
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 16 + 5 + 2  # 4 baselines + 1 of 4 others, 2 refinements
+
+
+def test_a_worse_rate_above_sends_the_next_refinement_below():
+    plan, trials = search(peaked_at(1e-3))
+    refined = [t for t in trials if "refines" in t.user_attrs]
+    assert [t.params["lr"] for t in refined] == pytest.approx([6.25e-3, 1e-3])  # up is worse: 2.5x below the best
+    assert [t.user_attrs["refines"] for t in refined] == [refined[0].user_attrs["refines"]] * 2
+    assert plan.recipe.lr == pytest.approx(1e-3) and plan.provenance["trial"] == refined[1].number
+
+
+def test_refine_zero_trains_nothing_more_and_the_count_is_planned():
+    plan, trials = search(peaked_at(6e-3), refine=0)
+    assert not [t for t in trials if "refines" in t.user_attrs] and plan.recipe.lr == pytest.approx(2.5e-3)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    config = StudyConfig("tpe", 16, ("metric", "params"), {"metric": "max", "params": "min"}, (Fidelity(share=0.05), Fidelity()),
+                         {}, {}, lr_range=(1e-4, 1e-2))  # fmt: skip
+    assert len(done) == planned_evaluations(config) == 16 + 5
+    assert planned_evaluations(StudyConfig(**{**config.__dict__, "refine": 2})) == 16 + 5 + 2
+    assert planned_evaluations(StudyConfig(**{**config.__dict__, "refine": 2, "lr_range": None})) == 16 + 5  # no rate knob
+
+
+def test_a_study_stored_before_refinements_existed_makes_none():
+    stored = StudyConfig("tpe", 4, ("metric",), {"metric": "max"}, (Fidelity(),), {}, {}).to_dict()
+    del stored["refine"]
+    assert StudyConfig.from_dict(stored).refine == 0
+
+
+def test_one_rung_and_no_rate_knob_refine_nothing():
+    _, trials = search(peaked_at(6e-3), fidelities=[Fidelity()])  # the sampler chose every rate at full length already
+    assert not [t for t in trials if "refines" in t.user_attrs]
+    _, trials = search(peaked_at(6e-3), lr_range=None)
+    assert not [t for t in trials if "refines" in t.user_attrs]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_refine_must_be_a_count(bad):
+    with pytest.raises(ValueError, match="refine must be a count"):
+        search(peaked_at(6e-3), refine=bad)
+
+
+def test_next_rate_goes_up_then_down_and_stops_at_tried_or_clipped_rates():
+    assert next_rate(1e-3, [1e-3], 1e-4, 1e-2) == pytest.approx(2.5e-3)
+    assert next_rate(1e-3, [1e-3, 2.4e-3], 1e-4, 1e-2) == pytest.approx(4e-4)  # 2.4e-3 is within 1.25x of 2.5e-3
+    assert next_rate(9e-3, [9e-3], 1e-4, 1e-2) == pytest.approx(3.6e-3)  # 1e-2 (clipped) is within 1.25x: down instead
+    assert next_rate(1e-4, [1e-4, 2.5e-4], 1e-4, 1e-2) is None  # down is clipped onto the best itself

@@ -103,3 +103,21 @@ def test_next_rate_goes_up_then_down_and_stops_at_tried_or_clipped_rates():
     assert next_rate(1e-3, [1e-3, 2.4e-3], 1e-4, 1e-2) == pytest.approx(4e-4)  # 2.4e-3 is within 1.25x of 2.5e-3
     assert next_rate(9e-3, [9e-3], 1e-4, 1e-2) == pytest.approx(3.6e-3)  # 1e-2 (clipped) is within 1.25x: down instead
     assert next_rate(1e-4, [1e-4, 2.5e-4], 1e-4, 1e-2) is None  # down is clipped onto the best itself
+
+
+def test_two_workers_enqueueing_the_same_refinement_train_it_once():
+    storage = optuna.storages.InMemoryStorage()
+    options = {"strategy": "tpe", "trials": 16, "storage": storage, "study_name": "s", "evaluator": peaked_at(6e-3),
+               "progress": False, "recipe": Recipe(lr=1e-3, steps=20), "refine": 1}  # fmt: skip
+    run_search(bert_classifier(), "5%", tiny_task(), **options)
+    study = optuna.load_study(study_name="s", storage=storage)
+    first = next(t for t in study.trials if "refines" in t.user_attrs)
+    attrs = {**first.user_attrs, "refined_lr": 3e-3}
+    for k in ("plan", "costs", "fidelity", "seconds", "worker", "candidate", "validation_loss"):
+        attrs.pop(k, None)
+    for _ in range(2):  # what two workers racing for the same settled rung would both enqueue
+        study.enqueue_trial({**first.params, "lr": 3e-3}, user_attrs=attrs)
+    run_search(bert_classifier(), "5%", tiny_task(), **options)  # resumed: waiting trials are taken whatever the count
+    twins = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.user_attrs.get("refined_lr") == 3e-3]
+    assert [t.state for t in twins] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert twins[1].user_attrs["skipped"].startswith(f"surplus: trial {first.user_attrs['refines']} is already refined")

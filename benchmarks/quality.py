@@ -13,6 +13,9 @@ included) as peft's LoRA r=8 on query/value (74,498):
   factor 2.5 while the best lies at its edge);
 * peft AdaLoRA (q,v, initial rank 12, target rank 8: the same final rank budget) and peft
   EVA (r=8 on q,v, ``init_lora_weights="eva"``, rho 2), both at LoRA q,v's chosen rate;
+* a placement probe at that rate too: peft LoRA r=7 on query/value plus r=12 on the pooler's
+  dense layer before the head (exactly the same params), a site neither the hand-written
+  placements nor the default space tune;
 * full fine-tuning (lr 5e-5) as the ceiling;
 * peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
 * peftplan's default search (``pp.search(model, budget, task, recipe=…)`` with every default:
@@ -104,6 +107,8 @@ def build(kind: str, base, task, lr: float, steps: int):
         model = peft_lora(base, QV, r=2)
     elif kind == "lora-qkvo":
         model = peft_lora(base, QKVO, r=4)
+    elif kind == "lora-qv-pooler":  # r7 on q,v and r12 on the pooler before the head: 64,512 + 9,216 = r8 q,v's 73,728
+        model = peft_lora(base, [*QV, "pooler.dense"], r=7, rank_pattern={"pooler.dense": 12}, alpha_pattern={"pooler.dense": 24})
     elif kind == "lora-all":
         ranks = all_linear_ranks(base, BUDGET)
         top = max(ranks.values())
@@ -308,7 +313,8 @@ def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool
         runs = [study.baseline(name, kind, lr, s) for s in seeds]
         rows[label] = {"runs": runs, "lr": lr, "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": kind}
     qv_lr = rows["peft LoRA r8 q,v"]["lr"]
-    for kind, label in (("adalora", "peft AdaLoRA (q,v, r 12→8)"), ("eva", "peft EVA (r8 q,v)")):
+    for kind, label in (("adalora", "peft AdaLoRA (q,v, r 12→8)"), ("eva", "peft EVA (r8 q,v)"),
+                        ("lora-qv-pooler", "peft LoRA r7 q,v + r12 pooler (placement probe)")):  # fmt: skip
         rows[label] = {"runs": [study.baseline(name, kind, qv_lr, s) for s in seeds], "lr": qv_lr, "cost": len(seeds), "kind": kind}
     rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", FULL_LR, s) for s in seeds], "lr": FULL_LR,
                                 "cost": len(seeds), "kind": "full"}  # fmt: skip
@@ -386,7 +392,24 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
     return lines
 
 
-def verdicts(results: dict) -> list[str]:
+def _spread(name: str, rows: dict, study: Study) -> str:
+    """How far apart the tuned uniform placements land on dev, against the dev metric's own
+    noise (binomial standard error for accuracy) and the seeds' spread: what a plan must
+    clear to lead them all by a point."""
+    lora = [k for k, r in rows.items() if r["kind"] in ("lora-qv", "lora-qkvo", "lora-all")]
+    means = [statistics.fmean(r["dev_metric"] for r in rows[k]["runs"]) for k in lora]
+    text = f"{name}: the three tuned placements span {100 * (max(means) - min(means)):.2f} points of dev {METRIC_NAMES[METRICS[name]]}"
+    if METRICS[name] == "accuracy":
+        n = examples(study.task(name, 0)[1].eval_batches)
+        p = max(means)
+        text += f", one standard error of dev accuracy is {100 * (p * (1 - p) / n) ** 0.5:.2f} points (n = {n:,})"
+    if len(rows[lora[0]]["runs"]) > 1:
+        spread = statistics.fmean(statistics.stdev(r["dev_metric"] for r in rows[k]["runs"]) for k in lora)
+        text += f", the seeds' standard deviation (mean over the three) {100 * spread:.2f} points"
+    return text
+
+
+def verdicts(results: dict, study: Study) -> list[str]:
     lora = ("peft LoRA r8 q,v", "peft LoRA r4 q,k,v,o", "peft LoRA all linear (rank_pattern)")
     lines, gains, vs_ada, vs_eva, costs = [], [], [], [], []
     for name, rows in results.items():
@@ -400,6 +423,8 @@ def verdicts(results: dict) -> list[str]:
         lines.append(f"- {name}: search {mine:.4f} vs best tuned LoRA ({best_label}) {best:.4f}: "
                      f"{100 * (mine - best):+.2f} points — {'PASS' if mine >= best else 'MISS'}")  # fmt: skip
     avg = statistics.fmean(gains)
+    if avg < 1.0:
+        lines += ["- why the +1.0 goal is missed (measured): " + "; ".join(_spread(name, rows, study) for name, rows in results.items())]
     lines += [f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +1.00) — {'PASS' if avg >= 1.0 else 'MISS'}",
               f"- average vs AdaLoRA {statistics.fmean(vs_ada):+.2f}, vs EVA {statistics.fmean(vs_eva):+.2f} points (goal ≥ 0) — "
               f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
@@ -492,7 +517,7 @@ def main() -> None:
         png = args.plots / f"quality-{scale}-{name}.png"
         plot(name, rows, png)
         lines += [f"![{name}]({png.name})", ""]
-    lines += ["Goals:", "", *verdicts(results)]
+    lines += ["Goals:", "", *verdicts(results, study)]
     text = "\n".join(lines)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:

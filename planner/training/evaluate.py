@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ...backends import apply, aux_loss, count_trainable
 from ...plan import Plan
 from ...recipe import Recipe
 from .device import autocast, inference, release, resolve
-from .task import Task
+from .lm import causal_lm_loss, negative_token_loss, predicted_tokens
+from .task import Task, accuracy, classification_loss, matthews, mcc, on_device
 from .train import train
 
 
@@ -122,8 +124,7 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
         run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed, device=device, bf16=bf16)
         losses = run.losses
         with autocast(device, bf16):
-            metric = float(task.metric(model, validation))
-            loss = validation_loss(model, task, validation)
+            metric, loss = metric_and_loss(model, task, validation)
     except Exception as e:  # any failing plan is a failed trial, recorded with its reason
         return failure(e, params, start, losses)
     finally:
@@ -141,6 +142,29 @@ def failure(e: BaseException, params: int, start: float, losses: list[float] | N
         reason = f"out of memory: {e}"
     reason = " ".join(line.strip() for line in reason.splitlines())[:500]
     return Evaluation(None, params, time.perf_counter() - start, reason, losses or [])
+
+
+def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float, float]:
+    """(``task.metric``, `validation_loss`) over ``batches``: one forward pass per batch for
+    peftplan's own tasks (classification by accuracy or Matthews correlation with
+    cross-entropy; a causal LM, whose metric is minus its token loss), a pass for each with
+    any other metric or loss."""
+    if task.loss is classification_loss and task.metric in (accuracy, mcc) and task.weight is None:
+        pred, true, total = [], [], 0.0
+        with inference(model):
+            for batch in batches:
+                inputs, labels = on_device(model, batch)
+                logits = model(**inputs).logits
+                total += float(F.cross_entropy(logits, labels)) * len(labels)  # as classification_loss, by examples
+                pred.append(logits.argmax(-1).cpu())
+                true.append(labels.cpu())
+        pred, true = torch.cat(pred), torch.cat(true)
+        metric = (pred == true).double().mean().item() if task.metric is accuracy else matthews(pred, true)
+        return float(metric), total / len(true)
+    if task.loss is causal_lm_loss and task.metric is negative_token_loss and task.weight is predicted_tokens:
+        metric = float(negative_token_loss(model, batches))
+        return metric, -metric
+    return float(task.metric(model, batches)), validation_loss(model, task, batches)
 
 
 def validation_loss(model: nn.Module, task: Task, batches: list) -> float:

@@ -372,7 +372,7 @@ def _count(share: float | int, n: int, what: str) -> int:
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Cross-entropy of ``model(**inputs).logits`` against ``batch["labels"]``."""
-    inputs, labels = _split(model, batch)
+    inputs, labels = on_device(model, batch)
     return F.cross_entropy(model(**inputs).logits, labels)
 
 
@@ -381,7 +381,7 @@ def predictions(model: nn.Module, batches: list[Batch]) -> tuple[torch.Tensor, t
     pred, true = [], []
     with inference(model):
         for batch in batches:
-            inputs, labels = _split(model, batch)
+            inputs, labels = on_device(model, batch)
             pred.append(model(**inputs).logits.argmax(-1).cpu())
             true.append(labels.cpu())
     return torch.cat(pred), torch.cat(true)
@@ -420,7 +420,8 @@ def _examples(batch: Batch) -> int:
     return int(batch["labels"].shape[0]) if "labels" in batch else batch_shape((), dict(batch))[0]
 
 
-def _split(model: nn.Module, batch: Batch) -> tuple[Batch, torch.Tensor]:
+def on_device(model: nn.Module, batch: Batch) -> tuple[Batch, torch.Tensor]:
+    """A labelled batch's (inputs, labels), moved to the device of ``model``'s parameters."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     return inputs, batch["labels"].to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import peftplan as pp
@@ -47,3 +48,46 @@ def test_failures_are_recorded_not_raised():
     bad = pp.Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 0}})
     broken = evaluate(base, bad, task, Fidelity(steps=1))
     assert not broken.ok and "PlanError" in broken.failed and "rank" in broken.failed
+
+
+def forwards(model):
+    """A list that grows by one on every forward call of ``model``."""
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_metric_and_loss_take_one_pass_and_equal_the_two_separate_ones():
+    from dataclasses import replace
+
+    from peftplan.planner.training.evaluate import metric_and_loss, validation_loss
+    from peftplan.planner.training.task import mcc
+
+    torch.manual_seed(0)
+    model, task = bert_classifier(), tiny_task()
+    batches = task.validation_batches
+    for t in (task, replace(task, metric=mcc)):  # accuracy, then Matthews correlation
+        reference = (t.metric(model, batches), validation_loss(model, t, batches))  # two passes, independently
+        calls = forwards(model)
+        got = metric_and_loss(model, t, batches)
+        assert got == pytest.approx(reference, rel=1e-6) and len(calls) == len(batches)
+        model._forward_hooks.clear()
+    own = replace(task, metric=lambda m, b: 0.25)  # a metric of the user's: it gets its own pass
+    calls = forwards(model)
+    assert metric_and_loss(model, own, batches) == pytest.approx((0.25, validation_loss(model, task, batches)))
+    assert len(calls) == 2 * len(batches)  # the reference loss above, and the pair's loss pass
+
+
+def test_a_causal_lms_metric_and_loss_are_one_pass_and_opposite():
+    from peftplan.planner.training.evaluate import metric_and_loss, validation_loss
+    from tests.planner.test_causal_lm import PAIRS
+    from tests.zoo import char_tokenizer, llama
+
+    torch.manual_seed(0)
+    model = llama()
+    task = pp.Task.for_causal_lm(model, char_tokenizer(), PAIRS, batch_size=3, validation=None)
+    loss = validation_loss(model, task, task.train_batches)
+    calls = forwards(model)
+    metric, same = metric_and_loss(model, task, task.train_batches)
+    assert metric == pytest.approx(-loss, rel=1e-6) and same == pytest.approx(loss, rel=1e-6)
+    assert len(calls) == len(task.train_batches)

@@ -197,7 +197,7 @@ def next_rate(best: float, tried: list[float], low: float, high: float) -> float
 
 def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The next refinement of a settled top rung — (params, user_attrs) to enqueue — or None:
-    the best plan there by the first objective, at `next_rate`, while fewer than
+    the best plan there by the first objective (ties: the lower validation loss), at `next_rate`, while fewer than
     ``config.refine`` refinements were made."""
     if not refinable(config):
         return None
@@ -209,13 +209,20 @@ def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any],
     if not done:
         return None
     sign = 1 if config.senses[config.objectives[0]] == "max" else -1
-    best = max(done, key=lambda t: (sign * t.values[0], -t.number))
+    best = max(done, key=lambda t: (sign * t.values[0], -_loss(t), -t.number))
     same = [t for t in at_top if _without_lr(t.params) == _without_lr(best.params)]
     lr = next_rate(best.params["lr"], [t.params["lr"] for t in same], *config.lr_range)
     if lr is None:
         return None
     kept = {"baseline": best.user_attrs["baseline"]} if "baseline" in best.user_attrs else {}
     return {**best.params, "lr": lr}, {"rung": top, "origin": "refined", "refines": best.number, "refined_lr": lr, **kept}
+
+
+def _loss(t: FrozenTrial) -> float:
+    """A trial's validation loss, infinite where none was recorded: among trials equally good
+    by the metric (a tie on a few hundred validation examples is common) the lower loss is the
+    finer signal."""
+    return float(t.user_attrs.get("validation_loss", math.inf))
 
 
 def _without_lr(params: dict[str, Any]) -> dict[str, Any]:
@@ -405,18 +412,22 @@ def _skip(study: optuna.Study, trial: optuna.Trial, key: str, reason: str, outco
 
 
 def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tuple[str, ...]) -> ParetoFront:
-    """The front of the highest rung that has completed trials, with each point's plan; every
-    completed trial of every rung (plans left out) is in ``front.evaluated``, for plots."""
+    """The front of the highest rung that has completed trials, with each point's plan (of
+    trials equal in every objective — one plan at two learning rates that tie on validation —
+    the one with the lowest validation loss); every completed trial of every rung (plans left
+    out) is in ``front.evaluated``, for plots."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     top = max((rung_of(t) for t in done), default=0)
     points, evaluated = [], []
     for t in done:
         info = {"trial": t.number, "rung": rung_of(t), "candidate": candidate_of(t), "fidelity": t.user_attrs.get("fidelity", ""),
-                **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {})}  # fmt: skip
+                **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {}),
+                **({"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {})}  # fmt: skip
         evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
         if rung_of(t) == top:
             plan = Plan.from_dict(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
             points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
+    points.sort(key=lambda p: p.info.get("validation_loss", math.inf))  # of equal points the front keeps the first
     front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})
     front.evaluated = evaluated
     return front

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import optuna
 import pytest
@@ -121,3 +122,35 @@ def test_two_workers_enqueueing_the_same_refinement_train_it_once():
     twins = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.user_attrs.get("refined_lr") == 3e-3]
     assert [t.state for t in twins] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert twins[1].user_attrs["skipped"].startswith(f"surplus: trial {first.user_attrs['refines']} is already refined")
+
+
+def tied_at_full(peak: float):
+    """Like `peaked_at`, but at the full recipe the rate moves only the validation loss (lowest
+    at ``peak``): every rate of one plan ties on the metric, as a few hundred validation
+    examples often do."""
+
+    def evaluate(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        if fidelity.share is not None:
+            return Evaluation(result.metric, result.params, 0.0, loss=-recipe.lr)
+        knobs = {k: v for k, v in plan.provenance["knobs"].items() if k != "lr"}
+        whole = knobs["budget"] == 1.0
+        metric = 1.0 + 10.0 * whole + 1e-4 * (zlib.crc32(repr(sorted(knobs.items())).encode()) % 1000) / 1000
+        return Evaluation(metric, result.params, 0.0, loss=abs(math.log(recipe.lr / peak)))
+
+    return evaluate
+
+
+def test_a_tie_on_the_metric_goes_to_the_lower_validation_loss():
+    plan, trials = search(tied_at_full(6e-3))
+    top = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["rung"] == 1]
+    refined = [t for t in top if "refines" in t.user_attrs]
+    first = max((t for t in top if "refines" not in t.user_attrs), key=lambda t: (t.values[0], -t.number))
+    assert first.params["lr"] == pytest.approx(2.5e-3) and refined[0].values[0] == first.values[0]  # a tie
+    # 6.25e-3 ties 2.5e-3 on the metric at a lower loss, so it is the best: the next step goes on up (to the
+    # range's 1e-2), not down from 2.5e-3 to 1e-3 as when the earlier trial wins ties
+    assert [t.params["lr"] for t in refined] == pytest.approx([6.25e-3, 1e-2])
+    assert [t.user_attrs["refines"] for t in refined] == [first.number, refined[0].number]
+    assert plan.recipe.lr == pytest.approx(6.25e-3) and plan.provenance["trial"] == refined[0].number
+    front = [p for p in plan.front if p.values == dict(zip(("metric", "params"), first.values))]
+    assert len(front) == 1 and front[0].info["trial"] == refined[0].number  # the front shows the plan returned

@@ -16,7 +16,8 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * a placement probe at that rate too: peft LoRA r=7 on query/value plus r=12 on the pooler's
   dense layer before the head (exactly the same params), a site neither the hand-written
   placements nor the default space tune;
-* full fine-tuning (lr 5e-5) as the ceiling;
+* full fine-tuning as the ceiling, its lr chosen on validation from {2e-5, 5e-5, 1e-4} (extended
+  like the others'): how much any placement at this budget could gain;
 * peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
 * peftplan's default search (``pp.search(model, budget, task, recipe=…)`` with every default:
   its strategy, trials, seeds, learning-rate knob and fidelity schedule), its returned plan
@@ -76,7 +77,7 @@ SCALES = {
     "quick": {"tasks": ("sst2", "subj"), "seeds": (0,), "steps": 64, "validation": 256, "max_train": 2048,
               "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3), "extras": False, "variant": True},
 }  # fmt: skip
-FULL_LR, PROXY_LR, SEARCH_LR = 5e-5, 1e-3, 1e-3
+FULL_GRID, PROXY_LR, SEARCH_LR = (2e-5, 5e-5, 1e-4), 1e-3, 1e-3
 STORE = ROOT / "benchmarks" / "runs" / "quality"
 
 
@@ -202,9 +203,10 @@ class Study:
 
         return self.run(name, f"{kind}@lr={lr:g},seed={seed}", {"kind": kind, "lr": lr, "seed": seed, "steps": steps}, make)
 
-    def tuned(self, name: str, kind: str) -> tuple[float, list[dict]]:
-        """The grid's best lr on validation (seed 0), extended while the best is at an edge."""
-        grid = list(self.cfg["grid"])
+    def tuned(self, name: str, kind: str, grid: tuple[float, ...] | None = None) -> tuple[float, list[dict]]:
+        """The best lr on validation (seed 0) of ``grid`` (default: the scale's), extended while
+        the best is at an edge."""
+        grid = list(grid or self.cfg["grid"])
         runs = {lr: self.baseline(name, kind, lr, 0) for lr in grid}
         while True:
             best = max(runs, key=lambda lr: (runs[lr]["val_metric"], -runs[lr]["val_loss"]))
@@ -316,8 +318,9 @@ def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool
     for kind, label in (("adalora", "peft AdaLoRA (q,v, r 12→8)"), ("eva", "peft EVA (r8 q,v)"),
                         ("lora-qv-pooler", "peft LoRA r7 q,v + r12 pooler (placement probe)")):  # fmt: skip
         rows[label] = {"runs": [study.baseline(name, kind, qv_lr, s) for s in seeds], "lr": qv_lr, "cost": len(seeds), "kind": kind}
-    rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", FULL_LR, s) for s in seeds], "lr": FULL_LR,
-                                "cost": len(seeds), "kind": "full"}  # fmt: skip
+    lr, grid = study.tuned(name, "full", FULL_GRID)
+    rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", lr, s) for s in seeds], "lr": lr,
+                                "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": "full"}  # fmt: skip
     if baselines_only:
         if extras:
             lr, grid = study.tuned(name, "lora-qv-r2")
@@ -394,8 +397,8 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
 
 def _spread(name: str, rows: dict, study: Study) -> str:
     """How far apart the tuned uniform placements land on dev, against the dev metric's own
-    noise (binomial standard error for accuracy) and the seeds' spread: what a plan must
-    clear to lead them all by a point."""
+    noise (binomial standard error for accuracy), the seeds' spread, and the headroom left
+    above them (full fine-tuning): what a plan must clear to lead them all by a point."""
     lora = [k for k, r in rows.items() if r["kind"] in ("lora-qv", "lora-qkvo", "lora-all")]
     means = [statistics.fmean(r["dev_metric"] for r in rows[k]["runs"]) for k in lora]
     text = f"{name}: the three tuned placements span {100 * (max(means) - min(means)):.2f} points of dev {METRIC_NAMES[METRICS[name]]}"
@@ -406,6 +409,10 @@ def _spread(name: str, rows: dict, study: Study) -> str:
     if len(rows[lora[0]]["runs"]) > 1:
         spread = statistics.fmean(statistics.stdev(r["dev_metric"] for r in rows[k]["runs"]) for k in lora)
         text += f", the seeds' standard deviation (mean over the three) {100 * spread:.2f} points"
+    full = rows["full fine-tuning"]
+    ceiling = 100 * (statistics.fmean(r["dev_metric"] for r in full["runs"]) - max(means))
+    text += (f"; full fine-tuning (every weight trained, lr {full['lr']:g} tuned like LoRA's) lands {ceiling:+.2f} points "
+             f"from the best tuned placement")
     return text
 
 

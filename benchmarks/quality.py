@@ -16,6 +16,11 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * a placement probe at that rate too: peft LoRA r=7 on query/value plus r=12 on the pooler's
   dense layer before the head (exactly the same params), a site neither the hand-written
   placements nor the default space tune;
+* full scale, on the first task: peftplan plans of methods the default space leaves out
+  (`PROBES`: LoRA r7 q,v + SSF on every LayerNorm; LoRA r4 q,v + SSF on the other linear
+  layers and the pooler; SSF alone everywhere; sparse entries of every linear layer), each at
+  the best of a short lr grid on validation: whether anything at this budget gets nearer the
+  ceiling than the tuned LoRA placements do;
 * full fine-tuning as the ceiling, its lr chosen on validation from {2e-5, 5e-5, 1e-4} (extended
   like the others'): how much any placement at this budget could gain;
 * peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
@@ -33,7 +38,7 @@ Why 200 steps (full scale): 200 steps of 32 is 6,400 examples, about one epoch o
 training split (5,900–7,500 examples once the 1,000 validation examples are held out) — long
 enough that every contender has left the loss plateau of its first tens of steps and ranks on
 validation as on dev (benchmarks/fidelity.py: rho 0.96 on sst2 at 200 steps). The study's
-~140 trainings take about 8-9 hours on these 2 shared cores (220-230 s per training with its
+~155 trainings take about 9-10 hours on these 2 shared cores (220-230 s per training with its
 validation and dev passes, measured 2026-12-03), so it runs over several sittings.
 
 Final runs on every seed of the scale (the seed sets the head's initialisation, the adapters'
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -85,6 +91,34 @@ def recipe(steps: int, lr: float):
     from peftplan.recipe import Recipe
 
     return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32)
+
+
+PROBES = {  # peftplan plans of methods the default space leaves out (first task only): kind -> (label, lr grid)
+    "lora-qv-r7+ssf-norms": ("peftplan probe: LoRA r7 q,v + SSF on every LayerNorm", (2e-3, 5e-3)),
+    "lora-qv-r4+ssf-rest": ("peftplan probe: LoRA r4 q,v + SSF on k, o, MLP, pooler", (5e-3,)),
+    "ssf-all": ("peftplan probe: SSF on every linear layer, LayerNorm, the pooler", (1e-2,)),
+    "sparse-linear": ("peftplan probe: sparse (0.69% of entries by magnitude) on every linear layer", (5e-4, 2e-3, 5e-3)),
+}
+
+
+def probe_plan(base, kind: str, lr: float, steps: int):
+    """The plan of probe ``kind`` (`PROBES`) on ``base``, the fresh head trained in full, at the final recipe."""
+    import peftplan as pp
+
+    graph = pp.lower(base)
+    by = {s.name: s for s in graph.sites}
+    linear = [s for s in graph.sites if s.op == "linear" and s.role.startswith(("attn", "mlp"))]
+    qv = [s for s in linear if s.role in ("attn.q", "attn.v")]
+    norms, pooler = [s for s in graph.sites if s.op == "norm"], [by["bert.pooler.dense"]]
+    lora = lambda r: [(s, {"method": "lora", "rank": r, "alpha": 2 * r}) for s in qv]  # noqa: E731
+    ssf = lambda sites: [(s, {"method": "ssf"}) for s in sites]  # noqa: E731
+    parts = {"lora-qv-r7+ssf-norms": lambda: lora(7) + ssf(norms),
+             "lora-qv-r4+ssf-rest": lambda: lora(4) + ssf([s for s in linear if s not in qv] + pooler),
+             "ssf-all": lambda: ssf(linear + norms + pooler),
+             "sparse-linear": lambda: [(s, {"method": "sparse", "density": 0.0069}) for s in linear]}[kind]()  # fmt: skip
+    head = by["classifier"]
+    sites = {s.name: {**entry, "role": s.role, "depth": s.depth, "op": s.op} for s, entry in [*parts, (head, {"method": "full"})]}
+    return pp.Plan(sites=sites, recipe=recipe(steps, lr))
 
 
 def peft_lora(base, targets: list[str] | None = None, r: int = 8, **extra):
@@ -229,6 +263,16 @@ class Study:
         record = self.run(name, f"{contender},seed={seed}", spec, make)
         return {**record, **(extra or {})}
 
+    def probe(self, name: str, kind: str) -> dict:
+        """Probe ``kind`` over its lr grid (seed 0, the best on validation), then on every seed."""
+        steps = self.cfg["steps"]
+        base, _ = self.task(name, 0)
+        grid = [self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(base, kind, lr, steps), 0) for lr in PROBES[kind][1]]
+        best = max(range(len(grid)), key=lambda i: (grid[i]["val_metric"], -grid[i]["val_loss"]))
+        lr = PROBES[kind][1][best]
+        runs = [self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(base, kind, lr, steps), s) for s in self.cfg["seeds"]]
+        return {"runs": runs, "lr": lr, "cost": len(grid) + len(runs) - 1, "grid": grid, "kind": "probe"}
+
     def proxy(self, name: str) -> object:
         import peftplan as pp
 
@@ -321,6 +365,9 @@ def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool
     lr, grid = study.tuned(name, "full", FULL_GRID)
     rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", lr, s) for s in seeds], "lr": lr,
                                 "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": "full"}  # fmt: skip
+    if extras:
+        for kind, (label, _) in PROBES.items():
+            rows[label] = study.probe(name, kind)
     if baselines_only:
         if extras:
             lr, grid = study.tuned(name, "lora-qv-r2")
@@ -378,7 +425,9 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for label, row in rows.items():
         runs = row["runs"]
-        wall = sum(r["wall"] for r in runs) + sum(r["wall"] for r in row.get("grid", [])) + row.get("search", {}).get("wall", 0)
+        grid = row.get("grid", [])
+        seen = {r["key"] for r in grid}  # the grid's best run on seed 0 is one of the runs too
+        wall = sum(r["wall"] for r in grid) + sum(r["wall"] for r in runs if r["key"] not in seen) + row.get("search", {}).get("wall", 0)
         lines.append(f"| {label} | {row['lr']:g} | {runs[0]['params']:,} | {mean_std([r['dev_metric'] for r in runs])} | "
                      f"{runs[0]['val_metric']:.4f} | {row['cost']:.1f} | {wall / 60:.1f} min |")  # fmt: skip
     s = rows["peftplan search"]
@@ -389,10 +438,15 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
         if row["kind"] == "search-variant":
             lines += ["", f"{label}: {row['search']['evaluations']} evaluations, "
                       f"{row['search']['steps'] / study.cfg['steps']:.1f} final runs; returned {row['summary']} at lr {row['lr']:g}."]  # fmt: skip
-    grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
+    grids = "; ".join(f"{label}: " + ", ".join(f"{_lr(r):g} → {r['val_metric']:.4f}" for r in row["grid"])
                       for label, row in rows.items() if "grid" in row)  # fmt: skip
     lines += ["", f"Learning-rate grids (validation {metric}, seed 0): {grids}.", ""]
     return lines
+
+
+def _lr(record: dict) -> float:
+    spec = record["spec"]
+    return spec["lr"] if "lr" in spec else spec["recipe"]["lr"]
 
 
 def _spread(name: str, rows: dict, study: Study) -> str:
@@ -473,7 +527,7 @@ def plot(name: str, rows: dict, path: Path) -> None:
                        s=12, color=colour, alpha=0.2)  # fmt: skip
             ax.scatter([t["params"] for t in variant if t["rung"] == top], [t["metric"] for t in variant if t["rung"] == top],
                        s=20, color=colour, alpha=0.8, label=f"{label}: trials at the full recipe")  # fmt: skip
-    markers = iter("s^vDPXhop<>d")
+    markers = itertools.cycle("s^vDPXhop<>d8H")
     for label, row in rows.items():
         if label == "peftplan search":
             continue

@@ -228,14 +228,28 @@ def postgres_url():
 
 
 SEARCH = """
-import torch; torch.set_num_threads(1)
+import time, optuna, torch; torch.set_num_threads(1)
+from optuna.trial import TrialState
 from peftplan.planner.study import Source, open_storage, run_search
 from peftplan.planner.training.evaluate import Fidelity
 from tests.planner.trials import slow_stand_in
 source = Source("tests.zoo:minilm_vocab_classifier", {task!r}, tokenizer="minilm", batch_size=8)
 model, task = source.load()
-run_search(model, "1%", task, strategy="random", trials={trials}, storage=open_storage({url!r}, heartbeat=2),
-           study_name="shared", source=source, evaluator=slow_stand_in, progress=False, threads=1, fidelities=[Fidelity()])
+storage = open_storage({url!r}, heartbeat=2)
+held = []
+
+def evaluate(*args, **kwargs):  # the first trial waits until the worker trains one too: both surely take a share
+    deadline = time.time() + 120
+    while not held and time.time() < deadline:
+        trials = optuna.load_study(study_name="shared", storage=storage).get_trials(deepcopy=False)
+        if sum(t.state == TrialState.RUNNING for t in trials) >= 2:  # this process runs one trial at a time
+            break
+        time.sleep(0.2)
+    held.append(True)
+    return slow_stand_in(*args, **kwargs)
+
+run_search(model, "1%", task, strategy="random", trials={trials}, storage=storage,
+           study_name="shared", source=source, evaluator=evaluate, progress=False, threads=1, fidelities=[Fidelity()])
 """
 WORKER = """
 import time, optuna

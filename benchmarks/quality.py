@@ -19,7 +19,7 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * full scale, on the first task: peftplan plans of methods the default space leaves out
   (`PROBES`: LoRA r7 q,v + SSF on every LayerNorm; LoRA r4 q,v + SSF on the other linear
   layers and the pooler; SSF alone everywhere; sparse entries of every linear layer), each at
-  the best of a short lr grid on validation: whether anything at this budget gets nearer the
+  the best on validation of a short lr grid, extended like the others': whether anything at this budget gets nearer the
   ceiling than the tuned LoRA placements do;
 * full fine-tuning as the ceiling, its lr chosen on validation from {2e-5, 5e-5, 1e-4} (extended
   like the others'): how much any placement at this budget could gain;
@@ -237,17 +237,19 @@ class Study:
 
         return self.run(name, f"{kind}@lr={lr:g},seed={seed}", {"kind": kind, "lr": lr, "seed": seed, "steps": steps}, make)
 
-    def tuned(self, name: str, kind: str, grid: tuple[float, ...] | None = None) -> tuple[float, list[dict]]:
-        """The best lr on validation (seed 0) of ``grid`` (default: the scale's), extended while
-        the best is at an edge."""
+    def tuned(self, name: str, kind: str, grid: tuple[float, ...] | None = None, train=None) -> tuple[float, list[dict]]:
+        """The best lr on validation (seed 0) of ``grid`` (default: the scale's), extended by a
+        factor 2.5 while the best is at an edge (at most twice); ``train(lr, seed)``: the run
+        (default: baseline ``kind``'s)."""
+        train = train or (lambda lr, seed: self.baseline(name, kind, lr, seed))
         grid = list(grid or self.cfg["grid"])
-        runs = {lr: self.baseline(name, kind, lr, 0) for lr in grid}
+        runs = {lr: train(lr, 0) for lr in grid}
         while True:
             best = max(runs, key=lambda lr: (runs[lr]["val_metric"], -runs[lr]["val_loss"]))
             if len(runs) >= len(grid) + 2 or min(runs) < best < max(runs):  # at most two extensions
                 return best, [runs[lr] for lr in sorted(runs)]
             lr = float(f"{best / 2.5 if best == min(runs) else best * 2.5:.3g}")
-            runs[lr] = self.baseline(name, kind, lr, 0)
+            runs[lr] = train(lr, 0)
 
     def plan_run(self, name: str, contender: str, plan, seed: int, extra: dict | None = None) -> dict:
         from peftplan.backends import apply
@@ -264,13 +266,15 @@ class Study:
         return {**record, **(extra or {})}
 
     def probe(self, name: str, kind: str) -> dict:
-        """Probe ``kind`` over its lr grid (seed 0, the best on validation), then on every seed."""
-        steps = self.cfg["steps"]
+        """Probe ``kind``: the best lr on validation of its grid, extended like the baselines'
+        (seed 0), then on every seed."""
         base, _ = self.task(name, 0)
-        grid = [self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(base, kind, lr, steps), 0) for lr in PROBES[kind][1]]
-        best = max(range(len(grid)), key=lambda i: (grid[i]["val_metric"], -grid[i]["val_loss"]))
-        lr = PROBES[kind][1][best]
-        runs = [self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(base, kind, lr, steps), s) for s in self.cfg["seeds"]]
+
+        def train(lr: float, seed: int) -> dict:
+            return self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(base, kind, lr, self.cfg["steps"]), seed)
+
+        lr, grid = self.tuned(name, kind, PROBES[kind][1], train)
+        runs = [train(lr, s) for s in self.cfg["seeds"]]
         return {"runs": runs, "lr": lr, "cost": len(grid) + len(runs) - 1, "grid": grid, "kind": "probe"}
 
     def proxy(self, name: str) -> object:
@@ -430,8 +434,8 @@ def table(name: str, rows: dict, study: Study) -> list[str]:
         wall = sum(r["wall"] for r in grid) + sum(r["wall"] for r in runs if r["key"] not in seen) + row.get("search", {}).get("wall", 0)
         lines.append(f"| {label} | {row['lr']:g} | {runs[0]['params']:,} | {mean_std([r['dev_metric'] for r in runs])} | "
                      f"{runs[0]['val_metric']:.4f} | {row['cost']:.1f} | {wall / 60:.1f} min |")  # fmt: skip
-    s = rows["peftplan search"]
-    lines += ["", f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
+    s = rows.get("peftplan search")
+    lines += [] if s is None else ["", f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
               f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min, planner tree "
               f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}."]  # fmt: skip
     for label, row in rows.items():
@@ -570,10 +574,18 @@ def main() -> None:
     tasks = args.tasks or study.cfg["tasks"]
     started = time.perf_counter()
     if args.baselines:
-        for i, name in enumerate(tasks):
-            run_task(study, name, extras=study.cfg["extras"] and i == 0, baselines_only=True)
-        print(f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the report needs the searches: "
+        results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0, baselines_only=True)
+                   for i, name in enumerate(tasks)}  # fmt: skip
+        print(f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
               "run without --baselines.")  # fmt: skip
+        if args.results:  # what no planner choice touches, and how much room it leaves a plan
+            lines = [f"Scale {scale}, the contenders no planner choice touches (the searches follow): {study.cfg['steps']} "
+                     f"steps per final run, validation {study.cfg['validation']} examples, lr grid {list(study.cfg['grid'])}, "
+                     f"seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip
+            for name, rows in results.items():
+                lines += table(name, rows, study)
+            lines += ["Room above the tuned placements (measured):", "", *(f"- {_spread(name, rows, study)}" for name, rows in results.items())]
+            write_section(args.results, f"quality-{scale}-baselines", f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines))
         return
     results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0) for i, name in enumerate(tasks)}
     lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
@@ -587,9 +599,14 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:
-        command = ("python benchmarks/quality.py" + (" --quick" if args.quick else "") + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
-                   + " --results benchmarks/RESULTS.md")  # fmt: skip
-        write_section(args.results, f"quality-{scale}", f"## Quality ({scale}) — `{command}`\n\n{text}")
+        write_section(args.results, f"quality-{scale}", f"## Quality ({scale}) — `{_command(args)}`\n\n{text}")
+
+
+def _command(args) -> str:
+    """The command line that regenerates a section (the flags that shape it)."""
+    flags = [f for f, on in (("--quick", args.quick), ("--baselines", args.baselines), ("--stored", args.stored)) if on]
+    return " ".join(["python benchmarks/quality.py", *flags, *(["--tasks", *args.tasks] if args.tasks else []),
+                     "--results benchmarks/RESULTS.md"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -471,11 +471,12 @@ def _spread(name: str, rows: dict, study: Study) -> str:
     ceiling = 100 * (statistics.fmean(r["dev_metric"] for r in full["runs"]) - max(means))
     text += (f"; full fine-tuning (every weight trained, lr {full['lr']:g} tuned like LoRA's) lands {ceiling:+.2f} points "
              f"from the best tuned placement")
-    probes = {k: statistics.fmean(r["dev_metric"] for r in row["runs"]) for k, row in rows.items() if row["kind"] == "probe"}
+    probes = {k: statistics.fmean(r["dev_metric"] for r in row["runs"]) for k, row in rows.items()
+              if row["kind"] in ("probe", "lora-qv-pooler")}  # fmt: skip
     if probes:
         best = max(probes, key=probes.get)
-        text += (f", the best of {len(probes)} probes of methods the default space leaves out ({best.split(': ', 1)[-1]}) "
-                 f"{100 * (probes[best] - max(means)):+.2f}")
+        text += (f", the best of {len(probes)} probes of sites and methods the default space leaves out "
+                 f"({best.split(': ', 1)[-1]}) {100 * (probes[best] - max(means)):+.2f}")
     return text
 
 

@@ -50,7 +50,8 @@ given as multiples of one final run.
     python benchmarks/quality.py --quick        # sst2 + subj, 1 seed, 64 steps on subsets (indicative only)
     python benchmarks/quality.py                # sst2 + subj + cola, 2 seeds, 200 steps
     python benchmarks/quality.py --quick --results benchmarks/RESULTS.md   # a rerun trains only what is not stored
-    python benchmarks/quality.py --baselines    # only peft's baselines and full fine-tuning, on every task
+    python benchmarks/quality.py --baselines    # only peft's baselines, the probes and full fine-tuning, on every task
+    python benchmarks/quality.py --baselines --stored --tasks sst2 --results benchmarks/RESULTS.md   # report those so far
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * full scale, on the first task: peftplan plans of methods the default space leaves out
   (`PROBES`: LoRA r7 q,v + SSF on every LayerNorm; LoRA r4 q,v + SSF on the other linear
   layers and the pooler; SSF alone everywhere; sparse entries of every linear layer), each at
-  the best on validation of a short lr grid, extended like the others': whether anything at this budget gets nearer the
-  ceiling than the tuned LoRA placements do;
+  the best on validation of a short lr grid, extended like the others': whether anything at
+  this budget gets nearer the ceiling than the tuned LoRA placements do;
 * full fine-tuning as the ceiling, its lr chosen on validation from {2e-5, 5e-5, 1e-4} (extended
   like the others'): how much any placement at this budget could gain;
 * peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
@@ -102,11 +102,11 @@ PROBES = {  # peftplan plans of methods the default space leaves out (first task
 }
 
 
-def probe_plan(base, kind: str, lr: float, steps: int):
-    """The plan of probe ``kind`` (`PROBES`) on ``base``, the fresh head trained in full, at the final recipe."""
+def probe_plan(graph, kind: str, lr: float, steps: int):
+    """The plan of probe ``kind`` (`PROBES`) on the model lowered to ``graph``, the fresh head
+    trained in full, at the final recipe."""
     import peftplan as pp
 
-    graph = pp.lower(base)
     by = {s.name: s for s in graph.sites}
     linear = [s for s in graph.sites if s.op == "linear" and s.role.startswith(("attn", "mlp"))]
     qv = [s for s in linear if s.role in ("attn.q", "attn.v")]
@@ -269,10 +269,12 @@ class Study:
     def probe(self, name: str, kind: str) -> dict:
         """Probe ``kind``: the best lr on validation of its grid, extended like the baselines'
         (seed 0), then on every seed."""
-        base, _ = self.task(name, 0)
+        import peftplan as pp
+
+        graph = pp.lower(self.task(name, 0)[0])  # once: every run's plan is made from it
 
         def train(lr: float, seed: int) -> dict:
-            return self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(base, kind, lr, self.cfg["steps"]), seed)
+            return self.plan_run(name, f"probe-{kind}@lr={lr:g}", probe_plan(graph, kind, lr, self.cfg["steps"]), seed)
 
         lr, grid = self.tuned(name, kind, PROBES[kind][1], train)
         runs = [train(lr, s) for s in self.cfg["seeds"]]

@@ -27,8 +27,8 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * peftplan's default search (``pp.search(model, budget, task, recipe=…)`` with every default:
   its strategy, trials, seeds, learning-rate knob and fidelity schedule), its returned plan
   trained at the plan's own recipe;
-* quick scale: the same search promoting by the other signal (validation loss when the
-  default screens by the validation metric, and the other way round), for contrast;
+* with ``--contrast``: the same search promoting by the other signal (validation loss when
+  the default screens by the validation metric, and the other way round), for contrast;
 * full scale, on the first task, for its front plot: ``random`` search with as many
   evaluations (what seeding and the default strategy add), and the default search at a
   smaller budget (0.1%, 22,714 params) beside peft LoRA r=2 on query/value (19,202, its lr
@@ -77,9 +77,9 @@ from contenders import BUDGET, PROBES, build, probe_plan, recipe, train_and_scor
 SMALL_BUDGET = 22_714  # 0.1% of MiniLM-L6 with its head (22,713,986 params); peft LoRA r=2 on query/value is 19,202
 SCALES = {
     "full": {"tasks": ("sst2", "subj", "cola"), "seeds": (0, 1), "steps": 200, "validation": 1000, "max_train": None,
-             "max_dev": None, "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3), "extras": True, "variant": False},
+             "max_dev": None, "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3), "extras": True},
     "quick": {"tasks": ("sst2", "subj"), "seeds": (0,), "steps": 64, "validation": 256, "max_train": 2048,
-              "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3), "extras": False, "variant": True},
+              "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3), "extras": False},
 }  # fmt: skip
 FULL_GRID, PROXY_LR, SEARCH_LR = (2e-5, 5e-5, 1e-4), 1e-3, 1e-3
 STORE = ROOT / "benchmarks" / "runs" / "quality"
@@ -237,11 +237,12 @@ def _trial_steps(t, final: int) -> int:
     return final
 
 
-def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool = False) -> dict:
+def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool = False, contrast: bool = False) -> dict:
     """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``;
     ``extras``: also the search at `SMALL_BUDGET` with peft LoRA r2 q,v (lr tuned) beside it,
     and ``random`` search with as many evaluations, for the front plot; ``baselines_only``:
-    only the contenders no planner choice touches (peft's, full fine-tuning)."""
+    only the contenders no planner choice touches (peft's, full fine-tuning); ``contrast``:
+    also the search promoting by the signal the default does not use (a second search's cost)."""
     seeds, steps = study.cfg["seeds"], study.cfg["steps"]
     rows: dict[str, dict] = {}
     print(f"{name}:", flush=True)
@@ -274,7 +275,7 @@ def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool
                                "cost": record["steps"] / steps + len(seeds), "kind": "search", "search": record,
                                "summary": plan.summary()}  # fmt: skip
     variants = []
-    if study.cfg["variant"]:  # the promotion signal the default does not use, for contrast
+    if contrast:  # the promotion signal the default does not use
         other = "metric" if default_screen() == "loss" else "loss"
         variants.append((f"peftplan search, screened by {other}", f"search-screen-{other}", {"screen_by": other}))
     if extras:
@@ -452,6 +453,8 @@ def main() -> None:
                     "another planner tree included, and said so)")
     ap.add_argument("--baselines", action="store_true", help="train only the contenders no planner choice touches "
                     "(peft's baselines, full fine-tuning) on every task, and stop: the searches can follow later")
+    ap.add_argument("--contrast", action="store_true", help="also search promoting by the signal the default search "
+                    "does not screen by (validation loss or metric), trained and reported beside it: one more search per task")
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
     args = ap.parse_args()
@@ -476,7 +479,8 @@ def main() -> None:
             lines += ["Room above the tuned placements (measured):", "", *(f"- {_spread(name, rows, study)}" for name, rows in results.items())]
             write_section(args.results, f"quality-{scale}-baselines", f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines))
         return
-    results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0) for i, name in enumerate(tasks)}
+    results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0, contrast=args.contrast)
+               for i, name in enumerate(tasks)}  # fmt: skip
     lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
              f"lr grid {list(study.cfg['grid'])}, seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip
     for name, rows in results.items():
@@ -493,7 +497,8 @@ def main() -> None:
 
 def _command(args) -> str:
     """The command line that regenerates a section (the flags that shape it)."""
-    flags = [f for f, on in (("--quick", args.quick), ("--baselines", args.baselines), ("--stored", args.stored)) if on]
+    flags = [f for f, on in (("--quick", args.quick), ("--baselines", args.baselines), ("--stored", args.stored),
+                             ("--contrast", args.contrast)) if on]  # fmt: skip
     return " ".join(["python benchmarks/quality.py", *flags, *(["--tasks", *args.tasks] if args.tasks else []),
                      "--results benchmarks/RESULTS.md"])  # fmt: skip
 

@@ -16,8 +16,8 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * a placement probe at that rate too: peft LoRA r=7 on query/value plus r=12 on the pooler's
   dense layer before the head (exactly the same params), a site neither the hand-written
   placements nor the default space tune;
-* full scale, on the first task: peftplan plans of methods the default space leaves out
-  (`PROBES`: LoRA r7 q,v + SSF on every LayerNorm; LoRA r4 q,v + SSF on the other linear
+* full scale, on sst2 (the scale's first task, also when ``--tasks`` names others):
+  peftplan plans of methods the default space leaves out (`PROBES`: LoRA r7 q,v + SSF on every LayerNorm; LoRA r4 q,v + SSF on the other linear
   layers and the pooler; SSF alone everywhere; sparse entries of every linear layer), each at
   the best on validation of a short lr grid, extended like the others': whether anything at
   this budget gets nearer the ceiling than the tuned LoRA placements do;
@@ -29,7 +29,7 @@ included) as peft's LoRA r=8 on query/value (74,498):
   trained at the plan's own recipe;
 * with ``--contrast``: the same search promoting by the other signal (validation loss when
   the default screens by the validation metric, and the other way round), for contrast;
-* full scale, on the first task, for its front plot: ``random`` search with as many
+* full scale, on sst2 alone, for its front plot: ``random`` search with as many
   evaluations (what seeding and the default strategy add), and the default search at a
   smaller budget (0.1%, 22,714 params) beside peft LoRA r=2 on query/value (19,202, its lr
   tuned like the others).
@@ -414,8 +414,8 @@ def main() -> None:
     tasks = args.tasks or study.cfg["tasks"]
     started = time.perf_counter()
     if args.baselines:
-        results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0, baselines_only=True)
-                   for i, name in enumerate(tasks)}  # fmt: skip
+        results = {name: run_task(study, name, extras=study.cfg["extras"] and name == study.cfg["tasks"][0], baselines_only=True)
+                   for name in tasks}  # fmt: skip
         print(f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
               "run without --baselines.")  # fmt: skip
         if args.results:  # what no planner choice touches, and how much room it leaves a plan
@@ -427,8 +427,8 @@ def main() -> None:
             lines += ["Room above the tuned placements (measured):", "", *(f"- {_spread(name, rows, study)}" for name, rows in results.items())]
             write_section(args.results, f"quality-{scale}-baselines", f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines))
         return
-    results = {name: run_task(study, name, extras=study.cfg["extras"] and i == 0, contrast=args.contrast)
-               for i, name in enumerate(tasks)}  # fmt: skip
+    results = {name: run_task(study, name, extras=study.cfg["extras"] and name == study.cfg["tasks"][0], contrast=args.contrast)
+                   for name in tasks}  # fmt: skip
     lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
              f"lr grid {list(study.cfg['grid'])}, seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip
     for name, rows in results.items():

@@ -17,8 +17,9 @@ included) as peft's LoRA r=8 on query/value (74,498):
   dense layer before the head (exactly the same params), a site neither the hand-written
   placements nor the default space tune;
 * full scale, on sst2 (the scale's first task, also when ``--tasks`` names others):
-  peftplan plans of methods the default space leaves out (`PROBES`: LoRA r7 q,v + SSF on every LayerNorm; LoRA r4 q,v + SSF on the other linear
-  layers and the pooler; SSF alone everywhere; sparse entries of every linear layer), each at
+  peftplan plans of methods the default space leaves out (`PROBES`: LoRA r7 q,v + SSF on
+  every LayerNorm; LoRA r4 q,v + SSF on the other linear layers and the pooler; SSF alone
+  everywhere; sparse entries of every linear layer), each at
   the best on validation of a short lr grid, extended like the others': whether anything at
   this budget gets nearer the ceiling than the tuned LoRA placements do;
 * full fine-tuning as the ceiling, its lr chosen on validation from {2e-5, 5e-5, 1e-4} (extended

@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -198,10 +199,16 @@ class Study:
         if record is None:
             base, task = self.task(name, 0)
             storage = optuna.storages.InMemoryStorage()
-            start = time.perf_counter()
-            plan = pp.search(base, budget, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
-                             study_name="quality", progress=False, threads=2, strategy=strategy,
-                             **({"screen_by": screen_by} if screen_by else {}))  # fmt: skip
+            start, stop = time.perf_counter(), threading.Event()
+            ticker = threading.Thread(target=_tick, args=(key, storage, stop, start), daemon=True)
+            ticker.start()
+            try:  # the search's own progress bar is off: this log may be a file, not a terminal
+                plan = pp.search(base, budget, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
+                                 study_name="quality", progress=False, threads=2, strategy=strategy,
+                                 **({"screen_by": screen_by} if screen_by else {}))  # fmt: skip
+            finally:
+                stop.set()
+                ticker.join()
             wall = time.perf_counter() - start
             trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
             done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -236,6 +243,21 @@ def _trial_steps(t, final: int) -> int:
     if fidelity.endswith(" steps"):
         return int(fidelity.split()[0])
     return final
+
+
+def _tick(key: str, storage, stop: threading.Event, start: float, every: float = 60.0) -> None:
+    """Print, every ``every`` seconds until ``stop``, how many trials of the running search are
+    done and the best validation metric among them: a search takes half an hour."""
+    import optuna
+
+    while not stop.wait(every):
+        try:
+            trials = storage.get_all_trials(storage.get_study_id_from_name("quality"), deepcopy=False)
+        except KeyError:  # the study is not created yet
+            continue
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = f", best validation metric {max(t.values[0] for t in done):.4f}" if done else ""
+        print(f"  {key}: {len(done)} trials done{best}, {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
 
 def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool = False, contrast: bool = False) -> dict:

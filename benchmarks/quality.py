@@ -19,9 +19,9 @@ included) as peft's LoRA r=8 on query/value (74,498):
 * full scale, on sst2 (the scale's first task, also when ``--tasks`` names others):
   peftplan plans of methods the default space leaves out (`PROBES`: LoRA r7 q,v + SSF on
   every LayerNorm; LoRA r4 q,v + SSF on the other linear layers and the pooler; SSF alone
-  everywhere; sparse entries of every linear layer), each at
-  the best on validation of a short lr grid, extended like the others': whether anything at
-  this budget gets nearer the ceiling than the tuned LoRA placements do;
+  everywhere; sparse entries of every linear layer), each at the best on validation of a
+  short lr grid, extended like the others': whether anything at this budget gets nearer the
+  ceiling than the tuned LoRA placements do;
 * full fine-tuning as the ceiling, its lr chosen on validation from {2e-5, 5e-5, 1e-4} (extended
   like the others'): how much any placement at this budget could gain;
 * peftplan's proxy plan (one shot, no training while planning) at lr 1e-3;
@@ -207,7 +207,7 @@ class Study:
             base, task = self.task(name, 0)
             storage = optuna.storages.InMemoryStorage()
             start, stop = time.perf_counter(), threading.Event()
-            ticker = threading.Thread(target=_tick, args=(key, storage, stop, start), daemon=True)
+            ticker = threading.Thread(target=_tick, args=(key, storage, "quality", stop, start), daemon=True)
             ticker.start()
             try:  # the search's own progress bar is off: this log may be a file, not a terminal
                 plan = pp.search(base, budget, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
@@ -252,14 +252,14 @@ def _trial_steps(t, final: int) -> int:
     return final
 
 
-def _tick(key: str, storage, stop: threading.Event, start: float, every: float = 60.0) -> None:
-    """Print, every ``every`` seconds until ``stop``, how many trials of the running search are
-    done and the best validation metric among them: a search takes half an hour."""
+def _tick(key: str, storage, study_name: str, stop: threading.Event, start: float, every: float = 60.0) -> None:
+    """Print, every ``every`` seconds until ``stop``, how many trials of the search running in
+    ``storage`` are done and the best validation metric among them: a search takes half an hour."""
     import optuna
 
     while not stop.wait(every):
         try:
-            trials = storage.get_all_trials(storage.get_study_id_from_name("quality"), deepcopy=False)
+            trials = storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False)
         except KeyError:  # the study is not created yet
             continue
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -372,6 +372,11 @@ def _lr(record: dict) -> float:
     return spec["lr"] if "lr" in spec else spec["recipe"]["lr"]
 
 
+def _dev_mean(row: dict) -> float:
+    """A contender's dev metric, mean over its seeds."""
+    return statistics.fmean(r["dev_metric"] for r in row["runs"])
+
+
 def _spread(name: str, rows: dict, study: Study) -> str:
     """How far apart the tuned uniform placements land on dev, against the dev metric's own
     noise (binomial standard error for accuracy), the seeds' spread, and the headroom left
@@ -387,7 +392,7 @@ def _spread(name: str, rows: dict, study: Study) -> str:
         spread = statistics.fmean(statistics.stdev(r["dev_metric"] for r in rows[k]["runs"]) for k in lora)
         text += f", the seeds' standard deviation (mean over the three) {100 * spread:.2f} points"
     full = rows["full fine-tuning"]
-    ceiling = 100 * (statistics.fmean(r["dev_metric"] for r in full["runs"]) - max(means))
+    ceiling = 100 * (_dev_mean(full) - max(means))
     text += (f"; full fine-tuning (every weight trained, lr {full['lr']:g} tuned like LoRA's) lands {ceiling:+.2f} points "
              f"from the best tuned placement")
     probes = {k: statistics.fmean(r["dev_metric"] for r in row["runs"]) for k, row in rows.items()
@@ -407,7 +412,7 @@ def verdicts(results: dict, study: Study) -> list[str]:
         best_label = max(lora, key=lambda k: statistics.fmean(r["dev_metric"] for r in rows[k]["runs"]))
         best = statistics.fmean(r["dev_metric"] for r in rows[best_label]["runs"])
         gains.append(100 * (mine - best))
-        ceilings.append(100 * (statistics.fmean(r["dev_metric"] for r in rows["full fine-tuning"]["runs"]) - best))
+        ceilings.append(100 * (_dev_mean(rows["full fine-tuning"]) - best))
         vs_ada.append(100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft AdaLoRA (q,v, r 12→8)"]["runs"])))
         vs_eva.append(100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft EVA (r8 q,v)"]["runs"])))
         costs.append(rows["peftplan search"]["cost"] - len(rows["peftplan search"]["runs"]))
@@ -415,10 +420,10 @@ def verdicts(results: dict, study: Study) -> list[str]:
                      f"{100 * (mine - best):+.2f} points — {'PASS' if mine >= best else 'MISS'}")  # fmt: skip
     avg = statistics.fmean(gains)
     if avg < 1.0:
-        lines += ["- why the +1.0 goal is missed (measured): " + "; ".join(_spread(name, rows, study) for name, rows in results.items()),
-                  f"- full fine-tuning, every weight trained, averages {statistics.fmean(ceilings):+.2f} points over the best tuned "
-                  "LoRA; the search closes " + ", ".join(f"{name} {g / c:.0%}" for name, g, c in zip(results, gains, ceilings) if c > 0)
-                  + " of that gap at the LoRA baselines' params"]  # fmt: skip
+        lines += ["- why the +1.0 goal is missed (measured): " + "; ".join(_spread(name, rows, study) for name, rows in results.items())]
+        shares = ", ".join(f"{name} {g / c:.0%}" for name, g, c in zip(results, gains, ceilings) if c > 0)
+        lines += [f"- full fine-tuning, every weight trained, averages {statistics.fmean(ceilings):+.2f} points over the best tuned LoRA"
+                  + (f"; the search closes {shares} of that gap at the LoRA baselines' params" if shares else "")]  # fmt: skip
     lines += [f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +1.00) — {'PASS' if avg >= 1.0 else 'MISS'}",
               f"- average vs AdaLoRA {statistics.fmean(vs_ada):+.2f}, vs EVA {statistics.fmean(vs_eva):+.2f} points (goal ≥ 0) — "
               f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
@@ -446,10 +451,10 @@ def main() -> None:
     scale = "quick" if args.quick else "full"
     study = Study(scale, RunStore(args.store), stored_only=args.stored)
     tasks = args.tasks or study.cfg["tasks"]
+    extras_task = study.cfg["tasks"][0] if study.cfg["extras"] else None  # the probes and extra searches: sst2 alone
     started = time.perf_counter()
     if args.baselines:
-        results = {name: run_task(study, name, extras=study.cfg["extras"] and name == study.cfg["tasks"][0], baselines_only=True)
-                   for name in tasks}  # fmt: skip
+        results = {name: run_task(study, name, extras=name == extras_task, baselines_only=True) for name in tasks}
         print(f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
               "run without --baselines.")  # fmt: skip
         if args.results:  # what no planner choice touches, and how much room it leaves a plan
@@ -461,8 +466,7 @@ def main() -> None:
             lines += ["Room above the tuned placements (measured):", "", *(f"- {_spread(name, rows, study)}" for name, rows in results.items())]
             write_section(args.results, f"quality-{scale}-baselines", f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines))
         return
-    results = {name: run_task(study, name, extras=study.cfg["extras"] and name == study.cfg["tasks"][0], contrast=args.contrast)
-                   for name in tasks}  # fmt: skip
+    results = {name: run_task(study, name, extras=name == extras_task, contrast=args.contrast) for name in tasks}
     lines = [f"Scale {scale}: {study.cfg['steps']} steps per final run, validation {study.cfg['validation']} examples, "
              f"lr grid {list(study.cfg['grid'])}, seeds {list(study.cfg['seeds'])}; budget {BUDGET:,} params.", ""]  # fmt: skip
     for name, rows in results.items():

@@ -1,4 +1,6 @@
-"""The quality study's front plot: one task's search trials, its front and every contender."""
+"""The quality study's plot of one task: the search's trials, its front and every contender on
+validation (top), and what the verdicts compare, every contender's dev metric over the seeds
+(bottom)."""
 
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ def plot(name: str, rows: dict, path: Path) -> None:
         xs, ys = clip([t["params"] for t in ts], [t["metric"] for t in ts])
         ax.scatter(xs, ys, **kw)
 
-    fig = Figure(figsize=(11.5, 5.4), dpi=120)
-    ax = fig.subplots()
+    fig = Figure(figsize=(15, 11), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=(1.3, 1), height_ratios=(1.1, 1))
+    ax, legend_ax, dev_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
     dots(ax, [t for t in trials if t["rung"] < top], s=14, color="grey", alpha=0.25, label="search trials, screened (short runs)")
     dots(ax, [t for t in full if (t["params"], t["metric"]) not in on_front], s=26, color="tab:blue", alpha=0.3,
          label="search trials at the full recipe, dominated")  # fmt: skip
@@ -68,12 +71,52 @@ def plot(name: str, rows: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale, head included)")
     ax.set_ylabel(f"validation {metric} (held out of train.tsv, seed 0)")
-    ax.set_title(f"MiniLM-L6 + {name}: every search trial, the front, and each contender at its params")
+    ax.set_title(f"MiniLM-L6 + {name}: every search trial, the front, each contender at its params", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    legend_ax.axis("off")
+    legend_ax.legend(*ax.get_legend_handles_labels(), fontsize=6.5, loc="center left", frameon=False)
     screened_low = sum(t["metric"] < floor for t in trials)
-    note = (f"below {floor:.3f}, drawn on the lower edge: " + (", ".join(below) if below else "no contender")
+    note = (f"Top, below {floor:.3f}, drawn on the lower edge: " + (", ".join(below) if below else "no contender")
             + (f"; {screened_low} search trials" if screened_low else ""))  # fmt: skip
+    note += dev_panel(dev_ax, name, rows)
     fig.text(0.01, 0.01, note, fontsize=7, color="dimgrey", wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.get_layout_engine().set(rect=(0, 0.025, 1, 0.975))
     fig.savefig(path)
+
+
+def dev_panel(ax, name: str, rows: dict) -> str:
+    """Each contender's dev metric, mean and every seed, sorted, the best tuned uniform LoRA
+    as a line: the comparison the goals make, readable where the front's markers overlap at
+    the budget. Returns the caption's part naming what lies left of the axis."""
+    import statistics
+
+    metric = METRIC_NAMES[METRICS[name]]
+    lora = [k for k, r in rows.items() if r["kind"] in ("lora-qv", "lora-qkvo", "lora-all")]
+    mean = {k: statistics.fmean(r["dev_metric"] for r in row["runs"]) for k, row in rows.items()}
+    order = sorted(mean, key=mean.get)
+    best = max(mean[k] for k in lora)
+    left = max(min(mean.values()), best - 0.04)
+    colour = {"search": "tab:red", "full": "tab:pink", "lora-qv": "tab:blue", "lora-qkvo": "tab:blue", "lora-all": "tab:blue"}
+    cut = []
+    for y, label in enumerate(order):
+        values = [r["dev_metric"] for r in rows[label]["runs"]]
+        c = colour.get(rows[label]["kind"], "dimgrey")
+        if mean[label] < left:
+            cut.append(f"{label} ({mean[label]:.3f})")
+        ax.scatter([max(v, left) for v in values], [y] * len(values), s=12, color=c, alpha=0.45, zorder=3)
+        ax.scatter([max(mean[label], left)], [y], s=46, color=c, zorder=4, marker="<" if mean[label] < left else "o")
+        ax.annotate(f"{mean[label]:.4f}", (max(mean[label], left), y), xytext=(6, 3), textcoords="offset points", fontsize=6.5)
+    ax.axvline(best, color="tab:blue", ls="--", lw=0.9, label=f"best tuned uniform LoRA ({best:.4f})")
+    ax.set_yticks(range(len(order)))
+    ax.set_yticklabels([f"{k} · {_count(rows[k]['runs'][0]['params'])}" for k in order], fontsize=6.5)
+    ax.set_xlim(left - 0.004, max(mean.values()) + 0.012)
+    seeds = len(next(iter(rows.values()))["runs"])
+    ax.set_xlabel(f"dev {metric}: mean (large dot) and each of {seeds} seed(s) (small)" if seeds > 1 else f"dev {metric}")
+    ax.set_title(f"{name}: dev {metric}, never seen by a search or an lr choice", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    return f". Bottom, left of {left:.3f} (drawn on the edge as ◀): " + ", ".join(cut) if cut else ""
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}k"

@@ -97,13 +97,15 @@ def build(kind: str, base, task, lr: float, steps: int):
     return model, loss, hook
 
 
-def train_and_score(model, task, rec, seed: int, loss=None, hook=None) -> dict:
+def train_and_score(model, task, rec, seed: int, loss=None, hook=None, bf16: bool = False) -> dict:
+    """Train ``model`` by ``rec`` (under bf16 autocast with ``bf16``), then score it in fp32 on
+    the validation and evaluation batches."""
     from dataclasses import replace
 
     from peftplan.planner.training.train import train
 
     sub = task if loss is None else replace(task, loss=loss)
-    run = train(model, sub, rec, seed=seed, on_step=hook)
+    run = train(model, sub, rec, seed=seed, on_step=hook, bf16=bf16)
     val_metric, val_loss = score(model, task, task.validation_batches)
     dev_metric, _ = score(model, task, task.eval_batches)
     return {"params": trainable_after(model), "val_metric": val_metric,

@@ -219,7 +219,8 @@ class Study:
         spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
                 **options, **self.precision}  # fmt: skip
         record = self.store.get(key, spec)
-        if record is not None and record.get("planner") != planner_tree() and not self.stored_only:
+        code = search_code(record.get("planner", "")) if record is not None else None
+        if record is not None and (code is None or code != search_code(planner_tree())) and not self.stored_only:
             print(f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True)
             record = None
         if record is None and self.stored_only:
@@ -251,17 +252,30 @@ class Study:
         return pp.Plan.from_dict(record["plan"]), record
 
 
+NEUTRAL = {"front/plot.py"}  # planner files no search result depends on: how a front is drawn
+
+
 def planner_tree() -> str:
-    """The git tree of planner/ at HEAD, recorded with each search: one stored under another
-    tree is run again (any planner change may change what the default search returns),
-    unless ``--stored`` asks for the stored results as they are."""
+    """The git tree of planner/ at HEAD, recorded with each search: one stored under a tree
+    whose search code differs (`search_code`) is run again, since any such change may change
+    what the default search returns, unless ``--stored`` asks for the stored results as they are."""
+    return _git("rev-parse", "HEAD:planner").strip() or "unknown"
+
+
+def search_code(tree: str) -> str | None:
+    """The files of planner tree ``tree`` (path and blob) that a search's result depends on:
+    all but `NEUTRAL`; None where git does not know ``tree``."""
+    listing = _git("ls-tree", "-r", tree)
+    return "\n".join(line for line in listing.splitlines() if line.split("\t", 1)[-1] not in NEUTRAL) if listing else None
+
+
+def _git(*args: str) -> str:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD:planner"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return ""
 
 
 def _trial_steps(t, final: int) -> int:

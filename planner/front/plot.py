@@ -38,22 +38,33 @@ def _staircase(front: ParetoFront, x: str, y: str) -> tuple[list[float], list[fl
 
 def layers(front: ParetoFront, x: str, y: str) -> dict[str, list[FrontPoint]]:
     """The evaluated trials split into what is drawn differently: ``screened`` (below the
-    front's rung), ``dominated`` (at its rung, off the front), ``baselines`` (named seeds at
-    its rung), and the ``front``."""
+    front's rung), ``dominated`` (at its rung, off the front), ``baselines`` (each named seed's
+    best trial at its rung, by ``y``: a seed tried at three learning rates is named once), and
+    the ``front``."""
     rung = max((p.info.get("rung", 0) for p in front), default=0)
     on_front = {p.info.get("trial") for p in front if "trial" in p.info}
     seen = front.evaluated
+    best: dict[str, FrontPoint] = {}
+    sign = 1 if front.senses.get(y) == "max" else -1
+    for p in seen:
+        name = p.info.get("baseline")
+        if name and p.info.get("rung", 0) == rung and (name not in best or sign * p.values[y] > sign * best[name].values[y]):
+            best[name] = p
     return {
         "screened": [p for p in seen if p.info.get("rung", 0) < rung],
         "dominated": [p for p in seen if p.info.get("rung", 0) == rung and p.info.get("trial") not in on_front],
-        "baselines": [p for p in seen if p.info.get("rung", 0) == rung and p.info.get("baseline")],
+        "baselines": list(best.values()),
         "front": list(front),
     }
 
 
 def _log_x(front: ParetoFront, x: str, markers: dict[str, dict[str, float]]) -> bool:
     xs = [p.values[x] for p in [*front, *front.evaluated]] + [m[x] for m in markers.values() if x in m]
-    return bool(xs) and min(xs) > 0 and max(xs) / min(xs) > 20
+    return bool(xs) and min(xs) > 0 and max(xs) / min(xs) > 10
+
+
+def _short(v: float) -> str:
+    return f"{v / 1e9:g}G" if v >= 1e9 else f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"
 
 
 def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: dict[str, str],
@@ -61,7 +72,7 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
     # a Figure of its own (no pyplot): the user's process keeps its matplotlib backend
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.2, 4.8), dpi=120)
+    fig = Figure(figsize=(9.6, 4.8), dpi=120)
     ax = fig.subplots()
     parts = layers(front, x, y)
     for key, style in (("screened", {"color": "grey", "alpha": 0.3, "s": 16, "label": "screened at a shorter fidelity"}),
@@ -74,18 +85,25 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
         ax.scatter([p.values[x] for p in front], [p.values[y] for p in front], color="tab:blue", s=36, zorder=3, label="Pareto front")
         knee = front.knee()
         ax.scatter([knee.values[x]], [knee.values[y]], s=140, facecolors="none", edgecolors="tab:red", lw=2, zorder=4, label="knee")
-    for p in parts["baselines"]:
-        ax.annotate(p.info["baseline"], (p.values[x], p.values[y]), textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:blue")
+    colours = iter(("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"))  # not the knee's red
+    for p in parts["baselines"][:7]:  # rings in a legend, not text: seeds of equal params share a spot
+        ax.scatter([p.values[x]], [p.values[y]], s=90, facecolors="none", edgecolors=next(colours), lw=1.6, zorder=4,
+                   label=f"search seed '{p.info['baseline']}' (its best trial)")  # fmt: skip
     for (label, values), marker in zip(markers.items(), MARKERS * 3):
         ax.scatter([values[x]], [values[y]], marker=marker, s=70, zorder=5, label=label)
     if _log_x(front, x, markers):
-        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")  # ticks at 1, 2 and 5 of each decade, short (5k, 20k, 1M): one decade has room for them
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(axes[x] + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(axes[y])
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: at the budget, points sit where a legend inside would
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
@@ -107,17 +125,22 @@ def html_figure(front: ParetoFront, x: str, y: str, title: str, axes: dict[str, 
                             p.plan.summary() if p.plan else ""])  # fmt: skip
 
     parts = layers(front, x, y)
+    named = {(p.info.get("trial"), p.info["baseline"]) for p in parts["baselines"]}
+
+    def names(pts: list[FrontPoint]) -> list[str]:  # each seed named once, at its best trial
+        return [p.info["baseline"] if (p.info.get("trial"), p.info.get("baseline")) in named else "" for p in pts]
+
     fig = go.Figure()
     for key, name, color in (("screened", "screened at a shorter fidelity", "rgba(128,128,128,0.35)"),
                              ("dominated", "evaluated, dominated", "rgba(31,119,180,0.3)")):  # fmt: skip
         pts = parts[key]
         fig.add_trace(go.Scatter(x=[p.values[x] for p in pts], y=[p.values[y] for p in pts], mode="markers+text", name=name,
-                                 marker={"color": color, "size": 7}, text=[p.info.get("baseline", "") for p in pts],
+                                 marker={"color": color, "size": 7}, text=names(pts),
                                  textposition="bottom right", hovertext=[hover(p) for p in pts], hoverinfo="text"))  # fmt: skip
     xs, ys = _staircase(front, x, y) if len(front) else ([], [])
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "rgba(31,119,180,0.6)"}, hoverinfo="skip", name="front"))
     fig.add_trace(go.Scatter(x=[p.values[x] for p in front], y=[p.values[y] for p in front], mode="markers+text",
-                             marker={"size": 10, "color": "rgb(31,119,180)"}, text=[p.info.get("baseline", "") for p in front],
+                             marker={"size": 10, "color": "rgb(31,119,180)"}, text=names(list(front)),
                              textposition="bottom right", hovertext=[hover(p) for p in front], hoverinfo="text",
                              name="Pareto front"))  # fmt: skip
     for label, values in markers.items():

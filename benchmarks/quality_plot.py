@@ -5,6 +5,7 @@ validation (top), and what the verdicts compare, every contender's dev metric ov
 from __future__ import annotations
 
 import itertools
+import statistics
 from pathlib import Path
 
 from common import METRIC_NAMES, METRICS
@@ -88,7 +89,7 @@ def dev_panel(ax, name: str, rows: dict) -> str:
     """Each contender's dev metric, mean and every seed, sorted, the best tuned uniform LoRA
     as a line: the comparison the goals make, readable where the front's markers overlap at
     the budget. Returns the caption's part naming what lies left of the axis."""
-    import statistics
+    from peftplan.planner.front.plot import short_count
 
     metric = METRIC_NAMES[METRICS[name]]
     lora = [k for k, r in rows.items() if r["kind"] in ("lora-qv", "lora-qkvo", "lora-all")]
@@ -108,7 +109,7 @@ def dev_panel(ax, name: str, rows: dict) -> str:
         ax.annotate(f"{mean[label]:.4f}", (max(mean[label], left), y), xytext=(6, 3), textcoords="offset points", fontsize=6.5)
     ax.axvline(best, color="tab:blue", ls="--", lw=0.9, label=f"best tuned uniform LoRA ({best:.4f})")
     ax.set_yticks(range(len(order)))
-    ax.set_yticklabels([f"{k} · {_count(rows[k]['runs'][0]['params'])}" for k in order], fontsize=6.5)
+    ax.set_yticklabels([f"{k} · {short_count(rows[k]['runs'][0]['params'])}" for k in order], fontsize=6.5)
     ax.set_xlim(left - 0.004, max(mean.values()) + 0.012)
     seeds = len(next(iter(rows.values()))["runs"])
     ax.set_xlabel(f"dev {metric}: mean (large dot) and each of {seeds} seed(s) (small)" if seeds > 1 else f"dev {metric}")
@@ -116,7 +117,3 @@ def dev_panel(ax, name: str, rows: dict) -> str:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", frameon=False)
     return f". Bottom, left of {left:.3f} (drawn on the edge as ◀): " + ", ".join(cut) if cut else ""
-
-
-def _count(params: int) -> str:
-    return f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}k"

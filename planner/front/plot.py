@@ -63,8 +63,9 @@ def _log_x(front: ParetoFront, x: str, markers: dict[str, dict[str, float]]) -> 
     return bool(xs) and min(xs) > 0 and max(xs) / min(xs) > 10
 
 
-def _short(v: float) -> str:
-    return f"{v / 1e9:g}G" if v >= 1e9 else f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"
+def short_count(v: float) -> str:
+    """A count in three significant figures: 5k, 74.5k, 22.7M (tick labels, plot legends)."""
+    return f"{v / 1e9:.3g}G" if v >= 1e9 else f"{v / 1e6:.3g}M" if v >= 1e6 else f"{v / 1e3:.3g}k" if v >= 1e3 else f"{v:.3g}"
 
 
 def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: dict[str, str],
@@ -96,7 +97,7 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
 
         ax.set_xscale("log")  # ticks at 1, 2 and 5 of each decade, short (5k, 20k, 1M): one decade has room for them
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: short_count(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(axes[x] + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(axes[y])

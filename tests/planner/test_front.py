@@ -113,3 +113,9 @@ def test_params_take_a_log_axis_once_they_span_more_than_tenfold():
 
     assert axis(3_842) == "log"  # 19x: the demo's front, a rank-1 plan beside the budget
     assert axis(10_000) == "linear"  # 7x
+
+
+def test_counts_are_shortened_to_three_significant_figures():
+    from peftplan.planner.front.plot import short_count
+
+    assert [short_count(v) for v in (740, 5_000, 74_498, 100_000, 22_713_986, 7e9)] == ["740", "5k", "74.5k", "100k", "22.7M", "7G"]

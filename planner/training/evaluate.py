@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ...backends import apply, aux_loss, count_trainable
 from ...plan import Plan
 from ...recipe import Recipe
+from .answers import choice_accuracy, choice_accuracy_and_loss
 from .device import autocast, inference, release, resolve
 from .lm import causal_lm_loss, negative_token_loss, predicted_tokens
 from .task import Task, accuracy, classification_loss, matthews, mcc, on_device
@@ -96,10 +97,11 @@ class Evaluation:
 
 def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, recipe: Recipe | None = None,
              seed: int = 0, aux_weight: float = 0.01, device: str | torch.device | None = None,
-             bf16: bool = False) -> Evaluation:  # fmt: skip
+             bf16: bool = False, checkpointing: bool = False) -> Evaluation:  # fmt: skip
     """Apply ``plan`` to a copy of ``base`` (left untouched), train by ``recipe`` (default
     `Recipe()`) at ``fidelity`` on ``device`` (None: CUDA when available, as `train`), with
-    ``bf16`` autocast or not, score on the validation batches.
+    ``bf16`` autocast or not and ``checkpointing`` or not (`train`), score on the validation
+    batches.
 
     ``aux_weight`` scales auxiliary losses of the plan's sites (MoE-LoRA load balancing)."""
     if not task.validation_batches:
@@ -121,7 +123,8 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
             train_batches=task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches,
             loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m),
         )
-        run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed, device=device, bf16=bf16)
+        run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed, device=device, bf16=bf16,
+                    checkpointing=checkpointing)
         losses = run.losses
         with autocast(device, bf16):
             metric, loss = metric_and_loss(model, task, validation)
@@ -147,8 +150,8 @@ def failure(e: BaseException, params: int, start: float, losses: list[float] | N
 def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float, float]:
     """(``task.metric``, `validation_loss`) over ``batches``: one forward pass per batch for
     peftplan's own tasks (classification by accuracy or Matthews correlation with
-    cross-entropy; a causal LM, whose metric is minus its token loss), a pass for each with
-    any other metric or loss."""
+    cross-entropy; a causal LM, whose metric is minus its token loss or the accuracy of its
+    likeliest answers), a pass for each with any other metric or loss."""
     if task.loss is classification_loss and task.metric in (accuracy, mcc) and task.weight is None:
         pred, true, total = [], [], 0.0
         with inference(model):
@@ -164,6 +167,8 @@ def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float,
     if task.loss is causal_lm_loss and task.metric is negative_token_loss and task.weight is predicted_tokens:
         metric = float(negative_token_loss(model, batches))
         return metric, -metric
+    if task.loss is causal_lm_loss and task.metric is choice_accuracy and task.weight is predicted_tokens:
+        return choice_accuracy_and_loss(model, batches)
     return float(task.metric(model, batches)), validation_loss(model, task, batches)
 
 

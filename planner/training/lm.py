@@ -24,33 +24,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .chat import check_conversation, encode_chat, fit
 from .data import load_table
 from .device import inference
 
 IGNORE = -100  # the label of a token that is read but not predicted (torch's cross-entropy ignore_index)
-Example = Any  # a text, or a (prompt, response) pair
+Batch = dict[str, torch.Tensor]
+Example = Any  # a text, a (prompt, response) pair, or a conversation (`chat.Conversation`)
 
 
 @dataclass(frozen=True)
 class LMColumns:
-    """Which columns hold the text, or the prompt and the response (instruction data)."""
+    """Which columns hold the text, the prompt and the response (instruction data), or the
+    conversation (chat data: a list of ``{"role", "content"}`` messages)."""
 
     text: str | None = "text"
     prompt: str | None = None
     response: str | None = None
+    messages: str | None = None
 
     @classmethod
-    def of(cls, text: str | None, prompt: str | None, response: str | None) -> LMColumns | None:
+    def of(cls, text: str | None, prompt: str | None, response: str | None,
+           messages: str | None = None) -> LMColumns | None:  # fmt: skip
         """The columns named (None when none is: `resolve` picks them from the data)."""
         if (prompt is None) != (response is None):
             raise ValueError("instruction data needs both prompt_column and response_column (--prompt-column, "
                              "--response-column); give both, or text_column alone for plain text")  # fmt: skip
-        if text is not None and prompt is not None:
-            raise ValueError("give text_column for plain text or prompt_column and response_column for instruction "
-                             "data, not both")  # fmt: skip
-        if text is None and prompt is None:
+        kinds = [k for k, given in (("text_column", text), ("prompt_column and response_column", prompt),
+                                    ("messages_column", messages)) if given is not None]  # fmt: skip
+        if len(kinds) > 1:
+            raise ValueError(f"give one kind of data: text_column for plain text, prompt_column and response_column for "
+                             f"instruction data, or messages_column for chat data, not {' and '.join(kinds)}")  # fmt: skip
+        if not kinds:
             return None
-        return cls(text, prompt, response) if prompt is None else cls(None, prompt, response)
+        return cls(text, None, None) if text is not None else cls(None, prompt, response, messages)
 
     @property
     def instruction(self) -> bool:
@@ -58,7 +65,8 @@ class LMColumns:
 
     def resolve(self, have: list[str], source: str) -> LMColumns:
         """These columns checked against the table's ``have``."""
-        for role, name in (("text", self.text), ("prompt", self.prompt), ("response", self.response)):
+        for role, name in (("text", self.text), ("prompt", self.prompt), ("response", self.response),
+                           ("messages", self.messages)):  # fmt: skip
             if name is not None and name not in have:
                 raise ValueError(f"{source} has no {role} column {name!r}; its columns are {have}: pass "
                                  f"{role}_column=... (--{role}-column on the command line)")  # fmt: skip
@@ -66,14 +74,16 @@ class LMColumns:
 
 
 def default_columns(have: list[str], source: str) -> LMColumns:
-    """``text`` when the data has it, else ``prompt`` and ``response`` when it has both."""
+    """``messages`` when the data has it, else ``text``, else ``prompt`` and ``response``."""
+    if "messages" in have:
+        return LMColumns(None, messages="messages")
     if "text" in have:
         return LMColumns()
     if "prompt" in have and "response" in have:
         return LMColumns(None, "prompt", "response")
-    raise ValueError(f"{source} has columns {have} but neither 'text' nor 'prompt' and 'response': name them with "
-                     "text_column=..., or prompt_column=... and response_column=... (--text-column, --prompt-column, "
-                     "--response-column)")  # fmt: skip
+    raise ValueError(f"{source} has columns {have} but none of 'messages', 'text', or 'prompt' and 'response': name "
+                     "them with messages_column=..., text_column=..., or prompt_column=... and response_column=... "
+                     "(--messages-column, --text-column, --prompt-column, --response-column)")  # fmt: skip
 
 
 def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Example]:
@@ -81,9 +91,9 @@ def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Exa
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.suffix.lower() == ".txt":
-            if columns is not None and columns.instruction:
-                raise ValueError(f"{path} is a text file (one example per line): instruction data with prompt and "
-                                 "response columns comes as CSV, JSON/JSONL or Parquet")  # fmt: skip
+            if columns is not None and columns.text is None:
+                raise ValueError(f"{path} is a text file (one example per line): instruction and chat data with "
+                                 "named columns come as CSV, JSON/JSONL or Parquet")  # fmt: skip
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such data file")
             texts = [line.rstrip("\r\n") for line in path.open(encoding="utf-8") if line.strip()]
@@ -97,9 +107,9 @@ def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Exa
         if not source:
             raise ValueError(f"the {what} is an empty list")
         if all(isinstance(x, str) for x in source):
-            if columns is not None and columns.instruction:
-                raise ValueError(f"the {what} is a list of strings: instruction data is a list of dicts with the "
-                                 "prompt and response columns")  # fmt: skip
+            if columns is not None and columns.text is None:
+                raise ValueError(f"the {what} is a list of strings: instruction and chat data are lists of dicts with "
+                                 "the prompt and response, or messages, columns")  # fmt: skip
             return list(source)
         if all(isinstance(x, dict) for x in source):
             import datasets
@@ -115,6 +125,8 @@ def _table_examples(table: Any, columns: LMColumns | None, source: str) -> list[
     columns = (columns or default_columns(have, source)).resolve(have, source)
     if len(table) == 0:
         raise ValueError(f"{source} has no examples")
+    if columns.messages is not None:
+        return [check_conversation(v, source, columns.messages, i) for i, v in enumerate(table[columns.messages])]
     if not columns.instruction:
         return [_text(v, source, columns.text) for v in table[columns.text]]
     prompts = [_text(v, source, columns.prompt) for v in table[columns.prompt]]
@@ -132,8 +144,9 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     """(token ids, labels) of one example, at most ``max_length`` tokens. A text is predicted
     whole (after the tokenizer's own special tokens, then its end-of-sequence token); of a
     (prompt, response) pair only the response and the end-of-sequence token are, the prompt's
-    labels being -100. A pair too long keeps the start of the response (at least half the
-    length, or all of it) and the end of the prompt (its first token kept: often BOS).
+    labels being -100; of a conversation the assistant turns (`chat.encode_chat`). A pair too
+    long keeps the start of the response (at least half the length, or all of it) and the end
+    of the prompt (its first token kept: often BOS).
 
     >>> class Chars:  # a tokenizer of one id per character, BOS 1, EOS 2
     ...     bos_token_id, eos_token_id = 1, 2
@@ -143,6 +156,8 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     ([1, 97, 98, 99, 2], [-100, -100, -100, 99, 2])
     """
     eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(example, list):
+        return encode_chat(tokenizer, example, max_length)
     if isinstance(example, str):
         ids = list(tokenizer(example)["input_ids"])
         if eos is not None and (not ids or ids[-1] != eos):
@@ -152,56 +167,109 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     prompt, response = example
     p = list(tokenizer(prompt)["input_ids"])
     r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
-    if len(p) + len(r) > max_length:
-        keep = min(len(r), max(max_length // 2, max_length - len(p)))
-        r = r[:keep]
-        room = max_length - keep
-        p = (p[:1] + p[len(p) - room + 1 :] if room > 1 else p[:room]) if len(p) > room else p
-    return p + r, [IGNORE] * len(p) + r
+    return fit(p, [IGNORE] * len(p), r, list(r), max_length)
 
 
-def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+def pad_id(tokenizer: Any) -> int:
+    """What batches are padded with: the pad token, else the end-of-sequence token, else 0."""
+    return next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                 if t is not None), 0)  # fmt: skip
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad: int) -> Batch:
+    """``input_ids``, ``attention_mask`` and ``labels`` of encoded examples, right-padded to the
+    longest (padding masked and labelled -100).
+
+    >>> collate([([5, 6], [5, 6]), ([7], [-100])], pad=0)["labels"].tolist()
+    [[5, 6], [-100, -100]]
+    """
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    for row, (x, y) in enumerate(encoded):
+        ids[row, : len(x)], mask[row, : len(x)], labels[row, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_length: int) -> list[Batch]:
     """Batches of ``input_ids``, ``attention_mask`` and ``labels``, each right-padded to its longest
-    example (the pad token, else the end-of-sequence token, else 0; padding labelled -100)."""
-    pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
-    out = []
-    for i in range(0, len(examples), batch_size):
-        encoded = [encode(tokenizer, x, max_length) for x in examples[i : i + batch_size]]
-        width = max(len(ids) for ids, _ in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-        for row, (x, y) in enumerate(encoded):
-            ids[row, : len(x)], mask[row, : len(x)], labels[row, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    example (`collate`)."""
+    pad = pad_id(tokenizer)
+    return [collate([encode(tokenizer, x, max_length) for x in examples[i : i + batch_size]], pad)
+            for i in range(0, len(examples), batch_size)]  # fmt: skip
 
 
-def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed next-token cross-entropy, predicted tokens) of one batch: the logits at position
-    ``t`` predict the label at ``t + 1``."""
+def model_inputs(batch: Batch, device: torch.device) -> Batch:
+    """What the model reads of a batch (not its labels, nor a choice batch's answer index), on ``device``."""
+    return {k: v.to(device) for k, v in batch.items() if k != "labels" and not k.startswith("choice")}
+
+
+def gold(batch: Batch) -> Batch:
+    """A choice batch's rows of the right answers (`answers.choice_batches`); any other batch as it is."""
+    if "choice" not in batch:
+        return batch
+    k = batch["input_ids"].shape[0] // batch["choice"].shape[0]
+    rows = torch.arange(batch["choice"].shape[0], device=batch["choice"].device) * k + batch["choice"]
+    return {key: v[rows.to(v.device)] for key, v in batch.items() if key != "choice"}
+
+
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, output layer) of a Hugging Face causal LM (or peft's wrapper of one) whose
+    logits are the output layer of the backbone's last hidden state, so that it can run at
+    chosen positions only; None for any other model (its full forward is used)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model it wraps
+    prefix = getattr(hf, "base_model_prefix", None)
+    backbone = getattr(hf, prefix, None) if prefix else None
+    if not hasattr(hf, "get_output_embeddings") or not isinstance(backbone, nn.Module) or backbone is hf:
+        return None
+    if any(getattr(hf.config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS):
+        return None  # logits capped or scaled after the output layer
+    head = hf.get_output_embeddings()
+    return (backbone, head) if isinstance(head, nn.Module) else None
+
+
+def labelled_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, rows) at the positions whose next token is labelled: the logits at
+    position ``t`` predict the label at ``t + 1``. The output layer runs at those positions only
+    (prompt tokens never reach the vocabulary-sized projection) where `output_layer` allows."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch, device)
     labels = batch["labels"].to(device)[:, 1:]
-    logits = model(**inputs).logits[:, :-1]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE,
-                            reduction="sum")  # fmt: skip
-    return total, int((labels != IGNORE).sum())
+    mask = labels != IGNORE
+    parts = output_layer(model)
+    if parts is None:
+        logits = model(**inputs).logits[:, :-1][mask]
+    else:
+        backbone, head = parts
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        logits = head(hidden[:, :-1][mask])  # (N, V): N labelled positions
+    return logits, labels[mask], mask.nonzero()[:, 0]
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross-entropy, predicted tokens) of one batch (of a choice batch, its
+    right answers)."""
+    logits, targets, _ = labelled_logits(model, gold(batch))
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch's predicted tokens (0, with a graph, when a
     batch predicts none)."""
     total, n = token_loss(model, batch)
     return total / max(n, 1)
 
 
-def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+def predicted_tokens(batch: Batch) -> int:
     """Tokens a batch's loss is the mean over: what its validation loss is weighted by."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int((gold(batch)["labels"][:, 1:] != IGNORE).sum())
 
 
-def negative_token_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+def negative_token_loss(model: nn.Module, batches: list[Batch]) -> float:
     """Minus the mean next-token loss over every predicted token of ``batches`` (higher is
     better; the perplexity is ``exp`` of minus this), in eval mode without gradients."""
     total = n = 0.0

@@ -86,7 +86,7 @@ def test_bad_sources_and_columns_are_named(tmp_path):
         pp.Task.for_causal_lm(model, tok, PAIRS, prompt_column="prompt")
     with pytest.raises(ValueError, match="has no response column 'reply'"):
         pp.Task.for_causal_lm(model, tok, PAIRS, prompt_column="prompt", response_column="reply")
-    with pytest.raises(ValueError, match="neither 'text' nor 'prompt' and 'response'"):
+    with pytest.raises(ValueError, match="none of 'messages', 'text', or 'prompt' and 'response'"):
         pp.Task.for_causal_lm(model, tok, [{"body": "x"}, {"body": "y"}])
     with pytest.raises(ValueError, match="is a folder"):
         pp.Task.for_causal_lm(model, tok, tmp_path)

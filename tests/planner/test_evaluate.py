@@ -87,7 +87,7 @@ def test_a_causal_lms_metric_and_loss_are_one_pass_and_opposite():
     model = llama()
     task = pp.Task.for_causal_lm(model, char_tokenizer(), PAIRS, batch_size=3, validation=None)
     loss = validation_loss(model, task, task.train_batches)
-    calls = forwards(model)
+    calls = forwards(model.model)  # the decoder's passes (the output layer runs on labelled positions only)
     metric, same = metric_and_loss(model, task, task.train_batches)
     assert metric == pytest.approx(-loss, rel=1e-6) and same == pytest.approx(loss, rel=1e-6)
     assert len(calls) == len(task.train_batches)

@@ -56,13 +56,21 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _columns(args: argparse.Namespace) -> dict[str, str | None]:
     """The data's columns and kind as `Source` fields; a flag of the other kind is an error."""
-    if args.causal_lm and (args.pair_column or args.label_column):
-        raise ValueError("--pair-column and --label-column are for classification; a causal LM reads --text-column, or "
-                         "--prompt-column and --response-column")  # fmt: skip
-    if not args.causal_lm and (args.prompt_column or args.response_column):
-        raise ValueError("--prompt-column and --response-column are for a causal language model: add --causal-lm")
-    if args.causal_lm:
+    from peftplan.models import is_causal_lm
+
+    causal_lm = args.causal_lm or is_causal_lm(args.model)
+    if causal_lm and (args.pair_column or args.label_column):
+        raise ValueError("--pair-column and --label-column are for classification; a causal LM reads --text-column, "
+                         "--prompt-column and --response-column, or --messages-column")  # fmt: skip
+    lm_only = [flag for flag, given in (("--prompt-column", args.prompt_column), ("--response-column", args.response_column),
+                                        ("--messages-column", args.messages_column), ("--choices", args.choices),
+                                        ("--metric", args.metric)) if given]  # fmt: skip
+    if not causal_lm and lm_only:
+        raise ValueError(f"{', '.join(lm_only)} are for a causal language model: add --causal-lm")
+    if causal_lm:
         return {"text_column": args.text_column, "prompt_column": args.prompt_column, "response_column": args.response_column,
+                "messages_column": args.messages_column, "metric": args.metric or "loss",
+                "choices": tuple(args.choices.split(",")) if args.choices else None,
                 "kind": "causal-lm", "max_length": args.max_length}  # fmt: skip
     return {"text_column": args.text_column, "pair_column": args.pair_column, "label_column": args.label_column,
             "max_length": args.max_length}  # fmt: skip
@@ -99,7 +107,7 @@ def _search(args: argparse.Namespace) -> int:
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
                       fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range), screen_by=args.screen_by,
                       refine=args.refine, methods=args.methods.split(","), threads=args.threads, source=source, device=args.device, bf16=args.bf16,
-                      progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
+                      checkpointing=args.checkpointing, progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
     return _report(plan, args)
 
 
@@ -122,7 +130,8 @@ def _apply(args: argparse.Namespace) -> int:
     model, task = source.load()
     model = pp.apply(model, plan)
     print(f"applied {plan.summary()}; training {recipe.total_steps(len(task.train_batches))} steps at lr {recipe.lr:g}")
-    run = pp.train(model, task, recipe, seed=args.seed, progress=not args.quiet, device=args.device, bf16=args.bf16)
+    run = pp.train(model, task, recipe, seed=args.seed, progress=not args.quiet, device=args.device, bf16=args.bf16,
+                   checkpointing=args.checkpointing)
     for split, batches in (("validation", task.validation_batches), ("evaluation", task.eval_batches)):
         if batches:
             print(f"{split} {task.metric_name} {task.metric(model, batches):.4f}, loss {validation_loss(model, task, batches):.4f}")
@@ -145,7 +154,8 @@ def _worker(args: argparse.Namespace) -> int:
     from peftplan.planner.study import run_worker
 
     plan = run_worker(args.storage, args.study, progress=not args.quiet, threads=args.threads, heartbeat=args.heartbeat,
-                      allow=args.allow, device=args.device, bf16=args.bf16)  # fmt: skip
+                      allow=args.allow, device=args.device, bf16=args.bf16,
+                      checkpointing=args.checkpointing)  # fmt: skip
     return _report(plan, args)
 
 
@@ -199,6 +209,11 @@ def _data(parser: argparse.ArgumentParser) -> None:
                         "instead of a classifier; the data is a .txt (one example per line) or a table")  # fmt: skip
     parser.add_argument("--prompt-column", help="with --causal-lm: the prompt column of instruction data (not predicted)")
     parser.add_argument("--response-column", help="with --causal-lm: the response column (the tokens the loss is over)")
+    parser.add_argument("--messages-column", help="with --causal-lm: chat data, a column of [{role, content}, ...] rendered "
+                        "by the tokenizer's chat template, the loss on the assistant turns (default: messages, if there)")
+    parser.add_argument("--metric", choices=("loss", "choice", "exact_match"), help="with --causal-lm: what candidates are "
+                        "scored by: the loss (default), the accuracy of the likeliest of --choices, or exact answers")
+    parser.add_argument("--choices", help="with --metric choice: the answers, comma-separated (e.g. negative,positive)")
     parser.add_argument("--max-length", type=int, help="tokens per example (default 64; 128 with --causal-lm)")
 
 
@@ -254,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast while training")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, more compute)")
     ap.add_argument("-o", "--out", default="adapter", help="artifact directory (default adapter/)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     ap.set_defaults(run=_apply)
@@ -311,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--threads", type=int, help="torch threads per trial (default: torch's)")
         cmd.add_argument("--device", help="where trials train: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
         cmd.add_argument("--bf16", action="store_true", help="bf16 autocast in training and scoring (weights stay fp32)")
+        cmd.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, more compute)")
         cmd.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats; a trial silent for twice that is re-queued")
         cmd.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 

@@ -36,7 +36,8 @@ class Source:
     file (default: the folder's ``dev.tsv``; a search never scores on it); ``space`` is
     ``package.module:factory`` called like `default_space` (the default). With ``kind``
     "causal-lm" the model loads as a causal language model and the task is
-    `Task.for_causal_lm` over ``text_column``, or ``prompt_column`` and ``response_column``.
+    `Task.for_causal_lm` over ``text_column``, ``prompt_column`` and ``response_column``, or
+    ``messages_column``, scored by ``metric`` (over ``choices``).
 
     >>> model, task = Source("minilm", "data/text/sst2", max_train=256).load()  # doctest: +SKIP
     >>> model, task = Source("minilm", "reviews.csv", eval="test.csv", text_column="review").load()  # doctest: +SKIP
@@ -61,10 +62,15 @@ class Source:
     prompt_column: str | None = None
     response_column: str | None = None
     max_length: int | None = None  # tokens per example (None: the task's default, 64 or 128 for a causal LM)
+    messages_column: str | None = None  # chat data (a causal LM): lists of {role, content} messages
+    metric: str = "loss"  # a causal LM's: "loss", "choice" (over `choices`) or "exact_match"
+    choices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown task kind {self.kind!r}; choose one of {list(KINDS)}")
+        if self.choices is not None:  # a stored study gives a JSON list: the same choices
+            object.__setattr__(self, "choices", tuple(self.choices))
 
     def factories(self) -> list[str]:
         """The ``package.module:factory`` specs `load` and `build_space` would import and call.
@@ -95,7 +101,8 @@ class Source:
             model = load_model(self.model, causal_lm=True)
             task = Task.for_causal_lm(model, load_tokenizer(self.tokenizer or self.model), self.task, self.eval,
                                       text_column=self.text_column, prompt_column=self.prompt_column,
-                                      response_column=self.response_column, batch_size=self.batch_size,
+                                      response_column=self.response_column, messages_column=self.messages_column,
+                                      metric=self.metric, choices=self.choices, batch_size=self.batch_size,
                                       max_train=self.max_train, max_dev=self.max_dev, validation=self.validation,
                                       seed=self.seed, **length)  # fmt: skip
             return model, task
@@ -123,14 +130,16 @@ def is_factory(spec: str) -> bool:
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The tokenizer of ``minilm`` or of a local or hub model directory."""
+    """The tokenizer of a bundled model (``minilm``, ``smollm2``), a ``.gguf`` file or a local or
+    hub model directory."""
     from transformers import AutoTokenizer
 
-    from ...models import minilm_dir
+    from ...models import model_dir
 
     if is_factory(spec):
-        raise ValueError(f"model {spec!r} is a factory: name its tokenizer (a model directory or 'minilm')")
-    return AutoTokenizer.from_pretrained(minilm_dir() if spec == "minilm" else spec)
+        raise ValueError(f"model {spec!r} is a factory: name its tokenizer (a model directory, a .gguf file, 'minilm' "
+                         "or 'smollm2')")  # fmt: skip
+    return AutoTokenizer.from_pretrained(model_dir(spec))
 
 
 @dataclass

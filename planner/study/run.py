@@ -73,6 +73,7 @@ def run_search(
     refine: int = 2,
     device: str | Any = None,
     bf16: bool = False,
+    checkpointing: bool = False,
 ) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
     return the best plan within budget, with ``plan.front``.
@@ -98,8 +99,9 @@ def run_search(
     scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
     records how workers rebuild the model and task (without it, none can join). Trials train on
     ``device`` (None: CUDA when available, else the CPU; each trial's copy of the model moves
-    there, ``model`` stays where it is), with ``bf16`` autocast or not; both are this process's
-    choice, not the study's: each worker gives its own.
+    there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
+    ``checkpointing`` or not; these are this process's choice, not the study's: each worker
+    gives its own.
 
     >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
     >>> plan.front.to_csv("front.csv")  # doctest: +SKIP
@@ -120,7 +122,7 @@ def run_search(
         raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
                          "split carved from the training data, never on the evaluation split; build the task with "
                          "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
-    evaluator = placed(evaluator, model, device, bf16)
+    evaluator = placed(evaluator, model, device, bf16, checkpointing)
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"refine must be a count of top-rung trainings >= 0 (0: none), got {refine!r}")
@@ -139,13 +141,14 @@ def run_search(
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
                threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
-               allow: Iterable[str] = (), device: str | Any = None, bf16: bool = False) -> Plan:  # fmt: skip
+               allow: Iterable[str] = (), device: str | Any = None, bf16: bool = False,
+               checkpointing: bool = False) -> Plan:  # fmt: skip
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
     The database does not choose what code runs: a `Source` naming a ``package.module:factory``
     (model or space) is refused unless that spec is in ``allow`` (`StudyError` saying so).
-    ``device`` and ``bf16`` as in `run_search`: one worker per GPU (``device="cuda:1"``) puts
+    ``device``, ``bf16`` and ``checkpointing`` as in `run_search`: one worker per GPU (``device="cuda:1"``) puts
     every GPU of a machine on one study.
 
     >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d", device="cuda:1")  # doctest: +SKIP
@@ -162,7 +165,7 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
                          "start it with `peftplan search` (or run_search(source=Source(...)))")  # fmt: skip
     config.source.check_trusted(allow, name)
     model, task = config.source.load()
-    evaluator = placed(evaluator, model, device, bf16)
+    evaluator = placed(evaluator, model, device, bf16, checkpointing)
     space = config.source.build_space(model, task, config)
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
     study = open_study(store, name, config, space, worker_seed, worker=True)
@@ -170,18 +173,19 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     return best_plan(study, task)
 
 
-def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool) -> Evaluator:
-    """``evaluator`` training on ``device`` with ``bf16``, checked now (a device this machine
-    lacks is one error, not a failed trial each); a loop of the user's own places the model itself."""
+def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, checkpointing: bool = False) -> Evaluator:
+    """``evaluator`` training on ``device`` with ``bf16`` and ``checkpointing``, checked now (a
+    device this machine lacks is one error, not a failed trial each); a loop of the user's own
+    places the model itself."""
     if evaluator is not evaluate:
-        if device is not None or bf16:
-            raise ValueError("device and bf16 are for peftplan's own trainer; your evaluate function places and "
-                             "casts the model itself (a Trainer by its TrainingArguments): drop device/bf16")  # fmt: skip
+        if device is not None or bf16 or checkpointing:
+            raise ValueError("device, bf16 and checkpointing are for peftplan's own trainer; your evaluate function "
+                             "places and casts the model itself (a Trainer by its TrainingArguments): drop them")  # fmt: skip
         return evaluator
     device = resolve(device, model)
     if bf16:
         check_bf16(device)
-    return functools.partial(evaluate, device=device, bf16=bf16)
+    return functools.partial(evaluate, device=device, bf16=bf16, checkpointing=checkpointing)
 
 
 def _wait_for_config(storage: optuna.storages.BaseStorage, name: str, seconds: float = 30.0) -> None:

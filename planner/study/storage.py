@@ -66,6 +66,15 @@ def check_url(storage: str, *, exists: bool = False) -> None:
         raise StudyError(f"no SQLite database at {path}; give the storage the study was run with")
 
 
+def _normalised(stored: dict) -> dict:
+    """A stored config as `StudyConfig.to_dict` writes it today: fields added since it was stored
+    take their defaults (what that study ran with), JSON lists their tuple form."""
+    try:
+        return StudyConfig.from_dict(stored).to_dict()
+    except (TypeError, ValueError, KeyError):
+        return stored
+
+
 def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, space: Any,
                sampler_seed: int | None = None, *, worker: bool = False) -> optuna.Study:  # fmt: skip
     """Create the study (enqueuing the space's seed plans once; never by a ``worker``, which
@@ -85,8 +94,8 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyCon
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(config.objectives))  # what optuna-dashboard and optuna's plots name the axes
     else:
-        new = config.to_dict()
-        differ = sorted(k for k in new if k != "trials" and new[k] != stored.get(k))
+        new, old = config.to_dict(), _normalised(stored)
+        differ = sorted(k for k in new if k != "trials" and new[k] != old.get(k))
         if differ:
             raise StudyError(f"study {name!r} exists with other settings ({', '.join(differ)}): "
                              "reuse them or give another study name")  # fmt: skip

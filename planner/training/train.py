@@ -12,9 +12,10 @@ the same seed see the same data in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,18 +37,74 @@ class TrainResult:
 
 def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: int = 0, progress: bool = False,
           description: str = "training", on_step: Callable[[int], None] | None = None,
-          device: str | torch.device | None = None, bf16: bool = False) -> TrainResult:  # fmt: skip
+          device: str | torch.device | None = None, bf16: bool = False, checkpointing: bool = False,
+          make_optimizer: Callable[[nn.Module, Recipe], torch.optim.Optimizer] | None = None) -> TrainResult:  # fmt: skip
     """Train ``model`` in place by ``recipe`` (default `Recipe()`: one epoch at lr 1e-3).
 
     The model moves to ``device`` (None: where it is unless that is the CPU, else CUDA when
     available, else the CPU; `peftplan.planner.training.device.resolve`) and each batch with
-    it; ``bf16`` runs the forward passes under bf16 autocast (weights and optimizer stay fp32).
+    it; ``bf16`` runs the forward passes under bf16 autocast (weights and optimizer stay fp32);
+    ``checkpointing`` recomputes each layer's activations in the backward pass instead of
+    keeping them (less memory, about a third more compute; Hugging Face models).
+    ``make_optimizer(model, recipe)`` replaces AdamW over the trainable parameters (peft's
+    ``create_loraplus_optimizer``, say); the recipe's schedule still drives its learning rates.
 
     ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the
     hook a method that reshapes itself while training needs (peft AdaLoRA's
     ``update_and_allocate``)."""
     recipe = recipe or Recipe()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
+    check_trainable(model, task, recipe)
+    device = resolve(device, model)
+    if bf16:
+        check_bf16(device)
+    model.to(device)
+    steps = recipe.total_steps(len(task.train_batches))
+    torch.manual_seed(seed)
+    order = random.Random(seed)
+    optimizer = (make_optimizer(model, recipe) if make_optimizer is not None
+                 else torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay))  # fmt: skip
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.factor(step, steps))
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    batches: list = []
+    start = time.perf_counter()
+    bar = ProgressLine(progress, description, steps, fields={"loss": float("nan")}, text="loss {loss:.3f}", transient=True)
+    try:
+        with checkpointed(model) if checkpointing else contextlib.nullcontext():
+            for _ in range(steps):
+                if not batches:
+                    batches = list(task.train_batches)
+                    order.shuffle(batches)
+                with autocast(device, bf16):
+                    loss = task.loss(model, batches.pop())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, recipe.clip)
+                optimizer.step()
+                if on_step is not None:
+                    on_step(len(losses))
+                schedule.step()
+                losses.append(loss.item())
+                bar.update(advance=1, loss=losses[-1])
+    finally:
+        bar.close()
+        model.train(was_training)
+    return TrainResult(steps, time.perf_counter() - start, losses)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters training changes: those with ``requires_grad``."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def check_trainable(model: nn.Module, task: Task, recipe: Recipe) -> None:
+    """What would make training fail or train nothing, said before it starts."""
+    params = trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameter: apply a plan first (peftplan.apply)")
     if any(p.is_meta for p in params):
@@ -60,44 +117,23 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     if not task.train_batches:
         raise ValueError(f"task {task.name!r} has no training batches")
     check_batch_size(task, recipe)
-    device = resolve(device, model)
-    if bf16:
-        check_bf16(device)
-    model.to(device)
-    steps = recipe.total_steps(len(task.train_batches))
-    torch.manual_seed(seed)
-    order = random.Random(seed)
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.factor(step, steps))
-    was_training = model.training
-    model.train()
-    losses: list[float] = []
-    batches: list = []
-    start = time.perf_counter()
-    bar = ProgressLine(progress, description, steps, fields={"loss": float("nan")}, text="loss {loss:.3f}", transient=True)
+
+
+@contextlib.contextmanager
+def checkpointed(model: nn.Module) -> Iterator[None]:
+    """``model`` with gradient checkpointing on (Hugging Face's, non-reentrant, so frozen inputs
+    need no gradient), as it was afterwards."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"checkpointing=True: {type(model).__name__} does not support Hugging Face gradient "
+                         "checkpointing; train without it")  # fmt: skip
+    was = model.is_gradient_checkpointing
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        for _ in range(steps):
-            if not batches:
-                batches = list(task.train_batches)
-                order.shuffle(batches)
-            with autocast(device, bf16):
-                loss = task.loss(model, batches.pop())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, recipe.clip)
-            optimizer.step()
-            if on_step is not None:
-                on_step(len(losses))
-            schedule.step()
-            losses.append(loss.item())
-            bar.update(advance=1, loss=losses[-1])
+        yield
     finally:
-        bar.close()
-        model.train(was_training)
-    return TrainResult(steps, time.perf_counter() - start, losses)
+        if not was:
+            model.gradient_checkpointing_disable()
 
 
 def check_batch_size(task: Task, recipe: Recipe) -> None:

@@ -37,7 +37,7 @@ def test_a_gpu_this_machine_lacks_is_one_clear_error(tmp_path, capsys):
     model, task = bert_classifier(), tiny_task()
     with pytest.raises(ValueError, match="torch sees no CUDA GPU"):  # before any trial, not once per trial
         pp.search(model, "5%", task, strategy="random", trials=2, seeds=0, device="cuda", progress=False)
-    with pytest.raises(ValueError, match="device and bf16 are for peftplan's own trainer"):
+    with pytest.raises(ValueError, match="device, bf16 and checkpointing are for peftplan.s own trainer"):
         pp.search(model, "5%", task, evaluate=lambda m, f: 0.5, strategy="random", trials=2, device="cpu", progress=False)
     with pytest.raises(TypeError, match=r"cannot use \['device'\]"):
         pp.search(model, "5%", task, strategy="proxy", device="cpu")

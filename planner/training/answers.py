@@ -39,6 +39,7 @@ from .lm import (
     labelled_logits,
     lm_batches,
     negative_token_loss,
+    output_layer,
     pad_id,
 )
 
@@ -62,14 +63,55 @@ def choice_batches(tokenizer: Any, examples: list[Example], choices: Sequence[st
 
 
 def choice_scores(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(log-likelihood of each candidate (B, K), summed loss of the right answers, their tokens)."""
-    logits, targets, rows = labelled_logits(model, batch)
+    """(log-likelihood of each candidate (B, K), summed loss of the right answers, their tokens).
+    The prompt each example's candidates share runs once (`shared_prompt_logits`) where the
+    model allows, else every row runs whole."""
+    shared = shared_prompt_logits(model, batch)
+    logits, targets, rows = shared if shared is not None else labelled_logits(model, batch)
     nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     per_row = torch.zeros(batch["input_ids"].shape[0], device=nll.device).index_add_(0, rows, nll)
     scores = -per_row.view(batch["choice"].shape[0], -1)  # (B, K)
     right = batch["choice"].to(scores.device)
     tokens = torch.zeros_like(per_row).index_add_(0, rows, torch.ones_like(nll)).view_as(scores)
     return scores, -scores.gather(1, right[:, None]).sum(), int(tokens.gather(1, right[:, None]).sum())
+
+
+def shared_prompt_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`lm.labelled_logits` of a choice batch, its prompts run once: each example's prompt
+    (left-padded) fills a key-value cache, copied to its K candidates, whose answer tokens then
+    run after it. None where the model has no plain output layer (`lm.output_layer`) or an
+    example's rows differ before their answers (the full rows then run)."""
+    parts = output_layer(model)
+    if parts is None:
+        return None
+    backbone, head = parts
+    device = next(model.parameters()).device
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    n, k = batch["choice"].shape[0], ids.shape[0] // batch["choice"].shape[0]
+    starts = (labels != IGNORE).int().argmax(1)  # (B*K,) the first answer token of each row
+    ends = mask.sum(1)
+    first = ids[::k]  # (B, T) each example's first candidate
+    if (starts.view(n, k) != starts[::k, None]).any() or any(
+            not torch.equal(ids[r, : starts[r]], first[r // k, : starts[r]]) for r in range(ids.shape[0])):  # fmt: skip
+        return None
+    width, p = int(starts.max()), starts[::k]
+    prompt = torch.stack([torch.cat([first[b].new_zeros(width - int(p[b])), first[b, : int(p[b])]]) for b in range(n)])
+    prompt_mask = (torch.arange(width, device=device)[None] >= (width - p)[:, None]).long()  # (B, P) left padding
+    out = backbone(input_ids=prompt, attention_mask=prompt_mask,
+                   position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)  # fmt: skip
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    length = int((ends - starts).max())
+    offsets = starts[:, None] + torch.arange(length, device=device)[None]  # (B*K, A)
+    inside = offsets < ends[:, None]
+    answer = torch.where(inside, ids.gather(1, offsets.clamp(max=ids.shape[1] - 1)), 0)
+    after = backbone(input_ids=answer, attention_mask=torch.cat([prompt_mask.repeat_interleave(k, 0), inside.long()], 1),
+                     position_ids=offsets, past_key_values=cache, use_cache=True).last_hidden_state  # (B*K, A, H)
+    # position starts+j is predicted by the prompt's last state (j = 0), else by answer token j-1
+    states = torch.cat([out.last_hidden_state[:, -1].repeat_interleave(k, 0)[:, None], after[:, :-1]], 1)
+    targets = torch.where(inside, labels.gather(1, offsets.clamp(max=ids.shape[1] - 1)), IGNORE)
+    keep = targets != IGNORE
+    return head(states[keep]), targets[keep], keep.nonzero()[:, 0]
 
 
 def choice_accuracy_and_loss(model: nn.Module, batches: list[Batch]) -> tuple[float, float]:

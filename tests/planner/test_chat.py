@@ -155,6 +155,23 @@ def test_choice_accuracy_is_the_likeliest_answer_by_summed_log_probabilities():
     assert task.metric_name == "choice accuracy"
 
 
+@pytest.mark.parametrize("family", [llama, gpt2, qwen2])
+def test_candidates_scored_after_one_shared_prompt_score_as_whole_rows(family):
+    torch.manual_seed(0)
+    model, tok = family().eval(), chat_tokenizer()
+    data = [{"messages": conversation(q, a)} for q, a in QA]  # prompts of several lengths: left padding
+    (batch,) = answers.choice_batches(tok, [d["messages"] for d in data], ("no", "yes", "maybe not"), 8, 64)
+    with torch.no_grad():
+        shared = answers.shared_prompt_logits(model, batch)
+        whole = lm.labelled_logits(model, batch)
+    assert shared is not None
+    for a, b in zip(shared, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    odd = {**batch, "input_ids": batch["input_ids"].clone()}
+    odd["input_ids"][1, 2] += 1  # the second candidate's prompt differs from the first's: rows run whole
+    assert answers.shared_prompt_logits(model, odd) is None
+
+
 def _examples(batch, tok):
     """(conversation, index of its right answer) of each example of a choice batch, decoded back."""
     out = []

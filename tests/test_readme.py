@@ -86,3 +86,16 @@ def test_gpu(tmp_path, monkeypatch):
     assert scope["plan"].front and scope["plan"].recipe.steps == 20
     # the worker of the comment: it rebuilds the study's model and task and finds nothing left to run
     assert main(["worker", "sqlite:///study.db", "--device", where, "--bf16", "-q", "-o", str(tmp_path / "w.json")]) == 0
+
+
+def test_chat(tmp_path, monkeypatch, capsys):
+    from tests.gguf_files import tiny_llama, write_llama
+
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("PEFTPLAN_CACHE", str(tmp_path / "cache"))
+    path = write_llama(tmp_path / "tiny.gguf", tiny_llama())
+    scope = run("chat", tmp_path, monkeypatch, MODEL=str(path))
+    plan, task = scope["plan"], scope["task"]
+    assert task.metric_name == "choice accuracy" and 0 <= plan.objectives["metric"] <= 1
+    assert task.validation_batches[0]["choice"].numel() and plan.provenance["kind"] == "causal-lm"
+    assert capsys.readouterr().out.startswith("choice accuracy ")

@@ -1,0 +1,253 @@
+"""Language-model study: does a searched plan beat what LLM fine-tuners do by default, on a real
+instruction-tuned model and data it never chose anything on?
+
+SmolLM2-135M-Instruct (the bundled ``smollm2``, from its GGUF file) on four tasks made from
+../shared/data/text (`llm_tasks`): sst2 (sentiment), subj (subjectivity) and cola
+(acceptability) as chat instructions with one-word answers, scored by choice accuracy (the
+likelier of the two answers); and mr-text, next-token loss on movie-review texts (scored by
+perplexity). At the trainable parameters of peft's LoRA r8 on q,v (460,800, ±2%), the
+contenders of `llm_contenders.KINDS` — peft's default, the Unsloth and axolotl placements at
+the budget and once at their own ranks, DoRA, rsLoRA, PiSSA, EVA, LoRA-GA, LoRA+, full
+fine-tuning as the ceiling — and peftplan's proxy plan, its default search and its search over
+every method.
+
+Protocol: every contender trains by one recipe (AdamW, 6% warm-up, linear decay, batches of 8,
+`steps` steps) on train.tsv less a held-out validation split; each learning rate is the best on
+that validation split (seed 0) of a grid extended by 2.5x while the best lies at its edge; the
+plan and the rate of a search are chosen on it too; results are dev.tsv's (a prefix), which
+nothing chose anything on, as mean ± std over two seeds (the seed sets the adapters' start and
+the data order). Every run trains and is scored under bf16 autocast, in a process of its own
+with one torch thread (two side by side: `--jobs`), so its peak memory is the process's.
+
+Why this scale: a training step of batch 8 at about 50 tokens takes about 2 s on one of these
+cores under bf16 with the output layer at labelled positions (benchmarks/llm_speed.py), and
+choice scoring costs one forward pass per candidate answer: `STEPS` steps plus 200 validation
+and 500 dev examples keep one run near 5 minutes, and the study's ~50 runs per task near 2
+hours per task with two processes; every finished run is stored as JSON the moment it ends
+(benchmarks/runs/llm/), so the study advances across sittings.
+
+    python benchmarks/llm.py --tasks sst2                 # train what is not stored yet, report
+    python benchmarks/llm.py --results benchmarks/RESULTS.md --stored   # report what is stored
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common import ROOT, RunStore, write_section
+from llm_contenders import BUDGET, KINDS
+
+STORE = ROOT / "benchmarks" / "runs" / "llm"
+TASKS = ("sst2", "subj", "cola", "mr-text")
+STEPS, BATCH, MAX_LENGTH, VALIDATION, MAX_DEV, SEEDS = 100, 8, 96, 200, 500, (0, 1)
+GRID, FULL_GRID = (3e-4, 1e-3, 3e-3), (1e-5, 3e-5, 1e-4)  # lr grids, extended by 2.5x at an edge (twice at most)
+SEARCH_LR = 1e-3  # the recipe the searches are given (their knob spans a tenth to ten times it)
+EVERY_METHOD = ("lora", "dora", "sparse", "moe_lora", "ia3", "ssf")  # what the search over every method may choose
+
+
+def recipe(lr: float, steps: int = STEPS):
+    from peftplan.recipe import Recipe
+
+    return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=BATCH)
+
+
+def load(name: str, model=None):
+    import llm_tasks
+
+    return llm_tasks.load(name, batch_size=BATCH, max_length=MAX_LENGTH, validation=VALIDATION, max_train=None,
+                          max_dev=MAX_DEV, model=model)  # fmt: skip
+
+
+# ---- one run, in a process of its own ------------------------------------------------------
+
+
+def run_job(job: dict) -> dict:
+    """Train and score ``job`` (a contender kind at an lr and seed, or a plan) in this process."""
+    import resource
+
+    import torch
+    from llm_contenders import build
+
+    import peftplan as pp
+    from peftplan.planner.training.device import autocast
+    from peftplan.planner.training.evaluate import metric_and_loss
+
+    torch.set_num_threads(1)
+    base, _, task = load(job["task"])
+    torch.manual_seed(job["seed"])
+    if "sites" in job:
+        model, make_optimizer = pp.apply(base, pp.Plan.from_dict({"sites": job["sites"]})), None
+    else:
+        model, make_optimizer = build(job["kind"], base, task)
+    rec = recipe(job["lr"])
+    run = pp.train(model, task, rec, seed=job["seed"], bf16=True, make_optimizer=make_optimizer)
+    device = torch.device("cpu")
+    with autocast(device, True):
+        val, val_loss = metric_and_loss(model, task, task.validation_batches)
+        dev, dev_loss = metric_and_loss(model, task, task.eval_batches)
+    return {"params": sum(p.numel() for p in model.parameters() if p.requires_grad), "val_metric": val,
+            "val_loss": val_loss, "dev_metric": dev, "dev_loss": dev_loss, "seconds": round(run.seconds, 1),
+            "step_s": round(run.seconds / run.steps, 3), "steps": run.steps, "first_loss": run.losses[0],
+            "last_loss": sum(run.losses[-10:]) / len(run.losses[-10:]),
+            "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
+
+
+def search_job(job: dict) -> dict:
+    """peftplan's search on ``job['task']`` (seed 0's data), every default but the methods."""
+    import optuna
+    import torch
+
+    import peftplan as pp
+
+    torch.set_num_threads(1)
+    base, _, task = load(job["task"])
+    storage = optuna.storages.InMemoryStorage()
+    start = time.perf_counter()
+    options = {"methods": tuple(job["methods"])} if job.get("methods") else {}
+    plan = pp.search(base, BUDGET, task, recipe=recipe(SEARCH_LR), storage=storage, study_name="llm", progress=False,
+                     threads=1, bf16=True, **options)  # fmt: skip
+    trials = optuna.load_study(study_name="llm", storage=storage).get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    points = [{"trial": t.number, "rung": t.user_attrs.get("rung", 0), "metric": t.values[0], "params": t.values[1],
+               "baseline": t.user_attrs.get("baseline"), "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
+               "reused": "reused" in t.user_attrs, "refined": "refines" in t.user_attrs} for t in done]  # fmt: skip
+    from quality import _trial_steps, planner_tree
+
+    steps = sum(_trial_steps(t, STEPS) for t in done if "reused" not in t.user_attrs)
+    return {"plan": plan.to_dict(), "search_wall": round(time.perf_counter() - start, 1), "trials": points,
+            "evaluations": sum(not p["reused"] for p in points), "search_steps": steps, "planner": planner_tree()}  # fmt: skip
+
+
+# ---- the study: which runs, in which order ---------------------------------------------------
+
+
+class Study:
+    """Runs stored under ``store``, trained in up to ``jobs`` processes at a time."""
+
+    def __init__(self, store: RunStore, jobs: int, stored_only: bool) -> None:
+        self.store, self.stored_only = store, stored_only
+        self.slots = threading.Semaphore(jobs)
+
+    def run(self, key: str, job: dict) -> dict:
+        spec = {**job, "steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH, "validation": VALIDATION, "max_dev": MAX_DEV}
+        record = self.store.get(key, spec)
+        if record is not None:
+            return record
+        if self.stored_only:
+            raise LookupError(key)
+        with self.slots:
+            start = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+            if out.returncode:
+                raise RuntimeError(f"{key} failed:\n{out.stderr[-4000:]}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        record = self.store.put(key, spec, {**result, "key": key, "wall": round(time.perf_counter() - start, 1)})
+        shown = f"val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}" if "val_metric" in record else \
+            f"{record['evaluations']} evaluations, {record['search_steps']} steps"  # fmt: skip
+        print(f"  {key}: {shown}, {record['wall'] / 60:.1f} min", flush=True)
+        return record
+
+    def baseline(self, task: str, kind: str, lr: float, seed: int) -> dict:
+        return self.run(f"{task}/{kind}@lr={lr:g},seed={seed}", {"task": task, "kind": kind, "lr": lr, "seed": seed})
+
+    def tuned(self, task: str, kind: str, grid: tuple[float, ...], train=None) -> dict:
+        """The contender at the best lr on validation (seed 0) of ``grid``, extended by 2.5x
+        while the best is at an edge (twice at most), then on every seed."""
+        train = train or (lambda lr, seed: self.baseline(task, kind, lr, seed))
+        with cf.ThreadPoolExecutor(len(grid)) as pool:
+            runs = dict(zip(grid, pool.map(lambda lr: train(lr, 0), grid)))
+        while True:
+            best = max(runs, key=lambda lr: (runs[lr]["val_metric"], -runs[lr]["val_loss"]))
+            if len(runs) >= len(grid) + 2 or min(runs) < best < max(runs):
+                break
+            lr = float(f"{best / 2.5 if best == min(runs) else best * 2.5:.3g}")
+            runs[lr] = train(lr, 0)
+        seeds = [runs[best]] + [train(best, s) for s in SEEDS[1:]]
+        return {"runs": seeds, "lr": best, "grid": [runs[lr] for lr in sorted(runs)], "cost": len(runs) + len(SEEDS) - 1}
+
+    def plan_runs(self, task: str, label: str, plan, lr: float) -> list[dict]:
+        return [self.run(f"{task}/{label}@lr={lr:g},seed={s}", {"task": task, "sites": plan.sites, "lr": lr, "seed": s})
+                for s in SEEDS]  # fmt: skip
+
+    def proxy(self, task: str) -> dict:
+        """The one-shot plan (no training while planning), its lr tuned like a baseline's."""
+        import peftplan as pp
+
+        base, _, t = load(task)
+        plan = pp.search(base, BUDGET, t, strategy="proxy")
+        train = lambda lr, seed: self.run(f"{task}/proxy@lr={lr:g},seed={seed}",  # noqa: E731
+                                          {"task": task, "sites": plan.sites, "lr": lr, "seed": seed})
+        return {**self.tuned(task, "proxy", GRID, train), "summary": plan.summary()}
+
+    def search(self, task: str, methods: tuple[str, ...] | None = None) -> dict:
+        """A search (its plan at its own lr, on every seed) and what it cost in final runs."""
+        import peftplan as pp
+
+        label = "search" if methods is None else "search-every-method"
+        job = {"task": task, "search": True, "lr": SEARCH_LR, **({"methods": list(methods)} if methods else {})}
+        record = self.run(f"{task}/{label}", job)
+        plan = pp.Plan.from_dict(record["plan"])
+        runs = self.plan_runs(task, label, plan, plan.recipe.lr)
+        return {"runs": runs, "lr": plan.recipe.lr, "cost": record["search_steps"] / STEPS + len(SEEDS) - 1,
+                "search": record, "summary": plan.summary()}  # fmt: skip
+
+
+def run_task(study: Study, task: str, kinds: list[str], searches: bool) -> dict[str, dict]:
+    """Every contender of ``task`` (the baselines' lr grids side by side), as report rows."""
+    work = {KINDS[k][0]: (lambda k=k: study.tuned(task, k, FULL_GRID if k == "full" else GRID)) for k in kinds}
+    if searches:
+        work["peftplan proxy plan"] = lambda: study.proxy(task)
+        work["peftplan search"] = lambda: study.search(task)
+        work["peftplan search, every method"] = lambda: study.search(task, EVERY_METHOD)
+    with cf.ThreadPoolExecutor(len(work)) as pool:
+        futures = {label: pool.submit(fn) for label, fn in work.items()}
+        rows = {}
+        for label, future in futures.items():
+            try:
+                rows[label] = future.result()
+            except LookupError as missing:  # --stored: what is not trained yet is left out of the report
+                print(f"  {task}: {label} is not complete ({missing} missing)", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS), help="baselines to run")
+    ap.add_argument("--no-search", action="store_true", help="baselines only (the searches can follow)")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one process and one thread each")
+    ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing")
+    ap.add_argument("--store", type=Path, default=STORE)
+    ap.add_argument("--results", type=Path, help="write the report into this RESULTS.md")
+    args = ap.parse_args()
+    if args.job:
+        job = json.loads(args.job)
+        print(json.dumps(search_job(job) if job.get("search") else run_job(job)))
+        return
+    from llm_report import report
+
+    study = Study(RunStore(args.store), args.jobs, args.stored)
+    started = time.perf_counter()
+    results = {}
+    for task in args.tasks:
+        print(f"{task}:", flush=True)
+        results[task] = run_task(study, task, args.kinds, not args.no_search)
+    text = report(results)
+    print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
+    if args.results:
+        command = "python benchmarks/llm.py --stored --results benchmarks/RESULTS.md"
+        write_section(args.results, "llm", f"## Language-model study (SmolLM2-135M-Instruct) — `{command}`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()

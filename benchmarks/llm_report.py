@@ -1,0 +1,131 @@
+"""The language-model study's report: a table per task, the goals' verdicts with what limits
+them where they are missed (the seeds' spread, the ceiling), and a plot per task, from the runs
+benchmarks/llm.py stored."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from common import ROOT
+from llm_contenders import BUDGET, KINDS
+
+PLOTS = ROOT / "benchmarks"
+DEFAULT_LABELS = [KINDS[k][0] for k in ("lora-qv", "unsloth", "axolotl")]
+
+
+def is_lm(task: str) -> bool:
+    """Whether ``task`` is scored by its loss (perplexity) rather than by choice accuracy."""
+    return task == "mr-text"
+
+
+def dev(row: dict, task: str) -> list[float]:
+    """A contender's dev score per seed: accuracy, or perplexity for the free-text task."""
+    return [math.exp(r["dev_loss"]) if is_lm(task) else r["dev_metric"] for r in row["runs"]]
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(task: str, rows: dict) -> list[str]:
+    what = "perplexity (lower is better)" if is_lm(task) else "choice accuracy"
+    lines = [f"**{task}** — dev {what}, mean ± std over the seeds:", "",
+             "| contender | lr | trainable params | dev | validation (seed 0) | s/step | peak MiB | trainings (final-run equivalents) | wall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for label, row in rows.items():
+        first = row["runs"][0]
+        val = math.exp(-first["val_metric"]) if is_lm(task) else first["val_metric"]
+        lines.append(f"| {label} | {row['lr']:g} | {first['params']:,} | {mean_std(dev(row, task), 2 if is_lm(task) else 4)} | "
+                     f"{val:.4f} | {statistics.fmean(r['step_s'] for r in row['runs']):.2f} | "
+                     f"{max(r['peak_mib'] for r in row['runs']):,} | {row['cost']:.1f} | {wall(row) / 60:.0f} min |")  # fmt: skip
+    for label, row in rows.items():
+        if "search" in row:
+            s = row["search"]
+            lines += ["", f"{label}: {s['evaluations']} evaluations, {s['search_steps']:,} training steps "
+                      f"({s['search_steps'] / row['runs'][0]['steps']:.1f} final runs), {s['search_wall'] / 60:.0f} min; "
+                      f"returned {row['summary']} at lr {row['lr']:g}."]  # fmt: skip
+    grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
+                      for label, row in rows.items() if "grid" in row)  # fmt: skip
+    return lines + ["", f"Learning-rate grids (validation metric, seed 0): {grids}.", ""]
+
+
+def wall(row: dict) -> float:
+    """Seconds a contender's row cost: its lr grid, its other seeds' runs, its search."""
+    seen = {r["key"] for r in row.get("grid", [])}
+    return (sum(r["wall"] for r in row.get("grid", [])) + sum(r["wall"] for r in row["runs"] if r["key"] not in seen)
+            + row.get("search", {}).get("wall", 0))  # fmt: skip
+
+
+def verdicts(results: dict[str, dict]) -> list[str]:
+    """The goals: on every task the search's mean at least the best lr-tuned default's; on average
+    +1.0 accuracy point (or 3% lower perplexity) above it; at most 4 final-run equivalents."""
+    lines, gains = [], []
+    for task, rows in results.items():
+        search, defaults = rows.get("peftplan search"), {k: rows[k] for k in DEFAULT_LABELS if k in rows}
+        if search is None or not defaults:
+            lines.append(f"- {task}: not complete yet (the search or the defaults are missing)")
+            continue
+        sign = -1 if is_lm(task) else 1
+        best = max(defaults, key=lambda k: sign * statistics.fmean(dev(defaults[k], task)))
+        ours, theirs = statistics.fmean(dev(search, task)), statistics.fmean(dev(defaults[best], task))
+        gain = (theirs - ours) / theirs * 100 if is_lm(task) else (ours - theirs) * 100
+        gains.append(gain)
+        spread = max(statistics.stdev(dev(r, task)) for r in (search, defaults[best])) * (100 / theirs if is_lm(task) else 100)
+        unit = "% lower perplexity" if is_lm(task) else " accuracy points"
+        ceiling = _ceiling(rows, task, theirs)
+        lines.append(f"- {task}: search {ours:.4f} vs the best tuned default ({best}) {theirs:.4f}: {gain:+.2f}{unit} "
+                     f"({'PASS' if gain >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
+                     f"{search['cost']:.1f} final runs ({'PASS' if search['cost'] <= 4 else 'MISS'}: goal ≤ 4)")  # fmt: skip
+    if gains:
+        mean = statistics.fmean(gains)
+        lines.append(f"- on average {mean:+.2f} over the best tuned default (goal ≥ +1.0: {'PASS' if mean >= 1 else 'MISS'})")
+    return lines
+
+
+def _ceiling(rows: dict, task: str, theirs: float) -> str:
+    full = rows.get(KINDS["full"][0])
+    if full is None:
+        return ""
+    ceiling = statistics.fmean(dev(full, task))
+    room = (theirs - ceiling) / theirs * 100 if is_lm(task) else (ceiling - theirs) * 100
+    return f"; full fine-tuning lands {room:+.2f} {'% in perplexity' if is_lm(task) else 'points'} from that default"
+
+
+def plot(task: str, rows: dict, path: Path) -> None:
+    """Every contender's dev score (each seed and the mean) against its trainable params."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.add_subplot()
+    for i, (label, row) in enumerate(sorted(rows.items(), key=lambda kv: kv[1]["runs"][0]["params"])):
+        params, values = row["runs"][0]["params"], dev(row, task)
+        marker = "*" if label.startswith("peftplan") else "o"
+        ax.scatter([params] * len(values), values, s=18, alpha=0.35, color=f"C{i % 10}", marker=marker)
+        ax.scatter([params], [statistics.fmean(values)], s=110 if marker == "*" else 50, color=f"C{i % 10}", marker=marker,
+                   label=f"{label} (lr {row['lr']:g})", edgecolors="black", linewidths=0.5)  # fmt: skip
+    ax.axvline(BUDGET, color="grey", lw=0.8, ls="--")
+    ax.text(BUDGET, ax.get_ylim()[1], " budget", va="top", fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("dev perplexity (lower is better)" if is_lm(task) else "dev choice accuracy")
+    ax.set_title(f"SmolLM2-135M-Instruct on {task}: each seed (faint) and the mean")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(results: dict[str, dict]) -> str:
+    lines = [f"Budget {BUDGET:,} trainable params (peft LoRA r8 on q,v), every contender within 2% but the two fine-tuners' "
+             "own default ranks; lr grids and the protocol as in benchmarks/llm.py's docstring.", ""]  # fmt: skip
+    for task, rows in results.items():
+        if not rows:
+            continue
+        lines += table(task, rows)
+        png = PLOTS / f"llm-{task}.png"
+        plot(task, rows, png)
+        lines += [f"![{task}]({png.name})", ""]
+    return "\n".join(lines + ["Goals:", "", *verdicts(results)])

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo llm-demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/sst2_demo.py
+
+llm-demo: $(STAMP)
+	$(BIN)/python examples/llm_demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -33,6 +33,7 @@ from common import write_section
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("hf", "peftplan", "peftplan+bf16", "peftplan+bf16+checkpointing", "peft", "peft+bf16")
+SCORING = ("score-rows", "score-shared")  # choice scoring of validation batches: every row whole, or prompts once
 BATCH, MAX_LENGTH = 8, 96  # the study's shapes (benchmarks/llm.py)
 
 
@@ -65,9 +66,37 @@ def build(variant: str, base):
     return model, (hf_loss if variant == "hf" else causal_lm_loss), bf16, checkpointing
 
 
+def run_scoring(variant: str, warmup: int, steps: int) -> dict:
+    """Score ``warmup`` + ``steps`` validation batches of the sst2 chat task (two answers each)
+    under bf16 autocast, every candidate row whole or each prompt once; seconds per batch."""
+    import llm_tasks
+    import torch
+
+    from peftplan.planner.training import answers
+    from peftplan.planner.training.device import autocast, inference
+
+    torch.set_num_threads(1)
+    model, _, task = llm_tasks.load("sst2", batch_size=BATCH, max_length=MAX_LENGTH, validation=BATCH * (warmup + steps),
+                                    max_train=BATCH, max_dev=0)  # fmt: skip
+    if variant == "score-rows":
+        answers.shared_prompt_logits = lambda model, batch: None  # this process only: every row whole
+    times, hits = [], 0
+    with inference(model), autocast(torch.device("cpu"), True):
+        for batch in task.validation_batches[: warmup + steps]:
+            start = time.perf_counter()
+            scores, _, _ = answers.choice_scores(model, batch)
+            times.append(time.perf_counter() - start)
+            hits += int((scores.argmax(1) == batch["choice"]).sum())
+    return {"variant": variant, "step_s": statistics.median(times[warmup:]), "losses": [hits],
+            "tokens_per_step": 0, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
 def run_variant(variant: str, warmup: int, steps: int) -> dict:
     """Train ``variant`` for ``warmup`` + ``steps`` steps in this process; its timings and losses."""
     import torch
+
+    if variant in SCORING:
+        return run_scoring(variant, warmup, steps)
 
     from peftplan.planner.training.device import autocast
     from peftplan.planner.training.train import checkpointed, trainable
@@ -117,12 +146,19 @@ def table(results: dict[str, dict]) -> str:
     lines = ["| variant | s/step | × plain HF fp32 | × peft (same precision) | peak MiB | first losses |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for v, r in results.items():
+        if v in SCORING:
+            continue
         same = peft.get("peft+bf16" if "bf16" in v else "peft")
         vs_peft = f"{r['step_s'] / same:.2f}" if same and not v.startswith("peft") else "–"
         lines.append(f"| {v} | {r['step_s']:.3f} | {r['step_s'] / hf['step_s']:.2f} | {vs_peft} | {r['peak_mib']:.0f} | "
                      f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")  # fmt: skip
     diff = max(abs(a - b) for a, b in zip(results["peftplan"]["losses"], hf["losses"]))
-    return "\n".join(lines) + f"\n\nLargest fp32 loss difference, peftplan vs plain HF path, over every step: {diff:.2e}."
+    rows, shared = results["score-rows"], results["score-shared"]
+    return "\n".join(lines) + (f"\n\nLargest fp32 loss difference, peftplan vs plain HF path, over every step: {diff:.2e}.\n\n"
+                              f"Choice scoring of a validation batch ({BATCH} examples, 2 answers, bf16): every row whole "
+                              f"{rows['step_s']:.3f} s, each prompt once {shared['step_s']:.3f} s "
+                              f"({shared['step_s'] / rows['step_s']:.2f}×); right answers {shared['losses'][0]} and "
+                              f"{rows['losses'][0]} of the same examples.")  # fmt: skip
 
 
 def main() -> None:
@@ -137,7 +173,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.one, args.warmup, args.steps)))
         return
     start = time.time()
-    results = measure(VARIANTS, args.warmup, args.steps, args.rounds)
+    results = measure(VARIANTS + SCORING, args.warmup, args.steps, args.rounds)
     text = table(results)
     hf, fast = results["hf"]["step_s"], results["peftplan+bf16"]["step_s"]
     goal = (f"peftplan's step (bf16, labelled positions only) is {fast / hf:.2f}× the plain HF fp32 path (goal ≤ 0.5: "

@@ -65,6 +65,16 @@ def all_linear_ranks(model, budget: int) -> dict[str, int]:
     return {n: e["rank"] for n, e in plan.tuned().items() if e["method"] == "lora"}
 
 
+def fully_trainable(base):
+    """A copy of ``base`` with every weight trainable: full fine-tuning, the studies' ceiling."""
+    import copy
+
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def examples(batches: list) -> int:
     return sum(len(b["labels"]) for b in batches)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 
-from common import all_linear_ranks, score
+from common import all_linear_ranks, fully_trainable, score
 
 BUDGET = 74_498  # peft LoRA r=8 on query/value of MiniLM-L6 plus the 2-way head
 QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
@@ -89,9 +89,7 @@ def build(kind: str, base, task, lr: float, steps: int):
         with torch.no_grad():
             initialize_lora_eva_weights(model, dataloader=calibration, show_progress_bar=False)
     elif kind == "full":
-        model = copy.deepcopy(base)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model = fully_trainable(base)
     else:
         raise ValueError(f"unknown contender kind {kind!r}")
     return model, loss, hook

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 
+from common import fully_trainable
+
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Unsloth's seven; axolotl's all linear
 BUDGET = 460_800  # peft LoRA r8 on q_proj and v_proj of SmolLM2-135M (30 layers x 8 x (576+576 + 576+192))
@@ -128,9 +130,7 @@ def build(kind: str, base, task):
         model = peft_lora(base, QV, 8, 8)
         make_optimizer = lambda m, r: create_loraplus_optimizer(m, torch.optim.AdamW, lr=r.lr, loraplus_lr_ratio=16)  # noqa: E731
     elif kind == "full":
-        model = copy.deepcopy(base)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model = fully_trainable(base)
     else:
         raise ValueError(f"unknown contender kind {kind!r}; one of {sorted(KINDS)}")
     return model, make_optimizer

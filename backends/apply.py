@@ -29,7 +29,7 @@ from ..ir import lower
 from ..ir.modules import fingerprint, module_features, module_op, static_site
 from ..ir.site import Site
 from ..plan import Plan
-from .base import Method, PlanError, get_method
+from .base import Method, PlanError, get_method, listing
 from .retarget import retarget
 from .wrapper import Wrapper
 
@@ -118,7 +118,7 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
         if method.name != "none":
             todo.append((name, module, site, method, {**hp, **extra}))
     if errors:
-        raise PlanError(_listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
+        raise PlanError(listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
 
     trainable_before = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for p in model.parameters():
@@ -171,7 +171,7 @@ def _warn_uncalled(model: nn.Module, args: Any, output: Any) -> None:
     uncalled = [n for n in applied_plan(model).tuned() if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False)]
     if uncalled:
         reasons = [f"{n}{_tied_note(model, n)}" for n in uncalled]
-        warnings.warn(_listing(f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
+        warnings.warn(listing(f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
                                "adapters change nothing and get no gradient", reasons)
                       + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
                       stacklevel=2)  # fmt: skip
@@ -393,10 +393,5 @@ def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Mo
         if not problems:
             problems = ["every plan site matches, but the model's other tunable modules differ"]
         hint = "Apply a plan made for this model" + (", or pass check=False to apply to matching sites anyway." if check else ".")
-        raise PlanError(_listing(head, problems) + "\n" + hint)
+        raise PlanError(listing(head, problems) + "\n" + hint)
     return resolved
-
-
-def _listing(head: str, lines: list[str], limit: int = 20) -> str:
-    shown = lines[:limit] + ([f"… and {len(lines) - limit} more"] if len(lines) > limit else [])
-    return head + ":\n  " + "\n  ".join(shown)

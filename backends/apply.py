@@ -210,9 +210,30 @@ def merge(model: nn.Module) -> MergeReport:
     >>> print(merge(model))  # doctest: +SKIP
     merged 12 site(s), left 0
     """
-    report = MergeReport()
-    plan = applied_plan(model)
-    todo = []
+    report = MergeReport(left=unmergeable(model))
+    todo = [(name, model.get_submodule(name)) for name in applied_plan(model).tuned() if name not in report.left]
+    done = []
+    try:
+        for name, module in todo:
+            if hasattr(module, "merge") and not module.merged:
+                module.merge()
+                done.append(module)
+            report.merged.append(name)
+    except BaseException:
+        for module in reversed(done):
+            module.unmerge()
+        raise
+    return report
+
+
+def unmergeable(model: nn.Module) -> dict[str, str]:
+    """The tuned sites `merge` leaves unmerged, each with why: its method's ``can_merge`` says
+    no for these hyper-parameters, or its weight is tied to another module.
+
+    >>> unmergeable(apply(model, plan))  # doctest: +SKIP
+    {'transformer.h.0.mlp.c_fc': "method 'adapter' cannot be merged"}
+    """
+    plan, left = applied_plan(model), {}
     owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
     names = _names_by_module(model)
     for mname, mod in model.named_modules(remove_duplicate=False):
@@ -228,21 +249,8 @@ def merge(model: nn.Module) -> MergeReport:
         if why is None and shared and hasattr(module, "merge"):
             why = f"its weight is shared with {shared} (tied); merging would change them too"
         if why is not None:
-            report.left[name] = why
-        else:
-            todo.append((name, module))
-    done = []
-    try:
-        for name, module in todo:
-            if hasattr(module, "merge") and not module.merged:
-                module.merge()
-                done.append(module)
-            report.merged.append(name)
-    except BaseException:
-        for module in reversed(done):
-            module.unmerge()
-        raise
-    return report
+            left[name] = why
+    return left
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -298,6 +306,26 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if name in swapped and pname.startswith("base."):
                 continue
             out[f"{name}.{pname}"] = t
+    return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as the model without peftplan would have it: each wrapped
+    site's base module under the site's own name, the adapters' tensors left out. After
+    `merge`, the merged weights: what a plain checkpoint of the tuned model holds.
+
+    >>> model = apply(nn.Sequential(nn.Linear(4, 4)), Plan(sites={"0": {"method": "lora", "rank": 1}}))
+    >>> sorted(model.state_dict()), sorted(base_state_dict(model))
+    (['0.base.bias', '0.base.weight', '0.lora_A', '0.lora_B'], ['0.bias', '0.weight'])
+    """
+    swapped = getattr(model, UNDO_ATTR).swapped if hasattr(model, UNDO_ATTR) else []
+    out = {}
+    for key, t in model.state_dict().items():
+        site = next((s for s in swapped if key.startswith(s + ".")), None)
+        if site is None:
+            out[key] = t
+        elif key.startswith(site + ".base."):
+            out[site + key[len(site) + len(".base") :]] = t
     return out
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from peftplan.planner.training.evaluate import Fidelity
 from peftplan.planner.training.task import Task
+from peftplan.planner.training.user_loop import model_loss
 from peftplan.recipe import SCHEDULES, Recipe
 
 
@@ -79,7 +80,7 @@ class TrainerLoop:
         size = self.args.per_device_train_batch_size
         n = min(len(self.train_dataset), size * self.calibration_batches)
         batches = [self.data_collator([self.train_dataset[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size)]
-        return Task([dict(b) for b in batches], [], _model_loss, None, name="trainer")
+        return Task([dict(b) for b in batches], [], model_loss, None, name="trainer")
 
     def __call__(self, model: nn.Module, fidelity: Fidelity, recipe: Recipe) -> dict[str, float]:
         from transformers import Trainer
@@ -98,11 +99,6 @@ class TrainerLoop:
                              "(compute_metrics's keys get the eval_ prefix)")  # fmt: skip
         value = float(scores[self.metric])
         return {"metric": value if self.greater_is_better else -value, "loss": scores.get("eval_loss")}
-
-
-def _model_loss(model: nn.Module, batch: dict) -> Any:
-    device = next(model.parameters()).device
-    return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 def _head(dataset: Any, n: int | None) -> Any:

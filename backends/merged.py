@@ -1,7 +1,7 @@
 """`export_merged`: a tuned model merged into its base weights and written as a plain Hugging
 Face folder — ``config.json``, safetensors shards (with their index when there are several),
 the tokenizer when it is known — that ``AutoModel*.from_pretrained`` loads with no peftplan
-installed, for serving (vLLM, TGI, llama.cpp's converter) or training on anywhere.
+installed, with the same outputs: for serving, or for training on elsewhere.
 
     >>> export_merged(pp.apply(model, plan), "merged", tokenizer=tokenizer)  # doctest: +SKIP
     PosixPath('merged')

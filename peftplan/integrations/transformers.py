@@ -84,12 +84,19 @@ class TrainerLoop:
         return Task([dict(b) for b in batches], [], model_loss, None, name="trainer")
 
     def trial_arguments(self, output_dir: str, steps: int, lr: float) -> Any:
-        """The arguments of a trial: the user's, at the trial's length and learning rate, saving no checkpoints."""
+        """The arguments of a trial: the user's, at the trial's length and learning rate, saving no checkpoints.
+
+        >>> loop.trial_arguments("/tmp/trial", 20, 1e-3).max_steps  # doctest: +SKIP
+        20
+        """
         return replace(self.args, output_dir=output_dir, max_steps=steps, learning_rate=lr, save_strategy="no",
                        load_best_model_at_end=False)  # fmt: skip
 
     def trainer(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
-        """The trainer of one trial: `transformers.Trainer` with the user's collator and metrics."""
+        """The trainer of one trial: `transformers.Trainer` with the user's collator and metrics.
+
+        >>> loop.trainer(tuned, loop.trial_arguments("/tmp/trial", 20, 1e-3), train_ds, eval_ds).train()  # doctest: +SKIP
+        """
         from transformers import Trainer
 
         return Trainer(model=model, args=args, data_collator=self.data_collator, compute_metrics=self.compute_metrics,

@@ -52,7 +52,10 @@ class SFTLoop(TrainerLoop):
         self.processing_class, self.formatting_func = processing_class, formatting_func
 
     def trainer(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
-        """The ``SFTTrainer`` of one trial, on ``model`` with its plan applied."""
+        """The ``SFTTrainer`` of one trial, on ``model`` with its plan applied.
+
+        >>> loop.trainer(pp.apply(copy.deepcopy(model), plan), loop.trial_arguments("out", 20, 1e-3), train_ds, eval_ds).train()  # doctest: +SKIP
+        """
         from trl import SFTTrainer
 
         head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
@@ -68,7 +71,11 @@ class SFTLoop(TrainerLoop):
         """The first ``calibration_batches`` training batches as ``SFTTrainer`` prepares and
         collates them (tokenized, labels masked as TRL masks them), with the model's own loss:
         what the proxy scores sites on and memory is costed at. The trainer that makes them
-        gets a copy of ``model`` (TRL patches the model it is given)."""
+        gets a copy of ``model`` (TRL patches the model it is given).
+
+        >>> sorted(loop.task(model).train_batches[0])  # doctest: +SKIP
+        ['attention_mask', 'input_ids', 'labels']
+        """
         with tempfile.TemporaryDirectory(prefix="peftplan-sft-") as out:
             trainer = self.trainer(copy.deepcopy(model), self.trial_arguments(out, 1, self.args.learning_rate),
                                    self.train_dataset, None)  # fmt: skip

@@ -171,7 +171,14 @@ def calibration_task(batches: Iterable[Mapping[str, Any]], n: int) -> Task:
 
 def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The model's own loss on a batch of keyword inputs (moved to the model's device): a
-    Hugging Face model's ``model(**batch).loss``, which needs the batch's labels."""
+    Hugging Face model's ``model(**batch).loss``, which needs the batch's labels.
+
+    >>> class Fit(nn.Module):  # a model that, like Hugging Face's, returns its loss given labels
+    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.ones(1))
+    ...     def forward(self, x, labels): return type("Out", (), {"loss": ((self.w * x - labels) ** 2).mean()})
+    >>> model_loss(Fit(), {"x": torch.ones(2), "labels": torch.zeros(2)}).item()
+    1.0
+    """
     device = next(model.parameters()).device
     out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     loss = getattr(out, "loss", None)

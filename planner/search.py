@@ -97,8 +97,8 @@ def search(
         task = calibration_task(calibration, options.calibration_batches)
     if evaluate is not None:
         task, study_options = own_loop_options(evaluate, task, study_options, model)
-    trainer = evaluate is not None or (task is not None and calibration is None)  # what trains candidates: a loop or a task
-    strategy = strategy or (DEFAULT if trainer else "proxy")
+    can_train = evaluate is not None or (task is not None and calibration is None)  # a loop or a task trains candidates
+    strategy = strategy or (DEFAULT if can_train else "proxy")
     trains = get_strategy(strategy).trains
     if not trains:
         unused = sorted(k for k, v in {"trials": trials, "storage": storage, "study_name": study_name, **study_options}.items()
@@ -107,7 +107,7 @@ def search(
             raise TypeError(f"strategy 'proxy' trains nothing, so it cannot use {unused}: drop them, or pass a task "
                             f"and a training strategy (e.g. strategy={DEFAULT!r})")  # fmt: skip
         return proxy_plan(model, budget, task, options, graph=graph, seed=seed)
-    if not trainer:
+    if not can_train:
         raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=... or evaluate=your_loop (calibration= "
                          "batches only score sites); without either use strategy='proxy'")  # fmt: skip
     from .study import run_search  # optuna: loaded only when a search trains

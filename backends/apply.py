@@ -29,7 +29,7 @@ from ..ir import lower
 from ..ir.modules import fingerprint, module_features, module_op, static_site
 from ..ir.site import Site
 from ..plan import Plan
-from .base import Method, PlanError, get_method
+from .base import Method, PlanError, get_method, listing
 from .retarget import retarget
 from .wrapper import Wrapper
 
@@ -118,7 +118,7 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
         if method.name != "none":
             todo.append((name, module, site, method, {**hp, **extra}))
     if errors:
-        raise PlanError(_listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
+        raise PlanError(listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
 
     trainable_before = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for p in model.parameters():
@@ -171,7 +171,7 @@ def _warn_uncalled(model: nn.Module, args: Any, output: Any) -> None:
     uncalled = [n for n in applied_plan(model).tuned() if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False)]
     if uncalled:
         reasons = [f"{n}{_tied_note(model, n)}" for n in uncalled]
-        warnings.warn(_listing(f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
+        warnings.warn(listing(f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
                                "adapters change nothing and get no gradient", reasons)
                       + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
                       stacklevel=2)  # fmt: skip
@@ -210,9 +210,30 @@ def merge(model: nn.Module) -> MergeReport:
     >>> print(merge(model))  # doctest: +SKIP
     merged 12 site(s), left 0
     """
-    report = MergeReport()
-    plan = applied_plan(model)
-    todo = []
+    report = MergeReport(left=unmergeable(model))
+    todo = [(name, model.get_submodule(name)) for name in applied_plan(model).tuned() if name not in report.left]
+    done = []
+    try:
+        for name, module in todo:
+            if hasattr(module, "merge") and not module.merged:
+                module.merge()
+                done.append(module)
+            report.merged.append(name)
+    except BaseException:
+        for module in reversed(done):
+            module.unmerge()
+        raise
+    return report
+
+
+def unmergeable(model: nn.Module) -> dict[str, str]:
+    """The tuned sites `merge` leaves unmerged, each with why: its method's ``can_merge`` says
+    no for these hyper-parameters, or its weight is tied to another module.
+
+    >>> unmergeable(apply(model, plan))  # doctest: +SKIP
+    {'transformer.h.0.mlp.c_fc': "method 'adapter' cannot be merged"}
+    """
+    plan, left = applied_plan(model), {}
     owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
     names = _names_by_module(model)
     for mname, mod in model.named_modules(remove_duplicate=False):
@@ -228,21 +249,8 @@ def merge(model: nn.Module) -> MergeReport:
         if why is None and shared and hasattr(module, "merge"):
             why = f"its weight is shared with {shared} (tied); merging would change them too"
         if why is not None:
-            report.left[name] = why
-        else:
-            todo.append((name, module))
-    done = []
-    try:
-        for name, module in todo:
-            if hasattr(module, "merge") and not module.merged:
-                module.merge()
-                done.append(module)
-            report.merged.append(name)
-    except BaseException:
-        for module in reversed(done):
-            module.unmerge()
-        raise
-    return report
+            left[name] = why
+    return left
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -298,6 +306,26 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if name in swapped and pname.startswith("base."):
                 continue
             out[f"{name}.{pname}"] = t
+    return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as the model without peftplan would have it: each wrapped
+    site's base module under the site's own name, the adapters' tensors left out. After
+    `merge`, the merged weights: what a plain checkpoint of the tuned model holds.
+
+    >>> model = apply(nn.Sequential(nn.Linear(4, 4)), Plan(sites={"0": {"method": "lora", "rank": 1}}))
+    >>> sorted(model.state_dict()), sorted(base_state_dict(model))
+    (['0.base.bias', '0.base.weight', '0.lora_A', '0.lora_B'], ['0.bias', '0.weight'])
+    """
+    swapped = getattr(model, UNDO_ATTR).swapped if hasattr(model, UNDO_ATTR) else []
+    out = {}
+    for key, t in model.state_dict().items():
+        site = next((s for s in swapped if key.startswith(s + ".")), None)
+        if site is None:
+            out[key] = t
+        elif key.startswith(site + ".base."):
+            out[site + key[len(site) + len(".base") :]] = t
     return out
 
 
@@ -393,10 +421,5 @@ def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Mo
         if not problems:
             problems = ["every plan site matches, but the model's other tunable modules differ"]
         hint = "Apply a plan made for this model" + (", or pass check=False to apply to matching sites anyway." if check else ".")
-        raise PlanError(_listing(head, problems) + "\n" + hint)
+        raise PlanError(listing(head, problems) + "\n" + hint)
     return resolved
-
-
-def _listing(head: str, lines: list[str], limit: int = 20) -> str:
-    shown = lines[:limit] + ([f"… and {len(lines) - limit} more"] if len(lines) > limit else [])
-    return head + ":\n  " + "\n  ".join(shown)

@@ -32,6 +32,18 @@ class PlanError(ValueError):
     """A plan that cannot be applied as written; the message says what to change."""
 
 
+def listing(head: str, lines: list[str], limit: int = 20) -> str:
+    """``head`` and one indented line each for the first ``limit`` of ``lines``: how errors list sites.
+
+    >>> print(listing("2 sites", ["a: bad", "b: worse"], limit=1))
+    2 sites:
+      a: bad
+      … and 1 more
+    """
+    shown = lines[:limit] + ([f"… and {len(lines) - limit} more"] if len(lines) > limit else [])
+    return head + ":\n  " + "\n  ".join(shown)
+
+
 class Method(abc.ABC):
     """Base class of every PEFT method.
 

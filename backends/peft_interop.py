@@ -1,11 +1,8 @@
 """Hugging Face peft interop: write a tuned model as a peft adapter, read a peft adapter back.
 
-peft expresses LoRA (per-site ranks and alphas through ``rank_pattern``/``alpha_pattern``,
-rsLoRA), DoRA (``use_dora``), (IA)³ (``feedforward_modules`` for input scaling) and full
-training of whole modules (``modules_to_save``). Every planned site is targeted by its exact
-name, so no other module gets an adapter. A plan mixing these needs one peft adapter per kind
-(a LoraConfig cannot hold IA3 sites, and ``use_dora`` is per adapter); ``adapter``,
-``sparse``, ``moe_lora`` and ``ssf`` have no peft counterpart.
+What peft expresses, and the configs, are `peftplan.backends.peft_config`'s. A plan mixing
+LoRA, DoRA and (IA)³ needs one peft adapter per kind (a LoraConfig cannot hold IA3 sites, and
+``use_dora`` is per adapter).
 
     >>> configs, unsupported = to_peft(plan)  # doctest: +SKIP
     >>> configs["lora"].rank_pattern  # doctest: +SKIP
@@ -19,7 +16,9 @@ One adapter is written at the top of the directory; several go to one sub-direct
 (``dir/lora``, ``dir/ia3``). Load them one after the other: ``PeftModel.from_pretrained(base,
 dir/"lora").merge_and_unload()``, then ``PeftModel.from_pretrained(that, dir/"ia3")`` (the
 sites are disjoint, so the order does not matter). Only JSON and safetensors are read; peft
-itself is needed only for `to_peft`, which returns its config objects.
+itself is needed only for `to_peft`, which returns its config objects, made for training
+(``get_peft_model(model, configs["lora"])`` trains the plan's LoRA sites; the written
+``adapter_config.json`` is in inference mode, as peft writes its own).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ import json
 import math
 import os
 import re
-import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,26 +35,20 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..ir.modules import fingerprint, is_hf_conv1d, module_op, static_site, tunable_modules
+from ..ir.modules import fingerprint, module_op, static_site, tunable_modules
 from ..ir.site import Site
 from ..plan import Plan
-from .apply import _listing, adapter_tensors, applied_plan, apply, remove
+from .apply import adapter_tensors, applied_plan, apply, remove
 from .artifact import read_safetensors
 from .atomic import read_files, replace_dir
-from .base import PlanError, get_method, methods
+from .base import PlanError, get_method, listing, methods
+from .peft_config import config_object, configs, plan_sites
 
 __all__ = ["PeftExport", "export_peft", "import_peft", "to_peft"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_LORA_OPS = {"linear", "conv2d", "embedding"}
-_NO_PEFT = {
-    "adapter": "bottleneck adapters have no peft counterpart",
-    "sparse": "peft has no sparse-delta method",
-    "moe_lora": "peft has no mixture-of-LoRA-experts method",
-    "ssf": "peft has no scale-and-shift method (its IA3 has no shift)",
-}
 
 
 @dataclass
@@ -69,18 +60,16 @@ class PeftExport:
 
 
 def to_peft(plan: Plan) -> tuple[dict[str, Any], list[str]]:
-    """peft configs for the parts of ``plan`` peft can express, keyed by adapter name
-    (``"lora"``, ``"dora"``, ``"ia3"``), and one reason per site it cannot.
+    """peft configs for training the parts of ``plan`` peft can express, keyed by adapter
+    name (``"lora"``, ``"dora"``, ``"ia3"``), and one reason per site it cannot. One config
+    for the whole plan, or an error saying why not: `Plan.to_peft_config`.
 
     >>> configs, unsupported = to_peft(Plan(sites={"fc": {"method": "lora", "rank": 4}}))
-    >>> configs["lora"].target_modules, unsupported
-    ('(?:fc)', [])
+    >>> configs["lora"].target_modules, configs["lora"].inference_mode, unsupported
+    ('(?:fc)', False, [])
     """
-    import peft
-
-    dicts, unsupported = _configs(plan, _plan_sites(plan))
-    classes = {"LORA": peft.LoraConfig, "IA3": peft.IA3Config}
-    return {n: classes[d["peft_type"]](**{k: v for k, v in d.items() if k != "peft_type"}) for n, d in dicts.items()}, unsupported
+    dicts, unsupported = configs(plan, plan_sites(plan))
+    return {n: config_object(d, plan) for n, d in dicts.items()}, unsupported
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial: bool = False) -> PeftExport:
@@ -94,9 +83,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     """
     plan = applied_plan(model)
     sites = {n: _model_site(model, n, e) for n, e in plan.tuned().items()}
-    dicts, unsupported = _configs(plan, sites, model)
+    dicts, unsupported = configs(plan, sites, model)
     if unsupported and not allow_partial:
-        raise PlanError(_listing(f"peft cannot express {len(unsupported)} site(s)", unsupported)
+        raise PlanError(listing(f"peft cannot express {len(unsupported)} site(s)", unsupported)
                         + "\nPass allow_partial=True to export the rest.")  # fmt: skip
     if not dicts:
         raise PlanError("no site of this plan can be expressed in peft; nothing to export")
@@ -172,102 +161,10 @@ def _read_config(data: bytes, path: Path) -> dict[str, Any]:
 # -- plan → peft config dicts (adapter_config.json) ------------------------------------------
 
 
-def _plan_sites(plan: Plan) -> dict[str, Site]:
-    """Sites built from plan entries alone (op, shape, role), for `to_peft` without a model."""
-    out = {}
-    for name, e in plan.tuned().items():
-        n_in, n_out = e.get("shape", (0, 0))  # unknown: no rank limit to check
-        out[name] = Site(name=name, op=e.get("op", "linear"), role=e.get("role", "other"), module_type="",
-                         in_features=n_in, out_features=n_out, params=0)  # fmt: skip
-    return out
-
-
 def _model_site(model: nn.Module, name: str, entry: dict[str, Any]) -> Site:
     module = model.get_submodule(name)
     base = getattr(module, "base", module)
     return static_site(name, base, module_op(base), **{k: entry[k] for k in ("role", "depth") if k in entry})
-
-
-def _configs(plan: Plan, sites: dict[str, Site], model: nn.Module | None = None) -> tuple[dict[str, dict], list[str]]:
-    groups: dict[str, dict[str, dict]] = {"lora": {}, "dora": {}, "ia3": {}}
-    full, unsupported = [], []
-    for name, entry in plan.tuned().items():
-        method, site = entry["method"], sites[name]
-        hp = get_method(method).validate(site, **plan.hyper(entry))
-        why = _why_not(method, site, model)
-        if why:
-            unsupported.append(f"{name} ({method}): {why}")
-        elif method == "full":
-            full.append(name)
-        else:
-            groups[method][name] = hp
-    dicts = {k: _ia3_config(v, model) if k == "ia3" else _lora_config(v, k == "dora", model) for k, v in groups.items() if v}
-    if full:
-        if not dicts:
-            dicts["lora"] = _lora_config({}, False, model)  # a LoRA adapter with only modules_to_save
-        next(iter(dicts.values()))["modules_to_save"] = full
-    return dicts, unsupported
-
-
-def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:
-    if method in _NO_PEFT:
-        return _NO_PEFT[method]
-    if method in ("lora", "dora", "ia3"):
-        ops = _LORA_OPS if method == "lora" else {"linear", "conv2d"}
-        return None if site.op in ops else f"peft's {method} does not tune {site.op} layers"
-    if method == "full":
-        if model is not None and _shares_weights(model, site.name):
-            return "its weights are shared with another module; peft's modules_to_save would untie them"
-        return None
-    return f"no peft counterpart is known for method {method!r}"
-
-
-def _shares_weights(model: nn.Module, name: str) -> bool:
-    own = {id(p) for p in model.get_submodule(name).parameters()}
-    return any(id(p) in own for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
-               and not name.startswith(n + ".") for p in m.parameters(recurse=False))  # fmt: skip
-
-
-def _exact(names: list[str]) -> str:
-    """A regex peft full-matches against module names: exactly these sites."""
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
-
-
-def _lora_config(sites: dict[str, dict], dora: bool, model: nn.Module | None) -> dict[str, Any]:
-    rslora = {hp.get("rslora", False) for hp in sites.values()} == {True}
-    # peft's scaling is alpha/r (alpha/sqrt(r) with use_rslora); a mixed plan folds rsLoRA into alpha
-    alphas = {n: hp["alpha"] * (math.sqrt(hp["rank"]) if hp.get("rslora") and not rslora else 1) for n, hp in sites.items()}
-    ranks = {n: hp["rank"] for n, hp in sites.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0] if sites else 8
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if sites else 8
-    dropouts = Counter(hp.get("dropout", 0.0) for hp in sites.values())
-    if len(dropouts) > 1:
-        warnings.warn(f"peft has one lora_dropout per adapter; the plan has {sorted(dropouts)}, exporting the most common", stacklevel=3)
-    return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0] if sites else 0.0,
-        "target_modules": _exact(list(sites)) if sites else [],
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
-        "use_rslora": rslora, "use_dora": dora, "bias": "none", "init_lora_weights": True,
-        "fan_in_fan_out": _all_conv1d(model, sites), "modules_to_save": None,
-    }  # fmt: skip
-
-
-def _ia3_config(sites: dict[str, dict], model: nn.Module | None) -> dict[str, Any]:
-    inputs = [n for n, hp in sites.items() if hp["placement"] == "input"]
-    return {
-        "peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "target_modules": _exact(list(sites)), "feedforward_modules": _exact(inputs) if inputs else [],
-        "fan_in_fan_out": _all_conv1d(model, sites), "init_ia3_weights": True, "modules_to_save": None,
-    }  # fmt: skip
-
-
-def _all_conv1d(model: nn.Module | None, sites: dict) -> bool:
-    """peft flips fan_in_fan_out per layer anyway; setting it right avoids a warning per layer."""
-    if model is None or not sites:
-        return False
-    return all(is_hf_conv1d(getattr(m := model.get_submodule(n), "base", m)) for n in sites)
 
 
 def _config_sites(plan: Plan, config: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@
 from peftplan.backends import (
     apply,
     aux_loss,
+    export_merged,
     export_peft,
     import_peft,
     load,
@@ -33,6 +34,6 @@ from peftplan.version import __version__
 
 __all__ = [
     "Budget", "BudgetError", "Fidelity", "Method", "ParetoFront", "Plan", "PlanError", "Site", "SiteGraph",
-    "Recipe", "Task", "__version__", "apply", "aux_loss", "export_peft", "get_method", "import_peft", "load", "lower", "merge",
+    "Recipe", "Task", "__version__", "apply", "aux_loss", "export_merged", "export_peft", "get_method", "import_peft", "load", "lower", "merge",
     "methods", "plan_cost", "register", "remove", "save", "search", "to_peft", "train", "unmerge",
 ]  # fmt: skip

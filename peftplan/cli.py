@@ -10,6 +10,9 @@
     peftplan worker sqlite:///s.db --allow tests.zoo:llama   # ... whose model is a factory it trusts
     peftplan worker postgresql://host/db --device cuda:1     # one worker per GPU
     peftplan front sqlite:///peftplan-study.db --csv front.csv --png front.png --html front.html
+    peftplan export ./base adapter/ -o merged/                # a merged Hugging Face folder
+    peftplan export ./base adapter/ --peft -o peft_adapter/   # a peft adapter
+    peftplan export --config axolotl --plan plan.json -o axolotl.yml
 
 MODEL is ``minilm``, a local Hugging Face model directory, or ``package.module:factory``.
 """
@@ -199,6 +202,58 @@ def _print_front(front) -> None:
         print(f"  {values}  ({where}) {p.plan.summary().split(' (')[0] if p.plan else ''}")
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Out of peftplan, into the user's stack: the tuned model (an artifact of `peftplan
+    apply`, or a plan's untrained adapters) merged into a Hugging Face folder or as a peft
+    adapter; or the plan alone as a peft or axolotl training config."""
+    import json
+    from pathlib import Path
+
+    import peftplan as pp
+    from peftplan.plan import write_atomic
+
+    if bool(args.adapter) == bool(args.plan):
+        raise ValueError("give the tuned model's artifact directory (MODEL ADAPTER) or --plan plan.json, one of them")
+    plan = pp.Plan.load(args.plan) if args.plan else pp.Plan.load(Path(args.adapter) / "plan.json")
+    if args.config == "axolotl":
+        print(f"wrote {write_atomic(args.out, plan.to_axolotl())}")
+        return 0
+    if args.config == "peft":
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in plan.to_peft_config().to_dict().items()}
+        text = json.dumps(config, indent=2) + "\n"
+        print(f"wrote {write_atomic(Path(args.out) / 'adapter_config.json', text)}")
+        return 0
+    if not args.model:
+        raise ValueError("name the base model (minilm, a local HF directory or package.module:factory) before the adapter")
+    model = _export_model(args.model, plan, args.num_labels)
+    model = pp.load(model, args.adapter) if args.adapter else pp.apply(model, plan)
+    if args.peft:
+        written = pp.export_peft(model, args.out)
+        print(f"wrote {', '.join(f'{k} adapter to {v}' for k, v in written.adapters.items())}")
+        return 0
+    try:
+        out = pp.export_merged(model, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size)
+    except TypeError as e:  # a factory's plain module: no Hugging Face folder to write
+        raise ValueError(str(e)) from None
+    saved = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out}: {', '.join(saved)}" + ("" if any(n.startswith("tokenizer") for n in saved) else
+                                                  " (no tokenizer found: pass --tokenizer DIR to include one)"))  # fmt: skip
+    return 0
+
+
+def _export_model(spec: str, plan, num_labels: int | None):
+    """The base model a plan was made for, loaded as its class says: a causal LM, a
+    classifier (with the plan's classes, else ``num_labels``), else the bare model."""
+    from peftplan.models import load_model
+
+    kind = str(plan.model.get("class", ""))
+    if kind.endswith("ForCausalLM"):
+        return load_model(spec, causal_lm=True)
+    if kind.endswith("ForSequenceClassification"):
+        return load_model(spec, num_labels or len(plan.provenance.get("labels") or ()) or 2)
+    return load_model(spec, num_labels)
+
+
 def _data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", metavar="FILE", help="evaluation data (default: the task folder's dev.tsv; none for a "
                         "data file); only for the final report")  # fmt: skip
@@ -330,6 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, more compute)")
         cmd.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats; a trial silent for twice that is re-queued")
         cmd.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+    ex = sub.add_parser("export", help="into your own stack: a merged Hugging Face folder, a peft adapter, or the plan as a "
+                        "peft or axolotl training config")  # fmt: skip
+    ex.add_argument("model", nargs="?", help="the base model: minilm, a local HF model directory, or package.module:factory")
+    ex.add_argument("adapter", nargs="?", help="the tuned model's artifact directory (peftplan apply -o, peftplan.save)")
+    ex.add_argument("--plan", help="a plan.json instead of an artifact: its untrained adapters (e.g. --peft, to start "
+                    "axolotl's lora_model_dir from), or with --config the plan to write")  # fmt: skip
+    ex.add_argument("--peft", action="store_true", help="write a peft adapter (adapter_config.json, adapter_model.safetensors) "
+                    "instead of a merged model")  # fmt: skip
+    ex.add_argument("--config", choices=("peft", "axolotl"), help="write only the plan as a training config: peft's "
+                    "adapter_config.json into the -o folder (LoraConfig.from_pretrained), or an axolotl YAML fragment")  # fmt: skip
+    ex.add_argument("--tokenizer", help="tokenizer directory saved beside a merged model (default: the model directory's)")
+    ex.add_argument("--num-labels", type=int, help="classes of a sequence classifier (default: the plan's class names, else 2)")
+    ex.add_argument("--max-shard-size", help="largest safetensors shard of a merged model (5GB, 500MB; default: transformers')")
+    ex.add_argument("-o", "--out", required=True, help="the folder (the YAML file with --config axolotl) to write")
+    ex.set_defaults(run=_export)
 
     fr = sub.add_parser("front", help="export and plot the Pareto front of a stored study")
     fr.add_argument("storage", help="the study's storage URL")

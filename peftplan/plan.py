@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import PlanError, get_method
+from .backends.peft_config import axolotl_yaml, lora_entries, peft_config
 from .ir.site import Site
 from .recipe import Recipe
 from .version import __version__
@@ -70,6 +71,38 @@ class Plan:
             parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
         obj = ", ".join(f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items())
         return "; ".join(parts) + (f" ({obj})" if obj else "")
+
+    def to_peft_config(self) -> Any:
+        """The one peft config that trains this plan under ``peft.get_peft_model``: the same
+        sites, ranks, alphas and trainable parameters as ``apply`` (`PlanError` listing the
+        sites it cannot express, and what `as_lora` would change, otherwise).
+
+        >>> Plan(sites={"fc": {"method": "lora", "rank": 4, "alpha": 8}}).to_peft_config().r
+        4
+        """
+        return peft_config(self)
+
+    def as_lora(self) -> Plan:
+        """The nearest plan one peft config expresses (`peftplan.backends.peft_config.lora_entries`):
+        each site peft cannot express becomes LoRA at no more parameters, a norm ``full``; what
+        changed is in ``provenance["as_lora"]``; the objectives, measured for this plan, are dropped.
+
+        >>> plan = Plan(sites={"fc": {"method": "sparse", "density": 0.5, "shape": [8, 8]}}).as_lora()
+        >>> plan.sites["fc"], plan.provenance["as_lora"]
+        ({'shape': [8, 8], 'method': 'lora', 'rank': 2, 'alpha': 4}, ['fc: sparse → lora rank 2 (at most its 32 params)'])
+        """
+        entries, changes = lora_entries(self)
+        return Plan(sites=entries, model=dict(self.model), budget=self.budget, recipe=self.recipe,
+                    provenance={**self.provenance, "as_lora": changes})  # fmt: skip
+
+    def to_axolotl(self) -> str:
+        """This plan and its recipe as an axolotl config fragment (YAML text), for the LoRA
+        plans `to_peft_config` expresses (`peftplan.backends.peft_config.axolotl_yaml`).
+
+        >>> print(Plan(sites={"fc": {"method": "lora", "rank": 4, "alpha": 8}}).to_axolotl().splitlines()[1])
+        lora_r: 4
+        """
+        return axolotl_yaml(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

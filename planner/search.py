@@ -40,7 +40,7 @@ from .proxy.allocate import allocate
 from .proxy.options import METHOD, ProxyOptions
 from .strategies import DEFAULT, get_strategy
 from .training.task import Task
-from .training.user_loop import own_loop_options
+from .training.user_loop import calibration_task, own_loop_options
 
 TRIALS = 16  # candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
 
@@ -62,11 +62,12 @@ def search(
     storage: str | None = None,
     study_name: str | None = None,
     evaluate: Callable[..., Any] | None = None,
+    calibration: Iterable[Any] | None = None,
     **study_options: Any,
 ) -> Plan:
     """A plan for ``model`` within ``budget``.
 
-    ``strategy`` defaults to ``"gp"`` with a task and ``"proxy"`` without one. A training
+    ``strategy`` defaults to ``"gp"`` with a task or ``evaluate`` and ``"proxy"`` without. A training
     strategy runs ``trials`` (default 16) completed candidates in an optuna study (in memory
     unless ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
     `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, ``device``,
@@ -77,7 +78,9 @@ def search(
 
     ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
     sites are scored from their weights (Hill alpha); with one, by grad² on its first
-    ``calibration_batches`` training batches, raised to ``sensitivity_power``. ``train_modules``
+    ``calibration_batches`` training batches, raised to ``sensitivity_power``; ``calibration``
+    (your own batches instead of a task: dicts with labels, a DataLoader; the first
+    ``calibration_batches`` are read) gives grad² scores without a peftplan task. ``train_modules``
     (site names) are fully trained, their parameters paid from the budget first; by default
     the model's new classification head (`peftplan.planner.proxy.options.heads`). ``roles``,
     ``max_rank``: which sites get ranks and how large (`ProxyOptions`). ``graph`` skips lowering.
@@ -86,12 +89,17 @@ def search(
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
     ('full', True)
     """
-    if evaluate is not None:
-        task, study_options = own_loop_options(evaluate, task, study_options)
-    strategy = strategy or (DEFAULT if task is not None else "proxy")
-    trains = get_strategy(strategy).trains
     options = ProxyOptions.build(roles=roles, max_rank=max_rank, train_modules=train_modules,
                                  calibration_batches=calibration_batches, sensitivity_power=sensitivity_power)  # fmt: skip
+    if calibration is not None:
+        if task is not None:
+            raise TypeError("give task= or calibration= (your own batches, scored in place of a task's), not both")
+        task = calibration_task(calibration, options.calibration_batches)
+    if evaluate is not None:
+        task, study_options = own_loop_options(evaluate, task, study_options, model)
+    can_train = evaluate is not None or (task is not None and calibration is None)  # a loop or a task trains candidates
+    strategy = strategy or (DEFAULT if can_train else "proxy")
+    trains = get_strategy(strategy).trains
     if not trains:
         unused = sorted(k for k, v in {"trials": trials, "storage": storage, "study_name": study_name, **study_options}.items()
                         if v is not None)  # fmt: skip
@@ -99,8 +107,9 @@ def search(
             raise TypeError(f"strategy 'proxy' trains nothing, so it cannot use {unused}: drop them, or pass a task "
                             f"and a training strategy (e.g. strategy={DEFAULT!r})")  # fmt: skip
         return proxy_plan(model, budget, task, options, graph=graph, seed=seed)
-    if task is None:
-        raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=...; without a task use strategy='proxy'")
+    if not can_train:
+        raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=... or evaluate=your_loop (calibration= "
+                         "batches only score sites); without either use strategy='proxy'")  # fmt: skip
     from .study import run_search  # optuna: loaded only when a search trains
 
     return run_search(model, budget, task, strategy=strategy, trials=TRIALS if trials is None else trials, storage=storage,

@@ -99,3 +99,82 @@ def test_chat(tmp_path, monkeypatch, capsys):
     assert task.metric_name == "choice accuracy" and 0 <= plan.objectives["metric"] <= 1
     assert task.validation_batches[0]["choice"].numel() and plan.provenance["kind"] == "causal-lm"
     assert capsys.readouterr().out.startswith("choice accuracy ")
+
+
+def test_own_loop(tmp_path, monkeypatch):
+    import torch
+
+    from tests.planner.trials import tiny_task
+    from tests.zoo import bert_classifier
+
+    calls = []
+
+    def my_loop(model, fidelity, recipe):  # a few steps of plain torch, scored on held-out batches
+        task = tiny_task()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
+        for batch in task.train_batches[: fidelity.steps or 1]:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        calls.append((fidelity.steps, recipe.lr))
+        with torch.no_grad():
+            return -sum(model(**b).loss.item() for b in task.validation_batches)
+
+    loader = torch.utils.data.DataLoader(tiny_task().train_batches, batch_size=None)
+    with pytest.warns(UserWarning, match="data-free"):
+        scope = run("own-loop", tmp_path, monkeypatch, model=bert_classifier(), my_loop=my_loop, train_loader=loader)
+    assert scope["plan"].recipe.steps == 200 and {s for s, _ in calls} >= {None, 10, 200}  # shares of an epoch, then steps
+
+
+@pytest.mark.slow  # a default search whose trials each build an SFTTrainer (~8 s)
+def test_trl(tmp_path, monkeypatch):
+    import datasets
+    import torch
+
+    from tests.planner.test_trl_loop import rows
+    from tests.zoo import char_tokenizer, qwen2
+
+    monkeypatch.chdir(tmp_path)
+    code = example("trl")
+    if not torch.cuda.is_available():  # SFTConfig trains in bf16 on a GPU by default
+        code = code.replace("per_device_train_batch_size=8)", "per_device_train_batch_size=8, use_cpu=True, bf16=False)")
+    torch.manual_seed(0)
+    scope = {"__name__": "readme_trl", "model": qwen2(), "tokenizer": char_tokenizer(),
+             "train_ds": datasets.Dataset.from_list(rows(32, 0)), "held_out_ds": datasets.Dataset.from_list(rows(8, 1))}  # fmt: skip
+    exec(compile(code, "README.md:trl", "exec"), scope)
+    assert scope["plan"].recipe.steps == 20 and scope["plan"].objectives["metric"] < 0  # minus the eval loss
+    assert not (tmp_path / "trials").exists() or not any((tmp_path / "trials").glob("checkpoint-*"))
+
+
+def test_peft_config(tmp_path, monkeypatch):
+    import yaml
+
+    import peftplan as pp
+    from peftplan.backends import count_trainable
+    from tests.zoo import llama
+
+    scope = run("peft-config", tmp_path, monkeypatch, model=llama())
+    plan, peft_model = scope["plan"], scope["peft_model"]
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == count_trainable(pp.apply(llama(), plan)) > 0
+    assert yaml.safe_load((tmp_path / "axolotl.yml").read_text())["lora_target_modules"] == list(plan.tuned())
+
+
+def test_export(tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import peftplan as pp
+    from tests.zoo import char_tokenizer, llama_eager, token_ids
+
+    tuned = llama_eager()
+    pp.apply(tuned, pp.search(tuned, pp.Budget(params="2%")))
+    with torch.no_grad():
+        for p in pp.backends.trainable_parameters(tuned).values():
+            p.add_(0.05)  # as if trained
+        expected = tuned(token_ids()).logits
+    run("export", tmp_path, monkeypatch, tuned=tuned, tokenizer=char_tokenizer())
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), PeftModel.from_pretrained(llama_eager(), tmp_path / "peft_adapter")):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(token_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()

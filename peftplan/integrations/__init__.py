@@ -1,1 +1,2 @@
-"""Ready pieces for other libraries' training loops: `transformers` (the Hugging Face `Trainer`)."""
+"""Ready pieces for other libraries' training loops: `transformers` (the Hugging Face `Trainer`)
+and `trl` (TRL's ``SFTTrainer``)."""

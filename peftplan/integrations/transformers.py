@@ -12,8 +12,9 @@ checkpoints.
     ...                    data_collator=DataCollatorWithPadding(tokenizer))  # doctest: +SKIP
     >>> plan = peftplan.search(model, "0.5%", evaluate=loop, trials=12)  # doctest: +SKIP
 
-The search's recipe is the arguments' (`TrainerLoop.recipe`), and its task (`TrainerLoop.task`)
-the first training batches, collated, for the proxy's site scores and the memory costs.
+The search's recipe is the arguments' (`TrainerLoop.recipe`), and its task
+(`TrainerLoop.task`) the first training batches, collated, for the proxy's site scores and the
+memory costs. `peftplan.integrations.trl.SFTLoop` is the same loop around TRL's ``SFTTrainer``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from peftplan.planner.training.evaluate import Fidelity
 from peftplan.planner.training.task import Task
+from peftplan.planner.training.user_loop import model_loss
 from peftplan.recipe import SCHEDULES, Recipe
 
 
@@ -72,25 +74,40 @@ class TrainerLoop:
         return Recipe(lr=a.learning_rate, steps=steps, warmup=float(warmup), schedule=schedule if schedule in SCHEDULES else "linear",
                       weight_decay=a.weight_decay, clip=a.max_grad_norm or None)  # fmt: skip
 
-    @property
-    def task(self) -> Task:
+    def task(self, model: nn.Module) -> Task:
         """The first ``calibration_batches`` training batches, collated, with the model's own
-        loss (``model(**batch).loss``): what the proxy scores sites on and memory is costed at."""
+        loss (``model(**batch).loss``): what the proxy scores sites on and memory is costed at
+        (``model``, the search's base model, is not needed to make them here)."""
         size = self.args.per_device_train_batch_size
         n = min(len(self.train_dataset), size * self.calibration_batches)
         batches = [self.data_collator([self.train_dataset[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size)]
-        return Task([dict(b) for b in batches], [], _model_loss, None, name="trainer")
+        return Task([dict(b) for b in batches], [], model_loss, None, name="trainer")
 
-    def __call__(self, model: nn.Module, fidelity: Fidelity, recipe: Recipe) -> dict[str, float]:
+    def trial_arguments(self, output_dir: str, steps: int, lr: float) -> Any:
+        """The arguments of a trial: the user's, at the trial's length and learning rate, saving no checkpoints.
+
+        >>> loop.trial_arguments("/tmp/trial", 20, 1e-3).max_steps  # doctest: +SKIP
+        20
+        """
+        return replace(self.args, output_dir=output_dir, max_steps=steps, learning_rate=lr, save_strategy="no",
+                       load_best_model_at_end=False)  # fmt: skip
+
+    def trainer(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
+        """The trainer of one trial: `transformers.Trainer` with the user's collator and metrics.
+
+        >>> loop.trainer(tuned, loop.trial_arguments("/tmp/trial", 20, 1e-3), train_ds, eval_ds).train()  # doctest: +SKIP
+        """
         from transformers import Trainer
 
+        return Trainer(model=model, args=args, data_collator=self.data_collator, compute_metrics=self.compute_metrics,
+                       train_dataset=train_dataset, eval_dataset=eval_dataset)  # fmt: skip
+
+    def __call__(self, model: nn.Module, fidelity: Fidelity, recipe: Recipe) -> dict[str, float]:
         size = self.args.per_device_train_batch_size
         with tempfile.TemporaryDirectory(prefix="peftplan-trial-") as out:
-            args = replace(self.args, output_dir=out, max_steps=fidelity.steps, learning_rate=recipe.lr, save_strategy="no",
-                           load_best_model_at_end=False)  # fmt: skip
-            trainer = Trainer(model=model, args=args, data_collator=self.data_collator, compute_metrics=self.compute_metrics,
-                              train_dataset=_head(self.train_dataset, fidelity.train_batches and fidelity.train_batches * size),
-                              eval_dataset=_head(self.eval_dataset, fidelity.eval_batches and fidelity.eval_batches * args.per_device_eval_batch_size))  # fmt: skip
+            args = self.trial_arguments(out, fidelity.steps, recipe.lr)
+            trainer = self.trainer(model, args, _head(self.train_dataset, fidelity.train_batches and fidelity.train_batches * size),
+                                   _head(self.eval_dataset, fidelity.eval_batches and fidelity.eval_batches * args.per_device_eval_batch_size))  # fmt: skip
             trainer.train()
             scores = trainer.evaluate()
         if self.metric not in scores:
@@ -98,11 +115,6 @@ class TrainerLoop:
                              "(compute_metrics's keys get the eval_ prefix)")  # fmt: skip
         value = float(scores[self.metric])
         return {"metric": value if self.greater_is_better else -value, "loss": scores.get("eval_loss")}
-
-
-def _model_loss(model: nn.Module, batch: dict) -> Any:
-    device = next(model.parameters()).device
-    return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 def _head(dataset: Any, n: int | None) -> Any:

@@ -99,9 +99,10 @@ class ProxyOptions:
     def site_scores(self, model: nn.Module, graph: SiteGraph, task: Task | None, *, seed: int = 0,
                     progress: bool = True) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
         """Each tuned site's score, and how it was scored (for the plan's provenance): weight
-        statistics without a task, grad² on ``calibration_batches`` to ``sensitivity_power`` with one."""
+        statistics without a task (or one without training batches: a loop of the user's own),
+        grad² on ``calibration_batches`` to ``sensitivity_power`` with one."""
         names = self.tuned_sites(graph)
-        if task is None:
+        if task is None or not task.train_batches:
             return alpha_scores(model, graph, names), {"scores": "hill-alpha"}
         mass = grad2_scores(model, graph, task, names, batches=self.calibration_batches, seed=seed, progress=progress)
         scoring = {"scores": "grad2", "calibration_batches": self.calibration_batches,
@@ -112,14 +113,14 @@ class ProxyOptions:
     def priors(self, model: nn.Module, graph: SiteGraph, task: Task | None) -> dict[str, dict[str, float]]:
         """Score vectors besides the proxy's for `AllocatorSpace` (``priors``): the placements
         users write by hand — ``"query-value"`` (1 on the query and value projections, when
-        the model has them) and ``"uniform"`` (1 on every tuned site) — and, with a task,
-        ``"activation"`` (`activation_scores` on ``calibration_batches``)."""
+        the model has them) and ``"uniform"`` (1 on every tuned site) — and, with a task's
+        training batches, ``"activation"`` (`activation_scores` on ``calibration_batches``)."""
         names = self.tuned_sites(graph)
         out: dict[str, dict[str, float]] = {}
         qv = {n: 1.0 for n in names if graph[n].role in QUERY_VALUE}
         if qv:
             out["query-value"] = qv
         out["uniform"] = {n: 1.0 for n in names}
-        if task is not None:
+        if task is not None and task.train_batches:
             out["activation"] = activation_scores(model, graph, task, names, batches=self.calibration_batches)
         return out

@@ -25,13 +25,18 @@ def default_space(model: nn.Module, budget: Budget | int | str, task: Task, *, s
     scores, roles, rank cap and fully trained sites (all from ``proxy``), so
     ``space.proxy_params(1.0)`` is the proxy plan; `ProxyOptions.priors` as further score
     vectors (`AllocatorSpace.seeds` starts from them); ``lr``: the learning-rate range searched
-    (None: the recipe's rate). Training memory is costed at ``task``'s largest training batch.
+    (None: the recipe's rate). Training memory is costed at ``task``'s largest training batch;
+    a task without batches (a loop of the user's own) has none, so it cannot limit memory.
 
     >>> space = default_space(model, "1%", task, methods=("lora", "ia3"))  # doctest: +SKIP
     """
-    options = proxy or ProxyOptions()
+    options, objectives = proxy or ProxyOptions(), tuple(objectives)
     graph = lower(model) if graph is None else graph
+    if not task.train_batches and ("memory" in objectives or Budget.coerce(budget).memory is not None):
+        raise ValueError("training memory depends on the training batch, and this search has none: pass "
+                         "calibration=<a few of your training batches> (or a task), or drop the memory limit and objective")  # fmt: skip
     scores, _ = options.site_scores(model, graph, task, seed=seed, progress=False)
     return AllocatorSpace(graph, scores, budget, methods=tuple(methods), roles=options.roles, max_rank=options.max_rank,
-                          objectives=tuple(objectives), train_modules=options.full_sites(graph),
-                          batch_shape=task.batch_shape(), priors=options.priors(model, graph, task), lr=lr)  # fmt: skip
+                          objectives=objectives, train_modules=options.full_sites(graph),
+                          batch_shape=task.batch_shape() if task.train_batches else None,
+                          priors=options.priors(model, graph, task), lr=lr)  # fmt: skip

@@ -9,16 +9,25 @@ the reason recorded, like a diverging run of peftplan's own trainer.
     >>> def my_loop(model, fidelity, recipe):
     ...     ...  # train model for fidelity.steps steps at recipe.lr, then score it
     ...     return {"metric": 0.9, "loss": 0.3}
-    >>> plan = search(model, "0.5%", task, evaluate=my_loop, trials=8)  # doctest: +SKIP
+    >>> plan = search(model, "0.5%", evaluate=my_loop, trials=8, calibration=my_batches)  # doctest: +SKIP
+
+A loop needs no peftplan `Task`: the search scores sites from the weights alone (data-free,
+and says so once), or by grad² on ``calibration=`` batches of the user's own (dicts the model
+takes as keywords, labels included, so that its output has a ``loss``: a Hugging Face
+model's batches, a DataLoader of them). Without a task the search knows no epoch: a recipe
+counted in steps reaches the function as steps; one counted in epochs (the default: one)
+as ``fidelity.share`` of a full run and ``recipe.epochs`` scaled to it, ``fidelity.steps`` None.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,16 +75,32 @@ class UserLoop:
             torch.manual_seed(seed)  # the adapters' initialisation: a trial is reproducible from its plan and seed
             model = apply(copy.deepcopy(base), plan)
             params = count_trainable(model)
-            run = fidelity.recipe(recipe or Recipe(), len(task.train_batches) or None)
-            steps = run.total_steps(max(1, len(task.train_batches)))
-            at = replace(fidelity, steps=steps, share=None)
-            out = self.fn(model, at, recipe=run.with_steps(steps)) if self.takes_recipe else self.fn(model, at)
+            at, run = trial_length(fidelity, recipe or Recipe(), len(task.train_batches))
+            out = self.fn(model, at, recipe=run) if self.takes_recipe else self.fn(model, at)
             metric, loss = objectives(out)
         except Exception as e:  # the user's loop failing fails its trial only
             return failure(e, params, start)
         if not math.isfinite(metric):
             return Evaluation(None, params, time.perf_counter() - start, f"evaluate returned metric {metric}")
         return Evaluation(metric, params, time.perf_counter() - start, None, [], loss)
+
+
+def trial_length(fidelity: Fidelity, recipe: Recipe, batches: int) -> tuple[Fidelity, Recipe]:
+    """The fidelity and recipe a user function gets: resolved to optimizer steps, or, where
+    no batches count an epoch and the recipe counts epochs, a share of the user's own epochs.
+
+    >>> trial_length(Fidelity(share=0.1), Recipe(steps=200), 0)[0].steps
+    20
+    >>> at, run = trial_length(Fidelity(share=0.1), Recipe(epochs=2), 0)
+    >>> at.steps, at.share, run.epochs
+    (None, 0.1, 0.2)
+    """
+    if batches or recipe.steps is not None or fidelity.steps is not None:
+        run = fidelity.recipe(recipe, batches or None)
+        steps = run.total_steps(max(1, batches))
+        return replace(fidelity, steps=steps, share=None), run.with_steps(steps)
+    share = 1.0 if fidelity.share is None else fidelity.share
+    return replace(fidelity, share=share), replace(recipe, epochs=(recipe.epochs or 1.0) * share)
 
 
 def objectives(out: Any) -> tuple[float, float | None]:
@@ -100,22 +125,64 @@ def objectives(out: Any) -> tuple[float, float | None]:
     return float(out), None
 
 
-def own_loop_options(evaluate: Callable[..., Any], task: Task | None, study_options: dict[str, Any]) -> tuple[Task, dict[str, Any]]:
+def own_loop_options(evaluate: Callable[..., Any], task: Task | None, study_options: dict[str, Any],
+                     model: nn.Module) -> tuple[Task, dict[str, Any]]:  # fmt: skip
     """The task and study options of ``search(..., evaluate=fn)``: ``fn`` wrapped as a
-    `UserLoop`; the task and recipe ``fn`` brings (``fn.task``, ``fn.recipe``, as
-    `peftplan.integrations.transformers.TrainerLoop` does) when none are given; and no
-    learning-rate search when ``fn`` does not take the recipe (it could not use the rate)."""
+    `UserLoop`; the task and recipe ``fn`` brings (``fn.task``, a `Task` or a function of the
+    model returning one, and ``fn.recipe``, as `peftplan.integrations.transformers.TrainerLoop`
+    does) when none are given, else a task without batches (data-free site scores, said once);
+    and no learning-rate search when ``fn`` does not take the recipe (it could not use the rate)."""
     if "evaluator" in study_options:
         raise TypeError("give evaluate= (a function of the model) or evaluator= (peftplan's evaluator protocol), not both")
     loop = UserLoop(evaluate)
-    task = task if task is not None else getattr(evaluate, "task", None)
+    brought = getattr(evaluate, "task", None) if task is None else task
+    task = brought(model) if callable(brought) and not isinstance(brought, Task) else brought
     if task is None:
-        raise ValueError("evaluate= trains and scores plans your way, but the search still needs a task: its training "
-                         "batches give the proxy's site scores and the memory costs (validation batches are not needed); "
-                         "pass task=...")  # fmt: skip
+        warnings.warn("evaluate= without a task: sites are scored from their weights alone (data-free); pass "
+                      "calibration=<a few of your training batches> to score them by gradient sensitivity", stacklevel=3)  # fmt: skip
+        task = Task([], [], model_loss, None, name="own-loop")
     options = {**study_options, "evaluator": loop}
     if options.get("recipe") is None and getattr(evaluate, "recipe", None) is not None:
         options["recipe"] = evaluate.recipe
     if not loop.takes_recipe:
         options.setdefault("lr_range", None)
     return task, options
+
+
+def calibration_task(batches: Iterable[Mapping[str, Any]], n: int) -> Task:
+    """A task of the first ``n`` of the user's own ``batches`` (a list, a generator, a
+    DataLoader; read no further), each a dict the model takes as keywords, its loss the
+    model's own (``model(**batch).loss``): what site scores and memory costs are made from.
+
+    >>> calibration_task(iter([{"x": torch.ones(2)}] * 9), 4).train_batches.__len__()
+    4
+    """
+    if isinstance(batches, Task):
+        raise TypeError("calibration= takes your own batches; a peftplan Task goes to task=")
+    taken = list(itertools.islice(iter(batches), n))
+    if not taken:
+        raise ValueError("calibration= gave no batches: pass a few training batches (dicts the model takes as keywords)")
+    wrong = next((type(b).__name__ for b in taken if not isinstance(b, Mapping)), None)
+    if wrong:
+        raise TypeError(f"calibration= yields {wrong}s: give batches as dicts of tensors the model takes as keywords, labels "
+                        "included so that its output has a loss (a Hugging Face model's batches), or pass task=")  # fmt: skip
+    return Task([dict(b) for b in taken], [], model_loss, None, name="calibration")
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The model's own loss on a batch of keyword inputs (moved to the model's device): a
+    Hugging Face model's ``model(**batch).loss``, which needs the batch's labels.
+
+    >>> class Fit(nn.Module):  # a model that, like Hugging Face's, returns its loss given labels
+    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.ones(1))
+    ...     def forward(self, x, labels): return type("Out", (), {"loss": ((self.w * x - labels) ** 2).mean()})
+    >>> model_loss(Fit(), {"x": torch.ones(2), "labels": torch.zeros(2)}).item()
+    1.0
+    """
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} gave no loss for a batch with keys {sorted(batch)}: include its labels "
+                         "(a Hugging Face model computes its loss from batch['labels'])")  # fmt: skip
+    return loss

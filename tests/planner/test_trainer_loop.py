@@ -69,8 +69,9 @@ def test_the_default_score_is_minus_the_eval_loss_and_errors_are_clear(tmp_path)
     train, held = token_data(16, 0), token_data(8, 1)
     loop = TrainerLoop(arguments(tmp_path), train, held)
     model = bert_classifier()
-    plan = pp.search(model, "5%", strategy="proxy", task=loop.task)
-    assert sorted(loop.task.train_batches[0]) == ["attention_mask", "input_ids", "labels"] and len(loop.task.train_batches) == 2
+    task = loop.task(model)
+    plan = pp.search(model, "5%", strategy="proxy", task=task)
+    assert sorted(task.train_batches[0]) == ["attention_mask", "input_ids", "labels"] and len(task.train_batches) == 2
     out = loop(pp.apply(copy.deepcopy(model), plan), pp.Fidelity(steps=1), pp.Recipe(lr=1e-3))
     assert out["metric"] == pytest.approx(-out["loss"])
     with pytest.raises(ValueError, match="not 'eval_f1'"):

@@ -9,6 +9,8 @@ import torch
 
 import peftplan as pp
 from peftplan.planner.study import StudyError
+from peftplan.planner.training.task import Task
+from peftplan.planner.training.user_loop import model_loss
 from tests.planner.trials import tiny_task
 from tests.zoo import bert_classifier
 
@@ -62,7 +64,69 @@ def test_a_plain_function_gets_no_rate_search_and_failures_are_recorded(tmp_path
 
     with pytest.raises(StudyError, match=r"no trial completed; failures: \[\"ValueError: evaluate returned \{'acc': 1\}"):
         pp.search(model, "5%", task, evaluate=lambda m, f: {"acc": 1}, strategy="random", trials=1, progress=False, seeds=0)
-    with pytest.raises(ValueError, match="the search still needs a task"):
-        pp.search(model, "5%", evaluate=score)
     with pytest.raises(TypeError, match="not both"):
         pp.search(model, "5%", task, evaluate=score, evaluator=lambda *a, **k: None)
+
+
+def trial_plans(plan, url) -> list[dict]:
+    """The LoRA ranks of each plan the study trained."""
+    trials = optuna.load_study(study_name=plan.provenance["study"], storage=url).trials
+    return [{n: e["rank"] for n, e in t.user_attrs["plan"]["sites"].items() if e["method"] == "lora"}
+            for t in trials if "plan" in t.user_attrs]  # fmt: skip
+
+
+def ranks(plan) -> dict:
+    return {n: e["rank"] for n, e in plan.sites.items() if e["method"] == "lora"}
+
+
+def test_a_loop_without_a_task_scores_sites_from_weights_and_says_so_once(tmp_path):
+    model = bert_classifier()
+    seen = []
+
+    def score(model, fidelity):  # a loop that trains its own way: here, a score that improves with length
+        seen.append((fidelity.steps, fidelity.share))
+        return fidelity.share
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with pytest.warns(UserWarning, match="data-free") as record:
+        plan = pp.search(model, "5%", evaluate=score, trials=3, progress=False, storage=url)
+    assert sum("without a task" in str(w.message) for w in record) == 1
+    assert ranks(pp.search(model, "5%")) in trial_plans(plan, url)  # the data-free proxy plan seeds the search
+    # no batches count an epoch: the default recipe (one epoch) reaches the loop as shares of it
+    assert {s for s in seen} == {(None, 0.05), (None, 1.0)} and plan.recipe.epochs in (None, 1.0)
+
+    steps = []
+    pp.search(model, "5%", evaluate=lambda m, fidelity: steps.append(fidelity.steps) or 0.5, trials=2, progress=False,
+              recipe=pp.Recipe(steps=40), seeds=0, strategy="random")  # fmt: skip
+    assert set(steps) == {2, 40}  # a recipe in steps: 5% of it, then all of it
+    with pytest.raises(ValueError, match="training memory depends on the training batch"):
+        pp.search(model, pp.Budget(params="5%", memory="1MiB"), evaluate=score, trials=1, progress=False)
+
+
+def test_calibration_batches_give_grad2_scores_without_a_task(tmp_path):
+    model, task = bert_classifier(), tiny_task()
+    read = []
+
+    def loader():  # a DataLoader-like stream of the user's batches, of which only the first few are read
+        for batch in task.train_batches:
+            read.append(1)
+            yield batch
+
+    with_task = pp.search(model, "5%", task=Task(task.train_batches, [], model_loss, None), calibration_batches=3, strategy="proxy")
+    calibrated = pp.search(model, "5%", calibration=loader(), calibration_batches=3)
+    assert len(read) == 3 and calibrated.provenance["scores"] == "grad2"
+    assert ranks(calibrated) == ranks(with_task) != ranks(pp.search(model, "5%"))
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    loop = pp.search(model, "5%", evaluate=lambda m, f: 0.5, calibration=torch.utils.data.DataLoader(task.train_batches, batch_size=None),
+                     calibration_batches=3, trials=3, progress=False, storage=url)  # fmt: skip
+    assert ranks(calibrated) in trial_plans(loop, url)  # the grad² proxy plan seeds the search
+
+    with pytest.raises(TypeError, match="yields Tensors"):
+        pp.search(model, "5%", calibration=[torch.ones(2, 8)])
+    with pytest.raises(TypeError, match="not both"):
+        pp.search(model, "5%", task=task, calibration=task.train_batches)
+    with pytest.raises(ValueError, match="calibration= batches only score sites"):
+        pp.search(model, "5%", calibration=task.train_batches, strategy="gp")
+    with pytest.raises(ValueError, match="include its labels"):
+        pp.search(model, "5%", calibration=[{k: v for k, v in b.items() if k != "labels"} for b in task.train_batches])

@@ -69,7 +69,7 @@ def _columns(args: argparse.Namespace) -> dict[str, str | None]:
                                         ("--messages-column", args.messages_column), ("--choices", args.choices),
                                         ("--metric", args.metric)) if given]  # fmt: skip
     if not causal_lm and lm_only:
-        raise ValueError(f"{', '.join(lm_only)} are for a causal language model: add --causal-lm")
+        raise ValueError(f"{' and '.join(lm_only)} are for a causal language model: add --causal-lm")
     if causal_lm:
         return {"text_column": args.text_column, "prompt_column": args.prompt_column, "response_column": args.response_column,
                 "messages_column": args.messages_column, "metric": args.metric or "loss",

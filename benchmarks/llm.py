@@ -208,6 +208,8 @@ def run_task(study: Study, task: str, kinds: list[str], searches: bool) -> dict[
         work["peftplan proxy plan"] = lambda: study.proxy(task)
         work["peftplan search"] = lambda: study.search(task)
         work["peftplan search, every method"] = lambda: study.search(task, EVERY_METHOD)
+    if not work:
+        return {}
     with cf.ThreadPoolExecutor(len(work)) as pool:
         futures = {label: pool.submit(fn) for label, fn in work.items()}
         rows = {}
@@ -223,7 +225,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    ap.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS), help="baselines to run")
+    ap.add_argument("--kinds", nargs="*", choices=sorted(KINDS), default=list(KINDS), help="baselines to run (none: "
+                    "only the searches)")
     ap.add_argument("--no-search", action="store_true", help="baselines only (the searches can follow)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one process and one thread each")
     ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing")

@@ -184,7 +184,7 @@ def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, chec
         return evaluator
     device = resolve(device, model)
     if bf16:
-        check_bf16(device)
+        check_bf16(device, model)
     return functools.partial(evaluate, device=device, bf16=bf16, checkpointing=checkpointing)
 
 

@@ -57,7 +57,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     check_trainable(model, task, recipe)
     device = resolve(device, model)
     if bf16:
-        check_bf16(device)
+        check_bf16(device, model)
     model.to(device)
     steps = recipe.total_steps(len(task.train_batches))
     torch.manual_seed(seed)
@@ -80,7 +80,8 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
                 with autocast(device, bf16):
                     loss = task.loss(model, batches.pop())
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
+                    raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1} (lr "
+                                             f"{recipe.lr:g}): lower the learning rate")  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.clip is not None:

@@ -43,6 +43,7 @@ class _Undo:
     swapped: list[str]  # names (sites and their aliases) whose module was replaced by a wrapper holding it as `.base`
     trainable_before: set[str]  # parameter names that required grad before `apply`
     watch: list = field(default_factory=list)  # hooks checking that the first forward calls every tuned site
+    trained: bool = False  # the adapters hold trained values (`load`, `train`), not a fresh plan's
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...backends.labels import check_model_labels
 from ...ir.inputs import batch_shape
 from . import answers, lm
 from .data import Columns, Labels, Row, read_split, splits
@@ -127,7 +128,7 @@ class Task:
             if self.metric is answers.choice_accuracy:
                 return "choice accuracy"
             return "exact match" if isinstance(self.metric, answers.ExactMatch) else "minus loss per token"
-        return {mcc: "MCC", accuracy: "accuracy"}.get(self.metric, "metric")
+        return {mcc: "MCC", accuracy: "accuracy"}.get(getattr(self.metric, "fn", self.metric), "metric")
 
     @classmethod
     def for_sequence_classification(
@@ -223,7 +224,7 @@ class Task:
             train_batches=batches(train_rows),
             eval_batches=batches(dev_rows),
             loss=classification_loss,
-            metric=METRICS[metric],
+            metric=ClassMetric(METRICS[metric], table.names),
             name=default_name,
             validation_batches=batches(validation_rows),
             labels=table.names,
@@ -433,6 +434,20 @@ def matthews(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 METRICS: dict[str, Callable[[nn.Module, list[Batch]], float]] = {"accuracy": accuracy, "mcc": mcc}
+
+
+@dataclass(frozen=True)
+class ClassMetric:
+    """A classification metric (``fn``: `accuracy`, `mcc`) that first checks that the model's
+    trained weights decode class ids as the task's ``labels`` do (`peftplan.backends.labels`):
+    an artifact trained with other ids would score every prediction as the wrong class."""
+
+    fn: Callable[[nn.Module, list[Batch]], float]
+    labels: tuple[str, ...] | None = None
+
+    def __call__(self, model: nn.Module, batches: list[Batch]) -> float:
+        check_model_labels(model, self.labels)
+        return self.fn(model, batches)
 
 
 def _examples(batch: Batch) -> int:

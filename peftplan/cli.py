@@ -69,7 +69,8 @@ def _columns(args: argparse.Namespace) -> dict[str, str | None]:
                                         ("--messages-column", args.messages_column), ("--choices", args.choices),
                                         ("--metric", args.metric)) if given]  # fmt: skip
     if not causal_lm and lm_only:
-        raise ValueError(f"{', '.join(lm_only)} are for a causal language model: add --causal-lm")
+        flags = ", ".join(lm_only[:-1]) + " and " + lm_only[-1] if len(lm_only) > 1 else lm_only[0]
+        raise ValueError(f"{flags} {'are' if len(lm_only) > 1 else 'is'} for a causal language model: add --causal-lm")
     if causal_lm:
         return {"text_column": args.text_column, "prompt_column": args.prompt_column, "response_column": args.response_column,
                 "messages_column": args.messages_column, "metric": args.metric or "loss",
@@ -414,13 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftplan.backends.base import shorten
     from peftplan.planner.study import StudyError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, StudyError) as e:
-        print(f"peftplan {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError, StudyError, FloatingPointError) as e:
+        print(f"peftplan {args.command}: error: {shorten(str(e), 4000)}", file=sys.stderr)
         return 2
 
 

@@ -48,6 +48,7 @@ from ..front import FrontPoint, ParetoFront
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.progress import ProgressLine
 from ..training.task import Task
+from .config import stored_plan
 from .halving import promote, promoted_count
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -425,7 +426,7 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
                 **({"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {})}  # fmt: skip
         evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
         if rung_of(t) == top:
-            plan = Plan.from_dict(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
+            plan = stored_plan(t) if "plan" in t.user_attrs else None
             points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
     points.sort(key=lambda p: p.info.get("validation_loss", math.inf))  # of equal points the front keeps the first
     front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})

@@ -41,7 +41,15 @@ from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
 from .engine import Context, Evaluator, front_of, work
 from .halving import default_rungs
-from .storage import check_url, only_study, open_storage, open_study, stored_config
+from .storage import (
+    check_url,
+    damaged,
+    only_study,
+    open_storage,
+    open_study,
+    stored_config,
+    writing,
+)
 
 
 def run_search(
@@ -134,9 +142,11 @@ def run_search(
                          {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
                          methods, proxy.to_dict(), source, space.lr, screen_by, refine)  # fmt: skip
     name = study_name or config.default_name(task, model)
-    study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
-    work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
-    return best_plan(study, task)
+    store = open_storage(storage, heartbeat=heartbeat)
+    with writing(store, name):
+        study = open_study(store, name, config, space)
+        work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
+        return best_plan(study, task)
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
@@ -155,7 +165,7 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
     """
     if isinstance(storage, str):
-        check_url(storage, exists=True)
+        check_url(storage, exists=True, writable=True)
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
     _wait_for_config(store, name)
@@ -168,9 +178,10 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
     space = config.source.build_space(model, task, config)
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
-    study = open_study(store, name, config, space, worker_seed, worker=True)
-    work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
-    return best_plan(study, task)
+    with writing(store, name):
+        study = open_study(store, name, config, space, worker_seed, worker=True)
+        work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
+        return best_plan(study, task)
 
 
 def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, checkpointing: bool = False) -> Evaluator:
@@ -208,17 +219,24 @@ def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | No
     """
     if isinstance(storage, str):
         check_url(storage, exists=True)
+        storage = open_storage(storage, writable=False)  # a file that is not a database is said as such
     name = study_name or only_study(storage)
     config = stored_config(storage, name)
     study = optuna.load_study(study_name=name, storage=storage)
-    return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    try:
+        return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    except StudyError as e:  # a trial's stored plan, edited by hand
+        raise damaged(storage, name, e) from None
 
 
 def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
     """The best plan within budget of the study's front (highest first "max" objective),
     with ``plan.front`` set; the front's plans record ``task``'s class names (`Task.provenance`)."""
-    config = StudyConfig.from_dict(study.user_attrs[ATTR])
-    front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    try:
+        config = StudyConfig.from_dict(study.user_attrs[ATTR])
+        front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    except StudyError as e:
+        raise damaged(study._storage, study.study_name, e) from None
     if not len(front):
         reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
                           if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip

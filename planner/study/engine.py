@@ -50,6 +50,7 @@ from ..training.progress import ProgressLine
 from ..training.task import Task
 from .config import stored_plan
 from .halving import promote, promoted_count
+from .watch import watched
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)
@@ -67,6 +68,7 @@ class Context:
     space: Any
     evaluator: Evaluator
     threads: int | None = None
+    trial_timeout: float | None = None  # seconds a trial may run (`watch.watched`); None: no limit
 
 
 def rung_of(t: FrozenTrial) -> int:
@@ -343,11 +345,8 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
         return "reused"
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
-    from optuna.storages._heartbeat import get_heartbeat_thread  # no public ask/tell heartbeat
-
-    try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):
-            result = _evaluate(ctx, plan, fidelity, plan.recipe)
+    try:  # heartbeats meanwhile, and the time limit: a trial past it comes back failed, with the reason
+        result = watched(study._storage, trial._trial_id, ctx.trial_timeout, lambda: _evaluate(ctx, plan, fidelity, plan.recipe))
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)

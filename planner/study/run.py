@@ -50,6 +50,7 @@ from .storage import (
     stored_config,
     writing,
 )
+from .watch import check_timeout
 
 
 def run_search(
@@ -82,6 +83,7 @@ def run_search(
     device: str | Any = None,
     bf16: bool = False,
     checkpointing: bool = False,
+    trial_timeout: float | None = None,
 ) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
     return the best plan within budget, with ``plan.front``.
@@ -109,12 +111,14 @@ def run_search(
     ``device`` (None: CUDA when available, else the CPU; each trial's copy of the model moves
     there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
     ``checkpointing`` or not; these are this process's choice, not the study's: each worker
-    gives its own.
+    gives its own, and so is ``trial_timeout``, the seconds a trial may run before it is
+    stopped and recorded as failed (None: no limit; `peftplan.planner.study.watch`).
 
     >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
     >>> plan.front.to_csv("front.csv")  # doctest: +SKIP
     """
     budget = Budget.coerce(budget)
+    trial_timeout = check_timeout(trial_timeout)
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
@@ -145,25 +149,26 @@ def run_search(
     store = open_storage(storage, heartbeat=heartbeat)
     with writing(store, name):
         study = open_study(store, name, config, space)
-        work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
+        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
         return best_plan(study, task)
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
                threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
                allow: Iterable[str] = (), device: str | Any = None, bf16: bool = False,
-               checkpointing: bool = False) -> Plan:  # fmt: skip
+               checkpointing: bool = False, trial_timeout: float | None = None) -> Plan:  # fmt: skip
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
     The database does not choose what code runs: a `Source` naming a ``package.module:factory``
     (model or space) is refused unless that spec is in ``allow`` (`StudyError` saying so).
-    ``device``, ``bf16`` and ``checkpointing`` as in `run_search`: one worker per GPU (``device="cuda:1"``) puts
-    every GPU of a machine on one study.
+    ``device``, ``bf16``, ``checkpointing`` and ``trial_timeout`` as in `run_search`: one worker per GPU
+    (``device="cuda:1"``) puts every GPU of a machine on one study.
 
     >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d", device="cuda:1")  # doctest: +SKIP
     >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
     """
+    trial_timeout = check_timeout(trial_timeout)
     if isinstance(storage, str):
         check_url(storage, exists=True, writable=True)
     store = open_storage(storage, heartbeat=heartbeat)
@@ -180,7 +185,7 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
     with writing(store, name):
         study = open_study(store, name, config, space, worker_seed, worker=True)
-        work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
+        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
         return best_plan(study, task)
 
 

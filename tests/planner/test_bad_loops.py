@@ -127,3 +127,14 @@ def test_trainer_loop_checks_compute_metrics_and_labels(tmp_path):
     with pytest.raises(ValueError, match=r"TrainerLoop: the train_dataset's batches have no 'labels' \(their keys are "
                                          r"\['attention_mask', 'input_ids'\]\).*add a 'labels' column"):
         pp.search(bert_classifier(), "5%", evaluate=unlabelled, strategy="random", trials=1, progress=False)
+
+
+def test_a_task_loss_that_gives_no_tensor_is_named_when_scoring_sites():
+    from peftplan.planner.proxy.scores import grad2_scores
+    from peftplan.planner.training.task import Task
+
+    model = bert_classifier()
+    batch = {k: v for k, v in tiny_task().train_batches[0].items() if k != "labels"}
+    with pytest.raises(ValueError, match=r"task 'mine': its loss gave NoneType, not a tensor, for a batch with keys "
+                                         r"\['attention_mask', 'input_ids'\]: a batch needs its labels"):
+        grad2_scores(model, pp.lower(model), Task([batch], [], lambda m, b: None, None, name="mine"), progress=False)

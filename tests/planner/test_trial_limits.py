@@ -1,7 +1,8 @@
 """Trials that hang and workers that die: a trial past ``trial_timeout`` is stopped and recorded
 as failed with the reason (a loop blocked in a wait, one spinning in Python), and a worker
 killed in the middle of its trial leaves it to the other workers, who fail it by its silence,
-run it again and finish the study. The hangs and the kill run in subprocesses, each bounded."""
+run it again and finish the study. The hangs and the kill run in subprocesses, each bounded
+(marked slow: 20 to 30 s each, most of it starting Python and torch)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ pp.search(bert_classifier(), "5%", tiny_task(), evaluate=my_loop, strategy="rand
 """
 
 
+@pytest.mark.slow
 def test_trials_that_never_return_are_stopped_and_recorded_as_failed(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     finish(spawn(HANGING.format(url=url)))
@@ -119,6 +121,7 @@ run_worker(storage, "shared", evaluator=die, progress=False, threads=1, allow=["
 """
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_leaves_a_study_the_others_finish(tmp_path):
     url, n = f"sqlite:///{tmp_path / 'study.db'}", 4
     search = spawn(SEARCH.format(task=str(write_task(tmp_path / "task")), url=url, trials=n))

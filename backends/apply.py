@@ -43,6 +43,8 @@ class _Undo:
     swapped: list[str]  # names (sites and their aliases) whose module was replaced by a wrapper holding it as `.base`
     trainable_before: set[str]  # parameter names that required grad before `apply`
     watch: list = field(default_factory=list)  # hooks checking that the first forward calls every tuned site
+    trained: bool = False  # the adapters hold trained values (`load`, `train`), not a fresh plan's
+    said: set[str] = field(default_factory=set)  # sites already warned about as never called (at apply)
 
 
 @dataclass
@@ -120,11 +122,15 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
     if errors:
         raise PlanError(listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
 
+    uncalled = _uncalled_tied(model, plan, [name for name, *_ in todo]) if not restoring else []
+    if uncalled:
+        _warn(model, uncalled, f"peftplan: the plan tunes {len(uncalled)} site(s) the model's forward never calls; their "
+                               "adapters would change nothing and get no gradient", stacklevel=4)  # fmt: skip
     trainable_before = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(model, PLAN_ATTR, plan)
-    setattr(model, UNDO_ATTR, _Undo([], trainable_before))
+    setattr(model, UNDO_ATTR, _Undo([], trainable_before, said=set(uncalled)))
     undo = getattr(model, UNDO_ATTR)
     names = _names_by_module(model)
     try:
@@ -168,21 +174,43 @@ def _warn_uncalled(model: nn.Module, args: Any, output: Any) -> None:
     for handle in undo.watch:
         handle.remove()
     undo.watch = []
-    uncalled = [n for n in applied_plan(model).tuned() if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False)]
+    uncalled = [n for n in applied_plan(model).tuned() if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False)
+                and n not in undo.said]  # fmt: skip
     if uncalled:
-        reasons = [f"{n}{_tied_note(model, n)}" for n in uncalled]
-        warnings.warn(listing(f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
-                               "adapters change nothing and get no gradient", reasons)
-                      + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
-                      stacklevel=2)  # fmt: skip
+        _warn(model, uncalled, f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
+                               "adapters change nothing and get no gradient", stacklevel=3)  # fmt: skip
 
 
-def _tied_note(model: nn.Module, name: str) -> str:
+def _uncalled_tied(model: nn.Module, plan: Plan, names: list[str]) -> list[str]:
+    """Of the tuned sites whose weight is tied to another module (T5's ``shared``), those that
+    lowering finds the forward never calls. Only entries written by hand (without the ``role``
+    lowering gives) are checked: a plan made by lowering this model holds called sites alone, so
+    applying it never lowers again."""
+    suspects = [n for n in names if "role" not in plan.sites[n] and _tied(model, n)]
+    if not suspects:
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            called = {site.name for site in lower(model).sites}
+    except Exception:  # a model lowering cannot trace: the first forward still checks
+        return []
+    return [n for n in suspects if n not in called]
+
+
+def _warn(model: nn.Module, uncalled: list[str], head: str, stacklevel: int) -> None:
+    notes = [f"{n} (its weight is tied to {_tied(model, n)[:5]}, which the forward calls instead)" if _tied(model, n) else n
+             for n in uncalled]  # fmt: skip
+    warnings.warn(listing(head, notes) + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
+                  stacklevel=stacklevel)  # fmt: skip
+
+
+def _tied(model: nn.Module, name: str) -> list[str]:
+    """The other modules holding ``name``'s weight (tied weights)."""
     module = model.get_submodule(name)
     weight = getattr(getattr(module, "base", module), "weight", None)
-    tied = [n for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
+    return [n for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
             and any(p is weight for p in m.parameters(recurse=False))]  # fmt: skip
-    return f" (its weight is tied to {tied[:5]}, which the forward calls instead)" if tied else ""
 
 
 def applied_plan(model: nn.Module) -> Plan:
@@ -401,6 +429,9 @@ def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Mo
         op = module_op(module) if module is not None else None
         if module is None or op is None:
             what = "not found in the model" if module is None else f"a {type(module).__name__}, not a tunable module"
+            if "quantized" in type(module).__module__:
+                what = (f"a quantized {type(module).__name__} ({type(module).__module__}), which adapters cannot wrap: plan "
+                        "and apply on the floating-point model, then quantize")  # fmt: skip
             problems.append(f"{name or '<root>'}: {what}")
             continue
         shape = list(module_features(module))

@@ -13,6 +13,7 @@ the new one, never the plan of one save beside the tensors of another.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import safetensors.torch
@@ -21,9 +22,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..plan import Plan
-from .apply import _apply, adapter_tensors, applied_plan, remove
+from .apply import UNDO_ATTR, _apply, adapter_tensors, applied_plan, remove
 from .atomic import read_files, replace_dir
 from .base import PlanError
+from .labels import check_labels
 from .wrapper import Wrapper
 
 PLAN_FILE = "plan.json"
@@ -56,19 +58,24 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) -> nn.Module:
+def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True,
+         labels: Sequence[str] | None = None) -> nn.Module:  # fmt: skip
     """Apply the plan saved in ``directory`` to ``model`` and load its adapter tensors.
 
     ``model`` must carry the same base weights as the one saved. Selections saved as buffers
     (a sparse site's indices) are restored as saved, so no scores are needed here. Missing,
-    unexpected or mis-shaped tensors raise `PlanError` and leave ``model`` as it was.
+    unexpected or mis-shaped tensors raise `PlanError` and leave ``model`` as it was; so do
+    ``labels`` (the class names by id of the task it is for, ``task.labels``) other than the
+    ones the artifact was trained with. The loaded weights count as trained: a task's metric
+    and `train` check its class names against the artifact's (`peftplan.backends.labels`).
 
-    >>> model = load(BertModel(config), "adapter_dir")  # doctest: +SKIP
+    >>> model = load(BertModel(config), "adapter_dir", labels=task.labels)  # doctest: +SKIP
     """
 
     directory = Path(directory)
     files = read_files(directory, [PLAN_FILE, ADAPTERS_FILE])
     plan = Plan.from_json(files[PLAN_FILE], directory / PLAN_FILE)
+    check_labels(plan.provenance.get("labels"), labels, f"the artifact {directory}")
     path = directory / ADAPTERS_FILE
     saved = read_safetensors(files[ADAPTERS_FILE], path)
     _apply(model, plan, check=check, scores={}, restoring=True)  # saved selections (sparse indices) are copied in below
@@ -78,6 +85,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True) 
     except BaseException:
         remove(model)
         raise
+    getattr(model, UNDO_ATTR).trained = True
     return model
 
 

@@ -46,7 +46,7 @@ def replace_dir(directory: str | os.PathLike, *, names: set[str]) -> Iterator[Pa
     >>> with replace_dir("out/run1", names={"plan.json"}) as tmp:  # doctest: +SKIP
     ...     (tmp / "plan.json").write_text("{}")
     """
-    target = Path(directory).absolute()
+    target = _followed(Path(directory).absolute())
     mode = _check_target(target, names)
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep(target)
@@ -54,6 +54,7 @@ def replace_dir(directory: str | os.PathLike, *, names: set[str]) -> Iterator[Pa
     try:
         yield tmp
         os.chmod(tmp, mode)
+        _file_modes(tmp, target)
         _fsync_tree(tmp)
         _commit(tmp, target)
     finally:
@@ -93,6 +94,30 @@ def _read_at(dir_fd: int, name: str) -> bytes:
         raise FileNotFoundError(errno.ENOENT, "missing", name) from None
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+def _followed(target: Path) -> Path:
+    """The folder a symbolic link ``target`` points to (the artifact goes there; the link
+    stays); a link to nothing is an error saying so, not a half-done rename."""
+    if not target.is_symlink():
+        return target
+    real = target.resolve()
+    if not real.exists():
+        raise PlanError(f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: create that folder "
+                        "(the artifact is written into it), or remove the link and save again")  # fmt: skip
+    return real
+
+
+def _file_modes(tmp: Path, target: Path) -> None:
+    """Each new file gets the mode of the one it replaces, else what the umask gives a new file
+    (writers such as safetensors create theirs private to their owner, next to a plan.json that
+    is not: another account could read the plan but not load the weights)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _dirs, files in os.walk(tmp):
+        for name in files:
+            old = target / Path(dirpath).relative_to(tmp) / name
+            os.chmod(os.path.join(dirpath, name), old.stat().st_mode & 0o7777 if old.is_file() else 0o666 & ~umask)
 
 
 def _check_target(target: Path, names: set[str]) -> int:

@@ -44,6 +44,16 @@ def listing(head: str, lines: list[str], limit: int = 20) -> str:
     return head + ":\n  " + "\n  ".join(shown)
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was left out: how a name or
+    message from an untrusted file (a study, a plan) is echoed.
+
+    >>> shorten("x" * 10_000, 12)
+    'xxxxxxxxxxxx… (9,988 more characters)'
+    """
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
 class Method(abc.ABC):
     """Base class of every PEFT method.
 
@@ -169,8 +179,8 @@ def get_method(name: str) -> Method:
     """The registered method called ``name``; a `PlanError` lists the known ones otherwise."""
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise PlanError(f"unknown method {name!r}; known methods: {sorted(_REGISTRY)}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable name from a hand-edited file
+        raise PlanError(f"unknown method {shorten(repr(name))}; known methods: {sorted(_REGISTRY)}") from None
 
 
 def methods() -> dict[str, Method]:

@@ -69,7 +69,8 @@ def _columns(args: argparse.Namespace) -> dict[str, str | None]:
                                         ("--messages-column", args.messages_column), ("--choices", args.choices),
                                         ("--metric", args.metric)) if given]  # fmt: skip
     if not causal_lm and lm_only:
-        raise ValueError(f"{' and '.join(lm_only)} are for a causal language model: add --causal-lm")
+        flags = ", ".join(lm_only[:-1]) + " and " + lm_only[-1] if len(lm_only) > 1 else lm_only[0]
+        raise ValueError(f"{flags} {'are' if len(lm_only) > 1 else 'is'} for a causal language model: add --causal-lm")
     if causal_lm:
         return {"text_column": args.text_column, "prompt_column": args.prompt_column, "response_column": args.response_column,
                 "messages_column": args.messages_column, "metric": args.metric or "loss",
@@ -110,7 +111,8 @@ def _search(args: argparse.Namespace) -> int:
                       study_name=args.study, seed=args.seed, objectives=args.objectives.split(","),
                       fidelities=rungs, eta=args.eta, recipe=recipe, lr_range=_lr_range(args.lr_range), screen_by=args.screen_by,
                       refine=args.refine, methods=args.methods.split(","), threads=args.threads, source=source, device=args.device, bf16=args.bf16,
-                      checkpointing=args.checkpointing, progress=not args.quiet, heartbeat=args.heartbeat)  # fmt: skip
+                      checkpointing=args.checkpointing, progress=not args.quiet, heartbeat=args.heartbeat,
+                      trial_timeout=args.trial_timeout)  # fmt: skip
     return _report(plan, args)
 
 
@@ -158,7 +160,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     plan = run_worker(args.storage, args.study, progress=not args.quiet, threads=args.threads, heartbeat=args.heartbeat,
                       allow=args.allow, device=args.device, bf16=args.bf16,
-                      checkpointing=args.checkpointing)  # fmt: skip
+                      checkpointing=args.checkpointing, trial_timeout=args.trial_timeout)  # fmt: skip
     return _report(plan, args)
 
 
@@ -384,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--bf16", action="store_true", help="bf16 autocast in training and scoring (weights stay fp32)")
         cmd.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, more compute)")
         cmd.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats; a trial silent for twice that is re-queued")
+        cmd.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial that runs longer and record it "
+                         "as failed, with the reason (default: no limit)")  # fmt: skip
         cmd.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
     ex = sub.add_parser("export", help="into your own stack: a merged Hugging Face folder, a peft adapter, or the plan as a "
@@ -414,13 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftplan.backends.base import shorten
     from peftplan.planner.study import StudyError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, StudyError) as e:
-        print(f"peftplan {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError, StudyError, FloatingPointError) as e:
+        print(f"peftplan {args.command}: error: {shorten(str(e), 4000)}", file=sys.stderr)
         return 2
 
 

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch.nn as nn
@@ -199,14 +200,25 @@ def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = Fa
 
 def _load_dir(path: Path, num_labels: int | None, *, causal_lm: bool) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import pickle
+
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with _quiet():
-        if causal_lm:
-            return AutoModelForCausalLM.from_pretrained(path)
-        if num_labels is None:
-            return AutoModel.from_pretrained(path)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        try:
+            if causal_lm:
+                return AutoModelForCausalLM.from_pretrained(path)
+            if num_labels is None:
+                return AutoModel.from_pretrained(path)
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        except pickle.UnpicklingError as e:  # torch's weights-only loader refused a pickle checkpoint: nothing ran
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))
+            refused = f"it asks to import {named.group(1)}" if named else "torch refused it"
+            raise ValueError(f"{path}: its weights {pickles} are a pickle checkpoint that does not load as plain tensors "
+                             f"({refused}); peftplan runs no code from a checkpoint. Convert it to "
+                             "safetensors where you trust the file (model.save_pretrained(folder) writes "
+                             "model.safetensors), or download the model's .safetensors weights") from None  # fmt: skip
 
 
 class _quiet:

@@ -175,7 +175,10 @@ class Plan:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{source} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
 
 
 def _recipe(d: Any) -> Recipe | None:

@@ -21,6 +21,33 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 SCHEDULES = ("linear", "cosine", "constant")
+MAX_LR = 10.0  # above it AdamW overflows or diverges at the first step: a typo (1e300, True), not a rate
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    holds: Any  # value -> bool
+    says: str
+    optional: bool = False
+
+
+CHECKS = {  # each field: what it must be, said with the field's name
+    "lr": _Rule(lambda v: _real(v) and 0 < v <= MAX_LR, f"the learning rate must be a positive number, at most "
+                f"{MAX_LR:g} (typically 1e-5 to 1e-2)"),
+    "steps": _Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "steps must be a positive int, "
+                   "or None", optional=True),
+    "epochs": _Rule(lambda v: _real(v) and v > 0, "epochs must be a positive number, or None", optional=True),
+    "warmup": _Rule(lambda v: _real(v) and 0 <= v < 1, "the warm-up is a share of the steps in [0, 1)"),
+    "schedule": _Rule(lambda v: v in SCHEDULES, f"choose one of {list(SCHEDULES)}"),
+    "weight_decay": _Rule(lambda v: _real(v) and v >= 0, "weight decay must be a non-negative number"),
+    "clip": _Rule(lambda v: _real(v) and v > 0, "the gradient-norm limit must be a positive number, or None", optional=True),
+    "batch_size": _Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "batch_size must be a "
+                        "positive int, or None", optional=True),
+}
 
 
 @dataclass(frozen=True)
@@ -43,24 +70,14 @@ class Recipe:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"Recipe(lr={self.lr!r}): the learning rate must be a positive number")
+        for name, rule in CHECKS.items():
+            value = getattr(self, name)
+            if value is None and rule.optional:
+                continue
+            if not rule.holds(value):
+                raise ValueError(f"Recipe({name}={value!r}): {rule.says}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("Recipe: give steps or epochs, not both")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"Recipe(steps={self.steps!r}): steps must be a positive int")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"Recipe(epochs={self.epochs!r}): epochs must be positive")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"Recipe(warmup={self.warmup!r}): the warm-up is a share of the steps in [0, 1)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"Recipe(schedule={self.schedule!r}): choose one of {list(SCHEDULES)}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"Recipe(weight_decay={self.weight_decay!r}) must be non-negative")
-        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"Recipe(clip={self.clip!r}): the gradient-norm limit must be positive, or None")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"Recipe(batch_size={self.batch_size!r}) must be a positive int, or None")
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of a run over ``batches_per_epoch`` training batches."""

@@ -179,16 +179,48 @@ def test_train_refuses_a_merged_model_up_front():
 # -- a site that is never called ------------------------------------------------------------
 
 
-def test_a_tuned_site_the_forward_never_calls_is_warned_about():
+def test_a_tuned_site_the_forward_never_calls_is_warned_about_when_applied():
     model = t5()
     assert "shared" not in {s.name for s in pp.lower(model).sites}  # reached only through its tied copies
-    pp.apply(model, plan_for(model, {"shared": {"method": "lora", "rank": 2}, "lm_head": {"method": "lora", "rank": 2}}))
+    with pytest.warns(UserWarning, match=r"the plan tunes 1 site\(s\) the model's forward never calls.*\n  shared \(its "
+                                         r"weight is tied to .*encoder.embed_tokens"):
+        pp.apply(model, plan_for(model, {"shared": {"method": "lora", "rank": 2}, "lm_head": {"method": "lora", "rank": 2}}))
     ids = token_ids()
-    with pytest.warns(UserWarning, match=r"never called 1 tuned site.*\n  shared \(its weight is tied to .*encoder.embed_tokens"):
-        model(input_ids=ids, decoder_input_ids=ids)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model(input_ids=ids, decoder_input_ids=ids)  # said once, on the first forward
+        model(input_ids=ids, decoder_input_ids=ids)  # said once, when applied
+
+
+class Spare(nn.Module):
+    """An MLP holding a layer its forward never calls, tied to nothing: `apply` cannot tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.spare = _mlp(), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_an_unused_module_is_warned_about_on_the_first_forward():
+    model = Spare()
+    pp.apply(model, plan_for(model, {"body.0": {"method": "lora", "rank": 2}, "spare": {"method": "lora", "rank": 2}}))
+    with pytest.warns(UserWarning, match=r"first forward never called 1 tuned site\(s\).*\n  spare\n"):
+        model(torch.randn(2, 16))
+
+
+def test_a_plan_made_by_lowering_is_applied_without_lowering_again(monkeypatch):
+    import importlib
+
+    from tests.zoo import gpt2
+
+    applying = importlib.import_module("peftplan.backends.apply")  # the module, not the function it exports
+
+    model = gpt2()  # lm_head's weight is tied to wte; both are called
+    plan = pp.search(model, pp.Budget(params="5%"), roles=["attn", "head"])
+    assert any(site.get("role") == "head" for site in plan.sites.values())
+    monkeypatch.setattr(applying, "lower", lambda *a, **k: pytest.fail("apply lowered a plan that lowering made"))
+    pp.apply(model, plan)
 
 
 def test_no_warning_when_every_tuned_site_is_called():

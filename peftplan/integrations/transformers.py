@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -52,7 +52,7 @@ class TrainerLoop:
             raise ValueError("TrainerLoop: the train_dataset has no examples")
         self.args, self.train_dataset, self.eval_dataset = args, train_dataset, eval_dataset
         self.data_collator = data_collator or default_data_collator
-        self.compute_metrics = compute_metrics
+        self.compute_metrics = None if compute_metrics is None else checked_metrics(compute_metrics)
         key = metric or args.metric_for_best_model or "loss"
         self.metric = key if key.startswith("eval_") else f"eval_{key}"
         self.greater_is_better = (self.metric != "eval_loss" if args.greater_is_better is None else args.greater_is_better) \
@@ -81,6 +81,13 @@ class TrainerLoop:
         size = self.args.per_device_train_batch_size
         n = min(len(self.train_dataset), size * self.calibration_batches)
         batches = [self.data_collator([self.train_dataset[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size)]
+        names = self.args.label_names or ["labels"]
+        unlabelled = next((sorted(b) for b in batches if not any(k in b for k in names)), None)
+        if unlabelled is not None:
+            raise ValueError(f"TrainerLoop: the train_dataset's batches have no {' or '.join(map(repr, names))} (their keys "
+                             f"are {unlabelled}), and Trainer trains by the model's own loss, computed from the labels: "
+                             "add a 'labels' column (a 'label' column is renamed by the collator), or name yours with "
+                             "TrainingArguments(label_names=[...])")  # fmt: skip
         return Task([dict(b) for b in batches], [], model_loss, None, name="trainer")
 
     def trial_arguments(self, output_dir: str, steps: int, lr: float) -> Any:
@@ -115,6 +122,27 @@ class TrainerLoop:
                              "(compute_metrics's keys get the eval_ prefix)")  # fmt: skip
         value = float(scores[self.metric])
         return {"metric": value if self.greater_is_better else -value, "loss": scores.get("eval_loss")}
+
+
+def checked_metrics(compute_metrics: Callable) -> Callable:
+    """``compute_metrics`` whose result must be a dict of metric names to numbers (Trainer would
+    fail on anything else with "'NoneType' object does not support item assignment").
+
+    >>> checked_metrics(lambda prediction: None)(object())
+    Traceback (most recent call last):
+    ...
+    TypeError: compute_metrics returned None: return a dict of metric names to numbers, e.g. {"accuracy": 0.9} (trainer.evaluate() reports it as eval_accuracy)
+    """
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = compute_metrics(*args, **kwargs)
+        if not isinstance(out, Mapping):
+            got = "None" if out is None else f"{type(out).__name__} {repr(out)[:80]}"
+            raise TypeError(f"compute_metrics returned {got}: return a dict of metric names to numbers, e.g. "
+                            '{"accuracy": 0.9} (trainer.evaluate() reports it as eval_accuracy)')  # fmt: skip
+        return out
+
+    return checked
 
 
 def _head(dataset: Any, n: int | None) -> Any:

@@ -139,6 +139,9 @@ def grad2_scores(
             torch.manual_seed(seed)
             for i, batch in enumerate(calib):
                 loss = task.loss(model, batch)
+                if not isinstance(loss, torch.Tensor):
+                    raise ValueError(f"task {task.name!r}: its loss gave {type(loss).__name__}, not a tensor, for a batch "
+                                     f"with keys {sorted(batch)}: a batch needs its labels for the model to give a loss")  # fmt: skip
                 if not loss.requires_grad:
                     raise ValueError(
                         f"task {task.name!r}: loss has no autograd graph; compute it without "

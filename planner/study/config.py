@@ -6,16 +6,21 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
+from ...backends.base import PlanError, get_method, shorten
+from ...plan import Plan
+from ...recipe import Recipe
 from ..budget import Budget
 from ..proxy.options import ProxyOptions
 from ..space.default import default_space
+from ..strategies import STRATEGIES
 from ..training.evaluate import Fidelity
 from ..training.task import Task
 
@@ -123,6 +128,21 @@ class Source:
         return getattr(importlib.import_module(module), name)(model, task, Budget.from_dict(config.budget), **options)
 
 
+def stored_plan(trial: Any) -> Plan:
+    """The plan a completed trial stored; `StudyError` naming the trial when it is damaged.
+
+    >>> from types import SimpleNamespace
+    >>> stored_plan(SimpleNamespace(number=3, user_attrs={"plan": {"format": "peftplan.plan"}}))
+    Traceback (most recent call last):
+    ...
+    peftplan.planner.study.config.StudyError: trial 3's stored plan: plan format version None is not supported by this peftplan (reads versions [1, 2]); upgrade peftplan or re-create the plan
+    """
+    try:
+        return Plan.from_dict(trial.user_attrs["plan"])
+    except (PlanError, TypeError, ValueError) as e:
+        raise StudyError(f"trial {trial.number}'s stored plan: {e}") from None
+
+
 def is_factory(spec: str) -> bool:
     """Whether a model or space spec names Python code (``package.module:factory``), not a
     directory or ``minilm``."""
@@ -175,12 +195,111 @@ class StudyConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
-        tuples = {k: None if d.get(k) is None else tuple(d[k]) for k in ("objectives", "methods", "lr_range")}
-        return cls(**{**d, **tuples, "fidelities": tuple(Fidelity(**f) for f in d["fidelities"]),
-                      "source": Source(**d["source"]) if d.get("source") else None})  # fmt: skip
+    def from_dict(cls, d: Any) -> StudyConfig:
+        """A stored config read back, every field checked: a study's database may have been
+        edited by hand or written by another program, so a bad field is a `StudyError` naming it
+        (fields added since a study was stored take their defaults, what that study ran with).
+
+        >>> StudyConfig.from_dict({"strategy": "tpe", "trials": "8"})
+        Traceback (most recent call last):
+        ...
+        peftplan.planner.study.config.StudyError: the study's config field 'trials' is '8': expected an int >= 1
+        """
+        if not isinstance(d, dict):
+            raise StudyError(f"the study's config is {type(d).__name__} {shorten(repr(d))}, not an object of fields "
+                             f"{sorted(READERS)}")  # fmt: skip
+        unknown = sorted(map(str, set(d) - set(READERS)))
+        if unknown:
+            raise StudyError(f"the study's config has unknown field(s) {shorten(str(unknown))}: it was written by another "
+                             "program or peftplan version")  # fmt: skip
+        out = {}
+        for name, value in d.items():
+            try:
+                out[name] = READERS[name](value)
+            except (TypeError, ValueError, KeyError) as e:
+                raise StudyError(f"the study's config field {name!r} is {shorten(repr(value))}: {e}") from None
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in out]
+        if missing:
+            raise StudyError(f"the study's config has no field(s) {missing}")
+        if set(out["objectives"]) - set(out["senses"]):
+            raise StudyError(f"the study's config field 'senses' {out['senses']} does not cover its objectives {out['objectives']}")
+        return cls(**out)
 
     def default_name(self, task: Task, model: nn.Module) -> str:
         """Stable across calls with the same settings (``trials`` aside), so a rerun resumes."""
         key = {**self.to_dict(), "trials": None, "model": type(model).__name__, "task": task.name}
         return f"{task.name}-{self.strategy}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def _int(low: int) -> Callable[[Any], int]:
+    def read(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"expected an int >= {low}")
+        return v
+
+    return read
+
+
+def _strings(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError("expected a list of names")
+    return tuple(v)
+
+
+def _fidelities(v: Any) -> tuple[Fidelity, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(f, dict) for f in v):
+        raise ValueError("expected a list of fidelities, one per rung")
+    return tuple(Fidelity(**f) for f in v)
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A reader that keeps the stored value once ``check`` accepts it (None stays None)."""
+    return lambda v: None if v is None else (check(v), v)[1]
+
+
+def _limits(v: Any) -> dict[str, float]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and _finite(x) for k, x in v.items()):
+        raise ValueError("expected limits as {cost name: number}")
+    return v
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _lr_range(v: Any) -> tuple[float, float] | None:
+    if v is None:
+        return None
+    if not (isinstance(v, list) and len(v) == 2 and all(_finite(x) and x > 0 for x in v) and v[0] <= v[1]):
+        raise ValueError("expected [low, high], two positive learning rates")
+    return tuple(v)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def read(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of {list(options)}")
+        return v
+
+    return read
+
+
+READERS: dict[str, Callable[[Any], Any]] = {  # each stored field: its value read back, or an error saying what it must be
+    "strategy": _choice(*STRATEGIES),
+    "trials": _int(1),
+    "objectives": _strings,
+    "senses": lambda v: {k: _choice("max", "min")(x) for k, x in dict(v).items()},
+    "fidelities": _fidelities,
+    "limits": _limits,
+    "budget": _checked(lambda v: Budget.from_dict(dict(v))),
+    "eta": _int(2),
+    "seed": _int(-(2**63)),
+    "recipe": _checked(lambda v: Recipe.from_dict(dict(v))),
+    "seeds": _int(0),
+    "methods": lambda v: tuple(get_method(m).name for m in _strings(v)),
+    "proxy": _checked(lambda v: ProxyOptions.from_dict(dict(v))),
+    "source": lambda v: None if v is None else Source(**dict(v)),
+    "lr_range": _lr_range,
+    "screen_by": _choice("metric", "loss"),
+    "refine": _int(0),
+}

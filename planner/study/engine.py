@@ -48,7 +48,9 @@ from ..front import FrontPoint, ParetoFront
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.progress import ProgressLine
 from ..training.task import Task
+from .config import stored_plan
 from .halving import promote, promoted_count
+from .watch import watched
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)
@@ -66,6 +68,7 @@ class Context:
     space: Any
     evaluator: Evaluator
     threads: int | None = None
+    trial_timeout: float | None = None  # seconds a trial may run (`watch.watched`); None: no limit
 
 
 def rung_of(t: FrozenTrial) -> int:
@@ -342,11 +345,8 @@ def _run_one(study: optuna.Study, ctx: Context) -> str:
         return "reused"
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
-    from optuna.storages._heartbeat import get_heartbeat_thread  # no public ask/tell heartbeat
-
-    try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):
-            result = _evaluate(ctx, plan, fidelity, plan.recipe)
+    try:  # heartbeats meanwhile, and the time limit: a trial past it comes back failed, with the reason
+        result = watched(study._storage, trial._trial_id, ctx.trial_timeout, lambda: _evaluate(ctx, plan, fidelity, plan.recipe))
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
@@ -425,7 +425,7 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
                 **({"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {})}  # fmt: skip
         evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
         if rung_of(t) == top:
-            plan = Plan.from_dict(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
+            plan = stored_plan(t) if "plan" in t.user_attrs else None
             points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
     points.sort(key=lambda p: p.info.get("validation_loss", math.inf))  # of equal points the front keeps the first
     front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})

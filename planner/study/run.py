@@ -41,7 +41,16 @@ from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
 from .engine import Context, Evaluator, front_of, work
 from .halving import default_rungs
-from .storage import check_url, only_study, open_storage, open_study, stored_config
+from .storage import (
+    check_url,
+    damaged,
+    only_study,
+    open_storage,
+    open_study,
+    stored_config,
+    writing,
+)
+from .watch import check_timeout
 
 
 def run_search(
@@ -74,6 +83,7 @@ def run_search(
     device: str | Any = None,
     bf16: bool = False,
     checkpointing: bool = False,
+    trial_timeout: float | None = None,
 ) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
     return the best plan within budget, with ``plan.front``.
@@ -101,12 +111,14 @@ def run_search(
     ``device`` (None: CUDA when available, else the CPU; each trial's copy of the model moves
     there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
     ``checkpointing`` or not; these are this process's choice, not the study's: each worker
-    gives its own.
+    gives its own, and so is ``trial_timeout``, the seconds a trial may run before it is
+    stopped and recorded as failed (None: no limit; `peftplan.planner.study.watch`).
 
     >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
     >>> plan.front.to_csv("front.csv")  # doctest: +SKIP
     """
     budget = Budget.coerce(budget)
+    trial_timeout = check_timeout(trial_timeout)
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
@@ -134,28 +146,31 @@ def run_search(
                          {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
                          methods, proxy.to_dict(), source, space.lr, screen_by, refine)  # fmt: skip
     name = study_name or config.default_name(task, model)
-    study = open_study(open_storage(storage, heartbeat=heartbeat), name, config, space)
-    work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
-    return best_plan(study, task)
+    store = open_storage(storage, heartbeat=heartbeat)
+    with writing(store, name):
+        study = open_study(store, name, config, space)
+        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
+        return best_plan(study, task)
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
                threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
                allow: Iterable[str] = (), device: str | Any = None, bf16: bool = False,
-               checkpointing: bool = False) -> Plan:  # fmt: skip
+               checkpointing: bool = False, trial_timeout: float | None = None) -> Plan:  # fmt: skip
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
     The database does not choose what code runs: a `Source` naming a ``package.module:factory``
     (model or space) is refused unless that spec is in ``allow`` (`StudyError` saying so).
-    ``device``, ``bf16`` and ``checkpointing`` as in `run_search`: one worker per GPU (``device="cuda:1"``) puts
-    every GPU of a machine on one study.
+    ``device``, ``bf16``, ``checkpointing`` and ``trial_timeout`` as in `run_search`: one worker per GPU
+    (``device="cuda:1"``) puts every GPU of a machine on one study.
 
     >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d", device="cuda:1")  # doctest: +SKIP
     >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
     """
+    trial_timeout = check_timeout(trial_timeout)
     if isinstance(storage, str):
-        check_url(storage, exists=True)
+        check_url(storage, exists=True, writable=True)
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
     _wait_for_config(store, name)
@@ -168,9 +183,10 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
     space = config.source.build_space(model, task, config)
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
-    study = open_study(store, name, config, space, worker_seed, worker=True)
-    work(study, Context(config, model, task, space, evaluator, threads), progress=progress)
-    return best_plan(study, task)
+    with writing(store, name):
+        study = open_study(store, name, config, space, worker_seed, worker=True)
+        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
+        return best_plan(study, task)
 
 
 def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, checkpointing: bool = False) -> Evaluator:
@@ -184,7 +200,7 @@ def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, chec
         return evaluator
     device = resolve(device, model)
     if bf16:
-        check_bf16(device)
+        check_bf16(device, model)
     return functools.partial(evaluate, device=device, bf16=bf16, checkpointing=checkpointing)
 
 
@@ -208,17 +224,24 @@ def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | No
     """
     if isinstance(storage, str):
         check_url(storage, exists=True)
+        storage = open_storage(storage, writable=False)  # a file that is not a database is said as such
     name = study_name or only_study(storage)
     config = stored_config(storage, name)
     study = optuna.load_study(study_name=name, storage=storage)
-    return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    try:
+        return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    except StudyError as e:  # a trial's stored plan, edited by hand
+        raise damaged(storage, name, e) from None
 
 
 def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
     """The best plan within budget of the study's front (highest first "max" objective),
     with ``plan.front`` set; the front's plans record ``task``'s class names (`Task.provenance`)."""
-    config = StudyConfig.from_dict(study.user_attrs[ATTR])
-    front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    try:
+        config = StudyConfig.from_dict(study.user_attrs[ATTR])
+        front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+    except StudyError as e:
+        raise damaged(study._storage, study.study_name, e) from None
     if not len(front):
         reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
                           if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip

@@ -3,8 +3,11 @@ or reopen with the same settings, list, read back a study's config."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +17,17 @@ from ..strategies import enqueue_seeds, make_sampler
 from .config import ATTR, StudyConfig, StudyError
 
 
-def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat: int = 30) -> optuna.storages.BaseStorage:
+def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat: int = 30,
+                 writable: bool = True) -> optuna.storages.BaseStorage:  # fmt: skip
     """In memory (None), or an RDB URL (``sqlite:///study.db``, ``postgresql://…``) with
     heartbeats every ``heartbeat`` seconds: a trial silent for twice that is failed and
-    re-queued with the same parameters (at most 3 times)."""
+    re-queued with the same parameters (at most 3 times). A SQLite file this process may not
+    write is refused unless only read (``writable=False``)."""
     if storage is None:
         return optuna.storages.InMemoryStorage()
     if not isinstance(storage, str):
         return storage
-    check_url(storage)
+    check_url(storage, writable=writable)
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import DBAPIError
 
@@ -47,9 +52,10 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat
                          "give the URL of an optuna database (a new SQLite file is created)") from None  # fmt: skip
 
 
-def check_url(storage: str, *, exists: bool = False) -> None:
+def check_url(storage: str, *, exists: bool = False, writable: bool = False) -> None:
     """`StudyError` unless ``storage`` is a database URL (and, for SQLite, one whose folder
-    exists, and with ``exists`` whose file does: reading must not create an empty database).
+    exists, with ``exists`` whose file does: reading must not create an empty database, and
+    with ``writable`` one this process may write, file and folder).
 
     >>> check_url("study.db")
     Traceback (most recent call last):
@@ -59,20 +65,51 @@ def check_url(storage: str, *, exists: bool = False) -> None:
         raise StudyError(f"storage {storage!r} is not a database URL: use sqlite:///study.db or postgresql://user@host/db")
     if not storage.startswith("sqlite:///") or storage.endswith(":memory:"):
         return
-    path = Path(storage[len("sqlite:///"):])
+    path = Path(storage[len("sqlite:///"):].split("?")[0].removeprefix("file:"))  # sqlite:///file:x.db?mode=ro&uri=true too
     if not path.parent.is_dir():
         raise StudyError(f"the folder of the SQLite storage {storage!r} does not exist: create {path.parent} or give another path")
     if exists and not path.exists():
         raise StudyError(f"no SQLite database at {path}; give the storage the study was run with")
+    unwritable = path if path.exists() and not os.access(path, os.W_OK) else \
+        path.parent if not os.access(path.parent, os.W_OK) else None  # SQLite writes its journal beside the file  # fmt: skip
+    if writable and unwritable is not None:
+        raise StudyError(f"the SQLite storage {storage!r} cannot be written: this process may not write {unwritable}; a "
+                         f"search and its workers write every trial there: {READ_ONLY_FIX}")  # fmt: skip
 
 
-def _normalised(stored: dict) -> dict:
-    """A stored config as `StudyConfig.to_dict` writes it today: fields added since it was stored
-    take their defaults (what that study ran with), JSON lists their tuple form."""
+READ_ONLY_FIX = ("give a storage this process may write (copy the database somewhere writable, or fix its permissions); "
+                 "`peftplan front` reads a read-only study")  # fmt: skip
+
+
+def where(storage: optuna.storages.BaseStorage | str) -> str:
+    """The URL of a storage, for messages (``in memory`` for optuna's in-memory storage)."""
+    if isinstance(storage, str):
+        return storage
+    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None)
+    return str(url) if url else "in memory"
+
+
+@contextlib.contextmanager
+def writing(storage: optuna.storages.BaseStorage, name: str) -> Iterator[None]:
+    """Storage failures while study ``name`` is written, said with its database and what to do:
+    optuna's own message blames "invalid data in the commit, e.g. exceeding max length"."""
     try:
-        return StudyConfig.from_dict(stored).to_dict()
-    except (TypeError, ValueError, KeyError):
-        return stored
+        yield
+    except optuna.exceptions.StorageInternalError as e:
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        said = " ".join(str(getattr(cause, "orig", None) or cause).split())[:300]
+        fix = READ_ONLY_FIX if "readonly" in said.replace("-", "").replace(" ", "").lower() else \
+            "check that the database server is up and its disk has room, then run again to resume"  # fmt: skip
+        raise StudyError(f"study {name!r}: cannot write to the storage {where(storage)} ({said}); {fix}") from None
+
+
+def damaged(storage: optuna.storages.BaseStorage | str, name: str, e: StudyError) -> StudyError:
+    """What to raise when a stored study's data does not read back: ``e`` with the study, its
+    database and what to do."""
+    return StudyError(f"study {name!r} in {where(storage)}: {e}; the database was edited or written by another program: "
+                      "restore it, or start a new study (another --study name or storage)")  # fmt: skip
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, space: Any,
@@ -94,7 +131,10 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyCon
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(config.objectives))  # what optuna-dashboard and optuna's plots name the axes
     else:
-        new, old = config.to_dict(), _normalised(stored)
+        try:  # fields added since it was stored take their defaults, what that study ran with
+            new, old = config.to_dict(), StudyConfig.from_dict(stored).to_dict()
+        except StudyError as e:
+            raise damaged(storage, name, e) from None
         differ = sorted(k for k in new if k != "trials" and new[k] != old.get(k))
         if differ:
             raise StudyError(f"study {name!r} exists with other settings ({', '.join(differ)}): "
@@ -117,7 +157,10 @@ def stored_config(storage: optuna.storages.BaseStorage | str, name: str) -> Stud
         raise StudyError(f"no study named {name!r} in the storage; it has {study_names(storage)}") from None
     if ATTR not in study.user_attrs:
         raise StudyError(f"study {name!r} was not made by peftplan (no {ATTR!r} user_attr)")
-    return StudyConfig.from_dict(study.user_attrs[ATTR])
+    try:
+        return StudyConfig.from_dict(study.user_attrs[ATTR])
+    except StudyError as e:
+        raise damaged(storage, name, e) from None
 
 
 def study_names(storage: optuna.storages.BaseStorage | str) -> list[str]:

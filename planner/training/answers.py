@@ -27,20 +27,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .chat import answer, with_answer
+from .chat import answer, fit, with_answer
 from .device import inference
 from .lm import (
     IGNORE,
     Batch,
     Example,
     collate,
-    encode,
+    cut_answers,
     gold,
     labelled_logits,
     lm_batches,
     negative_token_loss,
     output_layer,
     pad_id,
+    parts,
 )
 
 
@@ -57,8 +58,13 @@ def choice_batches(tokenizer: Any, examples: list[Example], choices: Sequence[st
                 raise ValueError(f"example {i}'s answer {answer(x)[:80]!r} is not one of the choices {list(choices)}: "
                                  "fix the data or the choices")  # fmt: skip
             right.append(index[answer(x)])
-        rows = [encode(tokenizer, with_answer(x, c), max_length) for x in chunk for c in choices]
-        out.append({**collate(rows, pad), "choice": torch.tensor(right)})
+        candidates = [with_answer(x, c) for x in chunk for c in choices]
+        encoded = [parts(tokenizer, x) for x in candidates]
+        for j, lost, need in cut_answers(candidates, encoded, max_length)[:1]:
+            raise ValueError(f"example {start + j // len(choices)} with the answer {choices[j % len(choices)]!r} takes "
+                             f"{need} tokens, and max_length={max_length} cuts {lost} of the answer's: choice scoring "
+                             "compares whole answers; raise max_length")  # fmt: skip
+        out.append({**collate([fit(*x, max_length) for x in encoded], pad), "choice": torch.tensor(right)})
     return out
 
 
@@ -196,11 +202,11 @@ def scoring(metric: str, tokenizer: Any, choices: Sequence[str] | None, batch_si
     if metric == "choice":
         return choice_accuracy, lambda xs: choice_batches(tokenizer, xs, choices, batch_size, max_length)
     if metric == "loss":
-        return negative_token_loss, lambda xs: lm_batches(tokenizer, xs, batch_size, max_length)
+        return negative_token_loss, lambda xs: lm_batches(tokenizer, xs, batch_size, max_length, what="held-out")
 
     def answered(xs: list[Example]) -> list[Batch]:
         for x in xs:
             answer(x)  # plain texts have none: an error saying so
-        return lm_batches(tokenizer, xs, batch_size, max_length)
+        return lm_batches(tokenizer, xs, batch_size, max_length, what="held-out", whole=True)
 
     return ExactMatch(tokenizer), answered

@@ -31,14 +31,17 @@ def check_conversation(value: Any, source: str, column: str, row: int) -> Conver
     ``content``, at least one of them an assistant turn (what is trained on)."""
     where = f"{source}: row {row} of column {column!r}"
     if not isinstance(value, (list, tuple)) or not value:
+        hint = " (it looks like JSON text: parse it with json.loads first)" if isinstance(value, str) and \
+            value.lstrip().startswith("[") else ""  # fmt: skip
         raise ValueError(f"{where} holds {type(value).__name__} {str(value)[:80]!r} where a conversation is expected: "
-                         'a list of {"role": ..., "content": ...} messages')  # fmt: skip
+                         f'a list of {{"role": ..., "content": ...}} messages{hint}')  # fmt: skip
     out = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):  # fmt: skip
-            raise ValueError(f'{where}: message {i} is {str(message)[:80]!r}; each message is {{"role": ..., '
-                             '"content": ...}} with string values')  # fmt: skip
+        bad = [k for k in ("role", "content") if not isinstance(message, dict) or not isinstance(message.get(k), str)]
+        if bad:
+            raise ValueError(f"{where}: message {i} is {str(message)[:80]!r}, whose {' and '.join(repr(k) for k in bad)} "
+                             'is missing or not a string; each message is {"role": ..., "content": ...} with string '
+                             "values")  # fmt: skip
         out.append({"role": message["role"], "content": message["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where} has no assistant turn, so nothing to learn from: roles are "
@@ -76,6 +79,11 @@ def encode_chat(tokenizer: Any, messages: Conversation, max_length: int) -> tupl
     """(token ids, labels) of a conversation: labels are the ids inside assistant turns, -100
     elsewhere. Too long, it keeps the start of its last assistant turn (at least half the
     length) and the end of what precedes it, as `lm.encode` does for a prompt and response."""
+    return fit(*chat_parts(tokenizer, messages), max_length)
+
+
+def chat_parts(tokenizer: Any, messages: Conversation) -> Parts:
+    """A conversation as `Parts`: what precedes its last assistant turn, and that turn on."""
     text, spans = assistant_spans(tokenizer, messages)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; load the fast one "
@@ -86,19 +94,22 @@ def encode_chat(tokenizer: Any, messages: Conversation, max_length: int) -> tupl
               for t, (start, _) in zip(ids, encoded["offset_mapping"])]  # fmt: skip
     last = spans[-1][0]
     cut = next((k for k, (start, _) in enumerate(encoded["offset_mapping"]) if start >= last), len(ids))
-    return fit(ids[:cut], labels[:cut], ids[cut:], labels[cut:], max_length)
+    return ids[:cut], labels[:cut], ids[cut:], labels[cut:]
+
+
+Parts = tuple[list[int], list[int], list[int], list[int]]  # (prompt ids, their labels, response ids, their labels)
 
 
 def fit(p: list[int], p_labels: list[int], r: list[int], r_labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Prompt ``p`` and response ``r`` (with their labels) joined in at most ``max_length``
-    tokens: the response keeps its start (at least half the length, or all of it), the prompt
-    its first token (often BOS) and its end.
+    tokens: the response keeps its start (at least half the length, or all of it; `kept`), the
+    prompt its first token (often BOS) and its end.
 
     >>> fit([1, 2, 3, 4], [-100] * 4, [5, 6, 7, 8], [5, 6, 7, 8], 5)
     ([1, 3, 4, 5, 6], [-100, -100, -100, 5, 6])
     """
     if len(p) + len(r) > max_length:
-        keep = min(len(r), max(max_length // 2, max_length - len(p)))
+        keep = kept(len(p), len(r), max_length)
         r, r_labels = r[:keep], r_labels[:keep]
         room = max_length - keep
         if len(p) > room:
@@ -107,6 +118,17 @@ def fit(p: list[int], p_labels: list[int], r: list[int], r_labels: list[int], ma
             p = p[:head] + (p[len(p) - tail:] if tail else [])
             p_labels = p_labels[:head] + (p_labels[len(p_labels) - tail:] if tail else [])
     return p + r, p_labels + r_labels
+
+
+def kept(prompt: int, response: int, max_length: int) -> int:
+    """How many of a response's ``response`` tokens `fit` keeps after a ``prompt``-token prompt.
+
+    >>> kept(40, 10, 16), kept(2, 10, 16)
+    (8, 10)
+    """
+    if prompt + response <= max_length:
+        return response
+    return min(response, max(max_length // 2, max_length - prompt))
 
 
 def answer(example: Any) -> str:

@@ -13,14 +13,16 @@ training labels; a label outside it is an error naming the source and the column
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import load_table, not_utf8
+
 Row = tuple[int, Any]  # (label id, text or (text, pair))
-FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def read_split(source: Any, columns: Columns | None, what: str) -> Split:
                         "a folder with train.tsv and dev.tsv, or a datasets.Dataset")  # fmt: skip
     columns = columns or Columns()
     texts, labels = table_rows(table, columns, name)
+    check_label_values(labels, name, columns.label)
     names = class_names(table, columns.label)
     if names is not None:  # ids of the declared classes → their names, mapped like string labels
         labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in labels]
@@ -147,32 +150,21 @@ def splits(train: Any, dev: Any, validation: Any) -> tuple[Any, Any, Any]:
         if dev is None:
             dev = next((train[k] for k in ("validation", "test") if k in train), None)
         train = train["train"]
+    if isinstance(validation, str) and not Path(validation).exists() and _number(validation) is not None:
+        raise ValueError(f"validation={validation!r} is a string, read as the path of validation data (there is no such "
+                         f"file): give the number {_number(validation)!r} for a share or a count")  # fmt: skip
     given = None if validation is None or isinstance(validation, (int, float)) else validation
     return train, dev, given
 
 
-def load_table(path: str | os.PathLike, sep: str | None = None) -> Any:
-    """A CSV, JSON/JSONL or Parquet file as a `datasets.Dataset` (``sep``: a CSV's delimiter).
-
-    >>> load_table("train.parquet").column_names  # doctest: +SKIP
-    ['text', 'label']
-    """
-    import datasets
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file or task folder")
-    kind = "csv" if sep is not None else FILE_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; give a .tsv (LABEL<TAB>TEXT), .csv, .json, "
-                         ".jsonl or .parquet file, or a folder holding train.tsv and dev.tsv")  # fmt: skip
-    options = {"delimiter": sep} if sep is not None else {}
-    try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train", **options)
-    except Exception as e:  # datasets' parse errors do not name the file
-        if "corresponds to no data" in str(e):  # how datasets says a file holds a header alone
-            raise ValueError(f"{path} has no examples") from None
-        raise ValueError(f"{path}: cannot read it as {kind}: {type(e).__name__}: {e}") from None
+def _number(text: str) -> float | int | None:
+    """``text`` as the number it spells, else None."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
 
 
 def table_rows(table: Any, columns: Columns, source: str) -> tuple[list[Any], list[Any]]:
@@ -189,6 +181,26 @@ def table_rows(table: Any, columns: Columns, source: str) -> tuple[list[Any], li
     if columns.pair is not None:
         texts = list(zip(texts, (_text(v, source, columns.pair) for v in table[columns.pair])))
     return texts, list(table[columns.label])
+
+
+def check_label_values(labels: list[Any], source: str, column: str) -> None:
+    """Every example has a label (a missing cell is said as such, not as a problem with the
+    labels around it), and the labels are all class numbers or all class names.
+
+    >>> check_label_values([1, None, 0], "train.csv", "label")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.csv: data row 2 has no label in column 'label' (an empty cell): fill it in or drop the row
+    """
+    for i, v in enumerate(labels):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            raise ValueError(f"{source}: data row {i + 1} has no label in column {column!r} (an empty cell): fill it in "
+                             "or drop the row")  # fmt: skip
+    named = next((v for v in labels if isinstance(v, str)), None)
+    number = next((v for v in labels if not isinstance(v, str)), None)
+    if named is not None and number is not None:
+        raise ValueError(f"{source}: column {column!r} mixes class numbers ({number!r}) and class names ({named!r}): "
+                         "write every label the same way, all numbers 0, 1, … or all names")  # fmt: skip
 
 
 def class_names(table: Any, column: str) -> tuple[str, ...] | None:
@@ -212,8 +224,11 @@ def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
     (1, "it 's a charming and often affecting journey .")
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            bad = next((c for c in line if "\udc80" <= c <= "\udcff"), None)
+            if bad is not None:
+                raise ValueError(not_utf8(Path(path), lineno, ord(bad) - 0xDC00))
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue

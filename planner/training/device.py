@@ -46,10 +46,21 @@ def resolve(device: str | torch.device | None = None, model: nn.Module | None = 
     return device
 
 
-def check_bf16(device: torch.device) -> None:
-    """bf16 autocast where the device cannot run it is an error, not a silent fp32 run."""
+def check_bf16(device: torch.device, model: nn.Module | None = None) -> None:
+    """bf16 autocast where the device cannot run it is an error, not a silent fp32 run; so is
+    a float16 ``model`` under CPU autocast, which torch cannot mix with bf16.
+
+    >>> check_bf16(torch.device("cpu"), nn.Linear(2, 2).half())
+    Traceback (most recent call last):
+    ...
+    ValueError: bf16=True on the CPU with Linear's float16 weights: CPU autocast runs bf16 and cannot mix float16 weights into it (torch says "mixed dtype (CPU)"); load the model in float32 (model.float()) or bfloat16 (model.to(torch.bfloat16)), or drop bf16 (--bf16)
+    """
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"bf16=True: {torch.cuda.get_device_name(device)} has no bf16 support; train in fp32 (drop --bf16)")
+    if device.type == "cpu" and model is not None and any(p.dtype == torch.float16 for p in model.parameters()):
+        raise ValueError(f"bf16=True on the CPU with {type(model).__name__}'s float16 weights: CPU autocast runs bf16 and "
+                         'cannot mix float16 weights into it (torch says "mixed dtype (CPU)"); load the model in float32 '
+                         "(model.float()) or bfloat16 (model.to(torch.bfloat16)), or drop bf16 (--bf16)")  # fmt: skip
 
 
 def autocast(device: torch.device, bf16: bool) -> Any:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...backends import apply, aux_loss, count_trainable
+from ...backends.labels import check_model_labels
 from ...plan import Plan
 from ...recipe import Recipe
 from .answers import choice_accuracy, choice_accuracy_and_loss
@@ -152,7 +153,9 @@ def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float,
     peftplan's own tasks (classification by accuracy or Matthews correlation with
     cross-entropy; a causal LM, whose metric is minus its token loss or the accuracy of its
     likeliest answers), a pass for each with any other metric or loss."""
-    if task.loss is classification_loss and task.metric in (accuracy, mcc) and task.weight is None:
+    fn = getattr(task.metric, "fn", task.metric)  # a `ClassMetric`'s own
+    if task.loss is classification_loss and fn in (accuracy, mcc) and task.weight is None:
+        check_model_labels(model, getattr(task.metric, "labels", None))
         pred, true, total = [], [], 0.0
         with inference(model):
             for batch in batches:
@@ -162,7 +165,7 @@ def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float,
                 pred.append(logits.argmax(-1).cpu())
                 true.append(labels.cpu())
         pred, true = torch.cat(pred), torch.cat(true)
-        metric = (pred == true).double().mean().item() if task.metric is accuracy else matthews(pred, true)
+        metric = (pred == true).double().mean().item() if fn is accuracy else matthews(pred, true)
         return float(metric), total / len(true)
     if task.loss is causal_lm_loss and task.metric is negative_token_loss and task.weight is predicted_tokens:
         metric = float(negative_token_loss(model, batches))

@@ -16,6 +16,7 @@ strings or of dicts.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .chat import check_conversation, encode_chat, fit
-from .data import load_table
+from .chat import Parts, chat_parts, check_conversation, fit, kept
 from .device import inference
+from .files import load_table
 
 IGNORE = -100  # the label of a token that is read but not predicted (torch's cross-entropy ignore_index)
 Batch = dict[str, torch.Tensor]
@@ -112,12 +113,62 @@ def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Exa
                                  "the prompt and response, or messages, columns")  # fmt: skip
             return list(source)
         if all(isinstance(x, dict) for x in source):
-            import datasets
-
-            return _table_examples(datasets.Dataset.from_list(list(source)), columns, f"the {what}")
+            return _table_examples(_table_of(source, what), columns, f"the {what}")
         raise TypeError(f"the {what} mixes types: give a list of strings, or of dicts with named columns")
     raise TypeError(f"the {what} is a {type(source).__name__}: give a path (.txt, .csv, .json, .jsonl, .parquet), a "
                     "datasets.Dataset or DatasetDict, or a list of strings or dicts")  # fmt: skip
+
+
+def _table_of(rows: list[dict], what: str) -> Any:
+    """A list of dicts as a `datasets.Dataset`; a column holding values of different kinds
+    (lists in some rows, strings in others) is named."""
+    import datasets
+
+    for key in dict.fromkeys(k for row in rows for k in row):
+        kinds = sorted({"list" if isinstance(row[key], (list, tuple)) else type(row[key]).__name__
+                        for row in rows if row.get(key) is not None})  # fmt: skip
+        if len(kinds) > 1:
+            row = next(i for i, r in enumerate(rows) if r.get(key) is not None and
+                       ("list" if isinstance(r[key], (list, tuple)) else type(r[key]).__name__) != kinds[0])  # fmt: skip
+            raise ValueError(f"the {what}: column {key!r} holds {' and '.join(kinds)} values (row {row} is "
+                             f"{str(rows[row][key])[:80]!r}); give every row the same kind: for chat data, a list of "
+                             '{"role": ..., "content": ...} messages')  # fmt: skip
+    return datasets.Dataset.from_list(list(rows))
+
+
+def cut_answers(examples: list[Example], encoded: list[Parts], max_length: int) -> list[tuple[int, int, int]]:
+    """(index, answer tokens cut, tokens the whole example takes) of each example (not a plain
+    text) whose answer ``max_length`` cuts."""
+    cut = [(i, len(r) - kept(len(p), len(r), max_length), len(p) + len(r))
+           for i, (x, (p, _, r, _)) in enumerate(zip(examples, encoded)) if not isinstance(x, str)]  # fmt: skip
+    return [c for c in cut if c[1] > 0]
+
+
+def check_causal_lm(model: Any) -> None:
+    """A Hugging Face model given for a causal-LM task must have an output layer over the
+    vocabulary: a classifier or a bare encoder is refused here, not by a shape error later.
+
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> check_causal_lm(BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1,
+    ...     num_attention_heads=1, intermediate_size=8, vocab_size=10)))
+    Traceback (most recent call last):
+    ...
+    ValueError: BertForSequenceClassification is not a causal language model (it has no output layer over the vocabulary), so it cannot predict the next token: load it with AutoModelForCausalLM (load_model(spec, causal_lm=True), --causal-lm on the command line), or give a classification task (Task.for_sequence_classification)
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    if isinstance(model, nn.Module) and callable(get) and get() is None:
+        raise ValueError(f"{type(model).__name__} is not a causal language model (it has no output layer over the "
+                         "vocabulary), so it cannot predict the next token: load it with AutoModelForCausalLM "
+                         "(load_model(spec, causal_lm=True), --causal-lm on the command line), or give a "
+                         "classification task (Task.for_sequence_classification)")  # fmt: skip
+
+
+def check_predicts(batches: list[Batch], what: str, name: str, max_length: int) -> None:
+    """Batches (of a split that has any) must predict at least one token between them."""
+    if batches and not any(predicted_tokens(b) for b in batches):
+        raise ValueError(f"no {what} example of {name!r} has a token to predict: the responses are empty or the prompts "
+                         f"fill max_length={max_length}, so every {what} score would fail; fix the {what} data or raise "
+                         "max_length")  # fmt: skip
 
 
 def _table_examples(table: Any, columns: LMColumns | None, source: str) -> list[Example]:
@@ -155,19 +206,24 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     >>> encode(Chars(), ("ab", "c"), 16)
     ([1, 97, 98, 99, 2], [-100, -100, -100, 99, 2])
     """
+    return fit(*parts(tokenizer, example), max_length)
+
+
+def parts(tokenizer: Any, example: Example) -> Parts:
+    """An example's tokens before it is cut to a length (`chat.fit`): (prompt ids, their labels,
+    response ids, their labels); a text is all response."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(example, list):
-        return encode_chat(tokenizer, example, max_length)
+        return chat_parts(tokenizer, example)
     if isinstance(example, str):
         ids = list(tokenizer(example)["input_ids"])
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        ids = ids[:max_length]
-        return ids, list(ids)
+        return [], [], ids, list(ids)
     prompt, response = example
     p = list(tokenizer(prompt)["input_ids"])
     r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
-    return fit(p, [IGNORE] * len(p), r, list(r), max_length)
+    return p, [IGNORE] * len(p), r, list(r)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -192,12 +248,33 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_length: int) -> list[Batch]:
+def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_length: int, *,
+               what: str = "training", whole: bool = False) -> list[Batch]:  # fmt: skip
     """Batches of ``input_ids``, ``attention_mask`` and ``labels``, each right-padded to its longest
-    example (`collate`)."""
+    example (`collate`). Answers (responses, assistant turns) that ``max_length`` cuts are said:
+    a warning for ``what`` data trained or scored by its loss, an error when answers are
+    compared ``whole`` (exact match)."""
+    encoded = [parts(tokenizer, x) for x in examples]
+    check_cut(examples, encoded, max_length, what, whole)
     pad = pad_id(tokenizer)
-    return [collate([encode(tokenizer, x, max_length) for x in examples[i : i + batch_size]], pad)
-            for i in range(0, len(examples), batch_size)]  # fmt: skip
+    return [collate([fit(*x, max_length) for x in encoded[i : i + batch_size]], pad)
+            for i in range(0, len(encoded), batch_size)]  # fmt: skip
+
+
+def check_cut(examples: list[Example], encoded: list[Parts], max_length: int, what: str, whole: bool) -> None:
+    """Say which answers ``max_length`` cuts (plain texts are cut silently: long texts are
+    trained on their starts): a warning, or with ``whole`` an error naming the first example."""
+    cut = cut_answers(examples, encoded, max_length)
+    if not cut:
+        return
+    i, lost, need = cut[0]
+    if whole:
+        raise ValueError(f"{what} example {i} takes {need} tokens, and max_length={max_length} cuts {lost} of its answer's, "
+                         "so it cannot be compared whole: raise max_length")  # fmt: skip
+    after = "the model then never learns to finish them" if what == "training" else "their scores leave those tokens out"
+    warnings.warn(f"{len(cut)} of {len(examples)} {what} examples are longer than max_length={max_length} and lose the "
+                  f"end of their answer (example {i} takes {need} tokens and loses {lost} of its answer), so {after}: "
+                  "raise max_length to keep them whole", stacklevel=4)  # fmt: skip
 
 
 def model_inputs(batch: Batch, device: torch.device) -> Batch:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...backends.labels import check_model_labels
 from ...ir.inputs import batch_shape
 from . import answers, lm
 from .data import Columns, Labels, Row, read_split, splits
@@ -127,7 +128,7 @@ class Task:
             if self.metric is answers.choice_accuracy:
                 return "choice accuracy"
             return "exact match" if isinstance(self.metric, answers.ExactMatch) else "minus loss per token"
-        return {mcc: "MCC", accuracy: "accuracy"}.get(self.metric, "metric")
+        return {mcc: "MCC", accuracy: "accuracy"}.get(getattr(self.metric, "fn", self.metric), "metric")
 
     @classmethod
     def for_sequence_classification(
@@ -223,7 +224,7 @@ class Task:
             train_batches=batches(train_rows),
             eval_batches=batches(dev_rows),
             loss=classification_loss,
-            metric=METRICS[metric],
+            metric=ClassMetric(METRICS[metric], table.names),
             name=default_name,
             validation_batches=batches(validation_rows),
             labels=table.names,
@@ -290,6 +291,7 @@ class Task:
         if isinstance(train, (str, os.PathLike)) and Path(train).is_dir():
             raise ValueError(f"{train} is a folder: a causal LM task reads a data file (.txt with one example per line, "
                              ".csv, .json, .jsonl, .parquet), a datasets.Dataset or a list of texts")  # fmt: skip
+        lm.check_causal_lm(model_dir_or_model)
         default_name = name or _task_name(train)
         rows, held, dev_rows = _lm_splits(train, dev, validation, columns, seed)
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir_or_model)
@@ -304,9 +306,9 @@ class Task:
             kind="causal-lm",
             weight=lm.predicted_tokens,
         )
-        if not any(lm.predicted_tokens(b) for b in task.train_batches):
-            raise ValueError(f"no training example of {default_name!r} has a token to predict: the responses are empty "
-                             f"or the prompts fill max_length={max_length}; raise max_length")  # fmt: skip
+        for what, batches in (("training", task.train_batches), ("validation", task.validation_batches),
+                              ("evaluation", task.eval_batches)):  # fmt: skip
+            lm.check_predicts(batches, what, default_name, max_length)
         return task if device is None else task.to(device)
 
 
@@ -345,6 +347,9 @@ def _check_classes(model: Any, table: Labels, rows: list[Row]) -> None:
         raise ValueError(f"the data has {len(table.names)} classes {list(table.names)} but the model has {n_labels} "
                          f"labels; load it with num_labels={len(table.names)}")  # fmt: skip
     seen = max((label for label, _ in rows), default=0)
+    if seen >= n_labels and seen == n_labels and min(label for label, _ in rows) == 1:
+        raise ValueError(f"the data's labels run from 1 to {seen}, but class numbers count from 0 (the model's {n_labels} "
+                         f"classes are 0 to {n_labels - 1}): renumber the labels 0 to {seen - 1}, or write class names")  # fmt: skip
     if seen >= n_labels:
         raise ValueError(f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}")
 
@@ -374,7 +379,7 @@ def stratified_split(rows: list[tuple[int, str]], share: float | int, *, seed: i
 
 def _count(share: float | int, n: int, what: str) -> int:
     """How many of ``n`` items a validation ``share`` (a fraction in (0, 1) or a count) holds out."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)):
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share):
         raise ValueError(f"validation must be a fraction in (0, 1) or a count, got {share!r}")
     k = share if isinstance(share, int) else round(share * n)
     if isinstance(share, float) and not 0 < share < 1:
@@ -429,6 +434,20 @@ def matthews(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 METRICS: dict[str, Callable[[nn.Module, list[Batch]], float]] = {"accuracy": accuracy, "mcc": mcc}
+
+
+@dataclass(frozen=True)
+class ClassMetric:
+    """A classification metric (``fn``: `accuracy`, `mcc`) that first checks that the model's
+    trained weights decode class ids as the task's ``labels`` do (`peftplan.backends.labels`):
+    an artifact trained with other ids would score every prediction as the wrong class."""
+
+    fn: Callable[[nn.Module, list[Batch]], float]
+    labels: tuple[str, ...] | None = None
+
+    def __call__(self, model: nn.Module, batches: list[Batch]) -> float:
+        check_model_labels(model, self.labels)
+        return self.fn(model, batches)
 
 
 def _examples(batch: Batch) -> int:

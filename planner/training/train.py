@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ...backends.base import PlanError
+from ...backends.labels import check_model_labels, record_training
 from ...recipe import Recipe
 from .device import autocast, check_bf16, resolve
 from .progress import ProgressLine
@@ -51,13 +52,18 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
 
     ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the
     hook a method that reshapes itself while training needs (peft AdaLoRA's
-    ``update_and_allocate``)."""
+    ``update_and_allocate``).
+
+    Weights trained with other class ids than the task's (a loaded artifact, a fine-tuned
+    classifier's ``id2label``) are refused (`peftplan.backends.labels`); afterwards the model's
+    applied plan records the task's class names and ``recipe``, which `save` writes."""
     recipe = recipe or Recipe()
     params = trainable(model)
     check_trainable(model, task, recipe)
+    check_model_labels(model, task.labels)  # weights trained with other class ids would learn them crossed
     device = resolve(device, model)
     if bf16:
-        check_bf16(device)
+        check_bf16(device, model)
     model.to(device)
     steps = recipe.total_steps(len(task.train_batches))
     torch.manual_seed(seed)
@@ -80,7 +86,8 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
                 with autocast(device, bf16):
                     loss = task.loss(model, batches.pop())
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
+                    raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1} (lr "
+                                             f"{recipe.lr:g}): lower the learning rate")  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.clip is not None:
@@ -94,6 +101,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     finally:
         bar.close()
         model.train(was_training)
+    record_training(model, {**task.provenance(), "trained_on": task.name}, recipe)  # what `save` writes: how it was trained
     return TrainResult(steps, time.perf_counter() - start, losses)
 
 

@@ -76,7 +76,9 @@ class UserLoop:
             model = apply(copy.deepcopy(base), plan)
             params = count_trainable(model)
             at, run = trial_length(fidelity, recipe or Recipe(), len(task.train_batches))
+            planned = {id(p) for p in model.parameters() if p.requires_grad}
             out = self.fn(model, at, recipe=run) if self.takes_recipe else self.fn(model, at)
+            check_trainable_kept(model, planned, params)
             metric, loss = objectives(out)
         except Exception as e:  # the user's loop failing fails its trial only
             return failure(e, params, start)
@@ -118,11 +120,38 @@ def objectives(out: Any) -> tuple[float, float | None]:
             raise ValueError(f"evaluate returned {dict(out)!r}: return the metric (higher is better) or a dict with "
                              "'metric' and optionally 'loss'; the params, memory and latency objectives come from the plan")  # fmt: skip
         loss = out.get("loss")
-        return float(out["metric"]), None if loss is None else float(loss)
-    if isinstance(out, bool) or not isinstance(out, (int, float)) and not hasattr(out, "__float__"):
-        raise ValueError(f"evaluate returned {type(out).__name__} {out!r}: return the metric (a number, higher is better) "
-                         "or a dict with 'metric' and optionally 'loss'")  # fmt: skip
-    return float(out), None
+        return _number(out["metric"], "'metric'"), None if loss is None else _number(loss, "'loss'")
+    return _number(out, "the metric"), None
+
+
+def _number(value: Any, what: str) -> float:
+    """One number from what a user function returned (a float, an int, a one-element tensor or
+    array); anything else is an error saying what came back.
+
+    >>> _number(torch.tensor([0.5, 0.6]), "the metric")
+    Traceback (most recent call last):
+    ...
+    ValueError: evaluate returned Tensor of shape (2,) as the metric: return one number (higher is better), e.g. value.item() or value.mean().item()
+    """
+    shape = tuple(getattr(value, "shape", ()))
+    if not isinstance(value, bool) and math.prod(shape) == 1 and hasattr(value, "__float__"):
+        return float(value)
+    if shape:
+        raise ValueError(f"evaluate returned {type(value).__name__} of shape {shape} as {what}: return one number (higher "
+                         "is better), e.g. value.item() or value.mean().item()")  # fmt: skip
+    raise ValueError(f"evaluate returned {type(value).__name__} {str(value)[:80]!r} as {what}: return the metric (a "
+                     "number, higher is better) or a dict with 'metric' and optionally 'loss'")  # fmt: skip
+
+
+def check_trainable_kept(model: nn.Module, planned: set[int], params: int) -> None:
+    """A user function must train the parameters the plan made trainable and no others: one
+    that unfreezes the base would train weights the plan's cost (``params``) does not count."""
+    added = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and id(p) not in planned]
+    if added:
+        raise ValueError(f"evaluate made {sum(k for _, k in added):,} more parameters trainable than the plan's {params:,} "
+                         f"({', '.join(n for n, _ in added[:3])}{', …' if len(added) > 3 else ''}): the trial would train "
+                         "weights its plan does not count; leave requires_grad as the plan set it (only its adapters "
+                         "train)")  # fmt: skip
 
 
 def own_loop_options(evaluate: Callable[..., Any], task: Task | None, study_options: dict[str, Any],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -43,7 +45,8 @@ def test_fidelity_limits_data_and_steps():
 
 def test_failures_are_recorded_not_raised():
     base, task = bert_classifier(), tiny_task()
-    diverged = evaluate(base, plan_for(base), task, Fidelity(steps=30), recipe=CONSTANT(1e6))
+    overflowing = replace(task, loss=lambda m, b: task.loss(m, b) * float("inf"))  # a run whose loss overflows
+    diverged = evaluate(base, plan_for(base), overflowing, Fidelity(steps=30), recipe=CONSTANT(1e-3))
     assert not diverged.ok and "diverged" in diverged.failed
     bad = pp.Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 0}})
     broken = evaluate(base, bad, task, Fidelity(steps=1))

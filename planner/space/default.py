@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from ...backends.base import DEFAULT_METHODS
 from ...ir import lower
 from ...ir.site import SiteGraph
 from ..budget import Budget
@@ -18,7 +19,7 @@ from .allocator import AllocatorSpace
 
 
 def default_space(model: nn.Module, budget: Budget | int | str, task: Task, *, seed: int = 0,
-                  objectives: Iterable[str] = ("metric", "params"), methods: Iterable[str] = ("lora",),
+                  objectives: Iterable[str] = ("metric", "params"), methods: Iterable[str] = DEFAULT_METHODS,
                   proxy: ProxyOptions | None = None, graph: SiteGraph | None = None,
                   lr: tuple[float, float] | None = None) -> AllocatorSpace:  # fmt: skip
     """An `AllocatorSpace` over the sites ``search(strategy="proxy")`` tunes, with the same

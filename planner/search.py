@@ -30,14 +30,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..backends.base import get_method
+from ..backends.base import RANK_UNIT, get_method
 from ..ir import lower
 from ..ir.site import SiteGraph
 from ..plan import Plan, describe, model_header, provenance
 from .budget import Budget, BudgetError
 from .cost import plan_cost
 from .proxy.allocate import allocate
-from .proxy.options import METHOD, ProxyOptions
+from .proxy.options import ProxyOptions
+from .proxy.scores import score_sites
 from .strategies import DEFAULT, get_strategy
 from .training.task import Task
 from .training.user_loop import calibration_task, own_loop_options
@@ -134,9 +135,9 @@ def proxy_plan(model: nn.Module, budget: Budget | int | str, task: Task | None, 
             f"{[s.name for s in full]}; raise it to more than {full_params:,}",
             minimum=full_params,
         )
-    scores, scoring = options.site_scores(model, graph, task, seed=seed)
+    scores, scoring, _ = score_sites(model, graph, task, options, seed=seed)
     try:
-        ranks = allocate(graph, scores, limit - full_params, method=METHOD, roles=options.roles, max_rank=options.max_rank)
+        ranks = allocate(graph, scores, limit - full_params, method=RANK_UNIT, roles=options.roles, max_rank=options.max_rank)
     except BudgetError as e:
         if not full or e.minimum is None:
             raise
@@ -148,14 +149,14 @@ def proxy_plan(model: nn.Module, budget: Budget | int | str, task: Task | None, 
             minimum=need,
         ) from None
 
-    lora = get_method(METHOD)
+    lora = get_method(RANK_UNIT)
     sites = {}
     for s in graph:  # entries in execution order
         if s.name in full_names:
             sites[s.name] = {"method": "full", **describe(s)}
         elif s.name in ranks:
             r = ranks[s.name]
-            sites[s.name] = {"method": METHOD, "rank": r, "alpha": 2 * r, **describe(s)}
+            sites[s.name] = {"method": RANK_UNIT, "rank": r, "alpha": 2 * r, **describe(s)}
     params = full_params + sum(lora.param_count(graph[n], rank=r) for n, r in ranks.items())
     plan = Plan(
         sites=sites,

@@ -45,6 +45,7 @@ class Adapter(Method):
 
     name = "adapter"
     ops = frozenset({"linear"})
+    band = "rank"  # sized by its bottleneck
     mergeable = False
     hyper = {"bottleneck": None, "placement": "serial", "activation": "relu"}
     example = {"bottleneck": 4}

@@ -4,11 +4,13 @@ A method says which site ops it can tune, how many trainable parameters it adds 
 the contract tests check it against the module it builds), the extra forward FLOPs while
 unmerged and the tensor ops (kernel launches) it adds to each call, the activations it keeps
 for backward (for the training-memory cost), and how to wrap a module. The five abstract
-methods are required; the other hooks have documented defaults. Adding a method is one file:
+methods are required; the other hooks have documented defaults. A method also says how a search
+space sizes it (`band`, `BANDS`), so a new file is searchable without a planner edit. Adding a
+method is one file:
 
     >>> @register
     ... class Scale(Method):
-    ...     name = "scale"; ops = frozenset({"linear"}); mergeable = False
+    ...     name = "scale"; ops = frozenset({"linear"}); mergeable = False; band = "vector"
     ...     def param_count(self, site, **hp): return site.out_features
     ...     def overhead_flops(self, site, **hp): return site.tokens * site.out_features * site.calls
     ...     def extra_ops(self, site, **hp): return 1  # one multiply per call
@@ -21,6 +23,7 @@ methods are required; the other hooks have documented defaults. Adding a method 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch.nn as nn
@@ -54,11 +57,41 @@ def shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
+RANK_UNIT = "lora"  # ranks are counted in this method's params: `Method.sized` matches its size at a rank
+DEFAULT_METHODS = (RANK_UNIT,)  # what a search space holds unless told: LoRA ranks, the plans users write by hand
+
+BANDS = {  # how a search space sizes a method (`Method.band`)
+    "rank": "by a rank, through `sized` (about LoRA's params at that rank): lora, dora, adapter, moe_lora",
+    "vector": "no size: on or off, one vector per site (`sized` gives None): ia3, ssf",
+    "fixed": "by its own hyper-parameter (`Method.size`), a cost paid before ranks are shared: sparse's density",
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """The hyper-parameter a ``"fixed"``-band method is sized by, and the range a space searches
+    it in (log scale when ``log``); ``default`` is the size the proxy's plans use.
+
+    >>> Size("density", 1e-3, 0.1, 0.01, log=True).default
+    0.01
+    """
+
+    name: str
+    low: float
+    high: float
+    default: float
+    log: bool = False
+
+
 class Method(abc.ABC):
     """Base class of every PEFT method.
 
     ``hyper`` maps each hyper-parameter to its default (``None``: required); ``validate``
-    checks a site's hyper-parameters before any module is touched.
+    checks a site's hyper-parameters before any module is touched. ``band`` says how a search
+    space sizes the method (a key of `BANDS`; None: never searched, like ``none`` and ``full``),
+    ``size`` the hyper-parameter of a ``"fixed"`` band, and ``structure`` the name of a count a
+    ``"rank"`` method takes besides its rank (MoE-LoRA's ``experts``), which `sized` and
+    `fixed_params` read from their ``choices`` and a space may grow with depth.
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +100,9 @@ class Method(abc.ABC):
     hyper: ClassVar[dict[str, Any]] = {}
     example: ClassVar[dict[str, Any]] = {}  # valid hyper-parameters for docs and the contract suite
     identity_at_init: ClassVar[bool] = True  # a freshly wrapped site computes what its base computes
+    band: ClassVar[str | None] = None
+    size: ClassVar[Size | None] = None
+    structure: ClassVar[str | None] = None
 
     def can_merge(self, site: Site, **hp: Any) -> str | None:
         """Why this site cannot be merged with these hyper-parameters, or None when it can.
@@ -169,10 +205,24 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`")
     if cls.__abstractmethods__:
         raise TypeError(f"method {cls.name!r} ({cls.__name__}) must define {sorted(cls.__abstractmethods__)} to be registered")
+    _check_band(cls)
     if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({type(_REGISTRY[cls.name]).__name__})")
     _REGISTRY[cls.name] = cls()
     return cls
+
+
+def _check_band(cls: type[Method]) -> None:
+    """A method's sizing declarations agree: a band from `BANDS`, a `Size` exactly with ``"fixed"``,
+    a ``structure`` only with ``"rank"``."""
+    where = f"method {cls.name!r} ({cls.__name__})"
+    if cls.band is not None and cls.band not in BANDS:
+        raise ValueError(f"{where}: band {cls.band!r} is not one of {list(BANDS)} (None: never searched)")
+    if (cls.band == "fixed") != isinstance(cls.size, Size):
+        raise ValueError(f"{where}: a 'fixed' band and a `size = Size(...)` go together (the hyper-parameter it is "
+                         f"sized by); got band {cls.band!r}, size {cls.size!r}")  # fmt: skip
+    if cls.structure is not None and cls.band != "rank":
+        raise ValueError(f"{where}: a structure ({cls.structure!r}) is a count beside a rank; set band = 'rank'")
 
 
 def get_method(name: str) -> Method:

@@ -41,6 +41,7 @@ class IA3(Method):
 
     name = "ia3"
     ops = frozenset({"linear", "conv2d"})
+    band = "vector"
     mergeable = True
     hyper = {"placement": "auto"}
     example = {"placement": "output"}

@@ -35,6 +35,7 @@ class LoRA(Method):
 
     name = "lora"
     ops = frozenset({"linear", "conv2d", "embedding"})
+    band = "rank"
     mergeable = True
     hyper = {"rank": None, "alpha": None, "dropout": 0.0, "rslora": False}
     example = {"rank": 4, "alpha": 8}

@@ -53,6 +53,7 @@ class MoELoRA(Method):
 
     name = "moe_lora"
     ops = frozenset({"linear"})
+    band, structure = "rank", "experts"  # a rank per expert; a space may add experts with depth
     mergeable = True  # with experts=1 only: see can_merge
     hyper = {"experts": None, "rank": None, "alpha": None, "top_k": 1}
     example = {"experts": 3, "rank": 2, "top_k": 2}

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..ir.modules import is_hf_conv1d
 from ..ir.site import Site
-from .base import Method, PlanError, get_method, register
+from .base import Method, PlanError, Size, get_method, register
 from .wrapper import Wrapper
 
 __all__ = ["Sparse", "SparseDelta", "select_top"]
@@ -58,6 +58,7 @@ class Sparse(Method):
 
     name = "sparse"
     ops = frozenset({"linear", "conv2d", "embedding"})
+    band, size = "fixed", Size("density", 1e-3, 0.1, 0.01, log=True)
     mergeable = True
     hyper = {"density": None, "selection": "magnitude"}
     example = {"density": 0.05}

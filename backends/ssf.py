@@ -39,6 +39,7 @@ class SSF(Method):
 
     name = "ssf"
     ops = frozenset({"linear", "conv2d", "embedding", "norm"})
+    band = "vector"
     mergeable = True
     hyper: dict[str, Any] = {}
     example: dict[str, Any] = {}

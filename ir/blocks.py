@@ -143,20 +143,35 @@ def expand(order: list[str], graph: nx.DiGraph, stacks: list[Stack]) -> tuple[li
     if all(len(s.kept) == s.size for s in stacks):
         return order, graph
     located = {n: _locate(stacks, n) for n in order}
+    full_order = _full_order(order, located)
+    g = nx.DiGraph()
+    g.add_nodes_from(full_order)
+    templates: dict[tuple[int, str, str], list[tuple[str, str]]] = {}
+    for a, b in graph.edges:
+        la, lb = located.get(a), located.get(b)
+        if la and lb and la[0] is lb[0]:
+            s, ia, ib = la[0], la[1], lb[1]
+            if ia == ib:
+                g.add_edges_from((s.rename(a, ia, i), s.rename(b, ib, i)) for i in range(s.size) if s.rep(i) == ia)
+            elif ib == ia + 1:
+                templates.setdefault((id(s), s.sigs[ia], s.sigs[ib]), []).append((a, b))
+            continue
+        g.add_edges_from((ca, cb) for ca in _copies(a, located) for cb in _copies(b, located))
+    for s in stacks:  # between neighbours, from a captured pair of the same structures
+        for i in range(1, s.size):
+            for a, b in templates.get((id(s), s.sigs[i - 1], s.sigs[i]), []):
+                ia = s.child_of(a)
+                g.add_edge(s.rename(a, ia, i - 1), s.rename(b, ia + 1, i))
+    return full_order, g
+
+
+def _full_order(order: list[str], located: dict[str, tuple[Stack, int] | None]) -> list[str]:
+    """``order`` with the sites of the children not captured inserted, each copied from its
+    stand-in, before the next captured child."""
     by_child: dict[tuple[int, int], list[str]] = {}
     for n, loc in located.items():
         if loc is not None:
             by_child.setdefault((id(loc[0]), loc[1]), []).append(n)
-
-    def copies(name: str) -> list[str]:
-        loc = located.get(name)
-        if loc is None:
-            return [name]
-        s, j = loc
-        if j in (0, s.size - 1):
-            return [name]
-        return [s.rename(name, j, i) for i in range(s.size) if s.rep(i) == j]
-
     full_order: list[str] = []
     emitted: set[tuple[int, int]] = set()
     for n in order:
@@ -169,27 +184,16 @@ def expand(order: list[str], graph: nx.DiGraph, stacks: list[Stack]) -> tuple[li
                 r = s.rep(i)
                 full_order.extend(s.rename(m, r, i) for m in by_child.get((id(s), r), []))
         full_order.append(n)
+    return full_order
 
-    g = nx.DiGraph()
-    g.add_nodes_from(full_order)
-    templates: dict[tuple[int, str, str], list[tuple[str, str]]] = {}
-    for a, b in graph.edges:
-        la, lb = located.get(a), located.get(b)
-        if la and lb and la[0] is lb[0]:
-            s, ia, ib = la[0], la[1], lb[1]
-            if ia == ib:
-                for i in range(s.size):
-                    if s.rep(i) == ia:
-                        g.add_edge(s.rename(a, ia, i), s.rename(b, ib, i))
-            elif ib == ia + 1:
-                templates.setdefault((id(s), s.sigs[ia], s.sigs[ib]), []).append((a, b))
-            continue
-        for ca in copies(a):
-            for cb in copies(b):
-                g.add_edge(ca, cb)
-    for s in stacks:
-        for i in range(1, s.size):
-            for a, b in templates.get((id(s), s.sigs[i - 1], s.sigs[i]), []):
-                ia = s.child_of(a)
-                g.add_edge(s.rename(a, ia, i - 1), s.rename(b, ia + 1, i))
-    return full_order, g
+
+def _copies(name: str, located: dict[str, tuple[Stack, int] | None]) -> list[str]:
+    """The sites that ``name`` stands in for: its copies in the children it represents (the
+    first and last child stand for themselves alone)."""
+    loc = located.get(name)
+    if loc is None:
+        return [name]
+    s, j = loc
+    if j in (0, s.size - 1):
+        return [name]
+    return [s.rename(name, j, i) for i in range(s.size) if s.rep(i) == j]

@@ -198,17 +198,24 @@ def _export(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[str, str
     from torch.export.graph_signature import InputKind
 
     weights = {s.arg.name for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT}
+    keys = {node: _site_key(node, tunable) for node in ep.graph.nodes if node.op == "call_function"}
+    return OpGraph(_fold(ep.graph, keys, weights), "export")
 
-    def site_key(node: torch.fx.Node) -> tuple[str, str] | None:
-        stack = node.meta.get("nn_module_stack")
-        if not stack:
-            return None
-        for key, (path, _cls) in reversed(stack.items()):
-            if path in tunable:
-                return key, path
+
+def _site_key(node: torch.fx.Node, tunable: dict[str, str]) -> tuple[str, str] | None:
+    """The innermost tunable-module call ``node`` belongs to: (call key, module path), or None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
         return None
+    for key, (path, _cls) in reversed(stack.items()):
+        if path in tunable:
+            return key, path
+    return None
 
-    keys = {node: site_key(node) for node in ep.graph.nodes if node.op == "call_function"}
+
+def _fold(graph: torch.fx.Graph, keys: dict[torch.fx.Node, tuple[str, str] | None], weights: set[str]) -> list[OpNode]:
+    """The exported graph's nodes as `OpNode`s, those of one tunable-module call folded into
+    one site node (its inputs from outside the call, its shape at the input and the output)."""
     last = {key[0]: node for node, key in keys.items() if key is not None}
 
     def resolve(a: torch.fx.Node, call: str | None) -> torch.fx.Node:
@@ -223,7 +230,7 @@ def _export(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[str, str
     nodes: list[OpNode] = []
     index: dict[torch.fx.Node, int] = {}
     groups: dict[str, int] = {}
-    for node in ep.graph.nodes:
+    for node in graph.nodes:
         if node.op == "output":
             continue
         if node.op == "placeholder":
@@ -231,29 +238,24 @@ def _export(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[str, str
             nodes.append(OpNode(len(nodes), "input", out_shape=_shape(node.meta.get("val"))))
             continue
         key = keys.get(node)
-        call = key[0] if key else None
-        ext = [r for a in _node_inputs(node) if (r := resolve(a, call)) in index]
-        if key is not None:
-            path = key[1]
-            if call not in groups:
-                groups[call] = len(nodes)
-                data = next((a for a in ext if a.name not in weights), None)
-                in_shape = _shape(data.meta.get("val")) if data is not None else ()
-                nodes.append(OpNode(len(nodes), "site", [], path, in_shape))
-            g = nodes[groups[call]]
-            for a in ext:
-                i = index[a]
-                if i != g.index and i not in g.inputs:
-                    g.inputs.append(i)
-            val = node.meta.get("val")
-            if _shape(val):
-                g.out_shape = _shape(val)
-            index[node] = g.index
+        ext = [r for a in _node_inputs(node) if (r := resolve(a, key[0] if key else None)) in index]
+        if key is None:
+            name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
+            index[node] = len(nodes)
+            nodes.append(OpNode(len(nodes), _op_kind(name), [index[a] for a in ext], out_shape=_shape(node.meta.get("val"))))
             continue
-        name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
-        index[node] = len(nodes)
-        nodes.append(OpNode(len(nodes), _op_kind(name), [index[a] for a in ext], out_shape=_shape(node.meta.get("val"))))
-    return OpGraph(nodes, "export")
+        if key[0] not in groups:
+            groups[key[0]] = len(nodes)
+            data = next((a for a in ext if a.name not in weights), None)
+            nodes.append(OpNode(len(nodes), "site", [], key[1], _shape(data.meta.get("val")) if data is not None else ()))
+        g = nodes[groups[key[0]]]
+        for i in (index[a] for a in ext):
+            if i != g.index and i not in g.inputs:
+                g.inputs.append(i)
+        if _shape(node.meta.get("val")):
+            g.out_shape = _shape(node.meta.get("val"))
+        index[node] = g.index
+    return nodes
 
 
 # -- 3. module walk with hooks ---------------------------------------------------------------

@@ -69,12 +69,25 @@ def _sites(tokens) -> set[str]:
 def flow_roles(og: OpGraph, sources, site_in, ops: dict[str, str], same_block) -> dict[str, str]:
     """Roles implied by the dataflow alone (see module docstring). ``ops`` maps site → op;
     ``same_block(a, b)`` says whether two sites sit in the same block."""
+    roles: dict[str, str] = {}
+    for s, rs in _attention_operands(og, sources).items():
+        if ops.get(s) == "linear":
+            roles[s] = "attn.qkv" if len(rs) > 1 else f"attn.{rs.pop()}"
+    for site, tokens in site_in.items():
+        if ops.get(site) == "linear" and site not in roles and ATTN in tokens:
+            roles[site] = "attn.o"
+    _mlp_roles(og, site_in, ops, same_block, roles)
+    return roles
+
+
+def _attention_operands(og: OpGraph, sources) -> dict[str, set[str]]:
+    """The operands (``"q"``, ``"k"``, ``"v"``) each site feeds of an attention op or of a
+    ``matmul → softmax → matmul`` pattern."""
     nodes = {n.index: n for n in og.nodes}
     users: dict[int, list[int]] = {}
     for n in og.nodes:
         for j in n.inputs:
             users.setdefault(j, []).append(n.index)
-    roles: dict[str, str] = {}
     qkv: dict[str, set[str]] = {}
 
     def feed(node_index: int, role: str) -> None:
@@ -108,12 +121,13 @@ def flow_roles(og: OpGraph, sources, site_in, ops: dict[str, str], same_block) -
                 for j in nodes[mixed].inputs:
                     if ATTN not in sources.get(j, ()):
                         feed(j, "v")
-    for s, rs in qkv.items():
-        if ops.get(s) == "linear":
-            roles[s] = "attn.qkv" if len(rs) > 1 else f"attn.{rs.pop()}"
-    for site, tokens in site_in.items():
-        if ops.get(site) == "linear" and site not in roles and ATTN in tokens:
-            roles[site] = "attn.o"
+    return qkv
+
+
+def _mlp_roles(og: OpGraph, site_in, ops: dict[str, str], same_block, roles: dict[str, str]) -> None:
+    """up/gate/down, in ``roles`` for the linear sites it leaves unassigned: a site fed through
+    an activation by another of its block is a down projection, that one its up projection, or
+    its gate when a third feeds the down projection directly."""
     for n in og.nodes:
         y = n.site
         if n.kind != "site" or ops.get(y) != "linear" or y in roles:
@@ -130,4 +144,3 @@ def flow_roles(og: OpGraph, sources, site_in, ops: dict[str, str], same_block) -
             roles.setdefault(x, "mlp.gate" if direct else "mlp.up")
         for x in direct:
             roles.setdefault(x, "mlp.up")
-    return roles

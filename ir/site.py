@@ -12,16 +12,12 @@ with ``calls == 2``). Sites are kept in execution order; their names are module 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import networkx as nx
 
-ROLES = (
-    "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
-    "mlp.up", "mlp.gate", "mlp.down",
-    "embed", "head", "norm", "other",
-)  # fmt: skip
 OPS = ("linear", "conv1d", "conv2d", "embedding", "norm")
 
 
@@ -142,6 +138,23 @@ class SiteGraph:
         self._by_name = {s.name: s for s in self.sites}
         if len(self._by_name) != len(self.sites):
             raise ValueError("site names must be unique")
+
+    def annotate(self, field: str, values: Mapping[str, Any]) -> None:
+        """Write a pass's result onto the sites: ``field`` of each site named in ``values`` (the
+        others keep theirs), as a torch.fx pass writes ``node.meta``.
+
+        >>> import torch.nn as nn, peftplan as pp
+        >>> g = pp.lower(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> g.annotate("role", {"2": "head"}); [s.role for s in g]
+        ['mlp.up', 'head']
+        """
+        if field not in {f.name for f in fields(Site)} - {"name"}:
+            raise ValueError(f"Site has no field {field!r} to annotate; its fields are {[f.name for f in fields(Site)]}")
+        unknown = [n for n in values if n not in self._by_name]
+        if unknown:
+            raise KeyError(f"no site named {unknown[0]!r}; see graph.names() for the {len(self)} sites")
+        self.sites = [replace(s, **{field: values[s.name]}) if s.name in values else s for s in self.sites]
+        self._by_name = {s.name: s for s in self.sites}
 
     def __iter__(self) -> Iterator[Site]:
         return iter(self.sites)

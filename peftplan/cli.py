@@ -281,6 +281,7 @@ def _limits(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftplan.backends.base import DEFAULT_METHODS
     from peftplan.planner.search import TRIALS
     from peftplan.planner.strategies import DEFAULT, STRATEGIES
     from peftplan.recipe import SCHEDULES
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--study", help="study name (default: derived from the settings, so a rerun resumes)")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--objectives", default="metric,params", help="comma-separated: metric plus params, memory, latency")
-    se.add_argument("--methods", default="lora", help="comma-separated PEFT methods of the space (default lora)")
+    se.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated PEFT methods of the space (default {','.join(DEFAULT_METHODS)})")
     se.add_argument("--rungs", type=int, help="successive-halving rungs, each eta times longer (default: every candidate at "
                     "5%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)")
     se.add_argument("--refine", type=int, default=2, help="trainings of the top rung's best plan at neighbouring learning "

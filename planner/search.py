@@ -5,7 +5,8 @@ also ``botorch``, ``tpe``, ``nsga2``, ``random``) that trains candidate plans an
 within the budget, with ``plan.front`` holding the Pareto front (see `peftplan.planner.study`).
 
 The ``proxy`` strategy (the default without a task) trains nothing: it scores each eligible site (weight statistics with no
-task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate`.
+task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate` — the default space's point at
+the whole budget (`peftplan.planner.strategies.proxy.proxy_plan`).
 
 Both paths read one `ProxyOptions` (roles, max_rank, train_modules, calibration_batches,
 sensitivity_power): the proxy allocates with it, and a task search builds its default space
@@ -30,14 +31,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..backends.base import get_method
-from ..ir import lower
 from ..ir.site import SiteGraph
-from ..plan import Plan, describe, model_header, provenance
-from .budget import Budget, BudgetError
-from .cost import plan_cost
-from .proxy.allocate import allocate
-from .proxy.options import METHOD, ProxyOptions
+from ..plan import Plan
+from .budget import Budget
+from .proxy.options import ProxyOptions
 from .strategies import DEFAULT, get_strategy
 from .training.task import Task
 from .training.user_loop import calibration_task, own_loop_options
@@ -45,26 +42,12 @@ from .training.user_loop import calibration_task, own_loop_options
 TRIALS = 16  # candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
 
 
-def search(
-    model: nn.Module,
-    budget: Budget | int | str,
-    task: Task | None = None,
-    *,
-    strategy: str | None = None,
-    seed: int = 0,
-    graph: SiteGraph | None = None,
-    roles: Iterable[str] | None = None,
-    max_rank: int | None = None,
-    train_modules: Iterable[str] | None = None,
-    calibration_batches: int | None = None,
-    sensitivity_power: float | None = None,
-    trials: int | None = None,
-    storage: str | None = None,
-    study_name: str | None = None,
-    evaluate: Callable[..., Any] | None = None,
-    calibration: Iterable[Any] | None = None,
-    **study_options: Any,
-) -> Plan:
+def search(model: nn.Module, budget: Budget | int | str, task: Task | None = None, *, strategy: str | None = None,
+           seed: int = 0, graph: SiteGraph | None = None, roles: Iterable[str] | None = None, max_rank: int | None = None,
+           train_modules: Iterable[str] | None = None, calibration_batches: int | None = None,
+           sensitivity_power: float | None = None, trials: int | None = None, storage: str | None = None,
+           study_name: str | None = None, evaluate: Callable[..., Any] | None = None,
+           calibration: Iterable[Any] | None = None, **study_options: Any) -> Plan:  # fmt: skip
     """A plan for ``model`` within ``budget``.
 
     ``strategy`` defaults to ``"gp"`` with a task or ``evaluate`` and ``"proxy"`` without. A training
@@ -89,6 +72,7 @@ def search(
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 250_000  # doctest: +SKIP
     ('full', True)
     """
+    budget = Budget.coerce(budget)
     options = ProxyOptions.build(roles=roles, max_rank=max_rank, train_modules=train_modules,
                                  calibration_batches=calibration_batches, sensitivity_power=sensitivity_power)  # fmt: skip
     if calibration is not None:
@@ -99,13 +83,10 @@ def search(
         task, study_options = own_loop_options(evaluate, task, study_options, model)
     can_train = evaluate is not None or (task is not None and calibration is None)  # a loop or a task trains candidates
     strategy = strategy or (DEFAULT if can_train else "proxy")
-    trains = get_strategy(strategy).trains
-    if not trains:
-        unused = sorted(k for k, v in {"trials": trials, "storage": storage, "study_name": study_name, **study_options}.items()
-                        if v is not None)  # fmt: skip
-        if unused:
-            raise TypeError(f"strategy 'proxy' trains nothing, so it cannot use {unused}: drop them, or pass a task "
-                            f"and a training strategy (e.g. strategy={DEFAULT!r})")  # fmt: skip
+    if not get_strategy(strategy).trains:
+        _trains_nothing(strategy, {"trials": trials, "storage": storage, "study_name": study_name, **study_options})
+        from .strategies.proxy import proxy_plan  # optuna: loaded when a space is built
+
         return proxy_plan(model, budget, task, options, graph=graph, seed=seed)
     if not can_train:
         raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=... or evaluate=your_loop (calibration= "
@@ -116,72 +97,8 @@ def search(
                       study_name=study_name, seed=seed, proxy=options, graph=graph, **study_options)  # fmt: skip
 
 
-def proxy_plan(model: nn.Module, budget: Budget | int | str, task: Task | None, options: ProxyOptions, *,
-               graph: SiteGraph | None = None, seed: int = 0) -> Plan:  # fmt: skip
-    """The proxy's plan: ``options.train_modules`` fully trained, LoRA ranks on the tuned sites
-    by `allocate` over their scores; see `search`."""
-    budget = Budget.coerce(budget)
-    graph = lower(model) if graph is None else graph
-    limit = budget.param_limit(graph.total_params)
-    if limit is None:
-        raise BudgetError("the budget sets no parameter limit; give one, e.g. Budget(params='0.5%')")
-    full = [graph[n] for n in options.full_sites(graph)]
-    full_names = {s.name for s in full}
-    full_params = sum(get_method("full").param_count(s) for s in full)
-    if full_params > limit:
-        raise BudgetError(
-            f"budget {limit:,} params is below the {full_params:,} params of train_modules "
-            f"{[s.name for s in full]}; raise it to more than {full_params:,}",
-            minimum=full_params,
-        )
-    scores, scoring = options.site_scores(model, graph, task, seed=seed)
-    try:
-        ranks = allocate(graph, scores, limit - full_params, method=METHOD, roles=options.roles, max_rank=options.max_rank)
-    except BudgetError as e:
-        if not full or e.minimum is None:
-            raise
-        need = e.minimum + full_params
-        raise BudgetError(
-            f"budget {limit:,} params is below the cheapest plan ({need:,} params: {full_params:,} for "
-            f"train_modules {sorted(full_names)} plus {e.minimum:,} for rank 1 on the cheapest site); "
-            f"raise it to at least {need:,}",
-            minimum=need,
-        ) from None
-
-    lora = get_method(METHOD)
-    sites = {}
-    for s in graph:  # entries in execution order
-        if s.name in full_names:
-            sites[s.name] = {"method": "full", **describe(s)}
-        elif s.name in ranks:
-            r = ranks[s.name]
-            sites[s.name] = {"method": METHOD, "rank": r, "alpha": 2 * r, **describe(s)}
-    params = full_params + sum(lora.param_count(graph[n], rank=r) for n, r in ranks.items())
-    plan = Plan(
-        sites=sites,
-        model=model_header(graph),
-        budget=budget.to_dict(),
-        objectives={"params": params},
-        provenance={**provenance("proxy", seed, task.name if task else None), **scoring, **(task.provenance() if task else {})},
-    )
-    _check_other_limits(plan, graph, budget, task)
-    return plan
-
-
-def _check_other_limits(plan: Plan, graph: SiteGraph, budget: Budget, task: Task | None) -> None:
-    """The proxy allocates parameters only: a plan over the budget's other limits is an error.
-    Training memory is costed at the task's largest training batch."""
-    limits = {k: v for k, v in budget.limits(graph.total_params).items() if k != "params"}
-    if not limits:
-        return
-    if "memory" in limits and task is None:
-        raise BudgetError("a memory limit depends on the training batch: pass the task it will be trained on "
-                          "(search(model, budget, task=...)), or drop Budget(memory=...)")  # fmt: skip
-    cost = plan_cost(graph, plan, batch_shape=None if task is None else task.batch_shape())
-    have = {"memory": cost.train_bytes, "latency": cost.latency_fraction, "adapter_bytes": cost.adapter_bytes}
-    over = [f"{k} {have[k]:,.4g} > {v:,.4g}" for k, v in limits.items() if have[k] > v]
-    if over:
-        raise BudgetError(
-            f"the proxy plan for {budget.params} params breaks the budget's other limits ({'; '.join(over)}); "
-            "lower the parameter budget, or search with a task so these limits act as constraints"
-        )
+def _trains_nothing(strategy: str, options: dict[str, Any]) -> None:
+    unused = sorted(k for k, v in options.items() if v is not None)
+    if unused:
+        raise TypeError(f"strategy {strategy!r} trains nothing, so it cannot use {unused}: drop them, or pass a task "
+                        f"and a training strategy (e.g. strategy={DEFAULT!r})")  # fmt: skip

@@ -1,6 +1,7 @@
-"""`ProxyOptions`: how the proxy chooses sites, scores them and sizes ranks — one object for
-``search(strategy="proxy")`` and for the default space of a task search, whose seed plans are
-therefore the proxy's plans.
+"""`ProxyOptions`: how the proxy chooses sites, scores them and sizes ranks — frozen settings,
+one object for ``search(strategy="proxy")`` and for the default space of a task search, whose
+seed plans are therefore the proxy's plans (`peftplan.planner.proxy.scores.score_sites` scores
+by them).
 
     >>> ProxyOptions(roles=["attn"], max_rank=16).to_dict()["roles"]
     ['attn']
@@ -12,15 +13,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch.nn as nn
-
+from ...backends.base import RANK_UNIT
 from ...ir.site import SiteGraph
-from ..training.task import Task
 from .allocate import eligible_sites
-from .scores import activation_scores, alpha_scores, grad2_scores
 
-METHOD = "lora"  # the method the proxy allocates ranks of
-QUERY_VALUE = ("attn.q", "attn.v", "attn.qkv")  # peft's default LoRA targets: query and value, or the fused qkv
 HEAD_NAMES = ("classifier", "score")  # top-level modules HF classification models add, freshly initialised
 
 
@@ -94,33 +90,4 @@ class ProxyOptions:
 
     def tuned_sites(self, graph: SiteGraph) -> list[str]:
         """The sites the proxy gives ranks to: eligible for LoRA, a role in ``roles``, not fully trained."""
-        return [s.name for s in eligible_sites(graph, METHOD, self.roles, exclude=set(self.full_sites(graph)))]
-
-    def site_scores(self, model: nn.Module, graph: SiteGraph, task: Task | None, *, seed: int = 0,
-                    progress: bool = True) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
-        """Each tuned site's score, and how it was scored (for the plan's provenance): weight
-        statistics without a task (or one without training batches: a loop of the user's own),
-        grad² on ``calibration_batches`` to ``sensitivity_power`` with one."""
-        names = self.tuned_sites(graph)
-        if task is None or not task.train_batches:
-            return alpha_scores(model, graph, names), {"scores": "hill-alpha"}
-        mass = grad2_scores(model, graph, task, names, batches=self.calibration_batches, seed=seed, progress=progress)
-        scoring = {"scores": "grad2", "calibration_batches": self.calibration_batches,
-                   "sensitivity_power": self.sensitivity_power}  # fmt: skip
-        return {n: m**self.sensitivity_power for n, m in mass.items()}, scoring
-
-
-    def priors(self, model: nn.Module, graph: SiteGraph, task: Task | None) -> dict[str, dict[str, float]]:
-        """Score vectors besides the proxy's for `AllocatorSpace` (``priors``): the placements
-        users write by hand — ``"query-value"`` (1 on the query and value projections, when
-        the model has them) and ``"uniform"`` (1 on every tuned site) — and, with a task's
-        training batches, ``"activation"`` (`activation_scores` on ``calibration_batches``)."""
-        names = self.tuned_sites(graph)
-        out: dict[str, dict[str, float]] = {}
-        qv = {n: 1.0 for n in names if graph[n].role in QUERY_VALUE}
-        if qv:
-            out["query-value"] = qv
-        out["uniform"] = {n: 1.0 for n in names}
-        if task is not None and task.train_batches:
-            out["activation"] = activation_scores(model, graph, task, names, batches=self.calibration_batches)
-        return out
+        return [s.name for s in eligible_sites(graph, RANK_UNIT, self.roles, exclude=set(self.full_sites(graph)))]

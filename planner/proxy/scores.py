@@ -1,6 +1,7 @@
 """Per-site scores that say where tuning pays: higher means "more to gain here".
 
-Three proxies, each returning ``{site name: float}`` and deterministic:
+`score_sites` scores the sites `ProxyOptions` chooses, for the proxy plan and the default
+space alike, from three proxies, each returning ``{site name: float}`` and deterministic:
 
 - `alpha_scores` (data-free): the heavy-tailed self-regularisation exponent of each weight
   matrix (AlphaLoRA, WeightWatcher). Well-trained layers have heavy-tailed spectra (small
@@ -18,17 +19,22 @@ Three proxies, each returning ``{site name: float}`` and deterministic:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from ...ir.modules import is_hf_conv1d
-from ...ir.site import SiteGraph
+from ...ir.site import Site, SiteGraph
 from ..training.task import Task
+from .options import ProxyOptions
+
+QUERY_VALUE = ("attn.q", "attn.v", "attn.qkv")  # peft's default LoRA targets: query and value, or the fused qkv
 
 log = logging.getLogger("peftplan.planner")
 
@@ -95,6 +101,50 @@ def alpha_scores(model: nn.Module, graph: SiteGraph, names: Iterable[str] | None
     return {n: (a if math.isfinite(a) else top) for n, a in out.items()}
 
 
+class Scored(NamedTuple):
+    """What `score_sites` gives: a score per tuned site, how it was scored (for the plan's
+    provenance), and the other score vectors a default space starts from (its ``priors``)."""
+
+    scores: dict[str, float]
+    scoring: dict[str, Any]
+    priors: dict[str, dict[str, float]]
+
+
+def score_sites(model: nn.Module, graph: SiteGraph, task: Task | None, options: ProxyOptions, *, seed: int = 0,
+                progress: bool = True, priors: bool = False) -> Scored:  # fmt: skip
+    """Score the sites ``options`` tunes: weight statistics (`alpha_scores`) without a task or
+    with one without training batches (a loop of the user's own), else grad² on
+    ``options.calibration_batches`` raised to ``options.sensitivity_power``. With ``priors``,
+    also the placements users write by hand — ``"query-value"`` (1 on the query and value
+    projections, when the model has them) and ``"uniform"`` (1 on every tuned site) — and, with
+    training batches, ``"activation"`` (`activation_scores`), read in the same pass over the
+    calibration batches as grad².
+
+    >>> import torch.nn as nn, peftplan as pp
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    >>> scored = score_sites(model, pp.lower(model), None, ProxyOptions(), priors=True)
+    >>> sorted(scored.scores), scored.scoring, sorted(scored.priors)
+    (['0', '2'], {'scores': 'hill-alpha'}, ['uniform'])
+    """
+    names = options.tuned_sites(graph)
+    hand = _hand_written(graph, names) if priors else {}
+    if task is None or not task.train_batches:
+        return Scored(alpha_scores(model, graph, names), {"scores": "hill-alpha"}, hand)
+    sites = _matrix_sites(graph, names)
+    grams = _InputGrams(model, sites) if priors else None
+    mass = _grad2(model, task, sites, options.calibration_batches, seed, progress, grams)
+    scoring = {"scores": "grad2", "calibration_batches": options.calibration_batches,
+               "sensitivity_power": options.sensitivity_power}  # fmt: skip
+    if grams is not None:
+        hand["activation"] = grams.explained(sites)
+    return Scored({n: m**options.sensitivity_power for n, m in mass.items()}, scoring, hand)
+
+
+def _hand_written(graph: SiteGraph, names: list[str]) -> dict[str, dict[str, float]]:
+    qv = {n: 1.0 for n in names if graph[n].role in QUERY_VALUE}
+    return {**({"query-value": qv} if qv else {}), "uniform": {n: 1.0 for n in names}}
+
+
 def grad2_scores(
     model: nn.Module,
     graph: SiteGraph,
@@ -116,38 +166,34 @@ def grad2_scores(
     >>> max(scores, key=scores.get)  # doctest: +SKIP
     'classifier'
     """
-    sites = _matrix_sites(graph, names)
+    return _grad2(model, task, _matrix_sites(graph, names), batches, seed, progress)
+
+
+def _grad2(model: nn.Module, task: Task, sites: list[Site], batches: int, seed: int, progress: bool,
+           grams: _InputGrams | None = None) -> dict[str, float]:  # fmt: skip
+    """`grad2_scores` over ``sites``; ``grams`` records the sites' inputs in the same pass."""
     weights = {s.name: model.get_submodule(s.name).weight for s in sites}
     unique = list({id(w): w for w in weights.values()}.values())  # tied weights once
     index = {id(w): i for i, w in enumerate(unique)}
     if any(w.is_meta for w in unique):
         raise ValueError("the model's weights are on the meta device: materialise them before scoring with a task")
     calib = task.calibration(batches)
-
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     mass = [0.0] * len(unique)
-    bar = None
-    start = time.perf_counter()
+    bar, start = None, time.perf_counter()
     try:
         model.eval()
         for p in flags:
             p.requires_grad_(False)
         for w in unique:
             w.requires_grad_(True)
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), grams or contextlib.nullcontext():
             torch.manual_seed(seed)
             for i, batch in enumerate(calib):
-                loss = task.loss(model, batch)
-                if not isinstance(loss, torch.Tensor):
-                    raise ValueError(f"task {task.name!r}: its loss gave {type(loss).__name__}, not a tensor, for a batch "
-                                     f"with keys {sorted(batch)}: a batch needs its labels for the model to give a loss")  # fmt: skip
-                if not loss.requires_grad:
-                    raise ValueError(
-                        f"task {task.name!r}: loss has no autograd graph; compute it without "
-                        "torch.no_grad()/inference_mode so that gradients reach the weights"
-                    )
-                grads = torch.autograd.grad(loss, unique, allow_unused=True)
+                if grams is not None:
+                    grams.mask = _mask(batch)
+                grads = torch.autograd.grad(_loss(task, model, batch), unique, allow_unused=True)
                 for j, g in enumerate(grads):
                     if g is not None:
                         mass[j] += g.detach().double().pow(2).sum().item()
@@ -160,6 +206,20 @@ def grad2_scores(
         model.train(was_training)
     log.info("grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), len(calib), time.perf_counter() - start)
     return {name: mass[index[id(w)]] for name, w in weights.items()}
+
+
+def _loss(task: Task, model: nn.Module, batch: Any) -> torch.Tensor:
+    """``task.loss`` on ``batch``, checked to be a tensor gradients can flow back from."""
+    loss = task.loss(model, batch)
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(f"task {task.name!r}: its loss gave {type(loss).__name__}, not a tensor, for a batch "
+                         f"with keys {sorted(batch)}: a batch needs its labels for the model to give a loss")  # fmt: skip
+    if not loss.requires_grad:
+        raise ValueError(
+            f"task {task.name!r}: loss has no autograd graph; compute it without "
+            "torch.no_grad()/inference_mode so that gradients reach the weights"
+        )
+    return loss
 
 
 def activation_scores(model: nn.Module, graph: SiteGraph, task: Task, names: Iterable[str] | None = None, *,
@@ -177,45 +237,65 @@ def activation_scores(model: nn.Module, graph: SiteGraph, task: Task, names: Ite
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     sites = _matrix_sites(graph, names)
-    grams: dict[str, torch.Tensor] = {}
-    mask: list[torch.Tensor | None] = [None]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), _InputGrams(model, sites) as grams:
+            for batch in task.calibration(batches):
+                grams.mask = _mask(batch)
+                task.loss(model, batch)
+    finally:
+        model.train(was_training)
+    return grams.explained(sites, rank)
 
-    def hook(name: str, op: str):
+
+def _mask(batch: Any) -> torch.Tensor | None:
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+class _InputGrams:
+    """While entered, forward pre-hooks sum each non-embedding site's uncentred input Gram
+    matrix ``Σ x xᵀ`` (channels last; tokens where ``mask`` is 0 left out): EVA's statistic."""
+
+    def __init__(self, model: nn.Module, sites: list[Site]) -> None:
+        self.model, self.sites = model, [s for s in sites if s.op != "embedding"]
+        self.grams: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+
+    def __enter__(self) -> _InputGrams:
+        self.handles = [self.model.get_submodule(s.name).register_forward_pre_hook(self._hook(s.name, s.op)) for s in self.sites]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, name: str, op: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             if op == "conv2d":  # channels are the features
                 x = x.movedim(1, -1)
-            m = mask[0]
+            m = self.mask
             if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
                 x = x[m.bool()]
             x = x.reshape(-1, x.shape[-1]).double()
             g = x.t() @ x
-            grams[name] = grams[name] + g if name in grams else g
+            self.grams[name] = self.grams[name] + g if name in self.grams else g
 
         return record
 
-    handles = [model.get_submodule(s.name).register_forward_pre_hook(hook(s.name, s.op)) for s in sites if s.op != "embedding"]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in task.calibration(batches):
-                mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
-                task.loss(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    out: dict[str, float] = {}
-    for name, g in grams.items():
-        lam = torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
-        total = lam.sum().item()
-        out[name] = lam[:rank].sum().item() / total if total > 0 else 0.0
-    missing = [s.name for s in sites if s.name not in out and s.op != "embedding"]
-    if missing:
-        raise ValueError(f"sites {missing[:3]} were never called by task.loss, so their inputs cannot be scored")
-    mean = sum(out.values()) / len(out) if out else 1.0
-    return {s.name: out.get(s.name, mean) for s in sites}
+    def explained(self, sites: list[Site], rank: int = 8) -> dict[str, float]:
+        """`activation_scores` of ``sites`` from the Gram matrices recorded."""
+        out: dict[str, float] = {}
+        for name, g in self.grams.items():
+            lam = torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
+            total = lam.sum().item()
+            out[name] = lam[:rank].sum().item() / total if total > 0 else 0.0
+        missing = [s.name for s in self.sites if s.name not in out]
+        if missing:
+            raise ValueError(f"sites {missing[:3]} were never called by task.loss, so their inputs cannot be scored")
+        mean = sum(out.values()) / len(out) if out else 1.0
+        return {s.name: out.get(s.name, mean) for s in sites}
 
 
 def _matrix_sites(graph: SiteGraph, names: Iterable[str] | None):

@@ -30,7 +30,7 @@ from optuna.distributions import (
 )
 
 from ...backends.base import get_method
-from ...ir.site import Site, SiteGraph
+from ...ir.site import SiteGraph
 from ...plan import Plan, describe, model_header
 from ...recipe import Recipe
 from ..budget import Budget, BudgetError
@@ -175,11 +175,6 @@ class Space(abc.ABC):
                      "adapter_bytes": cost.adapter_bytes}
             self._cache[key] = (sites, costs)
         return self._cache[key]
-
-
-def sizeless(method: str, site: Site) -> bool:
-    """Whether ``method`` has no size knob (ia3, ssf: one vector per site, on or off)."""
-    return get_method(method).sized(site, 1) is None
 
 
 def _suggest(trial: optuna.trial.BaseTrial, name: str, d: BaseDistribution) -> Any:

@@ -8,12 +8,12 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from ...backends.base import get_method
+from ...backends.base import DEFAULT_METHODS, RANK_UNIT, get_method
 from ...ir.site import Site, SiteGraph
 from ...plan import Plan
 from ..budget import Budget, BudgetError
 from ..proxy.allocate import allocate, rank_grid
-from .base import Space, sizeless
+from .base import Space
 
 
 class GroupedSpace(Space):
@@ -24,8 +24,8 @@ class GroupedSpace(Space):
     into ``levels = [0, *rank_grid(max_rank)]``: level 0 is "none", so a group is switched off
     by its rank, not by a separate switch. A rank sizes each method by its `Method.sized`
     (LoRA/DoRA rank, adapter bottleneck, sparse density with the params of LoRA at that rank);
-    a method with experts gets a rank's worth per expert (``experts`` of them); methods without
-    a size knob (ia3/ssf) are on at any rank above 0. Ranks are capped by each site's size. Over the budget, the costliest group steps down a level until the plan fits.
+    a method with a `Method.structure` gets a rank's worth per unit of it (``experts`` of them);
+    methods of the ``"vector"`` band (ia3/ssf) are on at any rank above 0. Ranks are capped by each site's size. Over the budget, the costliest group steps down a level until the plan fits.
     Given ``scores``, `proxy_params` rounds the proxy allocation's mean rank per group down to a
     level (uniform scores otherwise): an approximation, as groups share one rank.
 
@@ -36,17 +36,17 @@ class GroupedSpace(Space):
     name = "grouped"
     GROUPINGS = ("role+depth", "block", "role", "global")
 
-    def __init__(self, graph: SiteGraph, budget: Budget | int | str, *, methods: Iterable[str] = ("lora",),
+    def __init__(self, graph: SiteGraph, budget: Budget | int | str, *, methods: Iterable[str] = DEFAULT_METHODS,
                  roles: Iterable[str] = ("attn", "mlp"), group_by: str = "role+depth", buckets: int = 3,
                  max_rank: int = 64, experts: int = 2, scores: Mapping[str, float] | None = None, **kwargs: Any):  # fmt: skip
         super().__init__(graph, budget, **kwargs)
         if group_by not in self.GROUPINGS:
             raise ValueError(f"group_by must be one of {list(self.GROUPINGS)}, got {group_by!r}")
         self.methods, self.roles, self.max_rank, self.experts = tuple(methods), tuple(roles), max_rank, experts
-        for m in self.methods:
-            get_method(m)  # unknown names fail here, listing the known ones
-        if not self.methods or set(self.methods) & {"none", "full"}:
-            raise ValueError(f"GroupedSpace methods are PEFT methods ('none' is rank 0), got {list(self.methods)}")
+        unsized = [m for m in self.methods if get_method(m).band is None]  # unknown names fail here, listing the known ones
+        if not self.methods or unsized:
+            raise ValueError(f"GroupedSpace methods are PEFT methods a planner can size (Method.band; 'none' is rank 0), "
+                             f"got {list(self.methods)}")  # fmt: skip
         skip = {s.name for s in self.full}
         ops = set().union(*(get_method(m).ops for m in self.methods))
         self.sites = [s for s in graph.select(role=list(self.roles), op=ops) if s.name not in skip]
@@ -67,9 +67,9 @@ class GroupedSpace(Space):
         return d | self._lr_knob()
 
     def proxy_params(self, fraction: float) -> dict[str, Any]:
-        method = "lora" if "lora" in self.methods else self.methods[0]
+        method = RANK_UNIT if RANK_UNIT in self.methods else self.methods[0]
         limit = math.floor(min(1.0, fraction) * self.available)
-        scored = {s.name: self.scores.get(s.name, 0.0) for s in self.sites if s.op in get_method("lora").ops}
+        scored = {s.name: self.scores.get(s.name, 0.0) for s in self.sites if s.op in get_method(RANK_UNIT).ops}
         try:
             ranks = allocate(self.graph, scored, limit, roles=self.roles, max_rank=self.max_rank) if scored else {}
         except BudgetError:
@@ -96,7 +96,7 @@ class GroupedSpace(Space):
         cost = {g: params_of(g) for g in self.groups}
         while sum(cost.values()) > self.available:  # the costliest group steps down first
             g = max((g for g in self.groups if level[g] > 0), key=lambda g: cost[g])
-            level[g] = 0 if sizeless(method[g], self.groups[g][0]) else level[g] - 1
+            level[g] = 0 if get_method(method[g]).band == "vector" else level[g] - 1
             cost[g] = params_of(g)
         return {n: e for g in self.groups for n, e in entries(g).items()}
 
@@ -105,8 +105,9 @@ class GroupedSpace(Space):
             return None
         m = get_method(method)
         r = min(rank, site.in_features, site.out_features)
-        per_expert = self.experts if "experts" in m.hyper else 1
-        return {"method": method, **(m.sized(site, r * per_expert, experts=self.experts) or {})}
+        if m.structure is None:
+            return {"method": method, **(m.sized(site, r) or {})}
+        return {"method": method, **m.sized(site, r * self.experts, **{m.structure: self.experts})}
 
 
 def _group(site: Site, group_by: str, buckets: int) -> str:

@@ -1,21 +1,62 @@
-"""The ``proxy`` strategy as an optuna sampler: trial ``i`` is the proxy allocation at the
-``i``-th budget share of a log-scale van der Corput sequence."""
+"""The ``proxy`` strategy: the proxy allocation (`Space.proxy_params`) at budget shares, no
+training needed to choose a plan. `proxy_plan` is its first point, the whole budget, on the
+default space (what ``search(strategy="proxy")`` returns); as an optuna sampler over a study,
+trial ``i`` is the allocation at the ``i``-th share of a log-scale van der Corput sequence.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch.nn as nn
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from ...ir import lower
+from ...ir.site import SiteGraph
+from ...plan import Plan, provenance
+from ..budget import Budget, BudgetError
+from ..proxy.options import ProxyOptions
+from ..proxy.scores import score_sites
 from ..space.base import Space
+from ..space.default import default_space
+from ..training.task import Task
+
+
+def proxy_plan(model: nn.Module, budget: Budget, task: Task | None, options: ProxyOptions, *,
+               graph: SiteGraph | None = None, seed: int = 0) -> Plan:  # fmt: skip
+    """The proxy's plan: ``space.plan_from_params(space.proxy_params(1.0))`` on the default
+    space over ``options``' sites and scores (``options.train_modules`` fully trained, LoRA
+    ranks by `allocate` over the scores), its provenance saying how the sites were scored. The
+    budget's limits besides params are checked, not searched: a plan over them is an error.
+
+    >>> plan = proxy_plan(model, Budget(params="0.5%"), None, ProxyOptions())  # doctest: +SKIP
+    >>> plan.provenance["strategy"], plan.provenance["scores"]  # doctest: +SKIP
+    ('proxy', 'hill-alpha')
+    """
+    if budget.memory is not None and task is None:
+        raise BudgetError("a memory limit depends on the training batch: pass the task it will be trained on "
+                          "(search(model, budget, task=...)), or drop Budget(memory=...)")  # fmt: skip
+    graph = lower(model) if graph is None else graph
+    scored = score_sites(model, graph, task, options, seed=seed)
+    space = default_space(model, budget, task, proxy=options, graph=graph, scored=scored)
+    params = space.proxy_params(1.0)
+    costs = space.costs(params)
+    over = [f"{k} {costs[k]:,.4g} > {v:,.4g}" for k, v in space.limits.items() if k != "params" and costs[k] > v]
+    if over:
+        raise BudgetError(f"the proxy plan for {budget.params} params breaks the budget's other limits ({'; '.join(over)}); "
+                          "lower the parameter budget, or search with a task so these limits act as constraints")  # fmt: skip
+    plan = space.plan_from_params(params)
+    plan.provenance = {**provenance("proxy", seed, task.name if task else None), **scored.scoring,
+                       **(task.provenance() if task else {})}  # fmt: skip
+    return plan
 
 
 class ProxySampler(BaseSampler):
     """Trial ``i`` gets ``space.proxy_params(share(i, space.min_share))``: no model, no
-    randomness."""
+    randomness; trial 0, the whole budget, is the point `proxy_plan` takes on the default space."""
 
     def __init__(self, space: Space) -> None:
         self.space = space

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ...backends.base import PlanError, get_method, shorten
+from ...backends.base import DEFAULT_METHODS, PlanError, get_method, shorten
 from ...plan import Plan
 from ...recipe import Recipe
 from ..budget import Budget
@@ -178,7 +178,7 @@ class StudyConfig:
     seed: int = 0
     recipe: dict[str, Any] | None = None  # the Recipe every trial trains by (at its rung's fidelity)
     seeds: int = 14
-    methods: tuple[str, ...] = ("lora",)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space
     source: Source | None = None
     lr_range: tuple[float, float] | None = None  # the default space's learning-rate knob (None: the recipe's rate)

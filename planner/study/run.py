@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 import torch.nn as nn
 
+from ...backends.base import DEFAULT_METHODS
 from ...ir.site import SiteGraph
 from ...plan import Plan
 from ...recipe import Recipe
@@ -53,74 +54,46 @@ from .storage import (
 from .watch import check_timeout
 
 
-def run_search(
-    model: nn.Module,
-    budget: Budget | int | str,
-    task: Task,
-    *,
-    strategy: str,
-    trials: int,
-    storage: str | optuna.storages.BaseStorage | None = None,
-    study_name: str | None = None,
-    seed: int = 0,
-    objectives: Iterable[str] = ("metric", "params"),
-    fidelities: Iterable[Fidelity] | None = None,
-    eta: int = 3,
-    space: Any = None,
-    progress: bool = True,
-    recipe: Recipe | None = None,
-    seeds: int = 14,
-    methods: Iterable[str] = ("lora",),
-    proxy: ProxyOptions | None = None,
-    graph: SiteGraph | None = None,
-    threads: int | None = None,
-    source: Source | None = None,
-    evaluator: Evaluator = evaluate,
-    heartbeat: int = 30,
-    lr_range: tuple[float, float] | str | None = "auto",
-    screen_by: str = "loss",
-    refine: int = 2,
-    device: str | Any = None,
-    bf16: bool = False,
-    checkpointing: bool = False,
-    trial_timeout: float | None = None,
-) -> Plan:
-    """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates;
-    return the best plan within budget, with ``plan.front``.
+def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, strategy: str, trials: int,
+               storage: str | optuna.storages.BaseStorage | None = None, study_name: str | None = None, seed: int = 0,
+               objectives: Iterable[str] = ("metric", "params"), fidelities: Iterable[Fidelity] | None = None,
+               eta: int = 3, space: Any = None, progress: bool = True, recipe: Recipe | None = None, seeds: int = 14,
+               methods: Iterable[str] = DEFAULT_METHODS, proxy: ProxyOptions | None = None, graph: SiteGraph | None = None,
+               threads: int | None = None, source: Source | None = None, evaluator: Evaluator = evaluate,
+               heartbeat: int = 30, lr_range: tuple[float, float] | str | None = "auto", screen_by: str = "loss",
+               refine: int = 2, device: str | Any = None, bf16: bool = False, checkpointing: bool = False,
+               trial_timeout: float | None = None) -> Plan:  # fmt: skip
+    """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates; return the best plan within
+    budget, with ``plan.front``.
 
-    The default space is `default_space` over ``objectives`` and ``methods``, with the
-    proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
-    model's lowering, when already at hand); a given ``space`` brings all of that itself, with
-    its own objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans start seeded
-    strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on every
-    linear layer, the one-shot allocations) at three learning rates each, the best rate of each
-    promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default `Recipe()`) compressed to its rung's
-    `Fidelity`, at the learning rate the default space searches in ``lr_range`` ("auto": a tenth
-    to ten times ``recipe.lr``, log scale — tuned LoRA baselines end 3-12x above a 1e-3 recipe —;
-    None: ``recipe.lr`` for all); ``fidelities``
-    (default `default_rungs`: 5% of the recipe, then the full recipe) are the rungs of
-    successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the
-    validation loss, which ranks short runs like their final results where the metric does not
-    yet, benchmarks/fidelity.py; or "metric"), the returned plan chosen by the metric at the top
-    rung, after the best plan there is trained ``refine`` more times at the full recipe at
-    neighbouring learning rates (2.5x up, or down, from the best so far; 0: none, see
-    `peftplan.planner.study.engine.next_rate`), so its rate is chosen on full-length results; the
-    returned plan carries its recipe (`Plan.recipe`). Candidates are
-    scored on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread count for each trial; ``source``
-    records how workers rebuild the model and task (without it, none can join). Trials train on
-    ``device`` (None: CUDA when available, else the CPU; each trial's copy of the model moves
-    there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
-    ``checkpointing`` or not; these are this process's choice, not the study's: each worker
-    gives its own, and so is ``trial_timeout``, the seconds a trial may run before it is
-    stopped and recorded as failed (None: no limit; `peftplan.planner.study.watch`).
+    The default space is `default_space` over ``objectives`` and ``methods``, with the proxy's ``proxy`` options
+    (sites, scores, rank cap, fully trained sites) and ``graph`` (the model's lowering, when already at hand); a given
+    ``space`` brings all of that itself, with its own objectives and limits (its ``limits``: plans over them are never
+    trained). ``seeds`` seed plans start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on
+    query/value, on every linear layer, the one-shot allocations) at three learning rates each, the best rate of each
+    promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default
+    `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space searches in ``lr_range``
+    ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA baselines end 3-12x above a 1e-3 recipe —;
+    None: ``recipe.lr`` for all); ``fidelities`` (default `default_rungs`: 5% of the recipe, then the full recipe) are
+    the rungs of successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the validation
+    loss, which ranks short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
+    "metric"), the returned plan chosen by the metric at the top rung, after the best plan there is trained ``refine``
+    more times at the full recipe at neighbouring learning rates (2.5x up, or down, from the best so far; 0: none, see
+    `peftplan.planner.study.engine.next_rate`), so its rate is chosen on full-length results; the returned plan
+    carries its recipe (`Plan.recipe`). Candidates are scored on ``task.validation_batches``, never on its evaluation
+    batches; ``threads`` sets torch's thread count for each trial; ``source`` records how workers rebuild the model
+    and task (without it, none can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each
+    trial's copy of the model moves there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
+    ``checkpointing`` or not; these are this process's choice, not the study's: each worker gives its own, and so is
+    ``trial_timeout``, the seconds a trial may run before it is stopped and recorded as failed (None: no limit;
+    `peftplan.planner.study.watch`).
 
     >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
     >>> plan.front.to_csv("front.csv")  # doctest: +SKIP
     """
-    budget = Budget.coerce(budget)
-    trial_timeout = check_timeout(trial_timeout)
-    if trials < 1:
-        raise ValueError(f"trials must be at least 1, got {trials}")
+    budget, trial_timeout = Budget.coerce(budget), check_timeout(trial_timeout)
+    fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
+    _check_settings(trials, refine, screen_by, fidelities, task, evaluator)
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     if space is None:
         lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
@@ -130,18 +103,7 @@ def run_search(
         raise ValueError("a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
                          f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
                          "or the space")  # fmt: skip
-    if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data
-        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
-                         "split carved from the training data, never on the evaluation split; build the task with "
-                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be a count of top-rung trainings >= 0 (0: none), got {refine!r}")
-    if screen_by not in ("metric", "loss"):
-        raise ValueError(f"screen_by must be 'metric' or 'loss', got {screen_by!r}")
-    if not fidelities:
-        raise ValueError("fidelities is empty: give at least one Fidelity")
     config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
                          {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
                          methods, proxy.to_dict(), source, space.lr, screen_by, refine)  # fmt: skip
@@ -151,6 +113,22 @@ def run_search(
         study = open_study(store, name, config, space)
         work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
         return best_plan(study, task)
+
+
+def _check_settings(trials: int, refine: int, screen_by: str, fidelities: tuple[Fidelity, ...], task: Task,
+                    evaluator: Evaluator) -> None:  # fmt: skip
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be a count of top-rung trainings >= 0 (0: none), got {refine!r}")
+    if screen_by not in ("metric", "loss"):
+        raise ValueError(f"screen_by must be 'metric' or 'loss', got {screen_by!r}")
+    if not fidelities:
+        raise ValueError("fidelities is empty: give at least one Fidelity")
+    if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data
+        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+                         "split carved from the training data, never on the evaluation split; build the task with "
+                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
 
 
 def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,

@@ -11,6 +11,7 @@ checked for properties, not numbers copied from a run:
 - ``extra_ops`` per call equals the aten kernels (views aside) the tuned model's forward
   runs beyond the base model's, counted by a ``TorchDispatchMode``, unmerged and merged;
 - ``sized`` hyper-parameters cost at most LoRA at that rank plus ``fixed_params``;
+- ``band`` (how a search space sizes the method) agrees with ``sized`` and ``size``;
 - ``save`` → ``load`` onto a fresh copy of the base gives identical outputs;
 - 30 AdamW steps fit the outputs of a perturbed copy of the tuned model (a teacher the
   method can match) better than at the start;
@@ -261,6 +262,35 @@ def test_sized_costs_at_most_lora_plus_fixed_params(method_name):
             checked += 1
     if method.sized(_graph("bert").sites[-1], 1) is not None:
         assert checked, f"{method_name} has a size knob but no site was checked"
+
+
+@pytest.mark.parametrize("method_name", sorted(methods()))
+def test_band_says_how_sized_sizes(method_name):
+    """What a search space reads of a method: a "vector" one has no size knob, a "rank" one is
+    sized at every rank, a "fixed" one validates at its `Method.size` default and bounds."""
+    method = methods()[method_name]
+    sites = [s for s in [*_graph("cnn"), *_graph("gpt2"), *_graph("bert")] if s.op in method.ops]
+    assert sites or method.band is None
+    for site in sites:
+        sized = [method.sized(site, r) for r in sorted({1, min(site.in_features, site.out_features)})]
+        if method.band == "vector":
+            assert sized == [None] * len(sized), f"{site.name}: a vector method with a size knob"
+        elif method.band == "rank":
+            assert None not in sized, f"{site.name}: a rank method without a size at some rank"
+        elif method.band == "fixed":
+            for value in (method.size.low, method.size.default, method.size.high):
+                hp = method.validate(site, **{method.size.name: value})
+                assert method.param_count(site, **hp) > 0
+
+
+@pytest.mark.parametrize("declared", [{"band": "ranked"}, {"band": "fixed"}, {"band": "vector", "structure": "experts"}])
+def test_a_method_whose_band_declarations_disagree_is_not_registered(declared):
+    attrs = {"name": "odd", "ops": frozenset({"linear"}), **declared,
+             **{k: (lambda self, *a, **hp: 0) for k in ("param_count", "overhead_flops", "extra_ops", "saved_activations", "wrap")}}
+    before = methods()
+    with pytest.raises(ValueError, match="band"):
+        register(type("Odd", (Method,), attrs))
+    assert methods() == before
 
 
 def test_a_method_missing_an_abstract_hook_is_not_registered():

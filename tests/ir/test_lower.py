@@ -203,6 +203,18 @@ def test_sitegraph_json_round_trip_and_table():
         SiteGraph.from_dict({"format": "other"})
 
 
+def test_a_pass_annotates_sites_in_place_and_refuses_what_no_site_has():
+    g = lower(zoo.MLP())
+    before = [s.to_dict() for s in g]
+    g.annotate("role", {"fc2": "head"})
+    assert g["fc2"].role == "head" and g.sites[-1] is g["fc2"]  # the list and the index agree
+    assert [s.to_dict() for s in g] == [{**d, "role": "head"} if d["name"] == "fc2" else d for d in before]
+    with pytest.raises(ValueError, match="no field 'colour'"):
+        g.annotate("colour", {"fc2": "red"})
+    with pytest.raises(KeyError, match="no site named 'fc3'"):
+        g.annotate("role", {"fc3": "head"})
+
+
 def test_select():
     g = lower(zoo.llama())
     assert [s.name for s in g.select(role="attn", block=1)] == [

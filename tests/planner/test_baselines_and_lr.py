@@ -4,6 +4,8 @@ to the top rung, the default fidelity schedule, and the activation (EVA-like) sc
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 import torch
@@ -11,8 +13,9 @@ import torch.nn as nn
 
 import peftplan as pp
 from peftplan.backends import count_trainable
-from peftplan.planner.proxy import activation_scores
+from peftplan.planner.proxy import activation_scores, grad2_scores
 from peftplan.planner.proxy.allocate import eligible_sites
+from peftplan.planner.proxy.options import ProxyOptions
 from peftplan.planner.space import AllocatorSpace, default_space
 from peftplan.planner.study import run_search
 from peftplan.planner.study.halving import default_rungs
@@ -185,6 +188,20 @@ def test_activation_scores_equal_the_explained_variance_of_the_inputs_by_hand():
     hidden = [torch.tanh(model.a(x)).detach() for x in xs]
     assert scores == pytest.approx({"a": by_hand(xs), "b": by_hand(hidden)}, rel=1e-6)  # float32 forwards
     assert scores["a"] > 0.9  # most of the variance lies in two directions
+
+
+def test_one_pass_over_the_calibration_batches_gives_the_scores_and_the_activation_prior():
+    model, task = bert_classifier(), tiny_task()
+    read = []
+    counted = dataclasses.replace(task, loss=lambda m, b: read.append(id(b)) or task.loss(m, b))
+    space = default_space(model, "5%", counted)
+    batches = ProxyOptions().calibration_batches
+    assert read == [id(b) for b in task.train_batches[:batches]]  # each calibration batch once
+    names = [s.name for s in space.sites]  # the tuned sites, each scored by the separate passes
+    graph = space.graph
+    grad2 = grad2_scores(model, graph, task, names, batches=batches, progress=False)
+    assert space.scores == pytest.approx({n: m**0.5 for n, m in grad2.items()}, rel=1e-12)
+    assert space.priors["activation"] == pytest.approx(activation_scores(model, graph, task, names, batches=batches), rel=1e-6)
 
 
 def test_train_calls_on_step_after_every_optimizer_step():

@@ -201,12 +201,15 @@ class Study:
                 "search": record, "summary": plan.summary()}  # fmt: skip
 
 
-def run_task(study: Study, task: str, kinds: list[str], searches: bool) -> dict[str, dict]:
-    """Every contender of ``task`` (the baselines' lr grids side by side), as report rows."""
+def run_task(study: Study, task: str, kinds: list[str], searches: str) -> dict[str, dict]:
+    """Every contender of ``task`` (the baselines' lr grids side by side), as report rows;
+    ``searches``: "all" (the proxy plan, the default search and the search over every method),
+    "default" (the proxy plan and the default search) or "none"."""
     work = {KINDS[k][0]: (lambda k=k: study.tuned(task, k, FULL_GRID if k == "full" else GRID)) for k in kinds}
-    if searches:
+    if searches != "none":
         work["peftplan proxy plan"] = lambda: study.proxy(task)
         work["peftplan search"] = lambda: study.search(task)
+    if searches == "all":
         work["peftplan search, every method"] = lambda: study.search(task, EVERY_METHOD)
     if not work:
         return {}
@@ -227,7 +230,9 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--kinds", nargs="*", choices=sorted(KINDS), default=list(KINDS), help="baselines to run (none: "
                     "only the searches)")
-    ap.add_argument("--no-search", action="store_true", help="baselines only (the searches can follow)")
+    ap.add_argument("--searches", choices=("all", "default", "none"), default="all", help="peftplan's contenders: all "
+                    "(default), default (the proxy plan and the default search, not the search over every method), "
+                    "none (baselines only; the searches can follow)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one process and one thread each")
     ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing")
     ap.add_argument("--store", type=Path, default=STORE)
@@ -244,7 +249,7 @@ def main() -> None:
     results = {}
     for task in args.tasks:
         print(f"{task}:", flush=True)
-        results[task] = run_task(study, task, args.kinds, not args.no_search)
+        results[task] = run_task(study, task, args.kinds, args.searches)
     text = report(results)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:

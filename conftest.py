@@ -64,10 +64,16 @@ def _registrations_end_with_their_example(request: pytest.FixtureRequest):
 
 @pytest.fixture(autouse=True)
 def _doctest_models(request: pytest.FixtureRequest):
-    """Tiny offline stand-ins the docstring examples use: ``chat_tokenizer()`` (one token per
-    character, a chat template) and ``tiny_llama()`` (a 2-layer Llama with random weights)."""
+    """Tiny offline stand-ins the docstring examples use: ``chat_tokenizer()`` and
+    ``char_tokenizer()`` (one token per character; the first with a chat template),
+    ``tiny_llama()`` (a 2-layer Llama with random weights), ``tiny_bert()`` (a seeded 2-layer
+    BERT classifier whose vocabulary holds the character tokenizer's ids) and ``tiny_task()``
+    (a learnable classification task of token ids for it)."""
     if isinstance(request.node, pytest.DoctestItem):
         from tests import zoo
+        from tests.planner.trials import tiny_task
 
-        request.getfixturevalue("doctest_namespace").update(chat_tokenizer=zoo.chat_tokenizer, tiny_llama=zoo.llama)
+        request.getfixturevalue("doctest_namespace").update(
+            chat_tokenizer=zoo.chat_tokenizer, char_tokenizer=zoo.char_tokenizer, tiny_llama=zoo.llama,
+            tiny_bert=zoo.bert_classifier, tiny_task=tiny_task)
     yield

@@ -23,9 +23,10 @@ from ...backends.labels import check_model_labels
 from ...plan import Plan
 from ...recipe import Recipe
 from .answers import choice_accuracy, choice_accuracy_and_loss
+from .classification import accuracy, classification_loss, matthews, mcc, on_device
 from .device import autocast, inference, release, resolve
 from .lm import causal_lm_loss, negative_token_loss, predicted_tokens
-from .task import Task, accuracy, classification_loss, matthews, mcc, on_device
+from .task import Task
 from .train import train
 
 

@@ -12,8 +12,9 @@ leaves the target's lower blocks alone.
 
 from __future__ import annotations
 
+from ..describe import describe, model_header
 from ..ir.site import SiteGraph
-from ..plan import Plan, describe, model_header
+from ..plan import Plan
 from .base import PlanError, get_method
 
 

@@ -30,8 +30,9 @@ from optuna.distributions import (
 )
 
 from ...backends.base import get_method
+from ...describe import describe, model_header
 from ...ir.site import SiteGraph
-from ...plan import Plan, describe, model_header
+from ...plan import Plan
 from ...recipe import Recipe
 from ..budget import Budget, BudgetError
 from ..cost import plan_cost

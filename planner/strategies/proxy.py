@@ -14,9 +14,10 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from ...describe import provenance
 from ...ir import lower
 from ...ir.site import SiteGraph
-from ...plan import Plan, provenance
+from ...plan import Plan
 from ..budget import Budget, BudgetError
 from ..proxy.options import ProxyOptions
 from ..proxy.scores import score_sites

@@ -9,8 +9,12 @@ dropped before the acquisition sees them. The acquisition,
 `qLogNoisyExpectedHypervolumeImprovement`, is maximised over a discrete set: Sobol points in
 the knob space plus perturbations of the non-dominated trials, snapped to valid knob values.
 
-    >>> sampler = QLogNEHVISampler(space, seed=0, reference={"metric": 0.5})  # doctest: +SKIP
-    >>> study = optuna.create_study(directions=space.directions, sampler=sampler)  # doctest: +SKIP
+    >>> from peftplan.planner.space import default_space
+    >>> space = default_space(tiny_bert(), 5_000, None)
+    >>> sampler = QLogNEHVISampler(space, seed=0, reference={"metric": 0.5})
+    >>> study = optuna.create_study(directions=space.directions, sampler=sampler)
+    >>> [d.name for d in study.directions]
+    ['MAXIMIZE', 'MINIMIZE']
 
 Reference point (all objectives maximised): the metric at ``reference["metric"]`` (e.g. chance
 accuracy) or else the worst observed metric less 5% of the observed range; each cost at its

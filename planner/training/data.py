@@ -136,8 +136,11 @@ def splits(train: Any, dev: Any, validation: Any) -> tuple[Any, Any, Any]:
     ``validation`` (else ``test``) split as the evaluation data; ``validation`` is a source
     when it is not a share (a number) or None.
 
-    >>> splits("data/sst2", None, 0.2)  # doctest: +SKIP
-    (PosixPath('data/sst2/train.tsv'), PosixPath('data/sst2/dev.tsv'), None)
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "sst2"
+    >>> folder.mkdir(); _ = (folder / "train.tsv").write_text("1\\tgood\\n")
+    >>> [p.relative_to(folder.parent) if p else p for p in splits(folder, None, 0.2)]
+    [PosixPath('sst2/train.tsv'), PosixPath('sst2/dev.tsv'), None]
     """
     if isinstance(train, (str, os.PathLike)) and Path(train).is_dir():
         folder = Path(train)
@@ -214,8 +217,11 @@ def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
     """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped. An empty
     text (``0<TAB>``) is an example like any other: it tokenises to the special tokens.
 
-    >>> read_labelled_text("sst2/dev.tsv")[0]  # doctest: +SKIP
-    (1, "it 's a charming and often affecting journey .")
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "dev.tsv"
+    >>> _ = path.write_text("1\\tit 's a charming and often affecting journey .\\n\\n0\\t\\n")
+    >>> read_labelled_text(path)
+    [(1, "it 's a charming and often affecting journey ."), (0, '')]
     """
     rows = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:

@@ -3,10 +3,12 @@ prompt/response pairs (instruction tuning: the prompt's tokens are labelled -100
 read but never predicted). The metric is minus the validation loss per predicted token (higher
 is better, as everywhere in peftplan); its perplexity is ``exp(-metric)``.
 
-    >>> task = Task.for_causal_lm(model, tokenizer, "chat.jsonl", prompt_column="prompt",
-    ...                           response_column="response", max_length=256)  # doctest: +SKIP
-    >>> sorted(task.train_batches[0])  # doctest: +SKIP
-    ['attention_mask', 'input_ids', 'labels']
+    >>> from peftplan.planner import Task
+    >>> pairs = [{"prompt": f"{a}+{a}=", "response": str(2 * a)} for a in range(10)]
+    >>> task = Task.for_causal_lm(tiny_llama(), char_tokenizer(), pairs, prompt_column="prompt",
+    ...                           response_column="response", max_length=16)
+    >>> sorted(task.train_batches[0]), task.metric_name
+    (['attention_mask', 'input_ids', 'labels'], 'minus loss per token')
 
 Examples come from a ``.txt`` file (one example per non-blank line), a CSV, JSON/JSONL or
 Parquet file (read by `datasets`), a `datasets.Dataset` or ``DatasetDict``, or a list of

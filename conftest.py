@@ -68,8 +68,10 @@ def _doctest_models(request: pytest.FixtureRequest):
     ``char_tokenizer()`` (one token per character; the first with a chat template),
     ``tiny_llama()`` (a 2-layer Llama with random weights), ``tiny_bert()`` (a seeded 2-layer
     BERT classifier whose vocabulary holds the character tokenizer's ids) and ``tiny_task()``
-    (a learnable classification task of token ids for it)."""
+    (a learnable classification task of token ids for it). Examples run in an empty
+    temporary folder, so that the files they write (``save(model, "adapter_dir")``) go there."""
     if isinstance(request.node, pytest.DoctestItem):
+        request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
         from tests import zoo
         from tests.planner.trials import tiny_task
 

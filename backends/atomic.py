@@ -45,8 +45,10 @@ def replace_dir(directory: str | os.PathLike, *, names: set[str]) -> Iterator[Pa
     ``directory`` with anything else in it is refused (`PlanError`), as replacing it would
     delete those files.
 
-    >>> with replace_dir("out/run1", names={"plan.json"}) as tmp:  # doctest: +SKIP
-    ...     (tmp / "plan.json").write_text("{}")
+    >>> with replace_dir("out/run1", names={"plan.json"}) as tmp:
+    ...     _ = (tmp / "plan.json").write_text("{}")
+    >>> sorted(p.name for p in Path("out/run1").iterdir())
+    ['plan.json']
     """
     target = _followed(Path(directory).absolute())
     mode = _check_target(target, names)

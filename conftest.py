@@ -64,10 +64,26 @@ def _registrations_end_with_their_example(request: pytest.FixtureRequest):
 
 @pytest.fixture(autouse=True)
 def _doctest_models(request: pytest.FixtureRequest):
-    """Tiny offline stand-ins the docstring examples use: ``chat_tokenizer()`` (one token per
-    character, a chat template) and ``tiny_llama()`` (a 2-layer Llama with random weights)."""
+    """Tiny offline stand-ins the docstring examples use: ``chat_tokenizer()`` and
+    ``char_tokenizer()`` (one token per character; the first with a chat template),
+    ``tiny_llama()`` (a 2-layer Llama with random weights), ``tiny_bert()`` (a seeded 2-layer
+    BERT classifier whose vocabulary holds the character tokenizer's ids) and ``tiny_task()``
+    (a learnable classification task of token ids for it), ``tiny_gguf(path)`` (a tiny Llama
+    written as a GGUF file, the way llama.cpp's converter writes one). Examples run in an empty
+    temporary folder, so that the files they write (``save(model, "adapter_dir")``) go there."""
     if isinstance(request.node, pytest.DoctestItem):
+        request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
         from tests import zoo
+        from tests.planner.trials import tiny_task
 
-        request.getfixturevalue("doctest_namespace").update(chat_tokenizer=zoo.chat_tokenizer, tiny_llama=zoo.llama)
+        request.getfixturevalue("doctest_namespace").update(
+            chat_tokenizer=zoo.chat_tokenizer, char_tokenizer=zoo.char_tokenizer, tiny_llama=zoo.llama,
+            tiny_bert=zoo.bert_classifier, tiny_task=tiny_task, tiny_gguf=_tiny_gguf)
     yield
+
+
+def _tiny_gguf(path: str = "tiny.gguf") -> Path:
+    from tests import gguf_files
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return gguf_files.write_llama(Path(path), gguf_files.tiny_llama())

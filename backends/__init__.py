@@ -4,8 +4,13 @@ One module per method, each registering a `Method` by name; importing this packa
 them all. The verbs work in place on the model:
 
     >>> import peftplan as pp
-    >>> model = pp.apply(model, plan)  # doctest: +SKIP
-    >>> pp.save(model, "adapter_dir"); pp.merge(model); pp.remove(model)  # doctest: +SKIP
+    >>> model = tiny_llama()
+    >>> model = pp.apply(model, pp.search(model, "2%"))
+    >>> pp.save(model, "adapter_dir")
+    PosixPath('adapter_dir')
+    >>> pp.merge(model).left  # sites left unmerged, with the reason
+    {}
+    >>> model = pp.remove(model)
 """
 
 from . import adapter, dora, full, ia3, lora, moe_lora, none, sparse, ssf  # noqa: F401  (registers the methods)

@@ -1,9 +1,15 @@
 """`save` a tuned model as one artifact and `load` it back: ``plan.json`` (the plan, JSON) and
 ``adapters.safetensors`` (every tuned site's tensors, keyed ``"<site>.<param>"``; no pickle).
 
-    >>> save(tuned, "out/run1")  # doctest: +SKIP
+    >>> import copy
+    >>> from peftplan import apply, search
+    >>> base = tiny_llama()
+    >>> tuned = apply(copy.deepcopy(base), search(base, "2%"))
+    >>> save(tuned, "out/run1")
     PosixPath('out/run1')
-    >>> model = load(AutoModel.from_pretrained(name), "out/run1")  # doctest: +SKIP
+    >>> model = load(base, "out/run1")
+    >>> applied_plan(model).sites == applied_plan(tuned).sites
+    True
 
 The artifact is written as a whole (a temporary directory, fsync, one rename; see
 `peftplan.backends.atomic`): a crash or a kill -9 during a re-save leaves the old artifact or
@@ -38,7 +44,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     A merged model saves its adapter values (not the merged base weights), so `load` on the
     original base model rebuilds it.
 
-    >>> save(apply(model, plan), "adapter_dir")  # doctest: +SKIP
+    >>> from peftplan import apply
+    >>> plan = Plan(sites={"model.layers.0.self_attn.q_proj": {"method": "lora", "rank": 2, "alpha": 4}})
+    >>> save(apply(tiny_llama(), plan), "adapter_dir")
     PosixPath('adapter_dir')
     """
     directory = Path(directory)
@@ -69,7 +77,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True,
     ones the artifact was trained with. The loaded weights count as trained: a task's metric
     and `train` check its class names against the artifact's (`peftplan.backends.labels`).
 
-    >>> model = load(BertModel(config), "adapter_dir", labels=task.labels)  # doctest: +SKIP
+    >>> from peftplan import apply
+    >>> _ = save(apply(tiny_bert(), Plan(sites={"classifier": {"method": "full"}})), "adapter_dir")
+    >>> model = load(tiny_bert(), "adapter_dir", labels=None)
+    >>> applied_plan(model).sites["classifier"]["method"]
+    'full'
     """
 
     directory = Path(directory)

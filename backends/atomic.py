@@ -1,5 +1,7 @@
-"""Directory artifacts written and read as a whole: a kill -9 (or a full disk) in the middle of
-a save leaves the old artifact or the new one, never plan and tensors from different saves.
+"""Crash-safe writes: a kill -9 (or a full disk) in the middle of a save leaves the old file or
+artifact or the new one, never a half-written file or plan and tensors from different saves.
+
+`write_atomic` writes one file (a plan, a front, a plot) through a temporary file and a rename.
 
 `replace_dir` builds the new artifact in a temporary sibling directory with a unique name,
 fsyncs it, then swaps it for the target in one rename (Linux ``renameat2(RENAME_EXCHANGE)``
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from .base import PlanError
 
-__all__ = ["read_files", "replace_dir"]
+__all__ = ["read_files", "replace_dir", "write_atomic"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -43,8 +45,10 @@ def replace_dir(directory: str | os.PathLike, *, names: set[str]) -> Iterator[Pa
     ``directory`` with anything else in it is refused (`PlanError`), as replacing it would
     delete those files.
 
-    >>> with replace_dir("out/run1", names={"plan.json"}) as tmp:  # doctest: +SKIP
-    ...     (tmp / "plan.json").write_text("{}")
+    >>> with replace_dir("out/run1", names={"plan.json"}) as tmp:
+    ...     _ = (tmp / "plan.json").write_text("{}")
+    >>> sorted(p.name for p in Path("out/run1").iterdir())
+    ['plan.json']
     """
     target = _followed(Path(directory).absolute())
     mode = _check_target(target, names)
@@ -199,3 +203,34 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(b, aside)
     os.rename(a, b)
     os.rename(aside, a)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename. The
+    file gets the mode of the one it replaces, else what the umask gives a new file (a bare
+    temporary file would be private to its owner).
+
+    >>> import tempfile
+    >>> write_atomic(Path(tempfile.mkdtemp()) / "plan.json", "{}").read_text()
+    '{}'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask

@@ -181,7 +181,11 @@ class Method(abc.ABC):
         """Bytes this method adds while training: its parameters, their gradients and
         optimizer states (AdamW keeps 2, fp32), and the activations it saves for backward.
 
-        >>> get_method("lora").train_memory(site, tokens=2048, rank=8)  # doctest: +SKIP
+        >>> import torch.nn as nn
+        >>> from peftplan.ir.modules import static_site
+        >>> site = static_site("fc", nn.Linear(64, 32), "linear")
+        >>> get_method("lora").train_memory(site, tokens=2048, rank=8)  # 768 params x 16 + 4 x 2048 x (64 in + 8 rank)
+        602112
         """
         params = self.param_count(site, **hp)
         return params * (2 * param_bytes + 4 * optimizer_states) + act_bytes * self.saved_activations(site, tokens, **hp)

@@ -3,9 +3,13 @@ Face folder — ``config.json``, safetensors shards (with their index when there
 the tokenizer when it is known — that ``AutoModel*.from_pretrained`` loads with no peftplan
 installed, with the same outputs: for serving, or for training on elsewhere.
 
-    >>> export_merged(pp.apply(model, plan), "merged", tokenizer=tokenizer)  # doctest: +SKIP
+    >>> import peftplan as pp
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = tiny_llama()
+    >>> export_merged(pp.apply(model, pp.search(model, "2%")), "merged", tokenizer=chat_tokenizer())
     PosixPath('merged')
-    >>> AutoModelForCausalLM.from_pretrained("merged")  # doctest: +SKIP
+    >>> type(AutoModelForCausalLM.from_pretrained("merged")).__name__
+    'LlamaForCausalLM'
 
 The model is merged only while it is written: afterwards its sites are unmerged again (as
 `peftplan.unmerge` does, up to float rounding), so it trains on or is saved with
@@ -46,7 +50,12 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, *, tokenizer: 
     The folder is written as a whole (a temporary directory and one rename); a directory
     holding files other than a model's is refused rather than replaced.
 
-    >>> export_merged(pp.load(AutoModelForCausalLM.from_pretrained("base"), "adapter"), "merged")  # doctest: +SKIP
+    >>> import peftplan as pp
+    >>> from transformers import AutoModelForCausalLM
+    >>> tiny_llama().save_pretrained("base")
+    >>> base = AutoModelForCausalLM.from_pretrained("base")
+    >>> _ = pp.save(pp.apply(base, pp.search(base, "2%")), "adapter")
+    >>> export_merged(pp.load(AutoModelForCausalLM.from_pretrained("base"), "adapter"), "merged")
     PosixPath('merged')
     """
     plan = applied_plan(model)

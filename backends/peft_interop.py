@@ -4,13 +4,17 @@ What peft expresses, and the configs, are `peftplan.backends.peft_config`'s. A p
 LoRA, DoRA and (IA)³ needs one peft adapter per kind (a LoraConfig cannot hold IA3 sites, and
 ``use_dora`` is per adapter).
 
-    >>> configs, unsupported = to_peft(plan)  # doctest: +SKIP
-    >>> configs["lora"].rank_pattern  # doctest: +SKIP
-    {'encoder\\\\.layer\\\\.0\\\\.attention\\\\.self\\\\.query': 4}
-    >>> export_peft(tuned, "peft_dir").adapters  # doctest: +SKIP
+    >>> import copy
+    >>> from peft import PeftModel
+    >>> base = tiny_bert()
+    >>> plan = Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 4, "alpha": 8}})
+    >>> configs, unsupported = to_peft(plan)
+    >>> configs["lora"].r, unsupported
+    (4, [])
+    >>> export_peft(apply(copy.deepcopy(base), plan), "peft_dir").adapters
     {'lora': PosixPath('peft_dir')}
-    >>> PeftModel.from_pretrained(base, "peft_dir")  # doctest: +SKIP
-    >>> model = import_peft(AutoModel.from_pretrained(name), "peft_dir")  # doctest: +SKIP
+    >>> peft_model = PeftModel.from_pretrained(copy.deepcopy(base), "peft_dir")
+    >>> model = import_peft(base, "peft_dir")
 
 One adapter is written at the top of the directory; several go to one sub-directory each
 (``dir/lora``, ``dir/ia3``). Load them one after the other: ``PeftModel.from_pretrained(base,
@@ -78,7 +82,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     Sites peft cannot express raise `PlanError` naming them; ``allow_partial=True`` writes the
     rest and lists them in the result's ``unsupported``.
 
-    >>> export_peft(apply(model, plan), "peft_dir")  # doctest: +SKIP
+    >>> plan = Plan(sites={"model.layers.0.self_attn.q_proj": {"method": "lora", "rank": 2, "alpha": 4}})
+    >>> export_peft(apply(tiny_llama(), plan), "peft_dir")
     PeftExport(adapters={'lora': PosixPath('peft_dir')}, unsupported=[])
     """
     plan = applied_plan(model)
@@ -111,9 +116,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Read a peft LoRA/DoRA or IA3 adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
     into a `Plan` applied to ``model`` with the adapter's weights; returns ``model``.
 
-    >>> model = import_peft(LlamaForCausalLM(config), "peft_dir")  # doctest: +SKIP
-    >>> peftplan.applied_plan(model).summary()  # doctest: +SKIP
-    'lora: 8 sites, ranks 4–8'
+    >>> import copy
+    >>> base = tiny_llama()
+    >>> plan = Plan(sites={f"model.layers.{i}.self_attn.{p}_proj": {"method": "lora", "rank": 4, "alpha": 8}
+    ...                    for i in (0, 1) for p in "qv"})
+    >>> _ = export_peft(apply(copy.deepcopy(base), plan), "peft_dir")
+    >>> model = import_peft(base, "peft_dir")
+    >>> applied_plan(model).summary()
+    'lora: 4 sites, rank 4'
     """
 
     directory = Path(directory)

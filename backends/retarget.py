@@ -5,15 +5,18 @@ the nearest relative depth, so a plan made on a 6-layer model applies to a 12-la
 Entries with method ``none`` count as sites too: a plan that leaves the lower blocks alone
 leaves the target's lower blocks alone.
 
-    >>> plan12, mapping = retarget(plan6, lower(bert12))  # doctest: +SKIP
-    >>> mapping["encoder.layer.11.attention.self.value"]  # doctest: +SKIP
-    'encoder.layer.5.attention.self.value'
+    >>> from peftplan import lower, search
+    >>> plan2 = search(tiny_llama(), "2%")
+    >>> plan4, mapping = retarget(plan2, lower(tiny_llama(layers=4)))
+    >>> mapping["model.layers.3.self_attn.v_proj"]
+    'model.layers.1.self_attn.v_proj'
 """
 
 from __future__ import annotations
 
+from ..describe import describe, model_header
 from ..ir.site import SiteGraph
-from ..plan import Plan, describe, model_header
+from ..plan import Plan
 from .base import PlanError, get_method
 
 

@@ -9,8 +9,10 @@ second and a changed file is converted again.
 
     >>> model = load_model("minilm")            # doctest: +SKIP
     >>> model = load_model("smollm2")           # doctest: +SKIP
-    >>> model = load_model("models/qwen2-0.5b-instruct-q8_0.gguf")  # doctest: +SKIP
-    >>> model = load_model("tests.zoo:llama")   # doctest: +SKIP
+    >>> model = load_model(str(tiny_gguf("models/tiny-llama.gguf")))
+    >>> model = load_model("tests.zoo:llama")
+    >>> type(model).__name__
+    'LlamaForCausalLM'
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def gguf_dir(path: str | os.PathLike, cache: str | os.PathLike | None = None) ->
     """The Hugging Face folder of GGUF file ``path``, converted on first use into ``cache``
     (default `cache_dir`), under a name holding the file's content hash.
 
-    >>> folder = gguf_dir(smollm2_gguf())  # doctest: +SKIP
-    >>> sorted(p.name for p in folder.iterdir())[:2]  # doctest: +SKIP
+    >>> folder = gguf_dir(tiny_gguf("tiny.gguf"), cache="cache")
+    >>> sorted(p.name for p in folder.iterdir())[:2]
     ['chat_template.jinja', 'config.json']
     """
     path = Path(path)

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .backends.atomic import write_atomic
 from .backends.base import PlanError, get_method
 from .backends.peft_config import axolotl_yaml, lora_entries, peft_config
-from .ir.site import Site
+from .describe import provenance
 from .recipe import Recipe
-from .version import __version__
+
+# `write_atomic` and `provenance` were first defined here; they stay importable from here
+__all__ = ["FORMAT", "READS", "SITE_KEYS", "VERSION", "Plan", "provenance", "write_atomic"]
 
 FORMAT = "peftplan.plan"
 VERSION = 2
@@ -217,56 +218,3 @@ def _check_description(name: str, entry: dict[str, Any]) -> None:
     for key in ("role", "op"):
         if key in entry and not isinstance(entry[key], str):
             raise PlanError(f"site {name!r}: {key!r} must be a string like 'attn.q' or 'linear', got {entry[key]!r}")
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename. The
-    file gets the mode of the one it replaces, else what the umask gives a new file (a bare
-    temporary file would be private to its owner)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def describe(site: Site) -> dict[str, Any]:
-    """A site's description in a plan entry (for checking and re-targeting; not hyper-parameters).
-
-    >>> import torch.nn as nn
-    >>> from peftplan.ir.modules import static_site
-    >>> describe(static_site("fc", nn.Linear(4, 2), "linear"))
-    {'role': 'other', 'depth': 0.0, 'op': 'linear', 'shape': [4, 2]}
-    """
-    return {"role": site.role, "depth": site.depth, "op": site.op, "shape": [site.in_features, site.out_features]}
-
-
-def model_header(graph: Any) -> dict[str, Any]:
-    """The plan's ``model`` field for a `SiteGraph`: what `apply` checks the target against."""
-    return {"fingerprint": graph.fingerprint, "class": graph.model_class, "n_sites": len(graph)}
-
-
-def provenance(strategy: str, seed: int | None, task: str | None = None) -> dict[str, Any]:
-    """Who made a plan: peftplan's version, the strategy, seed, task and time."""
-    return {
-        "peftplan": __version__,
-        "strategy": strategy,
-        "seed": seed,
-        "task": task,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

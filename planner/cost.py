@@ -122,7 +122,11 @@ def plan_cost(graph: SiteGraph, plan: Plan, *, batch_shape: tuple[int, int] | No
     `count_trainable` counts them. ``machine`` holds the latency model's constants; kernels
     per forward do not grow with the batch, FLOPs do.
 
-    >>> plan_cost(graph, plan, batch_shape=(32, 64)).train_bytes  # doctest: +SKIP
+    >>> from peftplan import lower
+    >>> plan = Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 2, "alpha": 4}})
+    >>> cost = plan_cost(lower(tiny_bert()), plan, batch_shape=(32, 64))
+    >>> cost.params, cost.train_bytes > 0
+    (128, True)
     """
     (b, n), (b0, n0) = batch_shape or graph.example_shape, graph.example_shape
     if b < 1 or n < 1:
@@ -162,9 +166,11 @@ def train_memory_estimate(model: nn.Module, graph: SiteGraph, plan: Plan, *, bat
     one example (batch 1, training size); HF text models get ``seq_len`` random token ids.
     Call it on the model before `apply`.
 
-    >>> est = train_memory_estimate(model, pp.lower(model), plan, batch=32, seq_len=64)  # doctest: +SKIP
-    >>> print(est)  # doctest: +SKIP
-    428 MiB = weights 87 + frozen activations 303 + plan 38
+    >>> from peftplan import lower
+    >>> model = tiny_bert()
+    >>> plan = Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 2, "alpha": 4}})
+    >>> print(train_memory_estimate(model, lower(model), plan, batch=32, seq_len=64))
+    15 MiB = weights 0 + frozen activations 14 + plan 0
     """
 
     if hasattr(model, PLAN_ATTR):
@@ -185,8 +191,10 @@ def saved_bytes(model: nn.Module, tuned: list[Site], inputs: tuple[tuple, dict])
     parameter frozen and the ``tuned`` sites' outputs requiring grad (as they do once tuned),
     each storage once, parameters and buffers excluded; and each tuned site's positions per call.
 
-    >>> saved_bytes(minilm, [graph["encoder.layer.0.attention.self.query"]], ((), {"input_ids": ids}))  # doctest: +SKIP
-    (9739776, {'encoder.layer.0.attention.self.query': 64})
+    >>> from peftplan import lower
+    >>> model = tiny_bert()
+    >>> saved_bytes(model, [lower(model)["bert.encoder.layer.0.attention.self.query"]], ((), {"input_ids": torch.ones(1, 64, dtype=torch.long)}))
+    (469248, {'bert.encoder.layer.0.attention.self.query': 64})
     """
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}

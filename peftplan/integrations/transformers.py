@@ -8,9 +8,17 @@ chooses one per trial), and is scored by ``trainer.evaluate()``. Everything else
 schedule, warm-up, precision, logging) is your `TrainingArguments`; trials save no
 checkpoints.
 
-    >>> loop = TrainerLoop(TrainingArguments("out", max_steps=200, learning_rate=1e-3), train_ds, eval_ds,
-    ...                    data_collator=DataCollatorWithPadding(tokenizer))  # doctest: +SKIP
-    >>> plan = peftplan.search(model, "0.5%", evaluate=loop, trials=12)  # doctest: +SKIP
+    >>> import peftplan
+    >>> from datasets import Dataset
+    >>> from transformers import DataCollatorWithPadding, TrainingArguments
+    >>> tokenizer, model = char_tokenizer(), tiny_bert()
+    >>> data = Dataset.from_list([{"text": t, "label": int("good" in t)} for t in ["a good film", "a bad film"] * 8])
+    >>> data = data.map(lambda row: tokenizer(row["text"]), remove_columns=["text"])
+    >>> loop = TrainerLoop(TrainingArguments("out", max_steps=200, learning_rate=1e-3, report_to=[]), data, data,
+    ...                    data_collator=DataCollatorWithPadding(tokenizer))
+    >>> loop.recipe.steps, sorted(loop.task(model).train_batches[0])
+    (200, ['attention_mask', 'input_ids', 'labels'])
+    >>> plan = peftplan.search(model, "5%", evaluate=loop, trials=12)  # doctest: +SKIP
 
 The search's recipe is the arguments' (`TrainerLoop.recipe`), and its task
 (`TrainerLoop.task`) the first training batches, collated, for the proxy's site scores and the
@@ -93,7 +101,9 @@ class TrainerLoop:
     def trial_arguments(self, output_dir: str, steps: int, lr: float) -> Any:
         """The arguments of a trial: the user's, at the trial's length and learning rate, saving no checkpoints.
 
-        >>> loop.trial_arguments("/tmp/trial", 20, 1e-3).max_steps  # doctest: +SKIP
+        >>> from transformers import TrainingArguments
+        >>> loop = TrainerLoop(TrainingArguments("out", max_steps=200, learning_rate=1e-3), [{}], [{}])
+        >>> loop.trial_arguments("trial", 20, 1e-3).max_steps
         20
         """
         return replace(self.args, output_dir=output_dir, max_steps=steps, learning_rate=lr, save_strategy="no",
@@ -102,7 +112,10 @@ class TrainerLoop:
     def trainer(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
         """The trainer of one trial: `transformers.Trainer` with the user's collator and metrics.
 
-        >>> loop.trainer(tuned, loop.trial_arguments("/tmp/trial", 20, 1e-3), train_ds, eval_ds).train()  # doctest: +SKIP
+        >>> from transformers import TrainingArguments
+        >>> loop = TrainerLoop(TrainingArguments("out", max_steps=200, learning_rate=1e-3, report_to=[]), [{}], [{}])
+        >>> type(loop.trainer(tiny_bert(), loop.trial_arguments("trial", 20, 1e-3), None, None)).__name__
+        'Trainer'
         """
         from transformers import Trainer
 

@@ -10,9 +10,16 @@ default, or a metric such as ``"mean_token_accuracy"``). Everything else (batch 
 completion-only loss, precision, gradient checkpointing) is your ``SFTConfig``; trials save no
 checkpoints.
 
-    >>> loop = SFTLoop(SFTConfig("out", max_steps=200, learning_rate=2e-4, per_device_train_batch_size=8),
-    ...                train_ds, eval_ds, tokenizer)  # doctest: +SKIP
-    >>> plan = peftplan.search(model, "0.5%", evaluate=loop, trials=12)  # doctest: +SKIP
+    >>> import peftplan
+    >>> from datasets import Dataset
+    >>> from trl import SFTConfig
+    >>> chats = Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    ...                            for q, a in [("good?", "yes"), ("bad?", "no")] * 8])
+    >>> loop = SFTLoop(SFTConfig("out", max_steps=200, learning_rate=2e-4, per_device_train_batch_size=8,
+    ...                          bf16=False, use_cpu=True, report_to=[]), chats, chats, chat_tokenizer())
+    >>> loop.recipe.steps, loop.recipe.lr
+    (200, 0.0002)
+    >>> plan = peftplan.search(tiny_llama(), "2%", evaluate=loop, trials=12)  # doctest: +SKIP
 
 The search's recipe is the config's (`SFTLoop.recipe`); its site scores and memory costs come
 from the first training batches as ``SFTTrainer`` makes them (`SFTLoop.task`). TRL computes the
@@ -54,7 +61,12 @@ class SFTLoop(TrainerLoop):
     def trainer(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
         """The ``SFTTrainer`` of one trial, on ``model`` with its plan applied.
 
-        >>> loop.trainer(pp.apply(copy.deepcopy(model), plan), loop.trial_arguments("out", 20, 1e-3), train_ds, eval_ds).train()  # doctest: +SKIP
+        >>> from datasets import Dataset
+        >>> from trl import SFTConfig
+        >>> texts = Dataset.from_list([{"text": "a good film"}, {"text": "a bad film"}])
+        >>> loop = SFTLoop(SFTConfig("out", bf16=False, use_cpu=True, report_to=[]), texts, texts, chat_tokenizer())
+        >>> type(loop.trainer(tiny_llama(), loop.trial_arguments("trial", 20, 1e-3), texts, texts)).__name__
+        'SFTTrainer'
         """
         from trl import SFTTrainer
 
@@ -73,7 +85,11 @@ class SFTLoop(TrainerLoop):
         what the proxy scores sites on and memory is costed at. The trainer that makes them
         gets a copy of ``model`` (TRL patches the model it is given).
 
-        >>> sorted(loop.task(model).train_batches[0])  # doctest: +SKIP
+        >>> from datasets import Dataset
+        >>> from trl import SFTConfig
+        >>> texts = Dataset.from_list([{"text": "a good film"}, {"text": "a bad film"}])
+        >>> loop = SFTLoop(SFTConfig("out", bf16=False, use_cpu=True, report_to=[]), texts, texts, chat_tokenizer())
+        >>> sorted(loop.task(tiny_llama()).train_batches[0])
         ['attention_mask', 'input_ids', 'labels']
         """
         with tempfile.TemporaryDirectory(prefix="peftplan-sft-") as out:

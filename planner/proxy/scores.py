@@ -77,9 +77,11 @@ def alpha_scores(model: nn.Module, graph: SiteGraph, names: Iterable[str] | None
     is flat (alpha = inf) gets the largest finite alpha found, so that it still counts as the
     least trained. Weights on the meta device cannot be scored: materialise them first.
 
-    >>> scores = alpha_scores(model, pp.lower(model))  # doctest: +SKIP
-    >>> scores["encoder.layer.0.attention.self.query"]  # doctest: +SKIP
-    3.91...
+    >>> from peftplan import lower
+    >>> model = tiny_bert()
+    >>> scores = alpha_scores(model, lower(model))
+    >>> 0 < scores["bert.encoder.layer.0.attention.self.query"] < math.inf
+    True
     """
     sites = _matrix_sites(graph, names)
     out: dict[str, float] = {}
@@ -162,8 +164,10 @@ def grad2_scores(
     ``torch.autograd.grad``, so ``.grad``, ``requires_grad`` and the train/eval mode are as
     before afterwards. No optimizer step is taken.
 
-    >>> scores = grad2_scores(model, pp.lower(model), task, batches=4)  # doctest: +SKIP
-    >>> max(scores, key=scores.get)  # doctest: +SKIP
+    >>> from peftplan import lower
+    >>> model = tiny_bert()
+    >>> scores = grad2_scores(model, lower(model), tiny_task(), batches=4, progress=False)
+    >>> max(scores, key=scores.get)
     'classifier'
     """
     return _grad2(model, task, _matrix_sites(graph, names), batches, seed, progress)
@@ -230,8 +234,10 @@ def activation_scores(model: nn.Module, graph: SiteGraph, task: Task, names: Ite
     ``attention_mask`` of the input's leading shape. Embedding sites (integer inputs) score
     the mean of the others. The model runs in eval mode without gradients.
 
-    >>> scores = activation_scores(model, pp.lower(model), task, batches=4)  # doctest: +SKIP
-    >>> 0 < scores["encoder.layer.0.attention.self.query"] <= 1  # doctest: +SKIP
+    >>> from peftplan import lower
+    >>> model = tiny_bert()
+    >>> scores = activation_scores(model, lower(model), tiny_task(), batches=4)
+    >>> 0 < scores["bert.encoder.layer.0.attention.self.query"] <= 1
     True
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

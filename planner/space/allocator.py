@@ -110,8 +110,11 @@ class AllocatorSpace(Space):
     allocations — so a search is compared with them before anything else. A budget below rank
     1 on the cheapest site is a `BudgetError` naming the smallest that fits.
 
-    >>> space = AllocatorSpace(graph, scores, 5_000)  # doctest: +SKIP
-    >>> space.plan_from_params(space.proxy_params(1.0)).sites == search(..., strategy="proxy").sites  # doctest: +SKIP
+    >>> from peftplan.planner import search
+    >>> from peftplan.planner.space import default_space
+    >>> model = tiny_bert()
+    >>> space = default_space(model, 5_000, None)
+    >>> space.plan_from_params(space.proxy_params(1.0)).sites == search(model, 5_000, strategy="proxy").sites
     True
     """
 

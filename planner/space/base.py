@@ -5,11 +5,14 @@ optuna ``FixedTrial``, a stored trial) reproduces its plan, and the plan's exact
 (trainable params; training memory and merged latency overhead on request) are known before
 anything trains. Trainable params never exceed the budget: the space builds plans within it.
 
-    >>> space = AllocatorSpace(graph, scores, 5_000, methods=("lora", "ia3"))  # doctest: +SKIP
-    >>> sorted(space.distributions())  # doctest: +SKIP
+    >>> from peftplan import lower
+    >>> from peftplan.planner.space import AllocatorSpace
+    >>> graph = lower(tiny_bert())
+    >>> space = AllocatorSpace(graph, {site.name: 1.0 for site in graph}, 5_000, methods=("lora", "ia3"))
+    >>> sorted(space.distributions())
     ['budget', 'depth_tilt', 'max_rank', 'mlp_tilt', 'none_share', 'power', 'vector_share']
-    >>> plan = space.plan_from_params(space.seeds(1)[0])  # the proxy plan at the full budget  # doctest: +SKIP
-    >>> plan.objectives["params"] <= 5_000, space.objectives  # doctest: +SKIP
+    >>> plan = space.plan_from_params(space.seeds(1)[0])  # the proxy plan at the full budget
+    >>> plan.objectives["params"] <= 5_000, space.objectives
     (True, {'metric': 'max', 'params': 'min'})
 """
 
@@ -30,8 +33,9 @@ from optuna.distributions import (
 )
 
 from ...backends.base import get_method
+from ...describe import describe, model_header
 from ...ir.site import SiteGraph
-from ...plan import Plan, describe, model_header
+from ...plan import Plan
 from ...recipe import Recipe
 from ..budget import Budget, BudgetError
 from ..cost import plan_cost
@@ -108,7 +112,9 @@ class Space(abc.ABC):
     def recipe(self, params: Mapping[str, Any], base: Recipe) -> Recipe:
         """How ``params``' plan trains: ``base`` at the knob ``"lr"`` when the space searches it.
 
-        >>> space.recipe({"lr": 2e-3, **knobs}, Recipe(lr=1e-3, steps=200)).lr  # doctest: +SKIP
+        >>> from peftplan.planner.space import default_space
+        >>> space = default_space(tiny_bert(), 5_000, None, lr=(1e-4, 1e-2))
+        >>> space.recipe({**space.proxy_params(1.0), "lr": 2e-3}, Recipe(lr=1e-3, steps=200)).lr
         0.002
         """
         if self.lr is None or "lr" not in params:

@@ -32,7 +32,9 @@ def default_space(model: nn.Module, budget: Budget | int | str, task: Task | Non
     ``task``'s largest training batch; without a task or one without batches (a loop of the
     user's own) there is none, so it cannot limit memory.
 
-    >>> space = default_space(model, "1%", task, methods=("lora", "ia3"))  # doctest: +SKIP
+    >>> space = default_space(tiny_bert(), "5%", tiny_task(), methods=("lora", "ia3"))
+    >>> space.methods, space.objectives
+    (('lora', 'ia3'), {'metric': 'max', 'params': 'min'})
     """
     options, objectives, budget = proxy or ProxyOptions(), tuple(objectives), Budget.coerce(budget)
     graph = lower(model) if graph is None else graph

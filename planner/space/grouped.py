@@ -29,8 +29,14 @@ class GroupedSpace(Space):
     Given ``scores``, `proxy_params` rounds the proxy allocation's mean rank per group down to a
     level (uniform scores otherwise): an approximation, as groups share one rank.
 
-    >>> space = GroupedSpace(graph, 5_000, methods=("lora", "ia3"), group_by="block")  # doctest: +SKIP
-    >>> space.plan_from_params({"method:block0": "lora", "rank:block0": 3, ...}).sites  # doctest: +SKIP
+    >>> from peftplan import lower
+    >>> space = GroupedSpace(lower(tiny_bert()), 5_000, methods=("lora", "ia3"), group_by="block")
+    >>> sorted(space.distributions())
+    ['method:block0', 'method:block1', 'rank:block0', 'rank:block1']
+    >>> knobs = {**space.proxy_params(1.0), "method:block0": "lora", "rank:block0": 3}
+    >>> plan = space.plan_from_params(knobs)
+    >>> plan.sites["bert.encoder.layer.0.attention.self.query"]
+    {'method': 'lora', 'rank': 3, 'alpha': 6, 'role': 'attn.q', 'depth': 0.0, 'op': 'linear', 'shape': [32, 32]}
     """
 
     name = "grouped"

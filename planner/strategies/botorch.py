@@ -9,8 +9,12 @@ dropped before the acquisition sees them. The acquisition,
 `qLogNoisyExpectedHypervolumeImprovement`, is maximised over a discrete set: Sobol points in
 the knob space plus perturbations of the non-dominated trials, snapped to valid knob values.
 
-    >>> sampler = QLogNEHVISampler(space, seed=0, reference={"metric": 0.5})  # doctest: +SKIP
-    >>> study = optuna.create_study(directions=space.directions, sampler=sampler)  # doctest: +SKIP
+    >>> from peftplan.planner.space import default_space
+    >>> space = default_space(tiny_bert(), 5_000, None)
+    >>> sampler = QLogNEHVISampler(space, seed=0, reference={"metric": 0.5})
+    >>> study = optuna.create_study(directions=space.directions, sampler=sampler)
+    >>> [d.name for d in study.directions]
+    ['MAXIMIZE', 'MINIMIZE']
 
 Reference point (all objectives maximised): the metric at ``reference["metric"]`` (e.g. chance
 accuracy) or else the worst observed metric less 5% of the observed range; each cost at its
@@ -86,19 +90,8 @@ class QLogNEHVISampler(BaseSampler):
             torch.set_num_threads(threads)
 
     def _propose(self, done: list[FrozenTrial], metric: list[float], number: int) -> dict[str, Any]:
-        from botorch.acquisition.multi_objective.logei import (
-            qLogNoisyExpectedHypervolumeImprovement,
-        )
-        from botorch.fit import fit_gpytorch_mll
-        from botorch.models import SingleTaskGP
-        from botorch.models.deterministic import GenericDeterministicModel
-        from botorch.models.model import ModelList
-        from botorch.models.transforms.outcome import Standardize
         from botorch.optim import optimize_acqf_discrete
-        from botorch.sampling import ListSampler, SobolQMCNormalSampler
-        from botorch.sampling.index_sampler import IndexSampler
         from botorch.utils.multi_objective.pareto import is_non_dominated
-        from gpytorch.mlls import ExactMarginalLogLikelihood
 
         torch.manual_seed(self.seed + number)
         X = torch.tensor([self._encode(t.params) for t in done], dtype=torch.double)
@@ -112,8 +105,20 @@ class QLogNEHVISampler(BaseSampler):
         ok = [all(c[k] <= v for k, v in self.limits.items()) for c in costs_obs]
         baseline = X[ok] if any(ok) else X  # the front to improve on: feasible trials only
         observed = torch.cat([y, cost_rows(costs_obs)], dim=-1)[ok if any(ok) else slice(None)]
-        best = baseline[is_non_dominated(observed)]
-        params, rows = self._candidates(best, number)
+        params, rows = self._candidates(baseline[is_non_dominated(observed)], number)
+        feasible = self._feasible(params, rows, X)
+        if not feasible:
+            return {}
+        choices = rows[[i for i, _ in feasible]]
+        table = torch.cat([cost_rows(costs_obs), cost_rows([c for _, c in feasible])])
+        acqf = self._acquisition(X, y, baseline, torch.cat([X, choices]), table)
+        picked, _ = optimize_acqf_discrete(acqf, q=1, choices=choices)
+        at = int(torch.cdist(picked, choices).argmin())
+        return params[feasible[at][0]]
+
+    def _feasible(self, params: list[dict[str, Any]], rows: torch.Tensor, X: torch.Tensor) -> list[tuple[int, dict]]:
+        """(index, costs) of the candidates not tried yet (not a row of ``X``) whose costs are
+        within the limits."""
         seen = {tuple(r) for r in X.numpy().round(9).tolist()}
         keep = [i for i, r in enumerate(rows.numpy().round(9).tolist()) if tuple(r) not in seen]
         feasible = []
@@ -121,14 +126,26 @@ class QLogNEHVISampler(BaseSampler):
             c = self.space.costs(params[i])
             if all(c[k] <= v for k, v in self.limits.items()):
                 feasible.append((i, c))
-        if not feasible:
-            return {}
-        choices = rows[[i for i, _ in feasible]]
+        return feasible
+
+    def _acquisition(self, X: torch.Tensor, y: torch.Tensor, baseline: torch.Tensor, keys: torch.Tensor,
+                     table: torch.Tensor) -> Any:  # fmt: skip
+        """qLogNEHVI over a GP of the metric fitted to (``X``, ``y``) and the costs, which are
+        looked up: row ``i`` of ``table`` (maximised, scaled) holds the costs at point ``keys[i]``."""
+        from botorch.acquisition.multi_objective.logei import (
+            qLogNoisyExpectedHypervolumeImprovement,
+        )
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.deterministic import GenericDeterministicModel
+        from botorch.models.model import ModelList
+        from botorch.models.transforms.outcome import Standardize
+        from botorch.sampling import ListSampler, SobolQMCNormalSampler
+        from botorch.sampling.index_sampler import IndexSampler
+        from gpytorch.mlls import ExactMarginalLogLikelihood
 
         gp = SingleTaskGP(X, y, outcome_transform=Standardize(m=1))
         fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
-        keys = torch.cat([X, choices])
-        table = torch.cat([cost_rows(costs_obs), cost_rows([c for _, c in feasible])])
 
         def known(x: torch.Tensor) -> torch.Tensor:  # (..., d) → (..., n_costs), by nearest key
             at = torch.cdist(x.reshape(-1, x.shape[-1]), keys).argmin(-1)
@@ -139,13 +156,10 @@ class QLogNEHVISampler(BaseSampler):
         ref_metric = self.reference["metric"] if "metric" in self.reference else worst - 0.05 * spread
         ref = [ref_metric, *(-(1.0 if k in self.limits else 1.1) for k in self.costs)]
         shape = torch.Size([self.mc_samples])
-        acqf = qLogNoisyExpectedHypervolumeImprovement(
+        return qLogNoisyExpectedHypervolumeImprovement(
             model=model, ref_point=ref, X_baseline=baseline, prune_baseline=True,
             sampler=ListSampler(SobolQMCNormalSampler(shape, seed=self.seed), IndexSampler(shape, seed=self.seed)),
         )  # fmt: skip
-        picked, _ = optimize_acqf_discrete(acqf, q=1, choices=choices)
-        at = int(torch.cdist(picked, choices).argmin())
-        return params[feasible[at][0]]
 
     def _candidates(self, best: torch.Tensor, number: int) -> tuple[list[dict[str, Any]], torch.Tensor]:
         """Sobol points and perturbations of ``best``, snapped to valid knobs; unique rows."""

@@ -14,9 +14,10 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from ...describe import provenance
 from ...ir import lower
 from ...ir.site import SiteGraph
-from ...plan import Plan, provenance
+from ...plan import Plan
 from ..budget import Budget, BudgetError
 from ..proxy.options import ProxyOptions
 from ..proxy.scores import score_sites
@@ -32,8 +33,8 @@ def proxy_plan(model: nn.Module, budget: Budget, task: Task | None, options: Pro
     ranks by `allocate` over the scores), its provenance saying how the sites were scored. The
     budget's limits besides params are checked, not searched: a plan over them is an error.
 
-    >>> plan = proxy_plan(model, Budget(params="0.5%"), None, ProxyOptions())  # doctest: +SKIP
-    >>> plan.provenance["strategy"], plan.provenance["scores"]  # doctest: +SKIP
+    >>> plan = proxy_plan(tiny_bert(), Budget(params="5%"), None, ProxyOptions())
+    >>> plan.provenance["strategy"], plan.provenance["scores"]
     ('proxy', 'hill-alpha')
     """
     if budget.memory is not None and task is None:

@@ -124,8 +124,9 @@ def make_sampler(strategy: str, space: Space, *, seed: int, constraints: Mapping
     first generation is ``options.get("population_size", POPULATION)``). ``options`` go to the
     sampler's constructor.
 
-    >>> make_sampler("tpe", space, seed=0)  # doctest: +SKIP
-    <optuna.samplers._tpe.sampler.TPESampler object at …>
+    >>> from peftplan.planner.space import default_space
+    >>> type(make_sampler("tpe", default_space(tiny_bert(), 5_000, None), seed=0)).__name__
+    'TPESampler'
     """
     entry = get_strategy(strategy)
     limits = dict(space.limits if constraints is None else constraints)

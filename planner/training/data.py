@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import load_table, not_utf8
+from .files import load_table, not_utf8, text_cell
 
 Row = tuple[int, Any]  # (label id, text or (text, pair))
 
@@ -135,8 +136,11 @@ def splits(train: Any, dev: Any, validation: Any) -> tuple[Any, Any, Any]:
     ``validation`` (else ``test``) split as the evaluation data; ``validation`` is a source
     when it is not a share (a number) or None.
 
-    >>> splits("data/sst2", None, 0.2)  # doctest: +SKIP
-    (PosixPath('data/sst2/train.tsv'), PosixPath('data/sst2/dev.tsv'), None)
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "sst2"
+    >>> folder.mkdir(); _ = (folder / "train.tsv").write_text("1\\tgood\\n")
+    >>> [p.relative_to(folder.parent) if p else p for p in splits(folder, None, 0.2)]
+    [PosixPath('sst2/train.tsv'), PosixPath('sst2/dev.tsv'), None]
     """
     if isinstance(train, (str, os.PathLike)) and Path(train).is_dir():
         folder = Path(train)
@@ -177,9 +181,9 @@ def table_rows(table: Any, columns: Columns, source: str) -> tuple[list[Any], li
                              f"{role}_column=... (--{role}-column on the command line)")  # fmt: skip
     if len(table) == 0:
         raise ValueError(f"{source} has no examples")
-    texts = [_text(v, source, columns.text) for v in table[columns.text]]
+    texts = [text_cell(v, source, columns.text) for v in table[columns.text]]
     if columns.pair is not None:
-        texts = list(zip(texts, (_text(v, source, columns.pair) for v in table[columns.pair])))
+        texts = list(zip(texts, (text_cell(v, source, columns.pair) for v in table[columns.pair])))
     return texts, list(table[columns.label])
 
 
@@ -209,19 +213,15 @@ def class_names(table: Any, column: str) -> tuple[str, ...] | None:
     return tuple(feature.names) if hasattr(feature, "names") else None
 
 
-def _text(v: Any, source: str, column: str) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
-                         "fill in missing texts or name another column")  # fmt: skip
-    return v
-
-
 def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
     """``[(label, text), …]`` from a ``LABEL<TAB>TEXT`` file; blank lines are skipped. An empty
     text (``0<TAB>``) is an example like any other: it tokenises to the special tokens.
 
-    >>> read_labelled_text("sst2/dev.tsv")[0]  # doctest: +SKIP
-    (1, "it 's a charming and often affecting journey .")
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "dev.tsv"
+    >>> _ = path.write_text("1\\tit 's a charming and often affecting journey .\\n\\n0\\t\\n")
+    >>> read_labelled_text(path)
+    [(1, "it 's a charming and often affecting journey ."), (0, '')]
     """
     rows = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -241,3 +241,72 @@ def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
     if not rows:
         raise ValueError(f"{path} has no examples")
     return rows
+
+
+def stratified_split(rows: list[tuple[int, str]], share: float | int, *, seed: int = 0) -> tuple[list, list]:
+    """(rest, held out): ``share`` of ``rows`` (a fraction in (0, 1), or a count) held out with
+    each label in its proportion (largest remainders), drawn with ``seed``; both keep the rows'
+    order.
+
+    >>> rows = [(0, "a"), (0, "b"), (0, "c"), (0, "d"), (1, "e"), (1, "f"), (1, "g"), (1, "h")]
+    >>> rest, held = stratified_split(rows, 0.25, seed=0)
+    >>> sorted(label for label, _ in held), len(rest)
+    ([0, 1], 6)
+    """
+    k = validation_count(share, len(rows), "training examples")
+    by_label: dict[int, list[int]] = {}
+    for i, (label, _) in enumerate(rows):
+        by_label.setdefault(label, []).append(i)
+    exact = {label: k * len(ix) / len(rows) for label, ix in by_label.items()}
+    take = {label: math.floor(q) for label, q in exact.items()}
+    for label in sorted(exact, key=lambda lb: (take[lb] - exact[lb], lb))[: k - sum(take.values())]:
+        take[label] += 1
+    rng = random.Random(seed)
+    held = {i for label, ix in sorted(by_label.items()) for i in rng.sample(ix, take[label])}
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def validation_count(share: float | int, n: int, what: str) -> int:
+    """How many of ``n`` items a validation ``share`` (a fraction in (0, 1) or a count) holds out.
+
+    >>> validation_count(0.2, 10, "training examples"), validation_count(3, 10, "training examples")
+    (2, 3)
+    """
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share):
+        raise ValueError(f"validation must be a fraction in (0, 1) or a count, got {share!r}")
+    k = share if isinstance(share, int) else round(share * n)
+    if isinstance(share, float) and not 0 < share < 1:
+        raise ValueError(f"validation={share}: a fraction lies in (0, 1); give a count as an int")
+    if not 1 <= k < n:
+        raise ValueError(f"validation={share!r} of {n} {what} leaves {'no validation' if k < 1 else 'no training'} "
+                         f"example; the split needs at least one of each")  # fmt: skip
+    return k
+
+
+def task_name(train: Any) -> str:
+    """A task folder's name, a data file's folder (or stem), a dataset's name, else "dataset".
+
+    >>> task_name("data/text/sst2/train.tsv"), task_name(["a text"])
+    ('sst2', 'dataset')
+    """
+    if isinstance(train, (str, os.PathLike)):
+        path = Path(train)
+        return path.name if path.is_dir() else (path.parent.name or path.stem)
+    if isinstance(train, (list, tuple)):
+        return "dataset"
+    info = getattr(train, "info", None) or getattr(next(iter(getattr(train, "values", list)()), None), "info", None)
+    return getattr(info, "dataset_name", None) or "dataset"
+
+
+def load_tokenizer(model_dir_or_model: Any) -> Any:
+    """The tokenizer saved beside a model: in its directory, or for a loaded model where its
+    ``config._name_or_path`` says it came from."""
+    import torch.nn as nn
+    from transformers import AutoTokenizer
+
+    source = model_dir_or_model
+    if isinstance(model_dir_or_model, nn.Module):
+        source = getattr(getattr(model_dir_or_model, "config", None), "_name_or_path", None)
+        if not source:
+            raise ValueError("pass a tokenizer: the model does not say where it was loaded from")
+    return AutoTokenizer.from_pretrained(source)

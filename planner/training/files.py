@@ -31,7 +31,10 @@ CHUNK = 1 << 20
 def load_table(path: str | os.PathLike, sep: str | None = None) -> Any:
     """A CSV, JSON/JSONL or Parquet file as a `datasets.Dataset` (``sep``: a CSV's delimiter).
 
-    >>> load_table("train.parquet").column_names  # doctest: +SKIP
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "train.csv"
+    >>> _ = path.write_text("text,label\\ngood,1\\nbad,0\\n")
+    >>> load_table(path).column_names
     ['text', 'label']
     """
     import datasets
@@ -110,3 +113,18 @@ def _cause(e: BaseException) -> str:
     while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
         e = e.__cause__ or e.__context__
     return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
+def text_cell(v: Any, source: str, column: str) -> str:
+    """A table cell that must hold a text, checked: anything else (a number, a missing value)
+    is an error naming the file and the column.
+
+    >>> text_cell(3.0, "train.csv", "text")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.csv: column 'text' holds float 3.0 where a text is expected; fill in missing texts or name another column
+    """
+    if not isinstance(v, str):
+        raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
+                         "fill in missing texts or name another column")  # fmt: skip
+    return v

@@ -3,10 +3,12 @@ prompt/response pairs (instruction tuning: the prompt's tokens are labelled -100
 read but never predicted). The metric is minus the validation loss per predicted token (higher
 is better, as everywhere in peftplan); its perplexity is ``exp(-metric)``.
 
-    >>> task = Task.for_causal_lm(model, tokenizer, "chat.jsonl", prompt_column="prompt",
-    ...                           response_column="response", max_length=256)  # doctest: +SKIP
-    >>> sorted(task.train_batches[0])  # doctest: +SKIP
-    ['attention_mask', 'input_ids', 'labels']
+    >>> from peftplan.planner import Task
+    >>> pairs = [{"prompt": f"{a}+{a}=", "response": str(2 * a)} for a in range(10)]
+    >>> task = Task.for_causal_lm(tiny_llama(), char_tokenizer(), pairs, prompt_column="prompt",
+    ...                           response_column="response", max_length=16)
+    >>> sorted(task.train_batches[0]), task.metric_name
+    (['attention_mask', 'input_ids', 'labels'], 'minus loss per token')
 
 Examples come from a ``.txt`` file (one example per non-blank line), a CSV, JSON/JSONL or
 Parquet file (read by `datasets`), a `datasets.Dataset` or ``DatasetDict``, or a list of
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from .chat import Parts, chat_parts, check_conversation, fit, kept
 from .device import inference
-from .files import load_table
+from .files import load_table, text_cell
 
 IGNORE = -100  # the label of a token that is read but not predicted (torch's cross-entropy ignore_index)
 Batch = dict[str, torch.Tensor]
@@ -179,16 +181,9 @@ def _table_examples(table: Any, columns: LMColumns | None, source: str) -> list[
     if columns.messages is not None:
         return [check_conversation(v, source, columns.messages, i) for i, v in enumerate(table[columns.messages])]
     if not columns.instruction:
-        return [_text(v, source, columns.text) for v in table[columns.text]]
-    prompts = [_text(v, source, columns.prompt) for v in table[columns.prompt]]
-    return list(zip(prompts, (_text(v, source, columns.response) for v in table[columns.response])))
-
-
-def _text(v: Any, source: str, column: str) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
-                         "fill in missing texts or name another column")  # fmt: skip
-    return v
+        return [text_cell(v, source, columns.text) for v in table[columns.text]]
+    prompts = [text_cell(v, source, columns.prompt) for v in table[columns.prompt]]
+    return list(zip(prompts, (text_cell(v, source, columns.response) for v in table[columns.response])))
 
 
 def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:

@@ -6,10 +6,14 @@ one the search chose for the trial). It returns the validation metric (higher is
 dict with ``"metric"`` and optionally ``"loss"``. A function that raises fails its trial, with
 the reason recorded, like a diverging run of peftplan's own trainer.
 
+    >>> from peftplan.planner import search
     >>> def my_loop(model, fidelity, recipe):
     ...     ...  # train model for fidelity.steps steps at recipe.lr, then score it
     ...     return {"metric": 0.9, "loss": 0.3}
-    >>> plan = search(model, "0.5%", evaluate=my_loop, trials=8, calibration=my_batches)  # doctest: +SKIP
+    >>> plan = search(tiny_bert(), "5%", evaluate=my_loop, trials=4,
+    ...               calibration=tiny_task().train_batches[:2], progress=False)
+    >>> plan.objectives["metric"]
+    0.9
 
 A loop needs no peftplan `Task`: the search scores sites from the weights alone (data-free,
 and says so once), or by grad² on ``calibration=`` batches of the user's own (dicts the model

@@ -151,7 +151,7 @@ def test_save_refuses_a_directory_with_other_files(tmp_path):
 def test_written_files_get_the_umasks_mode_or_keep_the_replaced_ones(tmp_path):
     import stat
 
-    from peftplan.plan import write_atomic
+    from peftplan.backends.atomic import write_atomic
 
     old = os.umask(0o027)
     try:

@@ -113,7 +113,7 @@ def test_what_peft_cannot_express_is_named_with_the_nearest_plan():
     graph = pp.lower(model)
     odd = {f"model.layers.{i}.mlp.up_proj": {"method": m, **methods()[m].example} for i, m in enumerate(others[:2])}
     mixed = {"model.layers.1.self_attn.k_proj": {"method": "dora", "rank": 2, "alpha": 4}} if "dora" in methods() else {}
-    entries = {n: {**e, **pp.plan.describe(graph[n])} for n, e in (LLAMA | odd | mixed).items()}
+    entries = {n: {**e, **pp.describe.describe(graph[n])} for n, e in (LLAMA | odd | mixed).items()}
     plan = plan_of(model, entries)
     with pytest.raises(pp.PlanError) as error:
         plan.to_peft_config()

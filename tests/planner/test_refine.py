@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from peftplan.planner.study import StudyConfig, run_search
-from peftplan.planner.study.engine import next_rate, planned_evaluations
+from peftplan.planner.study.policy import next_rate, planned_evaluations
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
 from tests.planner.trials import stand_in, tiny_task

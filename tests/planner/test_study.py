@@ -19,8 +19,8 @@ import torch
 import peftplan as pp
 from peftplan.planner.space import default_space
 from peftplan.planner.study import StudyError, open_storage, run_search
-from peftplan.planner.study.engine import planned_evaluations
 from peftplan.planner.study.halving import nondominated_ranks, promote
+from peftplan.planner.study.policy import planned_evaluations
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
 from tests.planner.trials import stand_in, tiny_task, write_task

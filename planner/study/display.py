@@ -68,7 +68,9 @@ class StudyDisplay:
         batches = len(self.task.train_batches)
         steps = config.fidelities[rung_of(t)].recipe(Recipe.from_dict(config.recipe), batches).total_steps(batches)
         run = f"{'full' if rung_of(t) == top else 'short'} run ({steps} steps)"
-        said = [f"trial {t.number}", run + (", refining the best plan's learning rate" if "refines" in t.user_attrs else "")]
+        run += ", refining the best plan's learning rate" if "refines" in t.user_attrs else ""
+        run += f", trial {t.user_attrs['retries']} again (interrupted)" if "retries" in t.user_attrs else ""
+        said = [f"trial {t.number}", run]
         if "params" in t.user_attrs.get("costs", {}):
             said.append(f"{t.user_attrs['costs']['params']:,.0f} trainable params")
         if t.state == TrialState.FAIL:

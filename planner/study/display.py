@@ -51,13 +51,14 @@ class StudyDisplay:
         if self.bar.enabled:
             self.bar.update(completed=now.done, total=total, **self._front(trials))
         else:
-            for t in (t for t in trials if _finished(t) and t.number not in self.seen):
+            new = [t for t in trials if _finished(t) and t.number not in self.seen]  # in number order
+            for i, t in enumerate(new, start=now.done - len(new) + 1):
                 self.seen.add(t.number)
                 self.ran += 1
-                elapsed = time.monotonic() - self.start
-                pace = remaining(elapsed, self.ran, self.ran + total - now.done)
-                grew = f" (now planned: {now})" if now.total > self.planned.total else ""
-                say(" · ".join(self.describe(t) + [f"{now.done} of {total} done{grew}" + (f", {pace}" if pace else "")]))
+                pace = remaining(time.monotonic() - self.start, self.ran, self.ran + total - i)
+                grew = [f"{now.total - self.planned.total} more planned: {now}"] if now.total > self.planned.total else []
+                say(" · ".join(self.describe(t) + [f"{i} of {total} done" + (f", {pace}" if pace else "")] + grew))
+                self.planned = now
         if final and not self.bar.enabled and self.ran:
             say(f"study done: {now.done} trainings, {duration(time.monotonic() - self.start)} in this run")
         self.planned = now

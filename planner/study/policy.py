@@ -110,11 +110,6 @@ def workload(config: Any, trials: Iterable[FrozenTrial] = ()) -> Workload:
     return Workload(tuple(rungs), refinements, done)
 
 
-def planned_evaluations(config: Any, trials: Iterable[FrozenTrial] = ()) -> int:
-    """How many trainings `workload` counts."""
-    return workload(config, trials).total
-
-
 REFINE_STEP = 2.5  # a refinement's learning rate is the best one's times or divided by this (the seed rates' spacing)
 
 

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from peftplan.planner.study import run_search
 from peftplan.planner.study.engine import SearchInterrupted
-from peftplan.planner.training.evaluate import Fidelity
+from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
 from tests.planner.trials import stand_in, tiny_task, write_task
 from tests.zoo import bert_classifier
@@ -43,6 +43,11 @@ def trained(trials):
     """What a study trained: (rung, sites, recipe) of each completed trial."""
     return sorted((t.user_attrs["rung"], json.dumps([t.user_attrs["plan"]["sites"], t.user_attrs["plan"]["recipe"]], sort_keys=True))
                   for t in trials if t.state == TrialState.COMPLETE)  # fmt: skip
+
+
+def ran(trials) -> int:
+    """How many trainings a study ran: its completed and failed trials."""
+    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
 
 
 def test_off_a_terminal_each_finished_trial_is_one_line_and_the_total_is_what_ran(capsys):
@@ -69,6 +74,28 @@ def test_off_a_terminal_each_finished_trial_is_one_line_and_the_total_is_what_ra
         left = r", about [\d.]+ (s|min) left" if i + 1 < len(ran) else ""  # never 100% while trainings remain
         assert re.fullmatch(rf"{i + 1} of {len(ran)} done{left}", fields[6]), line
 
+
+
+def test_a_failed_screen_grows_the_total_and_says_so(capsys):
+    calls = []
+
+    def flaky(*args, **kwargs):  # the second screen diverges: its slot is filled by another plan, one training more
+        calls.append(1)
+        if len(calls) == 2:
+            return Evaluation(None, 0, 0.0, "training diverged: loss is nan at step 1")
+        return stand_in(*args, **kwargs)
+
+    storage = optuna.storages.InMemoryStorage()
+    search(storage, flaky, progress=True)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial ")]
+    assert len(lines) == ran(trials) == len(calls)
+    failed = lines[1].split(" · ")
+    assert failed[3] == "failed: training diverged: loss is nan at step 1"
+    assert re.fullmatch(rf"2 of {len(calls)} done, about [\d.]+ (s|min) left", failed[4])
+    assert failed[5] == "1 more planned: 5 short runs, 4 full runs, +2 refinements of the best plan's learning rate"
+    assert all("more planned" not in line for line in lines[2:])
+    assert lines[-1].endswith(f"{len(calls)} of {len(calls)} done")
 
 def interrupting(after: int):
     """`stand_in`, but Ctrl-C arrives during evaluation number ``after + 1`` (once)."""
@@ -103,11 +130,6 @@ def test_an_interrupted_search_retries_the_cut_trial_and_ends_as_an_uninterrupte
         {k: cut.user_attrs[k] for k in ("rung", "candidate", "baseline")}  # fmt: skip
     assert trained(trials) == trained(optuna.load_study(study_name="s", storage=whole).trials)
     assert (resumed.sites, resumed.recipe) == (plan.sites, plan.recipe)
-
-
-def ran(trials) -> int:
-    """How many trainings a study ran: its completed and failed trials."""
-    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
 
 
 def _db_state(db: Path) -> tuple[int, list[int]]:

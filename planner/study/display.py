@@ -34,7 +34,7 @@ class StudyDisplay:
         self.seen = {t.number for t in trials if _finished(t)}  # said before this process started
         self.start, self.ran = time.monotonic(), 0
         self.bar = ProgressLine(enabled and on_terminal(), study.study_name, self.planned.total, lines=False,
-                                fields={"front": 0, "hv": "–"}, text="{front} plans on the front · hypervolume {hv}")  # fmt: skip
+                                fields={"front": 0, "hv": "–"}, text="{front} on the front · hypervolume {hv}")  # fmt: skip
         if not enabled:
             return
         if self.planned.done:

@@ -419,15 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import optuna
+
     from peftplan.backends.base import shorten
     from peftplan.planner.study import StudyError
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a search says itself what it runs and resumes
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, ImportError, StudyError, FloatingPointError) as e:
         print(f"peftplan {args.command}: error: {shorten(str(e), 4000)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: a search says how far it got and how to go on; no traceback
+        print(f"peftplan {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -99,6 +99,16 @@ def minilm_vocab_classifier():
                                                     intermediate_size=FF, max_position_embeddings=64))  # fmt: skip
 
 
+def slow_minilm_vocab_classifier():
+    """`minilm_vocab_classifier` whose every forward takes 50 ms longer: it stands for a model
+    whose trainings last long enough for a test to interrupt one."""
+    import time
+
+    model = minilm_vocab_classifier()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    return model
+
+
 def minilm():
     from peftplan.models import load_minilm
 

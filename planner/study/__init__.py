@@ -1,5 +1,6 @@
 """Studies: multi-objective search as an optuna study that survives crashes and is shared by
-workers — its config, storage, trial engine, successive halving and entry points."""
+workers — its config, storage, trial engine, promotion and refinement policy, progress display,
+successive halving and entry points."""
 
 from .config import Source, StudyConfig, StudyError, load_tokenizer
 from .halving import halving_rungs, promote

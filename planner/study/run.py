@@ -40,8 +40,9 @@ from ..training.device import check_bf16, resolve
 from ..training.evaluate import Fidelity, evaluate
 from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
-from .engine import Context, Evaluator, front_of, work
+from .engine import Context, Evaluator, work
 from .halving import default_rungs
+from .policy import front_of
 from .storage import (
     check_url,
     damaged,
@@ -79,7 +80,7 @@ def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, stra
     loss, which ranks short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
     "metric"), the returned plan chosen by the metric at the top rung, after the best plan there is trained ``refine``
     more times at the full recipe at neighbouring learning rates (2.5x up, or down, from the best so far; 0: none, see
-    `peftplan.planner.study.engine.next_rate`), so its rate is chosen on full-length results; the returned plan
+    `peftplan.planner.study.policy.next_rate`), so its rate is chosen on full-length results; the returned plan
     carries its recipe (`Plan.recipe`). Candidates are scored on ``task.validation_batches``, never on its evaluation
     batches; ``threads`` sets torch's thread count for each trial; ``source`` records how workers rebuild the model
     and task (without it, none can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each
@@ -163,7 +164,7 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
     with writing(store, name):
         study = open_study(store, name, config, space, worker_seed, worker=True)
-        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
+        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress, joining=True)
         return best_plan(study, task)
 
 

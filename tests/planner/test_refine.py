@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from peftplan.planner.study import StudyConfig, run_search
-from peftplan.planner.study.engine import next_rate, planned_evaluations
+from peftplan.planner.study.policy import next_rate, workload
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
 from tests.planner.trials import stand_in, tiny_task
@@ -75,9 +75,9 @@ def test_refine_zero_trains_nothing_more_and_the_count_is_planned():
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     config = StudyConfig("tpe", 16, ("metric", "params"), {"metric": "max", "params": "min"}, (Fidelity(share=0.05), Fidelity()),
                          {}, {}, lr_range=(1e-4, 1e-2))  # fmt: skip
-    assert len(done) == planned_evaluations(config) == 16 + 5
-    assert planned_evaluations(StudyConfig(**{**config.__dict__, "refine": 2})) == 16 + 5 + 2
-    assert planned_evaluations(StudyConfig(**{**config.__dict__, "refine": 2, "lr_range": None})) == 16 + 5  # no rate knob
+    assert len(done) == workload(config).total == 16 + 5
+    assert workload(StudyConfig(**{**config.__dict__, "refine": 2})).total == 16 + 5 + 2
+    assert workload(StudyConfig(**{**config.__dict__, "refine": 2, "lr_range": None})).total == 16 + 5  # no rate knob
 
 
 def test_a_study_stored_before_refinements_existed_makes_none():

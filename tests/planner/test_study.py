@@ -19,8 +19,8 @@ import torch
 import peftplan as pp
 from peftplan.planner.space import default_space
 from peftplan.planner.study import StudyError, open_storage, run_search
-from peftplan.planner.study.engine import planned_evaluations
 from peftplan.planner.study.halving import nondominated_ranks, promote
+from peftplan.planner.study.policy import workload
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
 from tests.planner.trials import stand_in, tiny_task, write_task
@@ -124,7 +124,7 @@ def test_successive_halving_study_is_deterministic_and_fronts_the_top_rung():
     rung0 = {t.number: t for t in trials if t.user_attrs["rung"] == 0}
     rung1 = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted
     refined = [t for t in trials if "refines" in t.user_attrs]  # the top's best plan at two more rates
-    assert len(rung0) == 9 and len(trials) == planned_evaluations(_config(studies[0])) == 9 + 3 + 2 and len(refined) == 2
+    assert len(rung0) == 9 and len(trials) == workload(_config(studies[0])).total == 9 + 3 + 2 and len(refined) == 2
     chosen = promote({n: dict(zip(("metric", "params"), t.values)) for n, t in rung0.items()}, plans[0].front.senses, eta=3)
     assert [t.user_attrs["candidate"] for t in rung1] == chosen
     for t in rung1:  # same plan, longer run: the stand-in's metric triples

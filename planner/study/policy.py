@@ -1,0 +1,276 @@
+"""The study's policy: which trials come next and what a study returns — read from the
+trials alone, so every worker (and a restart after a crash) decides the same.
+
+Each trial carries user_attrs: ``rung``, ``candidate`` (the number of the candidate's rung-0
+trial), ``baseline`` on the seed plans a user would write by hand and the one-shot
+allocations (`Space.baselines`), each screened at a few learning rates: the best rate of each
+is promoted to every rung whatever its rank (and 1/eta of the others), so the plan a search
+returns was compared with them at the top rung. Once the top rung is settled, ``refines``
+marks the trials that train its best plan again at the full recipe at neighbouring learning
+rates (`next_rate`, ``config.refine`` of them at most): the rate a plan is returned with is
+chosen on full-length results, not on the short screens, which favour high rates
+(benchmarks/RESULTS.md). A trial cut off by an interrupt (``interrupted``) is queued again
+with its parameters and place (``retries``: its number), so an interrupted search ends as an
+uninterrupted one would.
+
+Two workers may both decide to create the same trial (the last rung-0 slot, the same
+promotion): trial numbers are handed out one at a time by the storage, so the rule "within a
+slot group, the lowest-numbered live trials win" settles it — the loser is PRUNED as surplus
+before it trains (`surplus`).
+
+    >>> [next_rate(2.5e-3, [2.5e-3], 1e-4, 1e-2), promoted_count(16, eta=3)]
+    [0.00625, 5]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..front import FrontPoint, ParetoFront
+from .config import stored_plan
+from .halving import promote, promoted_count
+
+LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+PLACE = ("rung", "candidate", "origin", "baseline", "refines", "refined_lr")  # what a trial is for, kept by its retry
+
+
+def rung_of(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("rung", 0))
+
+
+def candidate_of(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("candidate", t.number))
+
+
+def finished_failure(t: FrozenTrial) -> bool:
+    """A failure that must not be repeated (not an interrupted run)."""
+    return t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")
+
+
+def _taken(t: FrozenTrial) -> bool:
+    """Whether ``t`` holds its slot: run, running, queued or failed for good."""
+    return t.state in LIVE or finished_failure(t)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The trainings of a study, run or still to run: ``rungs[r]`` at rung r (promotions,
+    failures included), ``refinements`` of the best plan's rate; ``done`` of them finished.
+
+    >>> w = Workload(rungs=(4, 2), refinements=2, done=3)
+    >>> w.total
+    8
+    >>> print(w)
+    4 short runs, 2 full runs, +2 refinements of the best plan's learning rate
+    """
+
+    rungs: tuple[int, ...]
+    refinements: int
+    done: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.rungs) + self.refinements
+
+    def __str__(self) -> str:
+        top = len(self.rungs) - 1
+        parts = [f"{n} {'full' if r == top else 'short'} run{'s' * (n != 1)}" + (f" (rung {r})" if 0 < r < top else "")
+                 for r, n in enumerate(self.rungs)]  # fmt: skip
+        if self.refinements:
+            parts.append(f"+{self.refinements} refinement{'s' * (self.refinements != 1)} of the best plan's learning rate")
+        return ", ".join(parts)
+
+
+def workload(config: Any, trials: Iterable[FrozenTrial] = ()) -> Workload:
+    """The trainings the study runs when nothing more fails: the rung-0 candidates, each
+    baseline (its best rate) and ``1/eta`` of the others promoted to every rung, and the
+    refinements; counted from ``trials`` where they exist, else foreseen the way `next_step`
+    will decide. A failure at rung 0 adds a training (its slot is filled again)."""
+    trials = [t for t in trials if t.state != TrialState.PRUNED and not t.user_attrs.get("interrupted")]
+    refining = [t for t in trials if "refines" in t.user_attrs]
+    placed = [t for t in trials if "refines" not in t.user_attrs]
+    rung0 = [t for t in placed if rung_of(t) == 0]
+    seeds = [t for t in rung0 if t.state in LIVE and "baseline" in t.user_attrs][: config.trials]
+    named = len({t.user_attrs["baseline"] for t in seeds})
+    rungs = [sum(t.state == TrialState.FAIL for t in rung0) + max(config.trials, sum(t.state in LIVE for t in rung0))]
+    slots, others = config.trials, config.trials - len(seeds)
+    for r in range(1, len(config.fidelities)):
+        here = [t for t in placed if rung_of(t) == r]
+        slots = len(here) if here else named + promoted_count(others, config.eta)
+        others = slots - named
+        rungs.append(slots)
+    refinements = max(config.refine, len(refining)) if refinable(config) else len(refining)
+    done = sum(t.state == TrialState.COMPLETE or t.state == TrialState.FAIL for t in trials)
+    return Workload(tuple(rungs), refinements, done)
+
+
+REFINE_STEP = 2.5  # a refinement's learning rate is the best one's times or divided by this (the seed rates' spacing)
+
+
+def refinable(config: Any) -> bool:
+    """Whether the study refines its best plan's learning rate at the top rung: it asks for
+    refinements, searches the rate, and has rungs below the top (one rung has no screen to
+    correct: its sampler chose every rate at full length already)."""
+    return config.refine > 0 and config.lr_range is not None and len(config.fidelities) > 1
+
+
+def next_rate(best: float, tried: list[float], low: float, high: float) -> float | None:
+    """The next learning rate to train the best plan at, or None: `REFINE_STEP` above ``best``
+    (clipped to ``high``), else as far below it (clipped to ``low``) — the first of them not
+    within a factor 1.25 of a rate already ``tried`` at the top rung. Up first: on every task
+    measured, the full recipe's best rate lay at or above the rate the screens chose.
+
+    >>> next_rate(2.5e-3, [2.5e-3], 1e-4, 1e-2)
+    0.00625
+    >>> next_rate(2.5e-3, [2.5e-3, 6.25e-3], 1e-4, 1e-2)
+    0.001
+    >>> next_rate(1e-2, [1e-2, 4e-3], 1e-4, 1e-2) is None  # both neighbours tried (one at the range's edge)
+    True
+    """
+    near = lambda a, b: abs(math.log(a / b)) < math.log(1.25)  # noqa: E731
+    for lr in (min(best * REFINE_STEP, high), max(best / REFINE_STEP, low)):
+        if not any(near(lr, t) for t in tried):
+            return float(f"{lr:.6g}")
+    return None
+
+
+def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> str:
+    """Return "ask" when a trial is waiting or a slot is free, "wait" while others run, else "done";
+    queues the retries of interrupted trials, the promotions of a settled rung and the
+    refinements on the way."""
+    if _retry_interrupted(study, trials) or any(t.state == TrialState.WAITING for t in trials):
+        return "ask"
+    if sum(t.state in LIVE for t in trials if rung_of(t) == 0) < config.trials:
+        return "ask"
+    for r in range(len(config.fidelities) - 1):
+        if any(t.state == TrialState.RUNNING for t in trials if rung_of(t) == r):
+            return "wait"
+        done: dict[int, FrozenTrial] = {}
+        for t in trials:  # in number order: a candidate's first completed trial at rung r
+            if rung_of(t) == r and t.state == TrialState.COMPLETE:
+                done.setdefault(candidate_of(t), t)
+        taken = {candidate_of(t) for t in trials if rung_of(t) == r + 1 and _taken(t)}
+        missing = [c for c in _promoted(done, config) if c not in taken]
+        for c in missing:
+            kept = {"baseline": done[c].user_attrs["baseline"]} if done[c].user_attrs.get("baseline") else {}
+            study.enqueue_trial(done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted", **kept})
+        if missing:
+            return "ask"
+    if any(t.state == TrialState.RUNNING for t in trials):
+        return "wait"
+    refinement = _refinement(trials, config)
+    if refinement is not None:
+        study.enqueue_trial(refinement[0], user_attrs=refinement[1])
+        return "ask"
+    return "done"
+
+
+def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
+    """Queue each interrupted trial again, with its parameters and place; whether any was."""
+    retried = {t.user_attrs.get("retries") for t in trials}
+    cut = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried]
+    for t in cut:
+        place = {k: t.user_attrs[k] for k in PLACE if k in t.user_attrs}
+        study.enqueue_trial(t.params, user_attrs={**place, "retries": t.number})
+    return bool(cut)
+
+
+def _promoted(done: dict[int, FrozenTrial], config: Any) -> list[int]:
+    """The candidates of a settled rung that go on to the next: each baseline's best rate,
+    whatever its rank, then `promote`'s choice of the others."""
+    named: dict[str, list[int]] = {}  # each baseline's candidates (one per seed learning rate)
+    for c, t in done.items():
+        if t.user_attrs.get("baseline"):
+            named.setdefault(t.user_attrs["baseline"], []).append(c)
+    key = next(iter(config.objectives))
+    sign = 1 if config.senses[key] == "max" else -1
+    baselines = [max(cs, key=lambda c: (_screened(done[c], config)[key] * sign, -c)) for cs in named.values()]
+    others = {c: _screened(t, config) for c, t in done.items() if not t.user_attrs.get("baseline")}
+    return baselines + promote(others, config.senses, config.eta)
+
+
+def _screened(t: FrozenTrial, config: Any) -> dict[str, float]:
+    """A completed trial's values as promotion ranks them: its objectives, the metric replaced
+    by minus its validation loss when ``config.screen_by == "loss"`` (a short run's loss moves
+    before its accuracy does)."""
+    values = dict(zip(config.objectives, t.values))
+    if config.screen_by == "loss" and "validation_loss" in t.user_attrs:
+        values["metric"] = -float(t.user_attrs["validation_loss"])
+    return values
+
+
+def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The next refinement of a settled top rung — (params, user_attrs) to enqueue — or None:
+    the best plan there by the first objective (ties: the lower validation loss), at `next_rate`, while fewer than
+    ``config.refine`` refinements were made."""
+    if not refinable(config):
+        return None
+    top = len(config.fidelities) - 1
+    at_top = [t for t in trials if rung_of(t) == top and _taken(t)]
+    if any(t.state != TrialState.COMPLETE for t in at_top if t.state in LIVE) or sum("refines" in t.user_attrs for t in at_top) >= config.refine:
+        return None
+    done = [t for t in at_top if t.state == TrialState.COMPLETE and "lr" in t.params]
+    if not done:
+        return None
+    sign = 1 if config.senses[config.objectives[0]] == "max" else -1
+    best = max(done, key=lambda t: (sign * t.values[0], -_loss(t), -t.number))
+    same = [t for t in at_top if _without_lr(t.params) == _without_lr(best.params)]
+    lr = next_rate(best.params["lr"], [t.params["lr"] for t in same], *config.lr_range)
+    if lr is None:
+        return None
+    kept = {"baseline": best.user_attrs["baseline"]} if "baseline" in best.user_attrs else {}
+    return {**best.params, "lr": lr}, {"rung": top, "origin": "refined", "refines": best.number, "refined_lr": lr, **kept}
+
+
+def _loss(t: FrozenTrial) -> float:
+    """A trial's validation loss, infinite where none was recorded: among trials equally good
+    by the metric (a tie on a few hundred validation examples is common) the lower loss is the
+    finer signal."""
+    return float(t.user_attrs.get("validation_loss", math.inf))
+
+
+def _without_lr(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "lr"}
+
+
+def surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | None:
+    """Why trial ``me`` must not train (another live trial holds its slot), or None."""
+    r = rung_of(me)
+    if "refines" in me.user_attrs:  # two workers may enqueue the same refinement: one trains it
+        mine = (me.user_attrs["refines"], me.user_attrs.get("refined_lr"))
+        group = [t.number for t in trials if t.state in LIVE and (t.user_attrs.get("refines"), t.user_attrs.get("refined_lr")) == mine]
+        return None if me.number == min(group) else f"surplus: trial {mine[0]} is already refined at lr {mine[1]:g}"
+    group = [t.number for t in trials if t.state in LIVE and rung_of(t) == r and (r == 0 or candidate_of(t) == candidate_of(me))]
+    allowed = config.trials if r == 0 else 1
+    if me.number in sorted(group)[:allowed]:
+        return None
+    return f"surplus: rung {r} already has its {allowed} trial(s) for this slot"
+
+
+def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tuple[str, ...]) -> ParetoFront:
+    """The front of the highest rung that has completed trials, with each point's plan (of
+    trials equal in every objective — one plan at two learning rates that tie on validation —
+    the one with the lowest validation loss); every completed trial of every rung (plans left
+    out) is in ``front.evaluated``, for plots."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    top = max((rung_of(t) for t in done), default=0)
+    points, evaluated = [], []
+    for t in done:
+        info = {"trial": t.number, "rung": rung_of(t), "candidate": candidate_of(t), "fidelity": t.user_attrs.get("fidelity", ""),
+                **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {}),
+                **({"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {})}  # fmt: skip
+        evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
+        if rung_of(t) == top:
+            plan = stored_plan(t) if "plan" in t.user_attrs else None
+            points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
+    points.sort(key=lambda p: p.info.get("validation_loss", math.inf))  # of equal points the front keeps the first
+    front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})
+    front.evaluated = evaluated
+    return front
+

@@ -51,7 +51,8 @@ class Source:
     >>> char_tokenizer().save_pretrained("tokenizer")  # doctest: +ELLIPSIS
     (...)
     >>> rows = ["review,label"] + [f"{'a good' if i % 2 else 'a dull'} film {i},{i % 2}" for i in range(24)]
-    >>> _ = Path("reviews.csv").write_text("\\n".join(rows[:17])), Path("test.csv").write_text("\\n".join(rows[:1] + rows[17:]))
+    >>> _ = Path("reviews.csv").write_text("\\n".join(rows[:17]))  # a header and 16 reviews
+    >>> _ = Path("test.csv").write_text("\\n".join(rows[:1] + rows[17:]))  # a header and 7 more
     >>> source = Source("tests.zoo:bert_classifier", "reviews.csv", tokenizer="tokenizer", eval="test.csv",
     ...                 text_column="review", batch_size=4)
     >>> model, task = source.load()

@@ -21,8 +21,10 @@ Ctrl-C: `SearchInterrupted`, queued again on resume).
     >>> study = open_study(open_storage("sqlite:///study.db"), "tiny", config, space)
     >>> work(study, Context(config, model, task, space, evaluate), progress=False)  # evaluations it ran
     2
-    >>> [t.state.name for t in study.trials], sorted(study.trials[0].user_attrs)
-    (['COMPLETE', 'COMPLETE'], ['candidate', 'costs', 'fidelity', 'plan', 'rung', 'seconds', 'validation_loss', 'worker'])
+    >>> [t.state.name for t in study.trials]
+    ['COMPLETE', 'COMPLETE']
+    >>> sorted(study.trials[0].user_attrs)
+    ['candidate', 'costs', 'fidelity', 'plan', 'rung', 'seconds', 'validation_loss', 'worker']
     >>> work(study, Context(config, model, task, space, evaluate), progress=False)  # a restart: nothing left to run
     0
 """

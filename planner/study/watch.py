@@ -18,8 +18,8 @@ workers treat its worker as dead.
     >>> watched(storage, trial_id, 60.0, lambda: Evaluation(0.75, 1_536, 0.1))  # in time: its own result
     Evaluation(metric=0.75, params=1536, seconds=0.1, failed=None, loss=None)
     >>> result = watched(storage, trial_id, 0.5, lambda: time.sleep(600))  # a loop that never returns
-    >>> result.metric, result.failed
-    (None, 'timed out: the trial ran past its time limit of 0.5 s and was stopped; raise the limit (trial_timeout=, --trial-timeout) or make trials shorter')
+    >>> result.metric, result.failed  # doctest: +ELLIPSIS
+    (None, 'timed out: the trial ran past its time limit of 0.5 s and was stopped; raise the limit ...')
 """
 
 from __future__ import annotations

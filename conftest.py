@@ -70,9 +70,15 @@ def _doctest_models(request: pytest.FixtureRequest):
     BERT classifier whose vocabulary holds the character tokenizer's ids) and ``tiny_task()``
     (a learnable classification task of token ids for it), ``tiny_gguf(path)`` (a tiny Llama
     written as a GGUF file, the way llama.cpp's converter writes one). Examples run in an empty
-    temporary folder, so that the files they write (``save(model, "adapter_dir")``) go there."""
+    temporary folder, so that the files they write (``save(model, "adapter_dir")``) go there, and
+    on one thread: tiny models train fastest so, where a busy machine's other threads contend."""
     if isinstance(request.node, pytest.DoctestItem):
+        import torch
+
         request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
         from tests import zoo
         from tests.planner.trials import tiny_task
 

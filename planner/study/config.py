@@ -44,9 +44,33 @@ class Source:
     `Task.for_causal_lm` over ``text_column``, ``prompt_column`` and ``response_column``, or
     ``messages_column``, scored by ``metric`` (over ``choices``).
 
-    >>> model, task = Source("minilm", "data/text/sst2", max_train=256).load()  # doctest: +SKIP
-    >>> model, task = Source("minilm", "reviews.csv", eval="test.csv", text_column="review").load()  # doctest: +SKIP
-    >>> model, task = Source("models/qwen2-0.5b", "chat.jsonl", kind="causal-lm").load()  # doctest: +SKIP
+    ``Source("minilm", "data/text/sst2", max_train=256)`` is MiniLM on SST-2's folder; below, a
+    tiny model (a factory, with its tokenizer's folder) on a CSV file and its evaluation file:
+
+    >>> from pathlib import Path
+    >>> char_tokenizer().save_pretrained("tokenizer")  # doctest: +ELLIPSIS
+    (...)
+    >>> rows = ["review,label"] + [f"{'a good' if i % 2 else 'a dull'} film {i},{i % 2}" for i in range(24)]
+    >>> _ = Path("reviews.csv").write_text("\\n".join(rows[:17]))  # a header and 16 reviews
+    >>> _ = Path("test.csv").write_text("\\n".join(rows[:1] + rows[17:]))  # a header and 7 more
+    >>> source = Source("tests.zoo:bert_classifier", "reviews.csv", tokenizer="tokenizer", eval="test.csv",
+    ...                 text_column="review", batch_size=4)
+    >>> model, task = source.load()
+    >>> type(model).__name__, len(task.train_batches), len(task.validation_batches), len(task.eval_batches)
+    ('BertForSequenceClassification', 4, 1, 2)
+
+    A causal language model on chat data, one conversation a line:
+
+    >>> import json
+    >>> chat_tokenizer().save_pretrained("chat-tokenizer")  # doctest: +ELLIPSIS
+    (...)
+    >>> chats = [{"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]}
+    ...          for a in range(10)]
+    >>> _ = Path("chat.jsonl").write_text("".join(json.dumps(c) + "\\n" for c in chats))
+    >>> model, task = Source("tests.zoo:llama", "chat.jsonl", tokenizer="chat-tokenizer", kind="causal-lm",
+    ...                      messages_column="messages", batch_size=4).load()
+    >>> type(model).__name__, len(task.train_batches), task.metric_name
+    ('LlamaForCausalLM', 2, 'minus loss per token')
     """
 
     model: str

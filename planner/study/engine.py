@@ -10,7 +10,23 @@ training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (
 trial with the same plan took instead of training again) and ``interrupted`` (cut off by
 Ctrl-C: `SearchInterrupted`, queued again on resume).
 
-    >>> evaluations = work(study, context, progress=False)  # doctest: +SKIP
+    >>> from peftplan.planner.space import default_space
+    >>> from peftplan.planner.study import StudyConfig, open_storage, open_study
+    >>> from peftplan.planner.training.evaluate import evaluate
+    >>> model, task = tiny_bert(), tiny_task()
+    >>> space = default_space(model, "5%", task)
+    >>> config = StudyConfig("random", 2, tuple(space.objectives), dict(space.objectives), (Fidelity(),),
+    ...                      {k: float(v) for k, v in space.limits.items()}, {"params": "5%"},
+    ...                      recipe=Recipe(lr=5e-3, steps=6).to_dict(), seeds=0)
+    >>> study = open_study(open_storage("sqlite:///study.db"), "tiny", config, space)
+    >>> work(study, Context(config, model, task, space, evaluate), progress=False)  # evaluations it ran
+    2
+    >>> [t.state.name for t in study.trials]
+    ['COMPLETE', 'COMPLETE']
+    >>> sorted(study.trials[0].user_attrs)
+    ['candidate', 'costs', 'fidelity', 'plan', 'rung', 'seconds', 'validation_loss', 'worker']
+    >>> work(study, Context(config, model, task, space, evaluate), progress=False)  # a restart: nothing left to run
+    0
 """
 
 from __future__ import annotations

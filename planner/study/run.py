@@ -1,10 +1,24 @@
 """Multi-objective search as an optuna study that survives crashes and is shared by workers.
 
-    >>> plan = run_search(model, "1%", task, strategy="nsga2", trials=27,
-    ...                   storage="sqlite:///study.db",
-    ...                   fidelities=halving_rungs(Fidelity(steps=90, train_batches=27)))  # doctest: +SKIP
-    >>> len(plan.front), plan.objectives  # doctest: +SKIP
-    (4, {'metric': 0.86, 'params': 71424.0})
+    >>> from collections import Counter
+    >>> from peftplan.planner.study import halving_rungs
+    >>> model, task = tiny_bert(), tiny_task()
+    >>> rungs = halving_rungs(Fidelity(steps=9, train_batches=3), rungs=2)  # 3 steps on 1 batch, then 9 on 3
+    >>> plan = run_search(model, "5%", task, strategy="nsga2", trials=3, storage="sqlite:///study.db", fidelities=rungs,
+    ...                   recipe=Recipe(lr=5e-3, steps=9), seeds=0, refine=0, progress=False)
+    >>> plan.provenance["rung"], sorted(plan.objectives)  # chosen at the top rung
+    (1, ['metric', 'params'])
+    >>> plan.objectives["params"] <= Budget(params="5%").param_limit(sum(p.numel() for p in model.parameters()))
+    True
+    >>> def trainings():
+    ...     study = optuna.load_study(study_name=plan.provenance["study"], storage="sqlite:///study.db")
+    ...     return sorted(Counter(t.user_attrs["rung"] for t in study.trials if t.state.is_finished()).items())
+    >>> trainings()  # three screened, the best third promoted
+    [(0, 3), (1, 1)]
+    >>> plan = run_search(model, "5%", task, strategy="nsga2", trials=4, storage="sqlite:///study.db", fidelities=rungs,
+    ...                   recipe=Recipe(lr=5e-3, steps=9), seeds=0, refine=0, progress=False)
+    >>> trainings()  # the same study, one more trial: only that one ran
+    [(0, 4), (1, 1)]
 
 Each trial evaluates one plan of the `Space` at one rung of `fidelities` (successive
 halving, see `peftplan.planner.study.halving`); `trials` counts completed rung-0 trials, so calling
@@ -89,8 +103,15 @@ def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, stra
     ``trial_timeout``, the seconds a trial may run before it is stopped and recorded as failed (None: no limit;
     `peftplan.planner.study.watch`).
 
-    >>> plan = run_search(model, "1%", task, strategy="tpe", trials=16)  # doctest: +SKIP
-    >>> plan.front.to_csv("front.csv")  # doctest: +SKIP
+    >>> from pathlib import Path
+    >>> plan = run_search(tiny_bert(), "5%", tiny_task(), strategy="tpe", trials=2, recipe=Recipe(lr=5e-3, steps=6),
+    ...                   fidelities=[Fidelity()], seeds=2, refine=1, progress=False)
+    >>> plan.provenance["strategy"], plan.recipe.steps
+    ('tpe', 6)
+    >>> plan.front.to_csv("front.csv").name
+    'front.csv'
+    >>> len(Path("front.csv").read_text().splitlines()) == 1 + len(plan.front)  # a header, a row per point
+    True
     """
     budget, trial_timeout = Budget.coerce(budget), check_timeout(trial_timeout)
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
@@ -144,8 +165,26 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     ``device``, ``bf16``, ``checkpointing`` and ``trial_timeout`` as in `run_search`: one worker per GPU
     (``device="cuda:1"``) puts every GPU of a machine on one study.
 
-    >>> plan = run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d", device="cuda:1")  # doctest: +SKIP
-    >>> plan = run_worker("sqlite:///study.db", allow=["tests.zoo:llama"])  # doctest: +SKIP
+    ``run_worker("postgresql://host/db", "sst2-nsga2-1a2b3c4d", device="cuda:1")`` joins a shared
+    study on a second GPU. Below, a study of a tiny classifier on a CSV file, started with its
+    `Source`; a worker joining it once it is done trains nothing and returns the same plan:
+
+    >>> from pathlib import Path
+    >>> char_tokenizer().save_pretrained("tokenizer")  # doctest: +ELLIPSIS
+    (...)
+    >>> rows = ["text,label"] + [f"{'a good' if i % 2 else 'a dull'} film {i},{i % 2}" for i in range(40)]
+    >>> _ = Path("reviews.csv").write_text("\\n".join(rows))
+    >>> source = Source("tests.zoo:bert_classifier", "reviews.csv", tokenizer="tokenizer", batch_size=8)
+    >>> model, task = source.load()
+    >>> plan = run_search(model, "5%", task, strategy="random", trials=2, storage="sqlite:///study.db", source=source,
+    ...                   recipe=Recipe(lr=5e-3, steps=6), fidelities=[Fidelity()], seeds=2, refine=0, progress=False)
+    >>> run_worker("sqlite:///study.db", progress=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    peftplan.planner.study.config.StudyError: study '...' asks its workers to import and run ['tests.zoo:bert_classifier']; ...
+    >>> joined = run_worker("sqlite:///study.db", allow=["tests.zoo:bert_classifier"], progress=False)
+    >>> joined.sites == plan.sites, joined.objectives == plan.objectives
+    (True, True)
     """
     trial_timeout = check_timeout(trial_timeout)
     if isinstance(storage, str):
@@ -199,7 +238,11 @@ def _wait_for_config(storage: optuna.storages.BaseStorage, name: str, seconds: f
 def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | None = None) -> ParetoFront:
     """The front of a stored study (its highest completed rung), plans included.
 
-    >>> study_front("sqlite:///peftplan-study.db").to_csv("front.csv")  # doctest: +SKIP
+    >>> plan = run_search(tiny_bert(), "5%", tiny_task(), strategy="random", trials=2, storage="sqlite:///study.db",
+    ...                   recipe=Recipe(lr=5e-3, steps=6), fidelities=[Fidelity()], seeds=2, refine=0, progress=False)
+    >>> front = study_front("sqlite:///study.db")  # the only study there
+    >>> front.senses, [p.values for p in front.points] == [p.values for p in plan.front.points]
+    ({'metric': 'max', 'params': 'min'}, True)
     """
     if isinstance(storage, str):
         check_url(storage, exists=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import io
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,13 +91,13 @@ def run_length(fidelity: str, front: ParetoFront) -> str:
     >>> run_length(str(Fidelity(share=0.05)), front), run_length(str(Fidelity()), front)
     ('3 steps', '60 steps')
     """
-    found = re.match(r"(?:(\d+(?:\.\d+)?)% of the recipe|the full recipe)", fidelity)
+    fidelity_of = Fidelity.from_text(fidelity)
     recipe = next((p.plan.recipe for p in front if p.plan is not None and p.plan.recipe is not None), None)
-    if not found or recipe is None or recipe.steps is None:
+    if fidelity_of is None or fidelity_of.steps is not None or recipe is None or recipe.steps is None:
         return fidelity
-    share = float(found.group(1)) / 100 if found.group(1) else None
-    steps = Fidelity(share=share).recipe(recipe).steps
-    return f"{steps} step{'s' * (steps != 1)}" + fidelity[found.end():]
+    steps = fidelity_of.recipe(recipe).steps
+    batches = f" on {fidelity_of.train_batches} batches" if fidelity_of.train_batches else ""
+    return f"{steps} step{'s' * (steps != 1)}{batches}"
 
 
 def short_run(fidelity: str, front: ParetoFront) -> str:

@@ -171,8 +171,8 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
     for p, colour in zip(parts["baselines"], SEED_COLOURS):  # rings in a legend, not text: seeds of equal params share a spot
         ax.scatter([p.values[x]], [p.values[y]], s=90, facecolors="none", edgecolors=colour, lw=1.6, zorder=4,
                    label=f"search seed '{p.info['baseline']}' (its best trial)")  # fmt: skip
-    for (label, values), marker in zip(markers.items(), MARKERS * 3):
-        ax.scatter([values[x]], [values[y]], marker=marker, s=70, zorder=5, label=label)
+    for (label, values), marker in zip(markers.items(), MARKERS * 3):  # black: no layer of the search's is
+        ax.scatter([values[x]], [values[y]], marker=marker, s=70, zorder=5, label=label, color="black")
     if x in front.limits:
         ax.axvline(front.limits[x], color="tab:red", ls="--", lw=1, alpha=0.7, label=budget_label(x, front.limits[x]))
     if _log_x(front, x, markers):
@@ -224,9 +224,9 @@ def html_figure(front: ParetoFront, x: str, y: str, title: str, axes: dict[str, 
     for p, colour in zip(parts["baselines"], SEED_COLOURS):
         fig.add_trace(scatter([p], f"search seed '{p.info['baseline']}' (its best trial)",
                               {"size": 14, "symbol": "circle-open", "line": {"width": 2}, "color": colour.removeprefix("tab:")}))  # fmt: skip
-    for label, values in markers.items():
+    for (label, values), symbol in zip(markers.items(), ("square", "triangle-up", "triangle-down", "diamond", "cross", "x") * 3):
         text = "<br>".join([label, *(f"{axes.get(k, k)}: {readable(v)}" for k, v in values.items())])
-        fig.add_trace(go.Scatter(x=[values[x]], y=[values[y]], mode="markers", marker={"size": 12, "symbol": "diamond"},
+        fig.add_trace(go.Scatter(x=[values[x]], y=[values[y]], mode="markers", marker={"size": 11, "symbol": symbol, "color": "black"},
                                  name=label, hovertext=[text], hoverinfo="text"))  # fmt: skip
     log = _log_x(front, x, markers)
     if x in front.limits:

@@ -141,24 +141,3 @@ def write_section(results: Path, name: str, text: str) -> None:
         new = old.rstrip() + "\n\n" + block + "\n"
     write_atomic(results, new)
 
-
-def score(model, task, batches: list) -> tuple[float, float]:
-    """(metric, mean cross-entropy) of a sequence classifier over ``batches`` in one forward pass
-    each, in eval mode without gradients; the metric is the task's (accuracy or Matthews)."""
-    import torch
-    import torch.nn.functional as F
-
-    from peftplan.planner.training.task import matthews
-
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits.append(model(**inputs).logits.float())
-            labels.append(batch["labels"])
-    model.train()
-    logits, labels = torch.cat(logits), torch.cat(labels)
-    pred = logits.argmax(-1)
-    metric = matthews(pred, labels) if METRICS[task.name] == "mcc" else (pred == labels).double().mean().item()
-    return float(metric), float(F.cross_entropy(logits, labels))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 
-from common import all_linear_ranks, fully_trainable, score
+from common import all_linear_ranks, fully_trainable
+
+# scored as every search trial is: the product's own scoring
+from peftplan.planner.training.evaluate import metric_and_loss
 
 BUDGET = 74_498  # peft LoRA r=8 on query/value of MiniLM-L6 plus the 2-way head
 QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
@@ -104,8 +107,8 @@ def train_and_score(model, task, rec, seed: int, loss=None, hook=None, bf16: boo
 
     sub = task if loss is None else replace(task, loss=loss)
     run = train(model, sub, rec, seed=seed, on_step=hook, bf16=bf16)
-    val_metric, val_loss = score(model, task, task.validation_batches)
-    dev_metric, _ = score(model, task, task.eval_batches)
+    val_metric, val_loss = metric_and_loss(model, task, task.validation_batches)
+    dev_metric, _ = metric_and_loss(model, task, task.eval_batches)
     return {"params": trainable_after(model), "val_metric": val_metric,
             "val_loss": val_loss, "dev_metric": dev_metric, "seconds": round(run.seconds, 1), "steps": run.steps}  # fmt: skip
 

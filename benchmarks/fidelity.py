@@ -58,7 +58,6 @@ from common import (
     examples,
     load_task,
     rank_correlations,
-    score,
     write_section,
 )
 
@@ -113,6 +112,7 @@ def train_rung(base, sites: dict, task, recipe, rung: float, seed: int) -> dict:
     dev metric at the full recipe."""
     from peftplan import Plan
     from peftplan.backends import apply, count_trainable
+    from peftplan.planner.training.evaluate import metric_and_loss
     from peftplan.planner.training.train import train
 
     model = apply(copy.deepcopy(base), Plan(sites=sites))
@@ -120,11 +120,11 @@ def train_rung(base, sites: dict, task, recipe, rung: float, seed: int) -> dict:
     run = train(model, task, recipe.with_steps(steps), seed=seed)
     tail = run.losses[-max(1, len(run.losses) // 5):]
     start = time.perf_counter()
-    val_metric, val_loss = score(model, task, task.validation_batches)
+    val_metric, val_loss = metric_and_loss(model, task, task.validation_batches)
     result = {"steps": steps, "params": count_trainable(model), "train_seconds": round(run.seconds, 2),
               "val_metric": val_metric, "val_loss": val_loss, "train_loss": statistics.fmean(tail)}  # fmt: skip
     if rung == 1.0:
-        result["dev_metric"] = score(model, task, task.eval_batches)[0]
+        result["dev_metric"] = metric_and_loss(model, task, task.eval_batches)[0]
     result["eval_seconds"] = round(time.perf_counter() - start, 2)
     return result
 

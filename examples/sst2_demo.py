@@ -6,7 +6,9 @@ and learning rates only ever see a validation split held out of train.tsv, and d
 read once, for the final table.
 
 1. peft: LoRA r=8 (alpha 16) on every query and value projection — the usual default; its
-   trainable-parameter count (classifier head included) becomes the budget;
+   trainable-parameter count (classifier head included) becomes the budget. Trained at the
+   recipe's untuned 1e-3 and, as a careful user would, at each rate of a small grid (3e-4,
+   1e-3, 3e-3), the best chosen on the validation split;
 2. peftplan's proxy plan: sensitivity scores and an allocation, no training while planning;
 3. peftplan search with its defaults: 16 candidates (uniform LoRA on query/value, LoRA on
    every linear layer and the one-shot allocations at three learning rates each, then the
@@ -18,17 +20,21 @@ read once, for the final table.
 4. the best plan within the budget is applied to a fresh model and trained by its own
    recipe (the learning rate the search found), with the baseline's seed and data order.
 
-Prints one table: trainable params, learning rate, validation and dev accuracy, training
-time. Run from the repository root: ``make demo``.
+Prints one table: trainable params, learning rate, what each row cost in trainings of the
+recipe, validation and dev accuracy, training time; then where the searched plan's gain over
+peft comes from: the learning rate (peft at its best rate of the grid) or the plan. Run from
+the repository root: ``make demo``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +47,7 @@ from rich.table import Table  # noqa: E402
 
 import peftplan as pp  # noqa: E402
 from peftplan.models import load_minilm, minilm_dir  # noqa: E402
-from peftplan.planner.training.task import accuracy  # noqa: E402
+from peftplan.planner.training.evaluate import Fidelity, metric_and_loss  # noqa: E402
 from peftplan.planner.training.train import train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "sst2"
@@ -58,18 +64,59 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_and_score(model, task, recipe, args, description):
+def train_and_score(model, task, recipe, args, description, cost: float = 1):
+    """(trainable params, lr, cost in trainings, validation metric, dev metric, seconds), scored as
+    every search trial is (`metric_and_loss`)."""
     run = train(model, task, recipe, seed=args.seed, progress=True, description=description)
-    return (trainable(model), recipe.lr, accuracy(model, task.validation_batches), accuracy(model, task.eval_batches),
-            run.seconds)  # fmt: skip
+    return (trainable(model), recipe.lr, cost, metric_and_loss(model, task, task.validation_batches)[0],
+            metric_and_loss(model, task, task.eval_batches)[0], run.seconds)  # fmt: skip
 
 
-def main(argv=None) -> int:
+def peft_rows(base, task, recipe, args) -> tuple[list[tuple], int]:
+    """peft's LoRA r=8 on query/value at the recipe's rate (untuned) and at the best rate of the
+    grid ``args.peft_lrs`` by validation accuracy (never by dev); and its trainable params, the
+    budget."""
+    runs = {}
+    for lr in sorted({*args.peft_lrs, recipe.lr}):
+        torch.manual_seed(args.seed)  # every rate starts from the same LoRA weights
+        model = peft_baseline(copy.deepcopy(base))
+        runs[lr] = train_and_score(model, task, replace(recipe, lr=lr), args, f"peft r=8 q,v lr {lr:g}")
+    best = max(runs, key=lambda lr: (runs[lr][3], -abs(math.log(lr / recipe.lr))))  # ties: the rate nearer the recipe's
+    untuned = ("peft LoRA r=8 on query,value", *runs[recipe.lr], "-")
+    tuned = ("peft LoRA r=8 on query,value, lr tuned", *runs[best][:2], len(runs), *runs[best][3:], "-")
+    return [untuned, tuned], runs[best][0]
+
+
+def search_cost(front, recipe) -> float:
+    """The search's trainings in units of one run of ``recipe``: every evaluated trial's steps
+    (short screening runs count by their share)."""
+    steps = [Fidelity.from_text(p.info.get("fidelity", "")) for p in front.evaluated]
+    return sum(f.recipe(recipe).steps for f in steps if f is not None) / recipe.steps
+
+
+def gain_note(rows, plan, base) -> str:
+    """Where the searched plan's dev gain over peft at the recipe's rate comes from, in words."""
+    untuned, tuned, searched = rows[0], rows[1], rows[-1]
+    lr_gain, plan_gain = tuned[5] - untuned[5], searched[5] - tuned[5]
+    qv = {n for n, _ in base.named_modules() if n.endswith(("attention.self.query", "attention.self.value"))}
+    lora = {n: e for n, e in plan.tuned().items() if e["method"] == "lora"}
+    same = set(lora) == qv and {e.get("rank") for e in lora.values()} == {8}
+    return (f"Where the gain comes from (dev accuracy): searched plan {searched[5]:.4f} vs peft at the recipe's lr "
+            f"{untuned[5]:.4f} = {searched[5] - untuned[5]:+.4f}, of which tuning peft's learning rate alone (the best of "
+            f"{tuned[3]} rates on validation, {tuned[2]:g}) gives {lr_gain:+.4f} and the plan beyond that {plan_gain:+.4f}"
+            f" (the search cost {searched[3]:.1f} trainings)."
+            + (" The searched plan tunes the same sites at the same rank as peft's LoRA r=8 on query,value: what it "
+               "adds is its learning rate." if same else ""))  # fmt: skip
+
+
+def arguments(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA, help="folder with train.tsv and dev.tsv (default: shared sst2)")
     ap.add_argument("--steps", type=int, default=200, help="training steps of the final runs")
     ap.add_argument("--batch-size", type=int, default=16, help="batch size of the final runs")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="the recipe's learning rate (peft's untuned row)")
+    ap.add_argument("--peft-lrs", type=lambda v: [float(x) for x in v.split(",")], default=[3e-4, 1e-3, 3e-3],
+                    help="learning rates peft's LoRA is tuned over, chosen on validation (comma-separated)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
     ap.add_argument("--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)")
@@ -79,7 +126,11 @@ def main(argv=None) -> int:
                     help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
     ap.add_argument("--results", type=Path, help="also write the tables into this RESULTS.md's demo section")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = arguments(argv)
     started = time.perf_counter()
     if not (args.data / "train.tsv").exists():
         print(f"no {args.data / 'train.tsv'}: pass --data FOLDER with train.tsv and dev.tsv", file=sys.stderr)
@@ -102,10 +153,10 @@ def main(argv=None) -> int:
                   f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples; every run: {recipe}")  # fmt: skip
     rows = []
 
-    # 1. peft's uniform LoRA sets the budget
-    reference = peft_baseline(copy.deepcopy(base))
-    budget = pp.Budget(params=trainable(reference))
-    rows.append(("peft LoRA r=8 on query,value", *train_and_score(reference, task, recipe, args, "peft r=8 q,v"), "-"))
+    # 1. peft's uniform LoRA sets the budget; untuned and at the best rate of a small grid
+    peft, params = peft_rows(base, task, recipe, args)
+    budget = pp.Budget(params=params)
+    rows += peft
 
     # 2. the sensitivity plan alone (no training while planning)
     t0 = time.perf_counter()
@@ -125,23 +176,18 @@ def main(argv=None) -> int:
     plan.save(args.out / "plan.json")
     model = pp.apply(copy.deepcopy(base), pp.Plan.load(args.out / "plan.json"))
     rows.append((f"peftplan searched plan ({strategy})", *train_and_score(model, task, pp.Plan.load(args.out / "plan.json").recipe,
-                                                                          args, "searched plan"), f"{planning:.0f}s"))  # fmt: skip
+                 args, "searched plan", cost=search_cost(front, recipe) + 1), f"{planning:.0f}s"))  # fmt: skip
     pp.save(model, args.out / "adapters")
-    markers = {f"{name} (trained after the search)": {"metric": val, "params": params} for name, params, _, val, *_ in rows}
+    markers = {f"{row[0]} (trained after the search)": {"metric": row[4], "params": row[1]} for row in rows}
     for path in (args.out / "front.png", args.out / "front.html"):
         front.plot(path, title=f"MiniLM-L6 + {task.name}: {strategy} search", labels={"metric": "validation accuracy"},
                    markers=markers)  # fmt: skip
-
-    table = Table(title=f"MiniLM-L6 + {task.name}: final runs with the same recipe ({args.steps} steps of {args.batch_size}), "
-                        "seed and data order; the searched plan at its own learning rate")  # fmt: skip
-    for col in ("tuning", "trainable params", "lr", "validation accuracy", "dev accuracy", "train time", "planning"):
-        table.add_column(col, justify="left" if col == "tuning" else "right")
-    for name, params, lr, val, acc, seconds, planned in rows:
-        table.add_row(name, f"{params:,}", f"{lr:g}", f"{val:.4f}", f"{acc:.4f}", f"{seconds:.1f}s", planned)
-    console.print(table)
+    console.print(results_table(rows, task, args))
     console.print(f"searched plan: {plan.summary()}")
+    note = gain_note(rows, plan, base)
+    console.print(note, soft_wrap=True)
     if args.results:
-        write_results(args, task, recipe, rows, front, budget, plan, time.perf_counter() - started)
+        write_results(args, task, recipe, rows, front, budget, plan, note, time.perf_counter() - started)
     console.print(f"wrote {args.out}/plan.json, front.png, front.html and adapters/ (plan.json + adapters.safetensors)")
     over = [name for name, params, *_ in rows if params > budget.params]
     if over:
@@ -150,7 +196,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_results(args, task, recipe, rows, front, budget, plan, wall: float) -> None:
+def results_table(rows, task, args) -> Table:
+    table = Table(title=f"MiniLM-L6 + {task.name}: final runs with the same recipe ({args.steps} steps of {args.batch_size}), "
+                        "seed and data order; the searched plan at its own learning rate")  # fmt: skip
+    for col in ("tuning", "trainable params", "lr", "trainings", "validation accuracy", "dev accuracy", "train time", "planning"):
+        table.add_column(col, justify="left" if col == "tuning" else "right")
+    for name, params, lr, cost, val, acc, seconds, planned in rows:
+        table.add_row(name, f"{params:,}", f"{lr:g}", f"{cost:.3g}", f"{val:.4f}", f"{acc:.4f}", f"{seconds:.1f}s", planned)
+    return table
+
+
+def write_results(args, task, recipe, rows, front, budget, plan, note: str, wall: float) -> None:
     """The demo's tables as markdown in ``args.results``'s demo section (benchmarks/common.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from common import write_section
@@ -159,10 +215,11 @@ def write_results(args, task, recipe, rows, front, budget, plan, wall: float) ->
     lines = [f"MiniLM-L6 on {task.name}, seed {args.seed}: {n['train_batches']:,} training, {n['validation_batches']:,} "
              f"validation (held out of train.tsv, stratified: the search's) and {n['eval_batches']:,} dev examples; "
              f"every final run {recipe}, the searched plan at its own rate.", "",
-             "| tuning | trainable params | lr | validation accuracy | dev accuracy | train time | planning |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {name} | {params:,} | {lr:g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
-              for name, params, lr, val, acc, seconds, planned in rows]  # fmt: skip
+             "| tuning | trainable params | lr | trainings | validation accuracy | dev accuracy | train time | planning |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {name} | {params:,} | {lr:g} | {cost:.3g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
+              for name, params, lr, cost, val, acc, seconds, planned in rows]  # fmt: skip
+    lines += ["", note]
     knee = front.knee()
     lines += ["", f"Pareto front of the search ({plan.provenance['strategy']}, {len(front.evaluated)} evaluations; validation "
               f"accuracy at the top rung), budget {budget.params:,} params:", "", "| validation accuracy | trainable params | plan |",

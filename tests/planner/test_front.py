@@ -69,7 +69,8 @@ def test_exports(tmp_path):
     assert [(p.values, p.info) for p in back] == [(p.values, p.info) for p in f]
     assert back.points[0].plan is None and back.points[1].plan.sites == plan.sites
     rows = list(csv.reader(f.to_csv(tmp_path / "f.csv").open()))
-    assert rows == [["metric", "params", "trial", "plan"], ["0.5", "5", "", ""], ["0.9", "10", "3", "lora: 1 site, rank 2"]]
+    assert rows == [["metric", "params", "lr", "run", "trial", "plan"], ["0.5", "5", "", "", "", ""],
+                    ["0.9", "10", "", "", "3", "lora: 1 site, rank 2"]]  # fmt: skip
     assert f.plot(tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = f.plot(tmp_path / "f.html").read_text()
     assert "plotly" in html and "lora: 1 site" in html
@@ -96,12 +97,74 @@ def test_plots_show_every_trial_the_baselines_and_given_markers(tmp_path):
     html = f.plot(tmp_path / "f.html", labels={"metric": "validation accuracy"}, markers=markers).read_text()
     assert "validation accuracy" in html and "peft LoRA r8 q,v" in html
     fig = html_figure(f, "params", "metric", "t", {"params": "trainable parameters", "metric": "validation accuracy"}, markers)
-    assert [t.name for t in fig.data] == ["screened at a shorter fidelity", "evaluated, dominated", "front", "Pareto front",
-                                          "peft LoRA r8 q,v"]  # fmt: skip
-    assert list(fig.data[4].x) == [74_498] and list(fig.data[1].x) == [80_000, 80_000] and list(fig.data[0].x) == [300]
-    assert list(fig.data[1].text) == ["query-value", ""]  # named even where dominated, once
+    assert [t.name for t in fig.data] == ["short run", "off the front", "front", "Pareto front", "returned plan (best within the budget)",
+                                          "search seed 'query-value' (its best trial)", "peft LoRA r8 q,v"]  # fmt: skip
+    assert list(fig.data[6].x) == [74_498] and list(fig.data[1].x) == [80_000, 80_000] and list(fig.data[0].x) == [300]
+    assert list(fig.data[4].x) == [40_000]  # no limits: the best on the front
+    assert list(fig.data[5].x) == [80_000] and list(fig.data[5].y) == [0.79]  # the seed at its better rate, once
     assert fig.layout.xaxis.type == "log"  # params span 267x
     assert f.plot(tmp_path / "f.png", markers=markers).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def searched_front() -> ParetoFront:
+    """A front as a search leaves it: 60-step recipe, short runs at 5% of it, a budget of 111,400 params."""
+    from peftplan.planner.front import FrontPoint
+    from peftplan.planner.training.evaluate import Fidelity
+    from peftplan.recipe import Recipe
+
+    short, full = str(Fidelity(share=0.05)), str(Fidelity())
+
+    def point(trial, rung, metric, params, lr, **info):
+        plan = Plan(sites={"fc": {"method": "lora", "rank": 2}}, recipe=Recipe(lr=lr, steps=60)) if rung else None
+        info = {"trial": trial, "rung": rung, "fidelity": full if rung else short, **info}
+        return FrontPoint({"metric": metric, "params": params}, plan, {**info, **({} if rung else {"lr": lr})})
+
+    trials = [point(0, 0, 0.61, 3_000, 1e-3), point(1, 0, 0.66, 111_400, 3e-3),
+              point(2, 1, 0.80, 3_000, 2.5e-3, validation_loss=0.412345678), point(3, 1, 0.84, 111_400, 1e-3, baseline="uniform"),
+              point(4, 1, 0.86, 150_000, 1e-3), point(5, 1, 0.78, 111_400, 1e-2)]  # fmt: skip
+    f = ParetoFront.from_points([t for t in trials if t.info["rung"]], SENSES)
+    f.evaluated, f.limits, f.metric_name = trials, {"params": 111_400}, "accuracy"
+    return f
+
+
+def test_the_front_plot_names_its_metric_budget_returned_plan_and_short_runs(tmp_path):
+    from peftplan.planner.front.plot import html_figure
+
+    f = searched_front()
+    fig = html_figure(f, "params", "metric", "sst2", {k: f.axis_label(k) for k in SENSES}, {})
+    assert fig.layout.yaxis.title.text == "validation accuracy (higher is better)"
+    assert fig.layout.xaxis.title.text == "trainable parameters"
+    names = [t.name for t in fig.data]
+    assert names == ["short run (3 steps)", "off the front", "front", "Pareto front", "returned plan (best within the budget)",
+                     "search seed 'uniform' (its best trial)"]  # 5% of 60 steps; fmt: skip
+    returned = fig.data[names.index("returned plan (best within the budget)")]
+    assert (list(returned.x), list(returned.y)) == ([111_400], [0.84])  # not 0.86: 150,000 params are over the budget
+    assert f.best(within=f.limits).info["trial"] == 3  # the plan a search returns
+    [line] = fig.layout.shapes
+    assert (line.type, line.x0, line.x1, line.line.dash) == ("line", 111_400, 111_400, "dash")
+    assert [a.text for a in fig.layout.annotations] == ["budget: 111k params"]
+    assert all("text" not in t.mode for t in fig.data)  # names live in the legend: nothing to overlap or run off the plot
+    front_hover = fig.data[names.index("Pareto front")].hovertext
+    assert front_hover[0].split("<br>")[:5] == ["validation accuracy (higher is better): 0.8", "trainable parameters: 3,000",
+                                                "learning rate: 0.0025", "validation loss: 0.4123", "trial 2, 60 steps"]  # fmt: skip
+    assert "learning rate: 0.003" in fig.data[0].hovertext[1] and "trial 1, 3 steps" in fig.data[0].hovertext[1]
+    page = f.plot(tmp_path / "front.html", title="MiniLM on sst2").read_text()
+    assert "<title>MiniLM on sst2</title>" in page and "trainable parameters: 111,400" in page and "short run (3 steps)" in page
+    assert "validation accuracy (higher is better)" in page
+    assert f.plot(tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_of_every_trial_has_learning_rates_and_run_lengths(tmp_path):
+    f = searched_front()
+    rows = list(csv.DictReader(f.to_csv(tmp_path / "all.csv", every_trial=True).open()))
+    assert [(r["trial"], r["lr"], r["run"], r["on_front"]) for r in rows] == [
+        ("0", "0.001", "3 steps", "no"), ("1", "0.003", "3 steps", "no"), ("2", "0.0025", "60 steps", "yes"),
+        ("3", "0.001", "60 steps", "yes"), ("4", "0.001", "60 steps", "yes"), ("5", "0.01", "60 steps", "no")]  # fmt: skip
+    assert rows[2]["plan"] == "lora: 1 site, rank 2" and rows[0]["plan"] == ""
+    front_only = list(csv.DictReader(f.to_csv(tmp_path / "front.csv").open()))
+    assert [r["trial"] for r in front_only] == ["2", "3", "4"] and "on_front" not in front_only[0]
+    back = ParetoFront.load(f.to_json(tmp_path / "front.json"))
+    assert (back.limits, back.metric_name) == ({"params": 111_400}, "accuracy")
 
 
 def test_params_take_a_log_axis_once_they_span_more_than_tenfold():

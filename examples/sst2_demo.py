@@ -50,7 +50,9 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" /
 def peft_baseline(model):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS)
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS
+    )
     return get_peft_model(model, config)
 
 
@@ -60,8 +62,13 @@ def trainable(model) -> int:
 
 def train_and_score(model, task, recipe, args, description):
     run = train(model, task, recipe, seed=args.seed, progress=True, description=description)
-    return (trainable(model), recipe.lr, accuracy(model, task.validation_batches), accuracy(model, task.eval_batches),
-            run.seconds)  # fmt: skip
+    return (
+        trainable(model),
+        recipe.lr,
+        accuracy(model, task.validation_batches),
+        accuracy(model, task.eval_batches),
+        run.seconds,
+    )
 
 
 def main(argv=None) -> int:
@@ -72,11 +79,19 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
-    ap.add_argument("--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)")
-    ap.add_argument("--trials", type=int, default=None, help="candidates the search screens (default: peftplan.search's, 16)")
+    ap.add_argument(
+        "--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)"
+    )
+    ap.add_argument(
+        "--trials", type=int, default=None, help="candidates the search screens (default: peftplan.search's, 16)"
+    )
     ap.add_argument("--max-train", type=int, default=None, help="keep this many training examples (default: all)")
-    ap.add_argument("--validation", type=int, default=500,
-                    help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search")  # fmt: skip
+    ap.add_argument(
+        "--validation",
+        type=int,
+        default=500,
+        help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
     ap.add_argument("--results", type=Path, help="also write the tables into this RESULTS.md's demo section")
     args = ap.parse_args(argv)
@@ -92,14 +107,23 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     base = load_minilm(num_labels=2)  # the new head is initialised once, shared by every run
     task = pp.Task.for_sequence_classification(
-        minilm_dir(), None, args.data / "train.tsv", args.data / "dev.tsv",
-        batch_size=args.batch_size, max_train=args.max_train, max_dev=args.max_dev, seed=args.seed, validation=args.validation,
-    )  # fmt: skip
+        minilm_dir(),
+        None,
+        args.data / "train.tsv",
+        args.data / "dev.tsv",
+        batch_size=args.batch_size,
+        max_train=args.max_train,
+        max_dev=args.max_dev,
+        seed=args.seed,
+        validation=args.validation,
+    )
     task.name = args.data.name
     recipe = pp.Recipe(lr=args.lr, steps=args.steps, batch_size=args.batch_size)
-    console.print(f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
-                  f"{sum(len(b['labels']) for b in task.validation_batches)} validation and "
-                  f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples; every run: {recipe}")  # fmt: skip
+    console.print(
+        f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
+        f"{sum(len(b['labels']) for b in task.validation_batches)} validation and "
+        f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples; every run: {recipe}"
+    )
     rows = []
 
     # 1. peft's uniform LoRA sets the budget
@@ -112,28 +136,55 @@ def main(argv=None) -> int:
     proxy = pp.search(base, budget, task=task, strategy="proxy", seed=args.seed, train_modules=["classifier"])
     planning = time.perf_counter() - t0
     model = pp.apply(copy.deepcopy(base), proxy)
-    rows.append(("peftplan sensitivity plan (proxy)", *train_and_score(model, task, recipe, args, "proxy plan"), f"{planning:.0f}s"))
+    rows.append(
+        (
+            "peftplan sensitivity plan (proxy)",
+            *train_and_score(model, task, recipe, args, "proxy plan"),
+            f"{planning:.0f}s",
+        )
+    )
 
     # 3. the multi-objective search, every default
     t0 = time.perf_counter()
-    plan = pp.search(base, budget, task=task, strategy=args.strategy, trials=args.trials, seed=args.seed,
-                     train_modules=["classifier"], recipe=recipe)  # fmt: skip
+    plan = pp.search(
+        base,
+        budget,
+        task=task,
+        strategy=args.strategy,
+        trials=args.trials,
+        seed=args.seed,
+        train_modules=["classifier"],
+        recipe=recipe,
+    )
     planning = time.perf_counter() - t0
     strategy = plan.provenance["strategy"]
     front = plan.front
     console.print(front_table(front, budget))
     plan.save(args.out / "plan.json")
     model = pp.apply(copy.deepcopy(base), pp.Plan.load(args.out / "plan.json"))
-    rows.append((f"peftplan searched plan ({strategy})", *train_and_score(model, task, pp.Plan.load(args.out / "plan.json").recipe,
-                                                                          args, "searched plan"), f"{planning:.0f}s"))  # fmt: skip
+    rows.append(
+        (
+            f"peftplan searched plan ({strategy})",
+            *train_and_score(model, task, pp.Plan.load(args.out / "plan.json").recipe, args, "searched plan"),
+            f"{planning:.0f}s",
+        )
+    )
     pp.save(model, args.out / "adapters")
-    markers = {f"{name} (trained after the search)": {"metric": val, "params": params} for name, params, _, val, *_ in rows}
+    markers = {
+        f"{name} (trained after the search)": {"metric": val, "params": params} for name, params, _, val, *_ in rows
+    }
     for path in (args.out / "front.png", args.out / "front.html"):
-        front.plot(path, title=f"MiniLM-L6 + {task.name}: {strategy} search", labels={"metric": "validation accuracy"},
-                   markers=markers)  # fmt: skip
+        front.plot(
+            path,
+            title=f"MiniLM-L6 + {task.name}: {strategy} search",
+            labels={"metric": "validation accuracy"},
+            markers=markers,
+        )
 
-    table = Table(title=f"MiniLM-L6 + {task.name}: final runs with the same recipe ({args.steps} steps of {args.batch_size}), "
-                        "seed and data order; the searched plan at its own learning rate")  # fmt: skip
+    table = Table(
+        title=f"MiniLM-L6 + {task.name}: final runs with the same recipe ({args.steps} steps of {args.batch_size}), "
+        "seed and data order; the searched plan at its own learning rate"
+    )
     for col in ("tuning", "trainable params", "lr", "validation accuracy", "dev accuracy", "train time", "planning"):
         table.add_column(col, justify="left" if col == "tuning" else "right")
     for name, params, lr, val, acc, seconds, planned in rows:
@@ -155,22 +206,37 @@ def write_results(args, task, recipe, rows, front, budget, plan, wall: float) ->
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from common import write_section
 
-    n = {k: sum(len(b["labels"]) for b in getattr(task, k)) for k in ("train_batches", "validation_batches", "eval_batches")}
-    lines = [f"MiniLM-L6 on {task.name}, seed {args.seed}: {n['train_batches']:,} training, {n['validation_batches']:,} "
-             f"validation (held out of train.tsv, stratified: the search's) and {n['eval_batches']:,} dev examples; "
-             f"every final run {recipe}, the searched plan at its own rate.", "",
-             "| tuning | trainable params | lr | validation accuracy | dev accuracy | train time | planning |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {name} | {params:,} | {lr:g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
-              for name, params, lr, val, acc, seconds, planned in rows]  # fmt: skip
+    n = {
+        k: sum(len(b["labels"]) for b in getattr(task, k))
+        for k in ("train_batches", "validation_batches", "eval_batches")
+    }
+    lines = [
+        f"MiniLM-L6 on {task.name}, seed {args.seed}: {n['train_batches']:,} training, {n['validation_batches']:,} "
+        f"validation (held out of train.tsv, stratified: the search's) and {n['eval_batches']:,} dev examples; "
+        f"every final run {recipe}, the searched plan at its own rate.",
+        "",
+        "| tuning | trainable params | lr | validation accuracy | dev accuracy | train time | planning |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {params:,} | {lr:g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
+        for name, params, lr, val, acc, seconds, planned in rows
+    ]
     knee = front.knee()
-    lines += ["", f"Pareto front of the search ({plan.provenance['strategy']}, {len(front.evaluated)} evaluations; validation "
-              f"accuracy at the top rung), budget {budget.params:,} params:", "", "| validation accuracy | trainable params | plan |",
-              "|---:|---:|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"Pareto front of the search ({plan.provenance['strategy']}, {len(front.evaluated)} evaluations; validation "
+        f"accuracy at the top rung), budget {budget.params:,} params:",
+        "",
+        "| validation accuracy | trainable params | plan |",
+        "|---:|---:|---|",
+    ]
     for p in front:
         name = f" [{p.info['baseline']}]" if p.info.get("baseline") else ""
-        lines.append(f"| {p.values['metric']:.4f} | {int(p.values['params']):,} | {p.plan.summary() if p.plan else ''}{name}"
-                     f"{' (knee)' if p is knee else ''} |")  # fmt: skip
+        lines.append(
+            f"| {p.values['metric']:.4f} | {int(p.values['params']):,} | {p.plan.summary() if p.plan else ''}{name}"
+            f"{' (knee)' if p is knee else ''} |"
+        )
     lines += ["", f"Returned: {plan.summary()} at lr {plan.recipe.lr:g}. Whole demo: {wall / 60:.1f} min wall."]
     command = "python examples/sst2_demo.py --results benchmarks/RESULTS.md"
     write_section(args.results, "demo", f"## Demo — `make demo` (`{command}`)\n\n" + "\n".join(lines))
@@ -184,7 +250,11 @@ def front_table(front, budget) -> Table:
     for p in front:
         mark = " (knee)" if p is knee else ""
         name = f" [{p.info['baseline']}]" if p.info.get("baseline") else ""
-        table.add_row(f"{p.values['metric']:.4f}", f"{int(p.values['params']):,}", (p.plan.summary() if p.plan else "") + name + mark)
+        table.add_row(
+            f"{p.values['metric']:.4f}",
+            f"{int(p.values['params']):,}",
+            (p.plan.summary() if p.plan else "") + name + mark,
+        )
     return table
 
 

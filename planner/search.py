@@ -39,15 +39,31 @@ from .strategies import DEFAULT, get_strategy
 from .training.task import Task
 from .training.user_loop import calibration_task, own_loop_options
 
-TRIALS = 16  # candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
+TRIALS = (
+    16  # candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
+)
 
 
-def search(model: nn.Module, budget: Budget | int | str, task: Task | None = None, *, strategy: str | None = None,
-           seed: int = 0, graph: SiteGraph | None = None, roles: Iterable[str] | None = None, max_rank: int | None = None,
-           train_modules: Iterable[str] | None = None, calibration_batches: int | None = None,
-           sensitivity_power: float | None = None, trials: int | None = None, storage: str | None = None,
-           study_name: str | None = None, evaluate: Callable[..., Any] | None = None,
-           calibration: Iterable[Any] | None = None, **study_options: Any) -> Plan:  # fmt: skip
+def search(
+    model: nn.Module,
+    budget: Budget | int | str,
+    task: Task | None = None,
+    *,
+    strategy: str | None = None,
+    seed: int = 0,
+    graph: SiteGraph | None = None,
+    roles: Iterable[str] | None = None,
+    max_rank: int | None = None,
+    train_modules: Iterable[str] | None = None,
+    calibration_batches: int | None = None,
+    sensitivity_power: float | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    evaluate: Callable[..., Any] | None = None,
+    calibration: Iterable[Any] | None = None,
+    **study_options: Any,
+) -> Plan:
     """A plan for ``model`` within ``budget``.
 
     ``strategy`` defaults to ``"gp"`` with a task or ``evaluate`` and ``"proxy"`` without. A training
@@ -73,8 +89,13 @@ def search(model: nn.Module, budget: Budget | int | str, task: Task | None = Non
     ('full', True)
     """
     budget = Budget.coerce(budget)
-    options = ProxyOptions.build(roles=roles, max_rank=max_rank, train_modules=train_modules,
-                                 calibration_batches=calibration_batches, sensitivity_power=sensitivity_power)  # fmt: skip
+    options = ProxyOptions.build(
+        roles=roles,
+        max_rank=max_rank,
+        train_modules=train_modules,
+        calibration_batches=calibration_batches,
+        sensitivity_power=sensitivity_power,
+    )
     if calibration is not None:
         if task is not None:
             raise TypeError("give task= or calibration= (your own batches, scored in place of a task's), not both")
@@ -89,16 +110,31 @@ def search(model: nn.Module, budget: Budget | int | str, task: Task | None = Non
 
         return proxy_plan(model, budget, task, options, graph=graph, seed=seed)
     if not can_train:
-        raise ValueError(f"strategy {strategy!r} trains candidate plans: pass task=... or evaluate=your_loop (calibration= "
-                         "batches only score sites); without either use strategy='proxy'")  # fmt: skip
+        raise ValueError(
+            f"strategy {strategy!r} trains candidate plans: pass task=... or evaluate=your_loop (calibration= "
+            "batches only score sites); without either use strategy='proxy'"
+        )
     from .study import run_search  # optuna: loaded only when a search trains
 
-    return run_search(model, budget, task, strategy=strategy, trials=TRIALS if trials is None else trials, storage=storage,
-                      study_name=study_name, seed=seed, proxy=options, graph=graph, **study_options)  # fmt: skip
+    return run_search(
+        model,
+        budget,
+        task,
+        strategy=strategy,
+        trials=TRIALS if trials is None else trials,
+        storage=storage,
+        study_name=study_name,
+        seed=seed,
+        proxy=options,
+        graph=graph,
+        **study_options,
+    )
 
 
 def _trains_nothing(strategy: str, options: dict[str, Any]) -> None:
     unused = sorted(k for k, v in options.items() if v is not None)
     if unused:
-        raise TypeError(f"strategy {strategy!r} trains nothing, so it cannot use {unused}: drop them, or pass a task "
-                        f"and a training strategy (e.g. strategy={DEFAULT!r})")  # fmt: skip
+        raise TypeError(
+            f"strategy {strategy!r} trains nothing, so it cannot use {unused}: drop them, or pass a task "
+            f"and a training strategy (e.g. strategy={DEFAULT!r})"
+        )

@@ -31,9 +31,13 @@ from ...plan import Plan, write_atomic
 from .plot import plot_html, plot_png
 
 SENSES = ("max", "min")
-AXIS_LABELS = {"metric": "validation metric (higher is better)", "params": "trainable parameters",
-               "memory": "training memory (bytes)", "latency": "forward-time overhead after merging",
-               "adapter_bytes": "adapter file size (bytes)"}  # fmt: skip
+AXIS_LABELS = {
+    "metric": "validation metric (higher is better)",
+    "params": "trainable parameters",
+    "memory": "training memory (bytes)",
+    "latency": "forward-time overhead after merging",
+    "adapter_bytes": "adapter file size (bytes)",
+}
 
 
 @dataclass
@@ -61,7 +65,9 @@ class ParetoFront:
                 raise ValueError(f"point objectives {sorted(p.values)} differ from the front's {sorted(self.senses)}")
 
     @classmethod
-    def from_points(cls, points: Iterable[tuple[dict[str, float], Plan | None] | FrontPoint], senses: dict[str, str]) -> ParetoFront:
+    def from_points(
+        cls, points: Iterable[tuple[dict[str, float], Plan | None] | FrontPoint], senses: dict[str, str]
+    ) -> ParetoFront:
         """The non-dominated subset of ``points`` (non-finite values are dropped; duplicates
         are kept once)."""
         pts = [p if isinstance(p, FrontPoint) else FrontPoint(dict(p[0]), p[1]) for p in points]
@@ -72,7 +78,10 @@ class ParetoFront:
 
         keep = is_non_dominated(_maximised(pts, senses), deduplicate=True)
         order = _sort_key(senses)
-        front = sorted((p for p, k in zip(pts, keep.tolist()) if k), key=lambda p: p.values[order] * (1 if senses[order] == "min" else -1))
+        front = sorted(
+            (p for p, k in zip(pts, keep.tolist()) if k),
+            key=lambda p: p.values[order] * (1 if senses[order] == "min" else -1),
+        )
         return cls(front, dict(senses))
 
     def __iter__(self) -> Iterator[FrontPoint]:
@@ -136,14 +145,21 @@ class ParetoFront:
             "format": "peftplan.front",
             "version": 1,
             "senses": self.senses,
-            "points": [{"values": p.values, "info": p.info, "plan": p.plan.to_dict() if p.plan else None} for p in self.points],
+            "points": [
+                {"values": p.values, "info": p.info, "plan": p.plan.to_dict() if p.plan else None} for p in self.points
+            ],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ParetoFront:
         if d.get("format") != "peftplan.front" or d.get("version") != 1:
             raise ValueError(f"not a peftplan front (format={d.get('format')!r}, version={d.get('version')!r})")
-        pts = [FrontPoint(dict(p["values"]), Plan.from_dict(p["plan"]) if p.get("plan") else None, dict(p.get("info") or {})) for p in d["points"]]
+        pts = [
+            FrontPoint(
+                dict(p["values"]), Plan.from_dict(p["plan"]) if p.get("plan") else None, dict(p.get("info") or {})
+            )
+            for p in d["points"]
+        ]
         return cls(pts, dict(d["senses"]))
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -160,11 +176,25 @@ class ParetoFront:
         w = csv.writer(buf)
         w.writerow([*self.senses, *info_keys, "plan"])
         for p in self.points:
-            w.writerow([*(p.values[k] for k in self.senses), *(p.info.get(k, "") for k in info_keys), p.plan.summary() if p.plan else ""])
+            w.writerow(
+                [
+                    *(p.values[k] for k in self.senses),
+                    *(p.info.get(k, "") for k in info_keys),
+                    p.plan.summary() if p.plan else "",
+                ]
+            )
         return write_atomic(path, buf.getvalue())
 
-    def plot(self, path: str | os.PathLike, *, x: str | None = None, y: str | None = None, title: str = "Pareto front",
-             labels: dict[str, str] | None = None, markers: dict[str, dict[str, float]] | None = None) -> Path:  # fmt: skip
+    def plot(
+        self,
+        path: str | os.PathLike,
+        *,
+        x: str | None = None,
+        y: str | None = None,
+        title: str = "Pareto front",
+        labels: dict[str, str] | None = None,
+        markers: dict[str, dict[str, float]] | None = None,
+    ) -> Path:
         """The front's staircase over every evaluated trial (`evaluated`: dominated ones faint,
         those screened at a shorter fidelity fainter, baselines named), plus ``markers``
         (``{label: values}``, e.g. a hand-tuned baseline) as labelled points: ``.png``

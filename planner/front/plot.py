@@ -48,7 +48,11 @@ def layers(front: ParetoFront, x: str, y: str) -> dict[str, list[FrontPoint]]:
     sign = 1 if front.senses.get(y) == "max" else -1
     for p in seen:
         name = p.info.get("baseline")
-        if name and p.info.get("rung", 0) == rung and (name not in best or sign * p.values[y] > sign * best[name].values[y]):
+        if (
+            name
+            and p.info.get("rung", 0) == rung
+            and (name not in best or sign * p.values[y] > sign * best[name].values[y])
+        ):
             best[name] = p
     return {
         "screened": [p for p in seen if p.info.get("rung", 0) < rung],
@@ -65,31 +69,74 @@ def _log_x(front: ParetoFront, x: str, markers: dict[str, dict[str, float]]) -> 
 
 def short_count(v: float) -> str:
     """A count in three significant figures: 5k, 74.5k, 22.7M (tick labels, plot legends)."""
-    return f"{v / 1e9:.3g}G" if v >= 1e9 else f"{v / 1e6:.3g}M" if v >= 1e6 else f"{v / 1e3:.3g}k" if v >= 1e3 else f"{v:.3g}"
+    return (
+        f"{v / 1e9:.3g}G"
+        if v >= 1e9
+        else f"{v / 1e6:.3g}M"
+        if v >= 1e6
+        else f"{v / 1e3:.3g}k"
+        if v >= 1e3
+        else f"{v:.3g}"
+    )
 
 
-def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: dict[str, str],
-             markers: dict[str, dict[str, float]]) -> Path:  # fmt: skip
+def plot_png(
+    front: ParetoFront,
+    path: Path,
+    x: str,
+    y: str,
+    title: str,
+    axes: dict[str, str],
+    markers: dict[str, dict[str, float]],
+) -> Path:
     # a Figure of its own (no pyplot): the user's process keeps its matplotlib backend
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9.6, 4.8), dpi=120)
     ax = fig.subplots()
     parts = layers(front, x, y)
-    for key, style in (("screened", {"color": "grey", "alpha": 0.3, "s": 16, "label": "screened at a shorter fidelity"}),
-                       ("dominated", {"color": "tab:blue", "alpha": 0.3, "s": 22, "label": "evaluated, dominated"})):  # fmt: skip
+    for key, style in (
+        ("screened", {"color": "grey", "alpha": 0.3, "s": 16, "label": "screened at a shorter fidelity"}),
+        ("dominated", {"color": "tab:blue", "alpha": 0.3, "s": 22, "label": "evaluated, dominated"}),
+    ):
         if parts[key]:
             ax.scatter([p.values[x] for p in parts[key]], [p.values[y] for p in parts[key]], **style)
     if len(front):
         xs, ys = _staircase(front, x, y)
         ax.plot(xs, ys, color="tab:blue", alpha=0.6, lw=1.5)
-        ax.scatter([p.values[x] for p in front], [p.values[y] for p in front], color="tab:blue", s=36, zorder=3, label="Pareto front")
+        ax.scatter(
+            [p.values[x] for p in front],
+            [p.values[y] for p in front],
+            color="tab:blue",
+            s=36,
+            zorder=3,
+            label="Pareto front",
+        )
         knee = front.knee()
-        ax.scatter([knee.values[x]], [knee.values[y]], s=140, facecolors="none", edgecolors="tab:red", lw=2, zorder=4, label="knee")
-    colours = iter(("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"))  # not the knee's red
+        ax.scatter(
+            [knee.values[x]],
+            [knee.values[y]],
+            s=140,
+            facecolors="none",
+            edgecolors="tab:red",
+            lw=2,
+            zorder=4,
+            label="knee",
+        )
+    colours = iter(
+        ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+    )  # not the knee's red
     for p in parts["baselines"][:7]:  # rings in a legend, not text: seeds of equal params share a spot
-        ax.scatter([p.values[x]], [p.values[y]], s=90, facecolors="none", edgecolors=next(colours), lw=1.6, zorder=4,
-                   label=f"search seed '{p.info['baseline']}' (its best trial)")  # fmt: skip
+        ax.scatter(
+            [p.values[x]],
+            [p.values[y]],
+            s=90,
+            facecolors="none",
+            edgecolors=next(colours),
+            lw=1.6,
+            zorder=4,
+            label=f"search seed '{p.info['baseline']}' (its best trial)",
+        )
     for (label, values), marker in zip(markers.items(), MARKERS * 3):
         ax.scatter([values[x]], [values[y]], marker=marker, s=70, zorder=5, label=label)
     if _log_x(front, x, markers):
@@ -111,19 +158,33 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
     return write_atomic(path, png.getvalue())
 
 
-def plot_html(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: dict[str, str],
-              markers: dict[str, dict[str, float]]) -> Path:  # fmt: skip
+def plot_html(
+    front: ParetoFront,
+    path: Path,
+    x: str,
+    y: str,
+    title: str,
+    axes: dict[str, str],
+    markers: dict[str, dict[str, float]],
+) -> Path:
     fig = html_figure(front, x, y, title, axes, markers)
     return write_atomic(path, fig.to_html(include_plotlyjs=True, full_html=True))
 
 
-def html_figure(front: ParetoFront, x: str, y: str, title: str, axes: dict[str, str], markers: dict[str, dict[str, float]]):
+def html_figure(
+    front: ParetoFront, x: str, y: str, title: str, axes: dict[str, str], markers: dict[str, dict[str, float]]
+):
     """The plotly figure `plot_html` writes."""
     import plotly.graph_objects as go
 
     def hover(p: FrontPoint) -> str:
-        return "<br>".join([*(f"{k}: {v:,.4g}" for k, v in p.values.items()), *(f"{k}: {v}" for k, v in p.info.items()),
-                            p.plan.summary() if p.plan else ""])  # fmt: skip
+        return "<br>".join(
+            [
+                *(f"{k}: {v:,.4g}" for k, v in p.values.items()),
+                *(f"{k}: {v}" for k, v in p.info.items()),
+                p.plan.summary() if p.plan else "",
+            ]
+        )
 
     parts = layers(front, x, y)
     named = {(p.info.get("trial"), p.info["baseline"]) for p in parts["baselines"]}
@@ -132,21 +193,58 @@ def html_figure(front: ParetoFront, x: str, y: str, title: str, axes: dict[str, 
         return [p.info["baseline"] if (p.info.get("trial"), p.info.get("baseline")) in named else "" for p in pts]
 
     fig = go.Figure()
-    for key, name, color in (("screened", "screened at a shorter fidelity", "rgba(128,128,128,0.35)"),
-                             ("dominated", "evaluated, dominated", "rgba(31,119,180,0.3)")):  # fmt: skip
+    for key, name, color in (
+        ("screened", "screened at a shorter fidelity", "rgba(128,128,128,0.35)"),
+        ("dominated", "evaluated, dominated", "rgba(31,119,180,0.3)"),
+    ):
         pts = parts[key]
-        fig.add_trace(go.Scatter(x=[p.values[x] for p in pts], y=[p.values[y] for p in pts], mode="markers+text", name=name,
-                                 marker={"color": color, "size": 7}, text=names(pts),
-                                 textposition="bottom right", hovertext=[hover(p) for p in pts], hoverinfo="text"))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[p.values[x] for p in pts],
+                y=[p.values[y] for p in pts],
+                mode="markers+text",
+                name=name,
+                marker={"color": color, "size": 7},
+                text=names(pts),
+                textposition="bottom right",
+                hovertext=[hover(p) for p in pts],
+                hoverinfo="text",
+            )
+        )
     xs, ys = _staircase(front, x, y) if len(front) else ([], [])
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "rgba(31,119,180,0.6)"}, hoverinfo="skip", name="front"))
-    fig.add_trace(go.Scatter(x=[p.values[x] for p in front], y=[p.values[y] for p in front], mode="markers+text",
-                             marker={"size": 10, "color": "rgb(31,119,180)"}, text=names(list(front)),
-                             textposition="bottom right", hovertext=[hover(p) for p in front], hoverinfo="text",
-                             name="Pareto front"))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(x=xs, y=ys, mode="lines", line={"color": "rgba(31,119,180,0.6)"}, hoverinfo="skip", name="front")
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[p.values[x] for p in front],
+            y=[p.values[y] for p in front],
+            mode="markers+text",
+            marker={"size": 10, "color": "rgb(31,119,180)"},
+            text=names(list(front)),
+            textposition="bottom right",
+            hovertext=[hover(p) for p in front],
+            hoverinfo="text",
+            name="Pareto front",
+        )
+    )
     for label, values in markers.items():
-        fig.add_trace(go.Scatter(x=[values[x]], y=[values[y]], mode="markers", marker={"size": 12, "symbol": "diamond"},
-                                 name=label, hovertext=[f"{label}: {values}"], hoverinfo="text"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title=axes[x], yaxis_title=axes[y], template="plotly_white",
-                      xaxis_type="log" if _log_x(front, x, markers) else "linear")  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[values[x]],
+                y=[values[y]],
+                mode="markers",
+                marker={"size": 12, "symbol": "diamond"},
+                name=label,
+                hovertext=[f"{label}: {values}"],
+                hoverinfo="text",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title=axes[x],
+        yaxis_title=axes[y],
+        template="plotly_white",
+        xaxis_type="log" if _log_x(front, x, markers) else "linear",
+    )
     return fig

@@ -69,15 +69,38 @@ from .storage import (
 from .watch import check_timeout
 
 
-def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, strategy: str, trials: int,
-               storage: str | optuna.storages.BaseStorage | None = None, study_name: str | None = None, seed: int = 0,
-               objectives: Iterable[str] = ("metric", "params"), fidelities: Iterable[Fidelity] | None = None,
-               eta: int = 3, space: Any = None, progress: bool = True, recipe: Recipe | None = None, seeds: int = 14,
-               methods: Iterable[str] = DEFAULT_METHODS, proxy: ProxyOptions | None = None, graph: SiteGraph | None = None,
-               threads: int | None = None, source: Source | None = None, evaluator: Evaluator = evaluate,
-               heartbeat: int = 30, lr_range: tuple[float, float] | str | None = "auto", screen_by: str = "loss",
-               refine: int = 2, device: str | Any = None, bf16: bool = False, checkpointing: bool = False,
-               trial_timeout: float | None = None) -> Plan:  # fmt: skip
+def run_search(
+    model: nn.Module,
+    budget: Budget | int | str,
+    task: Task,
+    *,
+    strategy: str,
+    trials: int,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    objectives: Iterable[str] = ("metric", "params"),
+    fidelities: Iterable[Fidelity] | None = None,
+    eta: int = 3,
+    space: Any = None,
+    progress: bool = True,
+    recipe: Recipe | None = None,
+    seeds: int = 14,
+    methods: Iterable[str] = DEFAULT_METHODS,
+    proxy: ProxyOptions | None = None,
+    graph: SiteGraph | None = None,
+    threads: int | None = None,
+    source: Source | None = None,
+    evaluator: Evaluator = evaluate,
+    heartbeat: int = 30,
+    lr_range: tuple[float, float] | str | None = "auto",
+    screen_by: str = "loss",
+    refine: int = 2,
+    device: str | Any = None,
+    bf16: bool = False,
+    checkpointing: bool = False,
+    trial_timeout: float | None = None,
+) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates; return the best plan within
     budget, with ``plan.front``.
 
@@ -119,16 +142,43 @@ def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, stra
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     if space is None:
         lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
-        space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph,
-                              lr=lr_range)  # fmt: skip
+        space = default_space(
+            model,
+            budget,
+            task,
+            seed=seed,
+            objectives=objectives,
+            methods=methods,
+            proxy=proxy,
+            graph=graph,
+            lr=lr_range,
+        )
     elif proxy != ProxyOptions() or graph is not None or lr_range != "auto":
-        raise ValueError("a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
-                         f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
-                         "or the space")  # fmt: skip
+        raise ValueError(
+            "a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
+            f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
+            "or the space"
+        )
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
-                         {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
-                         methods, proxy.to_dict(), source, space.lr, screen_by, refine)  # fmt: skip
+    config = StudyConfig(
+        strategy,
+        trials,
+        tuple(space.objectives),
+        dict(space.objectives),
+        fidelities,
+        {k: float(v) for k, v in space.limits.items()},
+        budget.to_dict(),
+        eta,
+        seed,
+        recipe.to_dict(),
+        seeds,
+        methods,
+        proxy.to_dict(),
+        source,
+        space.lr,
+        screen_by,
+        refine,
+    )
     name = study_name or config.default_name(task, model)
     store = open_storage(storage, heartbeat=heartbeat)
     with writing(store, name):
@@ -137,8 +187,9 @@ def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, stra
         return best_plan(study, task)
 
 
-def _check_settings(trials: int, refine: int, screen_by: str, fidelities: tuple[Fidelity, ...], task: Task,
-                    evaluator: Evaluator) -> None:  # fmt: skip
+def _check_settings(
+    trials: int, refine: int, screen_by: str, fidelities: tuple[Fidelity, ...], task: Task, evaluator: Evaluator
+) -> None:
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
@@ -148,15 +199,27 @@ def _check_settings(trials: int, refine: int, screen_by: str, fidelities: tuple[
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data
-        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
-                         "split carved from the training data, never on the evaluation split; build the task with "
-                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
+        raise ValueError(
+            f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+            "split carved from the training data, never on the evaluation split; build the task with "
+            "validation=0.2 (or task.with_validation(0.2))"
+        )
 
 
-def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
-               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
-               allow: Iterable[str] = (), device: str | Any = None, bf16: bool = False,
-               checkpointing: bool = False, trial_timeout: float | None = None) -> Plan:  # fmt: skip
+def run_worker(
+    storage: str | optuna.storages.BaseStorage,
+    study_name: str | None = None,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
+    evaluator: Evaluator = evaluate,
+    heartbeat: int = 30,
+    allow: Iterable[str] = (),
+    device: str | Any = None,
+    bf16: bool = False,
+    checkpointing: bool = False,
+    trial_timeout: float | None = None,
+) -> Plan:
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
@@ -194,8 +257,10 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     _wait_for_config(store, name)
     config = stored_config(store, name)
     if config.source is None:
-        raise StudyError(f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
-                         "start it with `peftplan search` (or run_search(source=Source(...)))")  # fmt: skip
+        raise StudyError(
+            f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
+            "start it with `peftplan search` (or run_search(source=Source(...)))"
+        )
     config.source.check_trusted(allow, name)
     model, task = config.source.load()
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
@@ -203,7 +268,12 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
     with writing(store, name):
         study = open_study(store, name, config, space, worker_seed, worker=True)
-        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress, joining=True)
+        work(
+            study,
+            Context(config, model, task, space, evaluator, threads, trial_timeout),
+            progress=progress,
+            joining=True,
+        )
         return best_plan(study, task)
 
 
@@ -213,8 +283,10 @@ def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, chec
     places the model itself."""
     if evaluator is not evaluate:
         if device is not None or bf16 or checkpointing:
-            raise ValueError("device, bf16 and checkpointing are for peftplan's own trainer; your evaluate function "
-                             "places and casts the model itself (a Trainer by its TrainingArguments): drop them")  # fmt: skip
+            raise ValueError(
+                "device, bf16 and checkpointing are for peftplan's own trainer; your evaluate function "
+                "places and casts the model itself (a Trainer by its TrainingArguments): drop them"
+            )
         return evaluator
     device = resolve(device, model)
     if bf16:
@@ -265,12 +337,19 @@ def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
     except StudyError as e:
         raise damaged(study._storage, study.study_name, e) from None
     if not len(front):
-        reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
-                          if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip
+        reasons = sorted(
+            {
+                t.user_attrs.get("failed", "killed")
+                for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.FAIL
+            }
+        )
         if not reasons:
-            raise StudyError(f"study {study.study_name!r}: no trial completed and none failed: plans over the limits "
-                             f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
-                             "limits (--memory, --latency, --adapter-bytes) or the budget")  # fmt: skip
+            raise StudyError(
+                f"study {study.study_name!r}: no trial completed and none failed: plans over the limits "
+                f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
+                "limits (--memory, --latency, --adapter-bytes) or the budget"
+            )
         raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5]}")
     for point in front.points:
         if point.plan is not None and task is not None:

@@ -21,12 +21,27 @@ if TYPE_CHECKING:
 
 
 def for_causal_lm(
-    cls: type[Task], model_dir_or_model: str | os.PathLike | nn.Module, tokenizer: Any, train: Any, dev: Any = None, *,
-    text_column: str | None = None, prompt_column: str | None = None, response_column: str | None = None,
-    messages_column: str | None = None, metric: str = "loss", choices: Sequence[str] | None = None,
-    batch_size: int = 8, max_length: int = 128, max_train: int | None = None, max_dev: int | None = None,
-    seed: int = 0, validation: Any = 0.2, name: str | None = None, device: str | torch.device | None = None,
-) -> Task:  # fmt: skip
+    cls: type[Task],
+    model_dir_or_model: str | os.PathLike | nn.Module,
+    tokenizer: Any,
+    train: Any,
+    dev: Any = None,
+    *,
+    text_column: str | None = None,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    messages_column: str | None = None,
+    metric: str = "loss",
+    choices: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+    max_train: int | None = None,
+    max_dev: int | None = None,
+    seed: int = 0,
+    validation: Any = 0.2,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+) -> Task:
     """A causal language-model task: next-token loss over each text; with ``prompt_column``
     and ``response_column`` (instruction data) over the response alone, the prompt's tokens
     labelled -100; with ``messages_column`` (chat data: lists of ``{"role", "content"}``
@@ -56,19 +71,29 @@ def for_causal_lm(
     >>> task.kind, task.metric_name, len(task.validation_batches[0]["choice"])
     ('causal-lm', 'choice accuracy', 2)
     """
-    columns = _check_options(train, batch_size, max_length, text_column, prompt_column, response_column,
-                             messages_column)  # fmt: skip
+    columns = _check_options(
+        train, batch_size, max_length, text_column, prompt_column, response_column, messages_column
+    )
     lm.check_causal_lm(model_dir_or_model)
     default_name = name or task_name(train)
     rows, held, dev_rows = _lm_splits(train, dev, validation, columns, seed)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir_or_model)
     score, held_batches = answers.scoring(metric, tokenizer, choices, batch_size, max_length)
-    task = cls(train_batches=lm.lm_batches(tokenizer, rows[:max_train], batch_size, max_length),
-               eval_batches=held_batches(dev_rows[:max_dev]), loss=lm.causal_lm_loss, metric=score,
-               name=default_name, validation_batches=held_batches(held), kind="causal-lm",
-               weight=lm.predicted_tokens)  # fmt: skip
-    for what, batches in (("training", task.train_batches), ("validation", task.validation_batches),
-                          ("evaluation", task.eval_batches)):  # fmt: skip
+    task = cls(
+        train_batches=lm.lm_batches(tokenizer, rows[:max_train], batch_size, max_length),
+        eval_batches=held_batches(dev_rows[:max_dev]),
+        loss=lm.causal_lm_loss,
+        metric=score,
+        name=default_name,
+        validation_batches=held_batches(held),
+        kind="causal-lm",
+        weight=lm.predicted_tokens,
+    )
+    for what, batches in (
+        ("training", task.train_batches),
+        ("validation", task.validation_batches),
+        ("evaluation", task.eval_batches),
+    ):
         lm.check_predicts(batches, what, default_name, max_length)
     return task if device is None else task.to(device)
 
@@ -78,15 +103,21 @@ def _check_options(train: Any, batch_size: int, max_length: int, *columns: str |
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_length < 2:
-        raise ValueError(f"max_length={max_length}: a causal LM example needs at least 2 tokens (one read, one predicted)")
+        raise ValueError(
+            f"max_length={max_length}: a causal LM example needs at least 2 tokens (one read, one predicted)"
+        )
     checked = lm.LMColumns.of(*columns)
     if isinstance(train, (str, os.PathLike)) and Path(train).is_dir():
-        raise ValueError(f"{train} is a folder: a causal LM task reads a data file (.txt with one example per line, "
-                         ".csv, .json, .jsonl, .parquet), a datasets.Dataset or a list of texts")  # fmt: skip
+        raise ValueError(
+            f"{train} is a folder: a causal LM task reads a data file (.txt with one example per line, "
+            ".csv, .json, .jsonl, .parquet), a datasets.Dataset or a list of texts"
+        )
     return checked
 
 
-def _lm_splits(train: Any, dev: Any, validation: Any, columns: lm.LMColumns | None, seed: int) -> tuple[list, list, list]:
+def _lm_splits(
+    train: Any, dev: Any, validation: Any, columns: lm.LMColumns | None, seed: int
+) -> tuple[list, list, list]:
     """(training, validation, evaluation) examples of a causal-LM task: the training examples
     shuffled with ``seed``, then ``validation`` of them held out (unless it is data of its own)."""
     train, dev, given = splits(train, dev, validation)

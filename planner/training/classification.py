@@ -38,12 +38,26 @@ Batch = dict[str, torch.Tensor]
 
 
 def for_sequence_classification(
-    cls: type[Task], model_dir_or_model: str | os.PathLike | nn.Module, tokenizer: Any, train: Any, dev: Any = None, *,
-    text_column: str | None = None, pair_column: str | None = None, label_column: str | None = None,
-    labels: Sequence[str] | None = None, batch_size: int = 32, max_length: int = 64, max_train: int | None = None,
-    max_dev: int | None = None, metric: str = "accuracy", seed: int = 0, validation: Any = 0.2,
-    name: str | None = None, device: str | torch.device | None = None,
-) -> Task:  # fmt: skip
+    cls: type[Task],
+    model_dir_or_model: str | os.PathLike | nn.Module,
+    tokenizer: Any,
+    train: Any,
+    dev: Any = None,
+    *,
+    text_column: str | None = None,
+    pair_column: str | None = None,
+    label_column: str | None = None,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_length: int = 64,
+    max_train: int | None = None,
+    max_dev: int | None = None,
+    metric: str = "accuracy",
+    seed: int = 0,
+    validation: Any = 0.2,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+) -> Task:
     """A classification task: ``train`` gives the training and validation examples, ``dev``
     the evaluation examples (the final report only; None: none, or a DatasetDict's own).
 
@@ -79,7 +93,8 @@ def for_sequence_classification(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     table, (train_rows, validation_rows, dev_rows) = _labelled_rows(
-        train, dev, validation, _columns(text_column, pair_column, label_column), labels, seed)
+        train, dev, validation, _columns(text_column, pair_column, label_column), labels, seed
+    )
     train_rows, dev_rows = train_rows[:max_train], dev_rows[:max_dev]
     _check_classes(model_dir_or_model, table, train_rows + validation_rows + dev_rows)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir_or_model)
@@ -87,9 +102,15 @@ def for_sequence_classification(
     def batches(rows: list[Row]) -> list[Batch]:
         return _batches(tokenizer, rows, batch_size, max_length)
 
-    task = cls(train_batches=batches(train_rows), eval_batches=batches(dev_rows), loss=classification_loss,
-               metric=ClassMetric(METRICS[metric], table.names), name=name or task_name(train),
-               validation_batches=batches(validation_rows), labels=table.names)  # fmt: skip
+    task = cls(
+        train_batches=batches(train_rows),
+        eval_batches=batches(dev_rows),
+        loss=classification_loss,
+        metric=ClassMetric(METRICS[metric], table.names),
+        name=name or task_name(train),
+        validation_batches=batches(validation_rows),
+        labels=table.names,
+    )
     return task if device is None else task.to(device)
 
 
@@ -101,8 +122,9 @@ def _columns(text: str | None, pair: str | None, label: str | None) -> Columns |
     return Columns(text or "text", pair, label or "label")
 
 
-def _labelled_rows(train: Any, dev: Any, validation: Any, columns: Columns | None, labels: Sequence[str] | None,
-                   seed: int) -> tuple[Labels, tuple[list[Row], list[Row], list[Row]]]:  # fmt: skip
+def _labelled_rows(
+    train: Any, dev: Any, validation: Any, columns: Columns | None, labels: Sequence[str] | None, seed: int
+) -> tuple[Labels, tuple[list[Row], list[Row], list[Row]]]:
     """The class table and the (training, validation, evaluation) rows: the training rows
     shuffled with ``seed``, then ``validation`` of them held out, stratified by label (unless
     it is data of its own)."""
@@ -131,7 +153,7 @@ def _batches(tokenizer: Any, rows: list[Row], batch_size: int, max_length: int) 
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         texts = [t for _, t in chunk]
-        pairs = (list(zip(*texts)) if texts and isinstance(texts[0], tuple) else [texts])
+        pairs = list(zip(*texts)) if texts and isinstance(texts[0], tuple) else [texts]
         enc = tokenizer(*pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append({**enc, "labels": torch.tensor([label for label, _ in chunk])})
     return out
@@ -143,14 +165,20 @@ def _check_classes(model: Any, table: Labels, rows: list[Row]) -> None:
     if n_labels is None:
         return
     if table.names is not None and len(table.names) > n_labels:
-        raise ValueError(f"the data has {len(table.names)} classes {list(table.names)} but the model has {n_labels} "
-                         f"labels; load it with num_labels={len(table.names)}")  # fmt: skip
+        raise ValueError(
+            f"the data has {len(table.names)} classes {list(table.names)} but the model has {n_labels} "
+            f"labels; load it with num_labels={len(table.names)}"
+        )
     seen = max((label for label, _ in rows), default=0)
     if seen >= n_labels and seen == n_labels and min(label for label, _ in rows) == 1:
-        raise ValueError(f"the data's labels run from 1 to {seen}, but class numbers count from 0 (the model's {n_labels} "
-                         f"classes are 0 to {n_labels - 1}): renumber the labels 0 to {seen - 1}, or write class names")  # fmt: skip
+        raise ValueError(
+            f"the data's labels run from 1 to {seen}, but class numbers count from 0 (the model's {n_labels} "
+            f"classes are 0 to {n_labels - 1}): renumber the labels 0 to {seen - 1}, or write class names"
+        )
     if seen >= n_labels:
-        raise ValueError(f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}")
+        raise ValueError(
+            f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}"
+        )
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

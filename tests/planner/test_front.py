@@ -69,7 +69,11 @@ def test_exports(tmp_path):
     assert [(p.values, p.info) for p in back] == [(p.values, p.info) for p in f]
     assert back.points[0].plan is None and back.points[1].plan.sites == plan.sites
     rows = list(csv.reader(f.to_csv(tmp_path / "f.csv").open()))
-    assert rows == [["metric", "params", "trial", "plan"], ["0.5", "5", "", ""], ["0.9", "10", "3", "lora: 1 site, rank 2"]]
+    assert rows == [
+        ["metric", "params", "trial", "plan"],
+        ["0.5", "5", "", ""],
+        ["0.9", "10", "3", "lora: 1 site, rank 2"],
+    ]
     assert f.plot(tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = f.plot(tmp_path / "f.html").read_text()
     assert "plotly" in html and "lora: 1 site" in html
@@ -81,23 +85,37 @@ def test_plots_show_every_trial_the_baselines_and_given_markers(tmp_path):
     from peftplan.planner.front import FrontPoint
     from peftplan.planner.front.plot import html_figure, layers
 
-    trials = [FrontPoint({"metric": 0.6, "params": 300}, None, {"trial": 0, "rung": 0}),  # screened only
-              FrontPoint({"metric": 0.7, "params": 500}, None, {"trial": 1, "rung": 1}),
-              FrontPoint({"metric": 0.79, "params": 80_000}, None, {"trial": 2, "rung": 1, "baseline": "query-value"}),
-              FrontPoint({"metric": 0.85, "params": 40_000}, None, {"trial": 3, "rung": 1}),
-              FrontPoint({"metric": 0.75, "params": 80_000}, None, {"trial": 4, "rung": 1, "baseline": "query-value"})]  # fmt: skip
-    f = ParetoFront.from_points([FrontPoint(dict(p.values), None, dict(p.info)) for p in trials if p.info["rung"] == 1], SENSES)
+    trials = [
+        FrontPoint({"metric": 0.6, "params": 300}, None, {"trial": 0, "rung": 0}),  # screened only
+        FrontPoint({"metric": 0.7, "params": 500}, None, {"trial": 1, "rung": 1}),
+        FrontPoint({"metric": 0.79, "params": 80_000}, None, {"trial": 2, "rung": 1, "baseline": "query-value"}),
+        FrontPoint({"metric": 0.85, "params": 40_000}, None, {"trial": 3, "rung": 1}),
+        FrontPoint({"metric": 0.75, "params": 80_000}, None, {"trial": 4, "rung": 1, "baseline": "query-value"}),
+    ]
+    f = ParetoFront.from_points(
+        [FrontPoint(dict(p.values), None, dict(p.info)) for p in trials if p.info["rung"] == 1], SENSES
+    )
     f.evaluated = trials
     parts = layers(f, "params", "metric")
-    assert [p.info["trial"] for p in parts["screened"]] == [0] and [p.info["trial"] for p in parts["dominated"]] == [2, 4]
+    assert [p.info["trial"] for p in parts["screened"]] == [0] and [p.info["trial"] for p in parts["dominated"]] == [
+        2,
+        4,
+    ]
     assert [p.info["trial"] for p in parts["front"]] == [1, 3]
     assert [p.info["trial"] for p in parts["baselines"]] == [2]  # the seed at two learning rates: its better trial
     markers = {"peft LoRA r8 q,v": {"metric": 0.83, "params": 74_498}}
     html = f.plot(tmp_path / "f.html", labels={"metric": "validation accuracy"}, markers=markers).read_text()
     assert "validation accuracy" in html and "peft LoRA r8 q,v" in html
-    fig = html_figure(f, "params", "metric", "t", {"params": "trainable parameters", "metric": "validation accuracy"}, markers)
-    assert [t.name for t in fig.data] == ["screened at a shorter fidelity", "evaluated, dominated", "front", "Pareto front",
-                                          "peft LoRA r8 q,v"]  # fmt: skip
+    fig = html_figure(
+        f, "params", "metric", "t", {"params": "trainable parameters", "metric": "validation accuracy"}, markers
+    )
+    assert [t.name for t in fig.data] == [
+        "screened at a shorter fidelity",
+        "evaluated, dominated",
+        "front",
+        "Pareto front",
+        "peft LoRA r8 q,v",
+    ]
     assert list(fig.data[4].x) == [74_498] and list(fig.data[1].x) == [80_000, 80_000] and list(fig.data[0].x) == [300]
     assert list(fig.data[1].text) == ["query-value", ""]  # named even where dominated, once
     assert fig.layout.xaxis.type == "log"  # params span 267x
@@ -108,7 +126,9 @@ def test_params_take_a_log_axis_once_they_span_more_than_tenfold():
     from peftplan.planner.front.plot import html_figure
 
     def axis(low: int) -> str:
-        f = ParetoFront.from_points([({"metric": 0.77, "params": low}, None), ({"metric": 0.84, "params": 74_498}, None)], SENSES)
+        f = ParetoFront.from_points(
+            [({"metric": 0.77, "params": low}, None), ({"metric": 0.84, "params": 74_498}, None)], SENSES
+        )
         return html_figure(f, "params", "metric", "t", {"params": "p", "metric": "m"}, {}).layout.xaxis.type
 
     assert axis(3_842) == "log"  # 19x: the demo's front, a rank-1 plan beside the budget
@@ -118,4 +138,11 @@ def test_params_take_a_log_axis_once_they_span_more_than_tenfold():
 def test_counts_are_shortened_to_three_significant_figures():
     from peftplan.planner.front.plot import short_count
 
-    assert [short_count(v) for v in (740, 5_000, 74_498, 100_000, 22_713_986, 7e9)] == ["740", "5k", "74.5k", "100k", "22.7M", "7G"]
+    assert [short_count(v) for v in (740, 5_000, 74_498, 100_000, 22_713_986, 7e9)] == [
+        "740",
+        "5k",
+        "74.5k",
+        "100k",
+        "22.7M",
+        "7G",
+    ]

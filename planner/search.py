@@ -19,6 +19,18 @@ few sites of the last layers; its square root (0.5, the default: the gradient's 
 norm) keeps the ordering but spreads ranks over more sites, and trained better at equal
 params on MiniLM (SST-2 +0.3 pt, MR +4.3 pt). 0 scores every site alike.
 
+`search`'s other options: ``evaluate`` replaces peftplan's trainer in trials with your own
+loop: ``fn(model, fidelity[, recipe])`` returning the metric or ``{"metric", "loss"}``
+(`peftplan.planner.training.user_loop`), or a ready one such as
+`peftplan.integrations.transformers.TrainerLoop`. Without a task, sites are scored from their
+weights (Hill alpha); with one, by grad² on its first ``calibration_batches`` training batches,
+raised to ``sensitivity_power``; ``calibration`` (your own batches instead of a task: dicts with
+labels, a DataLoader; the first ``calibration_batches`` are read) gives grad² scores without a
+peftplan task. ``train_modules`` (site names) are fully trained, their parameters paid from the
+budget first; by default the model's new classification head
+(`peftplan.planner.proxy.options.heads`). ``roles``, ``max_rank``: which sites get ranks and how
+large (`ProxyOptions`). ``graph`` skips lowering.
+
     >>> plan = search(tiny_bert(), Budget(params="5%"))
     >>> plan.summary()
     'full: 1 site; lora: 12 sites, ranks 1–2 (params=1,762)'
@@ -39,9 +51,8 @@ from .strategies import DEFAULT, get_strategy
 from .training.task import Task
 from .training.user_loop import calibration_task, own_loop_options
 
-TRIALS = (
-    16  # candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
-)
+# candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
+TRIALS = 16
 
 
 def search(
@@ -64,25 +75,13 @@ def search(
     calibration: Iterable[Any] | None = None,
     **study_options: Any,
 ) -> Plan:
-    """A plan for ``model`` within ``budget``.
+    """A plan for ``model`` within ``budget`` (a `Budget`, an int count or ``"0.5%"``, ``"250k"``).
 
     ``strategy`` defaults to ``"gp"`` with a task or ``evaluate`` and ``"proxy"`` without. A training
     strategy runs ``trials`` (default 16) completed candidates in an optuna study (in memory
     unless ``storage`` is given; ``study_name`` resumes one) and passes ``study_options`` on to
     `peftplan.planner.study.run_search` (objectives, fidelities, methods, lr, ``device``,
-    ``bf16``, …). ``evaluate``
-    replaces peftplan's trainer in trials with your own loop: ``fn(model, fidelity[, recipe])``
-    returning the metric or ``{"metric", "loss"}`` (`peftplan.planner.training.user_loop`), or a
-    ready one such as `peftplan.integrations.transformers.TrainerLoop`.
-
-    ``budget`` is a `Budget`, an int count or a string (``"0.5%"``, ``"250k"``). Without a task,
-    sites are scored from their weights (Hill alpha); with one, by grad² on its first
-    ``calibration_batches`` training batches, raised to ``sensitivity_power``; ``calibration``
-    (your own batches instead of a task: dicts with labels, a DataLoader; the first
-    ``calibration_batches`` are read) gives grad² scores without a peftplan task. ``train_modules``
-    (site names) are fully trained, their parameters paid from the budget first; by default
-    the model's new classification head (`peftplan.planner.proxy.options.heads`). ``roles``,
-    ``max_rank``: which sites get ranks and how large (`ProxyOptions`). ``graph`` skips lowering.
+    ``bf16``, …). The other options are described in the module docstring.
 
     >>> plan = search(tiny_bert(), 5_000, train_modules=["classifier"])
     >>> plan.sites["classifier"]["method"], plan.objectives["params"] <= 5_000
@@ -96,16 +95,12 @@ def search(
         calibration_batches=calibration_batches,
         sensitivity_power=sensitivity_power,
     )
-    if calibration is not None:
-        if task is not None:
-            raise TypeError("give task= or calibration= (your own batches, scored in place of a task's), not both")
-        task = calibration_task(calibration, options.calibration_batches)
-    if evaluate is not None:
-        task, study_options = own_loop_options(evaluate, task, study_options, model)
+    task, study_options = _scoring_task(model, task, options, evaluate, calibration, study_options)
     can_train = evaluate is not None or (task is not None and calibration is None)  # a loop or a task trains candidates
     strategy = strategy or (DEFAULT if can_train else "proxy")
+    study = {"trials": trials, "storage": storage, "study_name": study_name, **study_options}
     if not get_strategy(strategy).trains:
-        _trains_nothing(strategy, {"trials": trials, "storage": storage, "study_name": study_name, **study_options})
+        _trains_nothing(strategy, study)
         from .strategies.proxy import proxy_plan  # optuna: loaded when a space is built
 
         return proxy_plan(model, budget, task, options, graph=graph, seed=seed)
@@ -114,21 +109,46 @@ def search(
             f"strategy {strategy!r} trains candidate plans: pass task=... or evaluate=your_loop (calibration= "
             "batches only score sites); without either use strategy='proxy'"
         )
+    return _run_study(model, budget, task, strategy, options, graph, seed, study)
+
+
+def _run_study(
+    model: nn.Module,
+    budget: Budget,
+    task: Task | None,
+    strategy: str,
+    options: ProxyOptions,
+    graph: SiteGraph | None,
+    seed: int,
+    study: dict[str, Any],
+) -> Plan:
+    """A training strategy's search: an optuna study of ``trials`` (default `TRIALS`) candidates."""
     from .study import run_search  # optuna: loaded only when a search trains
 
+    trials = study["trials"]
+    rest = {k: v for k, v in study.items() if k != "trials"}
+    trials = TRIALS if trials is None else trials
     return run_search(
-        model,
-        budget,
-        task,
-        strategy=strategy,
-        trials=TRIALS if trials is None else trials,
-        storage=storage,
-        study_name=study_name,
-        seed=seed,
-        proxy=options,
-        graph=graph,
-        **study_options,
+        model, budget, task, strategy=strategy, trials=trials, seed=seed, proxy=options, graph=graph, **rest
     )
+
+
+def _scoring_task(
+    model: nn.Module,
+    task: Task | None,
+    options: ProxyOptions,
+    evaluate: Callable[..., Any] | None,
+    calibration: Iterable[Any] | None,
+    study_options: dict[str, Any],
+) -> tuple[Task | None, dict[str, Any]]:
+    """The task that scores (and maybe trains) candidates, from ``calibration`` batches or ``evaluate``'s loop."""
+    if calibration is not None:
+        if task is not None:
+            raise TypeError("give task= or calibration= (your own batches, scored in place of a task's), not both")
+        task = calibration_task(calibration, options.calibration_batches)
+    if evaluate is not None:
+        task, study_options = own_loop_options(evaluate, task, study_options, model)
+    return task, study_options
 
 
 def _trains_nothing(strategy: str, options: dict[str, Any]) -> None:

@@ -1,6 +1,17 @@
 """Causal language modelling: building its `Task` from texts, instruction pairs or chats
 (`for_causal_lm`, ``Task``'s constructor of the same name); the data, loss and encoding are
-`lm`'s, the answer metrics `answers`'."""
+`lm`'s, the answer metrics `answers`'.
+
+The data: ``train`` (and ``dev``, the evaluation data: the final report only) is a ``.txt`` file
+(one example per non-blank line), a CSV, JSON/JSONL or Parquet file, a `datasets.Dataset` or
+``DatasetDict`` (its ``train`` split; ``validation`` or ``test`` as dev), or a list of strings or
+of dicts. Columns default to ``messages``, else ``text``, else ``prompt`` and ``response``.
+Training examples are shuffled with ``seed``; then ``validation`` of them (a fraction, or a
+count; or data of its own) become the validation split; ``max_train`` keeps a prefix of the rest
+(``max_dev`` of dev). Each example is cut to ``max_length`` tokens; batches are right-padded (the
+pad token, else EOS) with padding labelled -100 and masked. ``tokenizer`` None loads the model
+directory's; ``device`` as in `for_sequence_classification`.
+"""
 
 from __future__ import annotations
 
@@ -42,26 +53,15 @@ def for_causal_lm(
     name: str | None = None,
     device: str | torch.device | None = None,
 ) -> Task:
-    """A causal language-model task: next-token loss over each text; with ``prompt_column``
-    and ``response_column`` (instruction data) over the response alone, the prompt's tokens
-    labelled -100; with ``messages_column`` (chat data: lists of ``{"role", "content"}``
-    messages, rendered by the tokenizer's chat template) over the assistant turns alone.
+    """A causal language-model task: next-token loss over each text; with ``prompt_column`` and
+    ``response_column`` (instruction data) over the response alone, the prompt's tokens labelled
+    -100; with ``messages_column`` (chat data: lists of ``{"role", "content"}`` messages, rendered
+    by the tokenizer's chat template) over the assistant turns alone.
 
-    ``metric`` is what a search maximises on the validation split: ``"loss"`` (minus the
-    loss per predicted token; the perplexity is ``exp(-metric)``), ``"choice"`` (accuracy of
-    the likeliest of ``choices``, the fixed set of answers) or ``"exact_match"`` (greedy
-    answers equal to the reference, normalised); `answers` has the details.
-
-    ``train`` (and ``dev``, the evaluation data: the final report only) is a ``.txt`` file
-    (one example per non-blank line), a CSV, JSON/JSONL or Parquet file, a
-    `datasets.Dataset` or ``DatasetDict`` (its ``train`` split; ``validation`` or ``test`` as
-    dev), or a list of strings or of dicts. Columns default to ``messages``, else ``text``,
-    else ``prompt`` and ``response``. Training examples are shuffled with ``seed``; then
-    ``validation`` of them (a fraction, or a count; or data of its own) become the
-    validation split; ``max_train`` keeps a prefix of the rest. Each example is cut to
-    ``max_length`` tokens; batches are right-padded (the pad token, else EOS) with padding
-    labelled -100 and masked. ``tokenizer`` None loads the model directory's; ``device`` as in
-    `for_sequence_classification`.
+    ``metric`` is what a search maximises on the validation split: ``"loss"`` (minus the loss per
+    predicted token; the perplexity is ``exp(-metric)``), ``"choice"`` (accuracy of the likeliest
+    of ``choices``, the fixed set of answers) or ``"exact_match"`` (greedy answers equal to the
+    reference, normalised); `answers` has the details, the module docstring the data and splits.
 
     >>> from peftplan.planner import Task
     >>> task = Task.for_causal_lm(tiny_llama(), chat_tokenizer(), [
@@ -89,13 +89,18 @@ def for_causal_lm(
         kind="causal-lm",
         weight=lm.predicted_tokens,
     )
+    _check_predicts(task, default_name, max_length)
+    return task if device is None else task.to(device)
+
+
+def _check_predicts(task: Task, name: str, max_length: int) -> None:
+    """Each split's batches predict at least one token (`lm.check_predicts`)."""
     for what, batches in (
         ("training", task.train_batches),
         ("validation", task.validation_batches),
         ("evaluation", task.eval_batches),
     ):
-        lm.check_predicts(batches, what, default_name, max_length)
-    return task if device is None else task.to(device)
+        lm.check_predicts(batches, what, name, max_length)
 
 
 def _check_options(train: Any, batch_size: int, max_length: int, *columns: str | None) -> lm.LMColumns | None:

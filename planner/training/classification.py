@@ -1,6 +1,23 @@
 """Sequence classification: building its `Task` from labelled data (`for_sequence_classification`,
 ``Task``'s constructor of the same name), its loss and its metrics (`accuracy`, `mcc`).
 
+The data: each of ``train``, ``dev`` and ``validation`` (when it is data) is a ``LABEL<TAB>TEXT``
+file (``.tsv``, integer labels), a CSV, JSON/JSONL or Parquet file (read by `datasets`), or a
+`datasets.Dataset`; ``train`` may also be a folder holding ``train.tsv`` and ``dev.tsv``, or a
+`datasets.DatasetDict` (its ``train`` split; its ``validation``, else ``test``, split as
+``dev``). Tables have a ``text_column`` (default ``text``), optionally a ``pair_column`` (the
+second text of sentence pairs) and a ``label_column`` (default ``label``) of class numbers or
+class names; names become ids in ``labels`` order (default: sorted, or a ClassLabel's order),
+kept in ``task.labels`` and in the provenance of the plans searched on it. A ``.tsv`` whose
+columns are named is read as a table with a header row.
+
+The splits: training examples are shuffled with ``seed``; then ``validation`` of them (a
+fraction, or a count; None: none) become the validation split, stratified by label
+(`stratified_split`), unless ``validation`` is itself data (a path or Dataset); ``max_train``
+keeps a prefix of the rest; dev keeps file order (``max_dev``, a prefix). Each batch is padded
+to its own longest text (at most ``max_length`` tokens). The loss is cross-entropy on
+``model(**inputs).logits``.
+
     >>> matthews(torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0, 1, 0]))
     1.0
 """
@@ -61,23 +78,9 @@ def for_sequence_classification(
     """A classification task: ``train`` gives the training and validation examples, ``dev``
     the evaluation examples (the final report only; None: none, or a DatasetDict's own).
 
-    Each of them is a ``LABEL<TAB>TEXT`` file (``.tsv``, integer labels), a CSV, JSON/JSONL or
-    Parquet file (read by `datasets`), or a `datasets.Dataset`; ``train`` may also be a
-    folder holding ``train.tsv`` and ``dev.tsv``, or a `datasets.DatasetDict` (its
-    ``train`` split; its ``validation``, else ``test``, split as ``dev``). Tables have a
-    ``text_column`` (default ``text``), optionally a ``pair_column`` (the second text of
-    sentence pairs) and a ``label_column`` (default ``label``) of class numbers or class
-    names; names become ids in ``labels`` order (default: sorted, or a ClassLabel's order),
-    kept in ``task.labels`` and in the provenance of the plans searched on it. A ``.tsv``
-    whose columns are named is read as a table with a header row.
-
+    The data forms, columns, labels and splits are described in the module docstring.
     ``tokenizer`` may be None to load it from the model directory (or, for a model, from
-    ``model.config._name_or_path``). Training examples are shuffled with ``seed``; then
-    ``validation`` of them (a fraction, or a count; None: none) become the validation split,
-    stratified by label (`stratified_split`), unless ``validation`` is itself data (a path
-    or Dataset); ``max_train`` keeps a prefix of the rest; dev keeps file order. Each batch
-    is padded to its own longest text. The loss is cross-entropy on
-    ``model(**inputs).logits``; ``metric`` is ``"accuracy"`` or ``"mcc"`` (Matthews
+    ``model.config._name_or_path``). ``metric`` is ``"accuracy"`` or ``"mcc"`` (Matthews
     correlation, the usual CoLA metric). ``device`` puts the batches there (None: they stay
     on the CPU and move to the model's device batch by batch).
 
@@ -88,10 +91,7 @@ def for_sequence_classification(
     >>> sorted(task.train_batches[0]), len(task.train_batches), task.labels
     (['attention_mask', 'input_ids', 'labels'], 2, ('neg', 'pos'))
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_options(metric, batch_size)
     table, (train_rows, validation_rows, dev_rows) = _labelled_rows(
         train, dev, validation, _columns(text_column, pair_column, label_column), labels, seed
     )
@@ -112,6 +112,13 @@ def for_sequence_classification(
         labels=table.names,
     )
     return task if device is None else task.to(device)
+
+
+def _check_options(metric: str, batch_size: int) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
 def _columns(text: str | None, pair: str | None, label: str | None) -> Columns | None:

@@ -121,12 +121,7 @@ def evaluate(
     batches.
 
     ``aux_weight`` scales auxiliary losses of the plan's sites (MoE-LoRA load balancing)."""
-    if not task.validation_batches:
-        raise ValueError(
-            f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
-            "split carved from the training data, never on the evaluation split; build the task with "
-            "validation=0.2 (or task.with_validation(0.2))"
-        )
+    _check_validation(task)
     recipe = recipe or Recipe()
     start = time.perf_counter()
     params = int(plan.objectives.get("params", 0))
@@ -136,16 +131,7 @@ def evaluate(
     try:
         model = apply(copy.deepcopy(base), plan)  # train() moves it to the device
         params = count_trainable(model)
-        validation = (
-            task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
-        )
-        sub = replace(
-            task,
-            train_batches=task.train_batches[: fidelity.train_batches]
-            if fidelity.train_batches
-            else task.train_batches,
-            loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m),
-        )
+        sub, validation = _at_fidelity(task, fidelity, aux_weight)
         run = train(
             model,
             sub,
@@ -166,6 +152,24 @@ def evaluate(
     if metric != metric:  # NaN metric: the model produced garbage
         return Evaluation(None, params, time.perf_counter() - start, "metric is NaN", losses)
     return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss)
+
+
+def _check_validation(task: Task) -> None:
+    if not task.validation_batches:
+        raise ValueError(
+            f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+            "split carved from the training data, never on the evaluation split; build the task with "
+            "validation=0.2 (or task.with_validation(0.2))"
+        )
+
+
+def _at_fidelity(task: Task, fidelity: Fidelity, aux_weight: float) -> tuple[Task, list]:
+    """The task a trial trains on (``fidelity``'s share of the training batches, the sites' auxiliary
+    losses added to its loss) and the validation batches it is scored on."""
+    validation = task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
+    train_batches = task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches
+    sub = replace(task, train_batches=train_batches, loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m))
+    return sub, validation
 
 
 def failure(e: BaseException, params: int, start: float, losses: list[float] | None = None) -> Evaluation:

@@ -60,28 +60,17 @@ def train(
     ``make_optimizer(model, recipe)`` replaces AdamW over the trainable parameters (peft's
     ``create_loraplus_optimizer``, say); the recipe's schedule still drives its learning rates.
 
-    ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the
-    hook a method that reshapes itself while training needs (peft AdaLoRA's
-    ``update_and_allocate``).
+    ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the hook a
+    method that reshapes itself while training needs (peft AdaLoRA's ``update_and_allocate``).
 
     Weights trained with other class ids than the task's (a loaded artifact, a fine-tuned
     classifier's ``id2label``) are refused (`peftplan.backends.labels`); afterwards the model's
     applied plan records the task's class names and ``recipe``, which `save` writes."""
     recipe = recipe or Recipe()
-    params = trainable(model)
-    check_trainable(model, task, recipe)
-    check_model_labels(model, task.labels)  # weights trained with other class ids would learn them crossed
-    device = resolve(device, model)
-    if bf16:
-        check_bf16(device, model)
-    model.to(device)
+    params, device = _prepare(model, task, recipe, device, bf16)
     steps = recipe.total_steps(len(task.train_batches))
     torch.manual_seed(seed)
-    optimizer = (
-        make_optimizer(model, recipe)
-        if make_optimizer is not None
-        else torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    )
+    optimizer = _optimizer(model, params, recipe, make_optimizer)
     was_training = model.training
     model.train()
     start = time.perf_counter()
@@ -104,10 +93,34 @@ def train(
     finally:
         bar.close()
         model.train(was_training)
-    record_training(
-        model, {**task.provenance(), "trained_on": task.name}, recipe
-    )  # what `save` writes: how it was trained
+    # what `save` writes: how it was trained
+    record_training(model, {**task.provenance(), "trained_on": task.name}, recipe)
     return TrainResult(steps, time.perf_counter() - start, losses)
+
+
+def _prepare(
+    model: nn.Module, task: Task, recipe: Recipe, device: str | torch.device | None, bf16: bool
+) -> tuple[list[nn.Parameter], torch.device]:
+    """The parameters to optimise and the device, the model moved there, after checking it can train."""
+    params = trainable(model)
+    check_trainable(model, task, recipe)
+    check_model_labels(model, task.labels)  # weights trained with other class ids would learn them crossed
+    device = resolve(device, model)
+    if bf16:
+        check_bf16(device, model)
+    model.to(device)
+    return params, device
+
+
+def _optimizer(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    recipe: Recipe,
+    make_optimizer: Callable[[nn.Module, Recipe], torch.optim.Optimizer] | None,
+) -> torch.optim.Optimizer:
+    if make_optimizer is not None:
+        return make_optimizer(model, recipe)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
 def _batch_order(batches: list, steps: int, seed: int) -> Iterator:

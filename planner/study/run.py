@@ -28,6 +28,31 @@ killed outright stops sending heartbeats and is re-queued with the same paramete
 The study's user_attrs hold its `StudyConfig` — with a `Source` (model spec and task folder)
 when started from the command line — so `run_worker(storage)` on another machine rebuilds
 the model, task and space and takes its share of the trials.
+
+`run_search`'s options: the default space is `default_space` over ``objectives`` and ``methods``,
+with the proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
+model's lowering, when already at hand); a given ``space`` brings all of that itself, with its own
+objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans
+start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on
+every linear layer, the one-shot allocations) at three learning rates each, the best rate of each
+promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe``
+(default `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space
+searches in ``lr_range`` ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA
+baselines end 3-12x above a 1e-3 recipe —; None: ``recipe.lr`` for all); ``fidelities`` (default
+`default_rungs`: 5% of the recipe, then the full recipe) are the rungs of successive halving by
+``eta``, promotion ranking candidates by ``screen_by`` ("loss": the validation loss, which ranks
+short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
+"metric"), the returned plan chosen by the metric at the top rung, after the best plan there is
+trained ``refine`` more times at the full recipe at neighbouring learning rates (2.5x up, or down,
+from the best so far; 0: none, see `peftplan.planner.study.policy.next_rate`), so its rate is chosen
+on full-length results; the returned plan carries its recipe (`Plan.recipe`). Candidates are scored
+on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread
+count for each trial; ``source`` records how workers rebuild the model and task (without it, none
+can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each trial's copy of
+the model moves there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
+``checkpointing`` or not; these are this process's choice, not the study's: each worker gives its
+own, and so is ``trial_timeout``, the seconds a trial may run before it is stopped and recorded as
+failed (None: no limit; `peftplan.planner.study.watch`).
 """
 
 from __future__ import annotations
@@ -102,29 +127,7 @@ def run_search(
     trial_timeout: float | None = None,
 ) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates; return the best plan within
-    budget, with ``plan.front``.
-
-    The default space is `default_space` over ``objectives`` and ``methods``, with the proxy's ``proxy`` options
-    (sites, scores, rank cap, fully trained sites) and ``graph`` (the model's lowering, when already at hand); a given
-    ``space`` brings all of that itself, with its own objectives and limits (its ``limits``: plans over them are never
-    trained). ``seeds`` seed plans start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on
-    query/value, on every linear layer, the one-shot allocations) at three learning rates each, the best rate of each
-    promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default
-    `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space searches in ``lr_range``
-    ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA baselines end 3-12x above a 1e-3 recipe —;
-    None: ``recipe.lr`` for all); ``fidelities`` (default `default_rungs`: 5% of the recipe, then the full recipe) are
-    the rungs of successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the validation
-    loss, which ranks short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
-    "metric"), the returned plan chosen by the metric at the top rung, after the best plan there is trained ``refine``
-    more times at the full recipe at neighbouring learning rates (2.5x up, or down, from the best so far; 0: none, see
-    `peftplan.planner.study.policy.next_rate`), so its rate is chosen on full-length results; the returned plan
-    carries its recipe (`Plan.recipe`). Candidates are scored on ``task.validation_batches``, never on its evaluation
-    batches; ``threads`` sets torch's thread count for each trial; ``source`` records how workers rebuild the model
-    and task (without it, none can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each
-    trial's copy of the model moves there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
-    ``checkpointing`` or not; these are this process's choice, not the study's: each worker gives its own, and so is
-    ``trial_timeout``, the seconds a trial may run before it is stopped and recorded as failed (None: no limit;
-    `peftplan.planner.study.watch`).
+    budget, with ``plan.front``. The module docstring describes the options.
 
     >>> from pathlib import Path
     >>> plan = run_search(tiny_bert(), "5%", tiny_task(), strategy="tpe", trials=2, recipe=Recipe(lr=5e-3, steps=6),
@@ -140,9 +143,36 @@ def run_search(
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
     _check_settings(trials, refine, screen_by, fidelities, task, evaluator)
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
+    space = _search_space(space, model, budget, task, seed, objectives, methods, proxy, graph, lr_range, recipe)
+    evaluator = placed(evaluator, model, device, bf16, checkpointing)
+    config = _study_config(
+        space, budget, recipe, proxy, strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine
+    )
+    name = study_name or config.default_name(task, model)
+    store = open_storage(storage, heartbeat=heartbeat)
+    with writing(store, name):
+        study = open_study(store, name, config, space)
+        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
+        return best_plan(study, task)
+
+
+def _search_space(
+    space: Any,
+    model: nn.Module,
+    budget: Budget,
+    task: Task,
+    seed: int,
+    objectives: Iterable[str],
+    methods: tuple[str, ...],
+    proxy: ProxyOptions,
+    graph: SiteGraph | None,
+    lr_range: tuple[float, float] | str | None,
+    recipe: Recipe,
+) -> Any:
+    """``space`` as given, or the default space of the proxy options, graph and learning-rate range."""
     if space is None:
         lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
-        space = default_space(
+        return default_space(
             model,
             budget,
             task,
@@ -153,14 +183,33 @@ def run_search(
             graph=graph,
             lr=lr_range,
         )
-    elif proxy != ProxyOptions() or graph is not None or lr_range != "auto":
+    if proxy != ProxyOptions() or graph is not None or lr_range != "auto":
         raise ValueError(
             "a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
             f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
             "or the space"
         )
-    evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    config = StudyConfig(
+    return space
+
+
+def _study_config(
+    space: Any,
+    budget: Budget,
+    recipe: Recipe,
+    proxy: ProxyOptions,
+    strategy: str,
+    trials: int,
+    fidelities: tuple[Fidelity, ...],
+    eta: int,
+    seed: int,
+    seeds: int,
+    methods: tuple[str, ...],
+    source: Source | None,
+    screen_by: str,
+    refine: int,
+) -> StudyConfig:
+    """What the study stores so that restarts and workers agree: the space's objectives and limits, the options."""
+    return StudyConfig(
         strategy,
         trials,
         tuple(space.objectives),
@@ -179,12 +228,6 @@ def run_search(
         screen_by,
         refine,
     )
-    name = study_name or config.default_name(task, model)
-    store = open_storage(storage, heartbeat=heartbeat)
-    with writing(store, name):
-        study = open_study(store, name, config, space)
-        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)
-        return best_plan(study, task)
 
 
 def _check_settings(
@@ -254,6 +297,21 @@ def run_worker(
         check_url(storage, exists=True, writable=True)
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
+    config = _worker_config(store, name)
+    config.source.check_trusted(allow, name)
+    model, task = config.source.load()
+    evaluator = placed(evaluator, model, device, bf16, checkpointing)
+    space = config.source.build_space(model, task, config)
+    worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
+    context = Context(config, model, task, space, evaluator, threads, trial_timeout)
+    with writing(store, name):
+        study = open_study(store, name, config, space, worker_seed, worker=True)
+        work(study, context, progress=progress, joining=True)
+        return best_plan(study, task)
+
+
+def _worker_config(store: optuna.storages.BaseStorage, name: str) -> StudyConfig:
+    """The stored config of study ``name`` (waited for), which must name a `Source` workers rebuild from."""
     _wait_for_config(store, name)
     config = stored_config(store, name)
     if config.source is None:
@@ -261,20 +319,7 @@ def run_worker(
             f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
             "start it with `peftplan search` (or run_search(source=Source(...)))"
         )
-    config.source.check_trusted(allow, name)
-    model, task = config.source.load()
-    evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    space = config.source.build_space(model, task, config)
-    worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
-    with writing(store, name):
-        study = open_study(store, name, config, space, worker_seed, worker=True)
-        work(
-            study,
-            Context(config, model, task, space, evaluator, threads, trial_timeout),
-            progress=progress,
-            joining=True,
-        )
-        return best_plan(study, task)
+    return config
 
 
 def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, checkpointing: bool = False) -> Evaluator:

@@ -4,9 +4,10 @@ With a task, the default is a multi-objective search (``strategy="gp"``, optuna'
 also ``botorch``, ``tpe``, ``nsga2``, ``random``) that trains candidate plans and returns the best one
 within the budget, with ``plan.front`` holding the Pareto front (see `peftplan.planner.study`).
 
-The ``proxy`` strategy (the default without a task) trains nothing: it scores each eligible site (weight statistics with no
-task, grad² sensitivity with one) and allocates LoRA ranks under the budget with `allocate` — the default space's point at
-the whole budget (`peftplan.planner.strategies.proxy.proxy_plan`).
+The ``proxy`` strategy (the default without a task) trains nothing: it scores each eligible site
+(weight statistics with no task, grad² sensitivity with one) and allocates LoRA ranks under the
+budget with `allocate` — the default space's point at the whole budget
+(`peftplan.planner.strategies.proxy.proxy_plan`).
 
 Both paths read one `ProxyOptions` (roles, max_rank, train_modules, calibration_batches,
 sensitivity_power): the proxy allocates with it, and a task search builds its default space

@@ -83,8 +83,13 @@ def _doctest_models(request: pytest.FixtureRequest):
         from tests.planner.trials import tiny_task
 
         request.getfixturevalue("doctest_namespace").update(
-            chat_tokenizer=zoo.chat_tokenizer, char_tokenizer=zoo.char_tokenizer, tiny_llama=zoo.llama,
-            tiny_bert=zoo.bert_classifier, tiny_task=tiny_task, tiny_gguf=_tiny_gguf)
+            chat_tokenizer=zoo.chat_tokenizer,
+            char_tokenizer=zoo.char_tokenizer,
+            tiny_llama=zoo.llama,
+            tiny_bert=zoo.bert_classifier,
+            tiny_task=tiny_task,
+            tiny_gguf=_tiny_gguf,
+        )
     yield
 
 

@@ -34,7 +34,27 @@ from .merged import export_merged
 from .peft_interop import export_peft, import_peft, to_peft
 
 __all__ = [
-    "Method", "MergeReport", "PlanError", "adapter_tensors", "aux_loss", "applied_plan", "apply", "base_state_dict",
-    "count_trainable", "export_merged", "export_peft", "get_method", "import_peft", "load", "merge", "methods", "register", "remove",
-    "save", "to_peft", "trainable_parameters", "unmerge", "unmergeable",
-]  # fmt: skip
+    "Method",
+    "MergeReport",
+    "PlanError",
+    "adapter_tensors",
+    "aux_loss",
+    "applied_plan",
+    "apply",
+    "base_state_dict",
+    "count_trainable",
+    "export_merged",
+    "export_peft",
+    "get_method",
+    "import_peft",
+    "load",
+    "merge",
+    "methods",
+    "register",
+    "remove",
+    "save",
+    "to_peft",
+    "trainable_parameters",
+    "unmerge",
+    "unmergeable",
+]

@@ -53,11 +53,17 @@ class Adapter(Method):
     def check(self, site: Site, hp: dict[str, Any]) -> None:
         b = hp["bottleneck"]
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            raise PlanError(f"site {site.name!r}: adapter bottleneck must be a positive int, got {b!r}; e.g. bottleneck=16")
+            raise PlanError(
+                f"site {site.name!r}: adapter bottleneck must be a positive int, got {b!r}; e.g. bottleneck=16"
+            )
         if hp["placement"] not in PLACEMENTS:
-            raise PlanError(f"site {site.name!r}: adapter placement must be one of {list(PLACEMENTS)}, got {hp['placement']!r}")
+            raise PlanError(
+                f"site {site.name!r}: adapter placement must be one of {list(PLACEMENTS)}, got {hp['placement']!r}"
+            )
         if hp["activation"] not in ACTIVATIONS:
-            raise PlanError(f"site {site.name!r}: adapter activation must be one of {sorted(ACTIVATIONS)}, got {hp['activation']!r}")
+            raise PlanError(
+                f"site {site.name!r}: adapter activation must be one of {sorted(ACTIVATIONS)}, got {hp['activation']!r}"
+            )
 
     def can_merge(self, site: Site, **hp: Any) -> str | None:
         return "an adapter's activation is nonlinear, so its delta cannot fold into the weight"
@@ -83,14 +89,16 @@ class Adapter(Method):
         d = _adapter_in(site, placement)
         return 2 * site.tokens * bottleneck * (d + site.out_features) * site.calls
 
-    def saved_activations(self, site: Site, tokens: int, bottleneck: int, placement: str = "serial",
-                          activation: str = "relu") -> int:  # fmt: skip
+    def saved_activations(
+        self, site: Site, tokens: int, bottleneck: int, placement: str = "serial", activation: str = "relu"
+    ) -> int:
         # down keeps its input; the activation keeps its input or output, up keeps its input
         # (relu/tanh save the very tensor up saves; autograd lists it twice, and so do we).
         return tokens * (_adapter_in(site, placement) + 2 * bottleneck) * site.calls
 
-    def wrap(self, module: nn.Module, site: Site, bottleneck: int, placement: str = "serial",
-             activation: str = "relu") -> nn.Module:  # fmt: skip
+    def wrap(
+        self, module: nn.Module, site: Site, bottleneck: int, placement: str = "serial", activation: str = "relu"
+    ) -> nn.Module:
         return BottleneckAdapter(module, bottleneck, placement, activation)
 
 

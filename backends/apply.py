@@ -124,8 +124,13 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
 
     uncalled = _uncalled_tied(model, plan, [name for name, *_ in todo]) if not restoring else []
     if uncalled:
-        _warn(model, uncalled, f"peftplan: the plan tunes {len(uncalled)} site(s) the model's forward never calls; their "
-                               "adapters would change nothing and get no gradient", stacklevel=4)  # fmt: skip
+        _warn(
+            model,
+            uncalled,
+            f"peftplan: the plan tunes {len(uncalled)} site(s) the model's forward never calls; their "
+            "adapters would change nothing and get no gradient",
+            stacklevel=4,
+        )
     trainable_before = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -174,11 +179,19 @@ def _warn_uncalled(model: nn.Module, args: Any, output: Any) -> None:
     for handle in undo.watch:
         handle.remove()
     undo.watch = []
-    uncalled = [n for n in applied_plan(model).tuned() if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False)
-                and n not in undo.said]  # fmt: skip
+    uncalled = [
+        n
+        for n in applied_plan(model).tuned()
+        if not model.get_submodule(n).__dict__.pop(CALLED_ATTR, False) and n not in undo.said
+    ]
     if uncalled:
-        _warn(model, uncalled, f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
-                               "adapters change nothing and get no gradient", stacklevel=3)  # fmt: skip
+        _warn(
+            model,
+            uncalled,
+            f"peftplan: the model's first forward never called {len(uncalled)} tuned site(s); their "
+            "adapters change nothing and get no gradient",
+            stacklevel=3,
+        )
 
 
 def _uncalled_tied(model: nn.Module, plan: Plan, names: list[str]) -> list[str]:
@@ -199,18 +212,25 @@ def _uncalled_tied(model: nn.Module, plan: Plan, names: list[str]) -> list[str]:
 
 
 def _warn(model: nn.Module, uncalled: list[str], head: str, stacklevel: int) -> None:
-    notes = [f"{n} (its weight is tied to {_tied(model, n)[:5]}, which the forward calls instead)" if _tied(model, n) else n
-             for n in uncalled]  # fmt: skip
-    warnings.warn(listing(head, notes) + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
-                  stacklevel=stacklevel)  # fmt: skip
+    notes = [
+        f"{n} (its weight is tied to {_tied(model, n)[:5]}, which the forward calls instead)" if _tied(model, n) else n
+        for n in uncalled
+    ]
+    warnings.warn(
+        listing(head, notes) + "\nTune the modules the forward calls instead (peftplan.lower(model) lists them).",
+        stacklevel=stacklevel,
+    )
 
 
 def _tied(model: nn.Module, name: str) -> list[str]:
     """The other modules holding ``name``'s weight (tied weights)."""
     module = model.get_submodule(name)
     weight = getattr(getattr(module, "base", module), "weight", None)
-    return [n for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
-            and any(p is weight for p in m.parameters(recurse=False))]  # fmt: skip
+    return [
+        n
+        for n, m in model.named_modules()
+        if n != name and not n.startswith(name + ".") and any(p is weight for p in m.parameters(recurse=False))
+    ]
 
 
 def applied_plan(model: nn.Module) -> Plan:
@@ -399,8 +419,9 @@ def _as_plan(plan: Any) -> Plan:
     raise TypeError(f"apply() needs a Plan, a plan dict or a path to plan.json, got {type(plan).__name__}")
 
 
-def _scores_for(name: str, module: nn.Module, method: Method, hp: dict[str, Any], scores: dict[str, torch.Tensor],
-                restoring: bool) -> dict[str, torch.Tensor]:
+def _scores_for(
+    name: str, module: nn.Module, method: Method, hp: dict[str, Any], scores: dict[str, torch.Tensor], restoring: bool
+) -> dict[str, torch.Tensor]:
     """``{"scores": tensor}`` for a site whose method needs scores, ``{}`` otherwise."""
     if not method.needs_scores(**hp):
         return {}
@@ -414,7 +435,9 @@ def _scores_for(name: str, module: nn.Module, method: Method, hp: dict[str, Any]
             "or use selection='magnitude'"
         )
     if tuple(scores[name].shape) != tuple(weight.shape):
-        raise PlanError(f"site {name!r}: scores have shape {tuple(scores[name].shape)}, the weight {tuple(weight.shape)}")
+        raise PlanError(
+            f"site {name!r}: scores have shape {tuple(scores[name].shape)}, the weight {tuple(weight.shape)}"
+        )
     return {"scores": scores[name]}
 
 
@@ -430,8 +453,10 @@ def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Mo
         if module is None or op is None:
             what = "not found in the model" if module is None else f"a {type(module).__name__}, not a tunable module"
             if "quantized" in type(module).__module__:
-                what = (f"a quantized {type(module).__name__} ({type(module).__module__}), which adapters cannot wrap: plan "
-                        "and apply on the floating-point model, then quantize")  # fmt: skip
+                what = (
+                    f"a quantized {type(module).__name__} ({type(module).__module__}), which adapters cannot wrap: plan "
+                    "and apply on the floating-point model, then quantize"
+                )
             problems.append(f"{name or '<root>'}: {what}")
             continue
         shape = list(module_features(module))
@@ -451,6 +476,8 @@ def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Mo
             head += f" (plan fingerprint {expected}, model {actual})"
         if not problems:
             problems = ["every plan site matches, but the model's other tunable modules differ"]
-        hint = "Apply a plan made for this model" + (", or pass check=False to apply to matching sites anyway." if check else ".")
+        hint = "Apply a plan made for this model" + (
+            ", or pass check=False to apply to matching sites anyway." if check else "."
+        )
         raise PlanError(listing(head, problems) + "\n" + hint)
     return resolved

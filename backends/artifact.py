@@ -66,8 +66,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load(model: nn.Module, directory: str | os.PathLike, *, check: bool = True,
-         labels: Sequence[str] | None = None) -> nn.Module:  # fmt: skip
+def load(
+    model: nn.Module, directory: str | os.PathLike, *, check: bool = True, labels: Sequence[str] | None = None
+) -> nn.Module:
     """Apply the plan saved in ``directory`` to ``model`` and load its adapter tensors.
 
     ``model`` must carry the same base weights as the one saved. Selections saved as buffers
@@ -106,19 +107,32 @@ def read_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error type (or OSError) on a bad header
-        raise PlanError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); "
-                        "it is damaged or was not written by peftplan: save the artifact again") from None  # fmt: skip
+        raise PlanError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); "
+            "it is damaged or was not written by peftplan: save the artifact again"
+        ) from None
 
 
 def _copy_into(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: Path) -> None:
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
-    wrong = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(p.shape)}" for k, p in params.items() if k in saved and saved[k].shape != p.shape]
-    kinds = [f"{k}: saved {saved[k].dtype}, model {p.dtype}" for k, p in params.items()
-             if k in saved and _kind(saved[k].dtype) != _kind(p.dtype)]  # fmt: skip
+    wrong = [
+        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(p.shape)}"
+        for k, p in params.items()
+        if k in saved and saved[k].shape != p.shape
+    ]
+    kinds = [
+        f"{k}: saved {saved[k].dtype}, model {p.dtype}"
+        for k, p in params.items()
+        if k in saved and _kind(saved[k].dtype) != _kind(p.dtype)
+    ]
     if missing or unexpected or wrong or kinds:
-        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "",
-                 f"shape mismatch {wrong[:10]}" if wrong else "", f"dtype mismatch {kinds[:10]}" if kinds else ""]  # fmt: skip
+        parts = [
+            f"missing {missing[:10]}" if missing else "",
+            f"unexpected {unexpected[:10]}" if unexpected else "",
+            f"shape mismatch {wrong[:10]}" if wrong else "",
+            f"dtype mismatch {kinds[:10]}" if kinds else "",
+        ]
         raise PlanError(f"{path} does not match its plan: " + "; ".join(p for p in parts if p))
     with torch.no_grad():
         for k, p in params.items():
@@ -137,4 +151,6 @@ def _check_states(model: nn.Module, plan: Plan, path: Path) -> None:
             try:
                 module.check_state()
             except PlanError as e:
-                raise PlanError(f"{path}: site {name!r}: {e}; the file is damaged or edited: save the artifact again") from None
+                raise PlanError(
+                    f"{path}: site {name!r}: {e}; the file is damaged or edited: save the artifact again"
+                ) from None

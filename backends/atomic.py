@@ -107,8 +107,10 @@ def _followed(target: Path) -> Path:
         return target
     real = target.resolve()
     if not real.exists():
-        raise PlanError(f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: create that folder "
-                        "(the artifact is written into it), or remove the link and save again")  # fmt: skip
+        raise PlanError(
+            f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: create that folder "
+            "(the artifact is written into it), or remove the link and save again"
+        )
     return real
 
 

@@ -176,8 +176,9 @@ class Method(abc.ABC):
         """Elements this method keeps for backward beyond what the frozen model keeps, for one
         forward with ``tokens`` positions per call (e.g. batch x sequence) at this site."""
 
-    def train_memory(self, site: Site, tokens: int, *, param_bytes: int = 4, act_bytes: int = 4,
-                     optimizer_states: int = 2, **hp: Any) -> int:
+    def train_memory(
+        self, site: Site, tokens: int, *, param_bytes: int = 4, act_bytes: int = 4, optimizer_states: int = 2, **hp: Any
+    ) -> int:
         """Bytes this method adds while training: its parameters, their gradients and
         optimizer states (AdamW keeps 2, fp32), and the activations it saves for backward.
 
@@ -188,7 +189,9 @@ class Method(abc.ABC):
         602112
         """
         params = self.param_count(site, **hp)
-        return params * (2 * param_bytes + 4 * optimizer_states) + act_bytes * self.saved_activations(site, tokens, **hp)
+        return params * (2 * param_bytes + 4 * optimizer_states) + act_bytes * self.saved_activations(
+            site, tokens, **hp
+        )
 
     def adapter_bytes(self, site: Site, *, param_bytes: int = 4, **hp: Any) -> int:
         """Bytes this site adds to ``adapters.safetensors`` (values only, unless a method also
@@ -208,7 +211,9 @@ def register(cls: type[Method]) -> type[Method]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`")
     if cls.__abstractmethods__:
-        raise TypeError(f"method {cls.name!r} ({cls.__name__}) must define {sorted(cls.__abstractmethods__)} to be registered")
+        raise TypeError(
+            f"method {cls.name!r} ({cls.__name__}) must define {sorted(cls.__abstractmethods__)} to be registered"
+        )
     _check_band(cls)
     if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({type(_REGISTRY[cls.name]).__name__})")
@@ -223,8 +228,10 @@ def _check_band(cls: type[Method]) -> None:
     if cls.band is not None and cls.band not in BANDS:
         raise ValueError(f"{where}: band {cls.band!r} is not one of {list(BANDS)} (None: never searched)")
     if (cls.band == "fixed") != isinstance(cls.size, Size):
-        raise ValueError(f"{where}: a 'fixed' band and a `size = Size(...)` go together (the hyper-parameter it is "
-                         f"sized by); got band {cls.band!r}, size {cls.size!r}")  # fmt: skip
+        raise ValueError(
+            f"{where}: a 'fixed' band and a `size = Size(...)` go together (the hyper-parameter it is "
+            f"sized by); got band {cls.band!r}, size {cls.size!r}"
+        )
     if cls.structure is not None and cls.band != "rank":
         raise ValueError(f"{where}: a structure ({cls.structure!r}) is a count beside a rank; set band = 'rank'")
 

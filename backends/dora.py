@@ -73,8 +73,15 @@ class DoRA(LoRA):
         lora = super().saved_activations(site, tokens, rank, dropout=dropout)
         return lora + (2 * tokens * site.out_features + 3 * site.out_features) * site.calls
 
-    def wrap(self, module: nn.Module, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             rslora: bool = False) -> nn.Module:  # fmt: skip
+    def wrap(
+        self,
+        module: nn.Module,
+        site: Site,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ) -> nn.Module:
         alpha = 2 * rank if alpha is None else alpha
         if site.op == "conv2d":
             return DoRAConv2d(module, rank, alpha, dropout, rslora)

@@ -35,10 +35,13 @@ class FullTuning(NoTuning):
         # the weight gradient needs the site's input; a norm also keeps its normalised input
         return tokens * site.in_features * site.calls * (2 if site.op == "norm" else 1)
 
-    def train_memory(self, site: Site, tokens: int, *, param_bytes: int = 4, act_bytes: int = 4,
-                     optimizer_states: int = 2, **hp: Any) -> int:
+    def train_memory(
+        self, site: Site, tokens: int, *, param_bytes: int = 4, act_bytes: int = 4, optimizer_states: int = 2, **hp: Any
+    ) -> int:
         # the weights exist already: only their gradients, optimizer states and inputs are new
-        full = super().train_memory(site, tokens, param_bytes=param_bytes, act_bytes=act_bytes, optimizer_states=optimizer_states)
+        full = super().train_memory(
+            site, tokens, param_bytes=param_bytes, act_bytes=act_bytes, optimizer_states=optimizer_states
+        )
         return full - site.params * param_bytes
 
     def wrap(self, module: nn.Module, site: Site, **hp: Any) -> nn.Module:

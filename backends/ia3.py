@@ -52,7 +52,9 @@ class IA3(Method):
 
     def check(self, site: Site, hp: dict[str, Any]) -> None:
         if hp["placement"] not in PLACEMENTS:
-            raise PlanError(f"site {site.name!r}: ia3 placement must be one of {list(PLACEMENTS)}, got {hp['placement']!r}")
+            raise PlanError(
+                f"site {site.name!r}: ia3 placement must be one of {list(PLACEMENTS)}, got {hp['placement']!r}"
+            )
 
     def param_count(self, site: Site, placement: str = "auto") -> int:
         return site.in_features if _resolve(site, placement) == "input" else site.out_features

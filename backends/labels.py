@@ -32,11 +32,18 @@ def check_labels(trained: Sequence[str] | None, task: Sequence[str] | None, what
     if trained is None or task is None or tuple(trained) == tuple(task):
         return
     trained, task = [str(n) for n in trained], [str(n) for n in task]
-    fix = (f"Build the task with labels={trained!r} (the order the weights were trained in), or train on this task from "
-           "the plan instead") if sorted(trained) == sorted(task) else \
-        "Train on this task from the plan instead (the weights were trained for other classes)"  # fmt: skip
-    raise PlanError(f"{what} was trained with the classes {trained} (ids 0, 1, …), the task names them {task}: every "
-                    f"prediction would be read as the wrong class. {fix}")  # fmt: skip
+    fix = (
+        (
+            f"Build the task with labels={trained!r} (the order the weights were trained in), or train on this task from "
+            "the plan instead"
+        )
+        if sorted(trained) == sorted(task)
+        else "Train on this task from the plan instead (the weights were trained for other classes)"
+    )
+    raise PlanError(
+        f"{what} was trained with the classes {trained} (ids 0, 1, …), the task names them {task}: every "
+        f"prediction would be read as the wrong class. {fix}"
+    )
 
 
 def trained_labels(model: nn.Module) -> tuple[tuple[str, ...] | None, str]:

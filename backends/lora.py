@@ -42,7 +42,9 @@ class LoRA(Method):
 
     def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
         if "rank" not in hp:
-            raise PlanError(f"site {site.name!r}: method {self.name!r} needs 'rank' (e.g. rank=8; alpha defaults to 2*rank)")
+            raise PlanError(
+                f"site {site.name!r}: method {self.name!r} needs 'rank' (e.g. rank=8; alpha defaults to 2*rank)"
+            )
         self._check_rank(site, hp["rank"])  # before alpha's default is derived from it
         if hp.get("alpha") is None:
             hp["alpha"] = 2 * hp["rank"]
@@ -52,7 +54,9 @@ class LoRA(Method):
         rank, alpha, dropout, rslora = hp["rank"], hp["alpha"], hp["dropout"], hp["rslora"]
         self._check_rank(site, rank)
         if not _is_real(alpha) or not alpha > 0 or not math.isfinite(alpha):
-            raise PlanError(f"site {site.name!r}: {self.name} alpha must be a positive number, got {alpha!r}; e.g. alpha={2 * rank}")
+            raise PlanError(
+                f"site {site.name!r}: {self.name} alpha must be a positive number, got {alpha!r}; e.g. alpha={2 * rank}"
+            )
         if not _is_real(dropout) or not 0 <= dropout < 1:
             raise PlanError(f"site {site.name!r}: {self.name} dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(rslora, bool):
@@ -93,8 +97,15 @@ class LoRA(Method):
             per_token += site.in_features if dropout > 0 else 0  # the dropout mask
         return tokens * per_token * site.calls
 
-    def wrap(self, module: nn.Module, site: Site, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             rslora: bool = False) -> nn.Module:  # fmt: skip
+    def wrap(
+        self,
+        module: nn.Module,
+        site: Site,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ) -> nn.Module:
         alpha = 2 * rank if alpha is None else alpha
         if site.op == "conv2d":
             return LoRAConv2d(module, rank, alpha, dropout, rslora)
@@ -104,7 +115,9 @@ class LoRA(Method):
 
     def _check_rank(self, site: Site, rank: Any) -> None:
         if not _is_int(rank) or rank <= 0:
-            raise PlanError(f"site {site.name!r}: {self.name} rank must be a positive int, got {rank!r}; use e.g. rank=8 or method 'none'")
+            raise PlanError(
+                f"site {site.name!r}: {self.name} rank must be a positive int, got {rank!r}; use e.g. rank=8 or method 'none'"
+            )
         check_rank_limit(site, self.name, rank)
 
 
@@ -115,9 +128,11 @@ def check_rank_limit(site: Site, method: str, rank: int) -> None:
     uniform plan's rank may exceed a small head's outputs."""
     limit = max(site.in_features * (math.prod(site.kernel) if site.op == "conv2d" else 1), site.out_features)
     if limit > 0 and rank > limit:  # a site without shapes (a plan read without its model) has no limit
-        raise PlanError(f"site {site.name!r}: {method} rank {rank} exceeds max(in, out) = {limit} of this {site.op}, "
-                        f"so each factor is larger than the weight itself: use a rank of at most "
-                        f"{min(limit, site.in_features, site.out_features)} (min(in, out)), or 'full'")  # fmt: skip
+        raise PlanError(
+            f"site {site.name!r}: {method} rank {rank} exceeds max(in, out) = {limit} of this {site.op}, "
+            f"so each factor is larger than the weight itself: use a rank of at most "
+            f"{min(limit, site.in_features, site.out_features)} (min(in, out)), or 'full'"
+        )
 
 
 def _is_int(x: Any) -> bool:

@@ -34,13 +34,16 @@ from .base import PlanError, listing
 __all__ = ["export_merged"]
 
 # what save_pretrained of a model and its tokenizer write: an earlier export may be replaced
-HF_FILE = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-                     r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)"
-                     r"|vocab\.(json|txt)|merges\.txt|[\w.-]+\.model")  # fmt: skip
+HF_FILE = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)"
+    r"|vocab\.(json|txt)|merges\.txt|[\w.-]+\.model"
+)
 
 
-def export_merged(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
-                  max_shard_size: int | str | None = None) -> Path:  # fmt: skip
+def export_merged(
+    model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None, max_shard_size: int | str | None = None
+) -> Path:
     """Write ``model`` (a transformers model with a plan applied and trained) with every
     site merged into its base weights, as a Hugging Face folder at ``directory``.
 
@@ -60,15 +63,19 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, *, tokenizer: 
     """
     plan = applied_plan(model)
     if not callable(getattr(model, "save_pretrained", None)):
-        raise TypeError(f"export_merged writes a Hugging Face folder, and {type(model).__name__} is not a transformers model "
-                        "(it has no save_pretrained): save its adapters with peftplan.save(model, dir), or "
-                        "peftplan.merge(model) and save its state_dict yourself")  # fmt: skip
+        raise TypeError(
+            f"export_merged writes a Hugging Face folder, and {type(model).__name__} is not a transformers model "
+            "(it has no save_pretrained): save its adapters with peftplan.save(model, dir), or "
+            "peftplan.merge(model) and save its state_dict yourself"
+        )
     left = unmergeable(model)
     if left:
         reasons = [f"{n} ({plan.sites[n]['method']}): {why}" for n, why in left.items()]
-        raise PlanError(listing(f"{len(reasons)} site(s) cannot be merged into the base weights", reasons)
-                        + "\nA merged export needs every site merged: re-plan without them (plan.as_lora() maps them to LoRA), "
-                        "or export the adapters instead (peftplan.save, peftplan.export_peft)")  # fmt: skip
+        raise PlanError(
+            listing(f"{len(reasons)} site(s) cannot be merged into the base weights", reasons)
+            + "\nA merged export needs every site merged: re-plan without them (plan.as_lora() maps them to LoRA), "
+            "or export the adapters instead (peftplan.save, peftplan.export_peft)"
+        )
     saver = _tokenizer(model, tokenizer)
     before = {n for n in plan.tuned() if getattr(model.get_submodule(n), "merged", False)}
     keys = set(base_state_dict(model))
@@ -96,11 +103,20 @@ def _check_architecture(plan: Any, added: list[str]) -> None:
     class has no place for them, so ``from_pretrained`` would drop them and compute otherwise."""
     if not added:
         return
-    sites = [f"{site} ({plan.sites[site]['method']}): merging gives it {key.rsplit('.', 1)[-1]!r}, which its layer does not have"
-             for key in added for site in [key.rsplit(".", 1)[0]] if site in plan.sites]  # fmt: skip
-    raise PlanError(listing(f"merging adds {len(added)} tensor(s) the model's architecture has no place for; "
-                            "from_pretrained would drop them", sites or added)
-                    + "\nPlan these sites without a shift (or with LoRA), or export the adapters instead (peftplan.save)")  # fmt: skip
+    sites = [
+        f"{site} ({plan.sites[site]['method']}): merging gives it {key.rsplit('.', 1)[-1]!r}, which its layer does not have"
+        for key in added
+        for site in [key.rsplit(".", 1)[0]]
+        if site in plan.sites
+    ]
+    raise PlanError(
+        listing(
+            f"merging adds {len(added)} tensor(s) the model's architecture has no place for; "
+            "from_pretrained would drop them",
+            sites or added,
+        )
+        + "\nPlan these sites without a shift (or with LoRA), or export the adapters instead (peftplan.save)"
+    )
 
 
 def _tokenizer(model: nn.Module, tokenizer: Any) -> Any:
@@ -112,7 +128,11 @@ def _tokenizer(model: nn.Module, tokenizer: Any) -> Any:
         return tokenizer
     spec = tokenizer if tokenizer is not None else getattr(model, "name_or_path", None)
     where = Path(spec) if spec else None
-    known = where is not None and where.is_dir() and any((where / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
+    known = (
+        where is not None
+        and where.is_dir()
+        and any((where / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
+    )
     if not known:
         if tokenizer is not None:
             raise FileNotFoundError(f"no tokenizer in {tokenizer} (no tokenizer_config.json or tokenizer.json)")

@@ -72,7 +72,9 @@ class MoELoRA(Method):
         if not isinstance(alpha, Real) or isinstance(alpha, bool) or not (alpha > 0 and math.isfinite(alpha)):
             raise PlanError(f"site {site.name!r}: moe_lora alpha must be a positive number, got {alpha!r}")
         if hp["top_k"] > hp["experts"]:
-            raise PlanError(f"site {site.name!r}: moe_lora top_k={hp['top_k']} exceeds experts={hp['experts']}; use top_k <= experts")
+            raise PlanError(
+                f"site {site.name!r}: moe_lora top_k={hp['top_k']} exceeds experts={hp['experts']}; use top_k <= experts"
+            )
 
     def can_merge(self, site: Site, experts: int = 1, **hp: Any) -> str | None:
         if experts == 1:
@@ -100,16 +102,18 @@ class MoELoRA(Method):
         per_token = experts * (site.in_features + rank * (site.in_features + site.out_features))
         return 2 * site.tokens * per_token * site.calls
 
-    def saved_activations(self, site: Site, tokens: int, experts: int, rank: int, alpha: float | None = None,
-                          top_k: int = 1) -> int:  # fmt: skip
+    def saved_activations(
+        self, site: Site, tokens: int, experts: int, rank: int, alpha: float | None = None, top_k: int = 1
+    ) -> int:
         # As autograd lists them: the input (for the router's and A's gradients: twice), the
         # softmax output, the routing mask, the expert projection and the gates, the gated
         # projection for B; plus the per-expert shares kept by the balancing loss.
         per_token = 2 * site.in_features + 3 * experts + 2 * experts * rank
         return (tokens * per_token + experts) * site.calls
 
-    def wrap(self, module: nn.Module, site: Site, experts: int, rank: int, alpha: float | None = None,
-             top_k: int = 1) -> nn.Module:  # fmt: skip
+    def wrap(
+        self, module: nn.Module, site: Site, experts: int, rank: int, alpha: float | None = None, top_k: int = 1
+    ) -> nn.Module:
         return MoELoRALinear(module, experts, rank, 2 * rank if alpha is None else alpha, top_k)
 
 

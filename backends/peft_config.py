@@ -59,12 +59,18 @@ def peft_config(plan: Any) -> Any:
     dicts, unsupported = configs(plan, plan_sites(plan))
     if len(dicts) > 1:
         keep = next(iter(dicts))
-        unsupported += [f"{n} ({e['method']}): one peft config holds one kind of adapter, and this plan mixes "
-                        f"{' and '.join(dicts)}" for n, e in plan.tuned().items() if e["method"] in dicts and e["method"] != keep]  # fmt: skip
+        unsupported += [
+            f"{n} ({e['method']}): one peft config holds one kind of adapter, and this plan mixes {' and '.join(dicts)}"
+            for n, e in plan.tuned().items()
+            if e["method"] in dicts and e["method"] != keep
+        ]
     if unsupported:
         _, changes = lora_entries(plan)
-        raise PlanError(listing(f"peft cannot express {len(unsupported)} site(s) of this plan in one config", unsupported)
-                        + "\n" + listing("The nearest plan it can is plan.as_lora(), which changes", changes))  # fmt: skip
+        raise PlanError(
+            listing(f"peft cannot express {len(unsupported)} site(s) of this plan in one config", unsupported)
+            + "\n"
+            + listing("The nearest plan it can is plan.as_lora(), which changes", changes)
+        )
     if not dicts:
         raise PlanError("the plan tunes no site, so there is no peft config to make")
     return config_object(next(iter(dicts.values())), plan)
@@ -139,23 +145,41 @@ def axolotl_yaml(plan: Any) -> str:
     """
     config = peft_config(plan)
     if config.peft_type != "LORA":
-        raise PlanError("axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
-                        "with peft (plan.to_peft_config())")  # fmt: skip
+        raise PlanError(
+            "axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
+            "with peft (plan.to_peft_config())"
+        )
     tuned = [n for n, e in plan.tuned().items() if e["method"] != "full"]
-    fields: dict[str, Any] = {"adapter": "lora", "lora_r": config.r, "lora_alpha": config.lora_alpha,
-                              "lora_dropout": config.lora_dropout, "lora_target_modules": tuned}  # fmt: skip
+    fields: dict[str, Any] = {
+        "adapter": "lora",
+        "lora_r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_target_modules": tuned,
+    }
     if config.rank_pattern or config.alpha_pattern:
         fields |= {"lora_rank_pattern": dict(config.rank_pattern), "lora_alpha_pattern": dict(config.alpha_pattern)}
     if config.modules_to_save:
         fields["lora_modules_to_save"] = list(config.modules_to_save)
-    fields |= {k: True for k, on in (("peft_use_dora", config.use_dora), ("peft_use_rslora", config.use_rslora),
-                                      ("lora_fan_in_fan_out", config.fan_in_fan_out)) if on}  # fmt: skip
+    fields |= {
+        k: True
+        for k, on in (
+            ("peft_use_dora", config.use_dora),
+            ("peft_use_rslora", config.use_rslora),
+            ("lora_fan_in_fan_out", config.fan_in_fan_out),
+        )
+        if on
+    }
     fields |= _recipe_fields(plan.recipe)
-    head = [] if "lora_rank_pattern" not in fields else [
-        "# lora_rank_pattern / lora_alpha_pattern are peft's rank_pattern / alpha_pattern (regexes of module names).",
-        "# An axolotl that does not pass them on to peft trains every target at lora_r: start it instead from the",
-        "# plan's initial adapter, lora_model_dir: <the folder `peftplan export MODEL --plan plan.json --peft` writes>.",
-    ]  # fmt: skip
+    head = (
+        []
+        if "lora_rank_pattern" not in fields
+        else [
+            "# lora_rank_pattern / lora_alpha_pattern are peft's rank_pattern / alpha_pattern (regexes of module names).",
+            "# An axolotl that does not pass them on to peft trains every target at lora_r: start it instead from the",
+            "# plan's initial adapter, lora_model_dir: <the folder `peftplan export MODEL --plan plan.json --peft` writes>.",
+        ]
+    )
     return "\n".join(head + [line for key, value in fields.items() for line in _yaml(key, value)]) + "\n"
 
 
@@ -164,8 +188,13 @@ def _recipe_fields(recipe: Any) -> dict[str, Any]:
     if recipe is None:
         return {}
     schedule = "constant_with_warmup" if recipe.schedule == "constant" and recipe.warmup else recipe.schedule
-    out = {"learning_rate": recipe.lr, "lr_scheduler": schedule, "warmup_ratio": recipe.warmup,
-           "weight_decay": recipe.weight_decay, "max_grad_norm": recipe.clip or 0.0}  # fmt: skip
+    out = {
+        "learning_rate": recipe.lr,
+        "lr_scheduler": schedule,
+        "warmup_ratio": recipe.warmup,
+        "weight_decay": recipe.weight_decay,
+        "max_grad_norm": recipe.clip or 0.0,
+    }
     out |= {"max_steps": recipe.steps} if recipe.steps else {"num_epochs": recipe.epochs or 1}
     return out | ({"micro_batch_size": recipe.batch_size} if recipe.batch_size else {})
 
@@ -173,7 +202,11 @@ def _recipe_fields(recipe: Any) -> dict[str, Any]:
 def _yaml(key: str, value: Any) -> list[str]:
     """``key: value`` as block YAML; strings and numbers as JSON scalars, which YAML reads alike."""
     if isinstance(value, dict):
-        return [f"{key}:"] + [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()] if value else [f"{key}: {{}}"]
+        return (
+            [f"{key}:"] + [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+            if value
+            else [f"{key}: {{}}"]
+        )
     if isinstance(value, list):
         return [f"{key}:"] + [f"  - {json.dumps(v)}" for v in value]
     return [f"{key}: {json.dumps(value) if not isinstance(value, str) or not value.isidentifier() else value}"]
@@ -188,8 +221,15 @@ def plan_sites(plan: Any, names: list[str] | None = None) -> dict[str, Site]:
     for name, e in plan.tuned().items():
         if names is None or name in names:
             n_in, n_out = e.get("shape", (0, 0))  # unknown: no rank limit to check
-            out[name] = Site(name=name, op=e.get("op", "linear"), role=e.get("role", "other"), module_type="",
-                             in_features=n_in, out_features=n_out, params=0)  # fmt: skip
+            out[name] = Site(
+                name=name,
+                op=e.get("op", "linear"),
+                role=e.get("role", "other"),
+                module_type="",
+                in_features=n_in,
+                out_features=n_out,
+                params=0,
+            )
     return out
 
 
@@ -208,7 +248,9 @@ def configs(plan: Any, sites: dict[str, Site], model: nn.Module | None = None) -
             full.append(name)
         else:
             groups[method][name] = hp
-    dicts = {k: _ia3_config(v, model) if k == "ia3" else _lora_config(v, k == "dora", model) for k, v in groups.items() if v}
+    dicts = {
+        k: _ia3_config(v, model) if k == "ia3" else _lora_config(v, k == "dora", model) for k, v in groups.items() if v
+    }
     if full:
         if not dicts:
             dicts["lora"] = _lora_config({}, False, model)  # a LoRA adapter with only modules_to_save
@@ -231,8 +273,12 @@ def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:
 
 def _shares_weights(model: nn.Module, name: str) -> bool:
     own = {id(p) for p in model.get_submodule(name).parameters()}
-    return any(id(p) in own for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
-               and not name.startswith(n + ".") for p in m.parameters(recurse=False))  # fmt: skip
+    return any(
+        id(p) in own
+        for n, m in model.named_modules()
+        if n != name and not n.startswith(name + ".") and not name.startswith(n + ".")
+        for p in m.parameters(recurse=False)
+    )
 
 
 def exact(names: list[str]) -> str:
@@ -243,31 +289,51 @@ def exact(names: list[str]) -> str:
 def _lora_config(sites: dict[str, dict], dora: bool, model: nn.Module | None) -> dict[str, Any]:
     rslora = {hp.get("rslora", False) for hp in sites.values()} == {True}
     # peft's scaling is alpha/r (alpha/sqrt(r) with use_rslora); a mixed plan folds rsLoRA into alpha
-    alphas = {n: hp["alpha"] * (math.sqrt(hp["rank"]) if hp.get("rslora") and not rslora else 1) for n, hp in sites.items()}
+    alphas = {
+        n: hp["alpha"] * (math.sqrt(hp["rank"]) if hp.get("rslora") and not rslora else 1) for n, hp in sites.items()
+    }
     ranks = {n: hp["rank"] for n, hp in sites.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if sites else 8
     alpha = Counter(alphas.values()).most_common(1)[0][0] if sites else 8
     dropouts = Counter(hp.get("dropout", 0.0) for hp in sites.values())
     if len(dropouts) > 1:
-        warnings.warn(f"peft has one lora_dropout per adapter; the plan has {sorted(dropouts)}, exporting the most common", stacklevel=3)
+        warnings.warn(
+            f"peft has one lora_dropout per adapter; the plan has {sorted(dropouts)}, exporting the most common",
+            stacklevel=3,
+        )
     return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0] if sites else 0.0,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropouts.most_common(1)[0][0] if sites else 0.0,
         "target_modules": exact(list(sites)) if sites else [],
         "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
-        "use_rslora": rslora, "use_dora": dora, "bias": "none", "init_lora_weights": True,
-        "fan_in_fan_out": _all_conv1d(model, sites), "modules_to_save": None,
-    }  # fmt: skip
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "bias": "none",
+        "init_lora_weights": True,
+        "fan_in_fan_out": _all_conv1d(model, sites),
+        "modules_to_save": None,
+    }
 
 
 def _ia3_config(sites: dict[str, dict], model: nn.Module | None) -> dict[str, Any]:
     inputs = [n for n, hp in sites.items() if hp["placement"] == "input"]
     return {
-        "peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "target_modules": exact(list(sites)), "feedforward_modules": exact(inputs) if inputs else [],
-        "fan_in_fan_out": _all_conv1d(model, sites), "init_ia3_weights": True, "modules_to_save": None,
-    }  # fmt: skip
+        "peft_type": "IA3",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "target_modules": exact(list(sites)),
+        "feedforward_modules": exact(inputs) if inputs else [],
+        "fan_in_fan_out": _all_conv1d(model, sites),
+        "init_ia3_weights": True,
+        "modules_to_save": None,
+    }
 
 
 def _all_conv1d(model: nn.Module | None, sites: dict) -> bool:

@@ -90,8 +90,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     sites = {n: _model_site(model, n, e) for n, e in plan.tuned().items()}
     dicts, unsupported = configs(plan, sites, model)
     if unsupported and not allow_partial:
-        raise PlanError(listing(f"peft cannot express {len(unsupported)} site(s)", unsupported)
-                        + "\nPass allow_partial=True to export the rest.")  # fmt: skip
+        raise PlanError(
+            listing(f"peft cannot express {len(unsupported)} site(s)", unsupported)
+            + "\nPass allow_partial=True to export the rest."
+        )
     if not dicts:
         raise PlanError("no site of this plan can be expressed in peft; nothing to export")
     tensors = adapter_tensors(model)
@@ -104,7 +106,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
             for site in _config_sites(plan, config):
                 entry = plan.sites[site]
                 for ours, theirs in _key_map(entry["method"], site, sites[site], model).items():
-                    weights[PREFIX + theirs] = tensors[ours].detach().reshape(_peft_shape(theirs, sites[site], entry, tensors[ours])).contiguous().cpu()
+                    weights[PREFIX + theirs] = (
+                        tensors[ours]
+                        .detach()
+                        .reshape(_peft_shape(theirs, sites[site], entry, tensors[ours]))
+                        .contiguous()
+                        .cpu()
+                    )
             (tmp / out).mkdir(exist_ok=True)
             (tmp / out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             save_file(_unshared(weights), str(tmp / out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -133,22 +141,37 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config = _read_config(files[CONFIG_FILE], directory / CONFIG_FILE)
     saved = read_safetensors(files[WEIGHTS_FILE], directory / WEIGHTS_FILE)
     entries = _entries_from_config(model, config)
-    plan = Plan(sites=entries, model={"fingerprint": fingerprint(model), "class": type(model).__name__},
-                provenance={"imported_from": str(directory), "peft_type": config.get("peft_type")})  # fmt: skip
+    plan = Plan(
+        sites=entries,
+        model={"fingerprint": fingerprint(model), "class": type(model).__name__},
+        provenance={"imported_from": str(directory), "peft_type": config.get("peft_type")},
+    )
     apply(model, plan)
     try:
         tensors = adapter_tensors(model)
         wanted = {}
         for site, entry in plan.tuned().items():
-            wanted.update({PREFIX + theirs: ours for ours, theirs in _key_map(entry["method"], site, _model_site(model, site, entry), model).items()})
+            wanted.update(
+                {
+                    PREFIX + theirs: ours
+                    for ours, theirs in _key_map(entry["method"], site, _model_site(model, site, entry), model).items()
+                }
+            )
         missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
         if missing or unexpected:
-            raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        wrong = [f"{theirs}: saved {tuple(saved[theirs].shape)}, expected {tuple(tensors[ours].shape)}" for theirs, ours in wanted.items()
-                 if saved[theirs].numel() != tensors[ours].numel()]  # fmt: skip
+            raise PlanError(
+                f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        wrong = [
+            f"{theirs}: saved {tuple(saved[theirs].shape)}, expected {tuple(tensors[ours].shape)}"
+            for theirs, ours in wanted.items()
+            if saved[theirs].numel() != tensors[ours].numel()
+        ]
         if wrong:
-            raise PlanError(f"{directory / WEIGHTS_FILE} does not match its config (r, rank_pattern) or this model: "
-                            f"shape mismatch {wrong[:5]}")  # fmt: skip
+            raise PlanError(
+                f"{directory / WEIGHTS_FILE} does not match its config (r, rank_pattern) or this model: "
+                f"shape mismatch {wrong[:5]}"
+            )
         with torch.no_grad():
             for theirs, ours in wanted.items():
                 tensors[ours].copy_(saved[theirs].reshape(tensors[ours].shape))
@@ -214,7 +237,9 @@ def _peft_shape(key: str, site: Site, entry: dict[str, Any], t: torch.Tensor) ->
 
 
 def _is_input(entry: dict[str, Any], site: Site) -> bool:
-    return get_method("ia3").validate(site, **{k: v for k, v in entry.items() if k == "placement"})["placement"] == "input"
+    return (
+        get_method("ia3").validate(site, **{k: v for k, v in entry.items() if k == "placement"})["placement"] == "input"
+    )
 
 
 def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,7 +253,13 @@ def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- peft config → plan entries ---------------------------------------------------------------
 
-_UNSUPPORTED_FIELDS = ("layers_to_transform", "layer_replication", "target_parameters", "trainable_token_indices", "lora_bias")
+_UNSUPPORTED_FIELDS = (
+    "layers_to_transform",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "lora_bias",
+)
 
 
 def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -244,18 +275,26 @@ def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, 
     keep = [n for n in modules if _matches_save(config.get("modules_to_save"), n)]
     entries = {n: {"method": "full"} for n in keep}
     exclude = config.get("exclude_modules")
-    targets = _all_linear(model, modules) if str(config.get("target_modules")).lower() == "all-linear" else config.get("target_modules")
+    targets = (
+        _all_linear(model, modules)
+        if str(config.get("target_modules")).lower() == "all-linear"
+        else config.get("target_modules")
+    )
     for name, (_, op) in modules.items():
         if name in entries or not _matches(targets, name) or _matches(exclude, name, "exclude_modules"):
             continue
         if kind == "IA3":
             ff = config.get("feedforward_modules") or []
-            is_ff = _matches(ff, name, "feedforward_modules") if isinstance(ff, str) else any(name.endswith(k) for k in ff)
+            is_ff = (
+                _matches(ff, name, "feedforward_modules") if isinstance(ff, str) else any(name.endswith(k) for k in ff)
+            )
             entries[name] = {"method": "ia3", "placement": "input" if is_ff else "output"}
         else:
             entries[name] = _lora_entry(config, name, op)
     if not entries:
-        raise PlanError(f"target_modules {config.get('target_modules')!r} matches no tunable module of {type(model).__name__}")
+        raise PlanError(
+            f"target_modules {config.get('target_modules')!r} matches no tunable module of {type(model).__name__}"
+        )
     return entries
 
 
@@ -306,8 +345,10 @@ def _fullmatch(pattern: str, name: str, *, what: str) -> bool:
     except regex.error as e:
         raise PlanError(f"the peft config's {what} is not a valid regular expression ({e}); fix or remove it") from None
     except TimeoutError:
-        raise PlanError(f"the peft config's {what} takes over {REGEX_SECONDS}s to match {name!r} (catastrophic "
-                        "backtracking?); use a list of module names or a simpler pattern") from None  # fmt: skip
+        raise PlanError(
+            f"the peft config's {what} takes over {REGEX_SECONDS}s to match {name!r} (catastrophic "
+            "backtracking?); use a list of module names or a simpler pattern"
+        ) from None
 
 
 def _matches_save(names: list[str] | None, name: str) -> bool:

@@ -27,7 +27,9 @@ def retarget(plan: Plan, graph: SiteGraph) -> tuple[Plan, dict[str, str]]:
     on its entries cannot be re-targeted (`PlanError`)."""
     lacking = [n for n, e in plan.sites.items() if "role" not in e or "depth" not in e]
     if lacking:
-        raise PlanError(f"cannot match by role and depth: entries {lacking[:5]} have no 'role'/'depth'; re-create the plan with peftplan.search")
+        raise PlanError(
+            f"cannot match by role and depth: entries {lacking[:5]} have no 'role'/'depth'; re-create the plan with peftplan.search"
+        )
     by_kind: dict[tuple[str, str | None], list[tuple[float, str]]] = {}
     for name, e in plan.sites.items():
         by_kind.setdefault((e["role"], e.get("op")), []).append((float(e["depth"]), name))
@@ -48,4 +50,6 @@ def retarget(plan: Plan, graph: SiteGraph) -> tuple[Plan, dict[str, str]]:
         )
     params = sum(get_method(e["method"]).param_count(graph[n], **Plan.hyper(e)) for n, e in sites.items())
     provenance = {**plan.provenance, "retargeted_from": plan.model.get("fingerprint"), "match": "role+depth"}
-    return Plan(sites=sites, model=model_header(graph), budget=plan.budget, objectives={"params": params}, provenance=provenance), mapping
+    return Plan(
+        sites=sites, model=model_header(graph), budget=plan.budget, objectives={"params": params}, provenance=provenance
+    ), mapping

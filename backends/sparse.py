@@ -66,9 +66,13 @@ class Sparse(Method):
     def check(self, site: Site, hp: dict[str, Any]) -> None:
         density, selection = hp["density"], hp["selection"]
         if not isinstance(density, Real) or isinstance(density, bool) or not 0 < density <= 1:
-            raise PlanError(f"site {site.name!r}: sparse density must be a number in (0, 1], got {density!r}; e.g. density=0.01")
+            raise PlanError(
+                f"site {site.name!r}: sparse density must be a number in (0, 1], got {density!r}; e.g. density=0.01"
+            )
         if selection not in SELECTIONS:
-            raise PlanError(f"site {site.name!r}: sparse selection must be one of {list(SELECTIONS)}, got {selection!r}")
+            raise PlanError(
+                f"site {site.name!r}: sparse selection must be one of {list(SELECTIONS)}, got {selection!r}"
+            )
 
     def needs_scores(self, density: float, selection: str = "magnitude") -> bool:
         """Whether ``apply`` must hand this site per-element scores (see `apply`)."""
@@ -84,7 +88,9 @@ class Sparse(Method):
     def param_count(self, site: Site, density: float, selection: str = "magnitude") -> int:
         return max(1, round(density * weight_numel(site)))
 
-    def adapter_bytes(self, site: Site, *, param_bytes: int = 4, density: float = 0.01, selection: str = "magnitude") -> int:
+    def adapter_bytes(
+        self, site: Site, *, param_bytes: int = 4, density: float = 0.01, selection: str = "magnitude"
+    ) -> int:
         return self.param_count(site, density) * (param_bytes + 8)  # values plus int64 indices
 
     def overhead_flops(self, site: Site, density: float, selection: str = "magnitude") -> int:
@@ -104,17 +110,27 @@ class Sparse(Method):
             per_call = tokens * site.in_features + weight_numel(site) + k
         return per_call * site.calls
 
-    def wrap(self, module: nn.Module, site: Site, density: float, selection: str = "magnitude",
-             scores: torch.Tensor | None = None) -> nn.Module:  # fmt: skip
+    def wrap(
+        self,
+        module: nn.Module,
+        site: Site,
+        density: float,
+        selection: str = "magnitude",
+        scores: torch.Tensor | None = None,
+    ) -> nn.Module:
         weight, k = module.weight, self.param_count(site, density)
         if weight.is_meta:  # no data to select from: deferred, see the module docstring
             return SparseDelta(module, torch.empty(k, dtype=torch.long, device="meta"))
         if selection == "magnitude":
             if scores is not None:
-                raise PlanError(f"site {site.name!r}: sparse got scores with selection='magnitude'; use selection='sensitivity'")
+                raise PlanError(
+                    f"site {site.name!r}: sparse got scores with selection='magnitude'; use selection='sensitivity'"
+                )
             scores = weight.detach().abs()
         elif scores is None:
-            raise PlanError(f"site {site.name!r}: sparse selection='sensitivity' needs scores; pass apply(..., scores={{site: tensor}})")
+            raise PlanError(
+                f"site {site.name!r}: sparse selection='sensitivity' needs scores; pass apply(..., scores={{site: tensor}})"
+            )
         if not torch.isfinite(scores).all():
             raise PlanError(f"site {site.name!r}: sparse scores must be finite; found NaN or inf")
         indices = select_top(scores, k)
@@ -153,7 +169,9 @@ class SparseDelta(Wrapper):
         `peftplan.load` copied them from a file, which could hold anything)."""
         n, ix = self.base.weight.numel(), self.indices
         if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= n):
-            raise PlanError(f"sparse indices must lie in [0, {n}) (the weight's entries), found {int(ix.min())}..{int(ix.max())}")
+            raise PlanError(
+                f"sparse indices must lie in [0, {n}) (the weight's entries), found {int(ix.min())}..{int(ix.max())}"
+            )
         if torch.unique(ix).numel() != ix.numel():
             raise PlanError("sparse indices must be distinct; found repeated entries")
 
@@ -187,7 +205,9 @@ class SparseDelta(Wrapper):
             return base(x, *args, **kwargs)
         w = base.weight + self.delta_weight()  # like base.weight
         if isinstance(base, nn.Embedding):
-            return F.embedding(x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., dim)
+            return F.embedding(
+                x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )  # (..., dim)
         if isinstance(base, nn.Conv2d):
             return base._conv_forward(x, w, base.bias)  # (N, out, H', W')
         if is_hf_conv1d(base):  # weight stored (in, out)

@@ -31,8 +31,10 @@ class Wrapper(nn.Module):
         super().__init__()
         weight = getattr(base, "weight", None)
         if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
-            raise PlanError(f"{type(base).__name__} has a {weight.dtype} weight; adapters need a floating-point base "
-                            "weight: apply the plan to the model before quantizing it")  # fmt: skip
+            raise PlanError(
+                f"{type(base).__name__} has a {weight.dtype} weight; adapters need a floating-point base "
+                "weight: apply the plan to the model before quantizing it"
+            )
         self.base = base
         self.merged = False
         for p in base.parameters():

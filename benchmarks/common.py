@@ -26,8 +26,14 @@ BATCH, MAX_LENGTH = 32, 64  # the final recipe's batch and the tokeniser's cut, 
 VALIDATION = 0.2  # the share of train.tsv held out (stratified) that searches and lr choices score on
 
 
-def load_task(name: str, *, seed: int = 0, validation: float | int = VALIDATION, max_train: int | None = None,
-              max_dev: int | None = None):
+def load_task(
+    name: str,
+    *,
+    seed: int = 0,
+    validation: float | int = VALIDATION,
+    max_train: int | None = None,
+    max_dev: int | None = None,
+):
     """MiniLM-L6 with a fresh 2-way head (initialised from ``seed``), and the task ``name`` of
     ../shared/data/text: its train.tsv split into training and validation batches, dev.tsv as
     the evaluation batches (what results are reported on; never seen by a search)."""
@@ -43,9 +49,19 @@ def load_task(name: str, *, seed: int = 0, validation: float | int = VALIDATION,
     torch.manual_seed(seed)
     model = load_minilm(num_labels=2)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    task = Task.for_sequence_classification(model, tokenizer, folder / "train.tsv", folder / "dev.tsv", batch_size=BATCH,
-                                            max_length=MAX_LENGTH, metric=METRICS[name], seed=0, validation=validation,
-                                            max_train=max_train, max_dev=max_dev)  # fmt: skip
+    task = Task.for_sequence_classification(
+        model,
+        tokenizer,
+        folder / "train.tsv",
+        folder / "dev.tsv",
+        batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        metric=METRICS[name],
+        seed=0,
+        validation=validation,
+        max_train=max_train,
+        max_dev=max_dev,
+    )
     task.name = name
     return model, task
 
@@ -136,8 +152,7 @@ def write_section(results: Path, name: str, text: str) -> None:
     block = f"{start}\n{text.rstrip()}\n\nGenerated {date.today().isoformat()} by the command above.\n{end}"
     old = results.read_text() if results.exists() else "# Benchmark results\n"
     if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     write_atomic(results, new)
-

@@ -25,7 +25,10 @@ PROBES = {  # peftplan plans of methods the default space leaves out (first task
     "lora-qv-r7+ssf-norms": ("peftplan probe: LoRA r7 q,v + SSF on every LayerNorm", (2e-3, 5e-3)),
     "lora-qv-r4+ssf-rest": ("peftplan probe: LoRA r4 q,v + SSF on k, o, MLP, pooler", (5e-3,)),
     "ssf-all": ("peftplan probe: SSF on every linear layer, LayerNorm, the pooler", (1e-2,)),
-    "sparse-linear": ("peftplan probe: sparse (0.69% of entries by magnitude) on every linear layer", (5e-4, 2e-3, 5e-3)),
+    "sparse-linear": (
+        "peftplan probe: sparse (0.69% of entries by magnitude) on every linear layer",
+        (5e-4, 2e-3, 5e-3),
+    ),
 }
 
 
@@ -40,19 +43,26 @@ def probe_plan(graph, kind: str, lr: float, steps: int):
     norms, pooler = [s for s in graph.sites if s.op == "norm"], [by["bert.pooler.dense"]]
     lora = lambda r: [(s, {"method": "lora", "rank": r, "alpha": 2 * r}) for s in qv]  # noqa: E731
     ssf = lambda sites: [(s, {"method": "ssf"}) for s in sites]  # noqa: E731
-    parts = {"lora-qv-r7+ssf-norms": lambda: lora(7) + ssf(norms),
-             "lora-qv-r4+ssf-rest": lambda: lora(4) + ssf([s for s in linear if s not in qv] + pooler),
-             "ssf-all": lambda: ssf(linear + norms + pooler),
-             "sparse-linear": lambda: [(s, {"method": "sparse", "density": 0.0069}) for s in linear]}[kind]()  # fmt: skip
+    parts = {
+        "lora-qv-r7+ssf-norms": lambda: lora(7) + ssf(norms),
+        "lora-qv-r4+ssf-rest": lambda: lora(4) + ssf([s for s in linear if s not in qv] + pooler),
+        "ssf-all": lambda: ssf(linear + norms + pooler),
+        "sparse-linear": lambda: [(s, {"method": "sparse", "density": 0.0069}) for s in linear],
+    }[kind]()
     head = by["classifier"]
-    sites = {s.name: {**entry, "role": s.role, "depth": s.depth, "op": s.op} for s, entry in [*parts, (head, {"method": "full"})]}
+    sites = {
+        s.name: {**entry, "role": s.role, "depth": s.depth, "op": s.op}
+        for s, entry in [*parts, (head, {"method": "full"})]
+    }
     return pp.Plan(sites=sites, recipe=recipe(steps, lr))
 
 
 def peft_lora(base, targets: list[str] | None = None, r: int = 8, **extra):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type=TaskType.SEQ_CLS, **extra)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type=TaskType.SEQ_CLS, **extra
+    )
     return get_peft_model(copy.deepcopy(base), config, low_cpu_mem_usage=extra.get("init_lora_weights") == "eva")
 
 
@@ -71,16 +81,29 @@ def build(kind: str, base, task, lr: float, steps: int):
     elif kind == "lora-qkvo":
         model = peft_lora(base, QKVO, r=4)
     elif kind == "lora-qv-pooler":  # r7 on q,v and r12 on the pooler before the head: 64,512 + 9,216 = r8 q,v's 73,728
-        model = peft_lora(base, [*QV, "pooler.dense"], r=7, rank_pattern={"pooler.dense": 12}, alpha_pattern={"pooler.dense": 24})
+        model = peft_lora(
+            base, [*QV, "pooler.dense"], r=7, rank_pattern={"pooler.dense": 12}, alpha_pattern={"pooler.dense": 24}
+        )
     elif kind == "lora-all":
         ranks = all_linear_ranks(base, BUDGET)
         top = max(ranks.values())
-        model = peft_lora(base, sorted(ranks), r=top, rank_pattern=ranks, alpha_pattern={n: 2 * r for n, r in ranks.items()})
+        model = peft_lora(
+            base, sorted(ranks), r=top, rank_pattern=ranks, alpha_pattern={n: 2 * r for n, r in ranks.items()}
+        )
     elif kind == "adalora":
         from peft import AdaLoraConfig, TaskType, get_peft_model
 
-        config = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=QV, task_type=TaskType.SEQ_CLS,
-                               total_step=steps, tinit=steps // 10, tfinal=steps * 3 // 10, deltaT=max(1, steps // 40))  # fmt: skip
+        config = AdaLoraConfig(
+            init_r=12,
+            target_r=8,
+            lora_alpha=16,
+            target_modules=QV,
+            task_type=TaskType.SEQ_CLS,
+            total_step=steps,
+            tinit=steps // 10,
+            tfinal=steps * 3 // 10,
+            deltaT=max(1, steps // 40),
+        )
         model = get_peft_model(copy.deepcopy(base), config)
         hook = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
         loss = lambda m, b: m(**b).loss  # noqa: E731 — the model's loss carries AdaLoRA's orthogonality term
@@ -109,8 +132,14 @@ def train_and_score(model, task, rec, seed: int, loss=None, hook=None, bf16: boo
     run = train(model, sub, rec, seed=seed, on_step=hook, bf16=bf16)
     val_metric, val_loss = metric_and_loss(model, task, task.validation_batches)
     dev_metric, _ = metric_and_loss(model, task, task.eval_batches)
-    return {"params": trainable_after(model), "val_metric": val_metric,
-            "val_loss": val_loss, "dev_metric": dev_metric, "seconds": round(run.seconds, 1), "steps": run.steps}  # fmt: skip
+    return {
+        "params": trainable_after(model),
+        "val_metric": val_metric,
+        "val_loss": val_loss,
+        "dev_metric": dev_metric,
+        "seconds": round(run.seconds, 1),
+        "steps": run.steps,
+    }
 
 
 def trainable_after(model) -> int:

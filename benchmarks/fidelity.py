@@ -63,7 +63,9 @@ from common import (
 
 RUNGS = (0.05, 0.10, 0.25, 1.0)
 STEPS = 200
-VALIDATION = 1000  # examples held out of train.tsv (stratified): ±1.5 points of accuracy, a third of the eval cost of 20%
+VALIDATION = (
+    1000  # examples held out of train.tsv (stratified): ±1.5 points of accuracy, a third of the eval cost of 20%
+)
 SIGNALS = {"validation metric": "val_metric", "validation loss": "val_loss", "training loss": "train_loss"}
 TARGET = 0.8
 STORE = ROOT / "benchmarks" / "runs" / "fidelity"
@@ -82,8 +84,14 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
     head = {s.name: {"method": "full"} for s in graph if s.name.split(".")[0] == "classifier"}
 
     def lora(roles: list[str], rank: int) -> dict:
-        return {**{s.name: {"method": "lora", "rank": rank, "alpha": 2 * rank} for s in graph.select(role=roles)
-                   if s.op == "linear"}, **head}  # fmt: skip
+        return {
+            **{
+                s.name: {"method": "lora", "rank": rank, "alpha": 2 * rank}
+                for s in graph.select(role=roles)
+                if s.op == "linear"
+            },
+            **head,
+        }
 
     fit = all_linear_ranks(model, budget)
     out = {
@@ -93,7 +101,10 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
         "lora r4 q,k,v,o": (lora(["attn.q", "attn.k", "attn.v", "attn.o"], 4), 1e-3),
         "lora r2 q,v": (lora(["attn.q", "attn.v"], 2), 1e-3),
         "lora r3 mlp": (lora(["mlp"], 3), 1e-3),
-        "lora all-linear fit": ({**{n: {"method": "lora", "rank": r, "alpha": 2 * r} for n, r in fit.items()}, **head}, 1e-3),
+        "lora all-linear fit": (
+            {**{n: {"method": "lora", "rank": r, "alpha": 2 * r} for n, r in fit.items()}, **head},
+            1e-3,
+        ),
     }
     space = default_space(model, budget, task, seed=0)
     for share, lr in ((1.0, 1e-3), (0.25, 2e-3)):
@@ -118,11 +129,17 @@ def train_rung(base, sites: dict, task, recipe, rung: float, seed: int) -> dict:
     model = apply(copy.deepcopy(base), Plan(sites=sites))
     steps = max(1, round(rung * recipe.steps))
     run = train(model, task, recipe.with_steps(steps), seed=seed)
-    tail = run.losses[-max(1, len(run.losses) // 5):]
+    tail = run.losses[-max(1, len(run.losses) // 5) :]
     start = time.perf_counter()
     val_metric, val_loss = metric_and_loss(model, task, task.validation_batches)
-    result = {"steps": steps, "params": count_trainable(model), "train_seconds": round(run.seconds, 2),
-              "val_metric": val_metric, "val_loss": val_loss, "train_loss": statistics.fmean(tail)}  # fmt: skip
+    result = {
+        "steps": steps,
+        "params": count_trainable(model),
+        "train_seconds": round(run.seconds, 2),
+        "val_metric": val_metric,
+        "val_loss": val_loss,
+        "train_loss": statistics.fmean(tail),
+    }
     if rung == 1.0:
         result["dev_metric"] = metric_and_loss(model, task, task.eval_batches)[0]
     result["eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -139,8 +156,11 @@ def run_all(tasks: list[str], steps: int, store: RunStore) -> None:
     for name in tasks:
         base, task = load_task(name, validation=VALIDATION)
         budget = 74_498
-        print(f"{name}: {examples(task.train_batches)} training, {examples(task.validation_batches)} validation, "
-              f"{examples(task.eval_batches)} dev examples; budget {budget:,} params", flush=True)  # fmt: skip
+        print(
+            f"{name}: {examples(task.train_batches)} training, {examples(task.validation_batches)} validation, "
+            f"{examples(task.eval_batches)} dev examples; budget {budget:,} params",
+            flush=True,
+        )
         for cname, (sites, lr) in contenders(base, task, budget).items():
             recipe = Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32)
             for rung in RUNGS:
@@ -148,14 +168,26 @@ def run_all(tasks: list[str], steps: int, store: RunStore) -> None:
                 spec = {"task": name, "sites": sites, "recipe": recipe.to_dict(), "rung": rung, "seed": 0}
                 if store.get(key, spec) is not None:
                     continue
-                record = store.put(key, spec, {"task": name, "contender": cname, "rung": rung, "lr": lr,
-                                                **train_rung(base, sites, task, recipe, rung, 0)})  # fmt: skip
+                record = store.put(
+                    key,
+                    spec,
+                    {
+                        "task": name,
+                        "contender": cname,
+                        "rung": rung,
+                        "lr": lr,
+                        **train_rung(base, sites, task, recipe, rung, 0),
+                    },
+                )
                 done += 1
                 wall = (time.perf_counter() - started) / 60
-                print(f"  {key}: val {record['val_metric']:.4f} (loss {record['val_loss']:.3f})"
-                      + (f", dev {record['dev_metric']:.4f}" if "dev_metric" in record else "")
-                      + f", {record['params']:,} params, {record['train_seconds']:.0f}+{record['eval_seconds']:.0f} s"
-                      f" [{done} trained, {wall:.1f} min]", flush=True)  # fmt: skip
+                print(
+                    f"  {key}: val {record['val_metric']:.4f} (loss {record['val_loss']:.3f})"
+                    + (f", dev {record['dev_metric']:.4f}" if "dev_metric" in record else "")
+                    + f", {record['params']:,} params, {record['train_seconds']:.0f}+{record['eval_seconds']:.0f} s"
+                    f" [{done} trained, {wall:.1f} min]",
+                    flush=True,
+                )
 
 
 GAINS = ROOT / "benchmarks" / "runs" / "site-gains"
@@ -185,23 +217,32 @@ def site_gains(name: str, steps: int, store: RunStore) -> tuple[dict[str, float]
         spec = {"task": name, "sites": sites, "recipe": recipe.to_dict(), "rung": GAIN_SHARE, "seed": 0}
         record = store.get(key, spec)
         if record is None:
-            record = store.put(key, spec, {"task": name, "site": site, **train_rung(base, sites, task, recipe, GAIN_SHARE, 0)})
+            record = store.put(
+                key, spec, {"task": name, "site": site, **train_rung(base, sites, task, recipe, GAIN_SHARE, 0)}
+            )
             print(f"  {key}: val loss {record['val_loss']:.4f}, val {record['val_metric']:.4f}", flush=True)
         losses[site] = record["val_loss"]
     gains = {n: losses[None] - losses[n] for n in names}
     grad2 = grad2_scores(base, graph, task, names, batches=options.calibration_batches, progress=False)
-    proxies = {"weights only (Hill alpha)": alpha_scores(base, graph, names), "grad²": grad2,
-               "grad norm": {n: v**0.5 for n, v in grad2.items()},
-               "activation SVD (EVA)": activation_scores(base, graph, task, names, batches=options.calibration_batches)}  # fmt: skip
+    proxies = {
+        "weights only (Hill alpha)": alpha_scores(base, graph, names),
+        "grad²": grad2,
+        "grad norm": {n: v**0.5 for n, v in grad2.items()},
+        "activation SVD (EVA)": activation_scores(base, graph, task, names, batches=options.calibration_batches),
+    }
     return gains, proxies
 
 
 def proxy_report(name: str, gains: dict[str, float], proxies: dict[str, dict[str, float]]) -> str:
     sites = sorted(gains)
-    lines = [f"Site gains on {name}: LoRA r={GAIN_RANK} on one site plus the head, {GAIN_SHARE:.0%} of the final recipe at "
-             f"lr {GAIN_LR:g}; gain = the head-only validation loss minus the site's ({len(sites)} sites; largest "
-             f"{max(gains.values()):.4f}, smallest {min(gains.values()):.4f}).", "",
-             "| proxy | Kendall τ with the gain | Spearman ρ |", "|---|---:|---:|"]  # fmt: skip
+    lines = [
+        f"Site gains on {name}: LoRA r={GAIN_RANK} on one site plus the head, {GAIN_SHARE:.0%} of the final recipe at "
+        f"lr {GAIN_LR:g}; gain = the head-only validation loss minus the site's ({len(sites)} sites; largest "
+        f"{max(gains.values()):.4f}, smallest {min(gains.values()):.4f}).",
+        "",
+        "| proxy | Kendall τ with the gain | Spearman ρ |",
+        "|---|---:|---:|",
+    ]
     for label, scores in proxies.items():
         rho, tau = rank_correlations([scores[n] for n in sites], [gains[n] for n in sites])
         lines.append(f"| {label} | {tau:.2f} | {rho:.2f} |")
@@ -232,22 +273,32 @@ def correlations(records: list[dict]) -> dict:
 
 def report(records: list[dict], steps: int) -> str:
     corr = correlations(records)
-    lines = [f"Final recipe: AdamW, 6% warm-up then linear decay, batch 32, max length 64, {steps} steps, seed 0; "
-             "the contenders' learning rates as listed in the benchmark. Signals are measured on the validation split "
-             f"({VALIDATION:,} examples held out of train.tsv, stratified) or the training batches; the target is the dev metric after the full "
-             "recipe. Losses are negated, so a positive correlation means the signal ranks like the final result.", ""]  # fmt: skip
+    lines = [
+        f"Final recipe: AdamW, 6% warm-up then linear decay, batch 32, max length 64, {steps} steps, seed 0; "
+        "the contenders' learning rates as listed in the benchmark. Signals are measured on the validation split "
+        f"({VALIDATION:,} examples held out of train.tsv, stratified) or the training batches; the target is the dev metric after the full "
+        "recipe. Losses are negated, so a positive correlation means the signal ranks like the final result.",
+        "",
+    ]
     for name, rungs in corr.items():
         metric = METRIC_NAMES[METRICS[name]]
-        lines += [f"**{name}** (target: dev {metric}):", "",
-                  "| rung (share of the final steps) | contenders | " + " | ".join(f"{s}: ρ / τ" for s in SIGNALS) + " |",
-                  "|---|---:|" + "---:|" * len(SIGNALS)]  # fmt: skip
+        lines += [
+            f"**{name}** (target: dev {metric}):",
+            "",
+            "| rung (share of the final steps) | contenders | " + " | ".join(f"{s}: ρ / τ" for s in SIGNALS) + " |",
+            "|---|---:|" + "---:|" * len(SIGNALS),
+        ]
         for rung, by in rungs.items():
             n = next(iter(by.values()))[2]
-            cells = " | ".join(f"{rho:.2f} / {tau:.2f}" if not math.isnan(rho) else "n/a" for rho, tau, _ in by.values())
+            cells = " | ".join(
+                f"{rho:.2f} / {tau:.2f}" if not math.isnan(rho) else "n/a" for rho, tau, _ in by.values()
+            )
             lines.append(f"| {rung:.0%} ({round(rung * steps)} steps) | {n} | {cells} |")
         lines.append("")
         table = sorted((r for r in records if r["task"] == name and r["rung"] == 1.0), key=lambda r: -r["dev_metric"])
-        lines.append("Final runs: " + "; ".join(f"{r['contender']} {r['dev_metric']:.4f} ({r['params']:,})" for r in table))
+        lines.append(
+            "Final runs: " + "; ".join(f"{r['contender']} {r['dev_metric']:.4f} ({r['params']:,})" for r in table)
+        )
         lines.append("")
     lines.append(verdict(corr))
     return "\n".join(lines)
@@ -259,14 +310,18 @@ def verdict(corr: dict) -> str:
         return "Nothing stored yet."
     complete = all(by[1.0]["validation metric"][2] >= 12 for by in corr.values())
     for rung in RUNGS[:-1]:
-        best = {name: max(((v[0], s) for s, v in by[rung].items() if not math.isnan(v[0])), default=(float("nan"), ""))
-                for name, by in corr.items()}  # fmt: skip  (nan: a task with fewer than 3 contenders at this rung)
+        best = {
+            name: max(((v[0], s) for s, v in by[rung].items() if not math.isnan(v[0])), default=(float("nan"), ""))
+            for name, by in corr.items()
+        }  # (nan: a task with fewer than 3 contenders at this rung)
         if all(rho >= TARGET for rho, _ in best.values()):
             said = ", ".join(f"{n}: {s} ρ = {rho:.2f}" for n, (rho, s) in best.items())
-            return (f"Cheapest rung reaching ρ ≥ {TARGET} on every task: {rung:.0%} of the final steps ({said})."
-                    + ("" if complete else " (Partial: fewer than 12 contenders have every rung on some task.)"))  # fmt: skip
-    return (f"No rung below the full recipe reaches ρ ≥ {TARGET} on every task."
-            + ("" if complete else " (Partial: fewer than 12 contenders have every rung on some task.)"))
+            return f"Cheapest rung reaching ρ ≥ {TARGET} on every task: {rung:.0%} of the final steps ({said})." + (
+                "" if complete else " (Partial: fewer than 12 contenders have every rung on some task.)"
+            )
+    return f"No rung below the full recipe reaches ρ ≥ {TARGET} on every task." + (
+        "" if complete else " (Partial: fewer than 12 contenders have every rung on some task.)"
+    )
 
 
 def plot(records: list[dict], path: Path) -> None:

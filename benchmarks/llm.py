@@ -62,8 +62,15 @@ def recipe(lr: float, steps: int = STEPS):
 def load(name: str, model=None):
     import llm_tasks
 
-    return llm_tasks.load(name, batch_size=BATCH, max_length=MAX_LENGTH, validation=VALIDATION, max_train=None,
-                          max_dev=MAX_DEV, model=model)  # fmt: skip
+    return llm_tasks.load(
+        name,
+        batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        validation=VALIDATION,
+        max_train=None,
+        max_dev=MAX_DEV,
+        model=model,
+    )
 
 
 # ---- one run, in a process of its own ------------------------------------------------------
@@ -93,11 +100,19 @@ def run_job(job: dict) -> dict:
     with autocast(device, True):
         val, val_loss = metric_and_loss(model, task, task.validation_batches)
         dev, dev_loss = metric_and_loss(model, task, task.eval_batches)
-    return {"params": sum(p.numel() for p in model.parameters() if p.requires_grad), "val_metric": val,
-            "val_loss": val_loss, "dev_metric": dev, "dev_loss": dev_loss, "seconds": round(run.seconds, 1),
-            "step_s": round(run.seconds / run.steps, 3), "steps": run.steps, "first_loss": run.losses[0],
-            "last_loss": sum(run.losses[-10:]) / len(run.losses[-10:]),
-            "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
+    return {
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "val_metric": val,
+        "val_loss": val_loss,
+        "dev_metric": dev,
+        "dev_loss": dev_loss,
+        "seconds": round(run.seconds, 1),
+        "step_s": round(run.seconds / run.steps, 3),
+        "steps": run.steps,
+        "first_loss": run.losses[0],
+        "last_loss": sum(run.losses[-10:]) / len(run.losses[-10:]),
+        "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def search_job(job: dict) -> dict:
@@ -112,18 +127,44 @@ def search_job(job: dict) -> dict:
     storage = optuna.storages.InMemoryStorage()
     start = time.perf_counter()
     options = {"methods": tuple(job["methods"])} if job.get("methods") else {}
-    plan = pp.search(base, BUDGET, task, recipe=recipe(SEARCH_LR), storage=storage, study_name="llm", progress=False,
-                     threads=1, bf16=True, **options)  # fmt: skip
+    plan = pp.search(
+        base,
+        BUDGET,
+        task,
+        recipe=recipe(SEARCH_LR),
+        storage=storage,
+        study_name="llm",
+        progress=False,
+        threads=1,
+        bf16=True,
+        **options,
+    )
     trials = optuna.load_study(study_name="llm", storage=storage).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    points = [{"trial": t.number, "rung": t.user_attrs.get("rung", 0), "metric": t.values[0], "params": t.values[1],
-               "baseline": t.user_attrs.get("baseline"), "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
-               "reused": "reused" in t.user_attrs, "refined": "refines" in t.user_attrs} for t in done]  # fmt: skip
+    points = [
+        {
+            "trial": t.number,
+            "rung": t.user_attrs.get("rung", 0),
+            "metric": t.values[0],
+            "params": t.values[1],
+            "baseline": t.user_attrs.get("baseline"),
+            "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
+            "reused": "reused" in t.user_attrs,
+            "refined": "refines" in t.user_attrs,
+        }
+        for t in done
+    ]
     from quality import _trial_steps, planner_tree
 
     steps = sum(_trial_steps(t, STEPS) for t in done if "reused" not in t.user_attrs)
-    return {"plan": plan.to_dict(), "search_wall": round(time.perf_counter() - start, 1), "trials": points,
-            "evaluations": sum(not p["reused"] for p in points), "search_steps": steps, "planner": planner_tree()}  # fmt: skip
+    return {
+        "plan": plan.to_dict(),
+        "search_wall": round(time.perf_counter() - start, 1),
+        "trials": points,
+        "evaluations": sum(not p["reused"] for p in points),
+        "search_steps": steps,
+        "planner": planner_tree(),
+    }
 
 
 # ---- the study: which runs, in which order ---------------------------------------------------
@@ -137,7 +178,14 @@ class Study:
         self.slots = threading.Semaphore(jobs)
 
     def run(self, key: str, job: dict) -> dict:
-        spec = {**job, "steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH, "validation": VALIDATION, "max_dev": MAX_DEV}
+        spec = {
+            **job,
+            "steps": STEPS,
+            "batch": BATCH,
+            "max_length": MAX_LENGTH,
+            "validation": VALIDATION,
+            "max_dev": MAX_DEV,
+        }
         record = self.store.get(key, spec)
         if record is not None:
             return record
@@ -145,14 +193,21 @@ class Study:
             raise LookupError(key)
         with self.slots:
             start = time.perf_counter()
-            out = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, "--job", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+            )
             if out.returncode:
                 raise RuntimeError(f"{key} failed:\n{out.stderr[-4000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
         record = self.store.put(key, spec, {**result, "key": key, "wall": round(time.perf_counter() - start, 1)})
-        shown = f"val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}" if "val_metric" in record else \
-            f"{record['evaluations']} evaluations, {record['search_steps']} steps"  # fmt: skip
+        shown = (
+            f"val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}"
+            if "val_metric" in record
+            else f"{record['evaluations']} evaluations, {record['search_steps']} steps"
+        )
         print(f"  {key}: {shown}, {record['wall'] / 60:.1f} min", flush=True)
         return record
 
@@ -172,11 +227,18 @@ class Study:
             lr = float(f"{best / 2.5 if best == min(runs) else best * 2.5:.3g}")
             runs[lr] = train(lr, 0)
         seeds = [runs[best]] + [train(best, s) for s in SEEDS[1:]]
-        return {"runs": seeds, "lr": best, "grid": [runs[lr] for lr in sorted(runs)], "cost": len(runs) + len(SEEDS) - 1}
+        return {
+            "runs": seeds,
+            "lr": best,
+            "grid": [runs[lr] for lr in sorted(runs)],
+            "cost": len(runs) + len(SEEDS) - 1,
+        }
 
     def plan_runs(self, task: str, label: str, plan, lr: float) -> list[dict]:
-        return [self.run(f"{task}/{label}@lr={lr:g},seed={s}", {"task": task, "sites": plan.sites, "lr": lr, "seed": s})
-                for s in SEEDS]  # fmt: skip
+        return [
+            self.run(f"{task}/{label}@lr={lr:g},seed={s}", {"task": task, "sites": plan.sites, "lr": lr, "seed": s})
+            for s in SEEDS
+        ]
 
     def proxy(self, task: str) -> dict:
         """The one-shot plan (no training while planning), its lr tuned like a baseline's."""
@@ -184,8 +246,13 @@ class Study:
 
         base, _, t = load(task)
         plan = pp.search(base, BUDGET, t, strategy="proxy")
-        train = lambda lr, seed: self.run(f"{task}/proxy@lr={lr:g},seed={seed}",  # noqa: E731
-                                          {"task": task, "sites": plan.sites, "lr": lr, "seed": seed})
+
+        def train(lr, seed):
+            return self.run(
+                f"{task}/proxy@lr={lr:g},seed={seed}",
+                {"task": task, "sites": plan.sites, "lr": lr, "seed": seed},
+            )
+
         return {**self.tuned(task, "proxy", GRID, train), "summary": plan.summary()}
 
     def search(self, task: str, methods: tuple[str, ...] | None = None) -> dict:
@@ -197,8 +264,13 @@ class Study:
         record = self.run(f"{task}/{label}", job)
         plan = pp.Plan.from_dict(record["plan"])
         runs = self.plan_runs(task, label, plan, plan.recipe.lr)
-        return {"runs": runs, "lr": plan.recipe.lr, "cost": record["search_steps"] / STEPS + len(SEEDS) - 1,
-                "search": record, "summary": plan.summary()}  # fmt: skip
+        return {
+            "runs": runs,
+            "lr": plan.recipe.lr,
+            "cost": record["search_steps"] / STEPS + len(SEEDS) - 1,
+            "search": record,
+            "summary": plan.summary(),
+        }
 
 
 def run_task(study: Study, task: str, kinds: list[str], searches: str) -> dict[str, dict]:
@@ -228,11 +300,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    ap.add_argument("--kinds", nargs="*", choices=sorted(KINDS), default=list(KINDS), help="baselines to run (none: "
-                    "only the searches)")
-    ap.add_argument("--searches", choices=("all", "default", "none"), default="all", help="peftplan's contenders: all "
-                    "(default), default (the proxy plan and the default search, not the search over every method), "
-                    "none (baselines only; the searches can follow)")
+    ap.add_argument(
+        "--kinds",
+        nargs="*",
+        choices=sorted(KINDS),
+        default=list(KINDS),
+        help="baselines to run (none: only the searches)",
+    )
+    ap.add_argument(
+        "--searches",
+        choices=("all", "default", "none"),
+        default="all",
+        help="peftplan's contenders: all "
+        "(default), default (the proxy plan and the default search, not the search over every method), "
+        "none (baselines only; the searches can follow)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one process and one thread each")
     ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing")
     ap.add_argument("--store", type=Path, default=STORE)

@@ -15,7 +15,15 @@ import copy
 from common import fully_trainable
 
 QV = ["q_proj", "v_proj"]
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Unsloth's seven; axolotl's all linear
+ALL = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]  # Unsloth's seven; axolotl's all linear
 BUDGET = 460_800  # peft LoRA r8 on q_proj and v_proj of SmolLM2-135M (30 layers x 8 x (576+576 + 576+192))
 
 KINDS = {  # kind -> (label, what it is)
@@ -81,7 +89,9 @@ def _eva(base, task):
     from peft import EvaConfig, initialize_lora_eva_weights
 
     model = peft_lora(base, QV, 8, 8, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0))
-    calibration = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in task.train_batches[:16]]
+    calibration = [
+        {k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in task.train_batches[:16]
+    ]
     with torch.no_grad():
         initialize_lora_eva_weights(model, dataloader=calibration, show_progress_bar=False)
     return model
@@ -93,8 +103,14 @@ def _loraga(base, task):
     from peftplan.planner.training.lm import causal_lm_loss
 
     model = copy.deepcopy(base)
-    config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=QV, init_lora_weights="lora_ga",
-                        lora_ga_config=LoraGAConfig())  # fmt: skip
+    config = LoraConfig(
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=QV,
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+    )
 
     def train_step() -> None:
         for batch in task.train_batches[:8]:

@@ -33,31 +33,45 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 def table(task: str, rows: dict) -> list[str]:
     what = "perplexity (lower is better)" if is_lm(task) else "choice accuracy"
-    lines = [f"**{task}** — dev {what}, mean ± std over the seeds:", "",
-             "| contender | lr | trainable params | dev | validation (seed 0) | s/step | peak MiB | trainings (final-run equivalents) | wall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"**{task}** — dev {what}, mean ± std over the seeds:",
+        "",
+        "| contender | lr | trainable params | dev | validation (seed 0) | s/step | peak MiB | trainings (final-run equivalents) | wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, row in rows.items():
         first = row["runs"][0]
         val = math.exp(-first["val_metric"]) if is_lm(task) else first["val_metric"]
-        lines.append(f"| {label} | {row['lr']:g} | {first['params']:,} | {mean_std(dev(row, task), 2 if is_lm(task) else 4)} | "
-                     f"{val:.4f} | {statistics.fmean(r['step_s'] for r in row['runs']):.2f} | "
-                     f"{max(r['peak_mib'] for r in row['runs']):,} | {row['cost']:.1f} | {wall(row) / 60:.0f} min |")  # fmt: skip
+        lines.append(
+            f"| {label} | {row['lr']:g} | {first['params']:,} | {mean_std(dev(row, task), 2 if is_lm(task) else 4)} | "
+            f"{val:.4f} | {statistics.fmean(r['step_s'] for r in row['runs']):.2f} | "
+            f"{max(r['peak_mib'] for r in row['runs']):,} | {row['cost']:.1f} | {wall(row) / 60:.0f} min |"
+        )
     for label, row in rows.items():
         if "search" in row:
             s = row["search"]
-            lines += ["", f"{label}: {s['evaluations']} evaluations, {s['search_steps']:,} training steps "
-                      f"({s['search_steps'] / row['runs'][0]['steps']:.1f} final runs), {s['search_wall'] / 60:.0f} min; "
-                      f"returned {row['summary']} at lr {row['lr']:g}."]  # fmt: skip
-    grids = "; ".join(f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
-                      for label, row in rows.items() if "grid" in row)  # fmt: skip
+            lines += [
+                "",
+                f"{label}: {s['evaluations']} evaluations, {s['search_steps']:,} training steps "
+                f"({s['search_steps'] / row['runs'][0]['steps']:.1f} final runs), {s['search_wall'] / 60:.0f} min; "
+                f"returned {row['summary']} at lr {row['lr']:g}.",
+            ]
+    grids = "; ".join(
+        f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
+        for label, row in rows.items()
+        if "grid" in row
+    )
     return lines + ["", f"Learning-rate grids (validation metric, seed 0): {grids}.", ""]
 
 
 def wall(row: dict) -> float:
     """Seconds a contender's row cost: its lr grid, its other seeds' runs, its search."""
     seen = {r["key"] for r in row.get("grid", [])}
-    return (sum(r["wall"] for r in row.get("grid", [])) + sum(r["wall"] for r in row["runs"] if r["key"] not in seen)
-            + row.get("search", {}).get("wall", 0))  # fmt: skip
+    return (
+        sum(r["wall"] for r in row.get("grid", []))
+        + sum(r["wall"] for r in row["runs"] if r["key"] not in seen)
+        + row.get("search", {}).get("wall", 0)
+    )
 
 
 def verdicts(results: dict[str, dict]) -> list[str]:
@@ -74,15 +88,21 @@ def verdicts(results: dict[str, dict]) -> list[str]:
         ours, theirs = statistics.fmean(dev(search, task)), statistics.fmean(dev(defaults[best], task))
         gain = (theirs - ours) / theirs * 100 if is_lm(task) else (ours - theirs) * 100
         gains.append(gain)
-        spread = max(statistics.stdev(dev(r, task)) for r in (search, defaults[best])) * (100 / theirs if is_lm(task) else 100)
+        spread = max(statistics.stdev(dev(r, task)) for r in (search, defaults[best])) * (
+            100 / theirs if is_lm(task) else 100
+        )
         unit = "% lower perplexity" if is_lm(task) else " accuracy points"
         ceiling = _ceiling(rows, task, theirs)
-        lines.append(f"- {task}: search {ours:.4f} vs the best tuned default ({best}) {theirs:.4f}: {gain:+.2f}{unit} "
-                     f"({'PASS' if gain >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
-                     f"{search['cost']:.1f} final runs ({'PASS' if search['cost'] <= 4 else 'MISS'}: goal ≤ 4)")  # fmt: skip
+        lines.append(
+            f"- {task}: search {ours:.4f} vs the best tuned default ({best}) {theirs:.4f}: {gain:+.2f}{unit} "
+            f"({'PASS' if gain >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
+            f"{search['cost']:.1f} final runs ({'PASS' if search['cost'] <= 4 else 'MISS'}: goal ≤ 4)"
+        )
     if gains:
         mean = statistics.fmean(gains)
-        lines.append(f"- on average {mean:+.2f} over the best tuned default (goal ≥ +1.0: {'PASS' if mean >= 1 else 'MISS'})")
+        lines.append(
+            f"- on average {mean:+.2f} over the best tuned default (goal ≥ +1.0: {'PASS' if mean >= 1 else 'MISS'})"
+        )
     return lines
 
 
@@ -105,8 +125,16 @@ def plot(task: str, rows: dict, path: Path) -> None:
         params, values = row["runs"][0]["params"], dev(row, task)
         marker = "*" if label.startswith("peftplan") else "o"
         ax.scatter([params] * len(values), values, s=18, alpha=0.35, color=f"C{i % 10}", marker=marker)
-        ax.scatter([params], [statistics.fmean(values)], s=110 if marker == "*" else 50, color=f"C{i % 10}", marker=marker,
-                   label=f"{label} (lr {row['lr']:g})", edgecolors="black", linewidths=0.5)  # fmt: skip
+        ax.scatter(
+            [params],
+            [statistics.fmean(values)],
+            s=110 if marker == "*" else 50,
+            color=f"C{i % 10}",
+            marker=marker,
+            label=f"{label} (lr {row['lr']:g})",
+            edgecolors="black",
+            linewidths=0.5,
+        )
     ax.axvline(BUDGET, color="grey", lw=0.8, ls="--")
     ax.text(BUDGET, ax.get_ylim()[1], " budget", va="top", fontsize=8, color="grey")
     ax.set_xscale("log")
@@ -119,8 +147,11 @@ def plot(task: str, rows: dict, path: Path) -> None:
 
 
 def report(results: dict[str, dict]) -> str:
-    lines = [f"Budget {BUDGET:,} trainable params (peft LoRA r8 on q,v), every contender within 2% but the two fine-tuners' "
-             "own default ranks; lr grids and the protocol as in benchmarks/llm.py's docstring.", ""]  # fmt: skip
+    lines = [
+        f"Budget {BUDGET:,} trainable params (peft LoRA r8 on q,v), every contender within 2% but the two fine-tuners' "
+        "own default ranks; lr grids and the protocol as in benchmarks/llm.py's docstring.",
+        "",
+    ]
     for task, rows in results.items():
         if not rows:
             continue

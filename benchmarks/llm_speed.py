@@ -40,8 +40,9 @@ BATCH, MAX_LENGTH = 8, 96  # the study's shapes (benchmarks/llm.py)
 def model_and_batches(steps: int):
     import llm_tasks
 
-    model, _, task = llm_tasks.load("sst2", batch_size=BATCH, max_length=MAX_LENGTH, validation=8,
-                                    max_train=BATCH * steps, max_dev=0)  # fmt: skip
+    model, _, task = llm_tasks.load(
+        "sst2", batch_size=BATCH, max_length=MAX_LENGTH, validation=8, max_train=BATCH * steps, max_dev=0
+    )
     return model, task
 
 
@@ -76,8 +77,9 @@ def run_scoring(variant: str, warmup: int, steps: int) -> dict:
     from peftplan.planner.training.device import autocast, inference
 
     torch.set_num_threads(1)
-    model, _, task = llm_tasks.load("sst2", batch_size=BATCH, max_length=MAX_LENGTH, validation=BATCH * (warmup + steps),
-                                    max_train=BATCH, max_dev=0)  # fmt: skip
+    model, _, task = llm_tasks.load(
+        "sst2", batch_size=BATCH, max_length=MAX_LENGTH, validation=BATCH * (warmup + steps), max_train=BATCH, max_dev=0
+    )
     if variant == "score-rows":
         answers.shared_prompt_logits = lambda model, batch: None  # this process only: every row whole
     times, hits = [], 0
@@ -87,8 +89,13 @@ def run_scoring(variant: str, warmup: int, steps: int) -> dict:
             scores, _, _ = answers.choice_scores(model, batch)
             times.append(time.perf_counter() - start)
             hits += int((scores.argmax(1) == batch["choice"]).sum())
-    return {"variant": variant, "step_s": statistics.median(times[warmup:]), "losses": [hits],
-            "tokens_per_step": 0, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    return {
+        "variant": variant,
+        "step_s": statistics.median(times[warmup:]),
+        "losses": [hits],
+        "tokens_per_step": 0,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_variant(variant: str, warmup: int, steps: int) -> dict:
@@ -119,8 +126,13 @@ def run_variant(variant: str, warmup: int, steps: int) -> dict:
             times.append(time.perf_counter() - start)
             losses.append(loss.item())
     tokens = sum(int(b["attention_mask"].sum()) for b in task.train_batches[warmup:])
-    return {"variant": variant, "step_s": statistics.median(times[warmup:]), "losses": losses,
-            "tokens_per_step": tokens / steps, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    return {
+        "variant": variant,
+        "step_s": statistics.median(times[warmup:]),
+        "losses": losses,
+        "tokens_per_step": tokens / steps,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def measure(variants: tuple[str, ...], warmup: int, steps: int, rounds: int) -> dict[str, dict]:
@@ -129,12 +141,18 @@ def measure(variants: tuple[str, ...], warmup: int, steps: int, rounds: int) -> 
     best: dict[str, dict] = {}
     for r in range(rounds):
         for v in variants:
-            out = subprocess.run([sys.executable, __file__, "--one", v, "--warmup", str(warmup), "--steps", str(steps)],
-                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", v, "--warmup", str(warmup), "--steps", str(steps)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             if out.returncode:
                 raise SystemExit(f"{v} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"round {r + 1}: {v:30s} {result['step_s']:.3f} s/step, peak {result['peak_mib']:.0f} MiB", flush=True)
+            print(
+                f"round {r + 1}: {v:30s} {result['step_s']:.3f} s/step, peak {result['peak_mib']:.0f} MiB", flush=True
+            )
             if v not in best or result["step_s"] < best[v]["step_s"]:
                 best[v] = result
     return best
@@ -143,22 +161,28 @@ def measure(variants: tuple[str, ...], warmup: int, steps: int, rounds: int) -> 
 def table(results: dict[str, dict]) -> str:
     hf = results["hf"]
     peft = {v: results[v]["step_s"] for v in ("peft", "peft+bf16") if v in results}
-    lines = ["| variant | s/step | × plain HF fp32 | × peft (same precision) | peak MiB | first losses |",
-             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = [
+        "| variant | s/step | × plain HF fp32 | × peft (same precision) | peak MiB | first losses |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for v, r in results.items():
         if v in SCORING:
             continue
         same = peft.get("peft+bf16" if "bf16" in v else "peft")
         vs_peft = f"{r['step_s'] / same:.2f}" if same and not v.startswith("peft") else "–"
-        lines.append(f"| {v} | {r['step_s']:.3f} | {r['step_s'] / hf['step_s']:.2f} | {vs_peft} | {r['peak_mib']:.0f} | "
-                     f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")  # fmt: skip
+        lines.append(
+            f"| {v} | {r['step_s']:.3f} | {r['step_s'] / hf['step_s']:.2f} | {vs_peft} | {r['peak_mib']:.0f} | "
+            f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])} |"
+        )
     diff = max(abs(a - b) for a, b in zip(results["peftplan"]["losses"], hf["losses"]))
     rows, shared = results["score-rows"], results["score-shared"]
-    return "\n".join(lines) + (f"\n\nLargest fp32 loss difference, peftplan vs plain HF path, over every step: {diff:.2e}.\n\n"
-                              f"Choice scoring of a validation batch ({BATCH} examples, 2 answers, bf16): every row whole "
-                              f"{rows['step_s']:.3f} s, each prompt once {shared['step_s']:.3f} s "
-                              f"({shared['step_s'] / rows['step_s']:.2f}×); right answers {shared['losses'][0]} and "
-                              f"{rows['losses'][0]} of the same examples.")  # fmt: skip
+    return "\n".join(lines) + (
+        f"\n\nLargest fp32 loss difference, peftplan vs plain HF path, over every step: {diff:.2e}.\n\n"
+        f"Choice scoring of a validation batch ({BATCH} examples, 2 answers, bf16): every row whole "
+        f"{rows['step_s']:.3f} s, each prompt once {shared['step_s']:.3f} s "
+        f"({shared['step_s'] / rows['step_s']:.2f}×); right answers {shared['losses'][0]} and "
+        f"{rows['losses'][0]} of the same examples."
+    )
 
 
 def main() -> None:
@@ -176,17 +200,21 @@ def main() -> None:
     results = measure(VARIANTS + SCORING, args.warmup, args.steps, args.rounds)
     text = table(results)
     hf, fast = results["hf"]["step_s"], results["peftplan+bf16"]["step_s"]
-    goal = (f"peftplan's step (bf16, labelled positions only) is {fast / hf:.2f}× the plain HF fp32 path (goal ≤ 0.5: "
-            f"{'PASS' if fast / hf <= 0.5 else 'MISS'}) and {fast / results['peft+bf16']['step_s']:.2f}× peft's bf16 step, "
-            f"{fast / results['peft']['step_s']:.2f}× its fp32 step (goal ≤ 1: "
-            f"{'PASS' if fast <= results['peft+bf16']['step_s'] else 'MISS'}).")  # fmt: skip
+    goal = (
+        f"peftplan's step (bf16, labelled positions only) is {fast / hf:.2f}× the plain HF fp32 path (goal ≤ 0.5: "
+        f"{'PASS' if fast / hf <= 0.5 else 'MISS'}) and {fast / results['peft+bf16']['step_s']:.2f}× peft's bf16 step, "
+        f"{fast / results['peft']['step_s']:.2f}× its fp32 step (goal ≤ 1: "
+        f"{'PASS' if fast <= results['peft+bf16']['step_s'] else 'MISS'})."
+    )
     print(text + "\n\n" + goal)
     if args.results:
-        header = (f"## Language-model training step (SmolLM2-135M-Instruct, LoRA r8 q,v)\n\n`python benchmarks/llm_speed.py "
-                  f"--results benchmarks/RESULTS.md` ({(time.time() - start) / 60:.1f} min): batches of {BATCH} sst2 chat "
-                  f"examples (about {results['hf']['tokens_per_step'] / BATCH:.0f} tokens each, the one-word answer and "
-                  f"its end-of-turn token labelled), one thread per process, median of {args.steps} steps after "
-                  f"{args.warmup} of warm-up, the best of {args.rounds} interleaved rounds; peak = maximum resident set.")  # fmt: skip
+        header = (
+            f"## Language-model training step (SmolLM2-135M-Instruct, LoRA r8 q,v)\n\n`python benchmarks/llm_speed.py "
+            f"--results benchmarks/RESULTS.md` ({(time.time() - start) / 60:.1f} min): batches of {BATCH} sst2 chat "
+            f"examples (about {results['hf']['tokens_per_step'] / BATCH:.0f} tokens each, the one-word answer and "
+            f"its end-of-turn token labelled), one thread per process, median of {args.steps} steps after "
+            f"{args.warmup} of warm-up, the best of {args.rounds} interleaved rounds; peak = maximum resident set."
+        )
         write_section(args.results, "llm-speed", f"{header}\n\n{text}\n\n{goal}")
 
 

@@ -23,9 +23,13 @@ FREE_TEXT = "mr-text"  # next-token loss on movie reviews (mr's texts, their lab
 def conversation(name: str, text: str, label: int) -> dict:
     """One labelled sentence as a chat example."""
     question, answers = QUESTIONS[name]
-    return {"messages": [{"role": "system", "content": SYSTEM},
-                         {"role": "user", "content": f"{text}\n\n{question}"},
-                         {"role": "assistant", "content": answers[label]}]}  # fmt: skip
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"{text}\n\n{question}"},
+            {"role": "assistant", "content": answers[label]},
+        ]
+    }
 
 
 def rows(name: str, split: str, limit: int | None = None) -> list:
@@ -40,8 +44,16 @@ def rows(name: str, split: str, limit: int | None = None) -> list:
     return [conversation(name, text, label) for label, text in labelled]
 
 
-def load(name: str, *, batch_size: int, max_length: int, validation: int, max_train: int | None,
-         max_dev: int | None, model=None):  # fmt: skip
+def load(
+    name: str,
+    *,
+    batch_size: int,
+    max_length: int,
+    validation: int,
+    max_train: int | None,
+    max_dev: int | None,
+    model=None,
+):
     """(SmolLM2-135M-Instruct, its tokenizer, the `Task` ``name``)."""
     import peftplan as pp
     from peftplan.models import load_model
@@ -50,7 +62,18 @@ def load(name: str, *, batch_size: int, max_length: int, validation: int, max_tr
     model = model if model is not None else load_model("smollm2")
     tokenizer = load_tokenizer("smollm2")
     scoring = {} if name == FREE_TEXT else {"metric": "choice", "choices": list(QUESTIONS[name][1])}
-    task = pp.Task.for_causal_lm(model, tokenizer, rows(name, "train"), rows(name, "dev"), batch_size=batch_size,
-                                 max_length=max_length, validation=validation, max_train=max_train, max_dev=max_dev,
-                                 seed=0, name=name, **scoring)  # fmt: skip
+    task = pp.Task.for_causal_lm(
+        model,
+        tokenizer,
+        rows(name, "train"),
+        rows(name, "dev"),
+        batch_size=batch_size,
+        max_length=max_length,
+        validation=validation,
+        max_train=max_train,
+        max_dev=max_dev,
+        seed=0,
+        name=name,
+        **scoring,
+    )
     return model, tokenizer, task

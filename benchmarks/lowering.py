@@ -29,8 +29,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODELS = ["bert", "roberta_cls", "distilbert_cls", "gpt2", "llama", "mistral", "qwen2", "t5", "vit",
-          "MLP", "CNN", "SharedTwice", "TiedLM", "OddNet", "minilm", "llama_7b_meta", "llama_70b_meta"]  # fmt: skip
+MODELS = [
+    "bert",
+    "roberta_cls",
+    "distilbert_cls",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "t5",
+    "vit",
+    "MLP",
+    "CNN",
+    "SharedTwice",
+    "TiedLM",
+    "OddNet",
+    "minilm",
+    "llama_7b_meta",
+    "llama_70b_meta",
+]
 
 
 def build(name: str):
@@ -70,16 +87,25 @@ def one(name: str) -> dict:
         lower(model, inputs)
         warm = time.perf_counter() - t0
     return {
-        "model": name, "class": g.model_class, "sites": len(g), "blocks": len(g.blocks),
-        "edges": g.graph.number_of_edges(), "params": g.total_params, "capture": g.capture,
-        "cold_s": cold, "warm_s": warm, "rss_before_mib": before,
+        "model": name,
+        "class": g.model_class,
+        "sites": len(g),
+        "blocks": len(g.blocks),
+        "edges": g.graph.number_of_edges(),
+        "params": g.total_params,
+        "capture": g.capture,
+        "cold_s": cold,
+        "warm_s": warm,
+        "rss_before_mib": before,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }  # fmt: skip
+    }
 
 
 def lowering_table() -> list[str]:
-    rows = ["| model | class | sites | blocks | edges | params | capture | lower (cold) | lower (warm) | peak RSS |",
-            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| model | class | sites | blocks | edges | params | capture | lower (cold) | lower (warm) | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for name in MODELS:
         out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
@@ -103,18 +129,30 @@ def apply_table(repeat: int) -> list[str]:
     torch.set_num_threads(2)
     cases = {
         "minilm, r=8 on query,value": (zoo.minilm, ["query", "value"], 8),
-        "llama (2 layers), r=16 on all linears": (zoo.llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16),
+        "llama (2 layers), r=16 on all linears": (
+            zoo.llama,
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            16,
+        ),
     }
-    rows = ["| model and LoRA | peftplan apply (median) | peft get_peft_model (median) | ratio |", "|---|---:|---:|---:|"]
+    rows = [
+        "| model and LoRA | peftplan apply (median) | peft get_peft_model (median) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
     for label, (factory, targets, r) in cases.items():
         base = factory()
         graph = pp.lower(base)
-        sites = {s.name: {"method": "lora", "rank": r, "alpha": 2 * r} for s in graph if s.name.split(".")[-1] in targets}
+        sites = {
+            s.name: {"method": "lora", "rank": r, "alpha": 2 * r} for s in graph if s.name.split(".")[-1] in targets
+        }
         plan = pp.Plan(sites=sites, model={"fingerprint": graph.fingerprint})
         config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
         ours, theirs = [], []
         for _ in range(repeat):
-            for fn, times in ((lambda m, p=plan: pp.apply(m, p), ours), (lambda m, c=config: get_peft_model(m, c), theirs)):
+            for fn, times in (
+                (lambda m, p=plan: pp.apply(m, p), ours),
+                (lambda m, c=config: get_peft_model(m, c), theirs),
+            ):
                 m = copy.deepcopy(base)
                 t0 = time.perf_counter()
                 fn(m)

@@ -67,8 +67,16 @@ CONFIGS = {
     "dora": (QV, {"rank": 8, "alpha": 16}, "r=8 on query, value (+ a magnitude vector per site)"),
     "ia3": (LINEARS, {}, "every encoder linear (input scaling on the FFN down), the most IA3 can take"),
     "ssf": (LINEARS + r"|LayerNorm$", {}, "every encoder linear and norm, the most SSF can take"),
-    "adapter": (r"(attention\.output\.dense|layer\.\d+\.output\.dense)$", {"bottleneck": 8}, "serial, bottleneck 8, after attention and FFN (Houlsby)"),
-    "sparse": (r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense)$", {"density": 0.01}, "density 0.01 on q, k, v, o, FFN up"),
+    "adapter": (
+        r"(attention\.output\.dense|layer\.\d+\.output\.dense)$",
+        {"bottleneck": 8},
+        "serial, bottleneck 8, after attention and FFN (Houlsby)",
+    ),
+    "sparse": (
+        r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense)$",
+        {"density": 0.01},
+        "density 0.01 on q, k, v, o, FFN up",
+    ),
     "moe_lora": (QV, {"experts": 3, "rank": 2, "top_k": 1}, "3 experts of r=2, top-1, on query, value"),
 }
 PEFT = ("lora", "dora", "ia3")
@@ -121,8 +129,11 @@ def batch_of(n: int = BATCH):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1000, 30000, (n, SEQ), generator=g), "attention_mask": torch.ones(n, SEQ, dtype=torch.long),
-            "labels": torch.randint(0, 2, (n,), generator=g)}  # fmt: skip
+    return {
+        "input_ids": torch.randint(1000, 30000, (n, SEQ), generator=g),
+        "attention_mask": torch.ones(n, SEQ, dtype=torch.long),
+        "labels": torch.randint(0, 2, (n,), generator=g),
+    }
 
 
 class Trainer:
@@ -145,7 +156,9 @@ class Trainer:
         return time.perf_counter() - t0
 
     def adamw_bytes(self) -> int:
-        return sum(s[k].numel() * s[k].element_size() for s in self.opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+        return sum(
+            s[k].numel() * s[k].element_size() for s in self.opt.state.values() for k in ("exp_avg", "exp_avg_sq")
+        )
 
 
 def status_mib(key: str) -> float:
@@ -165,7 +178,11 @@ def one(method: str, impl: str, steps: int) -> dict:
 
     torch.set_num_threads(2)
     base, graph = model_and_graph()
-    estimate = train_memory_estimate(base, graph, plan_for(method, graph), batch=BATCH, seq_len=SEQ) if impl == "ours" else None
+    estimate = (
+        train_memory_estimate(base, graph, plan_for(method, graph), batch=BATCH, seq_len=SEQ)
+        if impl == "ours"
+        else None
+    )
     trainer = Trainer(build(base, graph, method, impl))
     del base
     small = {k: v[:1] for k, v in batch_of().items()}
@@ -178,16 +195,31 @@ def one(method: str, impl: str, steps: int) -> dict:
     times = [trainer.step(batch) for _ in range(steps)]
     peak = status_mib("VmHWM")
     params = {p.data_ptr(): p.numel() * p.element_size() for p in trainer.model.parameters()}
-    return {"growth_mib": peak - baseline, "param_mib": sum(params.values()) / 2**20, "adamw_bytes": trainer.adamw_bytes(),
-            "step_s": statistics.median(times[1:] or times),
-            "estimate": None if estimate is None else {"weights": estimate.base_weights, "frozen": estimate.frozen_activations,
-                                                       "plan": estimate.plan.train_bytes, "total": estimate.total}}  # fmt: skip
+    return {
+        "growth_mib": peak - baseline,
+        "param_mib": sum(params.values()) / 2**20,
+        "adamw_bytes": trainer.adamw_bytes(),
+        "step_s": statistics.median(times[1:] or times),
+        "estimate": None
+        if estimate is None
+        else {
+            "weights": estimate.base_weights,
+            "frozen": estimate.frozen_activations,
+            "plan": estimate.plan.train_bytes,
+            "total": estimate.total,
+        },
+    }
 
 
 def run_one(method: str, impl: str, steps: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    out = subprocess.run([sys.executable, __file__, "--one", method, impl, "--steps", str(steps)], capture_output=True,
-                         text=True, cwd=ROOT, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", method, impl, "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     if out.returncode:
         raise SystemExit(f"{method}/{impl} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -217,9 +249,13 @@ def paired_ratio(times: dict[str, list[float]], key: str, reference: str = "base
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about half the time)")
-    ap.add_argument("--latency", action="store_true", help="only the inference tables: predicted against measured latency")
+    ap.add_argument(
+        "--latency", action="store_true", help="only the inference tables: predicted against measured latency"
+    )
     ap.add_argument("--rounds", type=int, help="inference rounds (default 15, 6 with --quick)")
-    ap.add_argument("--results", type=Path, help="with --latency: write the tables into this markdown file's latency section")
+    ap.add_argument(
+        "--results", type=Path, help="with --latency: write the tables into this markdown file's latency section"
+    )
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -248,7 +284,9 @@ def main() -> None:
             from common import write_section
 
             command = f"python benchmarks/methods.py --latency --rounds {infer_rounds} --results {args.results}"
-            write_section(args.results, "latency", f"### Latency — `{command}` ({(time.time() - t0) / 60:.1f} min wall)\n\n{text}")
+            write_section(
+                args.results, "latency", f"### Latency — `{command}` ({(time.time() - t0) / 60:.1f} min wall)\n\n{text}"
+            )
         return
 
     mem = {(m, i): run_one(m, i, mem_steps) for m in available for i in ("ours", "peft") if i == "ours" or m in PEFT}
@@ -262,37 +300,52 @@ def main() -> None:
         t.step(batch)  # warm-up: kernels, AdamW states
     step = round_robin({k: (lambda t=t: t.step(batch)) for k, t in trainers.items()}, train_rounds)
 
-    rows = ["| method | sites | hyper-parameters | trainable (counted) | cost model | peft trainable |", "|---|---|---|---:|---:|---:|"]
+    rows = [
+        "| method | sites | hyper-parameters | trainable (counted) | cost model | peft trainable |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for m in CONFIGS:
         if m in missing:
             rows.append(f"| {m} | not available (not registered) | | | | |")
             continue
-        theirs = f"{sum(p.numel() for p in models[(m, 'peft')].parameters() if p.requires_grad):,}" if m in PEFT else "—"
-        rows.append(f"| {m} | {len(costs[m].sites)}: {CONFIGS[m][2]} | {json.dumps(CONFIGS[m][1])} | "
-                    f"{count_trainable(models[(m, 'ours')]):,} | {costs[m].params:,} | {theirs} |")  # fmt: skip
+        theirs = (
+            f"{sum(p.numel() for p in models[(m, 'peft')].parameters() if p.requires_grad):,}" if m in PEFT else "—"
+        )
+        rows.append(
+            f"| {m} | {len(costs[m].sites)}: {CONFIGS[m][2]} | {json.dumps(CONFIGS[m][1])} | "
+            f"{count_trainable(models[(m, 'ours')]):,} | {costs[m].params:,} | {theirs} |"
+        )
     print("\n".join(rows), end="\n\n")
 
-    rows = ["| method | step (peftplan) | step (peft) | ratio | peak growth (peftplan) | peak growth (peft) | ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| method | step (peftplan) | step (peft) | ratio | peak growth (peftplan) | peak growth (peft) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for m in available:
         ours, o = step[(m, "ours")], mem[(m, "ours")]
         if m in PEFT:
             theirs, t = step[(m, "peft")], mem[(m, "peft")]
-            rows.append(f"| {m} | {ours:.3f} s | {theirs:.3f} s | {ours / theirs:.2f}x | {o['growth_mib']:.0f} MiB | "
-                        f"{t['growth_mib']:.0f} MiB | {o['growth_mib'] / t['growth_mib']:.2f}x |")  # fmt: skip
+            rows.append(
+                f"| {m} | {ours:.3f} s | {theirs:.3f} s | {ours / theirs:.2f}x | {o['growth_mib']:.0f} MiB | "
+                f"{t['growth_mib']:.0f} MiB | {o['growth_mib'] / t['growth_mib']:.2f}x |"
+            )
         else:
             rows.append(f"| {m} | {ours:.3f} s | no peft equivalent | | {o['growth_mib']:.0f} MiB | | |")
     print("\n".join(rows), end="\n\n")
 
-    rows = ["| method | whole-model estimate (weights + frozen activations + plan) | measured (weights + peak growth) | error |",
-            "|---|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| method | whole-model estimate (weights + frozen activations + plan) | measured (weights + peak growth) | error |",
+        "|---|---:|---:|---:|",
+    ]
     for m in [*available, *(["dense"] if "sparse" in available else [])]:
         o, e = mem[(m, "ours")], mem[(m, "ours")]["estimate"]
         measured = o["param_mib"] + o["growth_mib"]
         mib = {k: v / 2**20 for k, v in e.items()}
         label = "full (dense, sparse's matrices)" if m == "dense" else m
-        rows.append(f"| {label} | {mib['total']:.0f} MiB ({mib['weights']:.0f} + {mib['frozen']:.0f} + {mib['plan']:.0f}) | "
-                    f"{measured:.0f} MiB ({o['param_mib']:.0f} + {o['growth_mib']:.0f}) | {mib['total'] / measured - 1:+.1%} |")  # fmt: skip
+        rows.append(
+            f"| {label} | {mib['total']:.0f} MiB ({mib['weights']:.0f} + {mib['frozen']:.0f} + {mib['plan']:.0f}) | "
+            f"{measured:.0f} MiB ({o['param_mib']:.0f} + {o['growth_mib']:.0f}) | {mib['total'] / measured - 1:+.1%} |"
+        )
     print("\n".join(rows), end="\n\n")
 
     if "sparse" in available:
@@ -324,45 +377,60 @@ def latency_tables(base, graph, tuned: dict, rounds: int) -> str:
     shape = (BATCH, SEQ)
     predicted = {m: plan_cost(graph, plan_for(m, graph), batch_shape=shape, machine=machine) for m in tuned}
     default = {m: plan_cost(graph, plan_for(m, graph), batch_shape=shape, machine=DEFAULT_MACHINE) for m in tuned}
-    fns = {"base": lambda: forward(base, batch), **{m: (lambda model=model: forward(model, batch)) for m, model in tuned.items()}}
+    fns = {
+        "base": lambda: forward(base, batch),
+        **{m: (lambda model=model: forward(model, batch)) for m, model in tuned.items()},
+    }
     unmerged = timings(fns, rounds)
-    head = (f"Machine.measure() here, {torch.get_num_threads()} threads: {machine.flops_per_second / 1e9:.1f} GFLOP/s, "
-            f"{machine.seconds_per_kernel * 1e6:.0f} µs per kernel on one activation ({BATCH}x{SEQ}x{base.config.hidden_size}); "
-            f"base model: {graph.kernels} kernels, {predicted['lora'].base_flops / 1e9:.1f} GFLOPs per batch; "
-            f"{rounds} rounds, batch {BATCH}x{SEQ}")
+    head = (
+        f"Machine.measure() here, {torch.get_num_threads()} threads: {machine.flops_per_second / 1e9:.1f} GFLOP/s, "
+        f"{machine.seconds_per_kernel * 1e6:.0f} µs per kernel on one activation ({BATCH}x{SEQ}x{base.config.hidden_size}); "
+        f"base model: {graph.kernels} kernels, {predicted['lora'].base_flops / 1e9:.1f} GFLOPs per batch; "
+        f"{rounds} rounds, batch {BATCH}x{SEQ}"
+    )
     errors = {}
-    rows = ["| method | extra kernels | extra GFLOPs | measured unmerged | predicted (this machine) | error (forward time) | predicted (DEFAULT_MACHINE) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| method | extra kernels | extra GFLOPs | measured unmerged | predicted (this machine) | error (forward time) | predicted (DEFAULT_MACHINE) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for m, c in predicted.items():
         measured = paired_ratio(unmerged, m) - 1
         error = errors[m] = (1 + c.unmerged_latency_fraction) / (1 + measured) - 1  # of the predicted forward time
-        rows.append(f"| {m} | {c.unmerged_ops} | {c.unmerged_flops / 1e9:.2f} | +{measured:.1%} | +{c.unmerged_latency_fraction:.1%} "
-                    f"| {error:+.1%} | +{default[m].unmerged_latency_fraction:.1%} |")  # fmt: skip
+        rows.append(
+            f"| {m} | {c.unmerged_ops} | {c.unmerged_flops / 1e9:.2f} | +{measured:.1%} | +{c.unmerged_latency_fraction:.1%} "
+            f"| {error:+.1%} | +{default[m].unmerged_latency_fraction:.1%} |"
+        )
     unmerged_table = "\n".join(rows)
 
     left = {m: pp.merge(model).left for m, model in tuned.items()}
     merged = timings(fns, rounds)
-    rows = ["| method | merged | inference (median) | base model | ratio | cost model: predicted overhead left |",
-            "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| method | merged | inference (median) | base model | ratio | cost model: predicted overhead left |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for m in tuned:
         state = "yes" if not left[m] else f"no ({len(left[m])} sites unmerged)"
-        rows.append(f"| {m} | {state} | {statistics.median(merged[m]) * 1e3:.1f} ms | {statistics.median(merged['base']) * 1e3:.1f} ms "
-                    f"| {paired_ratio(merged, m):.3f}x "
-                    f"| +{predicted[m].latency_fraction:.2%} |")  # fmt: skip
+        rows.append(
+            f"| {m} | {state} | {statistics.median(merged[m]) * 1e3:.1f} ms | {statistics.median(merged['base']) * 1e3:.1f} ms "
+            f"| {paired_ratio(merged, m):.3f}x "
+            f"| +{predicted[m].latency_fraction:.2%} |"
+        )
     merged_table = "\n".join(rows)
     load_after = os.getloadavg()
     worst = max(errors, key=lambda m: abs(errors[m]))
     missed = [m for m in errors if abs(errors[m]) > 0.10]
     exact = [m for m in tuned if not left[m]]  # merged: computes exactly the base model
     spread = [paired_ratio(merged, m) for m in exact]
-    verdict = ("Goal \"predicted unmerged latency within 10% of the measured\" (this machine's constants): "
-               + (f"**met** for all {len(errors)} methods" if not missed else f"**missed** for {', '.join(missed)}")
-               + f"; the largest error is {errors[worst]:+.1%} ({worst}).\n"
-               f"Measurement noise: the merged models that compute exactly the base model ({', '.join(exact)}) "
-               f"measured {min(spread):.3f}x to {max(spread):.3f}x of it; goal \"merged inference 1.00x ± 2%\": "
-               + ("**met**" if all(abs(r - 1) <= 0.02 for r in spread) else "**missed**")
-               + f".\nLoad average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
-               f"{os.cpu_count()} CPUs.")  # fmt: skip
+    verdict = (
+        'Goal "predicted unmerged latency within 10% of the measured" (this machine\'s constants): '
+        + (f"**met** for all {len(errors)} methods" if not missed else f"**missed** for {', '.join(missed)}")
+        + f"; the largest error is {errors[worst]:+.1%} ({worst}).\n"
+        f"Measurement noise: the merged models that compute exactly the base model ({', '.join(exact)}) "
+        f'measured {min(spread):.3f}x to {max(spread):.3f}x of it; goal "merged inference 1.00x ± 2%": '
+        + ("**met**" if all(abs(r - 1) <= 0.02 for r in spread) else "**missed**")
+        + f".\nLoad average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{os.cpu_count()} CPUs."
+    )
     text = f"{head}\n\n{unmerged_table}\n\n{merged_table}\n\n{verdict}\n"
     print(text)
     return text

@@ -90,13 +90,35 @@ from quality_report import spread, table, verdicts, wall
 
 SMALL_BUDGET = 22_714  # 0.1% of MiniLM-L6 with its head (22,713,986 params); peft LoRA r=2 on query/value is 19,202
 SCALES = {
-    "full": {"tasks": ("sst2", "subj", "mr"), "seeds": (0, 1), "steps": 200, "validation": 1000, "max_train": None,
-             "max_dev": None, "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3), "extras": True, "bf16": False},
-    "quick": {"tasks": ("sst2", "subj"), "seeds": (0,), "steps": 64, "validation": 256, "max_train": 2048,
-              "max_dev": 512, "grid": (1e-3, 2e-3, 5e-3), "extras": False, "bf16": True},
-}  # fmt: skip
+    "full": {
+        "tasks": ("sst2", "subj", "mr"),
+        "seeds": (0, 1),
+        "steps": 200,
+        "validation": 1000,
+        "max_train": None,
+        "max_dev": None,
+        "grid": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3),
+        "extras": True,
+        "bf16": False,
+    },
+    "quick": {
+        "tasks": ("sst2", "subj"),
+        "seeds": (0,),
+        "steps": 64,
+        "validation": 256,
+        "max_train": 2048,
+        "max_dev": 512,
+        "grid": (1e-3, 2e-3, 5e-3),
+        "extras": False,
+        "bf16": True,
+    },
+}
 FULL_GRID, PROXY_LR, SEARCH_LR = (2e-5, 5e-5, 1e-4), 1e-3, 1e-3
-ADALORA_GRID = (5e-3, 1.25e-2, 3.12e-2)  # LoRA's grid moved up two steps: on mr, 1e-3 and 2e-3 left it at 0.60 validation
+ADALORA_GRID = (
+    5e-3,
+    1.25e-2,
+    3.12e-2,
+)  # LoRA's grid moved up two steps: on mr, 1e-3 and 2e-3 left it at 0.60 validation
 STORE = ROOT / "benchmarks" / "runs" / "quality"
 
 
@@ -115,14 +137,21 @@ class Study:
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"{cfg['steps']} steps per final run{' under bf16 autocast' if cfg['bf16'] else ''}, validation "
-                f"{cfg['validation']} examples, lr grid {list(cfg['grid'])} (AdaLoRA {list(ADALORA_GRID)}, full fine-tuning "
-                f"{list(FULL_GRID)}), seeds {list(cfg['seeds'])}; budget {BUDGET:,} params.")  # fmt: skip
+        return (
+            f"{cfg['steps']} steps per final run{' under bf16 autocast' if cfg['bf16'] else ''}, validation "
+            f"{cfg['validation']} examples, lr grid {list(cfg['grid'])} (AdaLoRA {list(ADALORA_GRID)}, full fine-tuning "
+            f"{list(FULL_GRID)}), seeds {list(cfg['seeds'])}; budget {BUDGET:,} params."
+        )
 
     def task(self, name: str, seed: int):
         if (name, seed) not in self.tasks:
-            self.tasks[(name, seed)] = load_task(name, seed=seed, validation=self.cfg["validation"],
-                                                 max_train=self.cfg["max_train"], max_dev=self.cfg["max_dev"])  # fmt: skip
+            self.tasks[(name, seed)] = load_task(
+                name,
+                seed=seed,
+                validation=self.cfg["validation"],
+                max_train=self.cfg["max_train"],
+                max_dev=self.cfg["max_dev"],
+            )
         return self.tasks[(name, seed)]
 
     def run(self, name: str, contender: str, spec: dict, make) -> dict:
@@ -134,10 +163,16 @@ class Study:
         if record is None:
             start = time.perf_counter()
             result = make()
-            record = self.store.put(key, spec, {"task": name, "contender": contender, **result,
-                                                "wall": round(time.perf_counter() - start, 1)})  # fmt: skip
-            print(f"  {key}: val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}, {record['params']:,} params, "
-                  f"{record['wall']:.0f} s", flush=True)  # fmt: skip
+            record = self.store.put(
+                key,
+                spec,
+                {"task": name, "contender": contender, **result, "wall": round(time.perf_counter() - start, 1)},
+            )
+            print(
+                f"  {key}: val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}, {record['params']:,} params, "
+                f"{record['wall']:.0f} s",
+                flush=True,
+            )
         return record
 
     def baseline(self, name: str, kind: str, lr: float, seed: int) -> dict:
@@ -148,9 +183,13 @@ class Study:
             model, loss, hook = build(kind, base, task, lr, steps)
             return train_and_score(model, task, recipe(steps, lr), seed, loss, hook, bf16=self.cfg["bf16"])
 
-        return self.run(name, f"{kind}@lr={lr:g},seed={seed}", {"kind": kind, "lr": lr, "seed": seed, "steps": steps}, make)
+        return self.run(
+            name, f"{kind}@lr={lr:g},seed={seed}", {"kind": kind, "lr": lr, "seed": seed, "steps": steps}, make
+        )
 
-    def tuned(self, name: str, kind: str, grid: tuple[float, ...] | None = None, train=None) -> tuple[float, list[dict]]:
+    def tuned(
+        self, name: str, kind: str, grid: tuple[float, ...] | None = None, train=None
+    ) -> tuple[float, list[dict]]:
         """The best lr on validation (seed 0) of ``grid`` (default: the scale's), extended by a
         factor 2.5 while the best is at an edge (at most twice); ``train(lr, seed)``: the run
         (default: baseline ``kind``'s)."""
@@ -200,8 +239,9 @@ class Study:
         plan.recipe = recipe(self.cfg["steps"], PROXY_LR)
         return plan
 
-    def search(self, name: str, screen_by: str | None = None, budget: int = BUDGET,
-               strategy: str | None = None) -> tuple[object, dict]:  # fmt: skip
+    def search(
+        self, name: str, screen_by: str | None = None, budget: int = BUDGET, strategy: str | None = None
+    ) -> tuple[object, dict]:
         """peftplan's default search on seed 0's task (``screen_by``: promotion by another
         signal than the default's; ``budget``, ``strategy``: another budget or strategy, the
         rest as the default's); its plan and what it cost, stored."""
@@ -209,16 +249,36 @@ class Study:
 
         import peftplan as pp
 
-        options = {k: v for k, v in (("screen_by", screen_by), ("budget", budget if budget != BUDGET else None),
-                                     ("strategy", strategy)) if v is not None}  # what differs from the default search
-        key = (f"{self.scale}/{name}/search" + (f"-screen-{screen_by}" if screen_by else "")
-               + (f"-budget-{budget}" if "budget" in options else "") + (f"-{strategy}" if strategy else ""))  # fmt: skip
-        spec = {"scale": self.scale, "task": name, "steps": self.cfg["steps"], "lr": SEARCH_LR, "version": pp.__version__,
-                **options, **self.precision}  # fmt: skip
+        options = {
+            k: v
+            for k, v in (
+                ("screen_by", screen_by),
+                ("budget", budget if budget != BUDGET else None),
+                ("strategy", strategy),
+            )
+            if v is not None
+        }  # what differs from the default search
+        key = (
+            f"{self.scale}/{name}/search"
+            + (f"-screen-{screen_by}" if screen_by else "")
+            + (f"-budget-{budget}" if "budget" in options else "")
+            + (f"-{strategy}" if strategy else "")
+        )
+        spec = {
+            "scale": self.scale,
+            "task": name,
+            "steps": self.cfg["steps"],
+            "lr": SEARCH_LR,
+            "version": pp.__version__,
+            **options,
+            **self.precision,
+        }
         record = self.store.get(key, spec)
         code = search_code(record.get("planner", "")) if record is not None else None
         if record is not None and (code is None or code != search_code(planner_tree())) and not self.stored_only:
-            print(f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True)
+            print(
+                f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True
+            )
             record = None
         if record is None and self.stored_only:
             raise SystemExit(f"{key} is not stored: run without --stored to train it")
@@ -229,23 +289,55 @@ class Study:
             ticker = threading.Thread(target=_tick, args=(key, storage, "quality", stop, start), daemon=True)
             ticker.start()
             try:  # the search's own progress bar is off: this log may be a file, not a terminal
-                plan = pp.search(base, budget, task, recipe=recipe(self.cfg["steps"], SEARCH_LR), storage=storage,
-                                 study_name="quality", progress=False, threads=2, strategy=strategy, bf16=self.cfg["bf16"],
-                                 **({"screen_by": screen_by} if screen_by else {}))  # fmt: skip
+                plan = pp.search(
+                    base,
+                    budget,
+                    task,
+                    recipe=recipe(self.cfg["steps"], SEARCH_LR),
+                    storage=storage,
+                    study_name="quality",
+                    progress=False,
+                    threads=2,
+                    strategy=strategy,
+                    bf16=self.cfg["bf16"],
+                    **({"screen_by": screen_by} if screen_by else {}),
+                )
             finally:
                 stop.set()
                 ticker.join()
             wall = time.perf_counter() - start
             trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
             done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-            points = [{"trial": t.number, "rung": t.user_attrs.get("rung", 0), "metric": t.values[0], "params": t.values[1],
-                       "baseline": t.user_attrs.get("baseline"), "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
-                       "reused": "reused" in t.user_attrs, "refined": "refines" in t.user_attrs} for t in done]  # fmt: skip
+            points = [
+                {
+                    "trial": t.number,
+                    "rung": t.user_attrs.get("rung", 0),
+                    "metric": t.values[0],
+                    "params": t.values[1],
+                    "baseline": t.user_attrs.get("baseline"),
+                    "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
+                    "reused": "reused" in t.user_attrs,
+                    "refined": "refines" in t.user_attrs,
+                }
+                for t in done
+            ]
             steps = sum(_trial_steps(t, self.cfg["steps"]) for t in done if "reused" not in t.user_attrs)
-            record = self.store.put(key, spec, {"plan": plan.to_dict(), "wall": round(wall, 1), "trials": points,
-                                                "evaluations": sum(not p["reused"] for p in points), "steps": steps,
-                                                "planner": planner_tree()})  # fmt: skip
-            print(f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}", flush=True)
+            record = self.store.put(
+                key,
+                spec,
+                {
+                    "plan": plan.to_dict(),
+                    "wall": round(wall, 1),
+                    "trials": points,
+                    "evaluations": sum(not p["reused"] for p in points),
+                    "steps": steps,
+                    "planner": planner_tree(),
+                },
+            )
+            print(
+                f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}",
+                flush=True,
+            )
         return pp.Plan.from_dict(record["plan"]), record
 
 
@@ -263,7 +355,9 @@ def search_code(tree: str) -> str | None:
     """The files of planner tree ``tree`` (path and blob) that a search's result depends on:
     all but `NEUTRAL`; None where git does not know ``tree``."""
     listing = _git("ls-tree", "-r", tree)
-    return "\n".join(line for line in listing.splitlines() if line.split("\t", 1)[-1] not in NEUTRAL) if listing else None
+    return (
+        "\n".join(line for line in listing.splitlines() if line.split("\t", 1)[-1] not in NEUTRAL) if listing else None
+    )
 
 
 def _git(*args: str) -> str:
@@ -299,7 +393,9 @@ def _tick(key: str, storage, study_name: str, stop: threading.Event, start: floa
         print(f"  {key}: {len(done)} trials done{best}, {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
 
-def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool = False, contrast: bool = False) -> dict:
+def run_task(
+    study: Study, name: str, extras: bool = False, baselines_only: bool = False, contrast: bool = False
+) -> dict:
     """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``;
     ``extras``: also the search at `SMALL_BUDGET` with peft LoRA r2 q,v (lr tuned) beside it,
     and ``random`` search with as many evaluations, for the front plot; ``baselines_only``:
@@ -308,20 +404,41 @@ def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool
     seeds, steps = study.cfg["seeds"], study.cfg["steps"]
     rows: dict[str, dict] = {}
     print(f"{name}:", flush=True)
-    for kind, label in (("lora-qv", "peft LoRA r8 q,v"), ("lora-qkvo", "peft LoRA r4 q,k,v,o"),
-                        ("lora-all", "peft LoRA all linear (rank_pattern)")):  # fmt: skip
+    for kind, label in (
+        ("lora-qv", "peft LoRA r8 q,v"),
+        ("lora-qkvo", "peft LoRA r4 q,k,v,o"),
+        ("lora-all", "peft LoRA all linear (rank_pattern)"),
+    ):
         lr, grid = study.tuned(name, kind)
         runs = [study.baseline(name, kind, lr, s) for s in seeds]
         rows[label] = {"runs": runs, "lr": lr, "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": kind}
     lr, grid = study.tuned(name, "adalora", ADALORA_GRID)
-    rows["peft AdaLoRA (q,v, r 12→8)"] = {"runs": [study.baseline(name, "adalora", lr, s) for s in seeds], "lr": lr,
-                                          "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": "adalora"}  # fmt: skip
+    rows["peft AdaLoRA (q,v, r 12→8)"] = {
+        "runs": [study.baseline(name, "adalora", lr, s) for s in seeds],
+        "lr": lr,
+        "cost": len(grid) + len(seeds) - 1,
+        "grid": grid,
+        "kind": "adalora",
+    }
     qv_lr = rows["peft LoRA r8 q,v"]["lr"]
-    for kind, label in (("eva", "peft EVA (r8 q,v)"), ("lora-qv-pooler", "peft LoRA r7 q,v + r12 pooler (placement probe)")):
-        rows[label] = {"runs": [study.baseline(name, kind, qv_lr, s) for s in seeds], "lr": qv_lr, "cost": len(seeds), "kind": kind}
+    for kind, label in (
+        ("eva", "peft EVA (r8 q,v)"),
+        ("lora-qv-pooler", "peft LoRA r7 q,v + r12 pooler (placement probe)"),
+    ):
+        rows[label] = {
+            "runs": [study.baseline(name, kind, qv_lr, s) for s in seeds],
+            "lr": qv_lr,
+            "cost": len(seeds),
+            "kind": kind,
+        }
     lr, grid = study.tuned(name, "full", FULL_GRID)
-    rows["full fine-tuning"] = {"runs": [study.baseline(name, "full", lr, s) for s in seeds], "lr": lr,
-                                "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": "full"}  # fmt: skip
+    rows["full fine-tuning"] = {
+        "runs": [study.baseline(name, "full", lr, s) for s in seeds],
+        "lr": lr,
+        "cost": len(grid) + len(seeds) - 1,
+        "grid": grid,
+        "kind": "full",
+    }
     if extras:
         for kind, (label, _) in PROBES.items():
             rows[label] = study.probe(name, kind)
@@ -332,28 +449,48 @@ def run_task(study: Study, name: str, extras: bool = False, baselines_only: bool
                 study.baseline(name, "lora-qv-r2", lr, s)
         return rows
     proxy = study.proxy(name)
-    rows["peftplan proxy plan"] = {"runs": [study.plan_run(name, "proxy", proxy, s) for s in seeds], "lr": PROXY_LR,
-                                   "cost": len(seeds), "kind": "proxy"}  # fmt: skip
+    rows["peftplan proxy plan"] = {
+        "runs": [study.plan_run(name, "proxy", proxy, s) for s in seeds],
+        "lr": PROXY_LR,
+        "cost": len(seeds),
+        "kind": "proxy",
+    }
     plan, record = study.search(name)
-    rows["peftplan search"] = {"runs": [study.plan_run(name, "search", plan, s) for s in seeds], "lr": plan.recipe.lr,
-                               "cost": record["steps"] / steps + len(seeds), "kind": "search", "search": record,
-                               "summary": plan.summary()}  # fmt: skip
+    rows["peftplan search"] = {
+        "runs": [study.plan_run(name, "search", plan, s) for s in seeds],
+        "lr": plan.recipe.lr,
+        "cost": record["steps"] / steps + len(seeds),
+        "kind": "search",
+        "search": record,
+        "summary": plan.summary(),
+    }
     variants = []
     if contrast:  # the promotion signal the default does not use
         other = "metric" if default_screen() == "loss" else "loss"
         variants.append((f"peftplan search, screened by {other}", f"search-screen-{other}", {"screen_by": other}))
     if extras:
-        variants += [("peftplan random search (as many evaluations)", "search-random", {"strategy": "random"}),
-                     (f"peftplan search at {SMALL_BUDGET:,} params (0.1%)", "search-small", {"budget": SMALL_BUDGET})]
+        variants += [
+            ("peftplan random search (as many evaluations)", "search-random", {"strategy": "random"}),
+            (f"peftplan search at {SMALL_BUDGET:,} params (0.1%)", "search-small", {"budget": SMALL_BUDGET}),
+        ]
         lr, grid = study.tuned(name, "lora-qv-r2")
         rows["peft LoRA r2 q,v (beside the 0.1% search)"] = {
-            "runs": [study.baseline(name, "lora-qv-r2", lr, s) for s in seeds], "lr": lr, "cost": len(grid) + len(seeds) - 1,
-            "grid": grid, "kind": "lora-qv-r2"}  # fmt: skip
+            "runs": [study.baseline(name, "lora-qv-r2", lr, s) for s in seeds],
+            "lr": lr,
+            "cost": len(grid) + len(seeds) - 1,
+            "grid": grid,
+            "kind": "lora-qv-r2",
+        }
     for label, contender, options in variants:
         plan, record = study.search(name, **options)
-        rows[label] = {"runs": [study.plan_run(name, contender, plan, s) for s in seeds], "lr": plan.recipe.lr,
-                       "cost": record["steps"] / steps + len(seeds), "kind": "search-variant", "search": record,
-                       "summary": plan.summary()}  # fmt: skip
+        rows[label] = {
+            "runs": [study.plan_run(name, contender, plan, s) for s in seeds],
+            "lr": plan.recipe.lr,
+            "cost": record["steps"] / steps + len(seeds),
+            "kind": "search-variant",
+            "search": record,
+            "summary": plan.summary(),
+        }
     return rows
 
 
@@ -368,16 +505,31 @@ def default_screen() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 tasks, 1 seed, 64 steps on subsets under bf16 autocast, a higher "
-                    "lr grid (under 40 min on 2 cores with bf16 instructions)")  # fmt: skip
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 tasks, 1 seed, 64 steps on subsets under bf16 autocast, a higher "
+        "lr grid (under 40 min on 2 cores with bf16 instructions)",
+    )
     ap.add_argument("--tasks", nargs="+", choices=sorted(METRICS), help="override the scale's tasks")
     ap.add_argument("--store", type=Path, default=STORE)
-    ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing (searches made by "
-                    "another planner tree included, and said so)")
-    ap.add_argument("--baselines", action="store_true", help="train only the contenders no planner choice touches "
-                    "(peft's baselines, full fine-tuning) on every task, and stop: the searches can follow later")
-    ap.add_argument("--contrast", action="store_true", help="also search promoting by the signal the default search "
-                    "does not screen by (validation loss or metric), trained and reported beside it: one more search per task")
+    ap.add_argument(
+        "--stored",
+        action="store_true",
+        help="report what is stored, training nothing (searches made by another planner tree included, and said so)",
+    )
+    ap.add_argument(
+        "--baselines",
+        action="store_true",
+        help="train only the contenders no planner choice touches "
+        "(peft's baselines, full fine-tuning) on every task, and stop: the searches can follow later",
+    )
+    ap.add_argument(
+        "--contrast",
+        action="store_true",
+        help="also search promoting by the signal the default search "
+        "does not screen by (validation loss or metric), trained and reported beside it: one more search per task",
+    )
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
     args = ap.parse_args()
@@ -391,14 +543,27 @@ def main() -> None:
     started = time.perf_counter()
     if args.baselines:
         results = {name: run_task(study, name, extras=name == extras_task, baselines_only=True) for name in tasks}
-        print(f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
-              "run without --baselines.")  # fmt: skip
+        print(
+            f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
+            "run without --baselines."
+        )
         if args.results:  # what no planner choice touches, and how much room it leaves a plan
-            lines = [f"Scale {scale}, the contenders no planner choice touches (the searches follow): {study.describe()}", ""]
+            lines = [
+                f"Scale {scale}, the contenders no planner choice touches (the searches follow): {study.describe()}",
+                "",
+            ]
             for name, rows in results.items():
                 lines += table(name, rows, study)
-            lines += ["Room above the tuned placements (measured):", "", *(f"- {spread(name, rows, study)}" for name, rows in results.items())]
-            write_section(args.results, f"quality-{scale}-baselines", f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines))
+            lines += [
+                "Room above the tuned placements (measured):",
+                "",
+                *(f"- {spread(name, rows, study)}" for name, rows in results.items()),
+            ]
+            write_section(
+                args.results,
+                f"quality-{scale}-baselines",
+                f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines),
+            )
         return
     results = {name: run_task(study, name, extras=name == extras_task, contrast=args.contrast) for name in tasks}
     lines = [f"Scale {scale}: {study.describe()}", ""]
@@ -409,8 +574,11 @@ def main() -> None:
         lines += [f"![{name}]({png.name})", ""]
     lines += ["Goals:", "", *verdicts(results, study)]
     trained = sum(wall(row) for rows in results.values() for row in rows.values())
-    lines += ["", f"Every training and search above took {trained / 60:.1f} min of wall time in all (from an empty store, "
-              "the study takes that plus loading the model and data)."]  # fmt: skip
+    lines += [
+        "",
+        f"Every training and search above took {trained / 60:.1f} min of wall time in all (from an empty store, "
+        "the study takes that plus loading the model and data).",
+    ]
     text = "\n".join(lines)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:
@@ -419,10 +587,24 @@ def main() -> None:
 
 def _command(args) -> str:
     """The command line that regenerates a section (the flags that shape it)."""
-    flags = [f for f, on in (("--quick", args.quick), ("--baselines", args.baselines), ("--stored", args.stored),
-                             ("--contrast", args.contrast)) if on]  # fmt: skip
-    return " ".join(["python benchmarks/quality.py", *flags, *(["--tasks", *args.tasks] if args.tasks else []),
-                     "--results benchmarks/RESULTS.md"])  # fmt: skip
+    flags = [
+        f
+        for f, on in (
+            ("--quick", args.quick),
+            ("--baselines", args.baselines),
+            ("--stored", args.stored),
+            ("--contrast", args.contrast),
+        )
+        if on
+    ]
+    return " ".join(
+        [
+            "python benchmarks/quality.py",
+            *flags,
+            *(["--tasks", *args.tasks] if args.tasks else []),
+            "--results benchmarks/RESULTS.md",
+        ]
+    )
 
 
 if __name__ == "__main__":

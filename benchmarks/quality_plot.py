@@ -25,8 +25,9 @@ def plot(name: str, rows: dict, path: Path) -> None:
     trials = rows["peftplan search"]["search"]["trials"]
     top = max(t["rung"] for t in trials)
     full = [t for t in trials if t["rung"] == top]
-    front = ParetoFront.from_points([({"metric": t["metric"], "params": t["params"]}, None) for t in full],
-                                    {"metric": "max", "params": "min"})  # fmt: skip
+    front = ParetoFront.from_points(
+        [({"metric": t["metric"], "params": t["params"]}, None) for t in full], {"metric": "max", "params": "min"}
+    )
     pts = sorted((p.values["params"], p.values["metric"]) for p in front)
     on_front = set(pts)
     markers = [(label, row["runs"][0]) for label, row in rows.items() if label != "peftplan search"]
@@ -47,27 +48,76 @@ def plot(name: str, rows: dict, path: Path) -> None:
     fig = Figure(figsize=(15, 11), dpi=100, layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=(1.3, 1), height_ratios=(1.1, 1))
     ax, legend_ax, dev_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
-    dots(ax, [t for t in trials if t["rung"] < top], s=14, color="grey", alpha=0.25, label="search trials, screened (short runs)")
-    dots(ax, [t for t in full if (t["params"], t["metric"]) not in on_front], s=26, color="tab:blue", alpha=0.3,
-         label="search trials at the full recipe, dominated")  # fmt: skip
-    dots(ax, [t for t in full if (t["params"], t["metric"]) in on_front], s=34, color="tab:blue", alpha=0.95,
-         label="search trials on the front")  # fmt: skip
+    dots(
+        ax,
+        [t for t in trials if t["rung"] < top],
+        s=14,
+        color="grey",
+        alpha=0.25,
+        label="search trials, screened (short runs)",
+    )
+    dots(
+        ax,
+        [t for t in full if (t["params"], t["metric"]) not in on_front],
+        s=26,
+        color="tab:blue",
+        alpha=0.3,
+        label="search trials at the full recipe, dominated",
+    )
+    dots(
+        ax,
+        [t for t in full if (t["params"], t["metric"]) in on_front],
+        s=34,
+        color="tab:blue",
+        alpha=0.95,
+        label="search trials on the front",
+    )
     if refined := [t for t in full if t.get("refined")]:
-        dots(ax, refined, s=40, marker="x", color="tab:blue", label="the best plan at neighbouring learning rates (full recipe)")
-    ax.step(*clip([p[0] for p in pts], [p[1] for p in pts]), where="post", color="tab:blue", lw=1.2, label="search front")
+        dots(
+            ax,
+            refined,
+            s=40,
+            marker="x",
+            color="tab:blue",
+            label="the best plan at neighbouring learning rates (full recipe)",
+        )
+    ax.step(
+        *clip([p[0] for p in pts], [p[1] for p in pts]), where="post", color="tab:blue", lw=1.2, label="search front"
+    )
     colours = iter(("tab:orange", "tab:green", "tab:purple"))
     for label, row in rows.items():  # the other searches' trials at the full recipe (their screened ones left out)
         if row["kind"] == "search-variant":
-            dots(ax, [t for t in row["search"]["trials"] if t["rung"] == top], s=18, color=next(colours), alpha=0.45,
-                 label=f"{label}: its trials at the full recipe")  # fmt: skip
+            dots(
+                ax,
+                [t for t in row["search"]["trials"] if t["rung"] == top],
+                s=18,
+                color=next(colours),
+                alpha=0.45,
+                label=f"{label}: its trials at the full recipe",
+            )
     shapes = itertools.cycle("s^vDPXhop<>d8H")
     for i, (label, r) in enumerate(markers):
         y, colour = r["val_metric"], f"C{i % 10}"
         kw = {"facecolors": "none", "edgecolors": colour} if y < floor else {"color": colour}
-        ax.scatter(*clip([r["params"]], [y], what=label), marker=next(shapes), s=60, zorder=4, linewidths=1.3,
-                   label=f"{label} (lr {rows[label]['lr']:.3g})", **kw)  # fmt: skip
+        ax.scatter(
+            *clip([r["params"]], [y], what=label),
+            marker=next(shapes),
+            s=60,
+            zorder=4,
+            linewidths=1.3,
+            label=f"{label} (lr {rows[label]['lr']:.3g})",
+            **kw,
+        )
     s = rows["peftplan search"]["runs"][0]
-    ax.scatter([s["params"]], [s["val_metric"]], marker="*", s=240, color="tab:red", zorder=5, label="peftplan search: returned plan")
+    ax.scatter(
+        [s["params"]],
+        [s["val_metric"]],
+        marker="*",
+        s=240,
+        color="tab:red",
+        zorder=5,
+        label="peftplan search: returned plan",
+    )
     ax.set_ylim(floor - 0.005, ceil)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale, head included)")
@@ -77,8 +127,11 @@ def plot(name: str, rows: dict, path: Path) -> None:
     legend_ax.axis("off")
     legend_ax.legend(*ax.get_legend_handles_labels(), fontsize=6.5, loc="center left", frameon=False)
     screened_low = sum(t["metric"] < floor for t in trials)
-    note = (f"Top, below {floor:.3f}, drawn on the lower edge: " + (", ".join(below) if below else "no contender")
-            + (f"; {screened_low} search trials" if screened_low else ""))  # fmt: skip
+    note = (
+        f"Top, below {floor:.3f}, drawn on the lower edge: "
+        + (", ".join(below) if below else "no contender")
+        + (f"; {screened_low} search trials" if screened_low else "")
+    )
     note += dev_panel(dev_ax, name, rows)
     fig.text(0.01, 0.01, note, fontsize=7, color="dimgrey", wrap=True)
     fig.get_layout_engine().set(rect=(0, 0.025, 1, 0.975))
@@ -97,7 +150,13 @@ def dev_panel(ax, name: str, rows: dict) -> str:
     order = sorted(mean, key=mean.get)
     best = max(mean[k] for k in lora)
     left = max(min(mean.values()), best - 0.04)
-    colour = {"search": "tab:red", "full": "tab:pink", "lora-qv": "tab:blue", "lora-qkvo": "tab:blue", "lora-all": "tab:blue"}
+    colour = {
+        "search": "tab:red",
+        "full": "tab:pink",
+        "lora-qv": "tab:blue",
+        "lora-qkvo": "tab:blue",
+        "lora-all": "tab:blue",
+    }
     cut = []
     for y, label in enumerate(order):
         values = [r["dev_metric"] for r in rows[label]["runs"]]
@@ -106,13 +165,17 @@ def dev_panel(ax, name: str, rows: dict) -> str:
             cut.append(f"{label} ({mean[label]:.3f})")
         ax.scatter([max(v, left) for v in values], [y] * len(values), s=12, color=c, alpha=0.45, zorder=3)
         ax.scatter([max(mean[label], left)], [y], s=46, color=c, zorder=4, marker="<" if mean[label] < left else "o")
-        ax.annotate(f"{mean[label]:.4f}", (max(mean[label], left), y), xytext=(6, 3), textcoords="offset points", fontsize=6.5)
+        ax.annotate(
+            f"{mean[label]:.4f}", (max(mean[label], left), y), xytext=(6, 3), textcoords="offset points", fontsize=6.5
+        )
     ax.axvline(best, color="tab:blue", ls="--", lw=0.9, label=f"best tuned uniform LoRA ({best:.4f})")
     ax.set_yticks(range(len(order)))
     ax.set_yticklabels([f"{k} · {short_count(rows[k]['runs'][0]['params'])}" for k in order], fontsize=6.5)
     ax.set_xlim(left - 0.004, max(mean.values()) + 0.012)
     seeds = len(next(iter(rows.values()))["runs"])
-    ax.set_xlabel(f"dev {metric}: mean (large dot) and each of {seeds} seed(s) (small)" if seeds > 1 else f"dev {metric}")
+    ax.set_xlabel(
+        f"dev {metric}: mean (large dot) and each of {seeds} seed(s) (small)" if seeds > 1 else f"dev {metric}"
+    )
     ax.set_title(f"{name}: dev {metric}, never seen by a search or an lr choice", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", frameon=False)

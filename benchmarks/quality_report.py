@@ -19,24 +19,42 @@ def table(name: str, rows: dict, study) -> list[str]:
     metric = METRIC_NAMES[METRICS[name]]
     seeds = study.cfg["seeds"]
     base, task = study.task(name, 0)
-    lines = [f"**{name}** — {examples(task.train_batches):,} training, {examples(task.validation_batches):,} validation, "
-             f"{examples(task.eval_batches):,} dev examples; dev {metric} over seed(s) {list(seeds)}:", "",
-             f"| contender | lr | trainable params | dev {metric} | validation (seed 0) | trainings (final-run equivalents) | wall |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"**{name}** — {examples(task.train_batches):,} training, {examples(task.validation_batches):,} validation, "
+        f"{examples(task.eval_batches):,} dev examples; dev {metric} over seed(s) {list(seeds)}:",
+        "",
+        f"| contender | lr | trainable params | dev {metric} | validation (seed 0) | trainings (final-run equivalents) | wall |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, row in rows.items():
         runs, seconds = row["runs"], wall(row)
-        lines.append(f"| {label} | {row['lr']:g} | {runs[0]['params']:,} | {mean_std([r['dev_metric'] for r in runs])} | "
-                     f"{runs[0]['val_metric']:.4f} | {row['cost']:.1f} | {seconds / 60:.1f} min |")  # fmt: skip
+        lines.append(
+            f"| {label} | {row['lr']:g} | {runs[0]['params']:,} | {mean_std([r['dev_metric'] for r in runs])} | "
+            f"{runs[0]['val_metric']:.4f} | {row['cost']:.1f} | {seconds / 60:.1f} min |"
+        )
     s = rows.get("peftplan search")
-    lines += [] if s is None else ["", f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
-              f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min, planner tree "
-              f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}."]  # fmt: skip
+    lines += (
+        []
+        if s is None
+        else [
+            "",
+            f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
+            f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min, planner tree "
+            f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}.",
+        ]
+    )
     for label, row in rows.items():
         if row["kind"] == "search-variant":
-            lines += ["", f"{label}: {row['search']['evaluations']} evaluations, "
-                      f"{row['search']['steps'] / study.cfg['steps']:.1f} final runs; returned {row['summary']} at lr {row['lr']:g}."]  # fmt: skip
-    grids = "; ".join(f"{label}: " + ", ".join(f"{_lr(r):g} → {r['val_metric']:.4f}" for r in row["grid"])
-                      for label, row in rows.items() if "grid" in row)  # fmt: skip
+            lines += [
+                "",
+                f"{label}: {row['search']['evaluations']} evaluations, "
+                f"{row['search']['steps'] / study.cfg['steps']:.1f} final runs; returned {row['summary']} at lr {row['lr']:g}.",
+            ]
+    grids = "; ".join(
+        f"{label}: " + ", ".join(f"{_lr(r):g} → {r['val_metric']:.4f}" for r in row["grid"])
+        for label, row in rows.items()
+        if "grid" in row
+    )
     lines += ["", f"Learning-rate grids (validation {metric}, seed 0): {grids}.", ""]
     return lines
 
@@ -45,7 +63,11 @@ def wall(row: dict) -> float:
     """Seconds a contender's row cost: its lr grid, its other seeds' runs, its search."""
     grid = row.get("grid", [])
     seen = {r["key"] for r in grid}  # the grid's best run on seed 0 is one of the runs too
-    return sum(r["wall"] for r in grid) + sum(r["wall"] for r in row["runs"] if r["key"] not in seen) + row.get("search", {}).get("wall", 0)
+    return (
+        sum(r["wall"] for r in grid)
+        + sum(r["wall"] for r in row["runs"] if r["key"] not in seen)
+        + row.get("search", {}).get("wall", 0)
+    )
 
 
 def _lr(record: dict) -> float:
@@ -79,14 +101,21 @@ def spread(name: str, rows: dict, study) -> str:
         text += f", the seeds' standard deviation (mean over the three) {100 * spread:.2f} points"
     full = rows["full fine-tuning"]
     ceiling = 100 * (_dev_mean(full) - max(means))
-    text += (f"; full fine-tuning (every weight trained, lr {full['lr']:g} tuned like LoRA's) lands {ceiling:+.2f} points "
-             f"from the best tuned placement")
-    probes = {k: statistics.fmean(r["dev_metric"] for r in row["runs"]) for k, row in rows.items()
-              if row["kind"] in ("probe", "lora-qv-pooler")}  # fmt: skip
+    text += (
+        f"; full fine-tuning (every weight trained, lr {full['lr']:g} tuned like LoRA's) lands {ceiling:+.2f} points "
+        f"from the best tuned placement"
+    )
+    probes = {
+        k: statistics.fmean(r["dev_metric"] for r in row["runs"])
+        for k, row in rows.items()
+        if row["kind"] in ("probe", "lora-qv-pooler")
+    }
     if probes:
         best = max(probes, key=probes.get)
-        text += (f", the best of {len(probes)} probes of sites and methods the default space leaves out "
-                 f"({best.split(': ', 1)[-1]}) {100 * (probes[best] - max(means)):+.2f}")
+        text += (
+            f", the best of {len(probes)} probes of sites and methods the default space leaves out "
+            f"({best.split(': ', 1)[-1]}) {100 * (probes[best] - max(means)):+.2f}"
+        )
     return text
 
 
@@ -99,25 +128,38 @@ def verdicts(results: dict, study) -> list[str]:
         best = statistics.fmean(r["dev_metric"] for r in rows[best_label]["runs"])
         gains.append(100 * (mine - best))
         ceilings.append(100 * (_dev_mean(rows["full fine-tuning"]) - best))
-        vs_ada.append(100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft AdaLoRA (q,v, r 12→8)"]["runs"])))
+        vs_ada.append(
+            100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft AdaLoRA (q,v, r 12→8)"]["runs"]))
+        )
         vs_eva.append(100 * (mine - statistics.fmean(r["dev_metric"] for r in rows["peft EVA (r8 q,v)"]["runs"])))
         costs.append(rows["peftplan search"]["cost"] - len(rows["peftplan search"]["runs"]))
-        lines.append(f"- {name}: search {mine:.4f} vs best tuned LoRA ({best_label}) {best:.4f}: "
-                     f"{100 * (mine - best):+.2f} points — {'PASS' if mine >= best else 'MISS'}")  # fmt: skip
+        lines.append(
+            f"- {name}: search {mine:.4f} vs best tuned LoRA ({best_label}) {best:.4f}: "
+            f"{100 * (mine - best):+.2f} points — {'PASS' if mine >= best else 'MISS'}"
+        )
     avg = statistics.fmean(gains)
     if avg < 1.0:
-        lines += ["- why the +1.0 goal is missed (measured): " + "; ".join(spread(name, rows, study) for name, rows in results.items())]
+        lines += [
+            "- why the +1.0 goal is missed (measured): "
+            + "; ".join(spread(name, rows, study) for name, rows in results.items())
+        ]
         shares = ", ".join(f"{name} {g / c:.0%}" for name, g, c in zip(results, gains, ceilings) if c > 0)
-        lines += [f"- full fine-tuning, every weight trained, averages {statistics.fmean(ceilings):+.2f} points over the best tuned LoRA"
-                  + (f"; the search closes {shares} of that gap at the LoRA baselines' params" if shares else "")]  # fmt: skip
+        lines += [
+            f"- full fine-tuning, every weight trained, averages {statistics.fmean(ceilings):+.2f} points over the best tuned LoRA"
+            + (f"; the search closes {shares} of that gap at the LoRA baselines' params" if shares else "")
+        ]
         headroom = statistics.fmean(ceilings)
         if headroom < 1.0:
             per_task = ", ".join(f"{name} {c:+.2f}" for name, c in zip(results, ceilings))
-            lines += [f"- the +1.0 goal lies above the headroom: training all {_params(results, 'full fine-tuning'):,} weights "
-                      f"gains {headroom:+.2f} points on average over the best tuned LoRA ({per_task}), so meeting it would take "
-                      f"a plan of {BUDGET:,} params beating full fine-tuning by {1.0 - headroom:.2f} points on average"]  # fmt: skip
-    lines += [f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +1.00) — {'PASS' if avg >= 1.0 else 'MISS'}",
-              f"- average vs AdaLoRA {statistics.fmean(vs_ada):+.2f}, vs EVA {statistics.fmean(vs_eva):+.2f} points (goal ≥ 0) — "
-              f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
-              f"- search cost: {max(costs):.1f} final runs at most (goal ≤ 8) — {'PASS' if max(costs) <= 8 else 'MISS'}"]  # fmt: skip
+            lines += [
+                f"- the +1.0 goal lies above the headroom: training all {_params(results, 'full fine-tuning'):,} weights "
+                f"gains {headroom:+.2f} points on average over the best tuned LoRA ({per_task}), so meeting it would take "
+                f"a plan of {BUDGET:,} params beating full fine-tuning by {1.0 - headroom:.2f} points on average"
+            ]
+    lines += [
+        f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +1.00) — {'PASS' if avg >= 1.0 else 'MISS'}",
+        f"- average vs AdaLoRA {statistics.fmean(vs_ada):+.2f}, vs EVA {statistics.fmean(vs_eva):+.2f} points (goal ≥ 0) — "
+        f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
+        f"- search cost: {max(costs):.1f} final runs at most (goal ≤ 8) — {'PASS' if max(costs) <= 8 else 'MISS'}",
+    ]
     return lines

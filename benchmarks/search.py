@@ -89,8 +89,16 @@ def load_task(scale: dict):
     torch.manual_seed(0)  # the new head's initialisation, the same for every run
     model = load_minilm(num_labels=2)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    task = Task.for_sequence_classification(model, tokenizer, DATA / "train.tsv", DATA / "dev.tsv", batch_size=BATCH,
-                                            max_length=MAX_LENGTH, max_train=scale["train"], validation=scale["dev"])  # fmt: skip
+    task = Task.for_sequence_classification(
+        model,
+        tokenizer,
+        DATA / "train.tsv",
+        DATA / "dev.tsv",
+        batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        max_train=scale["train"],
+        validation=scale["dev"],
+    )
     return model, task
 
 
@@ -126,7 +134,9 @@ class CachedEvaluator:
         return self.results[key]
 
 
-def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, threads: int, cache: CachedEvaluator) -> dict:
+def run(
+    model, task, space, strategy: str, seed: int, trials: int, fidelity, threads: int, cache: CachedEvaluator
+) -> dict:
     """One search; its completed trials' values in completion order, wall time, what was skipped."""
     import optuna
 
@@ -135,25 +145,48 @@ def run(model, task, space, strategy: str, seed: int, trials: int, fidelity, thr
     storage = optuna.storages.InMemoryStorage()
     name = f"bench-{strategy}-{seed}"
     start, hits = time.perf_counter(), cache.hits
-    run_search(model, BUDGET, task, strategy=strategy, trials=trials, storage=storage, study_name=name, seed=seed,
-               fidelities=[fidelity], space=space, progress=False, recipe=RECIPE, threads=threads, evaluator=cache,
-               seeds=6)  # fmt: skip
+    run_search(
+        model,
+        BUDGET,
+        task,
+        strategy=strategy,
+        trials=trials,
+        storage=storage,
+        study_name=name,
+        seed=seed,
+        fidelities=[fidelity],
+        space=space,
+        progress=False,
+        recipe=RECIPE,
+        threads=threads,
+        evaluator=cache,
+        seeds=6,
+    )
     wall = time.perf_counter() - start
     trials_ = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    done = sorted((t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number))
+    done = sorted(
+        (t for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE),
+        key=lambda t: (t.datetime_complete, t.number),
+    )
     objectives = tuple(space.objectives)
-    return {"values": [dict(zip(objectives, t.values)) for t in done], "wall": wall,
-            "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_), "cached": cache.hits - hits + sum("reused" in t.user_attrs for t in done),
-            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials_),
-            "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials_)}  # fmt: skip
+    return {
+        "values": [dict(zip(objectives, t.values)) for t in done],
+        "wall": wall,
+        "train": sum(t.user_attrs.get("seconds", 0.0) for t in trials_),
+        "cached": cache.hits - hits + sum("reused" in t.user_attrs for t in done),
+        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials_),
+        "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials_),
+    }
 
 
 def hypervolume_curve(values: list[dict[str, float]], senses: dict[str, str]) -> list[float]:
     """Normalised hypervolume of the front of the first N values, for N = 1 … len(values)."""
     from peftplan.planner.front import ParetoFront
 
-    return [ParetoFront.from_points([(v, None) for v in values[:n]], senses).hypervolume(REFERENCE) / BOX
-            for n in range(1, len(values) + 1)]  # fmt: skip
+    return [
+        ParetoFront.from_points([(v, None) for v in values[:n]], senses).hypervolume(REFERENCE) / BOX
+        for n in range(1, len(values) + 1)
+    ]
 
 
 def at(curve: list[float], n: int) -> float | None:
@@ -182,14 +215,17 @@ def verdicts(curves: dict[str, list[list[float]]], evals: tuple[int, ...], defau
     mine = [mean_at(curves[default], n) for n in range(1, top + 1)]
     reached = next((n for n, v in enumerate(mine, 1) if v is not None and v >= GOAL_SHARE * best), None)
     ok1 = reached is not None and reached <= GOAL_WITHIN
-    scale = (f" (quick scale: the best is taken at {top} evaluations, not 32, so this is a weaker check)"
-             if top < 32 else "")  # fmt: skip
+    scale = (
+        f" (quick scale: the best is taken at {top} evaluations, not 32, so this is a weaker check)" if top < 32 else ""
+    )
     by = mean_at(curves[default], GOAL_WITHIN)
     mine_at = "n/a" if by is None else f"{by:.4f} ({by / best:.1%} of best)" if best else f"{by:.4f}"
-    lines = [f"Goal 1 — {default} reaches {GOAL_SHARE:.0%} of the best hypervolume at {top} evaluations "
-             f"({best_strategy}: {best:.4f}; target {GOAL_SHARE * best:.4f}) within {GOAL_WITHIN} evaluations: "
-             f"{'PASS' if ok1 else 'MISS'} — {default} at {GOAL_WITHIN}: {mine_at}; "
-             f"first reached at N = {reached or 'never'}{scale}"]  # fmt: skip
+    lines = [
+        f"Goal 1 — {default} reaches {GOAL_SHARE:.0%} of the best hypervolume at {top} evaluations "
+        f"({best_strategy}: {best:.4f}; target {GOAL_SHARE * best:.4f}) within {GOAL_WITHIN} evaluations: "
+        f"{'PASS' if ok1 else 'MISS'} — {default} at {GOAL_WITHIN}: {mine_at}; "
+        f"first reached at N = {reached or 'never'}{scale}"
+    ]
     if "random" in curves:
         pairs = [(n, mean_at(curves[default], n), mean_at(curves["random"], n)) for n in evals]
         ok2 = all(d is not None and r is not None and d > r for _, d, r in pairs)
@@ -205,8 +241,10 @@ def report(runs: list[dict], evals: tuple[int, ...], seeds: tuple[int, ...], def
     by = {s: [r for r in runs if r["strategy"] == s] for s in STRATEGIES}
     by = {s: mine for s, mine in by.items() if mine}
     curves = {s: [r["curve"] for r in mine] for s, mine in by.items()}
-    print(f"\nHypervolume (fraction of the box from accuracy 0.5 / {BUDGET:,} params to accuracy 1.0 / 0 params) of the "
-          f"front of the first N evaluations, mean ± half-range over seeds {list(seeds)}:\n")  # fmt: skip
+    print(
+        f"\nHypervolume (fraction of the box from accuracy 0.5 / {BUDGET:,} params to accuracy 1.0 / 0 params) of the "
+        f"front of the first N evaluations, mean ± half-range over seeds {list(seeds)}:\n"
+    )
     print("| strategy | " + " | ".join(f"N = {n}" for n in evals) + " | wall per run | trained per run |")
     print("|---|" + "---:|" * (len(evals) + 2))
     for s, mine in by.items():
@@ -231,9 +269,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per evaluation (default 2)")
     from peftplan.planner.strategies import DEFAULT
 
-    ap.add_argument("--default", default=DEFAULT, choices=STRATEGIES, help=f"the strategy the goals are checked for ({DEFAULT})")
-    ap.add_argument("--save", type=Path, help="write every run's evaluations and curve to this JSON file, after each run")
-    ap.add_argument("--load", type=Path, help="report a saved run (its table and the goals for --default); trains nothing")
+    ap.add_argument(
+        "--default", default=DEFAULT, choices=STRATEGIES, help=f"the strategy the goals are checked for ({DEFAULT})"
+    )
+    ap.add_argument(
+        "--save", type=Path, help="write every run's evaluations and curve to this JSON file, after each run"
+    )
+    ap.add_argument(
+        "--load", type=Path, help="report a saved run (its table and the goals for --default); trains nothing"
+    )
     args = ap.parse_args()
     if args.load:
         record = json.loads(args.load.read_text())
@@ -262,15 +306,30 @@ def main() -> None:
     caches = {seed: CachedEvaluator() for seed in seeds}
     per_eval = seconds_per_eval(model, task, spaces[seeds[0]], fidelity, args.threads, caches[seeds[0]])
     estimate = len(STRATEGIES) * len(seeds) * trials * per_eval
-    print(f"Task: sst2, {len(task.train_batches) * BATCH} training examples ({len(task.train_batches)} batches of {BATCH}, "
-          f"max length {MAX_LENGTH}), {sum(len(b['labels']) for b in task.validation_batches)} validation examples held out of train.tsv; "
-          f"fidelity {fidelity} (one rung), lr {LR}, budget {BUDGET:,} params, reference {REFERENCE}, {args.threads} threads")  # fmt: skip
-    print(f"Plan: {len(STRATEGIES)} strategies x {len(seeds)} seed(s) x {trials} evaluations x {per_eval:.1f} s/eval "
-          f"(one timed evaluation) = {estimate / 60:.1f} min of training at most (plans evaluated before in the same "
-          f"seed are not trained again), + samplers' time (space: {space_s:.1f} s per seed)\n", flush=True)  # fmt: skip
+    print(
+        f"Task: sst2, {len(task.train_batches) * BATCH} training examples ({len(task.train_batches)} batches of {BATCH}, "
+        f"max length {MAX_LENGTH}), {sum(len(b['labels']) for b in task.validation_batches)} validation examples held out of train.tsv; "
+        f"fidelity {fidelity} (one rung), lr {LR}, budget {BUDGET:,} params, reference {REFERENCE}, {args.threads} threads"
+    )
+    print(
+        f"Plan: {len(STRATEGIES)} strategies x {len(seeds)} seed(s) x {trials} evaluations x {per_eval:.1f} s/eval "
+        f"(one timed evaluation) = {estimate / 60:.1f} min of training at most (plans evaluated before in the same "
+        f"seed are not trained again), + samplers' time (space: {space_s:.1f} s per seed)\n",
+        flush=True,
+    )
 
-    record = {"quick": args.quick, "evals": list(evals), "seeds": list(seeds), "scale": scale, "batch": BATCH,
-              "lr": LR, "budget": BUDGET, "reference": REFERENCE, "threads": args.threads, "runs": []}  # fmt: skip
+    record = {
+        "quick": args.quick,
+        "evals": list(evals),
+        "seeds": list(seeds),
+        "scale": scale,
+        "batch": BATCH,
+        "lr": LR,
+        "budget": BUDGET,
+        "reference": REFERENCE,
+        "threads": args.threads,
+        "runs": [],
+    }
     for seed in seeds:
         for strategy in STRATEGIES:
             out = run(model, task, spaces[seed], strategy, seed, trials, fidelity, args.threads, caches[seed])
@@ -279,8 +338,11 @@ def main() -> None:
             if args.save:
                 save(args.save, record)
             shown = " ".join(f"@{n}={at(curve, n):.4f}" if at(curve, n) is not None else f"@{n}=n/a" for n in evals)
-            print(f"{strategy:8s} seed {seed}: {len(out['values'])} evaluations ({out['cached']} seen before, "
-                  f"{out['pruned']} skipped, {out['failed']} failed) in {out['wall']:.0f} s; HV {shown}", flush=True)  # fmt: skip
+            print(
+                f"{strategy:8s} seed {seed}: {len(out['values'])} evaluations ({out['cached']} seen before, "
+                f"{out['pruned']} skipped, {out['failed']} failed) in {out['wall']:.0f} s; HV {shown}",
+                flush=True,
+            )
 
     report(record["runs"], evals, seeds, args.default, args.quick)
     print(f"\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")

@@ -53,14 +53,18 @@ def answers(model, tokenizer, task) -> list[tuple[str, str, str]]:
     batch = {k: v[: REVIEWS * 2] for k, v in task.eval_batches[0].items() if k != "choice"}
     batch = gold({**batch, "choice": task.eval_batches[0]["choice"][:REVIEWS]})
     got, refs = ExactMatch(tokenizer).answers(model, batch)
-    texts = [tokenizer.decode(ids[: int((y != -100).int().argmax())], skip_special_tokens=True)
-             for ids, y in zip(batch["input_ids"], batch["labels"])]  # fmt: skip
+    texts = [
+        tokenizer.decode(ids[: int((y != -100).int().argmax())], skip_special_tokens=True)
+        for ids, y in zip(batch["input_ids"], batch["labels"])
+    ]
     return [(t.split("user\n")[-1].split("\n\n")[0][:70], r, g.strip()) for t, r, g in zip(texts, refs, got)]
 
 
 def score(model, task) -> tuple[float, float]:
     with autocast(torch.device("cpu"), True):
-        return metric_and_loss(model, task, task.validation_batches)[0], metric_and_loss(model, task, task.eval_batches)[0]
+        return metric_and_loss(model, task, task.validation_batches)[0], metric_and_loss(
+            model, task, task.eval_batches
+        )[0]
 
 
 def unsloth(base, task, recipe, at_budget: bool) -> tuple:
@@ -70,7 +74,13 @@ def unsloth(base, task, recipe, at_budget: bool) -> tuple:
     torch.manual_seed(0)
     model = _placement(base, 1.0) if at_budget else peft_lora(base, ALL, 16, 16)
     run = pp.train(model, task, recipe, bf16=True, progress=True, description="unsloth")
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad), recipe.lr, *score(model, task), 1.0, run.seconds)
+    return (
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        recipe.lr,
+        *score(model, task),
+        1.0,
+        run.seconds,
+    )
 
 
 def search_cost(storage, steps: int) -> float:
@@ -94,17 +104,30 @@ def main(argv=None) -> int:
     steps, validation, max_dev, trials = (40, 96, 200, 6) if args.quick else (args.steps, 200, 500, None)
     console, start = Console(), time.perf_counter()
     torch.set_num_threads(2)
-    model, tokenizer, task = llm_tasks.load("sst2", batch_size=8, max_length=96, validation=validation, max_train=None,
-                                            max_dev=max_dev)  # fmt: skip
+    model, tokenizer, task = llm_tasks.load(
+        "sst2", batch_size=8, max_length=96, validation=validation, max_train=None, max_dev=max_dev
+    )
     before = answers(model, tokenizer, task)
     recipe = lambda lr: pp.Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=8)  # noqa: E731
     rows = {"Unsloth default (r16 α16, 7 projections, lr 2e-4)": unsloth(model, task, recipe(2e-4), at_budget=False)}
     grid = {lr: unsloth(model, task, recipe(lr), at_budget=True) for lr in (3e-4, 1e-3, 3e-3)}
     best = max(grid, key=lambda lr: grid[lr][2])
-    rows[f"Unsloth placement at the budget, best of {len(grid)} rates"] = (*grid[best][:4], float(len(grid)), sum(g[5] for g in grid.values()))
+    rows[f"Unsloth placement at the budget, best of {len(grid)} rates"] = (
+        *grid[best][:4],
+        float(len(grid)),
+        sum(g[5] for g in grid.values()),
+    )
     t, storage = time.perf_counter(), optuna.storages.InMemoryStorage()
-    plan = pp.search(model, BUDGET, task, recipe=recipe(1e-3), bf16=True, storage=storage, study_name="demo",
-                     **({"trials": trials} if trials else {}))  # fmt: skip
+    plan = pp.search(
+        model,
+        BUDGET,
+        task,
+        recipe=recipe(1e-3),
+        bf16=True,
+        storage=storage,
+        study_name="demo",
+        **({"trials": trials} if trials else {}),
+    )
     searched, cost = time.perf_counter() - t, search_cost(storage, steps)
     args.out.mkdir(parents=True, exist_ok=True)
     plan.front.plot(args.out / "front.png")
@@ -112,8 +135,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     tuned = pp.apply(model, plan)
     run = pp.train(tuned, task, plan.recipe, bf16=True, progress=True, description="searched plan")
-    rows[f"peftplan search → {plan.summary()}"] = (sum(p.numel() for p in tuned.parameters() if p.requires_grad), plan.recipe.lr,
-                                                   *score(tuned, task), cost + 1, searched + run.seconds)  # fmt: skip
+    rows[f"peftplan search → {plan.summary()}"] = (
+        sum(p.numel() for p in tuned.parameters() if p.requires_grad),
+        plan.recipe.lr,
+        *score(tuned, task),
+        cost + 1,
+        searched + run.seconds,
+    )
     after = answers(tuned, tokenizer, task)
     show(console, rows, before, after, time.perf_counter() - start, args)
     return 0
@@ -124,7 +152,9 @@ def show(console, rows, before, after, seconds, args) -> None:
     for col in ("contender", "trainable params", "lr", "validation", "dev", "trainings", "time"):
         table.add_column(col, justify="left" if col == "contender" else "right")
     for label, (params, lr, val, dev, cost, secs) in rows.items():
-        table.add_row(label, f"{params:,}", f"{lr:g}", f"{val:.4f}", f"{dev:.4f}", f"{cost:.1f}", f"{secs / 60:.1f} min")
+        table.add_row(
+            label, f"{params:,}", f"{lr:g}", f"{val:.4f}", f"{dev:.4f}", f"{cost:.1f}", f"{secs / 60:.1f} min"
+        )
     console.print(table)
     answers_table = Table(title="Held-out reviews: the answer before and after tuning")
     for col in ("review", "reference", "before", "after"):
@@ -136,13 +166,20 @@ def show(console, rows, before, after, seconds, args) -> None:
     if args.results:
         from common import write_section
 
-        lines = ["| contender | trainable params | lr | validation | dev | trainings | time |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {label} | {p:,} | {lr:g} | {v:.4f} | {d:.4f} | {c:.1f} | {s / 60:.1f} min |"
-                  for label, (p, lr, v, d, c, s) in rows.items()]  # fmt: skip
+        lines = [
+            "| contender | trainable params | lr | validation | dev | trainings | time |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {label} | {p:,} | {lr:g} | {v:.4f} | {d:.4f} | {c:.1f} | {s / 60:.1f} min |"
+            for label, (p, lr, v, d, c, s) in rows.items()
+        ]
         lines += ["", "| review | reference | before | after |", "|---|---|---|---|"]
         lines += [f"| {r} | {ref} | {b} | {a} |" for (r, ref, b), (_, _, a) in zip(before, after)]
         command = "make llm-demo" + (" (--quick)" if args.quick else "")
-        write_section(args.results, "llm-demo", f"## LLM demo — `{command}` ({seconds / 60:.1f} min)\n\n" + "\n".join(lines))
+        write_section(
+            args.results, "llm-demo", f"## LLM demo — `{command}` ({seconds / 60:.1f} min)\n\n" + "\n".join(lines)
+        )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" /
 def peft_baseline(model):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS)
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS
+    )
     return get_peft_model(model, config)
 
 
@@ -68,8 +70,14 @@ def train_and_score(model, task, recipe, args, description, cost: float = 1):
     """(trainable params, lr, cost in trainings, validation metric, dev metric, seconds), scored as
     every search trial is (`metric_and_loss`)."""
     run = train(model, task, recipe, seed=args.seed, progress=True, description=description)
-    return (trainable(model), recipe.lr, cost, metric_and_loss(model, task, task.validation_batches)[0],
-            metric_and_loss(model, task, task.eval_batches)[0], run.seconds)  # fmt: skip
+    return (
+        trainable(model),
+        recipe.lr,
+        cost,
+        metric_and_loss(model, task, task.validation_batches)[0],
+        metric_and_loss(model, task, task.eval_batches)[0],
+        run.seconds,
+    )
 
 
 def peft_rows(base, task, recipe, args) -> tuple[list[tuple], int]:
@@ -101,12 +109,18 @@ def gain_note(rows, plan, base) -> str:
     qv = {n for n, _ in base.named_modules() if n.endswith(("attention.self.query", "attention.self.value"))}
     lora = {n: e for n, e in plan.tuned().items() if e["method"] == "lora"}
     same = set(lora) == qv and {e.get("rank") for e in lora.values()} == {8}
-    return (f"Where the gain comes from (dev accuracy): searched plan {searched[5]:.4f} vs peft at the recipe's lr "
-            f"{untuned[5]:.4f} = {searched[5] - untuned[5]:+.4f}, of which tuning peft's learning rate alone (the best of "
-            f"{tuned[3]} rates on validation, {tuned[2]:g}) gives {lr_gain:+.4f} and the plan beyond that {plan_gain:+.4f}"
-            f" (the search cost {searched[3]:.1f} trainings)."
-            + (" The searched plan tunes the same sites at the same rank as peft's LoRA r=8 on query,value: what it "
-               "adds is its learning rate." if same else ""))  # fmt: skip
+    return (
+        f"Where the gain comes from (dev accuracy): searched plan {searched[5]:.4f} vs peft at the recipe's lr "
+        f"{untuned[5]:.4f} = {searched[5] - untuned[5]:+.4f}, of which tuning peft's learning rate alone (the best of "
+        f"{tuned[3]} rates on validation, {tuned[2]:g}) gives {lr_gain:+.4f} and the plan beyond that {plan_gain:+.4f}"
+        f" (the search cost {searched[3]:.1f} trainings)."
+        + (
+            " The searched plan tunes the same sites at the same rank as peft's LoRA r=8 on query,value: what it "
+            "adds is its learning rate."
+            if same
+            else ""
+        )
+    )
 
 
 def arguments(argv=None) -> argparse.Namespace:
@@ -115,15 +129,27 @@ def arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=200, help="training steps of the final runs")
     ap.add_argument("--batch-size", type=int, default=16, help="batch size of the final runs")
     ap.add_argument("--lr", type=float, default=1e-3, help="the recipe's learning rate (peft's untuned row)")
-    ap.add_argument("--peft-lrs", type=lambda v: [float(x) for x in v.split(",")], default=[3e-4, 1e-3, 3e-3],
-                    help="learning rates peft's LoRA is tuned over, chosen on validation (comma-separated)")  # fmt: skip
+    ap.add_argument(
+        "--peft-lrs",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[3e-4, 1e-3, 3e-3],
+        help="learning rates peft's LoRA is tuned over, chosen on validation (comma-separated)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dev", type=int, default=None, help="score on the first N dev examples (default: all)")
-    ap.add_argument("--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)")
-    ap.add_argument("--trials", type=int, default=None, help="candidates the search screens (default: peftplan.search's, 16)")
+    ap.add_argument(
+        "--strategy", default=None, help="search strategy (default: peftplan.search's; tpe, botorch, nsga2, gp, random)"
+    )
+    ap.add_argument(
+        "--trials", type=int, default=None, help="candidates the search screens (default: peftplan.search's, 16)"
+    )
     ap.add_argument("--max-train", type=int, default=None, help="keep this many training examples (default: all)")
-    ap.add_argument("--validation", type=int, default=500,
-                    help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search")  # fmt: skip
+    ap.add_argument(
+        "--validation",
+        type=int,
+        default=500,
+        help="training examples held out (stratified) to score candidates on; dev.tsv is never seen by the search",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where plan.json, the front and the adapters go")
     ap.add_argument("--results", type=Path, help="also write the tables into this RESULTS.md's demo section")
     return ap.parse_args(argv)
@@ -143,14 +169,23 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     base = load_minilm(num_labels=2)  # the new head is initialised once, shared by every run
     task = pp.Task.for_sequence_classification(
-        minilm_dir(), None, args.data / "train.tsv", args.data / "dev.tsv",
-        batch_size=args.batch_size, max_train=args.max_train, max_dev=args.max_dev, seed=args.seed, validation=args.validation,
-    )  # fmt: skip
+        minilm_dir(),
+        None,
+        args.data / "train.tsv",
+        args.data / "dev.tsv",
+        batch_size=args.batch_size,
+        max_train=args.max_train,
+        max_dev=args.max_dev,
+        seed=args.seed,
+        validation=args.validation,
+    )
     task.name = args.data.name
     recipe = pp.Recipe(lr=args.lr, steps=args.steps, batch_size=args.batch_size)
-    console.print(f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
-                  f"{sum(len(b['labels']) for b in task.validation_batches)} validation and "
-                  f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples; every run: {recipe}")  # fmt: skip
+    console.print(
+        f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
+        f"{sum(len(b['labels']) for b in task.validation_batches)} validation and "
+        f"{sum(len(b['labels']) for b in task.eval_batches)} dev examples; every run: {recipe}"
+    )
     rows = []
 
     # 1. peft's uniform LoRA sets the budget; untuned and at the best rate of a small grid
@@ -163,25 +198,55 @@ def main(argv=None) -> int:
     proxy = pp.search(base, budget, task=task, strategy="proxy", seed=args.seed, train_modules=["classifier"])
     planning = time.perf_counter() - t0
     model = pp.apply(copy.deepcopy(base), proxy)
-    rows.append(("peftplan sensitivity plan (proxy)", *train_and_score(model, task, recipe, args, "proxy plan"), f"{planning:.0f}s"))
+    rows.append(
+        (
+            "peftplan sensitivity plan (proxy)",
+            *train_and_score(model, task, recipe, args, "proxy plan"),
+            f"{planning:.0f}s",
+        )
+    )
 
     # 3. the multi-objective search, every default
     t0 = time.perf_counter()
-    plan = pp.search(base, budget, task=task, strategy=args.strategy, trials=args.trials, seed=args.seed,
-                     train_modules=["classifier"], recipe=recipe)  # fmt: skip
+    plan = pp.search(
+        base,
+        budget,
+        task=task,
+        strategy=args.strategy,
+        trials=args.trials,
+        seed=args.seed,
+        train_modules=["classifier"],
+        recipe=recipe,
+    )
     planning = time.perf_counter() - t0
     strategy = plan.provenance["strategy"]
     front = plan.front
     console.print(front_table(front, budget))
     plan.save(args.out / "plan.json")
     model = pp.apply(copy.deepcopy(base), pp.Plan.load(args.out / "plan.json"))
-    rows.append((f"peftplan searched plan ({strategy})", *train_and_score(model, task, pp.Plan.load(args.out / "plan.json").recipe,
-                 args, "searched plan", cost=search_cost(front, recipe) + 1), f"{planning:.0f}s"))  # fmt: skip
+    rows.append(
+        (
+            f"peftplan searched plan ({strategy})",
+            *train_and_score(
+                model,
+                task,
+                pp.Plan.load(args.out / "plan.json").recipe,
+                args,
+                "searched plan",
+                cost=search_cost(front, recipe) + 1,
+            ),
+            f"{planning:.0f}s",
+        )
+    )
     pp.save(model, args.out / "adapters")
     markers = {f"{row[0]} (trained after the search)": {"metric": row[4], "params": row[1]} for row in rows}
     for path in (args.out / "front.png", args.out / "front.html"):
-        front.plot(path, title=f"MiniLM-L6 + {task.name}: {strategy} search", labels={"metric": "validation accuracy"},
-                   markers=markers)  # fmt: skip
+        front.plot(
+            path,
+            title=f"MiniLM-L6 + {task.name}: {strategy} search",
+            labels={"metric": "validation accuracy"},
+            markers=markers,
+        )
     console.print(results_table(rows, task, args))
     console.print(f"searched plan: {plan.summary()}")
     note = gain_note(rows, plan, base)
@@ -197,12 +262,25 @@ def main(argv=None) -> int:
 
 
 def results_table(rows, task, args) -> Table:
-    table = Table(title=f"MiniLM-L6 + {task.name}: final runs with the same recipe ({args.steps} steps of {args.batch_size}), "
-                        "seed and data order; the searched plan at its own learning rate")  # fmt: skip
-    for col in ("tuning", "trainable params", "lr", "trainings", "validation accuracy", "dev accuracy", "train time", "planning"):
+    table = Table(
+        title=f"MiniLM-L6 + {task.name}: final runs with the same recipe ({args.steps} steps of {args.batch_size}), "
+        "seed and data order; the searched plan at its own learning rate"
+    )
+    for col in (
+        "tuning",
+        "trainable params",
+        "lr",
+        "trainings",
+        "validation accuracy",
+        "dev accuracy",
+        "train time",
+        "planning",
+    ):
         table.add_column(col, justify="left" if col == "tuning" else "right")
     for name, params, lr, cost, val, acc, seconds, planned in rows:
-        table.add_row(name, f"{params:,}", f"{lr:g}", f"{cost:.3g}", f"{val:.4f}", f"{acc:.4f}", f"{seconds:.1f}s", planned)
+        table.add_row(
+            name, f"{params:,}", f"{lr:g}", f"{cost:.3g}", f"{val:.4f}", f"{acc:.4f}", f"{seconds:.1f}s", planned
+        )
     return table
 
 
@@ -211,23 +289,38 @@ def write_results(args, task, recipe, rows, front, budget, plan, note: str, wall
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from common import write_section
 
-    n = {k: sum(len(b["labels"]) for b in getattr(task, k)) for k in ("train_batches", "validation_batches", "eval_batches")}
-    lines = [f"MiniLM-L6 on {task.name}, seed {args.seed}: {n['train_batches']:,} training, {n['validation_batches']:,} "
-             f"validation (held out of train.tsv, stratified: the search's) and {n['eval_batches']:,} dev examples; "
-             f"every final run {recipe}, the searched plan at its own rate.", "",
-             "| tuning | trainable params | lr | trainings | validation accuracy | dev accuracy | train time | planning |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {name} | {params:,} | {lr:g} | {cost:.3g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
-              for name, params, lr, cost, val, acc, seconds, planned in rows]  # fmt: skip
+    n = {
+        k: sum(len(b["labels"]) for b in getattr(task, k))
+        for k in ("train_batches", "validation_batches", "eval_batches")
+    }
+    lines = [
+        f"MiniLM-L6 on {task.name}, seed {args.seed}: {n['train_batches']:,} training, {n['validation_batches']:,} "
+        f"validation (held out of train.tsv, stratified: the search's) and {n['eval_batches']:,} dev examples; "
+        f"every final run {recipe}, the searched plan at its own rate.",
+        "",
+        "| tuning | trainable params | lr | trainings | validation accuracy | dev accuracy | train time | planning |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {params:,} | {lr:g} | {cost:.3g} | {val:.4f} | {acc:.4f} | {seconds:.1f} s | {planned} |"
+        for name, params, lr, cost, val, acc, seconds, planned in rows
+    ]
     lines += ["", note]
     knee = front.knee()
-    lines += ["", f"Pareto front of the search ({plan.provenance['strategy']}, {len(front.evaluated)} evaluations; validation "
-              f"accuracy at the top rung), budget {budget.params:,} params:", "", "| validation accuracy | trainable params | plan |",
-              "|---:|---:|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"Pareto front of the search ({plan.provenance['strategy']}, {len(front.evaluated)} evaluations; validation "
+        f"accuracy at the top rung), budget {budget.params:,} params:",
+        "",
+        "| validation accuracy | trainable params | plan |",
+        "|---:|---:|---|",
+    ]
     for p in front:
         name = f" [{p.info['baseline']}]" if p.info.get("baseline") else ""
-        lines.append(f"| {p.values['metric']:.4f} | {int(p.values['params']):,} | {p.plan.summary() if p.plan else ''}{name}"
-                     f"{' (knee)' if p is knee else ''} |")  # fmt: skip
+        lines.append(
+            f"| {p.values['metric']:.4f} | {int(p.values['params']):,} | {p.plan.summary() if p.plan else ''}{name}"
+            f"{' (knee)' if p is knee else ''} |"
+        )
     lines += ["", f"Returned: {plan.summary()} at lr {plan.recipe.lr:g}. Whole demo: {wall / 60:.1f} min wall."]
     command = "python examples/sst2_demo.py --results benchmarks/RESULTS.md"
     write_section(args.results, "demo", f"## Demo — `make demo` (`{command}`)\n\n" + "\n".join(lines))
@@ -241,7 +334,11 @@ def front_table(front, budget) -> Table:
     for p in front:
         mark = " (knee)" if p is knee else ""
         name = f" [{p.info['baseline']}]" if p.info.get("baseline") else ""
-        table.add_row(f"{p.values['metric']:.4f}", f"{int(p.values['params']):,}", (p.plan.summary() if p.plan else "") + name + mark)
+        table.add_row(
+            f"{p.values['metric']:.4f}",
+            f"{int(p.values['params']):,}",
+            (p.plan.summary() if p.plan else "") + name + mark,
+        )
     return table
 
 

@@ -32,7 +32,20 @@ from .modules import module_op
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "multi_head_attention")
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
 MATMUL_OPS = {"matmul", "bmm", "mm", "baddbmm", "einsum"}
-ACTIVATIONS = ("relu", "gelu", "silu", "swish", "sigmoid", "tanh", "mish", "elu", "softplus", "hardswish", "erf", "activation")
+ACTIVATIONS = (
+    "relu",
+    "gelu",
+    "silu",
+    "swish",
+    "sigmoid",
+    "tanh",
+    "mish",
+    "elu",
+    "softplus",
+    "hardswish",
+    "erf",
+    "activation",
+)
 
 
 @dataclass
@@ -140,7 +153,9 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[
     gm = torch.fx.GraphModule(tracer.root, graph)
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising; the fallback reports it in one line
+    with redirect_stderr(
+        io.StringIO()
+    ):  # ShapeProp prints a traceback before raising; the fallback reports it in one line
         ShapeProp(gm).propagate(*args)
 
     nodes: list[OpNode] = []
@@ -175,7 +190,10 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[tuple, dict], tunable: dict[
 def _quiet_torch_logs():
     """torch.export prints and logs the failing graph when it gives up; the fallback warning
     says why instead."""
-    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
@@ -242,12 +260,16 @@ def _fold(graph: torch.fx.Graph, keys: dict[torch.fx.Node, tuple[str, str] | Non
         if key is None:
             name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
             index[node] = len(nodes)
-            nodes.append(OpNode(len(nodes), _op_kind(name), [index[a] for a in ext], out_shape=_shape(node.meta.get("val"))))
+            nodes.append(
+                OpNode(len(nodes), _op_kind(name), [index[a] for a in ext], out_shape=_shape(node.meta.get("val")))
+            )
             continue
         if key[0] not in groups:
             groups[key[0]] = len(nodes)
             data = next((a for a in ext if a.name not in weights), None)
-            nodes.append(OpNode(len(nodes), "site", [], key[1], _shape(data.meta.get("val")) if data is not None else ()))
+            nodes.append(
+                OpNode(len(nodes), "site", [], key[1], _shape(data.meta.get("val")) if data is not None else ())
+            )
         g = nodes[groups[key[0]]]
         for i in (index[a] for a in ext):
             if i != g.index and i not in g.inputs:

@@ -38,7 +38,9 @@ def normalise(example: Any) -> tuple[tuple, dict]:
         if len(example) == 2 and isinstance(example[0], tuple) and isinstance(example[1], dict):
             return tuple(example[0]), dict(example[1])
         return tuple(example), {}
-    raise InputError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword inputs, got {type(example).__name__}")
+    raise InputError(
+        f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword inputs, got {type(example).__name__}"
+    )
 
 
 def batch_shape(args: tuple, kwargs: dict) -> tuple[int, int]:

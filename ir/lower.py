@@ -73,16 +73,24 @@ def _tunable(model: nn.Module) -> dict[str, str]:
     if not isinstance(model, nn.Module):
         raise LoweringError(f"lower() takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
-        raise LoweringError(f"{type(model).__name__} is a TorchScript module, whose submodules peftplan cannot "
-                            "replace: lower and apply the eager model, then script the tuned one")  # fmt: skip
+        raise LoweringError(
+            f"{type(model).__name__} is a TorchScript module, whose submodules peftplan cannot "
+            "replace: lower and apply the eager model, then script the tuned one"
+        )
     tunable = {n: op for n, m in model.named_modules() if (op := module_op(m))}
     if "" in tunable:
-        raise LoweringError(f"the model is a single {type(model).__name__}: peftplan tunes the modules inside a model; "
-                            "wrap it, e.g. nn.Sequential(layer), and tune site '0'")  # fmt: skip
-    quantized = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules() if "quantized" in type(m).__module__})
+        raise LoweringError(
+            f"the model is a single {type(model).__name__}: peftplan tunes the modules inside a model; "
+            "wrap it, e.g. nn.Sequential(layer), and tune site '0'"
+        )
+    quantized = sorted(
+        {type(m).__module__ + "." + type(m).__name__ for m in model.modules() if "quantized" in type(m).__module__}
+    )
     if quantized and not tunable:
-        raise LoweringError(f"{type(model).__name__} holds quantized modules ({', '.join(quantized[:3])}), which peftplan "
-                            "does not tune: plan and apply on the floating-point model, then quantize")  # fmt: skip
+        raise LoweringError(
+            f"{type(model).__name__} holds quantized modules ({', '.join(quantized[:3])}), which peftplan "
+            "does not tune: plan and apply on the floating-point model, then quantize"
+        )
     if not tunable:
         raise LoweringError(
             f"{type(model).__name__} has no tunable module (Linear, Conv1d/2d, HF Conv1D, Embedding, "
@@ -102,13 +110,24 @@ def _capture(model: nn.Module, inputs, stacks: list[Stack]) -> tuple[OpGraph, bo
         kernels, kernel_note = _kernels(model, inputs)
     finally:
         model.train(was_training)
-    graph = SiteGraph(sites=[], graph=nx.DiGraph(), blocks=[], capture=og.path, fingerprint=fingerprint(model),
-                      model_class=type(model).__name__, total_params=count_params(model),
-                      notes=[*og.notes, *kernel_note], example_shape=batch_shape(*inputs), kernels=kernels)  # fmt: skip
+    graph = SiteGraph(
+        sites=[],
+        graph=nx.DiGraph(),
+        blocks=[],
+        capture=og.path,
+        fingerprint=fingerprint(model),
+        model_class=type(model).__name__,
+        total_params=count_params(model),
+        notes=[*og.notes, *kernel_note],
+        example_shape=batch_shape(*inputs),
+        kernels=kernels,
+    )
     return og, shortened, graph
 
 
-def _sites(graph: SiteGraph, model: nn.Module, og: OpGraph, tunable: dict[str, str]) -> tuple[SiteGraph, dict[str, list[OpNode]]]:
+def _sites(
+    graph: SiteGraph, model: nn.Module, og: OpGraph, tunable: dict[str, str]
+) -> tuple[SiteGraph, dict[str, list[OpNode]]]:
     """Sites pass: a `Site` per tunable module the captured forward calls, in call order, with
     its shapes (at its first call) and call count; and each site's calls, for the later passes."""
     calls: dict[str, list[OpNode]] = {}
@@ -120,8 +139,17 @@ def _sites(graph: SiteGraph, model: nn.Module, og: OpGraph, tunable: dict[str, s
             f"{type(model).__name__} has tunable modules but none was called on the example inputs; "
             "pass example_inputs that exercise the model"
         )
-    sites = [static_site(name, model.get_submodule(name), tunable[name], in_shape=c[0].in_shape, out_shape=c[0].out_shape,
-                         calls=len(c)) for name, c in calls.items()]  # fmt: skip
+    sites = [
+        static_site(
+            name,
+            model.get_submodule(name),
+            tunable[name],
+            in_shape=c[0].in_shape,
+            out_shape=c[0].out_shape,
+            calls=len(c),
+        )
+        for name, c in calls.items()
+    ]
     return replace(graph, sites=sites), calls
 
 
@@ -132,12 +160,22 @@ def _expand(graph: SiteGraph, model: nn.Module, tunable: dict[str, str], stacks:
 
     def copied(name: str) -> Site:
         like = graph[_stand_in(name, stacks, graph)]
-        return static_site(name, model.get_submodule(name), tunable[name], in_shape=like.in_shape,
-                           out_shape=like.out_shape, calls=like.calls)  # fmt: skip
+        return static_site(
+            name,
+            model.get_submodule(name),
+            tunable[name],
+            in_shape=like.in_shape,
+            out_shape=like.out_shape,
+            calls=like.calls,
+        )
 
     kept = ", ".join(f"{s.path or '<root>'}: {len(s.kept)} of {s.size} blocks" for s in stacks)
-    return replace(graph, sites=[graph[n] if n in graph else copied(n) for n in order], graph=edges,
-                   notes=[*graph.notes, f"captured {kept} and expanded by structure"])  # fmt: skip
+    return replace(
+        graph,
+        sites=[graph[n] if n in graph else copied(n) for n in order],
+        graph=edges,
+        notes=[*graph.notes, f"captured {kept} and expanded by structure"],
+    )
 
 
 def _blocks(graph: SiteGraph, stacks: list[Stack]) -> None:
@@ -158,7 +196,9 @@ def _stand_in(name: str, stacks: list[Stack], captured: Container[str]) -> str:
     return name if loc is None else loc[0].rename(name, loc[1], loc[0].rep(loc[1]))
 
 
-def _roles(graph: SiteGraph, og: OpGraph, sources, site_in, stacks: list[Stack], calls: dict[str, list[OpNode]]) -> None:
+def _roles(
+    graph: SiteGraph, og: OpGraph, sources, site_in, stacks: list[Stack], calls: dict[str, list[OpNode]]
+) -> None:
     """Roles pass: the roles the dataflow implies (`dataflow.flow_roles`, on the captured
     sites; a site in a block not captured takes its stand-in's), confirmed against names."""
 

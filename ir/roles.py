@@ -52,12 +52,18 @@ def name_role(name: str, op: str) -> str | None:
             return "attn.o"
         if "intermediate" in ctx:
             return "mlp.up"
-        if leaf in {"wo", "c_proj"} or "output" in ctx or any(p in ("mlp", "ffn", "feed_forward", "densereludense") for p in ctx):
+        if (
+            leaf in {"wo", "c_proj"}
+            or "output" in ctx
+            or any(p in ("mlp", "ffn", "feed_forward", "densereludense") for p in ctx)
+        ):
             return "mlp.down"
     return None
 
 
-def assign(sites: list[str], ops: dict[str, str], flow: dict[str, str], blocks: dict[str, int | None]) -> tuple[dict[str, str], list[str]]:
+def assign(
+    sites: list[str], ops: dict[str, str], flow: dict[str, str], blocks: dict[str, int | None]
+) -> tuple[dict[str, str], list[str]]:
     """Final role per site, and notes on where name and dataflow disagreed."""
     roles: dict[str, str] = {}
     notes: list[str] = []

@@ -149,7 +149,9 @@ class SiteGraph:
         ['mlp.up', 'head']
         """
         if field not in {f.name for f in fields(Site)} - {"name"}:
-            raise ValueError(f"Site has no field {field!r} to annotate; its fields are {[f.name for f in fields(Site)]}")
+            raise ValueError(
+                f"Site has no field {field!r} to annotate; its fields are {[f.name for f in fields(Site)]}"
+            )
         unknown = [n for n in values if n not in self._by_name]
         if unknown:
             raise KeyError(f"no site named {unknown[0]!r}; see graph.names() for the {len(self)} sites")
@@ -226,17 +228,27 @@ class SiteGraph:
         head = ("site", "op", "role", "block", "depth", "in", "out", "params", "MFLOPs", "calls")
         rows = [
             (
-                s.name, s.op, s.role, "" if s.block is None else str(s.block), f"{s.depth:.2f}",
-                str(s.in_features), str(s.out_features), f"{s.params:,}", f"{s.flops / 1e6:,.2f}",
+                s.name,
+                s.op,
+                s.role,
+                "" if s.block is None else str(s.block),
+                f"{s.depth:.2f}",
+                str(s.in_features),
+                str(s.out_features),
+                f"{s.params:,}",
+                f"{s.flops / 1e6:,.2f}",
                 str(s.calls),
             )
             for s in self.sites
-        ]  # fmt: skip
+        ]
         if max_rows is not None and len(rows) > max_rows:
             half = max_rows // 2
             rows = rows[:half] + [("…",) + ("",) * (len(head) - 1)] + rows[-half:]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
+        lines = [
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in [head, *rows]
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (
             f"{self.model_class}: {len(self.sites)} sites, {len(self.blocks)} blocks, "

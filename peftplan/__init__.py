@@ -1,6 +1,6 @@
 """peftplan — a compiler for parameter-efficient fine-tuning.
 
-    model ──lower──▶ SiteGraph ──search──▶ Plan ──apply──▶ tuned model
+model ──lower──▶ SiteGraph ──search──▶ Plan ──apply──▶ tuned model
 """
 
 from peftplan.backends import (
@@ -33,7 +33,34 @@ from peftplan.recipe import Recipe
 from peftplan.version import __version__
 
 __all__ = [
-    "Budget", "BudgetError", "Fidelity", "Method", "ParetoFront", "Plan", "PlanError", "Site", "SiteGraph",
-    "Recipe", "Task", "__version__", "apply", "aux_loss", "export_merged", "export_peft", "get_method", "import_peft", "load", "lower", "merge",
-    "methods", "plan_cost", "register", "remove", "save", "search", "to_peft", "train", "unmerge",
-]  # fmt: skip
+    "Budget",
+    "BudgetError",
+    "Fidelity",
+    "Method",
+    "ParetoFront",
+    "Plan",
+    "PlanError",
+    "Site",
+    "SiteGraph",
+    "Recipe",
+    "Task",
+    "__version__",
+    "apply",
+    "aux_loss",
+    "export_merged",
+    "export_peft",
+    "get_method",
+    "import_peft",
+    "load",
+    "lower",
+    "merge",
+    "methods",
+    "plan_cost",
+    "register",
+    "remove",
+    "save",
+    "search",
+    "to_peft",
+    "train",
+    "unmerge",
+]

@@ -88,9 +88,11 @@ def _convert_gguf(path: Path, target: Path) -> None:
         except ValueError as e:
             if "not supported" not in str(e):
                 raise
-            raise ValueError(f"{path}: {e} transformers reads the GGUF architectures {_gguf_architectures()}; convert "
-                             "this model to a Hugging Face folder (config.json and safetensors) and give that folder "
-                             "instead") from None  # fmt: skip
+            raise ValueError(
+                f"{path}: {e} transformers reads the GGUF architectures {_gguf_architectures()}; convert "
+                "this model to a Hugging Face folder (config.json and safetensors) and give that folder "
+                "instead"
+            ) from None
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model.hf_quantizer = None  # the weights are dequantised: save them as the plain model they now are
     if hasattr(model.config, "quantization_config"):
@@ -161,8 +163,10 @@ def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = Fa
         return _load_dir(model_dir(spec), num_labels, causal_lm=causal_lm or num_labels is None)
     if spec == "minilm":
         if causal_lm:
-            raise ValueError("minilm is an encoder, not a causal language model: give a causal LM's directory (GPT-2, "
-                             "Llama, Qwen2, …) or a factory")  # fmt: skip
+            raise ValueError(
+                "minilm is an encoder, not a causal language model: give a causal LM's directory (GPT-2, "
+                "Llama, Qwen2, …) or a factory"
+            )
         return load_minilm(num_labels)
     if ":" in spec and not Path(spec).exists():
         mod_name, _, attr = spec.partition(":")
@@ -179,8 +183,10 @@ def load_model(spec: str, num_labels: int | None = None, *, causal_lm: bool = Fa
         return _load_dir(path, num_labels, causal_lm=causal_lm)
     if path.is_dir():
         found = sorted(p.name for p in path.iterdir())[:5]
-        raise ValueError(f"{spec!r} is a directory without config.json (it holds {found}); a Hugging Face model directory "
-                         "needs config.json and its weights (save_pretrained writes both)")  # fmt: skip
+        raise ValueError(
+            f"{spec!r} is a directory without config.json (it holds {found}); a Hugging Face model directory "
+            "needs config.json and its weights (save_pretrained writes both)"
+        )
     raise ValueError(
         f"cannot resolve model {spec!r}: use 'minilm', 'smollm2', a local Hugging Face model directory "
         "(with config.json), a .gguf file, or 'package.module:factory'"
@@ -193,8 +199,13 @@ def _load_dir(path: Path, num_labels: int | None, *, causal_lm: bool) -> nn.Modu
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto, kwargs = (AutoModelForCausalLM, {}) if causal_lm else (AutoModel, {}) if num_labels is None else \
-        (AutoModelForSequenceClassification, {"num_labels": num_labels})  # fmt: skip
+    auto, kwargs = (
+        (AutoModelForCausalLM, {})
+        if causal_lm
+        else (AutoModel, {})
+        if num_labels is None
+        else (AutoModelForSequenceClassification, {"num_labels": num_labels})
+    )
     with _quiet():
         try:
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
@@ -202,10 +213,12 @@ def _load_dir(path: Path, num_labels: int | None, *, causal_lm: bool) -> nn.Modu
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             named = re.search(r"GLOBAL ([\w.]+)", str(e))
             refused = f"it asks to import {named.group(1)}" if named else "torch refused it"
-            raise ValueError(f"{path}: its weights {pickles} are a pickle checkpoint that does not load as plain tensors "
-                             f"({refused}); peftplan runs no code from a checkpoint. Convert it to "
-                             "safetensors where you trust the file (model.save_pretrained(folder) writes "
-                             "model.safetensors), or download the model's .safetensors weights") from None  # fmt: skip
+            raise ValueError(
+                f"{path}: its weights {pickles} are a pickle checkpoint that does not load as plain tensors "
+                f"({refused}); peftplan runs no code from a checkpoint. Convert it to "
+                "safetensors where you trust the file (model.save_pretrained(folder) writes "
+                "model.safetensors), or download the model's .safetensors weights"
+            ) from None
     _warn_on_load_report(path, model, info)
     return model
 
@@ -219,9 +232,12 @@ def _warn_on_load_report(path: Path, model: nn.Module, info: dict) -> None:
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
     if missing or mismatched:
         shown = [*(f"{k} (missing)" for k in missing), *(f"{k} (shape differs)" for k in mismatched)]
-        warnings.warn(f"{path}: {len(shown)} weight(s) of the model body are not in the checkpoint and start random: "
-                      f"{', '.join(shown[:5])}{' …' if len(shown) > 5 else ''}; check that the folder holds the "
-                      "model its config.json names", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{path}: {len(shown)} weight(s) of the model body are not in the checkpoint and start random: "
+            f"{', '.join(shown[:5])}{' …' if len(shown) > 5 else ''}; check that the folder holds the "
+            "model its config.json names",
+            stacklevel=3,
+        )
 
 
 class _quiet:

@@ -70,7 +70,9 @@ class Plan:
             ranks = sorted({h["rank"] for h in hps if "rank" in h})
             extra = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}"
             parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
-        obj = ", ".join(f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items())
+        obj = ", ".join(
+            f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items()
+        )
         return "; ".join(parts) + (f" ({obj})" if obj else "")
 
     def to_peft_config(self) -> Any:
@@ -93,8 +95,13 @@ class Plan:
         ({'shape': [8, 8], 'method': 'lora', 'rank': 2, 'alpha': 4}, ['fc: sparse → lora rank 2 (at most its 32 params)'])
         """
         entries, changes = lora_entries(self)
-        return Plan(sites=entries, model=dict(self.model), budget=self.budget, recipe=self.recipe,
-                    provenance={**self.provenance, "as_lora": changes})  # fmt: skip
+        return Plan(
+            sites=entries,
+            model=dict(self.model),
+            budget=self.budget,
+            recipe=self.recipe,
+            provenance={**self.provenance, "as_lora": changes},
+        )
 
     def to_axolotl(self) -> str:
         """This plan and its recipe as an axolotl config fragment (YAML text), for the LoRA
@@ -152,8 +159,10 @@ class Plan:
         """Read a plan file written by `save` (`PlanError` naming the file when it is not one)."""
         path = Path(path)
         if path.is_dir():
-            raise PlanError(f"{path} is a directory, not a plan file; an artifact written by peftplan.save "
-                            "is read with peftplan.load(model, directory)")  # fmt: skip
+            raise PlanError(
+                f"{path} is a directory, not a plan file; an artifact written by peftplan.save "
+                "is read with peftplan.load(model, directory)"
+            )
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -186,7 +195,9 @@ def _recipe(d: Any) -> Recipe | None:
     if d is None:
         return None
     if not isinstance(d, dict):
-        raise PlanError(f"plan field 'recipe' must be an object like {{'lr': 0.001, 'steps': 600}}, got {type(d).__name__}")
+        raise PlanError(
+            f"plan field 'recipe' must be an object like {{'lr': 0.001, 'steps': 600}}, got {type(d).__name__}"
+        )
     try:
         return Recipe.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -211,8 +222,14 @@ def _check_entry(name: str, entry: Any) -> None:
 def _check_description(name: str, entry: dict[str, Any]) -> None:
     """``role``/``op`` are strings, ``depth`` a number in [0, 1], ``shape`` two positive ints."""
     shape, depth = entry.get("shape", [1, 1]), entry.get("depth", 0.0)
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-        raise PlanError(f"site {name!r}: 'shape' must be [in_features, out_features] (two positive ints), got {shape!r}")
+    if not (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise PlanError(
+            f"site {name!r}: 'shape' must be [in_features, out_features] (two positive ints), got {shape!r}"
+        )
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
         raise PlanError(f"site {name!r}: 'depth' must be a number in [0, 1] (relative depth), got {depth!r}")
     for key in ("role", "op"):

@@ -36,17 +36,27 @@ class _Rule:
 
 
 CHECKS = {  # each field: what it must be, said with the field's name
-    "lr": _Rule(lambda v: _real(v) and 0 < v <= MAX_LR, f"the learning rate must be a positive number, at most "
-                f"{MAX_LR:g} (typically 1e-5 to 1e-2)"),
-    "steps": _Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "steps must be a positive int, "
-                   "or None", optional=True),
+    "lr": _Rule(
+        lambda v: _real(v) and 0 < v <= MAX_LR,
+        f"the learning rate must be a positive number, at most {MAX_LR:g} (typically 1e-5 to 1e-2)",
+    ),
+    "steps": _Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "steps must be a positive int, or None",
+        optional=True,
+    ),
     "epochs": _Rule(lambda v: _real(v) and v > 0, "epochs must be a positive number, or None", optional=True),
     "warmup": _Rule(lambda v: _real(v) and 0 <= v < 1, "the warm-up is a share of the steps in [0, 1)"),
     "schedule": _Rule(lambda v: v in SCHEDULES, f"choose one of {list(SCHEDULES)}"),
     "weight_decay": _Rule(lambda v: _real(v) and v >= 0, "weight decay must be a non-negative number"),
-    "clip": _Rule(lambda v: _real(v) and v > 0, "the gradient-norm limit must be a positive number, or None", optional=True),
-    "batch_size": _Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "batch_size must be a "
-                        "positive int, or None", optional=True),
+    "clip": _Rule(
+        lambda v: _real(v) and v > 0, "the gradient-norm limit must be a positive number, or None", optional=True
+    ),
+    "batch_size": _Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "batch_size must be a positive int, or None",
+        optional=True,
+    ),
 }
 
 

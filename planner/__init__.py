@@ -17,9 +17,14 @@ from .strategies import STRATEGIES, make_sampler
 from .training import Evaluation, Fidelity, Task, evaluate, train
 
 _HEAVY = {  # name -> submodule (they import optuna)
-    "AllocatorSpace": ".space", "GroupedSpace": ".space", "Space": ".space", "default_space": ".space",
-    "run_search": ".study", "run_worker": ".study", "study_front": ".study",
-}  # fmt: skip
+    "AllocatorSpace": ".space",
+    "GroupedSpace": ".space",
+    "Space": ".space",
+    "default_space": ".space",
+    "run_search": ".study",
+    "run_worker": ".study",
+    "study_front": ".study",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -29,8 +34,33 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "STRATEGIES", "AllocatorSpace", "Budget", "BudgetError", "Evaluation", "Fidelity", "FrontPoint",
-    "GroupedSpace", "ParetoFront", "Plan", "PlanCost", "Space", "Task", "allocate", "alpha_scores", "default_space",
-    "eligible_sites", "evaluate", "grad2_scores", "hill_alpha", "make_sampler", "plan_cost", "rank_grid",
-    "run_search", "run_worker", "search", "study_front", "train", "train_memory_estimate",
-]  # fmt: skip
+    "STRATEGIES",
+    "AllocatorSpace",
+    "Budget",
+    "BudgetError",
+    "Evaluation",
+    "Fidelity",
+    "FrontPoint",
+    "GroupedSpace",
+    "ParetoFront",
+    "Plan",
+    "PlanCost",
+    "Space",
+    "Task",
+    "allocate",
+    "alpha_scores",
+    "default_space",
+    "eligible_sites",
+    "evaluate",
+    "grad2_scores",
+    "hill_alpha",
+    "make_sampler",
+    "plan_cost",
+    "rank_grid",
+    "run_search",
+    "run_worker",
+    "search",
+    "study_front",
+    "train",
+    "train_memory_estimate",
+]

@@ -1,11 +1,11 @@
 """`Budget`: limits a plan must respect, written so they cannot be misread.
 
-    >>> Budget(params=250_000).param_limit(total_params=22_000_000)
-    250000
-    >>> Budget(params="0.5%").param_limit(total_params=22_000_000)
-    110000
-    >>> Budget(params="1%", memory="512MiB", latency="2%").limits(total_params=22_000_000)
-    {'params': 220000, 'memory': 536870912, 'latency': 0.02}
+>>> Budget(params=250_000).param_limit(total_params=22_000_000)
+250000
+>>> Budget(params="0.5%").param_limit(total_params=22_000_000)
+110000
+>>> Budget(params="1%", memory="512MiB", latency="2%").limits(total_params=22_000_000)
+{'params': 220000, 'memory': 536870912, 'latency': 0.02}
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ class Budget:
 
     params: int | str | None = None
     memory: int | str | None = None  # training memory the plan adds: bytes, or "512MiB", "2GB"
-    latency: str | None = None  # predicted forward time added after merging, "2%" of the model's (PlanCost.latency_fraction)
+    latency: str | None = (
+        None  # predicted forward time added after merging, "2%" of the model's (PlanCost.latency_fraction)
+    )
     adapter_bytes: int | str | None = None  # size of the saved adapters: bytes, or "10MiB"
 
     def __post_init__(self) -> None:
@@ -41,7 +43,9 @@ class Budget:
                 _bytes(name, getattr(self, name))
         if self.latency is not None:
             if not isinstance(self.latency, str):
-                raise BudgetError(f"Budget(latency={self.latency!r}): write the overhead as a percentage string, e.g. '2%'")
+                raise BudgetError(
+                    f"Budget(latency={self.latency!r}): write the overhead as a percentage string, e.g. '2%'"
+                )
             _percent(self.latency, field="latency", low_inclusive=True)
         p = self.params
         if p is None:
@@ -83,8 +87,16 @@ class Budget:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in {"params": self.params, "memory": self.memory, "latency": self.latency,
-                                  "adapter_bytes": self.adapter_bytes}.items() if v is not None}  # fmt: skip
+        return {
+            k: v
+            for k, v in {
+                "params": self.params,
+                "memory": self.memory,
+                "latency": self.latency,
+                "adapter_bytes": self.adapter_bytes,
+            }.items()
+            if v is not None
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Budget:
@@ -156,4 +168,6 @@ def _bytes(field: str, value: int | str) -> int:
             n = None
         if n is not None and n > 0:
             return int(n)
-    raise BudgetError(f"Budget({field}={value!r}): give bytes as an int or a string with a unit, e.g. '512MiB' or '2GB'")
+    raise BudgetError(
+        f"Budget({field}={value!r}): give bytes as an int or a string with a unit, e.g. '512MiB' or '2GB'"
+    )

@@ -110,7 +110,15 @@ class PlanCost:
         )
 
 
-def plan_cost(graph: SiteGraph, plan: Plan, *, batch_shape: tuple[int, int] | None = None, param_bytes: int = 4, act_bytes: int = 4, machine: Machine = DEFAULT_MACHINE) -> PlanCost:  # fmt: skip
+def plan_cost(
+    graph: SiteGraph,
+    plan: Plan,
+    *,
+    batch_shape: tuple[int, int] | None = None,
+    param_bytes: int = 4,
+    act_bytes: int = 4,
+    machine: Machine = DEFAULT_MACHINE,
+) -> PlanCost:
     """The cost of ``plan`` on the model ``graph`` describes.
 
     Activations and FLOPs are at ``batch_shape`` (batch, sequence length; default: the example
@@ -131,7 +139,9 @@ def plan_cost(graph: SiteGraph, plan: Plan, *, batch_shape: tuple[int, int] | No
     (b, n), (b0, n0) = batch_shape or graph.example_shape, graph.example_shape
     if b < 1 or n < 1:
         raise ValueError(f"batch_shape must be two positive sizes (batch, sequence length), got {batch_shape}")
-    cost = _cost(graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes)
+    cost = _cost(
+        graph, plan, lambda s: s.tokens_at(b, n, graph.example_shape), b * n / (b0 * n0), param_bytes, act_bytes
+    )
     return replace(cost, machine=machine)
 
 
@@ -155,8 +165,17 @@ class MemoryEstimate:
         )
 
 
-def train_memory_estimate(model: nn.Module, graph: SiteGraph, plan: Plan, *, batch: int, seq_len: int,
-                          example_inputs: Any = None, param_bytes: int = 4, act_bytes: int = 4) -> MemoryEstimate:
+def train_memory_estimate(
+    model: nn.Module,
+    graph: SiteGraph,
+    plan: Plan,
+    *,
+    batch: int,
+    seq_len: int,
+    example_inputs: Any = None,
+    param_bytes: int = 4,
+    act_bytes: int = 4,
+) -> MemoryEstimate:
     """Training memory of ``model`` tuned by ``plan``, at ``batch`` sequences of ``seq_len``.
 
     Base weights (``graph.total_params`` in the model's dtype) + activations the frozen model
@@ -174,8 +193,10 @@ def train_memory_estimate(model: nn.Module, graph: SiteGraph, plan: Plan, *, bat
     """
 
     if hasattr(model, PLAN_ATTR):
-        raise PlanError("train_memory_estimate needs the model before apply (the plan's own activations "
-                        "are costed from its methods); call peftplan.remove(model) first")
+        raise PlanError(
+            "train_memory_estimate needs the model before apply (the plan's own activations "
+            "are costed from its methods); call peftplan.remove(model) first"
+        )
     if batch <= 0 or seq_len <= 0:
         raise ValueError(f"batch and seq_len must be positive, got batch={batch}, seq_len={seq_len}")
     tuned = [graph[n] for n in plan.tuned() if n in graph]
@@ -212,6 +233,7 @@ def saved_bytes(model: nn.Module, tuned: list[Site], inputs: tuple[tuple, dict])
                 tokens[site.name] = out.numel() // site.out_features  # (..., out) or (N, out, H, W)
                 if out.is_floating_point() and not out.requires_grad:
                     out.requires_grad_(True)
+
         return hook
 
     handles = [model.get_submodule(s.name).register_forward_hook(output_needs_grad(s)) for s in tuned]
@@ -234,14 +256,17 @@ def saved_bytes(model: nn.Module, tuned: list[Site], inputs: tuple[tuple, dict])
     return sum(storages.values()), tokens
 
 
-def _cost(graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_scale: float,
-          param_bytes: int, act_bytes: int) -> PlanCost:
+def _cost(
+    graph: SiteGraph, plan: Plan, tokens_of: Callable[[Site], int], flops_scale: float, param_bytes: int, act_bytes: int
+) -> PlanCost:
     """Per-site costs with ``tokens_of(site)`` positions per call, FLOPs at ``flops_scale``
     times the example shape."""
     missing = [n for n in plan.sites if n not in graph]
     if missing:
-        raise PlanError(f"plan site(s) {missing[:10]} are not in this graph ({graph.model_class}); "
-                        "cost a plan against the graph of the model it was made for")
+        raise PlanError(
+            f"plan site(s) {missing[:10]} are not in this graph ({graph.model_class}); "
+            "cost a plan against the graph of the model it was made for"
+        )
     sites, counted_full = {}, set()
     for name, entry in plan.tuned().items():
         site = graph[name]
@@ -289,8 +314,10 @@ def _one_example(model: nn.Module, seq_len: int, given: Any) -> tuple[tuple, dic
         return normalise(given)
     args, kwargs = example_inputs(model)
     if "input_ids" not in kwargs:
-        raise ValueError(f"{type(model).__name__} is not an HF text model: pass example_inputs= one training "
-                         "example (batch 1, training size) to measure its activations")
+        raise ValueError(
+            f"{type(model).__name__} is not an HF text model: pass example_inputs= one training "
+            "example (batch 1, training size) to measure its activations"
+        )
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     kwargs["input_ids"] = torch.randint(0, min(text.vocab_size, 1000), (1, seq_len), device=model_device(model))
     return args, kwargs

@@ -40,8 +40,12 @@ def _mlp() -> nn.Module:
 def _untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     """No plan left on ``model``, every parameter trainable again and every value as before."""
     after = snapshot(model)
-    return (not hasattr(model, "peftplan_plan") and all(p.requires_grad for p in model.parameters())
-            and after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before))  # fmt: skip
+    return (
+        not hasattr(model, "peftplan_plan")
+        and all(p.requires_grad for p in model.parameters())
+        and after.keys() == before.keys()
+        and all(torch.equal(after[k], before[k]) for k in before)
+    )
 
 
 # -- aliased modules ------------------------------------------------------------------------
@@ -105,7 +109,9 @@ def test_negative_labels_are_an_error(tmp_path):
     (tmp_path / "dev.tsv").write_text("0\tfine\n")
     model = SimpleNamespace(config=SimpleNamespace(num_labels=2))
     with pytest.raises(ValueError, match="label -1: labels are class numbers 0, 1, …; renumber"):
-        pp.Task.for_sequence_classification(model, object(), tmp_path / "train.tsv", tmp_path / "dev.tsv", validation=None)
+        pp.Task.for_sequence_classification(
+            model, object(), tmp_path / "train.tsv", tmp_path / "dev.tsv", validation=None
+        )
 
 
 @pytest.fixture
@@ -117,12 +123,15 @@ def sparse_artifact(tmp_path):
     return fresh, tmp_path / "run" / "adapters.safetensors"
 
 
-@pytest.mark.parametrize("indices, problem", [
-    (lambda ix: ix + 1000, r"indices must lie in \[0, 256\)"),
-    (lambda ix: -ix - 1, r"indices must lie in \[0, 256\)"),
-    (lambda ix: torch.zeros_like(ix), "indices must be distinct"),
-    (lambda ix: ix.float(), "dtype mismatch.*0.indices: saved torch.float32, model torch.int64"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "indices, problem",
+    [
+        (lambda ix: ix + 1000, r"indices must lie in \[0, 256\)"),
+        (lambda ix: -ix - 1, r"indices must lie in \[0, 256\)"),
+        (lambda ix: torch.zeros_like(ix), "indices must be distinct"),
+        (lambda ix: ix.float(), "dtype mismatch.*0.indices: saved torch.float32, model torch.int64"),
+    ],
+)
 def test_bad_sparse_indices_are_refused_at_load(sparse_artifact, indices, problem):
     fresh, path = sparse_artifact
     tensors = load_file(str(path))
@@ -182,9 +191,14 @@ def test_train_refuses_a_merged_model_up_front():
 def test_a_tuned_site_the_forward_never_calls_is_warned_about_when_applied():
     model = t5()
     assert "shared" not in {s.name for s in pp.lower(model).sites}  # reached only through its tied copies
-    with pytest.warns(UserWarning, match=r"the plan tunes 1 site\(s\) the model's forward never calls.*\n  shared \(its "
-                                         r"weight is tied to .*encoder.embed_tokens"):
-        pp.apply(model, plan_for(model, {"shared": {"method": "lora", "rank": 2}, "lm_head": {"method": "lora", "rank": 2}}))
+    with pytest.warns(
+        UserWarning,
+        match=r"the plan tunes 1 site\(s\) the model's forward never calls.*\n  shared \(its "
+        r"weight is tied to .*encoder.embed_tokens",
+    ):
+        pp.apply(
+            model, plan_for(model, {"shared": {"method": "lora", "rank": 2}, "lm_head": {"method": "lora", "rank": 2}})
+        )
     ids = token_ids()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -258,12 +272,15 @@ def test_a_catastrophic_target_regex_does_not_hang(peft_dir):
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("field, value, problem", [
-    ("target_modules", "(unclosed", r"target_modules '\(unclosed' is not a valid regular expression"),
-    ("rank_pattern", {"[": 4}, r"rank/alpha pattern '\[' is not a valid regular expression"),
-    ("target_modules", 5, "target_modules must be a regex string or a list of module names, got 5"),
-    ("modules_to_save", "0", "modules_to_save must be a list of module names"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("target_modules", "(unclosed", r"target_modules '\(unclosed' is not a valid regular expression"),
+        ("rank_pattern", {"[": 4}, r"rank/alpha pattern '\[' is not a valid regular expression"),
+        ("target_modules", 5, "target_modules must be a regex string or a list of module names, got 5"),
+        ("modules_to_save", "0", "modules_to_save must be a list of module names"),
+    ],
+)
 def test_malformed_peft_config_fields_are_named(peft_dir, field, value, problem):
     _edit_config(peft_dir, **{field: value})
     model = _mlp()
@@ -299,11 +316,17 @@ def _quantized() -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear}, dtype=torch.qint8)
 
 
-@pytest.mark.parametrize("model, problem", [
-    (_quantized, "holds quantized modules .*plan and apply on the floating-point model, then quantize"),
-    (lambda: torch.jit.script(nn.Sequential(nn.Linear(4, 4))), "TorchScript module.*lower and apply the eager model"),
-    (lambda: nn.Linear(32, 32), r"the model is a single Linear.*nn.Sequential\(layer\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, problem",
+    [
+        (_quantized, "holds quantized modules .*plan and apply on the floating-point model, then quantize"),
+        (
+            lambda: torch.jit.script(nn.Sequential(nn.Linear(4, 4))),
+            "TorchScript module.*lower and apply the eager model",
+        ),
+        (lambda: nn.Linear(32, 32), r"the model is a single Linear.*nn.Sequential\(layer\)"),
+    ],
+)
 def test_lowering_what_cannot_be_tuned_says_why(model, problem):
     from peftplan.ir.lower import LoweringError
 
@@ -366,21 +389,27 @@ def test_plan_load_on_binary_files_and_directories(tmp_path):
         pp.apply(_mlp(), tmp_path / "artifact")
 
 
-@pytest.mark.parametrize("field, value, problem", [
-    ("shape", 5, r"'shape' must be \[in_features, out_features\] \(two positive ints\), got 5"),
-    ("depth", "deep", r"'depth' must be a number in \[0, 1\].*got 'deep'"),
-    ("role", 3, "'role' must be a string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("shape", 5, r"'shape' must be \[in_features, out_features\] \(two positive ints\), got 5"),
+        ("depth", "deep", r"'depth' must be a number in \[0, 1\].*got 'deep'"),
+        ("role", 3, "'role' must be a string"),
+    ],
+)
 def test_mistyped_site_descriptions(field, value, problem):
     with pytest.raises(PlanError, match=problem):
         pp.Plan(sites={"0": {"method": "lora", "rank": 2, field: value}})
 
 
-@pytest.mark.parametrize("name, content, loader", [
-    ("adapters.safetensors", b"random bytes" * 10, "load"),
-    ("adapter_model.safetensors", b"random bytes" * 10, "import"),
-    ("adapter_config.json", b'{"peft_type": "LO', "import"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, content, loader",
+    [
+        ("adapters.safetensors", b"random bytes" * 10, "load"),
+        ("adapter_model.safetensors", b"random bytes" * 10, "import"),
+        ("adapter_config.json", b'{"peft_type": "LO', "import"),
+    ],
+)
 def test_damaged_artifact_files_are_named(tmp_path, name, content, loader):
     model = _mlp()
     pp.apply(model, plan_for(model, {"0": {"method": "lora", "rank": 2}}))
@@ -405,11 +434,14 @@ def test_a_peft_tensor_of_the_wrong_shape_is_named(peft_dir):
     assert _untouched(model, before)
 
 
-@pytest.mark.parametrize("url, problem", [
-    ("notaurl", "'notaurl' is not a database URL: use sqlite:///study.db"),
-    ("sqlite:///{tmp}/missing/study.db", "folder of the SQLite storage .* does not exist: create"),
-    ("sqlite:///{tmp}/junk.db", "cannot open the study storage .*not a database"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("notaurl", "'notaurl' is not a database URL: use sqlite:///study.db"),
+        ("sqlite:///{tmp}/missing/study.db", "folder of the SQLite storage .* does not exist: create"),
+        ("sqlite:///{tmp}/junk.db", "cannot open the study storage .*not a database"),
+    ],
+)
 def test_bad_storages(tmp_path, url, problem):
     from peftplan.planner.study import StudyError, open_storage
 
@@ -446,9 +478,18 @@ def test_no_trial_fitting_the_limits_names_them():
     from peftplan.planner.study.config import ATTR, StudyConfig
     from peftplan.planner.study.run import best_plan
 
-    config = StudyConfig("random", 1, ("metric", "memory"), {"metric": "max", "memory": "min"}, (Fidelity(),),
-                         {"memory": 1000.0}, pp.Budget.coerce("1%").to_dict())  # fmt: skip
+    config = StudyConfig(
+        "random",
+        1,
+        ("metric", "memory"),
+        {"metric": "max", "memory": "min"},
+        (Fidelity(),),
+        {"memory": 1000.0},
+        pp.Budget.coerce("1%").to_dict(),
+    )
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.set_user_attr(ATTR, config.to_dict())
-    with pytest.raises(StudyError, match=r"none failed: plans over the limits \{'memory': 1000.0\} are never trained.*raise the"):
+    with pytest.raises(
+        StudyError, match=r"none failed: plans over the limits \{'memory': 1000.0\} are never trained.*raise the"
+    ):
         best_plan(study)

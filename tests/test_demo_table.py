@@ -48,7 +48,9 @@ def test_the_search_costs_its_screens_by_their_share(demo):
     recipe = pp.Recipe(lr=1e-3, steps=200)
     short, full = str(Fidelity(share=0.05)), str(Fidelity())
     front = ParetoFront([], {"metric": "max", "params": "min"})
-    front.evaluated = [FrontPoint({"metric": 0.5, "params": 1}, None, {"fidelity": f}) for f in [short] * 16 + [full] * 7]
+    front.evaluated = [
+        FrontPoint({"metric": 0.5, "params": 1}, None, {"fidelity": f}) for f in [short] * 16 + [full] * 7
+    ]
     assert demo.search_cost(front, recipe) == pytest.approx(16 * 0.05 + 7)  # the README's 7.8 trainings
 
 
@@ -56,10 +58,18 @@ def test_the_note_says_the_gain_of_peft_s_own_plan_is_its_learning_rate(demo):
     base = bert_classifier()
     qv = [n for n, _ in base.named_modules() if n.endswith(("attention.self.query", "attention.self.value"))]
     plan = pp.Plan(sites={**{n: {"method": "lora", "rank": 8} for n in qv}, "classifier": {"method": "full"}})
-    rows = [("peft untuned", 100, 1e-3, 1, 0.80, 0.78, 1.0, "-"), ("peft tuned", 100, 3e-3, 3, 0.84, 0.83, 1.0, "-"),
-            ("proxy", 100, 1e-3, 1, 0.81, 0.80, 1.0, "0s"), ("searched", 100, 2.5e-3, 8.8, 0.85, 0.84, 1.0, "60s")]  # fmt: skip
+    rows = [
+        ("peft untuned", 100, 1e-3, 1, 0.80, 0.78, 1.0, "-"),
+        ("peft tuned", 100, 3e-3, 3, 0.84, 0.83, 1.0, "-"),
+        ("proxy", 100, 1e-3, 1, 0.81, 0.80, 1.0, "0s"),
+        ("searched", 100, 2.5e-3, 8.8, 0.85, 0.84, 1.0, "60s"),
+    ]
     note = demo.gain_note(rows, plan, base)
-    assert "= +0.0600" in note and "(the best of 3 rates on validation, 0.003) gives +0.0500" in note and "beyond that +0.0100" in note
+    assert (
+        "= +0.0600" in note
+        and "(the best of 3 rates on validation, 0.003) gives +0.0500" in note
+        and "beyond that +0.0100" in note
+    )
     assert "cost 8.8 trainings" in note and "what it adds is its learning rate" in note
     other = pp.Plan(sites={qv[0]: {"method": "lora", "rank": 4}})
     assert "what it adds" not in demo.gain_note(rows, other, base)

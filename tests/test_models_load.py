@@ -42,7 +42,10 @@ def test_body_weights_the_checkpoint_lacks_are_a_warning(tmp_path):
     body = bert()
     weights = {k: v for k, v in body.state_dict().items() if k != "encoder.layer.0.attention.self.query.weight"}
     body.save_pretrained(tmp_path, state_dict=weights)
-    with pytest.warns(UserWarning, match=r"1 weight\(s\) of the model body .* bert\.encoder\.layer\.0\.attention\.self\.query\.weight \(missing\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"1 weight\(s\) of the model body .* bert\.encoder\.layer\.0\.attention\.self\.query\.weight \(missing\)",
+    ):
         models.load_model(str(tmp_path), num_labels=2)
 
 

@@ -65,7 +65,10 @@ def test_own_data(tmp_path, monkeypatch, capsys):
     write_reviews(tmp_path / "reviews.csv", 60, seed=0)
     write_reviews(tmp_path / "reviews_test.csv", 12, seed=1)
     scope = run("own-data", tmp_path, monkeypatch)
-    assert [line for line in capsys.readouterr().out.splitlines() if line.strip()] == ["('bad', 'good', 'ok')", "['bad', 'good', 'ok']"]
+    assert [line for line in capsys.readouterr().out.splitlines() if line.strip()] == [
+        "('bad', 'good', 'ok')",
+        "['bad', 'good', 'ok']",
+    ]
     assert sum(len(b["labels"]) for b in scope["task"].validation_batches) == 12  # 20% of 60
 
 
@@ -73,8 +76,14 @@ def test_trainer(tmp_path, monkeypatch):
     from tests.planner.test_trainer_loop import token_data
     from tests.zoo import bert_classifier
 
-    scope = run("trainer", tmp_path, monkeypatch, model=bert_classifier(), train_ds=token_data(32, 0),
-                held_out_ds=token_data(16, 1))  # fmt: skip
+    scope = run(
+        "trainer",
+        tmp_path,
+        monkeypatch,
+        model=bert_classifier(),
+        train_ds=token_data(32, 0),
+        held_out_ds=token_data(16, 1),
+    )
     plan = scope["plan"]
     assert plan.objectives["metric"] < 0 and plan.recipe.steps == 10  # minus the eval loss, at the full recipe
     assert len(plan.front) >= 1 and not (tmp_path / "trials").exists()  # trials keep no checkpoints
@@ -111,7 +120,9 @@ def test_gpu(tmp_path, monkeypatch):
     exec(compile(code, "README.md:gpu", "exec"), scope)
     assert scope["plan"].front and scope["plan"].recipe.steps == 20
     # the worker of the comment: it rebuilds the study's model and task and finds nothing left to run
-    assert main(["worker", "sqlite:///study.db", "--device", where, "--bf16", "-q", "-o", str(tmp_path / "w.json")]) == 0
+    assert (
+        main(["worker", "sqlite:///study.db", "--device", where, "--bf16", "-q", "-o", str(tmp_path / "w.json")]) == 0
+    )
 
 
 def test_chat(tmp_path, monkeypatch, capsys):
@@ -149,7 +160,11 @@ def test_own_loop(tmp_path, monkeypatch):
     loader = torch.utils.data.DataLoader(tiny_task().train_batches, batch_size=None)
     with pytest.warns(UserWarning, match="data-free"):
         scope = run("own-loop", tmp_path, monkeypatch, model=bert_classifier(), my_loop=my_loop, train_loader=loader)
-    assert scope["plan"].recipe.steps == 200 and {s for s, _ in calls} >= {None, 10, 200}  # shares of an epoch, then steps
+    assert scope["plan"].recipe.steps == 200 and {s for s, _ in calls} >= {
+        None,
+        10,
+        200,
+    }  # shares of an epoch, then steps
 
 
 @pytest.mark.slow  # a default search whose trials each build an SFTTrainer (~8 s)
@@ -163,10 +178,17 @@ def test_trl(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = example("trl")
     if not torch.cuda.is_available():  # SFTConfig trains in bf16 on a GPU by default
-        code = code.replace("per_device_train_batch_size=8)", "per_device_train_batch_size=8, use_cpu=True, bf16=False)")
+        code = code.replace(
+            "per_device_train_batch_size=8)", "per_device_train_batch_size=8, use_cpu=True, bf16=False)"
+        )
     torch.manual_seed(0)
-    scope = {"__name__": "readme_trl", "model": qwen2(), "tokenizer": char_tokenizer(),
-             "train_ds": datasets.Dataset.from_list(rows(32, 0)), "held_out_ds": datasets.Dataset.from_list(rows(8, 1))}  # fmt: skip
+    scope = {
+        "__name__": "readme_trl",
+        "model": qwen2(),
+        "tokenizer": char_tokenizer(),
+        "train_ds": datasets.Dataset.from_list(rows(32, 0)),
+        "held_out_ds": datasets.Dataset.from_list(rows(8, 1)),
+    }
     exec(compile(code, "README.md:trl", "exec"), scope)
     assert scope["plan"].recipe.steps == 20 and scope["plan"].objectives["metric"] < 0  # minus the eval loss
     assert not (tmp_path / "trials").exists() or not any((tmp_path / "trials").glob("checkpoint-*"))
@@ -181,7 +203,11 @@ def test_peft_config(tmp_path, monkeypatch):
 
     scope = run("peft-config", tmp_path, monkeypatch, model=llama())
     plan, peft_model = scope["plan"], scope["peft_model"]
-    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == count_trainable(pp.apply(llama(), plan)) > 0
+    assert (
+        sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        == count_trainable(pp.apply(llama(), plan))
+        > 0
+    )
     assert yaml.safe_load((tmp_path / "axolotl.yml").read_text())["lora_target_modules"] == list(plan.tuned())
 
 
@@ -200,7 +226,10 @@ def test_export(tmp_path, monkeypatch):
             p.add_(0.05)  # as if trained
         expected = tuned(token_ids()).logits
     run("export", tmp_path, monkeypatch, tuned=tuned, tokenizer=char_tokenizer())
-    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), PeftModel.from_pretrained(llama_eager(), tmp_path / "peft_adapter")):
+    for loaded in (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged"),
+        PeftModel.from_pretrained(llama_eager(), tmp_path / "peft_adapter"),
+    ):
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(token_ids()).logits, expected, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.json").exists()

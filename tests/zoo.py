@@ -18,21 +18,27 @@ H, FF, V, L = 32, 64, 99, 2  # hidden, intermediate, vocab, layers
 def bert():
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF))
+    return BertModel(
+        BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF)
+    )
 
 
 def roberta_cls():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     return RobertaForSequenceClassification(
-        RobertaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, num_labels=3)
+        RobertaConfig(
+            vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, num_labels=3
+        )
     )
 
 
 def distilbert_cls():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=V, dim=H, n_layers=L, n_heads=4, hidden_dim=FF))
+    return DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=V, dim=H, n_layers=L, n_heads=4, hidden_dim=FF)
+    )
 
 
 def gpt2():
@@ -42,16 +48,34 @@ def gpt2():
 
 
 def _decoder(config_cls, model_cls, **extra):
-    cfg = config_cls(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=4,
-                     num_key_value_heads=2, **extra)  # fmt: skip
+    cfg = config_cls(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **extra,
+    )
     return model_cls(cfg)
 
 
 def llama(layers: int = L):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _decoder(LlamaConfig, LlamaForCausalLM) if layers == L else LlamaForCausalLM(
-        LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    return (
+        _decoder(LlamaConfig, LlamaForCausalLM)
+        if layers == L
+        else LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=V,
+                hidden_size=H,
+                intermediate_size=FF,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
     )
 
 
@@ -77,7 +101,15 @@ def vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTForImageClassification(
-        ViTConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, image_size=32, patch_size=8, num_labels=5)
+        ViTConfig(
+            hidden_size=H,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            intermediate_size=FF,
+            image_size=32,
+            patch_size=8,
+            num_labels=5,
+        )
     )
 
 
@@ -95,8 +127,16 @@ def minilm_vocab_classifier():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
-                                                    intermediate_size=FF, max_position_embeddings=64))  # fmt: skip
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=H,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            intermediate_size=FF,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def slow_minilm_vocab_classifier():
@@ -120,11 +160,23 @@ def llama_meta(size: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if size == "7b":
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=32)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        )
     else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                          num_attention_heads=64, num_key_value_heads=8)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+        )
     with torch.device("meta"):
         return LlamaForCausalLM(cfg)
 
@@ -229,24 +281,51 @@ def bert_eager() -> nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
-                                intermediate_size=37, attn_implementation="eager")).eval()  # fmt: skip
+    return BertModel(
+        BertConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            intermediate_size=37,
+            attn_implementation="eager",
+        )
+    ).eval()
 
 
 def llama_eager() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=37, num_hidden_layers=L,
-                                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).eval()  # fmt: skip
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=H,
+            intermediate_size=37,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation="eager",
+        )
+    ).eval()
 
 
 def gpt2_eager() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=64, bos_token_id=1,
-                                      eos_token_id=2, attn_implementation="eager")).eval()  # fmt: skip
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=V,
+            n_embd=H,
+            n_layer=L,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            attn_implementation="eager",
+        )
+    ).eval()
 
 
 class PointwiseCNN(nn.Module):
@@ -281,9 +360,16 @@ def token_ids(vocab: int = V) -> torch.Tensor:
 
 
 HF = {
-    "bert": bert, "roberta_cls": roberta_cls, "distilbert_cls": distilbert_cls, "gpt2": gpt2, "llama": llama,
-    "mistral": mistral, "qwen2": qwen2, "t5": t5, "vit": vit,
-}  # fmt: skip
+    "bert": bert,
+    "roberta_cls": roberta_cls,
+    "distilbert_cls": distilbert_cls,
+    "gpt2": gpt2,
+    "llama": llama,
+    "mistral": mistral,
+    "qwen2": qwen2,
+    "t5": t5,
+    "vit": vit,
+}
 
 
 CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;"
@@ -302,9 +388,15 @@ def char_tokenizer(bos: bool = True, pad: bool = True):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    special = {"eos_token": "</s>", "unk_token": "<unk>", **({"bos_token": "<s>"} if bos else {}),
-               **({"pad_token": "<pad>"} if pad else {})}  # fmt: skip
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
+    special = {
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        **({"bos_token": "<s>"} if bos else {}),
+        **({"pad_token": "<pad>"} if pad else {}),
+    }
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
@@ -320,8 +412,11 @@ def chat_tokenizer():
     tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>",
-                                  additional_special_tokens=markers[2:])  # fmt: skip
-    out.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")  # fmt: skip
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>", additional_special_tokens=markers[2:]
+    )
+    out.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
     return out

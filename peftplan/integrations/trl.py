@@ -51,11 +51,29 @@ class SFTLoop(TrainerLoop):
     ``metric_for_best_model``, else ``eval_loss``), negated when ``greater_is_better`` is False
     (the default for a loss); ``calibration_batches``: training batches of `task`."""
 
-    def __init__(self, args: Any, train_dataset: Any, eval_dataset: Any, processing_class: Any = None, *,
-                 formatting_func: Callable | None = None, compute_metrics: Callable | None = None, metric: str | None = None,
-                 greater_is_better: bool | None = None, calibration_batches: int = 4) -> None:  # fmt: skip
-        super().__init__(args, train_dataset, eval_dataset, None, compute_metrics, metric=metric,
-                         greater_is_better=greater_is_better, calibration_batches=calibration_batches)  # fmt: skip
+    def __init__(
+        self,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        processing_class: Any = None,
+        *,
+        formatting_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        metric: str | None = None,
+        greater_is_better: bool | None = None,
+        calibration_batches: int = 4,
+    ) -> None:
+        super().__init__(
+            args,
+            train_dataset,
+            eval_dataset,
+            None,
+            compute_metrics,
+            metric=metric,
+            greater_is_better=greater_is_better,
+            calibration_batches=calibration_batches,
+        )
         self.processing_class, self.formatting_func = processing_class, formatting_func
 
     def trainer(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
@@ -72,12 +90,20 @@ class SFTLoop(TrainerLoop):
 
         head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
         if isinstance(head, Wrapper):
-            raise ValueError("TRL's SFTTrainer computes the loss from lm_head.weight directly, so an adapter on the output "
-                             "layer would never train: keep the head out of the plan (roles without 'head') or train it "
-                             "whole (train_modules=['lm_head'])")  # fmt: skip
-        return SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=self.processing_class, formatting_func=self.formatting_func,
-                          compute_metrics=self.compute_metrics)  # fmt: skip
+            raise ValueError(
+                "TRL's SFTTrainer computes the loss from lm_head.weight directly, so an adapter on the output "
+                "layer would never train: keep the head out of the plan (roles without 'head') or train it "
+                "whole (train_modules=['lm_head'])"
+            )
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=self.processing_class,
+            formatting_func=self.formatting_func,
+            compute_metrics=self.compute_metrics,
+        )
 
     def task(self, model: nn.Module) -> Task:
         """The first ``calibration_batches`` training batches as ``SFTTrainer`` prepares and
@@ -93,7 +119,8 @@ class SFTLoop(TrainerLoop):
         ['attention_mask', 'input_ids', 'labels']
         """
         with tempfile.TemporaryDirectory(prefix="peftplan-sft-") as out:
-            trainer = self.trainer(copy.deepcopy(model), self.trial_arguments(out, 1, self.args.learning_rate),
-                                   self.train_dataset, None)  # fmt: skip
+            trainer = self.trainer(
+                copy.deepcopy(model), self.trial_arguments(out, 1, self.args.learning_rate), self.train_dataset, None
+            )
             batches = [dict(b) for b in itertools.islice(trainer.get_train_dataloader(), self.calibration_batches)]
         return Task(batches, [], model_loss, None, name="sft")

@@ -31,9 +31,12 @@ from ...plan import Plan, write_atomic
 from .plot import lr_of, plot_html, plot_png, run_length
 
 SENSES = ("max", "min")
-AXIS_LABELS = {"params": "trainable parameters",
-               "memory": "training memory (bytes)", "latency": "forward-time overhead after merging",
-               "adapter_bytes": "adapter file size (bytes)"}  # fmt: skip
+AXIS_LABELS = {
+    "params": "trainable parameters",
+    "memory": "training memory (bytes)",
+    "latency": "forward-time overhead after merging",
+    "adapter_bytes": "adapter file size (bytes)",
+}
 
 
 @dataclass
@@ -65,7 +68,9 @@ class ParetoFront:
                 raise ValueError(f"point objectives {sorted(p.values)} differ from the front's {sorted(self.senses)}")
 
     @classmethod
-    def from_points(cls, points: Iterable[tuple[dict[str, float], Plan | None] | FrontPoint], senses: dict[str, str]) -> ParetoFront:
+    def from_points(
+        cls, points: Iterable[tuple[dict[str, float], Plan | None] | FrontPoint], senses: dict[str, str]
+    ) -> ParetoFront:
         """The non-dominated subset of ``points`` (non-finite values are dropped; duplicates
         are kept once)."""
         pts = [p if isinstance(p, FrontPoint) else FrontPoint(dict(p[0]), p[1]) for p in points]
@@ -76,7 +81,10 @@ class ParetoFront:
 
         keep = is_non_dominated(_maximised(pts, senses), deduplicate=True)
         order = _sort_key(senses)
-        front = sorted((p for p, k in zip(pts, keep.tolist()) if k), key=lambda p: p.values[order] * (1 if senses[order] == "min" else -1))
+        front = sorted(
+            (p for p, k in zip(pts, keep.tolist()) if k),
+            key=lambda p: p.values[order] * (1 if senses[order] == "min" else -1),
+        )
         return cls(front, dict(senses))
 
     def __iter__(self) -> Iterator[FrontPoint]:
@@ -140,7 +148,9 @@ class ParetoFront:
             "format": "peftplan.front",
             "version": 1,
             "senses": self.senses,
-            "points": [{"values": p.values, "info": p.info, "plan": p.plan.to_dict() if p.plan else None} for p in self.points],
+            "points": [
+                {"values": p.values, "info": p.info, "plan": p.plan.to_dict() if p.plan else None} for p in self.points
+            ],
             **({"limits": self.limits} if self.limits else {}),
             **({"metric_name": self.metric_name} if self.metric_name else {}),
         }
@@ -149,7 +159,12 @@ class ParetoFront:
     def from_dict(cls, d: dict[str, Any]) -> ParetoFront:
         if d.get("format") != "peftplan.front" or d.get("version") != 1:
             raise ValueError(f"not a peftplan front (format={d.get('format')!r}, version={d.get('version')!r})")
-        pts = [FrontPoint(dict(p["values"]), Plan.from_dict(p["plan"]) if p.get("plan") else None, dict(p.get("info") or {})) for p in d["points"]]
+        pts = [
+            FrontPoint(
+                dict(p["values"]), Plan.from_dict(p["plan"]) if p.get("plan") else None, dict(p.get("info") or {})
+            )
+            for p in d["points"]
+        ]
         return cls(pts, dict(d["senses"]), limits=dict(d.get("limits") or {}), metric_name=d.get("metric_name"))
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -173,8 +188,16 @@ class ParetoFront:
             plan = p.plan or plans.get(p.info.get("trial"))
             lr = lr_of(FrontPoint(p.values, plan, p.info))
             on_front = ["yes" if "trial" in p.info and p.info["trial"] in plans else "no"] if every_trial else []
-            w.writerow([*(p.values[k] for k in self.senses), "" if lr is None else f"{lr:.6g}", run_length(p.info.get("fidelity", ""), self),
-                        *on_front, *(p.info.get(k, "") for k in info_keys), plan.summary() if plan else ""])  # fmt: skip
+            w.writerow(
+                [
+                    *(p.values[k] for k in self.senses),
+                    "" if lr is None else f"{lr:.6g}",
+                    run_length(p.info.get("fidelity", ""), self),
+                    *on_front,
+                    *(p.info.get(k, "") for k in info_keys),
+                    plan.summary() if plan else "",
+                ]
+            )
         return write_atomic(path, buf.getvalue())
 
     def axis_label(self, objective: str) -> str:
@@ -185,10 +208,20 @@ class ParetoFront:
         """
         if objective == "metric":
             return f"validation {self.metric_name or 'metric'} (higher is better)"
-        return AXIS_LABELS.get(objective, f"{objective} ({'higher' if self.senses[objective] == 'max' else 'lower'} is better)")
+        return AXIS_LABELS.get(
+            objective, f"{objective} ({'higher' if self.senses[objective] == 'max' else 'lower'} is better)"
+        )
 
-    def plot(self, path: str | os.PathLike, *, x: str | None = None, y: str | None = None, title: str = "Pareto front",
-             labels: dict[str, str] | None = None, markers: dict[str, dict[str, float]] | None = None) -> Path:  # fmt: skip
+    def plot(
+        self,
+        path: str | os.PathLike,
+        *,
+        x: str | None = None,
+        y: str | None = None,
+        title: str = "Pareto front",
+        labels: dict[str, str] | None = None,
+        markers: dict[str, dict[str, float]] | None = None,
+    ) -> Path:
         """The front's staircase over every evaluated trial (`evaluated`: full runs off the front
         faint, short screening runs fainter, search seeds named in the legend), the returned plan
         (the best within `limits`) as a star, the budget as a dashed line, plus ``markers``

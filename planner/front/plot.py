@@ -54,7 +54,11 @@ def layers(front: ParetoFront, x: str, y: str) -> dict[str, list[FrontPoint]]:
     sign = 1 if front.senses.get(y) == "max" else -1
     for p in seen:
         name = p.info.get("baseline")
-        if name and p.info.get("rung", 0) == rung and (name not in best or sign * p.values[y] > sign * best[name].values[y]):
+        if (
+            name
+            and p.info.get("rung", 0) == rung
+            and (name not in best or sign * p.values[y] > sign * best[name].values[y])
+        ):
             best[name] = p
     return {
         "screened": [p for p in seen if p.info.get("rung", 0) < rung],
@@ -107,7 +111,15 @@ def short_run(fidelity: str, front: ParetoFront) -> str:
 
 def short_count(v: float) -> str:
     """A count in three significant figures: 5k, 74.5k, 22.7M (tick labels, plot legends)."""
-    return f"{v / 1e9:.3g}G" if v >= 1e9 else f"{v / 1e6:.3g}M" if v >= 1e6 else f"{v / 1e3:.3g}k" if v >= 1e3 else f"{v:.3g}"
+    return (
+        f"{v / 1e9:.3g}G"
+        if v >= 1e9
+        else f"{v / 1e6:.3g}M"
+        if v >= 1e6
+        else f"{v / 1e3:.3g}k"
+        if v >= 1e3
+        else f"{v:.3g}"
+    )
 
 
 def readable(v: float) -> str:
@@ -126,7 +138,10 @@ def hover(p: FrontPoint, front: ParetoFront, axes: dict[str, str]) -> str:
     lines += [f"learning rate: {lr:.3g}"] if lr is not None else []
     lines += [f"validation loss: {p.info['validation_loss']:.4g}"] if "validation_loss" in p.info else []
     if "trial" in p.info:
-        lines.append(f"trial {p.info['trial']}" + (f", {run_length(p.info['fidelity'], front)}" if p.info.get("fidelity") else ""))
+        lines.append(
+            f"trial {p.info['trial']}"
+            + (f", {run_length(p.info['fidelity'], front)}" if p.info.get("fidelity") else "")
+        )
     lines += [f"search seed: {p.info['baseline']}"] if p.info.get("baseline") else []
     lines += [p.plan.summary()] if p.plan is not None else []
     return "<br>".join(lines)
@@ -148,31 +163,53 @@ def budget_label(x: str, limit: float) -> str:
     return f"budget: {short_count(limit)}" + (" params" if x == "params" else "")
 
 
-def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: dict[str, str],
-             markers: dict[str, dict[str, float]]) -> Path:  # fmt: skip
-    # a Figure of its own (no pyplot): the user's process keeps its matplotlib backend
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9.6, 4.8), dpi=120)
-    ax = fig.subplots()
+def _png_layers(ax, front: ParetoFront, x: str, y: str, markers: dict[str, dict[str, float]]) -> None:
+    """The search's layers (short runs, off the front, the front, the returned plan, its seeds) and
+    the user's markers, each a legend entry."""
     parts = layers(front, x, y)
     for name, pts in _screened_groups(front, parts["screened"]).items():
         ax.scatter([p.values[x] for p in pts], [p.values[y] for p in pts], color="grey", alpha=0.3, s=16, label=name)
     if parts["dominated"]:
-        ax.scatter([p.values[x] for p in parts["dominated"]], [p.values[y] for p in parts["dominated"]], color="tab:blue",
-                   alpha=0.3, s=22, label="off the front")  # fmt: skip
+        ax.scatter(
+            [p.values[x] for p in parts["dominated"]],
+            [p.values[y] for p in parts["dominated"]],
+            color="tab:blue",
+            alpha=0.3,
+            s=22,
+            label="off the front",
+        )
     if len(front):
         xs, ys = _staircase(front, x, y)
         ax.plot(xs, ys, color="tab:blue", alpha=0.6, lw=1.5)
-        ax.scatter([p.values[x] for p in front], [p.values[y] for p in front], color="tab:blue", s=36, zorder=3, label="Pareto front")
+        ax.scatter(
+            [p.values[x] for p in front],
+            [p.values[y] for p in front],
+            color="tab:blue",
+            s=36,
+            zorder=3,
+            label="Pareto front",
+        )
     chosen = returned(front)
     if chosen is not None:
         ax.scatter([chosen.values[x]], [chosen.values[y]], marker="*", s=220, color="tab:red", zorder=6, label=RETURNED)
-    for p, colour in zip(parts["baselines"], SEED_COLOURS):  # rings in a legend, not text: seeds of equal params share a spot
-        ax.scatter([p.values[x]], [p.values[y]], s=90, facecolors="none", edgecolors=colour, lw=1.6, zorder=4,
-                   label=f"search seed '{p.info['baseline']}' (its best trial)")  # fmt: skip
+    # rings in a legend, not text: seeds of equal params share a spot
+    for p, colour in zip(parts["baselines"], SEED_COLOURS):
+        ax.scatter(
+            [p.values[x]],
+            [p.values[y]],
+            s=90,
+            facecolors="none",
+            edgecolors=colour,
+            lw=1.6,
+            zorder=4,
+            label=f"search seed '{p.info['baseline']}' (its best trial)",
+        )
     for (label, values), marker in zip(markers.items(), MARKERS * 3):  # black: no layer of the search's is
         ax.scatter([values[x]], [values[y]], marker=marker, s=70, zorder=5, label=label, color="black")
+
+
+def _png_x_axis(ax, front: ParetoFront, x: str, markers: dict[str, dict[str, float]]) -> None:
+    """The budget as a dashed line; a log scale with short ticks where x spans over a decade."""
     if x in front.limits:
         ax.axvline(front.limits[x], color="tab:red", ls="--", lw=1, alpha=0.7, label=budget_label(x, front.limits[x]))
     if _log_x(front, x, markers):
@@ -182,6 +219,24 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: short_count(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_png(
+    front: ParetoFront,
+    path: Path,
+    x: str,
+    y: str,
+    title: str,
+    axes: dict[str, str],
+    markers: dict[str, dict[str, float]],
+) -> Path:
+    # a Figure of its own (no pyplot): the user's process keeps its matplotlib backend
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.6, 4.8), dpi=120)
+    ax = fig.subplots()
+    _png_layers(ax, front, x, y, markers)
+    _png_x_axis(ax, front, x, markers)
     ax.set_xlabel(axes[x] + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(axes[y])
     ax.set_title(title)
@@ -194,21 +249,79 @@ def plot_png(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: d
     return write_atomic(path, png.getvalue())
 
 
-def plot_html(front: ParetoFront, path: Path, x: str, y: str, title: str, axes: dict[str, str],
-              markers: dict[str, dict[str, float]]) -> Path:  # fmt: skip
+def plot_html(
+    front: ParetoFront,
+    path: Path,
+    x: str,
+    y: str,
+    title: str,
+    axes: dict[str, str],
+    markers: dict[str, dict[str, float]],
+) -> Path:
     page = html_figure(front, x, y, title, axes, markers).to_html(include_plotlyjs=True, full_html=True)
-    page = page.replace("<head>", f"<head><title>{html.escape(title)}</title>", 1)  # plotly writes none: a tab named by the plot
+    page = page.replace(
+        "<head>", f"<head><title>{html.escape(title)}</title>", 1
+    )  # plotly writes none: a tab named by the plot
     return write_atomic(path, page)
 
 
-def html_figure(front: ParetoFront, x: str, y: str, title: str, axes: dict[str, str], markers: dict[str, dict[str, float]]):
+def _html_markers(fig, markers: dict[str, dict[str, float]], x: str, y: str, axes: dict[str, str]) -> None:
+    """The user's markers, black, each with its values in hover."""
+    import plotly.graph_objects as go
+
+    for (label, values), symbol in zip(
+        markers.items(), ("square", "triangle-up", "triangle-down", "diamond", "cross", "x") * 3
+    ):
+        text = "<br>".join([label, *(f"{axes.get(k, k)}: {readable(v)}" for k, v in values.items())])
+        fig.add_trace(
+            go.Scatter(
+                x=[values[x]],
+                y=[values[y]],
+                mode="markers",
+                marker={"size": 11, "symbol": symbol, "color": "black"},
+                name=label,
+                hovertext=[text],
+                hoverinfo="text",
+            )
+        )
+
+
+def _html_budget(fig, front: ParetoFront, x: str, log: bool) -> None:
+    """The budget as a dashed line, named at its top."""
+    if x in front.limits:
+        limit = front.limits[x]
+        fig.add_vline(x=limit, line={"dash": "dash", "color": "rgb(214,39,40)", "width": 1})
+        # annotations on a log axis take log10 of the value (shapes do not); left of the line, so it stays inside
+        fig.add_annotation(
+            x=math.log10(limit) if log else limit,
+            y=1,
+            yref="paper",
+            text=budget_label(x, limit),
+            showarrow=False,
+            xanchor="right",
+            yanchor="top",
+            font={"color": "rgb(214,39,40)"},
+        )
+
+
+def html_figure(
+    front: ParetoFront, x: str, y: str, title: str, axes: dict[str, str], markers: dict[str, dict[str, float]]
+):
     """The plotly figure `plot_html` writes: names in the legend, never as text on the points
     (labels of nearby points would overlap or run off the plot)."""
     import plotly.graph_objects as go
 
     def scatter(pts: list[FrontPoint], name: str, marker: dict, **kw) -> go.Scatter:
-        return go.Scatter(x=[p.values[x] for p in pts], y=[p.values[y] for p in pts], mode="markers", name=name, marker=marker,
-                          hovertext=[hover(p, front, axes) for p in pts], hoverinfo="text", **kw)  # fmt: skip
+        return go.Scatter(
+            x=[p.values[x] for p in pts],
+            y=[p.values[y] for p in pts],
+            mode="markers",
+            name=name,
+            marker=marker,
+            hovertext=[hover(p, front, axes) for p in pts],
+            hoverinfo="text",
+            **kw,
+        )
 
     parts = layers(front, x, y)
     fig = go.Figure()
@@ -216,25 +329,30 @@ def html_figure(front: ParetoFront, x: str, y: str, title: str, axes: dict[str, 
         fig.add_trace(scatter(pts, name, {"color": "rgba(128,128,128,0.35)", "size": 7}))
     fig.add_trace(scatter(parts["dominated"], "off the front", {"color": "rgba(31,119,180,0.3)", "size": 7}))
     xs, ys = _staircase(front, x, y) if len(front) else ([], [])
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "rgba(31,119,180,0.6)"}, hoverinfo="skip", name="front"))
+    fig.add_trace(
+        go.Scatter(x=xs, y=ys, mode="lines", line={"color": "rgba(31,119,180,0.6)"}, hoverinfo="skip", name="front")
+    )
     fig.add_trace(scatter(list(front), "Pareto front", {"size": 10, "color": "rgb(31,119,180)"}))
     chosen = returned(front)
     if chosen is not None:
         fig.add_trace(scatter([chosen], RETURNED, {"size": 18, "symbol": "star", "color": "rgb(214,39,40)"}))
     for p, colour in zip(parts["baselines"], SEED_COLOURS):
-        fig.add_trace(scatter([p], f"search seed '{p.info['baseline']}' (its best trial)",
-                              {"size": 14, "symbol": "circle-open", "line": {"width": 2}, "color": colour.removeprefix("tab:")}))  # fmt: skip
-    for (label, values), symbol in zip(markers.items(), ("square", "triangle-up", "triangle-down", "diamond", "cross", "x") * 3):
-        text = "<br>".join([label, *(f"{axes.get(k, k)}: {readable(v)}" for k, v in values.items())])
-        fig.add_trace(go.Scatter(x=[values[x]], y=[values[y]], mode="markers", marker={"size": 11, "symbol": symbol, "color": "black"},
-                                 name=label, hovertext=[text], hoverinfo="text"))  # fmt: skip
+        fig.add_trace(
+            scatter(
+                [p],
+                f"search seed '{p.info['baseline']}' (its best trial)",
+                {"size": 14, "symbol": "circle-open", "line": {"width": 2}, "color": colour.removeprefix("tab:")},
+            )
+        )
     log = _log_x(front, x, markers)
-    if x in front.limits:
-        limit = front.limits[x]
-        fig.add_vline(x=limit, line={"dash": "dash", "color": "rgb(214,39,40)", "width": 1})
-        # annotations on a log axis take log10 of the value (shapes do not); left of the line, so it stays inside
-        fig.add_annotation(x=math.log10(limit) if log else limit, y=1, yref="paper", text=budget_label(x, limit),
-                           showarrow=False, xanchor="right", yanchor="top", font={"color": "rgb(214,39,40)"})  # fmt: skip
-    fig.update_layout(title=title, xaxis_title=axes[x], yaxis_title=axes[y], template="plotly_white",
-                      xaxis_type="log" if log else "linear", hoverlabel={"align": "left"})  # fmt: skip
+    _html_markers(fig, markers, x, y, axes)
+    _html_budget(fig, front, x, log)
+    fig.update_layout(
+        title=title,
+        xaxis_title=axes[x],
+        yaxis_title=axes[y],
+        template="plotly_white",
+        xaxis_type="log" if log else "linear",
+        hoverlabel={"align": "left"},
+    )
     return fig

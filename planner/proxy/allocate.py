@@ -47,9 +47,7 @@ def rank_grid(max_rank: int) -> list[int]:
     return [*grid, max_rank]
 
 
-def eligible_sites(
-    graph: SiteGraph, method: str, roles: Iterable[str], exclude: Iterable[str] = ()
-) -> list[Site]:
+def eligible_sites(graph: SiteGraph, method: str, roles: Iterable[str], exclude: Iterable[str] = ()) -> list[Site]:
     """Sites whose role matches ``roles`` (``"attn"`` matches every ``attn.*``) and whose op
     ``method`` can tune, minus ``exclude``, in graph order."""
     ops = get_method(method).ops

@@ -57,7 +57,11 @@ class ProxyOptions:
             raise ValueError("roles is empty: name the site roles the proxy may tune, e.g. ('attn', 'mlp')")
         if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
             raise ValueError(f"max_rank must be a positive int, got {self.max_rank!r}")
-        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+        if (
+            isinstance(self.calibration_batches, bool)
+            or not isinstance(self.calibration_batches, int)
+            or self.calibration_batches < 1
+        ):
             raise ValueError(f"calibration_batches must be a positive int, got {self.calibration_batches!r}")
         if not (math.isfinite(self.sensitivity_power) and self.sensitivity_power >= 0):
             raise ValueError(
@@ -85,7 +89,9 @@ class ProxyOptions:
         names = heads(graph) if self.train_modules is None else list(self.train_modules)
         missing = [n for n in names if n not in graph]
         if missing:
-            raise ValueError(f"train_modules: no site named {missing[0]!r}; see graph.names() for the {len(graph)} sites")
+            raise ValueError(
+                f"train_modules: no site named {missing[0]!r}; see graph.names() for the {len(graph)} sites"
+            )
         return names
 
     def tuned_sites(self, graph: SiteGraph) -> list[str]:

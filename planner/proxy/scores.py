@@ -112,8 +112,16 @@ class Scored(NamedTuple):
     priors: dict[str, dict[str, float]]
 
 
-def score_sites(model: nn.Module, graph: SiteGraph, task: Task | None, options: ProxyOptions, *, seed: int = 0,
-                progress: bool = True, priors: bool = False) -> Scored:  # fmt: skip
+def score_sites(
+    model: nn.Module,
+    graph: SiteGraph,
+    task: Task | None,
+    options: ProxyOptions,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    priors: bool = False,
+) -> Scored:
     """Score the sites ``options`` tunes: weight statistics (`alpha_scores`) without a task or
     with one without training batches (a loop of the user's own), else grad² on
     ``options.calibration_batches`` raised to ``options.sensitivity_power``. With ``priors``,
@@ -135,8 +143,11 @@ def score_sites(model: nn.Module, graph: SiteGraph, task: Task | None, options: 
     sites = _matrix_sites(graph, names)
     grams = _InputGrams(model, sites) if priors else None
     mass = _grad2(model, task, sites, options.calibration_batches, seed, progress, grams)
-    scoring = {"scores": "grad2", "calibration_batches": options.calibration_batches,
-               "sensitivity_power": options.sensitivity_power}  # fmt: skip
+    scoring = {
+        "scores": "grad2",
+        "calibration_batches": options.calibration_batches,
+        "sensitivity_power": options.sensitivity_power,
+    }
     if grams is not None:
         hand["activation"] = grams.explained(sites)
     return Scored({n: m**options.sensitivity_power for n, m in mass.items()}, scoring, hand)
@@ -173,8 +184,15 @@ def grad2_scores(
     return _grad2(model, task, _matrix_sites(graph, names), batches, seed, progress)
 
 
-def _grad2(model: nn.Module, task: Task, sites: list[Site], batches: int, seed: int, progress: bool,
-           grams: _InputGrams | None = None) -> dict[str, float]:  # fmt: skip
+def _grad2(
+    model: nn.Module,
+    task: Task,
+    sites: list[Site],
+    batches: int,
+    seed: int,
+    progress: bool,
+    grams: _InputGrams | None = None,
+) -> dict[str, float]:
     """`grad2_scores` over ``sites``; ``grams`` records the sites' inputs in the same pass."""
     weights = {s.name: model.get_submodule(s.name).weight for s in sites}
     unique = list({id(w): w for w in weights.values()}.values())  # tied weights once
@@ -208,7 +226,9 @@ def _grad2(model: nn.Module, task: Task, sites: list[Site], batches: int, seed: 
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    log.info("grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), len(calib), time.perf_counter() - start)
+    log.info(
+        "grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), len(calib), time.perf_counter() - start
+    )
     return {name: mass[index[id(w)]] for name, w in weights.items()}
 
 
@@ -216,8 +236,10 @@ def _loss(task: Task, model: nn.Module, batch: Any) -> torch.Tensor:
     """``task.loss`` on ``batch``, checked to be a tensor gradients can flow back from."""
     loss = task.loss(model, batch)
     if not isinstance(loss, torch.Tensor):
-        raise ValueError(f"task {task.name!r}: its loss gave {type(loss).__name__}, not a tensor, for a batch "
-                         f"with keys {sorted(batch)}: a batch needs its labels for the model to give a loss")  # fmt: skip
+        raise ValueError(
+            f"task {task.name!r}: its loss gave {type(loss).__name__}, not a tensor, for a batch "
+            f"with keys {sorted(batch)}: a batch needs its labels for the model to give a loss"
+        )
     if not loss.requires_grad:
         raise ValueError(
             f"task {task.name!r}: loss has no autograd graph; compute it without "
@@ -226,8 +248,15 @@ def _loss(task: Task, model: nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
-def activation_scores(model: nn.Module, graph: SiteGraph, task: Task, names: Iterable[str] | None = None, *,
-                      batches: int = 4, rank: int = 8) -> dict[str, float]:  # fmt: skip
+def activation_scores(
+    model: nn.Module,
+    graph: SiteGraph,
+    task: Task,
+    names: Iterable[str] | None = None,
+    *,
+    batches: int = 4,
+    rank: int = 8,
+) -> dict[str, float]:
     """Per site, the explained-variance ratio of the top ``rank`` right-singular directions of
     its inputs (uncentred, as EVA's SVD): ``Σ_top λ / Σ λ`` of ``Σ_tokens x xᵀ`` over the first
     ``batches`` training batches, padding tokens left out where the batch has an
@@ -269,7 +298,9 @@ class _InputGrams:
         self.mask: torch.Tensor | None = None
 
     def __enter__(self) -> _InputGrams:
-        self.handles = [self.model.get_submodule(s.name).register_forward_pre_hook(self._hook(s.name, s.op)) for s in self.sites]
+        self.handles = [
+            self.model.get_submodule(s.name).register_forward_pre_hook(self._hook(s.name, s.op)) for s in self.sites
+        ]
         return self
 
     def __exit__(self, *exc: Any) -> None:

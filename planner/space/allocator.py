@@ -48,23 +48,30 @@ class Bands:
         band = {m: get_method(m).band for m in methods}  # an unknown name fails here, listing the known ones
         unsized = [m for m in methods if band[m] is None]
         if RANK_UNIT not in methods or unsized:
-            raise ValueError(f"AllocatorSpace methods must include {RANK_UNIT!r} (ranks are counted in its params) and each "
-                             f"declare how a planner sizes it (Method.band), got {list(methods)}"
-                             + (f": {unsized} declare none" if unsized else ""))  # fmt: skip
+            raise ValueError(
+                f"AllocatorSpace methods must include {RANK_UNIT!r} (ranks are counted in its params) and each "
+                f"declare how a planner sizes it (Method.band), got {list(methods)}"
+                + (f": {unsized} declare none" if unsized else "")
+            )
         ranked = [m for m in methods if band[m] == "rank" and m != RANK_UNIT]
-        out = cls(tuple(sorted(m for m in methods if band[m] == "vector")),
-                  tuple(m for m in methods if band[m] == "fixed"),
-                  tuple(m for m in ranked if get_method(m).structure is None),
-                  tuple(m for m in ranked if get_method(m).structure is not None))  # fmt: skip
+        out = cls(
+            tuple(sorted(m for m in methods if band[m] == "vector")),
+            tuple(m for m in methods if band[m] == "fixed"),
+            tuple(m for m in ranked if get_method(m).structure is None),
+            tuple(m for m in ranked if get_method(m).structure is not None),
+        )
         names = out.knob_names()
         if len(set(names)) < len(names):
             raise ValueError(f"methods {list(methods)} would share a knob name among {names}; search them separately")
         return out
 
     def knob_names(self) -> list[str]:
-        return [*(["vector_share"] if self.vector else []),
-                *(k for m in self.fixed for k in (f"{m}_share", get_method(m).size.name)),
-                *(f"{m}_share" for m in self.shared), *(f"{get_method(m).structure}_slope" for m in self.structured)]  # fmt: skip
+        return [
+            *(["vector_share"] if self.vector else []),
+            *(k for m in self.fixed for k in (f"{m}_share", get_method(m).size.name)),
+            *(f"{m}_share" for m in self.shared),
+            *(f"{get_method(m).structure}_slope" for m in self.structured),
+        ]
 
     def knobs(self) -> dict[str, BaseDistribution]:
         """Each band's knobs, in `knob_names` order (``vector_method`` after ``vector_share``)."""
@@ -75,7 +82,10 @@ class Bands:
                 d["vector_method"] = CategoricalDistribution(list(self.vector))
         for m in self.fixed:
             size = get_method(m).size
-            d[f"{m}_share"], d[size.name] = FloatDistribution(0.0, 1.0), FloatDistribution(size.low, size.high, log=size.log)
+            d[f"{m}_share"], d[size.name] = (
+                FloatDistribution(0.0, 1.0),
+                FloatDistribution(size.low, size.high, log=size.log),
+            )
         d |= {f"{m}_share": FloatDistribution(0.0, 1.0) for m in self.shared}
         d |= {f"{get_method(m).structure}_slope": FloatDistribution(0.0, 4.0) for m in self.structured}
         return d
@@ -83,7 +93,10 @@ class Bands:
     def fixed_hyper(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """The hyper-parameters of the bands of fixed size: a fixed method at its size knob, a vector method as is."""
         sizes = {m: get_method(m).size for m in self.fixed}
-        return {**{m: {s.name: params.get(s.name, s.default)} for m, s in sizes.items()}, **{m: {} for m in self.vector}}
+        return {
+            **{m: {s.name: params.get(s.name, s.default)} for m, s in sizes.items()},
+            **{m: {} for m in self.vector},
+        }
 
 
 class AllocatorSpace(Space):
@@ -120,9 +133,18 @@ class AllocatorSpace(Space):
 
     name = "allocator"
 
-    def __init__(self, graph: SiteGraph, scores: Mapping[str, float], budget: Budget | int | str, *,
-                 methods: Iterable[str] = DEFAULT_METHODS, roles: Iterable[str] = ("attn", "mlp"), max_rank: int = 64,
-                 priors: Mapping[str, Mapping[str, float]] | None = None, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        graph: SiteGraph,
+        scores: Mapping[str, float],
+        budget: Budget | int | str,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        roles: Iterable[str] = ("attn", "mlp"),
+        max_rank: int = 64,
+        priors: Mapping[str, Mapping[str, float]] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(graph, budget, **kwargs)
         self.methods, self.roles, self.max_rank = tuple(methods), tuple(roles), max_rank
         skip = {s.name for s in self.full}
@@ -137,9 +159,11 @@ class AllocatorSpace(Space):
         if len(self.priors) > 1:
             d["scores"] = CategoricalDistribution(list(self.priors))
         d |= {
-            "budget": FloatDistribution(self.min_share, 1.0), "power": FloatDistribution(0.0, 2.0),
-            "max_rank": IntDistribution(1, max_rank, log=True), "depth_tilt": FloatDistribution(-3.0, 3.0),
-        }  # fmt: skip
+            "budget": FloatDistribution(self.min_share, 1.0),
+            "power": FloatDistribution(0.0, 2.0),
+            "max_rank": IntDistribution(1, max_rank, log=True),
+            "depth_tilt": FloatDistribution(-3.0, 3.0),
+        }
         if len({s.role.split(".")[0] == "mlp" for s in self.sites}) == 2:
             d["mlp_tilt"] = FloatDistribution(-3.0, 3.0)
         d["none_share"] = FloatDistribution(0.0, 0.9)
@@ -151,9 +175,16 @@ class AllocatorSpace(Space):
         need = unit.param_count(cheapest, rank=1)
         if self.available < need:
             total = need + self.full_params
-            paid = f"{self.full_params:,} for train_modules {[s.name for s in self.full]} plus {need:,} for " if self.full else ""
-            raise BudgetError(f"budget {self.available + self.full_params:,} params is below the cheapest plan ({total:,} "
-                              f"params: {paid}rank 1 on {cheapest.name}); raise it to at least {total:,}", minimum=total)  # fmt: skip
+            paid = (
+                f"{self.full_params:,} for train_modules {[s.name for s in self.full]} plus {need:,} for "
+                if self.full
+                else ""
+            )
+            raise BudgetError(
+                f"budget {self.available + self.full_params:,} params is below the cheapest plan ({total:,} "
+                f"params: {paid}rank 1 on {cheapest.name}); raise it to at least {total:,}",
+                minimum=total,
+            )
 
     def _read_priors(self, priors: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
         out = {}
@@ -162,7 +193,9 @@ class AllocatorSpace(Space):
                 raise ValueError(f"prior {name!r}: 'proxy' names the scores given as scores; choose another name")
             values = {s.name: float(prior.get(s.name, 0.0)) for s in self.sites}
             if not any(v > 0 for v in values.values()) or any(v < 0 or v != v for v in values.values()):
-                raise ValueError(f"prior {name!r} must score some site above 0 and none below (a site scored 0 is left untuned)")
+                raise ValueError(
+                    f"prior {name!r} must score some site above 0 and none below (a site scored 0 is left untuned)"
+                )
             out[name] = values
         return out
 
@@ -171,8 +204,14 @@ class AllocatorSpace(Space):
 
     def proxy_params(self, fraction: float) -> dict[str, Any]:
         sizes = {get_method(m).size.name: get_method(m).size.default for m in self.bands.fixed}
-        fixed = {"power": 1.0, "max_rank": self.max_rank, "scores": "proxy", **sizes,
-                 "vector_method": next(iter(self.bands.vector), None), **self._lr_seed()}  # fmt: skip
+        fixed = {
+            "power": 1.0,
+            "max_rank": self.max_rank,
+            "scores": "proxy",
+            **sizes,
+            "vector_method": next(iter(self.bands.vector), None),
+            **self._lr_seed(),
+        }
         low = self._distributions["budget"].low
         return {k: max(low, min(1.0, fraction)) if k == "budget" else fixed.get(k, 0.0) for k in self._distributions}
 
@@ -186,7 +225,9 @@ class AllocatorSpace(Space):
             raise ValueError(f"no prior {name!r}; this space has {list(self.priors)}")
         params = {**self.proxy_params(1.0), **({"scores": name} if "scores" in self._distributions else {})}
         if name in HAND_WRITTEN:
-            per_rank = sum(get_method(RANK_UNIT).param_count(s, rank=1) for s in self.sites if self.priors[name][s.name] > 0)
+            per_rank = sum(
+                get_method(RANK_UNIT).param_count(s, rank=1) for s in self.sites if self.priors[name][s.name] > 0
+            )
             params["max_rank"] = min(self.max_rank, max(1, self.available // max(1, per_rank) + HAND_WRITTEN[name]))
         return params
 
@@ -219,14 +260,17 @@ class AllocatorSpace(Space):
             return []
         order = [p for p in ("query-value", "uniform", "proxy") if p in self.priors]
         order += [p for p in self.priors if p not in order]
-        return [(p, {**self.prior_params(p), **({"lr": lr} if lr is not None else {})})
-                for lr in self.seed_lrs() for p in order]  # fmt: skip
+        return [
+            (p, {**self.prior_params(p), **({"lr": lr} if lr is not None else {})})
+            for lr in self.seed_lrs()
+            for p in order
+        ]
 
     def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         p = {"mlp_tilt": 0.0, **params}  # no mlp_tilt knob where the sites are all attention or all MLP
         adjusted = self._adjusted(p)
         order = sorted(adjusted, key=lambda i: (adjusted[i], -i))  # ascending
-        kind, choices = self._bands_of(p, order[math.floor(p["none_share"] * len(order)):])
+        kind, choices = self._bands_of(p, order[math.floor(p["none_share"] * len(order)) :])
         hp = self.bands.fixed_hyper(p)
         extra = {i: _fixed_cost(self.sites[i], kind[i], hp.get(kind[i]), choices[i]) for i in kind}
         limit = math.floor(p["budget"] * self.available)
@@ -239,8 +283,11 @@ class AllocatorSpace(Space):
                 kind[i], extra[i] = ("none" if kind[i] in hp else RANK_UNIT), 0
         ranked = {self.sites[i].name: adjusted[i] for i in kind if kind[i] not in hp and kind[i] != "none"}
         try:
-            ranks = allocate(self.graph, ranked, limit - fixed, method=RANK_UNIT, roles=self.roles,
-                             max_rank=p["max_rank"]) if ranked else {}  # fmt: skip
+            ranks = (
+                allocate(self.graph, ranked, limit - fixed, method=RANK_UNIT, roles=self.roles, max_rank=p["max_rank"])
+                if ranked
+                else {}
+            )
         except BudgetError:
             ranks = {}
         entries = {}
@@ -255,23 +302,28 @@ class AllocatorSpace(Space):
     def _adjusted(self, p: Mapping[str, Any]) -> dict[int, float]:
         """Each site's score under the prior, power and tilts of ``p``, by index; sites the prior scores 0 left out."""
         prior = self.priors[p.get("scores", "proxy")]
-        return {i: prior[s.name] ** p["power"]
-                * math.exp(p["depth_tilt"] * (s.depth - 0.5) + p["mlp_tilt"] * (0.5 if s.role.startswith("mlp") else -0.5))
-                for i, s in enumerate(self.sites) if prior[s.name] > 0}  # fmt: skip
+        return {
+            i: prior[s.name] ** p["power"]
+            * math.exp(p["depth_tilt"] * (s.depth - 0.5) + p["mlp_tilt"] * (0.5 if s.role.startswith("mlp") else -0.5))
+            for i, s in enumerate(self.sites)
+            if prior[s.name] > 0
+        }
 
     def _bands_of(self, p: Mapping[str, Any], rest: list[int]) -> tuple[dict[int, str], dict[int, dict[str, int]]]:
         """The method of each site of ``rest`` (ascending score) and the structure choices it is sized with."""
         b = self.bands
         bands: dict[int, str] = {}
-        for share, method in ((p["vector_share"] if b.vector else 0.0, p.get("vector_method") or next(iter(b.vector), None)),
-                              *((p[f"{m}_share"], m) for m in b.fixed)):  # fmt: skip
+        for share, method in (
+            (p["vector_share"] if b.vector else 0.0, p.get("vector_method") or next(iter(b.vector), None)),
+            *((p[f"{m}_share"], m) for m in b.fixed),
+        ):
             n = math.floor(share * len(rest))
             bands.update((i, method) for i in rest[:n])
             rest = rest[n:]
         bands.update((i, RANK_UNIT) for i in rest)
         for m in b.shared:  # the top of what is left of the rank band
             n = math.floor(p[f"{m}_share"] * len(rest))
-            bands.update((i, m) for i in rest[len(rest) - n:])
+            bands.update((i, m) for i in rest[len(rest) - n :])
             rest = rest[: len(rest) - n]
         choices: dict[int, dict[str, int]] = {i: {} for i in bands}
         for m in b.structured:  # replaces the unit where its count grows to 2 or more
@@ -282,7 +334,9 @@ class AllocatorSpace(Space):
                     bands[i], choices[i] = m, {structure: count}
 
         def fallback(i: int, m: str) -> str:  # a rank method falls back to the unit where it cannot tune the op
-            return m if self.sites[i].op in get_method(m).ops else (RANK_UNIT if get_method(m).band == "rank" else "none")
+            return (
+                m if self.sites[i].op in get_method(m).ops else (RANK_UNIT if get_method(m).band == "rank" else "none")
+            )
 
         return {i: fallback(i, m) for i, m in bands.items()}, choices
 

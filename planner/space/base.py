@@ -60,9 +60,17 @@ class Space(abc.ABC):
     name = ""
     min_share = 0.05
 
-    def __init__(self, graph: SiteGraph, budget: Budget | int | str, *, objectives: Iterable[str] = ("metric", "params"),
-                 limits: Mapping[str, float] | None = None, train_modules: Iterable[str] = (),
-                 batch_shape: tuple[int, int] | None = None, lr: tuple[float, float] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        graph: SiteGraph,
+        budget: Budget | int | str,
+        *,
+        objectives: Iterable[str] = ("metric", "params"),
+        limits: Mapping[str, float] | None = None,
+        train_modules: Iterable[str] = (),
+        batch_shape: tuple[int, int] | None = None,
+        lr: tuple[float, float] | None = None,
+    ):
         self.graph, self.budget, self.batch_shape = graph, Budget.coerce(budget), batch_shape
         if lr is not None:
             lr = tuple(float(x) for x in lr)
@@ -83,8 +91,11 @@ class Space(abc.ABC):
         self.full_params = sum(get_method("full").param_count(s) for s in self.full)
         self.available = limit - self.full_params  # what the tuned sites may spend
         if self.available < 0:
-            raise BudgetError(f"budget {limit:,} params is below the {self.full_params:,} params of train_modules "
-                              f"{[s.name for s in self.full]}; raise it", minimum=self.full_params)
+            raise BudgetError(
+                f"budget {limit:,} params is below the {self.full_params:,} params of train_modules "
+                f"{[s.name for s in self.full]}; raise it",
+                minimum=self.full_params,
+            )
         self._cache: dict[tuple, tuple[dict, dict]] = {}
 
     @property
@@ -143,10 +154,13 @@ class Space(abc.ABC):
         """The plan for ``params`` (every knob of `distributions`), its costs in ``objectives``."""
         sites, costs = self._build(params)
         costs = {k: v for k, v in costs.items() if k in self.objectives}
-        return Plan(sites={n: dict(e) for n, e in sites.items()},
-                    model=model_header(self.graph),
-                    budget=self.budget.to_dict(), objectives=dict(costs),
-                    provenance={"space": self.name, "knobs": dict(params)})  # fmt: skip
+        return Plan(
+            sites={n: dict(e) for n, e in sites.items()},
+            model=model_header(self.graph),
+            budget=self.budget.to_dict(),
+            objectives=dict(costs),
+            provenance={"space": self.name, "knobs": dict(params)},
+        )
 
     def costs(self, params: Mapping[str, Any]) -> dict[str, float]:
         """Exact costs of ``params``' plan without training: params, memory, latency and
@@ -174,11 +188,18 @@ class Space(abc.ABC):
                 raise ValueError(f"{type(self).__name__}: params lack knob(s) {missing}")
             tuned = self.site_entries(params)
             full = {s.name: {"method": "full"} for s in self.full}
-            sites = {s.name: {**full.get(s.name, tuned.get(s.name, {})), **describe(s)}
-                     for s in self.graph if s.name in full or s.name in tuned}  # fmt: skip
+            sites = {
+                s.name: {**full.get(s.name, tuned.get(s.name, {})), **describe(s)}
+                for s in self.graph
+                if s.name in full or s.name in tuned
+            }
             cost = plan_cost(self.graph, Plan(sites=sites), batch_shape=self.batch_shape)
-            costs = {"params": cost.params, "memory": cost.train_bytes, "latency": cost.latency_fraction,
-                     "adapter_bytes": cost.adapter_bytes}
+            costs = {
+                "params": cost.params,
+                "memory": cost.train_bytes,
+                "latency": cost.latency_fraction,
+                "adapter_bytes": cost.adapter_bytes,
+            }
             self._cache[key] = (sites, costs)
         return self._cache[key]
 

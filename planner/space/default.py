@@ -19,10 +19,19 @@ from ..training.task import Task
 from .allocator import AllocatorSpace
 
 
-def default_space(model: nn.Module, budget: Budget | int | str, task: Task | None, *, seed: int = 0,
-                  objectives: Iterable[str] = ("metric", "params"), methods: Iterable[str] = DEFAULT_METHODS,
-                  proxy: ProxyOptions | None = None, graph: SiteGraph | None = None,
-                  lr: tuple[float, float] | None = None, scored: Scored | None = None) -> AllocatorSpace:  # fmt: skip
+def default_space(
+    model: nn.Module,
+    budget: Budget | int | str,
+    task: Task | None,
+    *,
+    seed: int = 0,
+    objectives: Iterable[str] = ("metric", "params"),
+    methods: Iterable[str] = DEFAULT_METHODS,
+    proxy: ProxyOptions | None = None,
+    graph: SiteGraph | None = None,
+    lr: tuple[float, float] | None = None,
+    scored: Scored | None = None,
+) -> AllocatorSpace:
     """An `AllocatorSpace` over the sites ``search(strategy="proxy")`` tunes, with the same
     scores, roles, rank cap and fully trained sites (all from ``proxy``), so
     ``space.proxy_params(1.0)`` is the proxy plan; the priors of `score_sites` as further score
@@ -40,10 +49,22 @@ def default_space(model: nn.Module, budget: Budget | int | str, task: Task | Non
     graph = lower(model) if graph is None else graph
     batches = task is not None and bool(task.train_batches)
     if not batches and ("memory" in objectives or budget.memory is not None):
-        raise ValueError("training memory depends on the training batch, and this search has none: pass "
-                         "calibration=<a few of your training batches> (or a task), or drop the memory limit and objective")  # fmt: skip
+        raise ValueError(
+            "training memory depends on the training batch, and this search has none: pass "
+            "calibration=<a few of your training batches> (or a task), or drop the memory limit and objective"
+        )
     if scored is None:
         scored = score_sites(model, graph, task, options, seed=seed, progress=False, priors=True)
-    return AllocatorSpace(graph, scored.scores, budget, methods=tuple(methods), roles=options.roles, max_rank=options.max_rank,
-                          objectives=objectives, train_modules=options.full_sites(graph),
-                          batch_shape=task.batch_shape() if batches else None, priors=scored.priors, lr=lr)  # fmt: skip
+    return AllocatorSpace(
+        graph,
+        scored.scores,
+        budget,
+        methods=tuple(methods),
+        roles=options.roles,
+        max_rank=options.max_rank,
+        objectives=objectives,
+        train_modules=options.full_sites(graph),
+        batch_shape=task.batch_shape() if batches else None,
+        priors=scored.priors,
+        lr=lr,
+    )

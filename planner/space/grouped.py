@@ -42,17 +42,32 @@ class GroupedSpace(Space):
     name = "grouped"
     GROUPINGS = ("role+depth", "block", "role", "global")
 
-    def __init__(self, graph: SiteGraph, budget: Budget | int | str, *, methods: Iterable[str] = DEFAULT_METHODS,
-                 roles: Iterable[str] = ("attn", "mlp"), group_by: str = "role+depth", buckets: int = 3,
-                 max_rank: int = 64, experts: int = 2, scores: Mapping[str, float] | None = None, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        graph: SiteGraph,
+        budget: Budget | int | str,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        roles: Iterable[str] = ("attn", "mlp"),
+        group_by: str = "role+depth",
+        buckets: int = 3,
+        max_rank: int = 64,
+        experts: int = 2,
+        scores: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(graph, budget, **kwargs)
         if group_by not in self.GROUPINGS:
             raise ValueError(f"group_by must be one of {list(self.GROUPINGS)}, got {group_by!r}")
         self.methods, self.roles, self.max_rank, self.experts = tuple(methods), tuple(roles), max_rank, experts
-        unsized = [m for m in self.methods if get_method(m).band is None]  # unknown names fail here, listing the known ones
+        unsized = [
+            m for m in self.methods if get_method(m).band is None
+        ]  # unknown names fail here, listing the known ones
         if not self.methods or unsized:
-            raise ValueError(f"GroupedSpace methods are PEFT methods a planner can size (Method.band; 'none' is rank 0), "
-                             f"got {list(self.methods)}")  # fmt: skip
+            raise ValueError(
+                f"GroupedSpace methods are PEFT methods a planner can size (Method.band; 'none' is rank 0), "
+                f"got {list(self.methods)}"
+            )
         skip = {s.name for s in self.full}
         ops = set().union(*(get_method(m).ops for m in self.methods))
         self.sites = [s for s in graph.select(role=list(self.roles), op=ops) if s.name not in skip]
@@ -97,7 +112,9 @@ class GroupedSpace(Space):
             return {n: e for n, e in out.items() if e is not None}
 
         def params_of(g: str) -> int:
-            return sum(get_method(e["method"]).param_count(self.graph[n], **Plan.hyper(e)) for n, e in entries(g).items())
+            return sum(
+                get_method(e["method"]).param_count(self.graph[n], **Plan.hyper(e)) for n, e in entries(g).items()
+            )
 
         cost = {g: params_of(g) for g in self.groups}
         while sum(cost.values()) > self.available:  # the costliest group steps down first

@@ -52,9 +52,18 @@ class QLogNEHVISampler(BaseSampler):
     upper limits (None: ``space.limits``); ``candidates`` Sobol points per trial, a quarter as
     many perturbations; ``mc_samples`` QMC samples; ``threads`` torch threads while fitting."""
 
-    def __init__(self, space: Space, *, seed: int = 0, constraints: Mapping[str, float] | None = None,
-                 warmup: int = WARMUP, candidates: int = 256, mc_samples: int = 64,
-                 reference: Mapping[str, float] | None = None, threads: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        space: Space,
+        *,
+        seed: int = 0,
+        constraints: Mapping[str, float] | None = None,
+        warmup: int = WARMUP,
+        candidates: int = 256,
+        mc_samples: int = 64,
+        reference: Mapping[str, float] | None = None,
+        threads: int = 1,
+    ) -> None:
         self.space, self.seed, self.warmup = space, seed, warmup
         self.limits = dict(space.limits if constraints is None else constraints)
         self.candidates, self.mc_samples, self.threads = candidates, mc_samples, threads
@@ -62,7 +71,9 @@ class QLogNEHVISampler(BaseSampler):
         self.knobs = space.distributions()
         self.costs = [k for k in space.objectives if k != "metric"]
         if not self.costs:
-            raise ValueError("qLogNEHVI needs a cost objective besides the metric, e.g. objectives=('metric', 'params')")
+            raise ValueError(
+                "qLogNEHVI needs a cost objective besides the metric, e.g. objectives=('metric', 'params')"
+            )
         self._random = RandomSampler(seed=seed)
 
     def reseed_rng(self) -> None:
@@ -71,13 +82,20 @@ class QLogNEHVISampler(BaseSampler):
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self.knobs)
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
-    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         metric = list(self.space.objectives).index("metric")
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if set(self.knobs) <= set(t.params) and t.values and math.isfinite(t.values[metric])]  # fmt: skip
+        done = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if set(self.knobs) <= set(t.params) and t.values and math.isfinite(t.values[metric])
+        ]
         if len(done) < self.warmup or set(search_space) != set(self.knobs):
             return {}  # every knob sampled at random
         threads = torch.get_num_threads()
@@ -100,7 +118,9 @@ class QLogNEHVISampler(BaseSampler):
         scale = {k: self.limits.get(k) or max(1e-12, *(c[k] for c in costs_obs)) for k in self.costs}
 
         def cost_rows(costs: list[dict[str, float]]) -> torch.Tensor:  # maximised, in units of the scale
-            return torch.tensor([[-c[k] / scale[k] for k in self.costs] for c in costs], dtype=torch.double).reshape(len(costs), -1)
+            return torch.tensor([[-c[k] / scale[k] for k in self.costs] for c in costs], dtype=torch.double).reshape(
+                len(costs), -1
+            )
 
         ok = [all(c[k] <= v for k, v in self.limits.items()) for c in costs_obs]
         baseline = X[ok] if any(ok) else X  # the front to improve on: feasible trials only
@@ -128,8 +148,9 @@ class QLogNEHVISampler(BaseSampler):
                 feasible.append((i, c))
         return feasible
 
-    def _acquisition(self, X: torch.Tensor, y: torch.Tensor, baseline: torch.Tensor, keys: torch.Tensor,
-                     table: torch.Tensor) -> Any:  # fmt: skip
+    def _acquisition(
+        self, X: torch.Tensor, y: torch.Tensor, baseline: torch.Tensor, keys: torch.Tensor, table: torch.Tensor
+    ) -> Any:
         """qLogNEHVI over a GP of the metric fitted to (``X``, ``y``) and the costs, which are
         looked up: row ``i`` of ``table`` (maximised, scaled) holds the costs at point ``keys[i]``."""
         from botorch.acquisition.multi_objective.logei import (
@@ -157,9 +178,12 @@ class QLogNEHVISampler(BaseSampler):
         ref = [ref_metric, *(-(1.0 if k in self.limits else 1.1) for k in self.costs)]
         shape = torch.Size([self.mc_samples])
         return qLogNoisyExpectedHypervolumeImprovement(
-            model=model, ref_point=ref, X_baseline=baseline, prune_baseline=True,
+            model=model,
+            ref_point=ref,
+            X_baseline=baseline,
+            prune_baseline=True,
             sampler=ListSampler(SobolQMCNormalSampler(shape, seed=self.seed), IndexSampler(shape, seed=self.seed)),
-        )  # fmt: skip
+        )
 
     def _candidates(self, best: torch.Tensor, number: int) -> tuple[list[dict[str, Any]], torch.Tensor]:
         """Sobol points and perturbations of ``best``, snapped to valid knobs; unique rows."""

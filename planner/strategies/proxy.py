@@ -26,8 +26,15 @@ from ..space.default import default_space
 from ..training.task import Task
 
 
-def proxy_plan(model: nn.Module, budget: Budget, task: Task | None, options: ProxyOptions, *,
-               graph: SiteGraph | None = None, seed: int = 0) -> Plan:  # fmt: skip
+def proxy_plan(
+    model: nn.Module,
+    budget: Budget,
+    task: Task | None,
+    options: ProxyOptions,
+    *,
+    graph: SiteGraph | None = None,
+    seed: int = 0,
+) -> Plan:
     """The proxy's plan: ``space.plan_from_params(space.proxy_params(1.0))`` on the default
     space over ``options``' sites and scores (``options.train_modules`` fully trained, LoRA
     ranks by `allocate` over the scores), its provenance saying how the sites were scored. The
@@ -38,8 +45,10 @@ def proxy_plan(model: nn.Module, budget: Budget, task: Task | None, options: Pro
     ('proxy', 'hill-alpha')
     """
     if budget.memory is not None and task is None:
-        raise BudgetError("a memory limit depends on the training batch: pass the task it will be trained on "
-                          "(search(model, budget, task=...)), or drop Budget(memory=...)")  # fmt: skip
+        raise BudgetError(
+            "a memory limit depends on the training batch: pass the task it will be trained on "
+            "(search(model, budget, task=...)), or drop Budget(memory=...)"
+        )
     graph = lower(model) if graph is None else graph
     scored = score_sites(model, graph, task, options, seed=seed)
     space = default_space(model, budget, task, proxy=options, graph=graph, scored=scored)
@@ -47,11 +56,16 @@ def proxy_plan(model: nn.Module, budget: Budget, task: Task | None, options: Pro
     costs = space.costs(params)
     over = [f"{k} {costs[k]:,.4g} > {v:,.4g}" for k, v in space.limits.items() if k != "params" and costs[k] > v]
     if over:
-        raise BudgetError(f"the proxy plan for {budget.params} params breaks the budget's other limits ({'; '.join(over)}); "
-                          "lower the parameter budget, or search with a task so these limits act as constraints")  # fmt: skip
+        raise BudgetError(
+            f"the proxy plan for {budget.params} params breaks the budget's other limits ({'; '.join(over)}); "
+            "lower the parameter budget, or search with a task so these limits act as constraints"
+        )
     plan = space.plan_from_params(params)
-    plan.provenance = {**provenance("proxy", seed, task.name if task else None), **scored.scoring,
-                       **(task.provenance() if task else {})}  # fmt: skip
+    plan.provenance = {
+        **provenance("proxy", seed, task.name if task else None),
+        **scored.scoring,
+        **(task.provenance() if task else {}),
+    }
     return plan
 
 
@@ -65,11 +79,15 @@ class ProxySampler(BaseSampler):
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return self.space.distributions()
 
-    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         params = self.space.proxy_params(share(trial.number, self.space.min_share))
         return {k: v for k, v in params.items() if k in search_space}
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self.space.proxy_params(share(trial.number, self.space.min_share))[param_name]
 
 

@@ -78,7 +78,9 @@ def _tpe(space, seed, limits, warmup, options):
 def _gp(space, seed, limits, warmup, options):
     import optuna
 
-    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=warmup, **{"warn_independent_sampling": False, **options})
+    return optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=warmup, **{"warn_independent_sampling": False, **options}
+    )
 
 
 def _botorch(space, seed, limits, warmup, options):
@@ -114,8 +116,15 @@ def seeded(strategy: str) -> bool:
     return get_strategy(strategy).seeded
 
 
-def make_sampler(strategy: str, space: Space, *, seed: int, constraints: Mapping[str, float] | None = None,
-                 warmup: int = WARMUP, **options: Any) -> BaseSampler:  # fmt: skip
+def make_sampler(
+    strategy: str,
+    space: Space,
+    *,
+    seed: int,
+    constraints: Mapping[str, float] | None = None,
+    warmup: int = WARMUP,
+    **options: Any,
+) -> BaseSampler:
     """The sampler for ``strategy`` over ``space``.
 
     ``constraints`` maps cost names (``"params"``, ``"memory"``, ``"latency"``) to upper limits,
@@ -131,8 +140,10 @@ def make_sampler(strategy: str, space: Space, *, seed: int, constraints: Mapping
     entry = get_strategy(strategy)
     limits = dict(space.limits if constraints is None else constraints)
     if not entry.own_limits and limits != space.limits:
-        raise ValueError(f"{strategy} reads the limits Space.suggest records on each trial; give "
-                         f"limits={limits} to the Space, not to make_sampler")  # fmt: skip
+        raise ValueError(
+            f"{strategy} reads the limits Space.suggest records on each trial; give "
+            f"limits={limits} to the Space, not to make_sampler"
+        )
     return entry.make(space, seed, limits, warmup, options)
 
 

@@ -7,6 +7,20 @@ from .halving import halving_rungs, promote
 from .run import best_plan, run_search, run_worker, study_front
 from .storage import only_study, open_storage, open_study, stored_config, study_names
 
-__all__ = ["Source", "StudyConfig", "StudyError", "best_plan", "halving_rungs", "load_tokenizer", "only_study",
-           "open_storage", "open_study", "promote", "run_search", "run_worker", "stored_config", "study_front",
-           "study_names"]  # fmt: skip
+__all__ = [
+    "Source",
+    "StudyConfig",
+    "StudyError",
+    "best_plan",
+    "halving_rungs",
+    "load_tokenizer",
+    "only_study",
+    "open_storage",
+    "open_study",
+    "promote",
+    "run_search",
+    "run_worker",
+    "stored_config",
+    "study_front",
+    "study_names",
+]

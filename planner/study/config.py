@@ -128,26 +128,54 @@ class Source:
         length = {} if self.max_length is None else {"max_length": self.max_length}
         if self.kind == "causal-lm":
             model = load_model(self.model, causal_lm=True)
-            task = Task.for_causal_lm(model, load_tokenizer(self.tokenizer or self.model), self.task, self.eval,
-                                      text_column=self.text_column, prompt_column=self.prompt_column,
-                                      response_column=self.response_column, messages_column=self.messages_column,
-                                      metric=self.metric, choices=self.choices, batch_size=self.batch_size,
-                                      max_train=self.max_train, max_dev=self.max_dev, validation=self.validation,
-                                      seed=self.seed, **length)  # fmt: skip
+            task = Task.for_causal_lm(
+                model,
+                load_tokenizer(self.tokenizer or self.model),
+                self.task,
+                self.eval,
+                text_column=self.text_column,
+                prompt_column=self.prompt_column,
+                response_column=self.response_column,
+                messages_column=self.messages_column,
+                metric=self.metric,
+                choices=self.choices,
+                batch_size=self.batch_size,
+                max_train=self.max_train,
+                max_dev=self.max_dev,
+                validation=self.validation,
+                seed=self.seed,
+                **length,
+            )
             return model, task
         model = load_model(self.model, num_labels=self.num_labels)
-        task = Task.for_sequence_classification(model, load_tokenizer(self.tokenizer or self.model), self.task, self.eval,
-                                                text_column=self.text_column, pair_column=self.pair_column,
-                                                label_column=self.label_column, batch_size=self.batch_size,
-                                                max_train=self.max_train, max_dev=self.max_dev, validation=self.validation,
-                                                seed=self.seed, **length)  # fmt: skip
+        task = Task.for_sequence_classification(
+            model,
+            load_tokenizer(self.tokenizer or self.model),
+            self.task,
+            self.eval,
+            text_column=self.text_column,
+            pair_column=self.pair_column,
+            label_column=self.label_column,
+            batch_size=self.batch_size,
+            max_train=self.max_train,
+            max_dev=self.max_dev,
+            validation=self.validation,
+            seed=self.seed,
+            **length,
+        )
         return model, task
 
     def build_space(self, model: nn.Module, task: Task, config: StudyConfig) -> Any:
         options = {"seed": config.seed, "objectives": config.objectives, "methods": config.methods}
         if self.space is None:
-            return default_space(model, Budget.from_dict(config.budget), task, proxy=ProxyOptions.from_dict(config.proxy),
-                                 lr=config.lr_range, **options)  # fmt: skip
+            return default_space(
+                model,
+                Budget.from_dict(config.budget),
+                task,
+                proxy=ProxyOptions.from_dict(config.proxy),
+                lr=config.lr_range,
+                **options,
+            )
         module, _, name = self.space.partition(":")
         return getattr(importlib.import_module(module), name)(model, task, Budget.from_dict(config.budget), **options)
 
@@ -181,8 +209,9 @@ def load_tokenizer(spec: str) -> Any:
     from ...models import model_dir
 
     if is_factory(spec):
-        raise ValueError(f"model {spec!r} is a factory: name its tokenizer (a model directory, a .gguf file, 'minilm' "
-                         "or 'smollm2')")  # fmt: skip
+        raise ValueError(
+            f"model {spec!r} is a factory: name its tokenizer (a model directory, a .gguf file, 'minilm' or 'smollm2')"
+        )
     return AutoTokenizer.from_pretrained(model_dir(spec))
 
 
@@ -230,12 +259,16 @@ class StudyConfig:
         peftplan.planner.study.config.StudyError: the study's config field 'trials' is '8': expected an int >= 1
         """
         if not isinstance(d, dict):
-            raise StudyError(f"the study's config is {type(d).__name__} {shorten(repr(d))}, not an object of fields "
-                             f"{sorted(READERS)}")  # fmt: skip
+            raise StudyError(
+                f"the study's config is {type(d).__name__} {shorten(repr(d))}, not an object of fields "
+                f"{sorted(READERS)}"
+            )
         unknown = sorted(map(str, set(d) - set(READERS)))
         if unknown:
-            raise StudyError(f"the study's config has unknown field(s) {shorten(str(unknown))}: it was written by another "
-                             "program or peftplan version")  # fmt: skip
+            raise StudyError(
+                f"the study's config has unknown field(s) {shorten(str(unknown))}: it was written by another "
+                "program or peftplan version"
+            )
         out = {}
         for name, value in d.items():
             try:
@@ -246,7 +279,9 @@ class StudyConfig:
         if missing:
             raise StudyError(f"the study's config has no field(s) {missing}")
         if set(out["objectives"]) - set(out["senses"]):
-            raise StudyError(f"the study's config field 'senses' {out['senses']} does not cover its objectives {out['objectives']}")
+            raise StudyError(
+                f"the study's config field 'senses' {out['senses']} does not cover its objectives {out['objectives']}"
+            )
         return cls(**out)
 
     def default_name(self, task: Task, model: nn.Module) -> str:
@@ -308,7 +343,9 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return read
 
 
-READERS: dict[str, Callable[[Any], Any]] = {  # each stored field: its value read back, or an error saying what it must be
+READERS: dict[
+    str, Callable[[Any], Any]
+] = {  # each stored field: its value read back, or an error saying what it must be
     "strategy": _choice(*STRATEGIES),
     "trials": _int(1),
     "objectives": _strings,

@@ -33,8 +33,14 @@ class StudyDisplay:
         self.planned = workload(config, trials)
         self.seen = {t.number for t in trials if _finished(t)}  # said before this process started
         self.start, self.ran = time.monotonic(), 0
-        self.bar = ProgressLine(enabled and on_terminal(), study.study_name, self.planned.total, lines=False,
-                                fields={"front": 0, "hv": "–"}, text="{front} on the front · hypervolume {hv}")  # fmt: skip
+        self.bar = ProgressLine(
+            enabled and on_terminal(),
+            study.study_name,
+            self.planned.total,
+            lines=False,
+            fields={"front": 0, "hv": "–"},
+            text="{front} on the front · hypervolume {hv}",
+        )
         if not enabled:
             return
         if self.planned.done:
@@ -56,7 +62,9 @@ class StudyDisplay:
                 self.seen.add(t.number)
                 self.ran += 1
                 pace = remaining(time.monotonic() - self.start, self.ran, self.ran + total - i)
-                grew = [f"{now.total - self.planned.total} more planned: {now}"] if now.total > self.planned.total else []
+                grew = (
+                    [f"{now.total - self.planned.total} more planned: {now}"] if now.total > self.planned.total else []
+                )
                 say(" · ".join(self.describe(t) + [f"{i} of {total} done" + (f", {pace}" if pace else "")] + grew))
                 self.planned = now
         if final and not self.bar.enabled and self.ran:
@@ -81,7 +89,9 @@ class StudyDisplay:
             said.append(f"loss {t.user_attrs['validation_loss']:.4g}")
         said.append(f"lr {t.params.get('lr', Recipe.from_dict(config.recipe).lr):.3g}")
         reused = t.user_attrs.get("reused")
-        return said + [f"reused trial {reused}'s result" if reused is not None else duration(t.user_attrs.get("seconds", 0.0))]
+        return said + [
+            f"reused trial {reused}'s result" if reused is not None else duration(t.user_attrs.get("seconds", 0.0))
+        ]
 
     def _front(self, trials: list[FrozenTrial]) -> dict[str, Any]:
         """The front's size and hypervolume (reference: the worst of its rung, the limits)."""
@@ -90,7 +100,11 @@ class StudyDisplay:
         if not len(front):
             return {"front": 0, "hv": "–"}
         rung = front.points[0].info["rung"]
-        seen = [dict(zip(config.objectives, t.values)) for t in trials if t.state == TrialState.COMPLETE and rung_of(t) == rung]
+        seen = [
+            dict(zip(config.objectives, t.values))
+            for t in trials
+            if t.state == TrialState.COMPLETE and rung_of(t) == rung
+        ]
         worst = {k: (min if s == "max" else max)(v[k] for v in seen) for k, s in front.senses.items()}
         ref = {**worst, **{k: v for k, v in config.limits.items() if k in worst}}
         return {"front": len(front), "hv": f"{front.hypervolume(ref):.4g}"}

@@ -117,16 +117,24 @@ def _loop(study: optuna.Study, ctx: Context, display: StudyDisplay, held: list[o
         evaluations += outcome in ("trained", "failed")
         failures += outcome == "failed"
         if failures >= max(3, ctx.config.trials):
-            reasons = sorted({t.user_attrs["failed"] for t in study.get_trials(deepcopy=False) if "failed" in t.user_attrs})
-            warnings.warn(f"study {study.study_name!r}: {failures} evaluations failed ({reasons[:3]}), stopping this "
-                          "worker; fix the cause and run it again to go on", stacklevel=3)  # fmt: skip
+            reasons = sorted(
+                {t.user_attrs["failed"] for t in study.get_trials(deepcopy=False) if "failed" in t.user_attrs}
+            )
+            warnings.warn(
+                f"study {study.study_name!r}: {failures} evaluations failed ({reasons[:3]}), stopping this "
+                "worker; fix the cause and run it again to go on",
+                stacklevel=3,
+            )
             return evaluations
         stalls = stalls + 1 if outcome == "skipped" else 0
         if outcome == "surplus":  # another worker holds the slot: let it get on
             time.sleep(poll / 10)
         if stalls >= MAX_STALLS:
-            warnings.warn(f"study {study.study_name!r}: {stalls} proposals in a row were duplicates or over "
-                          "budget; the space looks exhausted, stopping this worker", stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"study {study.study_name!r}: {stalls} proposals in a row were duplicates or over "
+                "budget; the space looks exhausted, stopping this worker",
+                stacklevel=3,
+            )
             return evaluations
 
 
@@ -212,7 +220,9 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     if skipped:
         return skipped
     fidelity: Fidelity = config.fidelities[r]
-    plan.recipe = ctx.space.recipe(trial.params, Recipe.from_dict(config.recipe))  # the trial's learning rate, if searched
+    plan.recipe = ctx.space.recipe(
+        trial.params, Recipe.from_dict(config.recipe)
+    )  # the trial's learning rate, if searched
     same = _same_plan(study, trial.number, r, plan)
     if same is not None:  # other knobs, the same plan and recipe: its evaluation would repeat, not train it again
         trial.set_user_attr("reused", same.number)
@@ -222,7 +232,9 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
     # heartbeats meanwhile, and the time limit: a trial past it comes back failed, with the reason
-    result = watched(study._storage, trial._trial_id, ctx.trial_timeout, lambda: _evaluate(ctx, plan, fidelity, plan.recipe))
+    result = watched(
+        study._storage, trial._trial_id, ctx.trial_timeout, lambda: _evaluate(ctx, plan, fidelity, plan.recipe)
+    )
     try:
         trial.set_user_attr("seconds", round(result.seconds, 3))
         if not result.ok:
@@ -232,14 +244,18 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
             trial.set_user_attr("validation_loss", float(result.loss))
         _complete(study, trial, ctx, plan, [float(v) for v in ctx.space.values(plan, result.metric)], r, fidelity)
     except optuna.exceptions.UpdateFinishedTrialError:  # heartbeats starved: another worker re-queued it
-        warnings.warn(f"trial {trial.number} sent no heartbeat for a grace period, so it was failed and re-queued "
-                      "while it ran; its result is dropped (raise the heartbeat interval)", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"trial {trial.number} sent no heartbeat for a grace period, so it was failed and re-queued "
+            "while it ran; its result is dropped (raise the heartbeat interval)",
+            stacklevel=2,
+        )
         return "surplus"
     return "trained"
 
 
-def _constrained(study: optuna.Study, trial: optuna.Trial, costs: dict[str, float], limits: dict[str, float],
-                 fresh: bool) -> str | None:  # fmt: skip
+def _constrained(
+    study: optuna.Study, trial: optuna.Trial, costs: dict[str, float], limits: dict[str, float], fresh: bool
+) -> str | None:
     """Record ``costs`` and optuna's constraints on ``trial``; "skipped" (PRUNED, with the
     reason) when a ``fresh`` proposal repeats a rung-0 trial's knobs or a cost is over its limit."""
     trial.set_user_attr("costs", costs)
@@ -248,25 +264,51 @@ def _constrained(study: optuna.Study, trial: optuna.Trial, costs: dict[str, floa
         for k, limit in limits.items():  # optuna's constraints: feasible when <= 0
             trial.set_constraint(k, costs.get(k, 0.0) - limit)
     if fresh:
-        twin = next((t.number for t in study.get_trials(deepcopy=False) if t.number != trial.number and rung_of(t) == 0
-                     and t.state != TrialState.PRUNED and t.params == trial.params), None)  # fmt: skip
+        twin = next(
+            (
+                t.number
+                for t in study.get_trials(deepcopy=False)
+                if t.number != trial.number
+                and rung_of(t) == 0
+                and t.state != TrialState.PRUNED
+                and t.params == trial.params
+            ),
+            None,
+        )
         if twin is not None:
             return _skip(study, trial, "skipped", f"duplicate of trial {twin}")
     over = {k: (costs[k], limit) for k, limit in limits.items() if k in costs and costs[k] > limit}
     if over:
-        return _skip(study, trial, "infeasible", "; ".join(f"{k} {v:,.0f} > limit {lim:,.0f}" for k, (v, lim) in over.items()))
+        return _skip(
+            study, trial, "infeasible", "; ".join(f"{k} {v:,.0f} > limit {lim:,.0f}" for k, (v, lim) in over.items())
+        )
     return None
 
 
-def _complete(study: optuna.Study, trial: optuna.Trial, ctx: Context, plan: Plan, values: list[float], rung: int,
-              fidelity: Fidelity, **extra: Any) -> None:
+def _complete(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    ctx: Context,
+    plan: Plan,
+    values: list[float],
+    rung: int,
+    fidelity: Fidelity,
+    **extra: Any,
+) -> None:
     """Record ``plan`` with its objective ``values`` and provenance on ``trial``, and tell it."""
     config = ctx.config
     trial.set_user_attr("fidelity", str(fidelity))
     plan.objectives = dict(zip(config.objectives, values))
     plan.recipe = plan.recipe or Recipe.from_dict(config.recipe)  # how it was trained: the final run trains it so too
-    plan.provenance = {**plan.provenance, **provenance(config.strategy, config.seed, ctx.task.name),
-                       "study": study.study_name, "trial": trial.number, "rung": rung, "fidelity": str(fidelity), **extra}  # fmt: skip
+    plan.provenance = {
+        **plan.provenance,
+        **provenance(config.strategy, config.seed, ctx.task.name),
+        "study": study.study_name,
+        "trial": trial.number,
+        "rung": rung,
+        "fidelity": str(fidelity),
+        **extra,
+    }
     trial.set_user_attr("plan", plan.to_dict())
     study.tell(trial, values, skip_if_finished=True)
 
@@ -278,7 +320,11 @@ def _same_plan(study: optuna.Study, number: int, rung: int, plan: Plan) -> Froze
     mine = json.dumps([plan.sites, plan.recipe.to_dict() if plan.recipe else None], sort_keys=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         stored = t.user_attrs.get("plan", {})
-        if t.number != number and rung_of(t) == rung and json.dumps([stored.get("sites"), stored.get("recipe")], sort_keys=True) == mine:
+        if (
+            t.number != number
+            and rung_of(t) == rung
+            and json.dumps([stored.get("sites"), stored.get("recipe")], sort_keys=True) == mine
+        ):
             return t
     return None
 
@@ -301,5 +347,3 @@ def _skip(study: optuna.Study, trial: optuna.Trial, key: str, reason: str, outco
     trial.set_user_attr(key, reason)
     study.tell(trial, state=TrialState.PRUNED)
     return outcome
-
-

@@ -51,7 +51,9 @@ def halving_rungs(top: Fidelity, rungs: int = 3, eta: int = 3) -> list[Fidelity]
     def shrink(n: int | None, k: int) -> int | None:
         return None if n is None else max(1, n // eta**k)
 
-    return [Fidelity(shrink(top.steps, k), shrink(top.train_batches, k), top.eval_batches) for k in range(rungs - 1, -1, -1)]
+    return [
+        Fidelity(shrink(top.steps, k), shrink(top.train_batches, k), top.eval_batches) for k in range(rungs - 1, -1, -1)
+    ]
 
 
 def promoted_count(n: int, eta: int) -> int:

@@ -80,10 +80,14 @@ class Workload:
 
     def __str__(self) -> str:
         top = len(self.rungs) - 1
-        parts = [f"{n} {'full' if r == top else 'short'} run{'s' * (n != 1)}" + (f" (rung {r})" if 0 < r < top else "")
-                 for r, n in enumerate(self.rungs)]  # fmt: skip
+        parts = [
+            f"{n} {'full' if r == top else 'short'} run{'s' * (n != 1)}" + (f" (rung {r})" if 0 < r < top else "")
+            for r, n in enumerate(self.rungs)
+        ]
         if self.refinements:
-            parts.append(f"+{self.refinements} refinement{'s' * (self.refinements != 1)} of the best plan's learning rate")
+            parts.append(
+                f"+{self.refinements} refinement{'s' * (self.refinements != 1)} of the best plan's learning rate"
+            )
         return ", ".join(parts)
 
 
@@ -159,7 +163,9 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
         missing = [c for c in _promoted(done, config) if c not in taken]
         for c in missing:
             kept = {"baseline": done[c].user_attrs["baseline"]} if done[c].user_attrs.get("baseline") else {}
-            study.enqueue_trial(done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted", **kept})
+            study.enqueue_trial(
+                done[c].params, user_attrs={"rung": r + 1, "candidate": c, "origin": "promoted", **kept}
+            )
         if missing:
             return "ask"
     if any(t.state == TrialState.RUNNING for t in trials):
@@ -174,7 +180,9 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
 def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
     """Queue each interrupted trial again, with its parameters and place; whether any was."""
     retried = {t.user_attrs.get("retries") for t in trials}
-    cut = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried]
+    cut = [
+        t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried
+    ]
     for t in cut:
         place = {k: t.user_attrs[k] for k in PLACE if k in t.user_attrs}
         study.enqueue_trial(t.params, user_attrs={**place, "retries": t.number})
@@ -213,7 +221,10 @@ def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any],
         return None
     top = len(config.fidelities) - 1
     at_top = [t for t in trials if rung_of(t) == top and _taken(t)]
-    if any(t.state != TrialState.COMPLETE for t in at_top if t.state in LIVE) or sum("refines" in t.user_attrs for t in at_top) >= config.refine:
+    if (
+        any(t.state != TrialState.COMPLETE for t in at_top if t.state in LIVE)
+        or sum("refines" in t.user_attrs for t in at_top) >= config.refine
+    ):
         return None
     done = [t for t in at_top if t.state == TrialState.COMPLETE and "lr" in t.params]
     if not done:
@@ -225,7 +236,13 @@ def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any],
     if lr is None:
         return None
     kept = {"baseline": best.user_attrs["baseline"]} if "baseline" in best.user_attrs else {}
-    return {**best.params, "lr": lr}, {"rung": top, "origin": "refined", "refines": best.number, "refined_lr": lr, **kept}
+    return {**best.params, "lr": lr}, {
+        "rung": top,
+        "origin": "refined",
+        "refines": best.number,
+        "refined_lr": lr,
+        **kept,
+    }
 
 
 def _loss(t: FrozenTrial) -> float:
@@ -244,9 +261,17 @@ def surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | No
     r = rung_of(me)
     if "refines" in me.user_attrs:  # two workers may enqueue the same refinement: one trains it
         mine = (me.user_attrs["refines"], me.user_attrs.get("refined_lr"))
-        group = [t.number for t in trials if t.state in LIVE and (t.user_attrs.get("refines"), t.user_attrs.get("refined_lr")) == mine]
+        group = [
+            t.number
+            for t in trials
+            if t.state in LIVE and (t.user_attrs.get("refines"), t.user_attrs.get("refined_lr")) == mine
+        ]
         return None if me.number == min(group) else f"surplus: trial {mine[0]} is already refined at lr {mine[1]:g}"
-    group = [t.number for t in trials if t.state in LIVE and rung_of(t) == r and (r == 0 or candidate_of(t) == candidate_of(me))]
+    group = [
+        t.number
+        for t in trials
+        if t.state in LIVE and rung_of(t) == r and (r == 0 or candidate_of(t) == candidate_of(me))
+    ]
     allowed = config.trials if r == 0 else 1
     if me.number in sorted(group)[:allowed]:
         return None
@@ -262,9 +287,16 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
     top = max((rung_of(t) for t in done), default=0)
     points, evaluated = [], []
     for t in done:
-        info = {"trial": t.number, "rung": rung_of(t), "candidate": candidate_of(t), "fidelity": t.user_attrs.get("fidelity", ""),
-                **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {}),
-                **({"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {})}  # fmt: skip
+        info = {
+            "trial": t.number,
+            "rung": rung_of(t),
+            "candidate": candidate_of(t),
+            "fidelity": t.user_attrs.get("fidelity", ""),
+            **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {}),
+            **(
+                {"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {}
+            ),
+        }
         evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
         if rung_of(t) == top:
             plan = stored_plan(t) if "plan" in t.user_attrs else None
@@ -273,4 +305,3 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
     front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})
     front.evaluated = evaluated
     return front
-

@@ -28,6 +28,31 @@ killed outright stops sending heartbeats and is re-queued with the same paramete
 The study's user_attrs hold its `StudyConfig` — with a `Source` (model spec and task folder)
 when started from the command line — so `run_worker(storage)` on another machine rebuilds
 the model, task and space and takes its share of the trials.
+
+`run_search`'s options: the default space is `default_space` over ``objectives`` and ``methods``,
+with the proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
+model's lowering, when already at hand); a given ``space`` brings all of that itself, with its own
+objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans
+start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on
+every linear layer, the one-shot allocations) at three learning rates each, the best rate of each
+promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe``
+(default `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space
+searches in ``lr_range`` ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA
+baselines end 3-12x above a 1e-3 recipe —; None: ``recipe.lr`` for all); ``fidelities`` (default
+`default_rungs`: 5% of the recipe, then the full recipe) are the rungs of successive halving by
+``eta``, promotion ranking candidates by ``screen_by`` ("loss": the validation loss, which ranks
+short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
+"metric"), the returned plan chosen by the metric at the top rung, after the best plan there is
+trained ``refine`` more times at the full recipe at neighbouring learning rates (2.5x up, or down,
+from the best so far; 0: none, see `peftplan.planner.study.policy.next_rate`), so its rate is chosen
+on full-length results; the returned plan carries its recipe (`Plan.recipe`). Candidates are scored
+on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread
+count for each trial; ``source`` records how workers rebuild the model and task (without it, none
+can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each trial's copy of
+the model moves there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
+``checkpointing`` or not; these are this process's choice, not the study's: each worker gives its
+own, and so is ``trial_timeout``, the seconds a trial may run before it is stopped and recorded as
+failed (None: no limit; `peftplan.planner.study.watch`).
 """
 
 from __future__ import annotations
@@ -69,39 +94,40 @@ from .storage import (
 from .watch import check_timeout
 
 
-def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, strategy: str, trials: int,
-               storage: str | optuna.storages.BaseStorage | None = None, study_name: str | None = None, seed: int = 0,
-               objectives: Iterable[str] = ("metric", "params"), fidelities: Iterable[Fidelity] | None = None,
-               eta: int = 3, space: Any = None, progress: bool = True, recipe: Recipe | None = None, seeds: int = 14,
-               methods: Iterable[str] = DEFAULT_METHODS, proxy: ProxyOptions | None = None, graph: SiteGraph | None = None,
-               threads: int | None = None, source: Source | None = None, evaluator: Evaluator = evaluate,
-               heartbeat: int = 30, lr_range: tuple[float, float] | str | None = "auto", screen_by: str = "loss",
-               refine: int = 2, device: str | Any = None, bf16: bool = False, checkpointing: bool = False,
-               trial_timeout: float | None = None) -> Plan:  # fmt: skip
+def run_search(
+    model: nn.Module,
+    budget: Budget | int | str,
+    task: Task,
+    *,
+    strategy: str,
+    trials: int,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    objectives: Iterable[str] = ("metric", "params"),
+    fidelities: Iterable[Fidelity] | None = None,
+    eta: int = 3,
+    space: Any = None,
+    progress: bool = True,
+    recipe: Recipe | None = None,
+    seeds: int = 14,
+    methods: Iterable[str] = DEFAULT_METHODS,
+    proxy: ProxyOptions | None = None,
+    graph: SiteGraph | None = None,
+    threads: int | None = None,
+    source: Source | None = None,
+    evaluator: Evaluator = evaluate,
+    heartbeat: int = 30,
+    lr_range: tuple[float, float] | str | None = "auto",
+    screen_by: str = "loss",
+    refine: int = 2,
+    device: str | Any = None,
+    bf16: bool = False,
+    checkpointing: bool = False,
+    trial_timeout: float | None = None,
+) -> Plan:
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates; return the best plan within
-    budget, with ``plan.front``.
-
-    The default space is `default_space` over ``objectives`` and ``methods``, with the proxy's ``proxy`` options
-    (sites, scores, rank cap, fully trained sites) and ``graph`` (the model's lowering, when already at hand); a given
-    ``space`` brings all of that itself, with its own objectives and limits (its ``limits``: plans over them are never
-    trained). ``seeds`` seed plans start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on
-    query/value, on every linear layer, the one-shot allocations) at three learning rates each, the best rate of each
-    promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe`` (default
-    `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space searches in ``lr_range``
-    ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA baselines end 3-12x above a 1e-3 recipe —;
-    None: ``recipe.lr`` for all); ``fidelities`` (default `default_rungs`: 5% of the recipe, then the full recipe) are
-    the rungs of successive halving by ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the validation
-    loss, which ranks short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
-    "metric"), the returned plan chosen by the metric at the top rung, after the best plan there is trained ``refine``
-    more times at the full recipe at neighbouring learning rates (2.5x up, or down, from the best so far; 0: none, see
-    `peftplan.planner.study.policy.next_rate`), so its rate is chosen on full-length results; the returned plan
-    carries its recipe (`Plan.recipe`). Candidates are scored on ``task.validation_batches``, never on its evaluation
-    batches; ``threads`` sets torch's thread count for each trial; ``source`` records how workers rebuild the model
-    and task (without it, none can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each
-    trial's copy of the model moves there, ``model`` stays where it is), with ``bf16`` autocast or not and gradient
-    ``checkpointing`` or not; these are this process's choice, not the study's: each worker gives its own, and so is
-    ``trial_timeout``, the seconds a trial may run before it is stopped and recorded as failed (None: no limit;
-    `peftplan.planner.study.watch`).
+    budget, with ``plan.front``. The module docstring describes the options.
 
     >>> from pathlib import Path
     >>> plan = run_search(tiny_bert(), "5%", tiny_task(), strategy="tpe", trials=2, recipe=Recipe(lr=5e-3, steps=6),
@@ -117,18 +143,11 @@ def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, stra
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
     _check_settings(trials, refine, screen_by, fidelities, task, evaluator)
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
-    if space is None:
-        lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
-        space = default_space(model, budget, task, seed=seed, objectives=objectives, methods=methods, proxy=proxy, graph=graph,
-                              lr=lr_range)  # fmt: skip
-    elif proxy != ProxyOptions() or graph is not None or lr_range != "auto":
-        raise ValueError("a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
-                         f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
-                         "or the space")  # fmt: skip
+    space = _search_space(space, model, budget, task, seed, objectives, methods, proxy, graph, lr_range, recipe)
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    config = StudyConfig(strategy, trials, tuple(space.objectives), dict(space.objectives), fidelities,
-                         {k: float(v) for k, v in space.limits.items()}, budget.to_dict(), eta, seed, recipe.to_dict(), seeds,
-                         methods, proxy.to_dict(), source, space.lr, screen_by, refine)  # fmt: skip
+    config = _study_config(
+        space, budget, recipe, proxy, strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine
+    )
     name = study_name or config.default_name(task, model)
     store = open_storage(storage, heartbeat=heartbeat)
     with writing(store, name):
@@ -137,8 +156,83 @@ def run_search(model: nn.Module, budget: Budget | int | str, task: Task, *, stra
         return best_plan(study, task)
 
 
-def _check_settings(trials: int, refine: int, screen_by: str, fidelities: tuple[Fidelity, ...], task: Task,
-                    evaluator: Evaluator) -> None:  # fmt: skip
+def _search_space(
+    space: Any,
+    model: nn.Module,
+    budget: Budget,
+    task: Task,
+    seed: int,
+    objectives: Iterable[str],
+    methods: tuple[str, ...],
+    proxy: ProxyOptions,
+    graph: SiteGraph | None,
+    lr_range: tuple[float, float] | str | None,
+    recipe: Recipe,
+) -> Any:
+    """``space`` as given, or the default space of the proxy options, graph and learning-rate range."""
+    if space is None:
+        lr_range = (recipe.lr / 10, recipe.lr * 10) if lr_range == "auto" else lr_range
+        return default_space(
+            model,
+            budget,
+            task,
+            seed=seed,
+            objectives=objectives,
+            methods=methods,
+            proxy=proxy,
+            graph=graph,
+            lr=lr_range,
+        )
+    if proxy != ProxyOptions() or graph is not None or lr_range != "auto":
+        raise ValueError(
+            "a given space brings its own sites, scores, fully trained modules and learning-rate knob: the "
+            f"proxy options {proxy.to_dict()}, graph and lr_range apply only to the default space; drop them "
+            "or the space"
+        )
+    return space
+
+
+def _study_config(
+    space: Any,
+    budget: Budget,
+    recipe: Recipe,
+    proxy: ProxyOptions,
+    strategy: str,
+    trials: int,
+    fidelities: tuple[Fidelity, ...],
+    eta: int,
+    seed: int,
+    seeds: int,
+    methods: tuple[str, ...],
+    source: Source | None,
+    screen_by: str,
+    refine: int,
+) -> StudyConfig:
+    """What the study stores so that restarts and workers agree: the space's objectives and limits, the options."""
+    return StudyConfig(
+        strategy,
+        trials,
+        tuple(space.objectives),
+        dict(space.objectives),
+        fidelities,
+        {k: float(v) for k, v in space.limits.items()},
+        budget.to_dict(),
+        eta,
+        seed,
+        recipe.to_dict(),
+        seeds,
+        methods,
+        proxy.to_dict(),
+        source,
+        space.lr,
+        screen_by,
+        refine,
+    )
+
+
+def _check_settings(
+    trials: int, refine: int, screen_by: str, fidelities: tuple[Fidelity, ...], task: Task, evaluator: Evaluator
+) -> None:
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
@@ -148,15 +242,27 @@ def _check_settings(trials: int, refine: int, screen_by: str, fidelities: tuple[
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data
-        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
-                         "split carved from the training data, never on the evaluation split; build the task with "
-                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
+        raise ValueError(
+            f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+            "split carved from the training data, never on the evaluation split; build the task with "
+            "validation=0.2 (or task.with_validation(0.2))"
+        )
 
 
-def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | None = None, *, progress: bool = True,
-               threads: int | None = None, evaluator: Evaluator = evaluate, heartbeat: int = 30,
-               allow: Iterable[str] = (), device: str | Any = None, bf16: bool = False,
-               checkpointing: bool = False, trial_timeout: float | None = None) -> Plan:  # fmt: skip
+def run_worker(
+    storage: str | optuna.storages.BaseStorage,
+    study_name: str | None = None,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
+    evaluator: Evaluator = evaluate,
+    heartbeat: int = 30,
+    allow: Iterable[str] = (),
+    device: str | Any = None,
+    bf16: bool = False,
+    checkpointing: bool = False,
+    trial_timeout: float | None = None,
+) -> Plan:
     """Join a study started by ``peftplan search`` (on this machine or another): rebuild its
     model, task and space from the stored `Source` and take trials until it is done.
 
@@ -191,20 +297,29 @@ def run_worker(storage: str | optuna.storages.BaseStorage, study_name: str | Non
         check_url(storage, exists=True, writable=True)
     store = open_storage(storage, heartbeat=heartbeat)
     name = study_name or only_study(store)
-    _wait_for_config(store, name)
-    config = stored_config(store, name)
-    if config.source is None:
-        raise StudyError(f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
-                         "start it with `peftplan search` (or run_search(source=Source(...)))")  # fmt: skip
+    config = _worker_config(store, name)
     config.source.check_trusted(allow, name)
     model, task = config.source.load()
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
     space = config.source.build_space(model, task, config)
     worker_seed = config.seed + 1 + os.getpid()  # workers must not replay the coordinator's proposals
+    context = Context(config, model, task, space, evaluator, threads, trial_timeout)
     with writing(store, name):
         study = open_study(store, name, config, space, worker_seed, worker=True)
-        work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress, joining=True)
+        work(study, context, progress=progress, joining=True)
         return best_plan(study, task)
+
+
+def _worker_config(store: optuna.storages.BaseStorage, name: str) -> StudyConfig:
+    """The stored config of study ``name`` (waited for), which must name a `Source` workers rebuild from."""
+    _wait_for_config(store, name)
+    config = stored_config(store, name)
+    if config.source is None:
+        raise StudyError(
+            f"study {name!r} was started from Python objects, so workers cannot rebuild its model: "
+            "start it with `peftplan search` (or run_search(source=Source(...)))"
+        )
+    return config
 
 
 def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, checkpointing: bool = False) -> Evaluator:
@@ -213,8 +328,10 @@ def placed(evaluator: Evaluator, model: nn.Module, device: Any, bf16: bool, chec
     places the model itself."""
     if evaluator is not evaluate:
         if device is not None or bf16 or checkpointing:
-            raise ValueError("device, bf16 and checkpointing are for peftplan's own trainer; your evaluate function "
-                             "places and casts the model itself (a Trainer by its TrainingArguments): drop them")  # fmt: skip
+            raise ValueError(
+                "device, bf16 and checkpointing are for peftplan's own trainer; your evaluate function "
+                "places and casts the model itself (a Trainer by its TrainingArguments): drop them"
+            )
         return evaluator
     device = resolve(device, model)
     if bf16:
@@ -265,12 +382,19 @@ def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
     except StudyError as e:
         raise damaged(study._storage, study.study_name, e) from None
     if not len(front):
-        reasons = sorted({t.user_attrs.get("failed", "killed") for t in study.get_trials(deepcopy=False)
-                          if t.state == optuna.trial.TrialState.FAIL})  # fmt: skip
+        reasons = sorted(
+            {
+                t.user_attrs.get("failed", "killed")
+                for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.FAIL
+            }
+        )
         if not reasons:
-            raise StudyError(f"study {study.study_name!r}: no trial completed and none failed: plans over the limits "
-                             f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
-                             "limits (--memory, --latency, --adapter-bytes) or the budget")  # fmt: skip
+            raise StudyError(
+                f"study {study.study_name!r}: no trial completed and none failed: plans over the limits "
+                f"{config.limits} are never trained, so no plan the space proposed fits them; raise the "
+                "limits (--memory, --latency, --adapter-bytes) or the budget"
+            )
         raise StudyError(f"study {study.study_name!r}: no trial completed; failures: {reasons[:5]}")
     for point in front.points:
         if point.plan is not None and task is not None:

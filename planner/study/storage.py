@@ -17,8 +17,9 @@ from ..strategies import enqueue_seeds, make_sampler
 from .config import ATTR, StudyConfig, StudyError
 
 
-def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat: int = 30,
-                 writable: bool = True) -> optuna.storages.BaseStorage:  # fmt: skip
+def open_storage(
+    storage: str | optuna.storages.BaseStorage | None, *, heartbeat: int = 30, writable: bool = True
+) -> optuna.storages.BaseStorage:
     """In memory (None), or an RDB URL (``sqlite:///study.db``, ``postgresql://…``) with
     heartbeats every ``heartbeat`` seconds: a trial silent for twice that is failed and
     re-queued with the same parameters (at most 3 times). A SQLite file this process may not
@@ -32,11 +33,17 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat
     from sqlalchemy.exc import DBAPIError
 
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
+
     def connect() -> RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))  # fmt: skip
+            return RDBStorage(
+                storage,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
 
     for attempt in range(4):
         try:
@@ -48,8 +55,10 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, *, heartbeat
     try:
         return connect()
     except DBAPIError as e:
-        raise StudyError(f"cannot open the study storage {storage!r}: {str(e.orig).splitlines()[0]}; "
-                         "give the URL of an optuna database (a new SQLite file is created)") from None  # fmt: skip
+        raise StudyError(
+            f"cannot open the study storage {storage!r}: {str(e.orig).splitlines()[0]}; "
+            "give the URL of an optuna database (a new SQLite file is created)"
+        ) from None
 
 
 def check_url(storage: str, *, exists: bool = False, writable: bool = False) -> None:
@@ -62,23 +71,38 @@ def check_url(storage: str, *, exists: bool = False, writable: bool = False) -> 
     peftplan.planner.study.config.StudyError: storage 'study.db' is not a database URL: use sqlite:///study.db or postgresql://user@host/db
     """
     if "://" not in storage:
-        raise StudyError(f"storage {storage!r} is not a database URL: use sqlite:///study.db or postgresql://user@host/db")
+        raise StudyError(
+            f"storage {storage!r} is not a database URL: use sqlite:///study.db or postgresql://user@host/db"
+        )
     if not storage.startswith("sqlite:///") or storage.endswith(":memory:"):
         return
-    path = Path(storage[len("sqlite:///"):].split("?")[0].removeprefix("file:"))  # sqlite:///file:x.db?mode=ro&uri=true too
+    path = Path(
+        storage[len("sqlite:///") :].split("?")[0].removeprefix("file:")
+    )  # sqlite:///file:x.db?mode=ro&uri=true too
     if not path.parent.is_dir():
-        raise StudyError(f"the folder of the SQLite storage {storage!r} does not exist: create {path.parent} or give another path")
+        raise StudyError(
+            f"the folder of the SQLite storage {storage!r} does not exist: create {path.parent} or give another path"
+        )
     if exists and not path.exists():
         raise StudyError(f"no SQLite database at {path}; give the storage the study was run with")
-    unwritable = path if path.exists() and not os.access(path, os.W_OK) else \
-        path.parent if not os.access(path.parent, os.W_OK) else None  # SQLite writes its journal beside the file  # fmt: skip
+    unwritable = (
+        path
+        if path.exists() and not os.access(path, os.W_OK)
+        else path.parent
+        if not os.access(path.parent, os.W_OK)
+        else None
+    )  # SQLite writes its journal beside the file
     if writable and unwritable is not None:
-        raise StudyError(f"the SQLite storage {storage!r} cannot be written: this process may not write {unwritable}; a "
-                         f"search and its workers write every trial there: {READ_ONLY_FIX}")  # fmt: skip
+        raise StudyError(
+            f"the SQLite storage {storage!r} cannot be written: this process may not write {unwritable}; a "
+            f"search and its workers write every trial there: {READ_ONLY_FIX}"
+        )
 
 
-READ_ONLY_FIX = ("give a storage this process may write (copy the database somewhere writable, or fix its permissions); "
-                 "`peftplan front` reads a read-only study")  # fmt: skip
+READ_ONLY_FIX = (
+    "give a storage this process may write (copy the database somewhere writable, or fix its permissions); "
+    "`peftplan front` reads a read-only study"
+)
 
 
 def where(storage: optuna.storages.BaseStorage | str) -> str:
@@ -100,20 +124,32 @@ def writing(storage: optuna.storages.BaseStorage, name: str) -> Iterator[None]:
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
         said = " ".join(str(getattr(cause, "orig", None) or cause).split())[:300]
-        fix = READ_ONLY_FIX if "readonly" in said.replace("-", "").replace(" ", "").lower() else \
-            "check that the database server is up and its disk has room, then run again to resume"  # fmt: skip
+        fix = (
+            READ_ONLY_FIX
+            if "readonly" in said.replace("-", "").replace(" ", "").lower()
+            else "check that the database server is up and its disk has room, then run again to resume"
+        )
         raise StudyError(f"study {name!r}: cannot write to the storage {where(storage)} ({said}); {fix}") from None
 
 
 def damaged(storage: optuna.storages.BaseStorage | str, name: str, e: StudyError) -> StudyError:
     """What to raise when a stored study's data does not read back: ``e`` with the study, its
     database and what to do."""
-    return StudyError(f"study {name!r} in {where(storage)}: {e}; the database was edited or written by another program: "
-                      "restore it, or start a new study (another --study name or storage)")  # fmt: skip
+    return StudyError(
+        f"study {name!r} in {where(storage)}: {e}; the database was edited or written by another program: "
+        "restore it, or start a new study (another --study name or storage)"
+    )
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, space: Any,
-               sampler_seed: int | None = None, *, worker: bool = False) -> optuna.Study:  # fmt: skip
+def open_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    config: StudyConfig,
+    space: Any,
+    sampler_seed: int | None = None,
+    *,
+    worker: bool = False,
+) -> optuna.Study:
     """Create the study (enqueuing the space's seed plans once; never by a ``worker``, which
     could race its creator) or reopen it, checking it was made with the same settings; a
     different ``trials`` extends or shortens it.
@@ -122,8 +158,13 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyCon
     with a seed moved on by the trial count on a resumed one, so it does not replay the
     proposals it made before the crash."""
     directions = ["maximize" if config.senses[k] == "max" else "minimize" for k in config.objectives]
-    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True,
-                                sampler=optuna.samplers.RandomSampler())  # replaced below, once the history is known  # fmt: skip
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        directions=directions,
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(),
+    )  # replaced below, once the history is known
     stored = study.user_attrs.get(ATTR)
     if stored is None:
         study.set_user_attr(ATTR, config.to_dict())
@@ -137,8 +178,10 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, config: StudyCon
             raise damaged(storage, name, e) from None
         differ = sorted(k for k in new if k != "trials" and new[k] != old.get(k))
         if differ:
-            raise StudyError(f"study {name!r} exists with other settings ({', '.join(differ)}): "
-                             "reuse them or give another study name")  # fmt: skip
+            raise StudyError(
+                f"study {name!r} exists with other settings ({', '.join(differ)}): "
+                "reuse them or give another study name"
+            )
         if stored["trials"] != config.trials:
             study.set_user_attr(ATTR, new)
     if not worker and not study.user_attrs.get("seeds_enqueued"):  # once per study, not again on resume

@@ -54,8 +54,9 @@ def check_timeout(seconds: Any) -> float | None:
     if seconds is None:
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"trial_timeout={seconds!r}: give the seconds a trial may run (a positive number), or None for "
-                         "no limit")  # fmt: skip
+        raise ValueError(
+            f"trial_timeout={seconds!r}: give the seconds a trial may run (a positive number), or None for no limit"
+        )
     return float(seconds)
 
 
@@ -68,8 +69,13 @@ def watched(storage: Any, trial_id: int, seconds: float | None, run: Callable[[]
         with time_limit(seconds):
             return run()
     except TrialTimeout:
-        return Evaluation(None, 0, time.monotonic() - start, f"timed out: the trial ran past its time limit of {seconds:g} s "
-                          "and was stopped; raise the limit (trial_timeout=, --trial-timeout) or make trials shorter")  # fmt: skip
+        return Evaluation(
+            None,
+            0,
+            time.monotonic() - start,
+            f"timed out: the trial ran past its time limit of {seconds:g} s "
+            "and was stopped; raise the limit (trial_timeout=, --trial-timeout) or make trials shorter",
+        )
     finally:
         beats.set()
 

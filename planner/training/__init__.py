@@ -5,5 +5,14 @@ from .evaluate import Evaluation, Fidelity, evaluate
 from .task import Task
 from .train import TrainResult, train
 
-__all__ = ["Evaluation", "Fidelity", "Task", "TrainResult", "accuracy", "classification_loss", "evaluate", "mcc",
-           "train"]  # fmt: skip
+__all__ = [
+    "Evaluation",
+    "Fidelity",
+    "Task",
+    "TrainResult",
+    "accuracy",
+    "classification_loss",
+    "evaluate",
+    "mcc",
+    "train",
+]

@@ -45,8 +45,9 @@ from .lm import (
 )
 
 
-def choice_batches(tokenizer: Any, examples: list[Example], choices: Sequence[str], batch_size: int,
-                   max_length: int) -> list[Batch]:  # fmt: skip
+def choice_batches(
+    tokenizer: Any, examples: list[Example], choices: Sequence[str], batch_size: int, max_length: int
+) -> list[Batch]:
     """Choice batches of ``batch_size`` examples, each example's answer one of ``choices``."""
     index = {c: i for i, c in enumerate(choices)}
     pad, out = pad_id(tokenizer), []
@@ -55,15 +56,19 @@ def choice_batches(tokenizer: Any, examples: list[Example], choices: Sequence[st
         right = []
         for i, x in enumerate(chunk, start):
             if answer(x) not in index:
-                raise ValueError(f"example {i}'s answer {answer(x)[:80]!r} is not one of the choices {list(choices)}: "
-                                 "fix the data or the choices")  # fmt: skip
+                raise ValueError(
+                    f"example {i}'s answer {answer(x)[:80]!r} is not one of the choices {list(choices)}: "
+                    "fix the data or the choices"
+                )
             right.append(index[answer(x)])
         candidates = [with_answer(x, c) for x in chunk for c in choices]
         encoded = [parts(tokenizer, x) for x in candidates]
         for j, lost, need in cut_answers(candidates, encoded, max_length)[:1]:
-            raise ValueError(f"example {start + j // len(choices)} with the answer {choices[j % len(choices)]!r} takes "
-                             f"{need} tokens, and max_length={max_length} cuts {lost} of the answer's: choice scoring "
-                             "compares whole answers; raise max_length")  # fmt: skip
+            raise ValueError(
+                f"example {start + j // len(choices)} with the answer {choices[j % len(choices)]!r} takes "
+                f"{need} tokens, and max_length={max_length} cuts {lost} of the answer's: choice scoring "
+                "compares whole answers; raise max_length"
+            )
         out.append({**collate([fit(*x, max_length) for x in encoded], pad), "choice": torch.tensor(right)})
     return out
 
@@ -98,21 +103,31 @@ def shared_prompt_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     ends = mask.sum(1)
     first = ids[::k]  # (B, T) each example's first candidate
     if (starts.view(n, k) != starts[::k, None]).any() or any(
-            not torch.equal(ids[r, : starts[r]], first[r // k, : starts[r]]) for r in range(ids.shape[0])):  # fmt: skip
+        not torch.equal(ids[r, : starts[r]], first[r // k, : starts[r]]) for r in range(ids.shape[0])
+    ):
         return None
     width, p = int(starts.max()), starts[::k]
     prompt = torch.stack([torch.cat([first[b].new_zeros(width - int(p[b])), first[b, : int(p[b])]]) for b in range(n)])
     prompt_mask = (torch.arange(width, device=device)[None] >= (width - p)[:, None]).long()  # (B, P) left padding
-    out = backbone(input_ids=prompt, attention_mask=prompt_mask,
-                   position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)  # fmt: skip
+    out = backbone(
+        input_ids=prompt,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+    )
     cache = out.past_key_values
     cache.batch_repeat_interleave(k)
     length = int((ends - starts).max())
     offsets = starts[:, None] + torch.arange(length, device=device)[None]  # (B*K, A)
     inside = offsets < ends[:, None]
     answer = torch.where(inside, ids.gather(1, offsets.clamp(max=ids.shape[1] - 1)), 0)
-    after = backbone(input_ids=answer, attention_mask=torch.cat([prompt_mask.repeat_interleave(k, 0), inside.long()], 1),
-                     position_ids=offsets, past_key_values=cache, use_cache=True).last_hidden_state  # (B*K, A, H)
+    after = backbone(
+        input_ids=answer,
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(k, 0), inside.long()], 1),
+        position_ids=offsets,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B*K, A, H)
     # position starts+j is predicted by the prompt's last state (j = 0), else by answer token j-1
     states = torch.cat([out.last_hidden_state[:, -1].repeat_interleave(k, 0)[:, None], after[:, :-1]], 1)
     targets = torch.where(inside, labels.gather(1, offsets.clamp(max=ids.shape[1] - 1)), IGNORE)
@@ -154,8 +169,10 @@ class ExactMatch:
 
     def __call__(self, model: nn.Module, batches: list[Batch]) -> float:
         if not hasattr(model, "generate"):
-            raise ValueError(f"exact_match generates answers, and {type(model).__name__} has no generate(); use "
-                             "metric='choice' or the loss")  # fmt: skip
+            raise ValueError(
+                f"exact_match generates answers, and {type(model).__name__} has no generate(); use "
+                "metric='choice' or the loss"
+            )
         hits = n = 0
         with inference(model):
             for batch in batches:
@@ -176,15 +193,20 @@ class ExactMatch:
         width, pad = max(len(p) for p in prompts), pad_id(self.tokenizer)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(r) for r in refs) + 2,
-                             do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(len(r) for r in refs) + 2,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
         return [self.decode(row[width:].tolist()) for row in out], [self.decode(r) for r in refs]
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` up to the first end-of-sequence token, special tokens left out."""
         eos = self.tokenizer.eos_token_id
         return self.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
-
 
 
 METRICS = ("loss", "choice", "exact_match")  # what `Task.for_causal_lm(metric=...)` accepts

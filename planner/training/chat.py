@@ -31,30 +31,40 @@ def check_conversation(value: Any, source: str, column: str, row: int) -> Conver
     ``content``, at least one of them an assistant turn (what is trained on)."""
     where = f"{source}: row {row} of column {column!r}"
     if not isinstance(value, (list, tuple)) or not value:
-        hint = " (it looks like JSON text: parse it with json.loads first)" if isinstance(value, str) and \
-            value.lstrip().startswith("[") else ""  # fmt: skip
-        raise ValueError(f"{where} holds {type(value).__name__} {str(value)[:80]!r} where a conversation is expected: "
-                         f'a list of {{"role": ..., "content": ...}} messages{hint}')  # fmt: skip
+        hint = (
+            " (it looks like JSON text: parse it with json.loads first)"
+            if isinstance(value, str) and value.lstrip().startswith("[")
+            else ""
+        )
+        raise ValueError(
+            f"{where} holds {type(value).__name__} {str(value)[:80]!r} where a conversation is expected: "
+            f'a list of {{"role": ..., "content": ...}} messages{hint}'
+        )
     out = []
     for i, message in enumerate(value):
         bad = [k for k in ("role", "content") if not isinstance(message, dict) or not isinstance(message.get(k), str)]
         if bad:
-            raise ValueError(f"{where}: message {i} is {str(message)[:80]!r}, whose {' and '.join(repr(k) for k in bad)} "
-                             'is missing or not a string; each message is {"role": ..., "content": ...} with string '
-                             "values")  # fmt: skip
+            raise ValueError(
+                f"{where}: message {i} is {str(message)[:80]!r}, whose {' and '.join(repr(k) for k in bad)} "
+                'is missing or not a string; each message is {"role": ..., "content": ...} with string '
+                "values"
+            )
         out.append({"role": message["role"], "content": message["content"]})
     if not any(m["role"] == "assistant" for m in out):
-        raise ValueError(f"{where} has no assistant turn, so nothing to learn from: roles are "
-                         f"{[m['role'] for m in out]}")  # fmt: skip
+        raise ValueError(
+            f"{where} has no assistant turn, so nothing to learn from: roles are {[m['role'] for m in out]}"
+        )
     return out
 
 
 def render(tokenizer: Any, messages: Conversation, generation_prompt: bool = False) -> str:
     """The conversation as the tokenizer's chat template writes it (text, not ids)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template, so conversations cannot be "
-                         "rendered: use an instruction-tuned model's tokenizer, set tokenizer.chat_template, or give "
-                         "prompt_column and response_column instead of messages")  # fmt: skip
+        raise ValueError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no chat template, so conversations cannot be "
+            "rendered: use an instruction-tuned model's tokenizer, set tokenizer.chat_template, or give "
+            "prompt_column and response_column instead of messages"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -68,9 +78,11 @@ def assistant_spans(tokenizer: Any, messages: Conversation) -> tuple[str, list[t
         before = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
         through = render(tokenizer, messages[: i + 1])
         if not through.startswith(before) or not text.startswith(through):
-            raise ValueError("the chat template renders a conversation's start differently from the whole (it rewrites "
-                             f"earlier turns), so assistant turn {i} cannot be located; give prompt_column and "
-                             "response_column instead of messages")  # fmt: skip
+            raise ValueError(
+                "the chat template renders a conversation's start differently from the whole (it rewrites "
+                f"earlier turns), so assistant turn {i} cannot be located; give prompt_column and "
+                "response_column instead of messages"
+            )
         spans.append((len(before), len(through.rstrip())))
     return text, spans
 
@@ -86,12 +98,15 @@ def chat_parts(tokenizer: Any, messages: Conversation) -> Parts:
     """A conversation as `Parts`: what precedes its last assistant turn, and that turn on."""
     text, spans = assistant_spans(tokenizer, messages)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; load the fast one "
-                         "(AutoTokenizer.from_pretrained(..., use_fast=True))")  # fmt: skip
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; load the fast one "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
-    labels = [t if any(a <= start < b for a, b in spans) else IGNORE
-              for t, (start, _) in zip(ids, encoded["offset_mapping"])]  # fmt: skip
+    labels = [
+        t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, encoded["offset_mapping"])
+    ]
     last = spans[-1][0]
     cut = next((k for k, (start, _) in enumerate(encoded["offset_mapping"]) if start >= last), len(ids))
     return ids[:cut], labels[:cut], ids[cut:], labels[cut:]
@@ -100,7 +115,9 @@ def chat_parts(tokenizer: Any, messages: Conversation) -> Parts:
 Parts = tuple[list[int], list[int], list[int], list[int]]  # (prompt ids, their labels, response ids, their labels)
 
 
-def fit(p: list[int], p_labels: list[int], r: list[int], r_labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+def fit(
+    p: list[int], p_labels: list[int], r: list[int], r_labels: list[int], max_length: int
+) -> tuple[list[int], list[int]]:
     """Prompt ``p`` and response ``r`` (with their labels) joined in at most ``max_length``
     tokens: the response keeps its start (at least half the length, or all of it; `kept`), the
     prompt its first token (often BOS) and its end.
@@ -115,8 +132,8 @@ def fit(p: list[int], p_labels: list[int], r: list[int], r_labels: list[int], ma
         if len(p) > room:
             head = min(1, room)
             tail = room - head
-            p = p[:head] + (p[len(p) - tail:] if tail else [])
-            p_labels = p_labels[:head] + (p_labels[len(p_labels) - tail:] if tail else [])
+            p = p[:head] + (p[len(p) - tail :] if tail else [])
+            p_labels = p_labels[:head] + (p_labels[len(p_labels) - tail :] if tail else [])
     return p + r, p_labels + r_labels
 
 
@@ -137,8 +154,10 @@ def answer(example: Any) -> str:
         return example[1]
     if isinstance(example, list):
         return next(m["content"] for m in reversed(example) if m["role"] == "assistant")
-    raise ValueError("plain texts have no answer to score: answer metrics (choice, exact_match) need prompt and "
-                     "response columns or messages")  # fmt: skip
+    raise ValueError(
+        "plain texts have no answer to score: answer metrics (choice, exact_match) need prompt and "
+        "response columns or messages"
+    )
 
 
 def with_answer(example: Any, text: str) -> Any:
@@ -147,5 +166,4 @@ def with_answer(example: Any, text: str) -> Any:
         return (example[0], text)
     answer(example)  # a conversation without one is an error
     last = max(i for i, m in enumerate(example) if m["role"] == "assistant")
-    return [*example[:last], {"role": "assistant", "content": text}, *example[last + 1:]]
-
+    return [*example[:last], {"role": "assistant", "content": text}, *example[last + 1 :]]

@@ -1,6 +1,23 @@
 """Sequence classification: building its `Task` from labelled data (`for_sequence_classification`,
 ``Task``'s constructor of the same name), its loss and its metrics (`accuracy`, `mcc`).
 
+The data: each of ``train``, ``dev`` and ``validation`` (when it is data) is a ``LABEL<TAB>TEXT``
+file (``.tsv``, integer labels), a CSV, JSON/JSONL or Parquet file (read by `datasets`), or a
+`datasets.Dataset`; ``train`` may also be a folder holding ``train.tsv`` and ``dev.tsv``, or a
+`datasets.DatasetDict` (its ``train`` split; its ``validation``, else ``test``, split as
+``dev``). Tables have a ``text_column`` (default ``text``), optionally a ``pair_column`` (the
+second text of sentence pairs) and a ``label_column`` (default ``label``) of class numbers or
+class names; names become ids in ``labels`` order (default: sorted, or a ClassLabel's order),
+kept in ``task.labels`` and in the provenance of the plans searched on it. A ``.tsv`` whose
+columns are named is read as a table with a header row.
+
+The splits: training examples are shuffled with ``seed``; then ``validation`` of them (a
+fraction, or a count; None: none) become the validation split, stratified by label
+(`stratified_split`), unless ``validation`` is itself data (a path or Dataset); ``max_train``
+keeps a prefix of the rest; dev keeps file order (``max_dev``, a prefix). Each batch is padded
+to its own longest text (at most ``max_length`` tokens). The loss is cross-entropy on
+``model(**inputs).logits``.
+
     >>> matthews(torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0, 1, 0]))
     1.0
 """
@@ -38,32 +55,32 @@ Batch = dict[str, torch.Tensor]
 
 
 def for_sequence_classification(
-    cls: type[Task], model_dir_or_model: str | os.PathLike | nn.Module, tokenizer: Any, train: Any, dev: Any = None, *,
-    text_column: str | None = None, pair_column: str | None = None, label_column: str | None = None,
-    labels: Sequence[str] | None = None, batch_size: int = 32, max_length: int = 64, max_train: int | None = None,
-    max_dev: int | None = None, metric: str = "accuracy", seed: int = 0, validation: Any = 0.2,
-    name: str | None = None, device: str | torch.device | None = None,
-) -> Task:  # fmt: skip
+    cls: type[Task],
+    model_dir_or_model: str | os.PathLike | nn.Module,
+    tokenizer: Any,
+    train: Any,
+    dev: Any = None,
+    *,
+    text_column: str | None = None,
+    pair_column: str | None = None,
+    label_column: str | None = None,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_length: int = 64,
+    max_train: int | None = None,
+    max_dev: int | None = None,
+    metric: str = "accuracy",
+    seed: int = 0,
+    validation: Any = 0.2,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+) -> Task:
     """A classification task: ``train`` gives the training and validation examples, ``dev``
     the evaluation examples (the final report only; None: none, or a DatasetDict's own).
 
-    Each of them is a ``LABEL<TAB>TEXT`` file (``.tsv``, integer labels), a CSV, JSON/JSONL or
-    Parquet file (read by `datasets`), or a `datasets.Dataset`; ``train`` may also be a
-    folder holding ``train.tsv`` and ``dev.tsv``, or a `datasets.DatasetDict` (its
-    ``train`` split; its ``validation``, else ``test``, split as ``dev``). Tables have a
-    ``text_column`` (default ``text``), optionally a ``pair_column`` (the second text of
-    sentence pairs) and a ``label_column`` (default ``label``) of class numbers or class
-    names; names become ids in ``labels`` order (default: sorted, or a ClassLabel's order),
-    kept in ``task.labels`` and in the provenance of the plans searched on it. A ``.tsv``
-    whose columns are named is read as a table with a header row.
-
+    The data forms, columns, labels and splits are described in the module docstring.
     ``tokenizer`` may be None to load it from the model directory (or, for a model, from
-    ``model.config._name_or_path``). Training examples are shuffled with ``seed``; then
-    ``validation`` of them (a fraction, or a count; None: none) become the validation split,
-    stratified by label (`stratified_split`), unless ``validation`` is itself data (a path
-    or Dataset); ``max_train`` keeps a prefix of the rest; dev keeps file order. Each batch
-    is padded to its own longest text. The loss is cross-entropy on
-    ``model(**inputs).logits``; ``metric`` is ``"accuracy"`` or ``"mcc"`` (Matthews
+    ``model.config._name_or_path``). ``metric`` is ``"accuracy"`` or ``"mcc"`` (Matthews
     correlation, the usual CoLA metric). ``device`` puts the batches there (None: they stay
     on the CPU and move to the model's device batch by batch).
 
@@ -74,12 +91,10 @@ def for_sequence_classification(
     >>> sorted(task.train_batches[0]), len(task.train_batches), task.labels
     (['attention_mask', 'input_ids', 'labels'], 2, ('neg', 'pos'))
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_options(metric, batch_size)
     table, (train_rows, validation_rows, dev_rows) = _labelled_rows(
-        train, dev, validation, _columns(text_column, pair_column, label_column), labels, seed)
+        train, dev, validation, _columns(text_column, pair_column, label_column), labels, seed
+    )
     train_rows, dev_rows = train_rows[:max_train], dev_rows[:max_dev]
     _check_classes(model_dir_or_model, table, train_rows + validation_rows + dev_rows)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir_or_model)
@@ -87,10 +102,23 @@ def for_sequence_classification(
     def batches(rows: list[Row]) -> list[Batch]:
         return _batches(tokenizer, rows, batch_size, max_length)
 
-    task = cls(train_batches=batches(train_rows), eval_batches=batches(dev_rows), loss=classification_loss,
-               metric=ClassMetric(METRICS[metric], table.names), name=name or task_name(train),
-               validation_batches=batches(validation_rows), labels=table.names)  # fmt: skip
+    task = cls(
+        train_batches=batches(train_rows),
+        eval_batches=batches(dev_rows),
+        loss=classification_loss,
+        metric=ClassMetric(METRICS[metric], table.names),
+        name=name or task_name(train),
+        validation_batches=batches(validation_rows),
+        labels=table.names,
+    )
     return task if device is None else task.to(device)
+
+
+def _check_options(metric: str, batch_size: int) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
 def _columns(text: str | None, pair: str | None, label: str | None) -> Columns | None:
@@ -101,8 +129,9 @@ def _columns(text: str | None, pair: str | None, label: str | None) -> Columns |
     return Columns(text or "text", pair, label or "label")
 
 
-def _labelled_rows(train: Any, dev: Any, validation: Any, columns: Columns | None, labels: Sequence[str] | None,
-                   seed: int) -> tuple[Labels, tuple[list[Row], list[Row], list[Row]]]:  # fmt: skip
+def _labelled_rows(
+    train: Any, dev: Any, validation: Any, columns: Columns | None, labels: Sequence[str] | None, seed: int
+) -> tuple[Labels, tuple[list[Row], list[Row], list[Row]]]:
     """The class table and the (training, validation, evaluation) rows: the training rows
     shuffled with ``seed``, then ``validation`` of them held out, stratified by label (unless
     it is data of its own)."""
@@ -131,7 +160,7 @@ def _batches(tokenizer: Any, rows: list[Row], batch_size: int, max_length: int) 
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         texts = [t for _, t in chunk]
-        pairs = (list(zip(*texts)) if texts and isinstance(texts[0], tuple) else [texts])
+        pairs = list(zip(*texts)) if texts and isinstance(texts[0], tuple) else [texts]
         enc = tokenizer(*pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append({**enc, "labels": torch.tensor([label for label, _ in chunk])})
     return out
@@ -143,14 +172,20 @@ def _check_classes(model: Any, table: Labels, rows: list[Row]) -> None:
     if n_labels is None:
         return
     if table.names is not None and len(table.names) > n_labels:
-        raise ValueError(f"the data has {len(table.names)} classes {list(table.names)} but the model has {n_labels} "
-                         f"labels; load it with num_labels={len(table.names)}")  # fmt: skip
+        raise ValueError(
+            f"the data has {len(table.names)} classes {list(table.names)} but the model has {n_labels} "
+            f"labels; load it with num_labels={len(table.names)}"
+        )
     seen = max((label for label, _ in rows), default=0)
     if seen >= n_labels and seen == n_labels and min(label for label, _ in rows) == 1:
-        raise ValueError(f"the data's labels run from 1 to {seen}, but class numbers count from 0 (the model's {n_labels} "
-                         f"classes are 0 to {n_labels - 1}): renumber the labels 0 to {seen - 1}, or write class names")  # fmt: skip
+        raise ValueError(
+            f"the data's labels run from 1 to {seen}, but class numbers count from 0 (the model's {n_labels} "
+            f"classes are 0 to {n_labels - 1}): renumber the labels 0 to {seen - 1}, or write class names"
+        )
     if seen >= n_labels:
-        raise ValueError(f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}")
+        raise ValueError(
+            f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}"
+        )
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

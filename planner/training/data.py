@@ -73,8 +73,10 @@ class Labels:
         for v in values:
             key = v if isinstance(v, str) else str(v)
             if key not in index:
-                raise ValueError(f"{source}: column {column!r} has label {v!r}, which is not one of the classes "
-                                 f"{list(self.names)}; fix the data or pass labels=[...] naming every class")  # fmt: skip
+                raise ValueError(
+                    f"{source}: column {column!r} has label {v!r}, which is not one of the classes "
+                    f"{list(self.names)}; fix the data or pass labels=[...] naming every class"
+                )
             out.append(index[key])
         return out
 
@@ -86,11 +88,15 @@ class Labels:
 def _class_id(v: Any, source: str, column: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         what = "a missing label" if v is None else f"label {v!r}"
-        raise ValueError(f"{source}: column {column!r} has {what}; labels are class numbers 0, 1, … or class names "
-                         "(strings), one per example")  # fmt: skip
+        raise ValueError(
+            f"{source}: column {column!r} has {what}; labels are class numbers 0, 1, … or class names "
+            "(strings), one per example"
+        )
     if v < 0:
-        raise ValueError(f"{source}: column {column!r} has label {v}: labels are class numbers 0, 1, …; renumber the "
-                         "classes from 0, or drop unlabelled examples (a test split often marks them -1)")  # fmt: skip
+        raise ValueError(
+            f"{source}: column {column!r} has label {v}: labels are class numbers 0, 1, …; renumber the "
+            "classes from 0, or drop unlabelled examples (a test split often marks them -1)"
+        )
     return v
 
 
@@ -119,8 +125,10 @@ def read_split(source: Any, columns: Columns | None, what: str) -> Split:
     elif isinstance(getattr(source, "column_names", None), list):  # a datasets.Dataset
         table, name = source, f"the {what}"
     else:
-        raise TypeError(f"the {what} is a {type(source).__name__}: give a path (.tsv, .csv, .json, .jsonl, .parquet), "
-                        "a folder with train.tsv and dev.tsv, or a datasets.Dataset")  # fmt: skip
+        raise TypeError(
+            f"the {what} is a {type(source).__name__}: give a path (.tsv, .csv, .json, .jsonl, .parquet), "
+            "a folder with train.tsv and dev.tsv, or a datasets.Dataset"
+        )
     columns = columns or Columns()
     texts, labels = table_rows(table, columns, name)
     check_label_values(labels, name, columns.label)
@@ -146,8 +154,10 @@ def splits(train: Any, dev: Any, validation: Any) -> tuple[Any, Any, Any]:
         folder = Path(train)
         train, dev = folder / "train.tsv", folder / "dev.tsv" if dev is None else dev
         if not train.is_file():
-            raise FileNotFoundError(f"{folder} has no train.tsv: a task folder holds train.tsv and dev.tsv "
-                                    "(LABEL<TAB>TEXT); or give a data file")  # fmt: skip
+            raise FileNotFoundError(
+                f"{folder} has no train.tsv: a task folder holds train.tsv and dev.tsv "
+                "(LABEL<TAB>TEXT); or give a data file"
+            )
     elif isinstance(getattr(train, "column_names", None), dict):  # a DatasetDict: columns by split
         if "train" not in train:
             raise ValueError(f"the DatasetDict has splits {list(train)} but no 'train': pass the training split itself")
@@ -155,8 +165,10 @@ def splits(train: Any, dev: Any, validation: Any) -> tuple[Any, Any, Any]:
             dev = next((train[k] for k in ("validation", "test") if k in train), None)
         train = train["train"]
     if isinstance(validation, str) and not Path(validation).exists() and _number(validation) is not None:
-        raise ValueError(f"validation={validation!r} is a string, read as the path of validation data (there is no such "
-                         f"file): give the number {_number(validation)!r} for a share or a count")  # fmt: skip
+        raise ValueError(
+            f"validation={validation!r} is a string, read as the path of validation data (there is no such "
+            f"file): give the number {_number(validation)!r} for a share or a count"
+        )
     given = None if validation is None or isinstance(validation, (int, float)) else validation
     return train, dev, given
 
@@ -177,8 +189,10 @@ def table_rows(table: Any, columns: Columns, source: str) -> tuple[list[Any], li
     have = list(table.column_names)
     for role, name in (("text", columns.text), ("pair", columns.pair), ("label", columns.label)):
         if name is not None and name not in have:
-            raise ValueError(f"{source} has no {role} column {name!r}; its columns are {have}: pass "
-                             f"{role}_column=... (--{role}-column on the command line)")  # fmt: skip
+            raise ValueError(
+                f"{source} has no {role} column {name!r}; its columns are {have}: pass "
+                f"{role}_column=... (--{role}-column on the command line)"
+            )
     if len(table) == 0:
         raise ValueError(f"{source} has no examples")
     texts = [text_cell(v, source, columns.text) for v in table[columns.text]]
@@ -198,13 +212,17 @@ def check_label_values(labels: list[Any], source: str, column: str) -> None:
     """
     for i, v in enumerate(labels):
         if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
-            raise ValueError(f"{source}: data row {i + 1} has no label in column {column!r} (an empty cell): fill it in "
-                             "or drop the row")  # fmt: skip
+            raise ValueError(
+                f"{source}: data row {i + 1} has no label in column {column!r} (an empty cell): fill it in "
+                "or drop the row"
+            )
     named = next((v for v in labels if isinstance(v, str)), None)
     number = next((v for v in labels if not isinstance(v, str)), None)
     if named is not None and number is not None:
-        raise ValueError(f"{source}: column {column!r} mixes class numbers ({number!r}) and class names ({named!r}): "
-                         "write every label the same way, all numbers 0, 1, … or all names")  # fmt: skip
+        raise ValueError(
+            f"{source}: column {column!r} mixes class numbers ({number!r}) and class names ({named!r}): "
+            "write every label the same way, all numbers 0, 1, … or all names"
+        )
 
 
 def class_names(table: Any, column: str) -> tuple[str, ...] | None:
@@ -234,9 +252,7 @@ def read_labelled_text(path: str | os.PathLike) -> list[tuple[int, str]]:
                 continue
             label, tab, text = line.partition("\t")
             if not tab or not label.strip().lstrip("-").isdigit():
-                raise ValueError(
-                    f"{path}:{lineno}: expected LABEL<TAB>TEXT with an integer label, got {line[:80]!r}"
-                )
+                raise ValueError(f"{path}:{lineno}: expected LABEL<TAB>TEXT with an integer label, got {line[:80]!r}")
             rows.append((int(label), text))
     if not rows:
         raise ValueError(f"{path} has no examples")
@@ -278,8 +294,10 @@ def validation_count(share: float | int, n: int, what: str) -> int:
     if isinstance(share, float) and not 0 < share < 1:
         raise ValueError(f"validation={share}: a fraction lies in (0, 1); give a count as an int")
     if not 1 <= k < n:
-        raise ValueError(f"validation={share!r} of {n} {what} leaves {'no validation' if k < 1 else 'no training'} "
-                         f"example; the split needs at least one of each")  # fmt: skip
+        raise ValueError(
+            f"validation={share!r} of {n} {what} leaves {'no validation' if k < 1 else 'no training'} "
+            f"example; the split needs at least one of each"
+        )
     return k
 
 

@@ -34,11 +34,15 @@ def resolve(device: str | torch.device | None = None, model: nn.Module | None = 
         raise ValueError(f"device={device!r} is not a torch device: give cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
-                             f"CUDA build {torch.version.cuda or 'none'}); use device='cpu' (--device cpu)")  # fmt: skip
+            raise ValueError(
+                f"device={str(device)!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}); use device='cpu' (--device cpu)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
+            raise ValueError(
+                f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device='mps': torch sees no Apple GPU here; use device='cpu'")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -56,11 +60,15 @@ def check_bf16(device: torch.device, model: nn.Module | None = None) -> None:
     ValueError: bf16=True on the CPU with Linear's float16 weights: CPU autocast runs bf16 and cannot mix float16 weights into it (torch says "mixed dtype (CPU)"); load the model in float32 (model.float()) or bfloat16 (model.to(torch.bfloat16)), or drop bf16 (--bf16)
     """
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"bf16=True: {torch.cuda.get_device_name(device)} has no bf16 support; train in fp32 (drop --bf16)")
+        raise ValueError(
+            f"bf16=True: {torch.cuda.get_device_name(device)} has no bf16 support; train in fp32 (drop --bf16)"
+        )
     if device.type == "cpu" and model is not None and any(p.dtype == torch.float16 for p in model.parameters()):
-        raise ValueError(f"bf16=True on the CPU with {type(model).__name__}'s float16 weights: CPU autocast runs bf16 and "
-                         'cannot mix float16 weights into it (torch says "mixed dtype (CPU)"); load the model in float32 '
-                         "(model.float()) or bfloat16 (model.to(torch.bfloat16)), or drop bf16 (--bf16)")  # fmt: skip
+        raise ValueError(
+            f"bf16=True on the CPU with {type(model).__name__}'s float16 weights: CPU autocast runs bf16 and "
+            'cannot mix float16 weights into it (torch says "mixed dtype (CPU)"); load the model in float32 '
+            "(model.float()) or bfloat16 (model.to(torch.bfloat16)), or drop bf16 (--bf16)"
+        )
 
 
 def autocast(device: torch.device, bf16: bool) -> Any:

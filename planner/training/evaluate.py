@@ -57,8 +57,11 @@ class Fidelity:
         for name in ("steps", "train_batches", "eval_batches"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                what = "trains at least one step (None: the recipe's full length)" if name == "steps" else \
-                    "uses at least one batch (None: all of them)"  # fmt: skip
+                what = (
+                    "trains at least one step (None: the recipe's full length)"
+                    if name == "steps"
+                    else "uses at least one batch (None: all of them)"
+                )
                 raise ValueError(f"Fidelity({name}={v!r}): a trial {what}")
         if self.share is not None:
             if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 < self.share <= 1:
@@ -84,12 +87,17 @@ class Fidelity:
         >>> Fidelity.from_text("30 steps").steps, Fidelity.from_text("the full recipe")
         (30, Fidelity(steps=None, train_batches=None, eval_batches=None, share=None))
         """
-        found = re.fullmatch(r"(?:(\d+(?:\.\d+)?)% of the recipe|the full recipe|(\d+) steps)(?: on (\d+) batches)?", text)
+        found = re.fullmatch(
+            r"(?:(\d+(?:\.\d+)?)% of the recipe|the full recipe|(\d+) steps)(?: on (\d+) batches)?", text
+        )
         if found is None:
             return None
         share, steps, batches = found.groups()
-        return cls(steps=int(steps) if steps else None, train_batches=int(batches) if batches else None,
-                   share=float(share) / 100 if share else None)  # fmt: skip
+        return cls(
+            steps=int(steps) if steps else None,
+            train_batches=int(batches) if batches else None,
+            share=float(share) / 100 if share else None,
+        )
 
     def __str__(self) -> str:
         if self.share is not None:
@@ -116,19 +124,26 @@ class Evaluation:
         return self.failed is None
 
 
-def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, recipe: Recipe | None = None,
-             seed: int = 0, aux_weight: float = 0.01, device: str | torch.device | None = None,
-             bf16: bool = False, checkpointing: bool = False) -> Evaluation:  # fmt: skip
+def evaluate(
+    base: nn.Module,
+    plan: Plan,
+    task: Task,
+    fidelity: Fidelity,
+    *,
+    recipe: Recipe | None = None,
+    seed: int = 0,
+    aux_weight: float = 0.01,
+    device: str | torch.device | None = None,
+    bf16: bool = False,
+    checkpointing: bool = False,
+) -> Evaluation:
     """Apply ``plan`` to a copy of ``base`` (left untouched), train by ``recipe`` (default
     `Recipe()`) at ``fidelity`` on ``device`` (None: CUDA when available, as `train`), with
     ``bf16`` autocast or not and ``checkpointing`` or not (`train`), score on the validation
     batches.
 
     ``aux_weight`` scales auxiliary losses of the plan's sites (MoE-LoRA load balancing)."""
-    if not task.validation_batches:
-        raise ValueError(f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
-                         "split carved from the training data, never on the evaluation split; build the task with "
-                         "validation=0.2 (or task.with_validation(0.2))")  # fmt: skip
+    _check_validation(task)
     recipe = recipe or Recipe()
     start = time.perf_counter()
     params = int(plan.objectives.get("params", 0))
@@ -138,14 +153,16 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
     try:
         model = apply(copy.deepcopy(base), plan)  # train() moves it to the device
         params = count_trainable(model)
-        validation = task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
-        sub = replace(
-            task,
-            train_batches=task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches,
-            loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m),
+        sub, validation = _at_fidelity(task, fidelity, aux_weight)
+        run = train(
+            model,
+            sub,
+            fidelity.recipe(recipe, len(task.train_batches)),
+            seed=seed,
+            device=device,
+            bf16=bf16,
+            checkpointing=checkpointing,
         )
-        run = train(model, sub, fidelity.recipe(recipe, len(task.train_batches)), seed=seed, device=device, bf16=bf16,
-                    checkpointing=checkpointing)
         losses = run.losses
         with autocast(device, bf16):
             metric, loss = metric_and_loss(model, task, validation)
@@ -157,6 +174,24 @@ def evaluate(base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, rec
     if metric != metric:  # NaN metric: the model produced garbage
         return Evaluation(None, params, time.perf_counter() - start, "metric is NaN", losses)
     return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss)
+
+
+def _check_validation(task: Task) -> None:
+    if not task.validation_batches:
+        raise ValueError(
+            f"task {task.name!r} has no validation batches: a search scores candidates on a validation "
+            "split carved from the training data, never on the evaluation split; build the task with "
+            "validation=0.2 (or task.with_validation(0.2))"
+        )
+
+
+def _at_fidelity(task: Task, fidelity: Fidelity, aux_weight: float) -> tuple[Task, list]:
+    """The task a trial trains on (``fidelity``'s share of the training batches, the sites' auxiliary
+    losses added to its loss) and the validation batches it is scored on."""
+    validation = task.validation_batches[: fidelity.eval_batches] if fidelity.eval_batches else task.validation_batches
+    train_batches = task.train_batches[: fidelity.train_batches] if fidelity.train_batches else task.train_batches
+    sub = replace(task, train_batches=train_batches, loss=lambda m, b: task.loss(m, b) + aux_weight * aux_loss(m))
+    return sub, validation
 
 
 def failure(e: BaseException, params: int, start: float, losses: list[float] | None = None) -> Evaluation:

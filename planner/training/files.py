@@ -41,14 +41,18 @@ def load_table(path: str | os.PathLike, sep: str | None = None) -> Any:
 
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a data file: give a .tsv, .csv, .json, .jsonl or .parquet file (a "
-                         "folder holding train.tsv and dev.tsv is the training data, given as the task)")  # fmt: skip
+        raise ValueError(
+            f"{path} is a folder, not a data file: give a .tsv, .csv, .json, .jsonl or .parquet file (a "
+            "folder holding train.tsv and dev.tsv is the training data, given as the task)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file or task folder")
     kind = "csv" if sep is not None else FILE_FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; give a .tsv (LABEL<TAB>TEXT), .csv, .json, "
-                         ".jsonl or .parquet file, or a folder holding train.tsv and dev.tsv")  # fmt: skip
+        raise ValueError(
+            f"{path}: unknown data file type {path.suffix!r}; give a .tsv (LABEL<TAB>TEXT), .csv, .json, "
+            ".jsonl or .parquet file, or a folder holding train.tsv and dev.tsv"
+        )
     digest = content_digest(path, text=kind != "parquet")
     if kind == "csv":
         check_header(path, sep or ",")
@@ -83,16 +87,19 @@ def content_digest(path: Path, *, text: bool) -> str:
         except UnicodeDecodeError:
             raise ValueError(not_utf8(path, lines + 1, None)) from None
     if not size:
-        raise ValueError(f"{path} is empty (0 bytes): write the examples into it, with a header row naming the columns "
-                         "for a table")  # fmt: skip
+        raise ValueError(
+            f"{path} is empty (0 bytes): write the examples into it, with a header row naming the columns for a table"
+        )
     return digest.hexdigest()[:16]
 
 
 def not_utf8(path: Path, line: int, byte: int | None) -> str:
     """What to say of a file that is not UTF-8 text: where, and how to convert it."""
     what = f"byte 0x{byte:02x}" if byte is not None else "a character cut off at the end"
-    return (f"{path} is not UTF-8 text: line {line} has {what}; save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 {path.name} > "
-            f'utf8{path.suffix}, or pandas\' to_csv(..., encoding="utf-8"))')  # fmt: skip
+    return (
+        f"{path} is not UTF-8 text: line {line} has {what}; save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 {path.name} > "
+        f'utf8{path.suffix}, or pandas\' to_csv(..., encoding="utf-8"))'
+    )
 
 
 def check_header(path: Path, sep: str) -> None:
@@ -103,8 +110,10 @@ def check_header(path: Path, sep: str) -> None:
     seen: set[str] = set()
     twice = sorted({name for name in header if name in seen or seen.add(name)})
     if twice:
-        raise ValueError(f"{path}: the header row names column(s) {twice} more than once ({header}); give each column a "
-                         "name of its own (pair_column=... reads a sentence pair's second text)")  # fmt: skip
+        raise ValueError(
+            f"{path}: the header row names column(s) {twice} more than once ({header}); give each column a "
+            "name of its own (pair_column=... reads a sentence pair's second text)"
+        )
 
 
 def _cause(e: BaseException) -> str:
@@ -125,6 +134,8 @@ def text_cell(v: Any, source: str, column: str) -> str:
     ValueError: train.csv: column 'text' holds float 3.0 where a text is expected; fill in missing texts or name another column
     """
     if not isinstance(v, str):
-        raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
-                         "fill in missing texts or name another column")  # fmt: skip
+        raise ValueError(
+            f"{source}: column {column!r} holds {type(v).__name__} {v!r} where a text is expected; "
+            "fill in missing texts or name another column"
+        )
     return v

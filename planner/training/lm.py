@@ -47,17 +47,29 @@ class LMColumns:
     messages: str | None = None
 
     @classmethod
-    def of(cls, text: str | None, prompt: str | None, response: str | None,
-           messages: str | None = None) -> LMColumns | None:  # fmt: skip
+    def of(
+        cls, text: str | None, prompt: str | None, response: str | None, messages: str | None = None
+    ) -> LMColumns | None:
         """The columns named (None when none is: `resolve` picks them from the data)."""
         if (prompt is None) != (response is None):
-            raise ValueError("instruction data needs both prompt_column and response_column (--prompt-column, "
-                             "--response-column); give both, or text_column alone for plain text")  # fmt: skip
-        kinds = [k for k, given in (("text_column", text), ("prompt_column and response_column", prompt),
-                                    ("messages_column", messages)) if given is not None]  # fmt: skip
+            raise ValueError(
+                "instruction data needs both prompt_column and response_column (--prompt-column, "
+                "--response-column); give both, or text_column alone for plain text"
+            )
+        kinds = [
+            k
+            for k, given in (
+                ("text_column", text),
+                ("prompt_column and response_column", prompt),
+                ("messages_column", messages),
+            )
+            if given is not None
+        ]
         if len(kinds) > 1:
-            raise ValueError(f"give one kind of data: text_column for plain text, prompt_column and response_column for "
-                             f"instruction data, or messages_column for chat data, not {' and '.join(kinds)}")  # fmt: skip
+            raise ValueError(
+                f"give one kind of data: text_column for plain text, prompt_column and response_column for "
+                f"instruction data, or messages_column for chat data, not {' and '.join(kinds)}"
+            )
         if not kinds:
             return None
         return cls(text, None, None) if text is not None else cls(None, prompt, response, messages)
@@ -68,11 +80,17 @@ class LMColumns:
 
     def resolve(self, have: list[str], source: str) -> LMColumns:
         """These columns checked against the table's ``have``."""
-        for role, name in (("text", self.text), ("prompt", self.prompt), ("response", self.response),
-                           ("messages", self.messages)):  # fmt: skip
+        for role, name in (
+            ("text", self.text),
+            ("prompt", self.prompt),
+            ("response", self.response),
+            ("messages", self.messages),
+        ):
             if name is not None and name not in have:
-                raise ValueError(f"{source} has no {role} column {name!r}; its columns are {have}: pass "
-                                 f"{role}_column=... (--{role}-column on the command line)")  # fmt: skip
+                raise ValueError(
+                    f"{source} has no {role} column {name!r}; its columns are {have}: pass "
+                    f"{role}_column=... (--{role}-column on the command line)"
+                )
         return self
 
 
@@ -84,9 +102,11 @@ def default_columns(have: list[str], source: str) -> LMColumns:
         return LMColumns()
     if "prompt" in have and "response" in have:
         return LMColumns(None, "prompt", "response")
-    raise ValueError(f"{source} has columns {have} but none of 'messages', 'text', or 'prompt' and 'response': name "
-                     "them with messages_column=..., text_column=..., or prompt_column=... and response_column=... "
-                     "(--messages-column, --text-column, --prompt-column, --response-column)")  # fmt: skip
+    raise ValueError(
+        f"{source} has columns {have} but none of 'messages', 'text', or 'prompt' and 'response': name "
+        "them with messages_column=..., text_column=..., or prompt_column=... and response_column=... "
+        "(--messages-column, --text-column, --prompt-column, --response-column)"
+    )
 
 
 def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Example]:
@@ -95,8 +115,10 @@ def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Exa
         path = Path(source)
         if path.suffix.lower() == ".txt":
             if columns is not None and columns.text is None:
-                raise ValueError(f"{path} is a text file (one example per line): instruction and chat data with "
-                                 "named columns come as CSV, JSON/JSONL or Parquet")  # fmt: skip
+                raise ValueError(
+                    f"{path} is a text file (one example per line): instruction and chat data with "
+                    "named columns come as CSV, JSON/JSONL or Parquet"
+                )
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such data file")
             texts = [line.rstrip("\r\n") for line in path.open(encoding="utf-8") if line.strip()]
@@ -111,14 +133,18 @@ def read_examples(source: Any, columns: LMColumns | None, what: str) -> list[Exa
             raise ValueError(f"the {what} is an empty list")
         if all(isinstance(x, str) for x in source):
             if columns is not None and columns.text is None:
-                raise ValueError(f"the {what} is a list of strings: instruction and chat data are lists of dicts with "
-                                 "the prompt and response, or messages, columns")  # fmt: skip
+                raise ValueError(
+                    f"the {what} is a list of strings: instruction and chat data are lists of dicts with "
+                    "the prompt and response, or messages, columns"
+                )
             return list(source)
         if all(isinstance(x, dict) for x in source):
             return _table_examples(_table_of(source, what), columns, f"the {what}")
         raise TypeError(f"the {what} mixes types: give a list of strings, or of dicts with named columns")
-    raise TypeError(f"the {what} is a {type(source).__name__}: give a path (.txt, .csv, .json, .jsonl, .parquet), a "
-                    "datasets.Dataset or DatasetDict, or a list of strings or dicts")  # fmt: skip
+    raise TypeError(
+        f"the {what} is a {type(source).__name__}: give a path (.txt, .csv, .json, .jsonl, .parquet), a "
+        "datasets.Dataset or DatasetDict, or a list of strings or dicts"
+    )
 
 
 def _table_of(rows: list[dict], what: str) -> Any:
@@ -127,22 +153,36 @@ def _table_of(rows: list[dict], what: str) -> Any:
     import datasets
 
     for key in dict.fromkeys(k for row in rows for k in row):
-        kinds = sorted({"list" if isinstance(row[key], (list, tuple)) else type(row[key]).__name__
-                        for row in rows if row.get(key) is not None})  # fmt: skip
+        kinds = sorted(
+            {
+                "list" if isinstance(row[key], (list, tuple)) else type(row[key]).__name__
+                for row in rows
+                if row.get(key) is not None
+            }
+        )
         if len(kinds) > 1:
-            row = next(i for i, r in enumerate(rows) if r.get(key) is not None and
-                       ("list" if isinstance(r[key], (list, tuple)) else type(r[key]).__name__) != kinds[0])  # fmt: skip
-            raise ValueError(f"the {what}: column {key!r} holds {' and '.join(kinds)} values (row {row} is "
-                             f"{str(rows[row][key])[:80]!r}); give every row the same kind: for chat data, a list of "
-                             '{"role": ..., "content": ...} messages')  # fmt: skip
+            row = next(
+                i
+                for i, r in enumerate(rows)
+                if r.get(key) is not None
+                and ("list" if isinstance(r[key], (list, tuple)) else type(r[key]).__name__) != kinds[0]
+            )
+            raise ValueError(
+                f"the {what}: column {key!r} holds {' and '.join(kinds)} values (row {row} is "
+                f"{str(rows[row][key])[:80]!r}); give every row the same kind: for chat data, a list of "
+                '{"role": ..., "content": ...} messages'
+            )
     return datasets.Dataset.from_list(list(rows))
 
 
 def cut_answers(examples: list[Example], encoded: list[Parts], max_length: int) -> list[tuple[int, int, int]]:
     """(index, answer tokens cut, tokens the whole example takes) of each example (not a plain
     text) whose answer ``max_length`` cuts."""
-    cut = [(i, len(r) - kept(len(p), len(r), max_length), len(p) + len(r))
-           for i, (x, (p, _, r, _)) in enumerate(zip(examples, encoded)) if not isinstance(x, str)]  # fmt: skip
+    cut = [
+        (i, len(r) - kept(len(p), len(r), max_length), len(p) + len(r))
+        for i, (x, (p, _, r, _)) in enumerate(zip(examples, encoded))
+        if not isinstance(x, str)
+    ]
     return [c for c in cut if c[1] > 0]
 
 
@@ -159,18 +199,22 @@ def check_causal_lm(model: Any) -> None:
     """
     get = getattr(model, "get_output_embeddings", None)
     if isinstance(model, nn.Module) and callable(get) and get() is None:
-        raise ValueError(f"{type(model).__name__} is not a causal language model (it has no output layer over the "
-                         "vocabulary), so it cannot predict the next token: load it with AutoModelForCausalLM "
-                         "(load_model(spec, causal_lm=True), --causal-lm on the command line), or give a "
-                         "classification task (Task.for_sequence_classification)")  # fmt: skip
+        raise ValueError(
+            f"{type(model).__name__} is not a causal language model (it has no output layer over the "
+            "vocabulary), so it cannot predict the next token: load it with AutoModelForCausalLM "
+            "(load_model(spec, causal_lm=True), --causal-lm on the command line), or give a "
+            "classification task (Task.for_sequence_classification)"
+        )
 
 
 def check_predicts(batches: list[Batch], what: str, name: str, max_length: int) -> None:
     """Batches (of a split that has any) must predict at least one token between them."""
     if batches and not any(predicted_tokens(b) for b in batches):
-        raise ValueError(f"no {what} example of {name!r} has a token to predict: the responses are empty or the prompts "
-                         f"fill max_length={max_length}, so every {what} score would fail; fix the {what} data or raise "
-                         "max_length")  # fmt: skip
+        raise ValueError(
+            f"no {what} example of {name!r} has a token to predict: the responses are empty or the prompts "
+            f"fill max_length={max_length}, so every {what} score would fail; fix the {what} data or raise "
+            "max_length"
+        )
 
 
 def _table_examples(table: Any, columns: LMColumns | None, source: str) -> list[Example]:
@@ -223,8 +267,14 @@ def parts(tokenizer: Any, example: Example) -> Parts:
 
 def pad_id(tokenizer: Any) -> int:
     """What batches are padded with: the pad token, else the end-of-sequence token, else 0."""
-    return next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
-                 if t is not None), 0)  # fmt: skip
+    return next(
+        (
+            t
+            for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+            if t is not None
+        ),
+        0,
+    )
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad: int) -> Batch:
@@ -243,8 +293,15 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_length: int, *,
-               what: str = "training", whole: bool = False) -> list[Batch]:  # fmt: skip
+def lm_batches(
+    tokenizer: Any,
+    examples: list[Example],
+    batch_size: int,
+    max_length: int,
+    *,
+    what: str = "training",
+    whole: bool = False,
+) -> list[Batch]:
     """Batches of ``input_ids``, ``attention_mask`` and ``labels``, each right-padded to its longest
     example (`collate`). Answers (responses, assistant turns) that ``max_length`` cuts are said:
     a warning for ``what`` data trained or scored by its loss, an error when answers are
@@ -252,8 +309,10 @@ def lm_batches(tokenizer: Any, examples: list[Example], batch_size: int, max_len
     encoded = [parts(tokenizer, x) for x in examples]
     check_cut(examples, encoded, max_length, what, whole)
     pad = pad_id(tokenizer)
-    return [collate([fit(*x, max_length) for x in encoded[i : i + batch_size]], pad)
-            for i in range(0, len(encoded), batch_size)]  # fmt: skip
+    return [
+        collate([fit(*x, max_length) for x in encoded[i : i + batch_size]], pad)
+        for i in range(0, len(encoded), batch_size)
+    ]
 
 
 def check_cut(examples: list[Example], encoded: list[Parts], max_length: int, what: str, whole: bool) -> None:
@@ -264,12 +323,19 @@ def check_cut(examples: list[Example], encoded: list[Parts], max_length: int, wh
         return
     i, lost, need = cut[0]
     if whole:
-        raise ValueError(f"{what} example {i} takes {need} tokens, and max_length={max_length} cuts {lost} of its answer's, "
-                         "so it cannot be compared whole: raise max_length")  # fmt: skip
-    after = "the model then never learns to finish them" if what == "training" else "their scores leave those tokens out"
-    warnings.warn(f"{len(cut)} of {len(examples)} {what} examples are longer than max_length={max_length} and lose the "
-                  f"end of their answer (example {i} takes {need} tokens and loses {lost} of its answer), so {after}: "
-                  "raise max_length to keep them whole", stacklevel=4)  # fmt: skip
+        raise ValueError(
+            f"{what} example {i} takes {need} tokens, and max_length={max_length} cuts {lost} of its answer's, "
+            "so it cannot be compared whole: raise max_length"
+        )
+    after = (
+        "the model then never learns to finish them" if what == "training" else "their scores leave those tokens out"
+    )
+    warnings.warn(
+        f"{len(cut)} of {len(examples)} {what} examples are longer than max_length={max_length} and lose the "
+        f"end of their answer (example {i} takes {need} tokens and loses {lost} of its answer), so {after}: "
+        "raise max_length to keep them whole",
+        stacklevel=4,
+    )
 
 
 def model_inputs(batch: Batch, device: torch.device) -> Batch:
@@ -350,5 +416,7 @@ def negative_token_loss(model: nn.Module, batches: list[Batch]) -> float:
             s, k = token_loss(model, batch)
             total, n = total + float(s), n + k
     if not n:
-        raise ValueError("the batches predict no token: every label is -100 (empty responses, or prompts filling max_length)")
+        raise ValueError(
+            "the batches predict no token: every label is -100 (empty responses, or prompts filling max_length)"
+        )
     return -total / n

@@ -36,7 +36,7 @@ def duration(seconds: float) -> str:
 
 
 def remaining(elapsed: float, done: int, total: int) -> str:
-    """"about 3 min left" at the pace so far, or "" before anything finished."""
+    """ "about 3 min left" at the pace so far, or "" before anything finished."""
     return f"about {duration(elapsed / done * (total - done))} left" if done and total > done else ""
 
 
@@ -45,8 +45,17 @@ class ProgressLine:
     off a terminal, the same as a plain line at every tenth of ``total`` (``lines=False``: none,
     for a caller that prints its own)."""
 
-    def __init__(self, enabled: bool, description: str, total: int, *, fields: dict[str, Any], text: str,
-                 transient: bool = False, lines: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        enabled: bool,
+        description: str,
+        total: int,
+        *,
+        fields: dict[str, Any],
+        text: str,
+        transient: bool = False,
+        lines: bool = True,
+    ):
         self.bar = None
         self.description, self.total, self.fields, self.text = description, total, dict(fields), text
         self.completed, self.start, self.lines = 0, time.monotonic(), enabled and lines and not on_terminal()
@@ -62,8 +71,15 @@ class ProgressLine:
 
             # "loss {loss:.3f}" -> "loss {task.fields[loss]:.3f}", rich's column syntax
             column = TextColumn(re.sub(r"\{(\w+)((?::[^}]*)?)\}", r"{task.fields[\1]\2}", text))
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), column,
-                                TimeRemainingColumn(), transient=transient, console=Console(stderr=True))  # fmt: skip
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                column,
+                TimeRemainingColumn(),
+                transient=transient,
+                console=Console(stderr=True),
+            )
             self.bar.start()
             self.id = self.bar.add_task(description, total=total, **fields)
 
@@ -71,7 +87,9 @@ class ProgressLine:
     def enabled(self) -> bool:
         return self.bar is not None or self.lines
 
-    def update(self, *, advance: int = 0, completed: int | None = None, total: int | None = None, **fields: Any) -> None:
+    def update(
+        self, *, advance: int = 0, completed: int | None = None, total: int | None = None, **fields: Any
+    ) -> None:
         before = self.completed
         self.completed = self.completed + advance if completed is None else completed
         self.total = self.total if total is None else total
@@ -80,8 +98,12 @@ class ProgressLine:
             self.bar.update(self.id, completed=self.completed, total=self.total, **fields)
         elif self.lines and self.total and self.completed * 10 // self.total > before * 10 // self.total:
             elapsed = time.monotonic() - self.start
-            said = [f"{self.description}: {self.completed} of {self.total}", self.text.format(**self.fields),
-                    f"{duration(elapsed)} elapsed", remaining(elapsed, self.completed, self.total)]  # fmt: skip
+            said = [
+                f"{self.description}: {self.completed} of {self.total}",
+                self.text.format(**self.fields),
+                f"{duration(elapsed)} elapsed",
+                remaining(elapsed, self.completed, self.total),
+            ]
             say(" · ".join(s for s in said if s))
 
     def close(self) -> None:

@@ -35,8 +35,19 @@ from .classification import (  # the classification loss and metrics, importable
 from .data import Labels, stratified_split, validation_count
 from .device import resolve
 
-__all__ = ["METRICS", "Batch", "ClassMetric", "Task", "accuracy", "classification_loss", "matthews", "mcc", "on_device",
-           "predictions", "stratified_split"]  # fmt: skip
+__all__ = [
+    "METRICS",
+    "Batch",
+    "ClassMetric",
+    "Task",
+    "accuracy",
+    "classification_loss",
+    "matthews",
+    "mcc",
+    "on_device",
+    "predictions",
+    "stratified_split",
+]
 
 
 @dataclass
@@ -72,8 +83,11 @@ class Task:
         n = len(self.train_batches)
         k = validation_count(share, n, "training batches")
         picked = set(random.Random(seed).sample(range(n), k))
-        return replace(self, train_batches=[b for i, b in enumerate(self.train_batches) if i not in picked],
-                       validation_batches=[b for i, b in enumerate(self.train_batches) if i in picked])  # fmt: skip
+        return replace(
+            self,
+            train_batches=[b for i, b in enumerate(self.train_batches) if i not in picked],
+            validation_batches=[b for i, b in enumerate(self.train_batches) if i in picked],
+        )
 
     def to(self, device: str | torch.device) -> Task:
         """A copy whose batches live on ``device`` (moved once here rather than at every step).
@@ -86,8 +100,12 @@ class Task:
         def moved(batches: list[Batch]) -> list[Batch]:
             return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
 
-        return replace(self, train_batches=moved(self.train_batches), eval_batches=moved(self.eval_batches),
-                       validation_batches=moved(self.validation_batches))  # fmt: skip
+        return replace(
+            self,
+            train_batches=moved(self.train_batches),
+            eval_batches=moved(self.eval_batches),
+            validation_batches=moved(self.validation_batches),
+        )
 
     def batch_shape(self) -> tuple[int, int]:
         """(batch, length) of the largest training batch: what training memory is costed at.

@@ -36,10 +36,20 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: int = 0, progress: bool = False,
-          description: str = "training", on_step: Callable[[int], None] | None = None,
-          device: str | torch.device | None = None, bf16: bool = False, checkpointing: bool = False,
-          make_optimizer: Callable[[nn.Module, Recipe], torch.optim.Optimizer] | None = None) -> TrainResult:  # fmt: skip
+def train(
+    model: nn.Module,
+    task: Task,
+    recipe: Recipe | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "training",
+    on_step: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
+    bf16: bool = False,
+    checkpointing: bool = False,
+    make_optimizer: Callable[[nn.Module, Recipe], torch.optim.Optimizer] | None = None,
+) -> TrainResult:
     """Train ``model`` in place by ``recipe`` (default `Recipe()`: one epoch at lr 1e-3).
 
     The model moves to ``device`` (None: where it is unless that is the CPU, else CUDA when
@@ -50,14 +60,48 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     ``make_optimizer(model, recipe)`` replaces AdamW over the trainable parameters (peft's
     ``create_loraplus_optimizer``, say); the recipe's schedule still drives its learning rates.
 
-    ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the
-    hook a method that reshapes itself while training needs (peft AdaLoRA's
-    ``update_and_allocate``).
+    ``on_step(step)`` runs after each optimizer step (0-based), gradients still in place: the hook a
+    method that reshapes itself while training needs (peft AdaLoRA's ``update_and_allocate``).
 
     Weights trained with other class ids than the task's (a loaded artifact, a fine-tuned
     classifier's ``id2label``) are refused (`peftplan.backends.labels`); afterwards the model's
     applied plan records the task's class names and ``recipe``, which `save` writes."""
     recipe = recipe or Recipe()
+    params, device = _prepare(model, task, recipe, device, bf16)
+    steps = recipe.total_steps(len(task.train_batches))
+    torch.manual_seed(seed)
+    optimizer = _optimizer(model, params, recipe, make_optimizer)
+    was_training = model.training
+    model.train()
+    start = time.perf_counter()
+    bar = ProgressLine(
+        progress, description, steps, fields={"loss": float("nan")}, text="loss {loss:.3f}", transient=True
+    )
+    try:
+        with checkpointed(model) if checkpointing else contextlib.nullcontext():
+            losses = _run_steps(
+                model,
+                task,
+                recipe,
+                (optimizer, params),
+                _batch_order(task.train_batches, steps, seed),
+                steps=steps,
+                autocast_to=(device, bf16),
+                on_step=on_step,
+                bar=bar,
+            )
+    finally:
+        bar.close()
+        model.train(was_training)
+    # what `save` writes: how it was trained
+    record_training(model, {**task.provenance(), "trained_on": task.name}, recipe)
+    return TrainResult(steps, time.perf_counter() - start, losses)
+
+
+def _prepare(
+    model: nn.Module, task: Task, recipe: Recipe, device: str | torch.device | None, bf16: bool
+) -> tuple[list[nn.Parameter], torch.device]:
+    """The parameters to optimise and the device, the model moved there, after checking it can train."""
     params = trainable(model)
     check_trainable(model, task, recipe)
     check_model_labels(model, task.labels)  # weights trained with other class ids would learn them crossed
@@ -65,23 +109,18 @@ def train(model: nn.Module, task: Task, recipe: Recipe | None = None, *, seed: i
     if bf16:
         check_bf16(device, model)
     model.to(device)
-    steps = recipe.total_steps(len(task.train_batches))
-    torch.manual_seed(seed)
-    optimizer = (make_optimizer(model, recipe) if make_optimizer is not None
-                 else torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay))  # fmt: skip
-    was_training = model.training
-    model.train()
-    start = time.perf_counter()
-    bar = ProgressLine(progress, description, steps, fields={"loss": float("nan")}, text="loss {loss:.3f}", transient=True)
-    try:
-        with checkpointed(model) if checkpointing else contextlib.nullcontext():
-            losses = _run_steps(model, task, recipe, (optimizer, params), _batch_order(task.train_batches, steps, seed),
-                                steps=steps, autocast_to=(device, bf16), on_step=on_step, bar=bar)  # fmt: skip
-    finally:
-        bar.close()
-        model.train(was_training)
-    record_training(model, {**task.provenance(), "trained_on": task.name}, recipe)  # what `save` writes: how it was trained
-    return TrainResult(steps, time.perf_counter() - start, losses)
+    return params, device
+
+
+def _optimizer(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    recipe: Recipe,
+    make_optimizer: Callable[[nn.Module, Recipe], torch.optim.Optimizer] | None,
+) -> torch.optim.Optimizer:
+    if make_optimizer is not None:
+        return make_optimizer(model, recipe)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
 def _batch_order(batches: list, steps: int, seed: int) -> Iterator:
@@ -95,10 +134,18 @@ def _batch_order(batches: list, steps: int, seed: int) -> Iterator:
         yield left.pop()
 
 
-def _run_steps(model: nn.Module, task: Task, recipe: Recipe, optimized: tuple[torch.optim.Optimizer, list[nn.Parameter]],
-               batches: Iterator, *,
-               steps: int, autocast_to: tuple[torch.device, bool], on_step: Callable[[int], None] | None,
-               bar: ProgressLine) -> list[float]:  # fmt: skip
+def _run_steps(
+    model: nn.Module,
+    task: Task,
+    recipe: Recipe,
+    optimized: tuple[torch.optim.Optimizer, list[nn.Parameter]],
+    batches: Iterator,
+    *,
+    steps: int,
+    autocast_to: tuple[torch.device, bool],
+    on_step: Callable[[int], None] | None,
+    bar: ProgressLine,
+) -> list[float]:
     """One optimizer step per batch, the learning rate following ``recipe``'s schedule over
     ``steps``; the losses, step by step. ``optimized`` is the optimizer and the parameters
     whose gradient norm ``recipe.clip`` bounds. A loss that is not finite stops training."""
@@ -109,8 +156,10 @@ def _run_steps(model: nn.Module, task: Task, recipe: Recipe, optimized: tuple[to
         with autocast(*autocast_to):
             loss = task.loss(model, batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1} (lr "
-                                     f"{recipe.lr:g}): lower the learning rate")  # fmt: skip
+            raise FloatingPointError(
+                f"training diverged: loss is {loss.item()} at step {len(losses) + 1} (lr "
+                f"{recipe.lr:g}): lower the learning rate"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.clip is not None:
@@ -135,12 +184,16 @@ def check_trainable(model: nn.Module, task: Task, recipe: Recipe) -> None:
     if not params:
         raise ValueError("the model has no trainable parameter: apply a plan first (peftplan.apply)")
     if any(p.is_meta for p in params):
-        raise ValueError("the model's weights are on the meta device (no data): materialise them (model.to_empty(device=...) "
-                         "and load a state dict, or peftplan.load an artifact) before training")  # fmt: skip
+        raise ValueError(
+            "the model's weights are on the meta device (no data): materialise them (model.to_empty(device=...) "
+            "and load a state dict, or peftplan.load an artifact) before training"
+        )
     merged = [n for n, m in model.named_modules() if getattr(m, "merged", False) is True]
     if merged:
-        raise PlanError(f"sites {merged[:5]} are merged, so their adapters get no gradient: call "
-                        "peftplan.unmerge(model) before training (merge only for inference)")  # fmt: skip
+        raise PlanError(
+            f"sites {merged[:5]} are merged, so their adapters get no gradient: call "
+            "peftplan.unmerge(model) before training (merge only for inference)"
+        )
     if not task.train_batches:
         raise ValueError(f"task {task.name!r} has no training batches")
     check_batch_size(task, recipe)
@@ -152,8 +205,10 @@ def checkpointed(model: nn.Module) -> Iterator[None]:
     need no gradient), as it was afterwards."""
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"checkpointing=True: {type(model).__name__} does not support Hugging Face gradient "
-                         "checkpointing; train without it")  # fmt: skip
+        raise ValueError(
+            f"checkpointing=True: {type(model).__name__} does not support Hugging Face gradient "
+            "checkpointing; train without it"
+        )
     was = model.is_gradient_checkpointing
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -169,5 +224,7 @@ def check_batch_size(task: Task, recipe: Recipe) -> None:
         return
     size = task.batch_size()
     if size != recipe.batch_size:
-        raise ValueError(f"the recipe was made for batches of {recipe.batch_size}, task {task.name!r} has batches of "
-                         f"{size}: rebuild the task with batch_size={recipe.batch_size}, or give a recipe for {size}")  # fmt: skip
+        raise ValueError(
+            f"the recipe was made for batches of {recipe.batch_size}, task {task.name!r} has batches of "
+            f"{size}: rebuild the task with batch_size={recipe.batch_size}, or give a recipe for {size}"
+        )

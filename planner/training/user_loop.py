@@ -71,8 +71,16 @@ class UserLoop:
             return False
         return any(p.name == "recipe" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
-    def __call__(self, base: nn.Module, plan: Plan, task: Task, fidelity: Fidelity, *, recipe: Recipe | None = None,
-                 seed: int = 0) -> Evaluation:  # fmt: skip
+    def __call__(
+        self,
+        base: nn.Module,
+        plan: Plan,
+        task: Task,
+        fidelity: Fidelity,
+        *,
+        recipe: Recipe | None = None,
+        seed: int = 0,
+    ) -> Evaluation:
         start = time.perf_counter()
         params = int(plan.objectives.get("params", 0))
         try:
@@ -121,8 +129,10 @@ def objectives(out: Any) -> tuple[float, float | None]:
     """
     if isinstance(out, Mapping):
         if "metric" not in out or set(out) - set(OBJECTIVES):
-            raise ValueError(f"evaluate returned {dict(out)!r}: return the metric (higher is better) or a dict with "
-                             "'metric' and optionally 'loss'; the params, memory and latency objectives come from the plan")  # fmt: skip
+            raise ValueError(
+                f"evaluate returned {dict(out)!r}: return the metric (higher is better) or a dict with "
+                "'metric' and optionally 'loss'; the params, memory and latency objectives come from the plan"
+            )
         loss = out.get("loss")
         return _number(out["metric"], "'metric'"), None if loss is None else _number(loss, "'loss'")
     return _number(out, "the metric"), None
@@ -141,10 +151,14 @@ def _number(value: Any, what: str) -> float:
     if not isinstance(value, bool) and math.prod(shape) == 1 and hasattr(value, "__float__"):
         return float(value)
     if shape:
-        raise ValueError(f"evaluate returned {type(value).__name__} of shape {shape} as {what}: return one number (higher "
-                         "is better), e.g. value.item() or value.mean().item()")  # fmt: skip
-    raise ValueError(f"evaluate returned {type(value).__name__} {str(value)[:80]!r} as {what}: return the metric (a "
-                     "number, higher is better) or a dict with 'metric' and optionally 'loss'")  # fmt: skip
+        raise ValueError(
+            f"evaluate returned {type(value).__name__} of shape {shape} as {what}: return one number (higher "
+            "is better), e.g. value.item() or value.mean().item()"
+        )
+    raise ValueError(
+        f"evaluate returned {type(value).__name__} {str(value)[:80]!r} as {what}: return the metric (a "
+        "number, higher is better) or a dict with 'metric' and optionally 'loss'"
+    )
 
 
 def check_trainable_kept(model: nn.Module, planned: set[int], params: int) -> None:
@@ -152,27 +166,35 @@ def check_trainable_kept(model: nn.Module, planned: set[int], params: int) -> No
     that unfreezes the base would train weights the plan's cost (``params``) does not count."""
     added = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and id(p) not in planned]
     if added:
-        raise ValueError(f"evaluate made {sum(k for _, k in added):,} more parameters trainable than the plan's {params:,} "
-                         f"({', '.join(n for n, _ in added[:3])}{', …' if len(added) > 3 else ''}): the trial would train "
-                         "weights its plan does not count; leave requires_grad as the plan set it (only its adapters "
-                         "train)")  # fmt: skip
+        raise ValueError(
+            f"evaluate made {sum(k for _, k in added):,} more parameters trainable than the plan's {params:,} "
+            f"({', '.join(n for n, _ in added[:3])}{', …' if len(added) > 3 else ''}): the trial would train "
+            "weights its plan does not count; leave requires_grad as the plan set it (only its adapters "
+            "train)"
+        )
 
 
-def own_loop_options(evaluate: Callable[..., Any], task: Task | None, study_options: dict[str, Any],
-                     model: nn.Module) -> tuple[Task, dict[str, Any]]:  # fmt: skip
+def own_loop_options(
+    evaluate: Callable[..., Any], task: Task | None, study_options: dict[str, Any], model: nn.Module
+) -> tuple[Task, dict[str, Any]]:
     """The task and study options of ``search(..., evaluate=fn)``: ``fn`` wrapped as a
     `UserLoop`; the task and recipe ``fn`` brings (``fn.task``, a `Task` or a function of the
     model returning one, and ``fn.recipe``, as `peftplan.integrations.transformers.TrainerLoop`
     does) when none are given, else a task without batches (data-free site scores, said once);
     and no learning-rate search when ``fn`` does not take the recipe (it could not use the rate)."""
     if "evaluator" in study_options:
-        raise TypeError("give evaluate= (a function of the model) or evaluator= (peftplan's evaluator protocol), not both")
+        raise TypeError(
+            "give evaluate= (a function of the model) or evaluator= (peftplan's evaluator protocol), not both"
+        )
     loop = UserLoop(evaluate)
     brought = getattr(evaluate, "task", None) if task is None else task
     task = brought(model) if callable(brought) and not isinstance(brought, Task) else brought
     if task is None:
-        warnings.warn("evaluate= without a task: sites are scored from their weights alone (data-free); pass "
-                      "calibration=<a few of your training batches> to score them by gradient sensitivity", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            "evaluate= without a task: sites are scored from their weights alone (data-free); pass "
+            "calibration=<a few of your training batches> to score them by gradient sensitivity",
+            stacklevel=3,
+        )
         task = Task([], [], model_loss, None, name="own-loop")
     options = {**study_options, "evaluator": loop}
     if options.get("recipe") is None and getattr(evaluate, "recipe", None) is not None:
@@ -194,11 +216,15 @@ def calibration_task(batches: Iterable[Mapping[str, Any]], n: int) -> Task:
         raise TypeError("calibration= takes your own batches; a peftplan Task goes to task=")
     taken = list(itertools.islice(iter(batches), n))
     if not taken:
-        raise ValueError("calibration= gave no batches: pass a few training batches (dicts the model takes as keywords)")
+        raise ValueError(
+            "calibration= gave no batches: pass a few training batches (dicts the model takes as keywords)"
+        )
     wrong = next((type(b).__name__ for b in taken if not isinstance(b, Mapping)), None)
     if wrong:
-        raise TypeError(f"calibration= yields {wrong}s: give batches as dicts of tensors the model takes as keywords, labels "
-                        "included so that its output has a loss (a Hugging Face model's batches), or pass task=")  # fmt: skip
+        raise TypeError(
+            f"calibration= yields {wrong}s: give batches as dicts of tensors the model takes as keywords, labels "
+            "included so that its output has a loss (a Hugging Face model's batches), or pass task="
+        )
     return Task([dict(b) for b in taken], [], model_loss, None, name="calibration")
 
 
@@ -216,6 +242,8 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     loss = getattr(out, "loss", None)
     if loss is None:
-        raise ValueError(f"{type(model).__name__} gave no loss for a batch with keys {sorted(batch)}: include its labels "
-                         "(a Hugging Face model computes its loss from batch['labels'])")  # fmt: skip
+        raise ValueError(
+            f"{type(model).__name__} gave no loss for a batch with keys {sorted(batch)}: include its labels "
+            "(a Hugging Face model computes its loss from batch['labels'])"
+        )
     return loss

@@ -39,8 +39,9 @@ def matmul_flops(module: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def assert_matches_reference(got: torch.Tensor, expected: torch.Tensor, base: torch.Tensor,
-                             pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def assert_matches_reference(
+    got: torch.Tensor, expected: torch.Tensor, base: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     """Our output equals the reference's and differs from the base model's; so do the gradients
     of each (ours, reference) parameter pair, under a random projection of the output (not
     sum(y²), which is constant after BERT's final LayerNorm)."""
@@ -73,10 +74,14 @@ def _peft_twin(model: nn.Module, ours: nn.Module, entries: dict[str, dict], **op
     """peft's DoRA on the untouched ``model``, holding our adapter values; ``options`` go to
     `LoraConfig` (``use_rslora=True``, say)."""
     config = LoraConfig(
-        r=8, lora_alpha=8, target_modules=list(entries), use_dora=True,
+        r=8,
+        lora_alpha=8,
+        target_modules=list(entries),
+        use_dora=True,
         rank_pattern={re.escape(n): e["rank"] for n, e in entries.items()},
-        alpha_pattern={re.escape(n): e.get("alpha", 2 * e["rank"]) for n, e in entries.items()}, **options,
-    )  # fmt: skip
+        alpha_pattern={re.escape(n): e.get("alpha", 2 * e["rank"]) for n, e in entries.items()},
+        **options,
+    )
     theirs = get_peft_model(copy.deepcopy(model), config)
     with torch.no_grad():
         for name in entries:
@@ -89,7 +94,9 @@ def _peft_twin(model: nn.Module, ours: nn.Module, entries: dict[str, dict], **op
     return theirs
 
 
-def compare_dora_with_peft(model: nn.Module, entries: dict[str, dict], inputs: torch.Tensor, out=lambda o: o, **options) -> None:
+def compare_dora_with_peft(
+    model: nn.Module, entries: dict[str, dict], inputs: torch.Tensor, out=lambda o: o, **options
+) -> None:
     """Outputs, gradients and merged weights of our DoRA and peft's on ``model``."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -101,8 +108,11 @@ def compare_dora_with_peft(model: nn.Module, entries: dict[str, dict], inputs: t
     pairs = []
     for name in entries:
         mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
-        pairs += [(mine.lora_A, other.lora_A["default"].weight), (mine.lora_B, other.lora_B["default"].weight),
-                  (mine.magnitude, other.lora_magnitude_vector["default"].weight)]  # fmt: skip
+        pairs += [
+            (mine.lora_A, other.lora_A["default"].weight),
+            (mine.lora_B, other.lora_B["default"].weight),
+            (mine.magnitude, other.lora_magnitude_vector["default"].weight),
+        ]
     # peft treats the column norm as a constant for autograd, and so must we
     got = out(ours(inputs))
     assert_matches_reference(got, out(theirs(inputs)), base, pairs)
@@ -113,5 +123,9 @@ def compare_dora_with_peft(model: nn.Module, entries: dict[str, dict], inputs: t
         torch.testing.assert_close(out(ours(inputs)), got, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out(theirs(inputs)), got, atol=1e-5, rtol=1e-5)
         for name in entries:
-            torch.testing.assert_close(ours.get_submodule(name).base.weight,
-                                       theirs.base_model.model.get_submodule(name).base_layer.weight, atol=1e-6, rtol=1e-5)  # fmt: skip
+            torch.testing.assert_close(
+                ours.get_submodule(name).base.weight,
+                theirs.base_model.model.get_submodule(name).base_layer.weight,
+                atol=1e-6,
+                rtol=1e-5,
+            )

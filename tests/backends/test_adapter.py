@@ -53,7 +53,9 @@ def test_param_count_is_exact_and_only_adapter_trains(placement):
     trainable = {n: p.numel() for n, p in layer.named_parameters() if p.requires_grad}
     assert set(trainable) == {"down.weight", "down.bias", "up.weight", "up.bias"}
     d = 7 if placement == "serial" else 12
-    assert sum(trainable.values()) == adapter.param_count(site, bottleneck=4, placement=placement) == d * 4 + 4 + 4 * 7 + 7
+    assert (
+        sum(trainable.values()) == adapter.param_count(site, bottleneck=4, placement=placement) == d * 4 + 4 + 4 * 7 + 7
+    )
     layer(x).sum().backward()
     assert layer.up.weight.grad is not None and base.weight.grad is None
 
@@ -62,7 +64,9 @@ def test_param_count_is_exact_and_only_adapter_trains(placement):
 def test_overhead_flops_match_flop_counter(placement):
     base, layer, x = _case("linear", bottleneck=3, placement=placement)
     site = static_site("m", base, "linear", out_shape=(3, 5, 7))  # tokens = 15
-    assert matmul_flops(layer, x) - matmul_flops(base, x) == adapter.overhead_flops(site, bottleneck=3, placement=placement)
+    assert matmul_flops(layer, x) - matmul_flops(base, x) == adapter.overhead_flops(
+        site, bottleneck=3, placement=placement
+    )
 
 
 def test_never_merges_and_says_why():
@@ -78,11 +82,18 @@ def test_never_merges_and_says_why():
     assert report.merged == [] and "nonlinear" in report.left["0"]
 
 
-@pytest.mark.parametrize("hp, word", [
-    ({"bottleneck": 0}, "positive int"), ({"bottleneck": 2.0}, "positive int"), ({"bottleneck": True}, "positive int"),
-    ({}, "needs"), ({"bottleneck": 2, "placement": "sideways"}, "placement"),
-    ({"bottleneck": 2, "activation": "softmax"}, "activation"), ({"bottleneck": 2, "rank": 2}, "no hyper-parameter"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "hp, word",
+    [
+        ({"bottleneck": 0}, "positive int"),
+        ({"bottleneck": 2.0}, "positive int"),
+        ({"bottleneck": True}, "positive int"),
+        ({}, "needs"),
+        ({"bottleneck": 2, "placement": "sideways"}, "placement"),
+        ({"bottleneck": 2, "activation": "softmax"}, "activation"),
+        ({"bottleneck": 2, "rank": 2}, "no hyper-parameter"),
+    ],
+)
 def test_bad_hyper_parameters_are_plan_errors_before_touching(hp, word):
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(PlanError, match=word):

@@ -26,7 +26,11 @@ from tests.zoo import bert_eager, embedding_mlp, gpt2_eager, llama_eager, pointw
 
 
 def _bert_plan(model):
-    entries = {n: {"method": "lora", "rank": 2 + i % 3} for i, (n, _, op) in enumerate(tunable_modules(model)) if op == "linear"}
+    entries = {
+        n: {"method": "lora", "rank": 2 + i % 3}
+        for i, (n, _, op) in enumerate(tunable_modules(model))
+        if op == "linear"
+    }
     entries["embeddings.word_embeddings"] = {"method": "lora", "rank": 4, "alpha": 1}
     entries["pooler.dense"] = {"method": "full"}
     entries["encoder.layer.0.output.LayerNorm"] = {"method": "full"}
@@ -55,13 +59,23 @@ def test_output_equals_base_at_init_and_structure():
     assert applied_plan(model) is plan
 
 
-@pytest.mark.parametrize("make, inputs", [
-    (bert_eager, token_ids), (llama_eager, token_ids), (gpt2_eager, token_ids),
-    (pointwise_cnn, lambda: torch.randn(2, 3, 8, 8)), (embedding_mlp, lambda: torch.randint(0, 20, (2, 5))),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, inputs",
+    [
+        (bert_eager, token_ids),
+        (llama_eager, token_ids),
+        (gpt2_eager, token_ids),
+        (pointwise_cnn, lambda: torch.randn(2, 3, 8, 8)),
+        (embedding_mlp, lambda: torch.randint(0, 20, (2, 5))),
+    ],
+)
 def test_trainable_count_is_sum_of_param_count_and_only_adapters_get_grads(make, inputs):
     model = make()
-    entries = {n: {"method": "lora", "rank": 1 + i % 4} for i, (n, _, op) in enumerate(tunable_modules(model)) if op in ("linear", "conv2d", "embedding")}
+    entries = {
+        n: {"method": "lora", "rank": 1 + i % 4}
+        for i, (n, _, op) in enumerate(tunable_modules(model))
+        if op in ("linear", "conv2d", "embedding")
+    }
     last = list(entries)[-1]
     entries[last] = {"method": "full"}
     plan = plan_for(model, entries)
@@ -100,7 +114,10 @@ def test_remove_restores_original_model_exactly(merged):
     model = llama_eager()
     reference = copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    plan = plan_for(model, {n: {"method": "lora", "rank": 2} for n, _, op in tunable_modules(model) if op in ("linear", "embedding")})
+    plan = plan_for(
+        model,
+        {n: {"method": "lora", "rank": 2} for n, _, op in tunable_modules(model) if op in ("linear", "embedding")},
+    )
     apply(model, plan)
     randomize(model)
     if merged:
@@ -128,11 +145,20 @@ def test_trainer_step_updates_only_adapters(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = llama_eager()
-    apply(model, plan_for(model, {f"model.layers.{i}.self_attn.q_proj": {"method": "lora", "rank": 2} for i in range(2)}))
+    apply(
+        model, plan_for(model, {f"model.layers.{i}.self_attn.q_proj": {"method": "lora", "rank": 2} for i in range(2)})
+    )
     before = snapshot(model)
     data = [{"input_ids": token_ids()[0], "labels": token_ids()[0]} for _ in range(4)]
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                             report_to=[], save_strategy="no", use_cpu=True)  # fmt: skip
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".lora_" in k for k in changed)
@@ -165,13 +191,16 @@ def test_fingerprint_mismatch_elsewhere_needs_check_false():
     assert count_trainable(other) == 2 * (16 + 32)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"method": "lora", "rank": 0}, "positive int"),
-    ({"method": "lora", "rank": 2.5}, "positive int"),
-    ({"method": "lora", "rank": 2, "alpha": -1}, "alpha"),
-    ({"method": "lora"}, "needs 'rank'"),
-    ({"method": "lora", "rank": 2, "dropout": 1.0}, "dropout"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"method": "lora", "rank": 0}, "positive int"),
+        ({"method": "lora", "rank": 2.5}, "positive int"),
+        ({"method": "lora", "rank": 2, "alpha": -1}, "alpha"),
+        ({"method": "lora"}, "needs 'rank'"),
+        ({"method": "lora", "rank": 2, "dropout": 1.0}, "dropout"),
+    ],
+)
 def test_bad_hyper_parameters_fail_before_any_change(bad, match):
     model = bert_eager()
     plan = _bert_plan(model)
@@ -270,7 +299,10 @@ def test_meta_device_allocates_nothing():
 def test_bf16_model():
     model = llama_eager().to(torch.bfloat16)
     expected = model(token_ids()).logits
-    apply(model, plan_for(model, {n: {"method": "lora", "rank": 2} for n, _, op in tunable_modules(model) if op == "linear"}))
+    apply(
+        model,
+        plan_for(model, {n: {"method": "lora", "rank": 2} for n, _, op in tunable_modules(model) if op == "linear"}),
+    )
     assert all(p.dtype == torch.bfloat16 for p in trainable_parameters(model).values())
     assert torch.equal(model(token_ids()).logits, expected)
 

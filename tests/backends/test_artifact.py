@@ -18,7 +18,11 @@ from tests.zoo import bert_eager, gpt2_eager, token_ids
 def _tuned_bert():
     model = bert_eager()
     fresh = copy.deepcopy(model)
-    entries = {n: {"method": "lora", "rank": 2 + i % 2} for i, (n, _, op) in enumerate(tunable_modules(model)) if op == "linear"}
+    entries = {
+        n: {"method": "lora", "rank": 2 + i % 2}
+        for i, (n, _, op) in enumerate(tunable_modules(model))
+        if op == "linear"
+    }
     entries["embeddings.word_embeddings"] = {"method": "lora", "rank": 3}
     entries["pooler.dense"] = {"method": "full"}
     apply(model, plan_for(model, entries))

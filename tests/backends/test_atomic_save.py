@@ -39,7 +39,13 @@ def _model() -> nn.Module:
 def _version(v: int) -> nn.Module:
     """A model tuned as version ``v``: LoRA alpha ``v + 1`` in the plan, every adapter entry ``v``."""
     model = _model()
-    apply(model, plan_for(model, {"0": {"method": "lora", "rank": 8, "alpha": v + 1}, "2": {"method": "lora", "rank": 4, "alpha": v + 1}}))
+    apply(
+        model,
+        plan_for(
+            model,
+            {"0": {"method": "lora", "rank": 8, "alpha": v + 1}, "2": {"method": "lora", "rank": 4, "alpha": v + 1}},
+        ),
+    )
     with torch.no_grad():
         for t in adapter_tensors(model).values():
             t.fill_(v)
@@ -51,8 +57,11 @@ def _version_of(model: nn.Module) -> int:
     alphas = {e["alpha"] for e in applied_plan(model).sites.values()}
     values = {float(t.detach().unique()[0]) for t in adapter_tensors(model).values() if t.unique().numel() == 1}
     n = len(adapter_tensors(model))
-    assert len(alphas) == 1 and len(values) == 1 and sum(t.unique().numel() == 1 for t in adapter_tensors(model).values()) == n, \
-        f"mixed artifact: alphas {alphas}, tensor values {values}"  # fmt: skip
+    assert (
+        len(alphas) == 1
+        and len(values) == 1
+        and sum(t.unique().numel() == 1 for t in adapter_tensors(model).values()) == n
+    ), f"mixed artifact: alphas {alphas}, tensor values {values}"
     (alpha,), (value,) = alphas, values
     assert alpha == value + 1, f"mixed artifact: the plan is version {alpha - 1}, the tensors version {value}"
     return int(value)

@@ -46,8 +46,9 @@ def test_saving_into_a_link_to_a_folder_writes_the_folder_and_keeps_the_link(tmp
 
 def test_saving_into_a_dangling_link_says_so_and_creates_nothing(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "gone")
-    with pytest.raises(PlanError, match=f"link is a symbolic link to {tmp_path / 'gone'}, which does not exist: create "
-                                        "that folder"):
+    with pytest.raises(
+        PlanError, match=f"link is a symbolic link to {tmp_path / 'gone'}, which does not exist: create that folder"
+    ):
         pp.save(tuned(), tmp_path / "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"] and not (tmp_path / "gone").exists()
 
@@ -73,8 +74,11 @@ def test_a_quantized_linear_is_named_as_such_and_the_model_left_alone():
         model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear}, dtype=torch.qint8)
     x = torch.randn(2, 4)
     before = model(x)
-    with pytest.raises(PlanError, match=r"0: a quantized Linear \(torch.ao.nn.quantized.dynamic.*\), which adapters cannot "
-                                        r"wrap: plan and apply on the floating-point model, then quantize"):
+    with pytest.raises(
+        PlanError,
+        match=r"0: a quantized Linear \(torch.ao.nn.quantized.dynamic.*\), which adapters cannot "
+        r"wrap: plan and apply on the floating-point model, then quantize",
+    ):
         pp.apply(model, pp.Plan(sites={"0": {"method": "lora", "rank": 2}}))
     assert not hasattr(model, "peftplan_plan") and torch.equal(model(x), before)
 
@@ -94,7 +98,9 @@ def test_a_model_folder_whose_weights_are_a_pickle_says_convert_to_safetensors(t
 
     bert().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    subprocess.run([sys.executable, "-c", textwrap.dedent(PICKLE.format(path=str(tmp_path / "pytorch_model.bin")))], check=True)
+    subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PICKLE.format(path=str(tmp_path / "pytorch_model.bin")))], check=True
+    )
     weights = (tmp_path / "pytorch_model.bin").read_bytes()
     assert main(["lower", str(tmp_path)]) == 2
     out = capsys.readouterr()

@@ -126,8 +126,14 @@ def _plan(method: Method, model_name: str) -> Plan:
         if s.op not in method.ops or taken & set(s.tied):
             continue
         taken.add(s.name)
-        sites[s.name] = {"method": method.name, **method.example, "role": s.role, "depth": s.depth,
-                         "op": s.op, "shape": [s.in_features, s.out_features]}  # fmt: skip
+        sites[s.name] = {
+            "method": method.name,
+            **method.example,
+            "role": s.role,
+            "depth": s.depth,
+            "op": s.op,
+            "shape": [s.in_features, s.out_features],
+        }
     if not sites:
         ops = sorted({s.op for s in graph})
         pytest.skip(f"{method.name} tunes {sorted(method.ops)}; model {model_name} has only {ops} sites")
@@ -207,7 +213,9 @@ def test_merge_equals_unmerged_and_unmerge_restores_base(method_name, model_name
     method, plan, model = _setup(method_name, model_name)
     graph = _graph(model_name)
     mergeable = {n for n, e in plan.sites.items() if method.can_merge(graph[n], **plan.hyper(e)) is None}
-    tied = {n for n in mergeable if graph[n].tied}  # `merge` may leave these: a folded delta would change the other user
+    tied = {
+        n for n in mergeable if graph[n].tied
+    }  # `merge` may leave these: a folded delta would change the other user
     apply(model, plan)
     _perturb(model)
     x = _inputs(model_name)
@@ -283,10 +291,19 @@ def test_band_says_how_sized_sizes(method_name):
                 assert method.param_count(site, **hp) > 0
 
 
-@pytest.mark.parametrize("declared", [{"band": "ranked"}, {"band": "fixed"}, {"band": "vector", "structure": "experts"}])
+@pytest.mark.parametrize(
+    "declared", [{"band": "ranked"}, {"band": "fixed"}, {"band": "vector", "structure": "experts"}]
+)
 def test_a_method_whose_band_declarations_disagree_is_not_registered(declared):
-    attrs = {"name": "odd", "ops": frozenset({"linear"}), **declared,
-             **{k: (lambda self, *a, **hp: 0) for k in ("param_count", "overhead_flops", "extra_ops", "saved_activations", "wrap")}}
+    attrs = {
+        "name": "odd",
+        "ops": frozenset({"linear"}),
+        **declared,
+        **{
+            k: (lambda self, *a, **hp: 0)
+            for k in ("param_count", "overhead_flops", "extra_ops", "saved_activations", "wrap")
+        },
+    }
     before = methods()
     with pytest.raises(ValueError, match="band"):
         register(type("Odd", (Method,), attrs))
@@ -368,7 +385,9 @@ def test_meta_device_allocates_nothing_until_materialised(method_name, model_nam
     model.to_empty(device="cpu")
     values = _tensors(real)
     with torch.no_grad():
-        for n, t in itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        for n, t in itertools.chain(
+            model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+        ):
             t.copy_(values[n])
         x = _inputs(model_name)
         torch.testing.assert_close(_out(model, x), _out(real, x), atol=0, rtol=0)
@@ -386,7 +405,10 @@ SAVED_MODULES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {  # (m
     "conv2d_grouped": lambda: (nn.Conv2d(4, 6, 3, groups=2), torch.randn(2, 4, 9, 9)),
     "conv2d_grouped_no_bias": lambda: (nn.Conv2d(4, 6, 3, groups=2, bias=False), torch.randn(2, 4, 7, 7)),
     # stride 1, same padding: input and output maps have one size, as input scaling assumes
-    "conv2d_grouped_reflect": lambda: (nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), torch.randn(2, 4, 6, 6)),
+    "conv2d_grouped_reflect": lambda: (
+        nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"),
+        torch.randn(2, 4, 6, 6),
+    ),
     "embedding": lambda: (nn.Embedding(20, 8, padding_idx=0), torch.randint(0, 20, (3, 5))),
     "layernorm": lambda: (nn.LayerNorm(8), torch.randn(3, 5, 8)),
     "groupnorm": lambda: (nn.GroupNorm(2, 6), torch.randn(2, 6, 4, 4)),
@@ -397,18 +419,44 @@ SAVED_VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "lora": [("linear_wide", {"rank": 4})],
     "full": [("linear_wide", {})],
     "none": [("linear_wide", {})],
-    "adapter": [("linear", {"bottleneck": 3, "placement": p, "activation": a})
-                for p in ("serial", "parallel") for a in ("gelu", "relu", "silu", "tanh")],
-    "dora": [("linear", {"rank": 3}), ("linear", {"rank": 3, "dropout": 0.1}), ("conv1d_hf", {"rank": 3}),
-             ("conv2d", {"rank": 3}), ("linear_no_bias", {"rank": 3, "dropout": 0.2})],
-    "ia3": [(k, {"placement": p}) for k in ("linear", "linear_no_bias", "conv1d_hf", "conv2d", "conv2d_grouped_reflect")
-            for p in ("output", "input")],
+    "adapter": [
+        ("linear", {"bottleneck": 3, "placement": p, "activation": a})
+        for p in ("serial", "parallel")
+        for a in ("gelu", "relu", "silu", "tanh")
+    ],
+    "dora": [
+        ("linear", {"rank": 3}),
+        ("linear", {"rank": 3, "dropout": 0.1}),
+        ("conv1d_hf", {"rank": 3}),
+        ("conv2d", {"rank": 3}),
+        ("linear_no_bias", {"rank": 3, "dropout": 0.2}),
+    ],
+    "ia3": [
+        (k, {"placement": p})
+        for k in ("linear", "linear_no_bias", "conv1d_hf", "conv2d", "conv2d_grouped_reflect")
+        for p in ("output", "input")
+    ],
     "moe_lora": [("linear", {"experts": 4, "rank": 2, "top_k": k}) for k in (1, 3)],
-    "sparse": [(k, {"density": d}) for k in ("linear", "conv1d_hf", "conv2d_strided", "conv2d_grouped", "embedding")
-               for d in (0.05, 0.2)],
-    "ssf": [(k, {}) for k in ("linear", "linear_no_bias", "conv1d_hf", "conv2d_strided", "conv2d_grouped_no_bias",
-                              "embedding", "layernorm", "groupnorm", "rmsnorm")],
-}  # fmt: skip
+    "sparse": [
+        (k, {"density": d})
+        for k in ("linear", "conv1d_hf", "conv2d_strided", "conv2d_grouped", "embedding")
+        for d in (0.05, 0.2)
+    ],
+    "ssf": [
+        (k, {})
+        for k in (
+            "linear",
+            "linear_no_bias",
+            "conv1d_hf",
+            "conv2d_strided",
+            "conv2d_grouped_no_bias",
+            "embedding",
+            "layernorm",
+            "groupnorm",
+            "rmsnorm",
+        )
+    ],
+}
 SAVED_CASES = [
     pytest.param(m, kind, hp, id=f"{m}-{kind}-" + "-".join(f"{k}={v}" for k, v in hp.items()))
     for m in sorted(methods())

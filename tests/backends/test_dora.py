@@ -42,7 +42,12 @@ def test_llama_equals_peft():
     entries = {}
     for i in range(2):
         p = f"model.layers.{i}"
-        for proj, r in (("self_attn.q_proj", 4), ("self_attn.k_proj", 2), ("self_attn.o_proj", 1), ("mlp.down_proj", 3 + i)):
+        for proj, r in (
+            ("self_attn.q_proj", 4),
+            ("self_attn.k_proj", 2),
+            ("self_attn.o_proj", 1),
+            ("mlp.down_proj", 3 + i),
+        ):
             entries[f"{p}.{proj}"] = {"rank": r}
     entries["lm_head"] = {"rank": 2, "alpha": 7}
     compare_dora_with_peft(llama_eager(), entries, token_ids(), out=lambda o: o.logits)
@@ -51,8 +56,11 @@ def test_llama_equals_peft():
 def test_gpt2_conv1d_and_cnn_equal_peft():
     entries = {f"transformer.h.{i}.{m}": {"rank": 2 + i} for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")}
     compare_dora_with_peft(gpt2_eager(), entries, token_ids(), out=lambda o: o.logits)
-    compare_dora_with_peft(pointwise_cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
-             torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)))  # fmt: skip
+    compare_dora_with_peft(
+        pointwise_cnn(),
+        {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
+        torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)),
+    )
 
 
 def test_dropout_path_equals_peft_in_training():
@@ -158,8 +166,16 @@ def test_bf16_and_meta(case):
     meta.unmerge()
 
 
-@pytest.mark.parametrize("case, hp", [("linear", {}), ("linear", {"dropout": 0.1}), ("conv1d_hf", {}), ("conv2d", {}),
-                                      ("linear_no_bias", {"dropout": 0.2})])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, hp",
+    [
+        ("linear", {}),
+        ("linear", {"dropout": 0.1}),
+        ("conv1d_hf", {}),
+        ("conv2d", {}),
+        ("linear_no_bias", {"dropout": 0.2}),
+    ],
+)
 def test_costs_are_exact(case, hp):
     module, x = _layers()[case]
     x.requires_grad_(True)  # as inside a model
@@ -186,8 +202,15 @@ def test_costs_are_exact(case, hp):
 def test_bad_hyper_parameters_are_plan_errors():
     dora = get_method("dora")
     fc = static_site("fc", nn.Linear(4, 4), "linear")
-    for hp in ({}, {"rank": 0}, {"rank": 2.5}, {"rank": 2, "alpha": -1}, {"rank": 2, "dropout": 1.0},
-               {"rank": 2, "rslora": "yes"}, {"rank": 2, "scale": 1}):  # fmt: skip
+    for hp in (
+        {},
+        {"rank": 0},
+        {"rank": 2.5},
+        {"rank": 2, "alpha": -1},
+        {"rank": 2, "dropout": 1.0},
+        {"rank": 2, "rslora": "yes"},
+        {"rank": 2, "scale": 1},
+    ):
         with pytest.raises(PlanError):
             dora.validate(fc, **hp)
     with pytest.raises(PlanError, match="tunes only"):

@@ -81,11 +81,20 @@ def test_llama_equals_peft():
 
 
 def test_gpt2_conv1d_and_cnn_equal_peft():
-    entries = {f"transformer.h.{i}.{m}": {"placement": p} for i in range(2) for m, p in (("attn.c_attn", "output"), ("mlp.c_proj", "input"))}
+    entries = {
+        f"transformer.h.{i}.{m}": {"placement": p}
+        for i in range(2)
+        for m, p in (("attn.c_attn", "output"), ("mlp.c_proj", "input"))
+    }
     feedforward = [n for n, e in entries.items() if e["placement"] == "input"]
     _compare(gpt2_eager(), entries, feedforward, token_ids(), out=lambda o: o.logits)
     entries = {"stem": {"placement": "output"}, "body": {"placement": "input"}, "point": {"placement": "input"}}
-    _compare(pointwise_cnn(), entries, ["body", "point"], torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)))
+    _compare(
+        pointwise_cnn(),
+        entries,
+        ["body", "point"],
+        torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)),
+    )
 
 
 def test_auto_placement_follows_role_and_validate_resolves_it():
@@ -123,7 +132,9 @@ def _wrap(module: nn.Module, placement: str) -> nn.Module:
 
 def _randomize(layer: nn.Module) -> nn.Module:
     with torch.no_grad():
-        layer.scale.add_((torch.randn(layer.scale.shape, generator=torch.Generator().manual_seed(0)) * 0.3).to(layer.scale.dtype))
+        layer.scale.add_(
+            (torch.randn(layer.scale.shape, generator=torch.Generator().manual_seed(0)) * 0.3).to(layer.scale.dtype)
+        )
     return layer
 
 

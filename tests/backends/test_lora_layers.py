@@ -21,7 +21,10 @@ def _modules() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "conv1d_hf": (Conv1D(7, 12), torch.randn(3, 5, 12)),  # Conv1D(nf=out, nx=in)
         "conv2d_3x3": (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)),
         "conv2d_1x1": (nn.Conv2d(4, 6, 1), torch.randn(2, 4, 5, 5)),
-        "conv2d_reflect": (nn.Conv2d(4, 6, (3, 2), padding=1, padding_mode="reflect", dilation=2), torch.randn(2, 4, 9, 9)),
+        "conv2d_reflect": (
+            nn.Conv2d(4, 6, (3, 2), padding=1, padding_mode="reflect", dilation=2),
+            torch.randn(2, 4, 9, 9),
+        ),
         "embedding": (nn.Embedding(20, 8, padding_idx=0), torch.randint(0, 20, (3, 5))),
     }
 
@@ -41,10 +44,22 @@ def _reference(module: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Te
     if isinstance(module, nn.Embedding):
         return module(x) + (a.T[x] @ b.T) * s
     if isinstance(module, nn.Conv2d):
-        delta = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                          module.dilation, bias=False, padding_mode=module.padding_mode)  # fmt: skip
+        delta = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            bias=False,
+            padding_mode=module.padding_mode,
+        )
         with torch.no_grad():  # B·A per kernel tap
-            delta.weight.copy_(torch.stack([b[:, :, 0, 0] @ a[:, :, i, j] for i in range(a.shape[2]) for j in range(a.shape[3])], -1).reshape_as(module.weight))
+            delta.weight.copy_(
+                torch.stack(
+                    [b[:, :, 0, 0] @ a[:, :, i, j] for i in range(a.shape[2]) for j in range(a.shape[3])], -1
+                ).reshape_as(module.weight)
+            )
         return module(x) + delta(x) * s
     return module(x) + x @ a.T @ b.T * s
 

@@ -51,8 +51,17 @@ RELOAD = textwrap.dedent("""
 def reload_elsewhere(folders: dict[str, str], inputs: dict[str, torch.Tensor], tmp_path) -> tuple[dict, dict]:
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
     site_packages = sysconfig.get_paths()["purelib"]
-    args = [sys.executable, "-I", "-S", "-c", RELOAD, site_packages, json.dumps(folders), str(tmp_path / "inputs.safetensors"),
-            str(tmp_path / "out.safetensors")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        RELOAD,
+        site_packages,
+        json.dumps(folders),
+        str(tmp_path / "inputs.safetensors"),
+        str(tmp_path / "out.safetensors"),
+    ]
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(str(tmp_path / "out.safetensors")), json.loads(done.stdout.strip().splitlines()[-1])
@@ -73,17 +82,33 @@ def trained(model, std: float = 0.1) -> None:
 
 def llama_plan(model):
     entries = {f"model.layers.{i}.self_attn.q_proj": {"method": "lora", "rank": 2 + i, "alpha": 5} for i in range(2)}
-    entries |= {f"model.layers.{i}.mlp.down_proj": {"method": "dora", "rank": 2, "alpha": 4} for i in range(2) if "dora" in methods()}
-    entries |= {f"model.layers.{i}.mlp.up_proj": {"method": "ia3", "placement": "input"} for i in range(2) if "ia3" in methods()}
-    entries |= {"model.layers.1.self_attn.o_proj": {"method": "sparse", "density": 0.1}} if "sparse" in methods() else {}
+    entries |= {
+        f"model.layers.{i}.mlp.down_proj": {"method": "dora", "rank": 2, "alpha": 4}
+        for i in range(2)
+        if "dora" in methods()
+    }
+    entries |= {
+        f"model.layers.{i}.mlp.up_proj": {"method": "ia3", "placement": "input"} for i in range(2) if "ia3" in methods()
+    }
+    entries |= (
+        {"model.layers.1.self_attn.o_proj": {"method": "sparse", "density": 0.1}} if "sparse" in methods() else {}
+    )
     return plan_for(model, entries | {"lm_head": {"method": "full"}})
 
 
 def test_the_merged_folder_loads_with_plain_transformers_and_gives_the_same_logits(tmp_path):
     llama, bert = llama_eager(), bert_classifier().eval()
     pp.apply(llama, llama_plan(llama))
-    pp.apply(bert, plan_for(bert, {"bert.encoder.layer.1.attention.self.value": {"method": "lora", "rank": 4, "alpha": 8},
-                                   "classifier": {"method": "full"}}))  # fmt: skip
+    pp.apply(
+        bert,
+        plan_for(
+            bert,
+            {
+                "bert.encoder.layer.1.attention.self.value": {"method": "lora", "rank": 4, "alpha": 8},
+                "classifier": {"method": "full"},
+            },
+        ),
+    )
     for model in (llama, bert):
         trained(model)
     inputs = {"causal": token_ids(), "classifier": token_ids(vocab=50)}
@@ -95,9 +120,13 @@ def test_the_merged_folder_loads_with_plain_transformers_and_gives_the_same_logi
     pp.export_merged(bert, tmp_path / "bert")
     shards = sorted(p.name for p in (tmp_path / "llama").glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "llama" / "model.safetensors.index.json").exists()
-    assert not any("lora" in k or ".base." in k for p in (tmp_path / "llama").glob("*.safetensors") for k in load_file(str(p)))
+    assert not any(
+        "lora" in k or ".base." in k for p in (tmp_path / "llama").glob("*.safetensors") for k in load_file(str(p))
+    )
 
-    got, ids = reload_elsewhere({"causal": str(tmp_path / "llama"), "classifier": str(tmp_path / "bert")}, inputs, tmp_path)
+    got, ids = reload_elsewhere(
+        {"causal": str(tmp_path / "llama"), "classifier": str(tmp_path / "bert")}, inputs, tmp_path
+    )
     for kind in expected:
         torch.testing.assert_close(got[kind], expected[kind], atol=1e-5, rtol=1e-5)
     assert ids["text"] == tokenizer("merged, at last!")["input_ids"]
@@ -114,8 +143,14 @@ def test_sites_that_cannot_merge_are_refused_by_name(tmp_path):
         pytest.skip("no unmergeable method registered")
     model = llama_eager()
     names = {m: f"model.layers.{i}.mlp.gate_proj" for i, m in enumerate(odd)}
-    pp.apply(model, plan_for(model, {"model.layers.0.self_attn.q_proj": {"method": "lora", "rank": 2, "alpha": 4}}
-                             | {names[m]: {"method": m, **hp} for m, hp in odd.items()}))  # fmt: skip
+    pp.apply(
+        model,
+        plan_for(
+            model,
+            {"model.layers.0.self_attn.q_proj": {"method": "lora", "rank": 2, "alpha": 4}}
+            | {names[m]: {"method": m, **hp} for m, hp in odd.items()},
+        ),
+    )
     trained(model)
     before = snapshot(model)
     with pytest.raises(pp.PlanError, match="cannot be merged") as error:

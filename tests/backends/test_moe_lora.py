@@ -115,11 +115,17 @@ def test_overhead_flops_match_flop_counter(top_k):
     assert matmul_flops(layer, x) - matmul_flops(base, x) == moe.overhead_flops(site, **hp)
 
 
-@pytest.mark.parametrize("hp, word", [
-    ({"experts": 2, "rank": 2, "top_k": 3}, "exceeds"), ({"experts": 0, "rank": 2}, "experts"),
-    ({"experts": 2, "rank": 0}, "rank"), ({"experts": 2, "rank": 2, "alpha": -1}, "alpha"),
-    ({"experts": 2, "rank": 2, "top_k": 0}, "top_k"), ({"experts": 2}, "needs"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "hp, word",
+    [
+        ({"experts": 2, "rank": 2, "top_k": 3}, "exceeds"),
+        ({"experts": 0, "rank": 2}, "experts"),
+        ({"experts": 2, "rank": 0}, "rank"),
+        ({"experts": 2, "rank": 2, "alpha": -1}, "alpha"),
+        ({"experts": 2, "rank": 2, "top_k": 0}, "top_k"),
+        ({"experts": 2}, "needs"),
+    ],
+)
 def test_bad_hyper_parameters_are_plan_errors(hp, word):
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(PlanError, match=word):
@@ -144,7 +150,12 @@ def test_mixed_plan_trains_saves_loads_and_merges(tmp_path):
     sites = {
         layer.format(0, "attention.self.query"): {"method": "lora", "rank": 2},
         layer.format(0, "attention.output.dense"): {"method": "adapter", "bottleneck": 4},
-        layer.format(1, "attention.self.value"): {"method": "adapter", "bottleneck": 3, "placement": "parallel", "activation": "gelu"},
+        layer.format(1, "attention.self.value"): {
+            "method": "adapter",
+            "bottleneck": 3,
+            "placement": "parallel",
+            "activation": "gelu",
+        },
         layer.format(0, "intermediate.dense"): {"method": "sparse", "density": 0.05},
         layer.format(1, "intermediate.dense"): {"method": "sparse", "density": 0.02, "selection": "sensitivity"},
         layer.format(1, "output.dense"): {"method": "moe_lora", "experts": 3, "rank": 2, "top_k": 2},
@@ -170,6 +181,10 @@ def test_mixed_plan_trains_saves_loads_and_merges(tmp_path):
         assert torch.equal(loaded(token_ids()).last_hidden_state, expected)
         report = merge(model)
         torch.testing.assert_close(model(token_ids()).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
-    left = {layer.format(0, "attention.output.dense"), layer.format(1, "attention.self.value"), layer.format(1, "output.dense")}
+    left = {
+        layer.format(0, "attention.output.dense"),
+        layer.format(1, "attention.self.value"),
+        layer.format(1, "output.dense"),
+    }
     assert set(report.left) == left and set(report.merged) == set(sites) - left
     unmerge(model)

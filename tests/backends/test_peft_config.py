@@ -20,16 +20,27 @@ from tests.zoo import bert_classifier, llama_eager, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-LLAMA = {f"model.layers.{i}.{m}": {"method": "lora", "rank": 2 + i, "alpha": 4 + 3 * i}
-         for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}  # fmt: skip
+LLAMA = {
+    f"model.layers.{i}.{m}": {"method": "lora", "rank": 2 + i, "alpha": 4 + 3 * i}
+    for i in range(2)
+    for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+}
 CASES = {
-    "llama-ranks-alphas": (llama_eager, LLAMA | {"model.layers.0.mlp.up_proj": {"method": "lora", "rank": 3, "alpha": 5, "rslora": True}}),
+    "llama-ranks-alphas": (
+        llama_eager,
+        LLAMA | {"model.layers.0.mlp.up_proj": {"method": "lora", "rank": 3, "alpha": 5, "rslora": True}},
+    ),
     "llama-rslora": (llama_eager, {n: {**e, "rslora": True} for n, e in LLAMA.items()}),
     "llama-dora": (llama_eager, {n: {**e, "method": "dora"} for n, e in LLAMA.items()}),
-    "bert-lora-and-head": (bert_classifier, {"bert.encoder.layer.1.attention.self.query": {"method": "lora", "rank": 4, "alpha": 8},
-                                             "bert.encoder.layer.0.output.dense": {"method": "lora", "rank": 2, "alpha": 2},
-                                             "classifier": {"method": "full"}}),
-}  # fmt: skip
+    "bert-lora-and-head": (
+        bert_classifier,
+        {
+            "bert.encoder.layer.1.attention.self.query": {"method": "lora", "rank": 4, "alpha": 8},
+            "bert.encoder.layer.0.output.dense": {"method": "lora", "rank": 2, "alpha": 2},
+            "classifier": {"method": "full"},
+        },
+    ),
+}
 
 
 def plan_of(model, entries) -> pp.Plan:
@@ -64,9 +75,9 @@ def train_losses(model, data, lr: float = 1e-2) -> list[float]:
 def peft_sites(peft_model) -> set[str]:
     """The modules peft gave an adapter, or trains whole, by their name in the base model."""
     prefix = "base_model.model."
-    lora = {n[len(prefix):].rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
-    ia3 = {n[len(prefix):] for n, m in peft_model.named_modules() if hasattr(m, "ia3_l") and n.startswith(prefix)}
-    whole = {n[len(prefix):] for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    lora = {n[len(prefix) :].rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    ia3 = {n[len(prefix) :] for n, m in peft_model.named_modules() if hasattr(m, "ia3_l") and n.startswith(prefix)}
+    whole = {n[len(prefix) :] for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     return lora | ia3 | whole
 
 
@@ -96,8 +107,11 @@ def test_an_ia3_plan_is_an_ia3_config():
     if "ia3" not in methods():
         pytest.skip("no ia3 method registered")
     model = llama_eager()
-    plan = plan_of(model, {f"model.layers.{i}.mlp.down_proj": {"method": "ia3", "placement": "input"} for i in range(2)}
-                   | {f"model.layers.{i}.self_attn.k_proj": {"method": "ia3", "placement": "output"} for i in range(2)})  # fmt: skip
+    plan = plan_of(
+        model,
+        {f"model.layers.{i}.mlp.down_proj": {"method": "ia3", "placement": "input"} for i in range(2)}
+        | {f"model.layers.{i}.self_attn.k_proj": {"method": "ia3", "placement": "output"} for i in range(2)},
+    )
     config = plan.to_peft_config()
     assert isinstance(config, IA3Config)
     theirs = get_peft_model(llama_eager(), config)
@@ -112,7 +126,9 @@ def test_what_peft_cannot_express_is_named_with_the_nearest_plan():
     model = llama_eager()
     graph = pp.lower(model)
     odd = {f"model.layers.{i}.mlp.up_proj": {"method": m, **methods()[m].example} for i, m in enumerate(others[:2])}
-    mixed = {"model.layers.1.self_attn.k_proj": {"method": "dora", "rank": 2, "alpha": 4}} if "dora" in methods() else {}
+    mixed = (
+        {"model.layers.1.self_attn.k_proj": {"method": "dora", "rank": 2, "alpha": 4}} if "dora" in methods() else {}
+    )
     entries = {n: {**e, **pp.describe.describe(graph[n])} for n, e in (LLAMA | odd | mixed).items()}
     plan = plan_of(model, entries)
     with pytest.raises(pp.PlanError) as error:
@@ -127,26 +143,52 @@ def test_what_peft_cannot_express_is_named_with_the_nearest_plan():
     assert len(nearest.provenance["as_lora"]) == len(odd) + len(mixed)
     for name in odd:  # at no more parameters than the site had
         site = graph[name]
-        before = methods()[plan.sites[name]["method"]].param_count(site, **methods()[plan.sites[name]["method"]].validate(site, **pp.Plan.hyper(plan.sites[name])))
-        assert methods()["lora"].param_count(site, rank=nearest.sites[name]["rank"]) <= max(before, site.in_features + site.out_features)
+        before = methods()[plan.sites[name]["method"]].param_count(
+            site, **methods()[plan.sites[name]["method"]].validate(site, **pp.Plan.hyper(plan.sites[name]))
+        )
+        assert methods()["lora"].param_count(site, rank=nearest.sites[name]["rank"]) <= max(
+            before, site.in_features + site.out_features
+        )
     theirs = get_peft_model(llama_eager(), nearest.to_peft_config())
-    assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == count_trainable(pp.apply(llama_eager(), nearest))
+    assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == count_trainable(
+        pp.apply(llama_eager(), nearest)
+    )
 
 
 def test_the_axolotl_fragment_builds_the_same_peft_model():
     model = llama_eager()
     recipe = pp.Recipe(lr=3e-4, steps=120, warmup=0.1, schedule="cosine", weight_decay=0.01, batch_size=8)
     entries = LLAMA | {"lm_head": {"method": "full"}}
-    plan = pp.Plan(sites=entries, model={"fingerprint": fingerprint(model), "class": type(model).__name__}, recipe=recipe)
+    plan = pp.Plan(
+        sites=entries, model={"fingerprint": fingerprint(model), "class": type(model).__name__}, recipe=recipe
+    )
     cfg = yaml.safe_load(plan.to_axolotl())
-    assert cfg["adapter"] == "lora" and cfg["lora_target_modules"] == list(LLAMA) and cfg["lora_modules_to_save"] == ["lm_head"]
-    assert (cfg["learning_rate"], cfg["max_steps"], cfg["lr_scheduler"], cfg["warmup_ratio"], cfg["weight_decay"],
-            cfg["micro_batch_size"]) == (3e-4, 120, "cosine", 0.1, 0.01, 8)  # fmt: skip
+    assert (
+        cfg["adapter"] == "lora"
+        and cfg["lora_target_modules"] == list(LLAMA)
+        and cfg["lora_modules_to_save"] == ["lm_head"]
+    )
+    assert (
+        cfg["learning_rate"],
+        cfg["max_steps"],
+        cfg["lr_scheduler"],
+        cfg["warmup_ratio"],
+        cfg["weight_decay"],
+        cfg["micro_batch_size"],
+    ) == (3e-4, 120, "cosine", 0.1, 0.01, 8)
     # what axolotl's loader passes to peft's LoraConfig, read from the fragment
-    config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                        target_modules=cfg["lora_target_modules"], modules_to_save=cfg["lora_modules_to_save"],
-                        rank_pattern=cfg["lora_rank_pattern"], alpha_pattern=cfg["lora_alpha_pattern"],
-                        use_rslora=cfg.get("peft_use_rslora", False), use_dora=cfg.get("peft_use_dora", False), task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=cfg["lora_r"],
+        lora_alpha=cfg["lora_alpha"],
+        lora_dropout=cfg["lora_dropout"],
+        target_modules=cfg["lora_target_modules"],
+        modules_to_save=cfg["lora_modules_to_save"],
+        rank_pattern=cfg["lora_rank_pattern"],
+        alpha_pattern=cfg["lora_alpha_pattern"],
+        use_rslora=cfg.get("peft_use_rslora", False),
+        use_dora=cfg.get("peft_use_dora", False),
+        task_type="CAUSAL_LM",
+    )
     theirs = get_peft_model(llama_eager(), config)
     ours = pp.apply(model, plan)
     assert peft_sites(theirs) == set(plan.tuned())
@@ -163,5 +205,6 @@ def test_to_peft_is_made_for_training():
     plan = plan_of(llama_eager(), LLAMA)
     configs, unsupported = pp.to_peft(plan)
     model = get_peft_model(llama_eager(), configs["lora"])
-    assert unsupported == [] and sum(p.numel() for p in model.parameters() if p.requires_grad) == \
-        sum(p.numel() for p in trainable_parameters(pp.apply(llama_eager(), plan)).values())  # fmt: skip
+    assert unsupported == [] and sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in trainable_parameters(pp.apply(llama_eager(), plan)).values()
+    )

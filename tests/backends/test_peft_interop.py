@@ -46,7 +46,9 @@ def _need(*names):
 
 
 def _llama_entries(method: str, **hp) -> dict:
-    return {f"model.layers.{i}.{m}": {"method": method, **hp} for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj")}
+    return {
+        f"model.layers.{i}.{m}": {"method": method, **hp} for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj")
+    }
 
 
 def _export(make, entries, tmp_path, **kw):
@@ -85,45 +87,73 @@ def test_bert_per_site_ranks_rslora_and_full_head_load_in_peft(tmp_path):
 def test_llama_lm_head_and_gpt2_conv1d_load_in_peft(tmp_path):
     entries = _llama_entries("lora", rank=3) | {"lm_head": {"method": "lora", "rank": 2, "alpha": 7}}
     ours, _ = _export(llama_eager, entries, tmp_path / "llama")
-    torch.testing.assert_close(_out(PeftModel.from_pretrained(llama_eager(), tmp_path / "llama")), ours, atol=1e-5, rtol=1e-5)
-    entries = {f"transformer.h.{i}.{m}": {"method": "lora", "rank": 2 + i} for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")}
+    torch.testing.assert_close(
+        _out(PeftModel.from_pretrained(llama_eager(), tmp_path / "llama")), ours, atol=1e-5, rtol=1e-5
+    )
+    entries = {
+        f"transformer.h.{i}.{m}": {"method": "lora", "rank": 2 + i}
+        for i in range(2)
+        for m in ("attn.c_attn", "mlp.c_proj")
+    }
     ours, _ = _export(gpt2_eager, entries, tmp_path / "gpt2")
-    torch.testing.assert_close(_out(PeftModel.from_pretrained(gpt2_eager(), tmp_path / "gpt2")), ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _out(PeftModel.from_pretrained(gpt2_eager(), tmp_path / "gpt2")), ours, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_dora_loads_in_peft(tmp_path):
     _need("dora")
     ours, result = _export(llama_eager, _llama_entries("dora", rank=2, alpha=4), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
-    torch.testing.assert_close(_out(PeftModel.from_pretrained(llama_eager(), result.adapters["dora"])), ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _out(PeftModel.from_pretrained(llama_eager(), result.adapters["dora"])), ours, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_ia3_input_and_output_placement_load_in_peft(tmp_path):
     _need("ia3")
-    entries = {f"transformer.h.{i}.{m}": {"method": "ia3", "placement": p} for i in range(2)
-               for m, p in (("attn.c_attn", "output"), ("mlp.c_proj", "input"))}  # fmt: skip
+    entries = {
+        f"transformer.h.{i}.{m}": {"method": "ia3", "placement": p}
+        for i in range(2)
+        for m, p in (("attn.c_attn", "output"), ("mlp.c_proj", "input"))
+    }
     ours, result = _export(gpt2_eager, entries, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["feedforward_modules"]
-    torch.testing.assert_close(_out(PeftModel.from_pretrained(gpt2_eager(), result.adapters["ia3"])), ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _out(PeftModel.from_pretrained(gpt2_eager(), result.adapters["ia3"])), ours, atol=1e-5, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("method, hp", [("lora", {"rank": 2}), ("dora", {"rank": 2}), ("ia3", {"placement": "input"}), ("ia3", {})])
+@pytest.mark.parametrize(
+    "method, hp", [("lora", {"rank": 2}), ("dora", {"rank": 2}), ("ia3", {"placement": "input"}), ("ia3", {})]
+)
 def test_conv2d_sites_and_full_head_round_trip_through_peft(method, hp, tmp_path):
     _need(method)
     x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
     model = pointwise_cnn()
-    apply(model, plan_for(model, {"stem": {"method": method, **hp}, "body": {"method": method, **hp}, "head": {"method": "full"}}))
+    apply(
+        model,
+        plan_for(
+            model, {"stem": {"method": method, **hp}, "body": {"method": method, **hp}, "head": {"method": "full"}}
+        ),
+    )
     _perturb(model)
     export_peft(model, tmp_path)
     with torch.no_grad():
-        ours, theirs, back = model(x), PeftModel.from_pretrained(pointwise_cnn(), tmp_path)(x), import_peft(pointwise_cnn(), tmp_path)(x)
+        ours, theirs, back = (
+            model(x),
+            PeftModel.from_pretrained(pointwise_cnn(), tmp_path)(x),
+            import_peft(pointwise_cnn(), tmp_path)(x),
+        )
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(back, ours, atol=1e-6, rtol=1e-6)
 
 
 def test_lora_plus_ia3_is_two_adapters_loaded_in_turn(tmp_path):
     _need("ia3")
-    entries = _llama_entries("lora", rank=2) | {f"model.layers.{i}.mlp.down_proj": {"method": "ia3", "role": "mlp.down"} for i in range(2)}
+    entries = _llama_entries("lora", rank=2) | {
+        f"model.layers.{i}.mlp.down_proj": {"method": "ia3", "role": "mlp.down"} for i in range(2)
+    }
     ours, result = _export(llama_eager, entries, tmp_path)
     assert set(result.adapters) == {"lora", "ia3"}
     merged = PeftModel.from_pretrained(llama_eager(), result.adapters["lora"]).merge_and_unload()
@@ -148,7 +178,10 @@ def test_unsupported_sites_are_named_or_left_out_on_request(tmp_path):
 
 
 def test_to_peft_configs_target_exactly_the_planned_sites():
-    plan = plan_for(llama_eager(), _llama_entries("lora", rank=4) | {"model.layers.1.self_attn.q_proj": {"method": "lora", "rank": 8}})
+    plan = plan_for(
+        llama_eager(),
+        _llama_entries("lora", rank=4) | {"model.layers.1.self_attn.q_proj": {"method": "lora", "rank": 8}},
+    )
     configs, unsupported = to_peft(plan)
     lora = configs["lora"]
     assert isinstance(lora, LoraConfig) and unsupported == [] and lora.r == 4
@@ -174,9 +207,15 @@ def _peft_saved(make, config, tmp_path):
 
 
 def test_import_peft_lora_with_patterns_rslora_and_modules_to_save(tmp_path):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "word_embeddings"], use_rslora=True,
-                        rank_pattern={"layer.1.attention.self.query": 2}, alpha_pattern={"value": 3},
-                        modules_to_save=["pooler.dense"])  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value", "word_embeddings"],
+        use_rslora=True,
+        rank_pattern={"layer.1.attention.self.query": 2},
+        alpha_pattern={"value": 3},
+        modules_to_save=["pooler.dense"],
+    )
     theirs = _peft_saved(bert_eager, config, tmp_path)
     model = import_peft(bert_eager(), tmp_path)
     torch.testing.assert_close(_out(model), theirs, atol=1e-5, rtol=1e-5)
@@ -191,7 +230,9 @@ def test_import_peft_all_linear_llama_and_dora(tmp_path):
     torch.testing.assert_close(_out(model), theirs, atol=1e-5, rtol=1e-5)
     assert "lm_head" not in applied_plan(model).sites  # peft leaves the output layer out
     _need("dora")
-    theirs = _peft_saved(llama_eager, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], use_dora=True), tmp_path / "dora")
+    theirs = _peft_saved(
+        llama_eager, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], use_dora=True), tmp_path / "dora"
+    )
     torch.testing.assert_close(_out(import_peft(llama_eager(), tmp_path / "dora")), theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -220,6 +261,11 @@ def test_import_rejects_what_it_cannot_express(tmp_path):
 
 def test_full_on_a_tied_weight_is_unsupported(tmp_path):
     model = gpt2_eager()
-    apply(model, plan_for(model, {"transformer.wte": {"method": "full"}, "transformer.h.0.attn.c_attn": {"method": "lora", "rank": 2}}))
+    apply(
+        model,
+        plan_for(
+            model, {"transformer.wte": {"method": "full"}, "transformer.h.0.attn.c_attn": {"method": "lora", "rank": 2}}
+        ),
+    )
     with pytest.raises(PlanError, match=r"transformer\.wte \(full\): its weights are shared"):
         export_peft(model, tmp_path)

@@ -40,10 +40,13 @@ def test_rslora_must_be_a_bool(value):
 def _compare_lora(model: nn.Module, entries: dict[str, dict], out) -> None:
     twin = copy.deepcopy(model)
     config = LoraConfig(
-        r=8, lora_alpha=8, target_modules=list(entries), use_rslora=True,
+        r=8,
+        lora_alpha=8,
+        target_modules=list(entries),
+        use_rslora=True,
         rank_pattern={re.escape(n): e["rank"] for n, e in entries.items()},
         alpha_pattern={re.escape(n): e.get("alpha", 2 * e["rank"]) for n, e in entries.items()},
-    )  # fmt: skip
+    )
     theirs = get_peft_model(twin, config)
     ours = apply(model, plan_for(model, {n: {"method": "lora", "rslora": True, **e} for n, e in entries.items()}))
     randomize(ours)
@@ -58,14 +61,23 @@ def _compare_lora(model: nn.Module, entries: dict[str, dict], out) -> None:
 
 
 def test_lora_equals_peft_on_bert_and_llama():
-    bert_entries = {f"encoder.layer.{i}.{m}": {"rank": 4 + 5 * i, "alpha": 3}
-                    for i in range(2) for m in ("attention.self.query", "output.dense")}  # fmt: skip
+    bert_entries = {
+        f"encoder.layer.{i}.{m}": {"rank": 4 + 5 * i, "alpha": 3}
+        for i in range(2)
+        for m in ("attention.self.query", "output.dense")
+    }
     bert_entries["embeddings.word_embeddings"] = {"rank": 9}
     _compare_lora(bert_eager(), bert_entries, lambda o: o.last_hidden_state)
-    llama_entries = {f"model.layers.{i}.{m}": {"rank": 1 + 3 * i} for i in range(2) for m in ("self_attn.v_proj", "mlp.gate_proj")}
+    llama_entries = {
+        f"model.layers.{i}.{m}": {"rank": 1 + 3 * i} for i in range(2) for m in ("self_attn.v_proj", "mlp.gate_proj")
+    }
     _compare_lora(llama_eager(), llama_entries, lambda o: o.logits)
 
 
 def test_dora_equals_peft():
-    entries = {f"model.layers.{i}.{m}": {"rank": 4, "rslora": True} for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    entries = {
+        f"model.layers.{i}.{m}": {"rank": 4, "rslora": True}
+        for i in range(2)
+        for m in ("self_attn.q_proj", "mlp.down_proj")
+    }
     compare_dora_with_peft(llama_eager(), entries, token_ids(), out=lambda o: o.logits, use_rslora=True)

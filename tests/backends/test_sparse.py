@@ -111,10 +111,17 @@ def test_sensitivity_without_fitting_scores_is_a_plan_error_before_touching(scor
     assert type(model[0]) is nn.Linear and not hasattr(model, "peftplan_plan")
 
 
-@pytest.mark.parametrize("hp, word", [
-    ({"density": 0}, r"\(0, 1\]"), ({"density": 1.5}, r"\(0, 1\]"), ({"density": "0.1"}, r"\(0, 1\]"),
-    ({"density": True}, r"\(0, 1\]"), ({}, "needs"), ({"density": 0.1, "selection": "random"}, "selection"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "hp, word",
+    [
+        ({"density": 0}, r"\(0, 1\]"),
+        ({"density": 1.5}, r"\(0, 1\]"),
+        ({"density": "0.1"}, r"\(0, 1\]"),
+        ({"density": True}, r"\(0, 1\]"),
+        ({}, "needs"),
+        ({"density": 0.1, "selection": "random"}, "selection"),
+    ],
+)
 def test_bad_hyper_parameters_are_plan_errors(hp, word):
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(PlanError, match=word):
@@ -174,7 +181,11 @@ def test_save_load_restores_exact_sensitivity_indices(tmp_path):
     fresh = copy.deepcopy(model)
     name = "encoder.layer.0.intermediate.dense"
     scores = torch.rand(model.get_submodule(name).weight.shape, generator=torch.Generator().manual_seed(4))
-    apply(model, plan_for(model, {name: {"method": "sparse", "density": 0.03, "selection": "sensitivity"}}), scores={name: scores})
+    apply(
+        model,
+        plan_for(model, {name: {"method": "sparse", "density": 0.03, "selection": "sensitivity"}}),
+        scores={name: scores},
+    )
     with torch.no_grad():
         model.get_submodule(name).values.normal_()
     save(model, tmp_path)

@@ -22,10 +22,13 @@ def _peft_like(model, entries: dict[str, dict]):
     reference = copy.deepcopy(model)
     names = list(entries)
     config = LoraConfig(
-        r=8, lora_alpha=8, lora_dropout=0.0, target_modules=names,
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=names,
         rank_pattern={re.escape(n): e["rank"] for n, e in entries.items()},
         alpha_pattern={re.escape(n): e.get("alpha", 2 * e["rank"]) for n, e in entries.items()},
-    )  # fmt: skip
+    )
     return get_peft_model(reference, config), names
 
 
@@ -62,7 +65,12 @@ def test_llama_per_site_ranks():
     entries = {}
     for i in range(2):
         p = f"model.layers.{i}"
-        for proj, r in (("self_attn.q_proj", 4), ("self_attn.k_proj", 2), ("self_attn.o_proj", 1), ("mlp.down_proj", 3 + i)):
+        for proj, r in (
+            ("self_attn.q_proj", 4),
+            ("self_attn.k_proj", 2),
+            ("self_attn.o_proj", 1),
+            ("mlp.down_proj", 3 + i),
+        ):
             entries[f"{p}.{proj}"] = {"rank": r}
     entries["lm_head"] = {"rank": 2, "alpha": 7}
     _compare(model, entries, token_ids(), out=lambda o: o.logits)
@@ -75,6 +83,13 @@ def test_gpt2_conv1d():
 
 
 def test_conv2d_and_embedding():
-    _compare(pointwise_cnn(), {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
-             torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)))  # fmt: skip
-    _compare(embedding_mlp(), {"0": {"rank": 3}, "1": {"rank": 2}}, torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(0)))
+    _compare(
+        pointwise_cnn(),
+        {"stem": {"rank": 2}, "body": {"rank": 3, "alpha": 1}, "point": {"rank": 2}},
+        torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0)),
+    )
+    _compare(
+        embedding_mlp(),
+        {"0": {"rank": 3}, "1": {"rank": 2}},
+        torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(0)),
+    )

@@ -25,8 +25,22 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     spec.loader.exec_module(demo)
     threads = torch.get_num_threads()
     try:
-        rc = demo.main(["--steps", "4", "--max-dev", "32", "--trials", "5", "--max-train", "64", "--validation", "16",
-                        "--out", str(tmp_path)])  # fmt: skip
+        rc = demo.main(
+            [
+                "--steps",
+                "4",
+                "--max-dev",
+                "32",
+                "--trials",
+                "5",
+                "--max-train",
+                "64",
+                "--validation",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

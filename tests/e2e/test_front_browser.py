@@ -25,8 +25,17 @@ FRONT_BLUE = (31, 119, 180)  # the front's markers (plot.py)
 def study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("study")
     url = f"sqlite:///{folder / 'study.db'}"
-    plan = pp.search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=5, seeds=0, storage=url,
-                     recipe=pp.Recipe(lr=3e-3, steps=6), progress=False)  # fmt: skip
+    plan = pp.search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="random",
+        trials=5,
+        seeds=0,
+        storage=url,
+        recipe=pp.Recipe(lr=3e-3, steps=6),
+        progress=False,
+    )
     return folder, url, plan
 
 
@@ -35,8 +44,14 @@ def browser(*args: str) -> subprocess.CompletedProcess:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
         pytest.skip("no chromium here (apt-get install chromium)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,700",
-             "--virtual-time-budget=10000"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1000,700",
+        "--virtual-time-budget=10000",
+    ]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
 
 
@@ -49,8 +64,12 @@ def test_front_html_draws_every_point_in_a_real_browser(study):
     page = front.plot(folder / "front.html", markers={"hand-tuned LoRA": {"metric": 0.5, "params": 1200}})
     dom = browser("--dump-dom", page.as_uri()).stdout
     drawn = len(re.findall(r'<path class="point"', dom))
-    assert drawn == len(front.evaluated) + 2  # each evaluated trial once (the front's in its own layer), the returned plan's star, the marker
-    area = re.search(r'<rect class="nsewdrag drag"[^>]*?x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', dom)
+    assert (
+        drawn == len(front.evaluated) + 2
+    )  # each evaluated trial once (the front's in its own layer), the returned plan's star, the marker
+    area = re.search(
+        r'<rect class="nsewdrag drag"[^>]*?x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', dom
+    )
     assert area, "the page has no plot area: plotly did not render"
     x0, y0, w, h = (float(v) for v in area.groups())
     html = page.read_text()

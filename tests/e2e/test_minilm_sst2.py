@@ -23,8 +23,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def task():
-    return pp.Task.for_sequence_classification(minilm_dir(), None, DATA / "train.tsv", DATA / "dev.tsv",
-                                               batch_size=16, max_train=1600, max_dev=400, seed=0)  # fmt: skip
+    return pp.Task.for_sequence_classification(
+        minilm_dir(), None, DATA / "train.tsv", DATA / "dev.tsv", batch_size=16, max_train=1600, max_dev=400, seed=0
+    )
 
 
 def test_sensitivity_plan_trains_and_round_trips(task, tmp_path):

@@ -18,9 +18,33 @@ MODEL = "tests.zoo:minilm_vocab_classifier"
 
 def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
     task, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
-    search = ["search", MODEL, "--task", str(task), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
-              "--trials", "3", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
-              "-o", str(tmp_path / "plan.json"), "--front-png", str(tmp_path / "front.png")]  # fmt: skip
+    search = [
+        "search",
+        MODEL,
+        "--task",
+        str(task),
+        "--tokenizer",
+        "minilm",
+        "--budget",
+        "1%",
+        "--strategy",
+        "random",
+        "--trials",
+        "3",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--storage",
+        url,
+        "--threads",
+        "1",
+        "-q",
+        "-o",
+        str(tmp_path / "plan.json"),
+        "--front-png",
+        str(tmp_path / "front.png"),
+    ]
     assert main(search) == 0
     out = capsys.readouterr().out
     assert "Pareto front:" in out and "peftplan worker" in out and f"--allow {MODEL}" in out
@@ -41,11 +65,16 @@ def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
 
     n_trials = len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials)
     assert main(search) == 0  # the same call again: the study is complete, nothing runs
-    assert main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json")]) == 2  # the database names code
+    assert (
+        main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json")]) == 2
+    )  # the database names code
     assert f"--allow {MODEL}" in capsys.readouterr().err and not (tmp_path / "again.json").exists()
     assert main(["worker", url, "-q", "--threads", "1", "-o", str(tmp_path / "again.json"), "--allow", MODEL]) == 0
     assert len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials) == n_trials
-    assert json.loads((tmp_path / "again.json").read_text())["sites"] == json.loads((tmp_path / "plan.json").read_text())["sites"]
+    assert (
+        json.loads((tmp_path / "again.json").read_text())["sites"]
+        == json.loads((tmp_path / "plan.json").read_text())["sites"]
+    )
 
 
 def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
@@ -65,14 +94,47 @@ def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsy
     from peftplan.planner.training.task import accuracy
 
     task_dir, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
-    search = ["search", MODEL, "--task", str(task_dir), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
-              "--trials", "2", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
-              "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    search = [
+        "search",
+        MODEL,
+        "--task",
+        str(task_dir),
+        "--tokenizer",
+        "minilm",
+        "--budget",
+        "1%",
+        "--strategy",
+        "random",
+        "--trials",
+        "2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--storage",
+        url,
+        "--threads",
+        "1",
+        "-q",
+        "-o",
+        str(tmp_path / "plan.json"),
+    ]
     assert main(search) == 0
     plan = pp.Plan.load(tmp_path / "plan.json")
     capsys.readouterr()
-    apply = ["apply", MODEL, "--plan", str(tmp_path / "plan.json"), "--task", str(task_dir), "--tokenizer", "minilm",
-             "-q", "-o", str(tmp_path / "adapter")]  # fmt: skip
+    apply = [
+        "apply",
+        MODEL,
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--task",
+        str(task_dir),
+        "--tokenizer",
+        "minilm",
+        "-q",
+        "-o",
+        str(tmp_path / "adapter"),
+    ]
     assert main(apply) == 0
     out = capsys.readouterr().out
     assert f"training 4 steps at lr {plan.recipe.lr:g}" in out  # the plan's own recipe, its batch size too

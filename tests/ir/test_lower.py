@@ -36,13 +36,33 @@ def called_modules(model: nn.Module, inputs) -> Counter:
 
 # What each family's module names mean, written by hand from the model definitions.
 ROLE_OF_LEAF = {
-    "query": "attn.q", "key": "attn.k", "value": "attn.v", "q_lin": "attn.q", "k_lin": "attn.k",
-    "v_lin": "attn.v", "out_lin": "attn.o", "q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v",
-    "o_proj": "attn.o", "q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "c_attn": "attn.qkv",
-    "gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down", "lin1": "mlp.up",
-    "lin2": "mlp.down", "wi": "mlp.up", "wo": "mlp.down", "fc1": "mlp.up", "fc2": "mlp.down",
+    "query": "attn.q",
+    "key": "attn.k",
+    "value": "attn.v",
+    "q_lin": "attn.q",
+    "k_lin": "attn.k",
+    "v_lin": "attn.v",
+    "out_lin": "attn.o",
+    "q_proj": "attn.q",
+    "k_proj": "attn.k",
+    "v_proj": "attn.v",
+    "o_proj": "attn.o",
+    "q": "attn.q",
+    "k": "attn.k",
+    "v": "attn.v",
+    "o": "attn.o",
+    "c_attn": "attn.qkv",
+    "gate_proj": "mlp.gate",
+    "up_proj": "mlp.up",
+    "down_proj": "mlp.down",
+    "lin1": "mlp.up",
+    "lin2": "mlp.down",
+    "wi": "mlp.up",
+    "wo": "mlp.down",
+    "fc1": "mlp.up",
+    "fc2": "mlp.down",
     "c_fc": "mlp.up",
-}  # fmt: skip
+}
 
 
 def expected_role(site) -> str:
@@ -101,8 +121,15 @@ def test_llama_block_dataflow():
 
 def test_roles_from_dataflow_with_unfamiliar_names():
     g = lower(zoo.OddNet(), zoo.odd_input())
-    want = {"alpha": "attn.q", "beta": "attn.k", "gamma": "attn.v", "delta": "attn.o",
-            "valve": "mlp.gate", "widen": "mlp.up", "narrow": "mlp.down"}  # fmt: skip
+    want = {
+        "alpha": "attn.q",
+        "beta": "attn.k",
+        "gamma": "attn.v",
+        "delta": "attn.o",
+        "valve": "mlp.gate",
+        "widen": "mlp.up",
+        "narrow": "mlp.down",
+    }
     assert {s.name.split(".")[-1]: s.role for s in g} == want
     assert [b.index for b in g.blocks] == [0, 1, 2]
     assert g["stages.1.narrow"].block == 1 and g["stages.1.narrow"].depth == 0.5
@@ -156,7 +183,9 @@ def test_model_without_tunable_site():
         lower(nn.Sequential(nn.ReLU(), nn.Tanh()))
 
 
-@pytest.mark.parametrize("size,layers,kv_out,params", [("7b", 32, 4096, 6_738_415_616), ("70b", 80, 1024, 70_553_706_496)])
+@pytest.mark.parametrize(
+    "size,layers,kv_out,params", [("7b", 32, 4096, 6_738_415_616), ("70b", 80, 1024, 70_553_706_496)]
+)
 def test_meta_llama_layouts_lower_without_weights(size, layers, kv_out, params):
     model = zoo.llama_meta(size)
     g = lower(model)
@@ -217,9 +246,7 @@ def test_a_pass_annotates_sites_in_place_and_refuses_what_no_site_has():
 
 def test_select():
     g = lower(zoo.llama())
-    assert [s.name for s in g.select(role="attn", block=1)] == [
-        f"model.layers.1.self_attn.{x}_proj" for x in "qkvo"
-    ]
+    assert [s.name for s in g.select(role="attn", block=1)] == [f"model.layers.1.self_attn.{x}_proj" for x in "qkvo"]
     assert len(g.select(op="norm")) == 5
     with pytest.raises(KeyError, match="no site named"):
         g["nope"]

@@ -99,7 +99,9 @@ def test_only_eligible_scored_sites():
 def test_infeasible_budget_names_the_minimum():
     # cheapest rank 1: "small" 32x16 -> 32 + 16 = 48 params
     graph = graph_of(linear_site("big", "attn.q", 64, 64), linear_site("small", "mlp.up", 32, 16))
-    with pytest.raises(BudgetError, match=r"below the cheapest plan \(48 params: rank 1 on small\); raise it to at least 48") as e:
+    with pytest.raises(
+        BudgetError, match=r"below the cheapest plan \(48 params: rank 1 on small\); raise it to at least 48"
+    ) as e:
         allocate(graph, {"big": 1.0, "small": 1.0}, 40)
     assert e.value.minimum == 48
     assert allocate(graph, {"big": 1.0, "small": 1.0}, 48) == {"small": 1}

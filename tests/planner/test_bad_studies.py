@@ -23,9 +23,37 @@ def stored(tmp_path_factory):
     """A finished two-trial study (real training, 2 steps each) and the task folder it reads."""
     folder = tmp_path_factory.mktemp("study")
     task = write_task(folder / "task")
-    argv = ["search", MODEL, "--task", str(task), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
-            "--trials", "2", "--steps", "2", "--batch-size", "8", "--storage", f"sqlite:///{folder / 'study.db'}",
-            "--threads", "1", "-q", "-o", str(folder / "plan.json"), "--rungs", "1", "--refine", "0", "--lr-range", "none"]  # fmt: skip
+    argv = [
+        "search",
+        MODEL,
+        "--task",
+        str(task),
+        "--tokenizer",
+        "minilm",
+        "--budget",
+        "1%",
+        "--strategy",
+        "random",
+        "--trials",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--storage",
+        f"sqlite:///{folder / 'study.db'}",
+        "--threads",
+        "1",
+        "-q",
+        "-o",
+        str(folder / "plan.json"),
+        "--rungs",
+        "1",
+        "--refine",
+        "0",
+        "--lr-range",
+        "none",
+    ]
     assert main(argv) == 0
     return folder / "study.db", argv
 
@@ -40,7 +68,9 @@ def db(stored, tmp_path):
 def edit(path, table: str, key: str, change) -> None:
     """Rewrite one stored attribute by hand, as a user with sqlite3 would."""
     with sqlite3.connect(path) as conn:
-        where = "key = ?" + (" AND trial_id = (SELECT trial_id FROM trials WHERE number = 0)" if table.startswith("trial") else "")
+        where = "key = ?" + (
+            " AND trial_id = (SELECT trial_id FROM trials WHERE number = 0)" if table.startswith("trial") else ""
+        )
         (value,) = conn.execute(f"SELECT value_json FROM {table} WHERE {where}", (key,)).fetchone()
         conn.execute(f"UPDATE {table} SET value_json = ? WHERE {where}", (json.dumps(change(json.loads(value))), key))
 
@@ -80,13 +110,24 @@ def test_a_huge_method_name_is_not_echoed_whole(db, capsys):
     assert len(err) < 2_000 and "trial 0's stored plan: unknown method 'xxx" in err and "more characters)" in err
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda c: {**c, "recipe": {**c["recipe"], "lr": -1}, "trials": 3},
-     r"the study's config field 'recipe' is .*Recipe\(lr=-1\): the learning rate must be a positive number"),
-    (lambda c: {**c, "fidelities": [{"steps": None, "train_batches": None, "eval_batches": None, "share": float("nan")}],
-                "trials": 3}, r"the study's config field 'fidelities' is .*Fidelity\(share=nan\)"),
-    (lambda c: "hello", r"the study's config is str 'hello', not an object of fields \['budget'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (
+            lambda c: {**c, "recipe": {**c["recipe"], "lr": -1}, "trials": 3},
+            r"the study's config field 'recipe' is .*Recipe\(lr=-1\): the learning rate must be a positive number",
+        ),
+        (
+            lambda c: {
+                **c,
+                "fidelities": [{"steps": None, "train_batches": None, "eval_batches": None, "share": float("nan")}],
+                "trials": 3,
+            },
+            r"the study's config field 'fidelities' is .*Fidelity\(share=nan\)",
+        ),
+        (lambda c: "hello", r"the study's config is str 'hello', not an object of fields \['budget'"),
+    ],
+)
 def test_a_damaged_study_config_stops_the_worker_naming_the_database_and_field(db, capsys, change, problem):
     edit(db, "study_user_attributes", "peftplan", change)
     before = states(db)
@@ -102,7 +143,10 @@ def test_a_search_on_a_read_only_database_says_so(stored, db, capsys):
     argv = [a if not a.startswith("sqlite:///") else f"sqlite:///file:{db}?mode=ro&uri=true" for a in stored[1]]
     argv[argv.index("--trials") + 1] = "3"  # one more trial to write
     err = run(argv, capsys)
-    assert f"cannot write to the storage sqlite:///file:{db}?mode=ro&uri=true (attempt to write a readonly database)" in err
+    assert (
+        f"cannot write to the storage sqlite:///file:{db}?mode=ro&uri=true (attempt to write a readonly database)"
+        in err
+    )
     assert "give a storage this process may write" in err and "exceeding max length" not in err
     assert db.read_bytes() == before
 

@@ -43,8 +43,14 @@ def test_the_query_value_seed_is_uniform_lora_on_query_and_value_at_the_rank_tha
     plan = space.plan_from_params(space.seeds(1)[0])
     assert space.baselines()[0] == "query-value"
     assert {n: (e["method"], e.get("rank")) for n, e in plan.tuned().items()} == {
-        **{s.name: ("lora", rank) for s in qv}, "classifier": ("full", None)}
-    assert count_trainable(pp.apply(bert_classifier(), plan)) == plan.objectives["params"] <= space.budget.param_limit(graph.total_params)
+        **{s.name: ("lora", rank) for s in qv},
+        "classifier": ("full", None),
+    }
+    assert (
+        count_trainable(pp.apply(bert_classifier(), plan))
+        == plan.objectives["params"]
+        <= space.budget.param_limit(graph.total_params)
+    )
 
 
 def test_the_uniform_seed_is_every_linear_layer_at_the_largest_rank_that_fits(space):
@@ -63,7 +69,9 @@ def test_seeds_are_the_baselines_at_three_rates_then_cheaper_proxy_plans(space):
     names = ["query-value", "uniform", "proxy", "activation"]
     assert space.baselines() == names * 3 and space.seed_lrs() == pytest.approx([1e-3, 4e-4, 2.5e-3])
     assert [p["scores"] for p in seeds] == [*names * 3, "proxy", "proxy"]
-    assert [p["lr"] for p in seeds[:12]] == pytest.approx([1e-3] * 4 + [4e-4] * 4 + [2.5e-3] * 4)  # the recipe's rate first
+    assert [p["lr"] for p in seeds[:12]] == pytest.approx(
+        [1e-3] * 4 + [4e-4] * 4 + [2.5e-3] * 4
+    )  # the recipe's rate first
     assert seeds[2] == space.proxy_params(1.0) and [p["budget"] for p in seeds[12:]] == pytest.approx([0.05, 0.05**0.5])
     assert all({**p, "lr": 0} == {**seeds[i % 4], "lr": 0} for i, p in enumerate(seeds[:12]))  # the same plans
     narrow = default_space(bert_classifier(), "5%", tiny_task(), lr=(9e-4, 1.1e-3))
@@ -74,8 +82,9 @@ def test_a_prior_scoring_a_site_zero_leaves_it_untuned():
     model = bert_classifier()
     graph = pp.lower(model)
     names = [s.name for s in eligible_sites(graph, "lora", ("attn", "mlp"), exclude={"classifier"})]
-    space = AllocatorSpace(graph, {n: 1.0 for n in names}, "5%", train_modules=["classifier"],
-                           priors={"first": {names[0]: 1.0}})  # fmt: skip
+    space = AllocatorSpace(
+        graph, {n: 1.0 for n in names}, "5%", train_modules=["classifier"], priors={"first": {names[0]: 1.0}}
+    )
     plan = space.plan_from_params({**space.proxy_params(1.0), "scores": "first", "power": 0.0})
     assert set(plan.tuned()) == {names[0], "classifier"}
     with pytest.raises(ValueError, match="must score some site above 0"):
@@ -101,8 +110,19 @@ def test_each_trial_trains_at_its_own_rate_and_the_plan_records_it():
         return stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
 
     storage = optuna.storages.InMemoryStorage()
-    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=8, storage=storage, study_name="s",
-                      fidelities=[Fidelity()], evaluator=recording, progress=False, recipe=Recipe(lr=1e-3, steps=6))  # fmt: skip
+    plan = run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=8,
+        storage=storage,
+        study_name="s",
+        fidelities=[Fidelity()],
+        evaluator=recording,
+        progress=False,
+        recipe=Recipe(lr=1e-3, steps=6),
+    )
     assert all(knob == used for knob, used in seen) and len({lr for lr, _ in seen}) > 1
     assert all(1e-3 / 10 <= lr <= 1e-3 * 10 for lr, _ in seen)  # "auto": a tenth to ten times the recipe's rate
     trials = optuna.load_study(study_name="s", storage=storage).trials
@@ -119,9 +139,19 @@ def test_the_same_sites_at_another_rate_are_trained_not_reused():
     same_sites = {**knobs, "none_share": 0.5 / len(space.sites)}  # cuts floor(0.5) = 0 sites
     for params in ({**knobs, "lr": 1e-3}, {**same_sites, "lr": 2e-3}, {**same_sites, "lr": 1e-3}):  # the third: reused
         study.enqueue_trial(params)
-    run_search(model, "5%", task, strategy="random", trials=3, space=space, storage=storage, study_name="s",
-               fidelities=[Fidelity()], progress=False,
-               evaluator=lambda *a, **k: calls.append(k["recipe"].lr) or stand_in(*a, **k))  # fmt: skip
+    run_search(
+        model,
+        "5%",
+        task,
+        strategy="random",
+        trials=3,
+        space=space,
+        storage=storage,
+        study_name="s",
+        fidelities=[Fidelity()],
+        progress=False,
+        evaluator=lambda *a, **k: calls.append(k["recipe"].lr) or stand_in(*a, **k),
+    )
     trials = optuna.load_study(study_name="s", storage=storage).trials
     assert calls == [1e-3, 2e-3] and trials[2].user_attrs["reused"] == 0
 
@@ -130,13 +160,29 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
     def baselines_screen_badly(base, plan, task, fidelity, *, recipe, seed):
         result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
         if fidelity.share is not None and plan.provenance["knobs"]["budget"] == 1.0:  # every baseline: the whole budget
-            return Evaluation(-1.0 + recipe.lr, result.params, 0.0)  # the highest rate screens best, yet below all others
+            return Evaluation(
+                -1.0 + recipe.lr, result.params, 0.0
+            )  # the highest rate screens best, yet below all others
         return result
 
     storage = optuna.storages.InMemoryStorage()
-    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=18, storage=storage, study_name="s",
-                      evaluator=baselines_screen_badly, progress=False, recipe=Recipe(lr=1e-3, steps=20))  # fmt: skip
-    trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plan = run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=18,
+        storage=storage,
+        study_name="s",
+        evaluator=baselines_screen_badly,
+        progress=False,
+        recipe=Recipe(lr=1e-3, steps=20),
+    )
+    trials = [
+        t
+        for t in optuna.load_study(study_name="s", storage=storage).trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
     screened = [t for t in trials if t.user_attrs["rung"] == 0]
     top = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted, not refined
     assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"5% of the recipe"}
@@ -176,9 +222,14 @@ def test_activation_scores_equal_the_explained_variance_of_the_inputs_by_hand():
 
     model = Toy()
     mix = torch.randn(6, 6) * torch.tensor([3.0, 2.0, 1.0, 0.1, 0.1, 0.1])  # inputs near a 3-dim subspace
-    batches = [{"x": torch.randn(2, 4, 6) @ mix, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])} for _ in range(3)]
+    batches = [
+        {"x": torch.randn(2, 4, 6) @ mix, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+        for _ in range(3)
+    ]
     task = Task(batches, [], lambda m, b: m(b["x"]).sum(), None, name="toy")
-    scores = activation_scores(model, pp.lower(model, example_inputs=(batches[0]["x"],)), task, ["a", "b"], batches=2, rank=2)
+    scores = activation_scores(
+        model, pp.lower(model, example_inputs=(batches[0]["x"],)), task, ["a", "b"], batches=2, rank=2
+    )
 
     def by_hand(inputs):  # stacked real (unpadded) tokens, uncentred SVD
         s = torch.linalg.svdvals(torch.cat(inputs).double())
@@ -201,7 +252,9 @@ def test_one_pass_over_the_calibration_batches_gives_the_scores_and_the_activati
     graph = space.graph
     grad2 = grad2_scores(model, graph, task, names, batches=batches, progress=False)
     assert space.scores == pytest.approx({n: m**0.5 for n, m in grad2.items()}, rel=1e-12)
-    assert space.priors["activation"] == pytest.approx(activation_scores(model, graph, task, names, batches=batches), rel=1e-6)
+    assert space.priors["activation"] == pytest.approx(
+        activation_scores(model, graph, task, names, batches=batches), rel=1e-6
+    )
 
 
 def test_train_calls_on_step_after_every_optimizer_step():
@@ -220,13 +273,25 @@ def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metr
     promoted = {}
     for screen_by in ("metric", "loss"):
         storage = optuna.storages.InMemoryStorage()
-        run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=9, storage=storage, study_name="s",
-                   evaluator=metric_and_loss_disagree, progress=False, recipe=Recipe(lr=1e-3, steps=20),
-                   screen_by=screen_by, lr_range=(2e-4, 5e-3))  # fmt: skip
+        run_search(
+            bert_classifier(),
+            "5%",
+            tiny_task(),
+            strategy="random",
+            trials=9,
+            storage=storage,
+            study_name="s",
+            evaluator=metric_and_loss_disagree,
+            progress=False,
+            recipe=Recipe(lr=1e-3, steps=20),
+            screen_by=screen_by,
+            lr_range=(2e-4, 5e-3),
+        )
         trials = optuna.load_study(study_name="s", storage=storage).trials
         screened = [t for t in trials if t.user_attrs.get("rung") == 0 and t.state == optuna.trial.TrialState.COMPLETE]
-        promoted[screen_by] = {t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1
-                               and "refines" not in t.user_attrs}  # fmt: skip
+        promoted[screen_by] = {
+            t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1 and "refines" not in t.user_attrs
+        }
         by_loss = sorted(screened, key=lambda t: t.user_attrs["validation_loss"])
         by_metric = sorted(screened, key=lambda t: -t.values[0])
         assert len(promoted[screen_by]) == 9 // 3

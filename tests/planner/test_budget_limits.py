@@ -18,9 +18,16 @@ def test_floats_and_bools_are_ambiguous(value):
 
 @pytest.mark.parametrize(
     "value, message",
-    [(0, "positive"), (-5, "positive"), ("0.5", "percentage"), ("abc%", "not a number"),
-     ("0%", r"\(0, 100\]"), ("150%", r"\(0, 100\]"), ([1], "takes an int or a string")],
-)  # fmt: skip
+    [
+        (0, "positive"),
+        (-5, "positive"),
+        ("0.5", "percentage"),
+        ("abc%", "not a number"),
+        ("0%", r"\(0, 100\]"),
+        ("150%", r"\(0, 100\]"),
+        ([1], "takes an int or a string"),
+    ],
+)
 def test_malformed_budgets(value, message):
     with pytest.raises(BudgetError, match=message):
         Budget(params=value)
@@ -28,9 +35,15 @@ def test_malformed_budgets(value, message):
 
 @pytest.mark.parametrize(
     "text, params",
-    [("250000", 250_000), ("250_000", 250_000), ("250,000", 250_000), ("250k", 250_000),
-     ("1.5M", 1_500_000), ("0.5%", "0.5%")],
-)  # fmt: skip
+    [
+        ("250000", 250_000),
+        ("250_000", 250_000),
+        ("250,000", 250_000),
+        ("250k", 250_000),
+        ("1.5M", 1_500_000),
+        ("0.5%", "0.5%"),
+    ],
+)
 def test_parse(text, params):
     assert Budget.parse(text) == Budget(params=params)
 
@@ -50,8 +63,11 @@ def test_dict_round_trip_and_str():
 def test_other_limits_parse_and_convert():
     b = Budget(params="1%", memory="1.5 GiB", latency="2%", adapter_bytes="10MB")
     assert b.limits(total_params=1_000_000) == {
-        "params": 10_000, "memory": int(1.5 * 2**30), "latency": 0.02, "adapter_bytes": 10 * 10**6,
-    }  # fmt: skip
+        "params": 10_000,
+        "memory": int(1.5 * 2**30),
+        "latency": 0.02,
+        "adapter_bytes": 10 * 10**6,
+    }
     assert Budget.from_dict(b.to_dict()) == b
     assert Budget(params=5, memory=4096).limits(10) == {"params": 5, "memory": 4096}
     for bad, message in [

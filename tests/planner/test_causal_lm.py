@@ -15,8 +15,16 @@ from peftplan.planner.training import lm
 from peftplan.planner.training.evaluate import validation_loss
 from tests.zoo import char_tokenizer, gpt2, llama, qwen2
 
-TEXTS = ["the cat sat on the mat.", "a dog ran far away!", "birds fly south", "it rains", "sun, then rain",
-         "we walk to the park", "the moon is bright", "fish swim deep"]  # fmt: skip
+TEXTS = [
+    "the cat sat on the mat.",
+    "a dog ran far away!",
+    "birds fly south",
+    "it rains",
+    "sun, then rain",
+    "we walk to the park",
+    "the moon is bright",
+    "fish swim deep",
+]
 PAIRS = [{"prompt": f"q: {t[:6]}", "response": t[6:]} for t in TEXTS]
 
 
@@ -62,8 +70,9 @@ def test_sources_columns_and_the_validation_split(tmp_path):
     tok, model = char_tokenizer(), llama()
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"question": p["prompt"], "answer": p["response"]}) + "\n" for p in PAIRS))
-    task = pp.Task.for_causal_lm(model, tok, path, prompt_column="question", response_column="answer", validation=2,
-                                 batch_size=4)  # fmt: skip
+    task = pp.Task.for_causal_lm(
+        model, tok, path, prompt_column="question", response_column="answer", validation=2, batch_size=4
+    )
     assert task.kind == "causal-lm" and task.name == tmp_path.name and task.provenance() == {"kind": "causal-lm"}
     assert sum(len(b["input_ids"]) for b in task.validation_batches) == 2
     assert sum(len(b["input_ids"]) for b in task.train_batches) == len(PAIRS) - 2
@@ -111,10 +120,21 @@ def test_a_search_plans_trains_saves_exports_and_generates(family, tmp_path):
     torch.manual_seed(0)
     base = family()
     task = pp.Task.for_causal_lm(base, tok, TEXTS * 4, batch_size=4, validation=8, max_length=32)
-    plan = pp.search(base, "5%", task, strategy="random", trials=3, seeds=2, recipe=pp.Recipe(lr=3e-3, steps=10),
-                     fidelities=[pp.Fidelity(steps=4), pp.Fidelity()], progress=False)  # fmt: skip
+    plan = pp.search(
+        base,
+        "5%",
+        task,
+        strategy="random",
+        trials=3,
+        seeds=2,
+        recipe=pp.Recipe(lr=3e-3, steps=10),
+        fidelities=[pp.Fidelity(steps=4), pp.Fidelity()],
+        progress=False,
+    )
     assert plan.provenance["kind"] == "causal-lm" and plan.sites and plan.front
-    assert all(math.isfinite(p.values["metric"]) and p.values["metric"] < 0 for p in plan.front)  # minus a loss per token
+    assert all(
+        math.isfinite(p.values["metric"]) and p.values["metric"] < 0 for p in plan.front
+    )  # minus a loss per token
     assert not any(s.startswith("lm_head") and plan.sites[s].method == "full" for s in plan.sites)  # no full LM head
     model = pp.apply(_copy_of(base), plan)
     before = validation_loss(model, task, task.validation_batches)
@@ -123,20 +143,24 @@ def test_a_search_plans_trains_saves_exports_and_generates(family, tmp_path):
     batch = task.validation_batches[0]
     tuned = _logits(model, batch)
     prompt = torch.tensor([ids(tok, "the ")])
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
-                         pad_token_id=tok.eos_token_id)  # fmt: skip
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id
+    )
     assert out.shape == (1, prompt.shape[1] + 5) and torch.equal(out[:, : prompt.shape[1]], prompt)
 
     pp.save(model, tmp_path / "artifact")
-    torch.testing.assert_close(_logits(pp.load(_copy_of(base), tmp_path / "artifact"), batch), tuned, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _logits(pp.load(_copy_of(base), tmp_path / "artifact"), batch), tuned, atol=1e-5, rtol=1e-5
+    )
     pp.export_peft(model, tmp_path / "peft")
     theirs = PeftModel.from_pretrained(_copy_of(base), tmp_path / "peft")
     torch.testing.assert_close(_logits(theirs, batch), tuned, atol=1e-5, rtol=1e-5)
 
     pp.merge(model)
     torch.testing.assert_close(_logits(model, batch), tuned, atol=1e-4, rtol=1e-4)
-    merged = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
-                            pad_token_id=tok.eos_token_id)  # fmt: skip
+    merged = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id
+    )
     assert torch.equal(merged, out)  # greedy decoding is the same after merging
 
 

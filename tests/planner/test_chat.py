@@ -16,11 +16,23 @@ from peftplan.planner.training import answers, chat, lm
 from peftplan.planner.training.evaluate import metric_and_loss, validation_loss
 from tests.zoo import chat_tokenizer, gpt2, llama, qwen2
 
-CHAT = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok?"},
-        {"role": "assistant", "content": "ok!"}]  # fmt: skip
-QA = [("good film", "yes"), ("dull film", "no"), ("fine day", "yes"), ("sad end", "no"), ("nice cast", "yes"),
-      ("bad plot", "no"), ("fun ride", "yes"), ("weak act", "no")]  # fmt: skip
+CHAT = [
+    {"role": "system", "content": "be brief."},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "yo"},
+    {"role": "user", "content": "ok?"},
+    {"role": "assistant", "content": "ok!"},
+]
+QA = [
+    ("good film", "yes"),
+    ("dull film", "no"),
+    ("fine day", "yes"),
+    ("sad end", "no"),
+    ("nice cast", "yes"),
+    ("bad plot", "no"),
+    ("fun ride", "yes"),
+    ("weak act", "no"),
+]
 
 
 def conversation(q: str, a: str) -> list[dict]:
@@ -34,12 +46,19 @@ def labelled(tok, ids, labels) -> str:
 def test_only_the_assistant_turns_and_their_end_marker_are_labelled():
     tok = chat_tokenizer()
     ids, labels = chat.encode_chat(tok, CHAT, 128)
-    assert tok.decode(ids) == "<|system|>be brief.<|end|><|user|>hi<|end|><|assistant|>yo<|end|><|user|>ok?<|end|><|assistant|>ok!<|end|>"
+    assert (
+        tok.decode(ids)
+        == "<|system|>be brief.<|end|><|user|>hi<|end|><|assistant|>yo<|end|><|user|>ok?<|end|><|assistant|>ok!<|end|>"
+    )
     # by hand: the labels are the ids exactly where the two assistant turns' contents and end markers are
     text = tok.decode(ids)
     want: list[int] = []
     for content in ("yo<|end|>", "ok!<|end|>"):
-        start = len(tok(text[: text.index("<|assistant|>" + content) + len("<|assistant|>")], add_special_tokens=False)["input_ids"])
+        start = len(
+            tok(text[: text.index("<|assistant|>" + content) + len("<|assistant|>")], add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
         want += range(start, start + len(tok(content, add_special_tokens=False)["input_ids"]))
     assert [i for i, y in enumerate(labels) if y != -100] == want
     assert all(labels[i] == ids[i] for i in want)
@@ -48,9 +67,11 @@ def test_only_the_assistant_turns_and_their_end_marker_are_labelled():
 
 def test_the_labels_match_transformers_assistant_mask_on_a_template_that_marks_them():
     tok = chat_tokenizer()
-    marked = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['role'] == 'assistant' %}{% generation %}"
-              "{{ m['content'] + '<|end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|end|>' }}{% endif %}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")  # fmt: skip
+    marked = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] + '<|end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|end|>' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
     tok.chat_template = marked
     theirs = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, labels = chat.encode_chat(tok, CHAT, 128)
@@ -69,7 +90,9 @@ def test_a_long_conversation_keeps_the_start_of_its_last_answer():
 def test_bad_conversations_and_templates_are_named():
     tok = chat_tokenizer()
     with pytest.raises(ValueError, match=r"row 1 of column 'messages' has no assistant turn"):
-        pp.Task.for_causal_lm(llama(), tok, [{"messages": conversation("a", "b")}, {"messages": [{"role": "user", "content": "x"}]}])
+        pp.Task.for_causal_lm(
+            llama(), tok, [{"messages": conversation("a", "b")}, {"messages": [{"role": "user", "content": "x"}]}]
+        )
     with pytest.raises(ValueError, match=r"row 0 of column 'messages': message 0 is .* with string values"):
         pp.Task.for_causal_lm(llama(), tok, [{"messages": [{"role": "user", "content": 3}]}], validation=None)
     bare = chat_tokenizer()
@@ -89,8 +112,9 @@ def test_a_jsonl_file_of_conversations_becomes_a_task(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": conversation(q, a)}) + "\n" for q, a in QA))
     task = pp.Task.for_causal_lm(llama(), tok, path, validation=2, batch_size=4)
-    answers_seen = sorted(labelled(tok, x.tolist(), y.tolist()) for b in task.train_batches
-                          for x, y in zip(b["input_ids"], b["labels"]))  # fmt: skip
+    answers_seen = sorted(
+        labelled(tok, x.tolist(), y.tolist()) for b in task.train_batches for x, y in zip(b["input_ids"], b["labels"])
+    )
     assert len(answers_seen) == 6 and set(answers_seen) <= {"yes<|end|>", "no<|end|>"}
 
 
@@ -101,7 +125,9 @@ def test_the_output_layer_runs_at_labelled_positions_only_with_the_models_loss_a
     base = family().eval()  # no dropout: the two forwards must see the same network
     (batch,) = lm.lm_batches(tok, [conversation(q, a) for q, a in QA[:3]], 3, 64)
     head_rows = []
-    base.get_output_embeddings().register_forward_hook(lambda m, inp, out: head_rows.append(inp[0].reshape(-1, inp[0].shape[-1]).shape[0]))
+    base.get_output_embeddings().register_forward_hook(
+        lambda m, inp, out: head_rows.append(inp[0].reshape(-1, inp[0].shape[-1]).shape[0])
+    )
     ours = copy.deepcopy(base)
     loss = lm.causal_lm_loss(ours, batch)
     assert head_rows[-1] == lm.predicted_tokens(batch) < batch["input_ids"].numel()
@@ -117,9 +143,18 @@ def test_a_model_that_scales_its_logits_keeps_its_full_forward():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                           final_logit_softcapping=5.0)).eval()  # fmt: skip
+    model = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            final_logit_softcapping=5.0,
+        )
+    ).eval()
     assert lm.output_layer(model) is None
     (batch,) = lm.lm_batches(chat_tokenizer(), [conversation(q, a) for q, a in QA[:3]], 3, 64)
     with torch.no_grad():
@@ -127,8 +162,16 @@ def test_a_model_that_scales_its_logits_keeps_its_full_forward():
 
 
 def choice_task(model, **kw):
-    return pp.Task.for_causal_lm(model, chat_tokenizer(), [{"messages": conversation(q, a)} for q, a in QA],
-                                 metric="choice", choices=["no", "yes"], validation=4, batch_size=3, **kw)  # fmt: skip
+    return pp.Task.for_causal_lm(
+        model,
+        chat_tokenizer(),
+        [{"messages": conversation(q, a)} for q, a in QA],
+        metric="choice",
+        choices=["no", "yes"],
+        validation=4,
+        batch_size=3,
+        **kw,
+    )
 
 
 def test_choice_accuracy_is_the_likeliest_answer_by_summed_log_probabilities():
@@ -178,7 +221,7 @@ def _examples(batch, tok):
     for b, right in enumerate(batch["choice"].tolist()):
         ids = [t for t, m in zip(batch["input_ids"][2 * b].tolist(), batch["attention_mask"][2 * b].tolist()) if m]
         text = tok.decode(ids)
-        q = text[len("<|user|>"): text.index("<|end|>")]
+        q = text[len("<|user|>") : text.index("<|end|>")]
         out.append((conversation(q[:-1], ("no", "yes")[right]), right))
     return out
 
@@ -192,10 +235,15 @@ def test_exact_match_decodes_batched_greedy_answers_as_unbatched_ones():
     assert refs == [a for _, a in QA[:4]]
     longest = max(len(tok(a + "<|end|>", add_special_tokens=False)["input_ids"]) for _, a in QA[:4])
     for (q, _), answer in zip(QA, got):  # by hand, one prompt at a time (no padding)
-        prompt = tok(chat.render(tok, conversation(q, "")[:1], generation_prompt=True), add_special_tokens=False,
-                     return_tensors="pt")  # fmt: skip
-        out = model.generate(**prompt, max_new_tokens=longest + 2, do_sample=False, pad_token_id=0, eos_token_id=tok.eos_token_id)
-        assert answer == answers.ExactMatch(tok).decode(out[0, prompt["input_ids"].shape[1]:].tolist())
+        prompt = tok(
+            chat.render(tok, conversation(q, "")[:1], generation_prompt=True),
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        out = model.generate(
+            **prompt, max_new_tokens=longest + 2, do_sample=False, pad_token_id=0, eos_token_id=tok.eos_token_id
+        )
+        assert answer == answers.ExactMatch(tok).decode(out[0, prompt["input_ids"].shape[1] :].tolist())
     assert task.metric(model, task.eval_batches) == sum(answers.normalise(g) == r for g, r in zip(got, refs)) / 4
     assert task.metric_name == "exact match"
 
@@ -226,8 +274,14 @@ def test_answer_metrics_need_answers_and_choices():
     with pytest.raises(ValueError, match="give choices"):
         pp.Task.for_causal_lm(llama(), tok, [{"messages": conversation(q, a)} for q, a in QA], metric="choice")
     with pytest.raises(ValueError, match=r"answer 'maybe' is not one of the choices \['no', 'yes'\]"):
-        pp.Task.for_causal_lm(llama(), tok, [{"messages": conversation("q", "maybe")}] * 4, metric="choice",
-                              choices=["no", "yes"], validation=2)  # fmt: skip
+        pp.Task.for_causal_lm(
+            llama(),
+            tok,
+            [{"messages": conversation("q", "maybe")}] * 4,
+            metric="choice",
+            choices=["no", "yes"],
+            validation=2,
+        )
     with pytest.raises(ValueError, match="plain texts have no answer"):
         pp.Task.for_causal_lm(llama(), tok, ["a text", "another", "third"], metric="exact_match", validation=1)
     with pytest.raises(ValueError, match="unknown causal-LM metric 'bleu'"):

@@ -66,7 +66,9 @@ def test_none_costs_nothing():
 def test_unmergeable_sites_keep_their_overhead():
     if "adapter" not in methods():
         pytest.skip("the adapter method is not registered")
-    cost = plan_cost(GRAPH, pp.Plan(sites={"q": {"method": "adapter", "bottleneck": 4}, "v": {"method": "lora", "rank": 2}}))
+    cost = plan_cost(
+        GRAPH, pp.Plan(sites={"q": {"method": "adapter", "bottleneck": 4}, "v": {"method": "lora", "rank": 2}})
+    )
     assert cost.latency_flops == cost.sites["q"].unmerged_flops > 0
     assert cost.sites["v"].latency_flops == 0
 
@@ -90,7 +92,9 @@ def test_latency_is_predicted_time_flops_and_kernels_by_hand():
 
 
 def test_kernels_per_call_do_not_grow_with_the_batch():
-    graph = pp.lower(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)), torch.randn(1, 64))
+    graph = pp.lower(
+        torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)), torch.randn(1, 64)
+    )
     assert graph.kernels == 3  # addmm, relu, addmm
     plan = pp.Plan(sites={"0": {"method": "adapter", "bottleneck": 4}})
     small, large = (plan_cost(graph, plan, batch_shape=(b, 1)) for b in (1, 4096))
@@ -116,7 +120,9 @@ def test_lowered_model_by_hand(tiny_bert_graph):
 def mixed_plan(graph):
     """Every registered method that suits a linear site once, LoRA on the rest, the head full."""
     linears = [s.name for s in graph.select(op="linear") if s.role != "head"]
-    examples = [(name, m.example) for name, m in sorted(methods().items()) if "linear" in m.ops and name not in ("none", "full")]
+    examples = [
+        (name, m.example) for name, m in sorted(methods().items()) if "linear" in m.ops and name not in ("none", "full")
+    ]
     sites = {n: {"method": "lora", "rank": 2} for n in linears}
     for (name, example), site in zip(examples, linears):
         sites[site] = {"method": name, **example}
@@ -135,7 +141,10 @@ def test_params_and_adapter_bytes_match_the_applied_model(tiny_bert, tiny_bert_g
     (header_len,) = struct.unpack("<Q", raw[:8])
     tensors = {k: v for k, v in json.loads(raw[8 : 8 + header_len]).items() if k != "__metadata__"}
     stored = sum(end - start for start, end in (v["data_offsets"] for v in tensors.values()))
-    per_site = {n: sum(e - s for k, v in tensors.items() if k.startswith(n + ".") for s, e in [v["data_offsets"]]) for n in cost.sites}
+    per_site = {
+        n: sum(e - s for k, v in tensors.items() if k.startswith(n + ".") for s, e in [v["data_offsets"]])
+        for n in cost.sites
+    }
     assert len(raw) == 8 + header_len + stored
     # every method's adapter_bytes is what it actually writes (a sparse delta's indices too)
     for name, c in cost.sites.items():
@@ -146,7 +155,9 @@ def test_tied_weights_trained_in_full_count_once():
     model = TiedLM()
     graph = pp.lower(model)
     assert graph["lm_head"].tied == ("embed",)
-    plan = pp.Plan(sites={"embed": {"method": "full"}, "lm_head": {"method": "full"}}, model={"fingerprint": graph.fingerprint})
+    plan = pp.Plan(
+        sites={"embed": {"method": "full"}, "lm_head": {"method": "full"}}, model={"fingerprint": graph.fingerprint}
+    )
     cost = plan_cost(graph, plan)
     assert cost.params == count_trainable(pp.apply(model, plan)) == 50 * 16
 

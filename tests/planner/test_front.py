@@ -69,8 +69,11 @@ def test_exports(tmp_path):
     assert [(p.values, p.info) for p in back] == [(p.values, p.info) for p in f]
     assert back.points[0].plan is None and back.points[1].plan.sites == plan.sites
     rows = list(csv.reader(f.to_csv(tmp_path / "f.csv").open()))
-    assert rows == [["metric", "params", "lr", "run", "trial", "plan"], ["0.5", "5", "", "", "", ""],
-                    ["0.9", "10", "", "", "3", "lora: 1 site, rank 2"]]  # fmt: skip
+    assert rows == [
+        ["metric", "params", "lr", "run", "trial", "plan"],
+        ["0.5", "5", "", "", "", ""],
+        ["0.9", "10", "", "", "3", "lora: 1 site, rank 2"],
+    ]
     assert f.plot(tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = f.plot(tmp_path / "f.html").read_text()
     assert "plotly" in html and "lora: 1 site" in html
@@ -82,23 +85,39 @@ def test_plots_show_every_trial_the_baselines_and_given_markers(tmp_path):
     from peftplan.planner.front import FrontPoint
     from peftplan.planner.front.plot import html_figure, layers
 
-    trials = [FrontPoint({"metric": 0.6, "params": 300}, None, {"trial": 0, "rung": 0}),  # screened only
-              FrontPoint({"metric": 0.7, "params": 500}, None, {"trial": 1, "rung": 1}),
-              FrontPoint({"metric": 0.79, "params": 80_000}, None, {"trial": 2, "rung": 1, "baseline": "query-value"}),
-              FrontPoint({"metric": 0.85, "params": 40_000}, None, {"trial": 3, "rung": 1}),
-              FrontPoint({"metric": 0.75, "params": 80_000}, None, {"trial": 4, "rung": 1, "baseline": "query-value"})]  # fmt: skip
-    f = ParetoFront.from_points([FrontPoint(dict(p.values), None, dict(p.info)) for p in trials if p.info["rung"] == 1], SENSES)
+    trials = [
+        FrontPoint({"metric": 0.6, "params": 300}, None, {"trial": 0, "rung": 0}),  # screened only
+        FrontPoint({"metric": 0.7, "params": 500}, None, {"trial": 1, "rung": 1}),
+        FrontPoint({"metric": 0.79, "params": 80_000}, None, {"trial": 2, "rung": 1, "baseline": "query-value"}),
+        FrontPoint({"metric": 0.85, "params": 40_000}, None, {"trial": 3, "rung": 1}),
+        FrontPoint({"metric": 0.75, "params": 80_000}, None, {"trial": 4, "rung": 1, "baseline": "query-value"}),
+    ]
+    f = ParetoFront.from_points(
+        [FrontPoint(dict(p.values), None, dict(p.info)) for p in trials if p.info["rung"] == 1], SENSES
+    )
     f.evaluated = trials
     parts = layers(f, "params", "metric")
-    assert [p.info["trial"] for p in parts["screened"]] == [0] and [p.info["trial"] for p in parts["dominated"]] == [2, 4]
+    assert [p.info["trial"] for p in parts["screened"]] == [0] and [p.info["trial"] for p in parts["dominated"]] == [
+        2,
+        4,
+    ]
     assert [p.info["trial"] for p in parts["front"]] == [1, 3]
     assert [p.info["trial"] for p in parts["baselines"]] == [2]  # the seed at two learning rates: its better trial
     markers = {"peft LoRA r8 q,v": {"metric": 0.83, "params": 74_498}}
     html = f.plot(tmp_path / "f.html", labels={"metric": "validation accuracy"}, markers=markers).read_text()
     assert "validation accuracy" in html and "peft LoRA r8 q,v" in html
-    fig = html_figure(f, "params", "metric", "t", {"params": "trainable parameters", "metric": "validation accuracy"}, markers)
-    assert [t.name for t in fig.data] == ["short run", "off the front", "front", "Pareto front", "returned plan (best within the budget)",
-                                          "search seed 'query-value' (its best trial)", "peft LoRA r8 q,v"]  # fmt: skip
+    fig = html_figure(
+        f, "params", "metric", "t", {"params": "trainable parameters", "metric": "validation accuracy"}, markers
+    )
+    assert [t.name for t in fig.data] == [
+        "short run",
+        "off the front",
+        "front",
+        "Pareto front",
+        "returned plan (best within the budget)",
+        "search seed 'query-value' (its best trial)",
+        "peft LoRA r8 q,v",
+    ]
     assert list(fig.data[6].x) == [74_498] and list(fig.data[1].x) == [80_000, 80_000] and list(fig.data[0].x) == [300]
     assert list(fig.data[4].x) == [40_000]  # no limits: the best on the front
     assert list(fig.data[5].x) == [80_000] and list(fig.data[5].y) == [0.79]  # the seed at its better rate, once
@@ -119,9 +138,14 @@ def searched_front() -> ParetoFront:
         info = {"trial": trial, "rung": rung, "fidelity": full if rung else short, **info}
         return FrontPoint({"metric": metric, "params": params}, plan, {**info, **({} if rung else {"lr": lr})})
 
-    trials = [point(0, 0, 0.61, 3_000, 1e-3), point(1, 0, 0.66, 111_400, 3e-3),
-              point(2, 1, 0.80, 3_000, 2.5e-3, validation_loss=0.412345678), point(3, 1, 0.84, 111_400, 1e-3, baseline="uniform"),
-              point(4, 1, 0.86, 150_000, 1e-3), point(5, 1, 0.78, 111_400, 1e-2)]  # fmt: skip
+    trials = [
+        point(0, 0, 0.61, 3_000, 1e-3),
+        point(1, 0, 0.66, 111_400, 3e-3),
+        point(2, 1, 0.80, 3_000, 2.5e-3, validation_loss=0.412345678),
+        point(3, 1, 0.84, 111_400, 1e-3, baseline="uniform"),
+        point(4, 1, 0.86, 150_000, 1e-3),
+        point(5, 1, 0.78, 111_400, 1e-2),
+    ]
     f = ParetoFront.from_points([t for t in trials if t.info["rung"]], SENSES)
     f.evaluated, f.limits, f.metric_name = trials, {"params": 111_400}, "accuracy"
     return f
@@ -135,21 +159,38 @@ def test_the_front_plot_names_its_metric_budget_returned_plan_and_short_runs(tmp
     assert fig.layout.yaxis.title.text == "validation accuracy (higher is better)"
     assert fig.layout.xaxis.title.text == "trainable parameters"
     names = [t.name for t in fig.data]
-    assert names == ["short run (3 steps)", "off the front", "front", "Pareto front", "returned plan (best within the budget)",
-                     "search seed 'uniform' (its best trial)"]  # 5% of 60 steps; fmt: skip
+    assert names == [
+        "short run (3 steps)",
+        "off the front",
+        "front",
+        "Pareto front",
+        "returned plan (best within the budget)",
+        "search seed 'uniform' (its best trial)",
+    ]  # 5% of 60 steps
     returned = fig.data[names.index("returned plan (best within the budget)")]
     assert (list(returned.x), list(returned.y)) == ([111_400], [0.84])  # not 0.86: 150,000 params are over the budget
     assert f.best(within=f.limits).info["trial"] == 3  # the plan a search returns
     [line] = fig.layout.shapes
     assert (line.type, line.x0, line.x1, line.line.dash) == ("line", 111_400, 111_400, "dash")
     assert [a.text for a in fig.layout.annotations] == ["budget: 111k params"]
-    assert all("text" not in t.mode for t in fig.data)  # names live in the legend: nothing to overlap or run off the plot
+    assert all(
+        "text" not in t.mode for t in fig.data
+    )  # names live in the legend: nothing to overlap or run off the plot
     front_hover = fig.data[names.index("Pareto front")].hovertext
-    assert front_hover[0].split("<br>")[:5] == ["validation accuracy (higher is better): 0.8", "trainable parameters: 3,000",
-                                                "learning rate: 0.0025", "validation loss: 0.4123", "trial 2, 60 steps"]  # fmt: skip
+    assert front_hover[0].split("<br>")[:5] == [
+        "validation accuracy (higher is better): 0.8",
+        "trainable parameters: 3,000",
+        "learning rate: 0.0025",
+        "validation loss: 0.4123",
+        "trial 2, 60 steps",
+    ]
     assert "learning rate: 0.003" in fig.data[0].hovertext[1] and "trial 1, 3 steps" in fig.data[0].hovertext[1]
     page = f.plot(tmp_path / "front.html", title="MiniLM on sst2").read_text()
-    assert "<title>MiniLM on sst2</title>" in page and "trainable parameters: 111,400" in page and "short run (3 steps)" in page
+    assert (
+        "<title>MiniLM on sst2</title>" in page
+        and "trainable parameters: 111,400" in page
+        and "short run (3 steps)" in page
+    )
     assert "validation accuracy (higher is better)" in page
     assert f.plot(tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -158,8 +199,13 @@ def test_csv_of_every_trial_has_learning_rates_and_run_lengths(tmp_path):
     f = searched_front()
     rows = list(csv.DictReader(f.to_csv(tmp_path / "all.csv", every_trial=True).open()))
     assert [(r["trial"], r["lr"], r["run"], r["on_front"]) for r in rows] == [
-        ("0", "0.001", "3 steps", "no"), ("1", "0.003", "3 steps", "no"), ("2", "0.0025", "60 steps", "yes"),
-        ("3", "0.001", "60 steps", "yes"), ("4", "0.001", "60 steps", "yes"), ("5", "0.01", "60 steps", "no")]  # fmt: skip
+        ("0", "0.001", "3 steps", "no"),
+        ("1", "0.003", "3 steps", "no"),
+        ("2", "0.0025", "60 steps", "yes"),
+        ("3", "0.001", "60 steps", "yes"),
+        ("4", "0.001", "60 steps", "yes"),
+        ("5", "0.01", "60 steps", "no"),
+    ]
     assert rows[2]["plan"] == "lora: 1 site, rank 2" and rows[0]["plan"] == ""
     front_only = list(csv.DictReader(f.to_csv(tmp_path / "front.csv").open()))
     assert [r["trial"] for r in front_only] == ["2", "3", "4"] and "on_front" not in front_only[0]
@@ -171,7 +217,9 @@ def test_params_take_a_log_axis_once_they_span_more_than_tenfold():
     from peftplan.planner.front.plot import html_figure
 
     def axis(low: int) -> str:
-        f = ParetoFront.from_points([({"metric": 0.77, "params": low}, None), ({"metric": 0.84, "params": 74_498}, None)], SENSES)
+        f = ParetoFront.from_points(
+            [({"metric": 0.77, "params": low}, None), ({"metric": 0.84, "params": 74_498}, None)], SENSES
+        )
         return html_figure(f, "params", "metric", "t", {"params": "p", "metric": "m"}, {}).layout.xaxis.type
 
     assert axis(3_842) == "log"  # 19x: the demo's front, a rank-1 plan beside the budget
@@ -181,4 +229,11 @@ def test_params_take_a_log_axis_once_they_span_more_than_tenfold():
 def test_counts_are_shortened_to_three_significant_figures():
     from peftplan.planner.front.plot import short_count
 
-    assert [short_count(v) for v in (740, 5_000, 74_498, 100_000, 22_713_986, 7e9)] == ["740", "5k", "74.5k", "100k", "22.7M", "7G"]
+    assert [short_count(v) for v in (740, 5_000, 74_498, 100_000, 22_713_986, 7e9)] == [
+        "740",
+        "5k",
+        "74.5k",
+        "100k",
+        "22.7M",
+        "7G",
+    ]

@@ -35,14 +35,31 @@ RUNGS = [Fidelity(steps=2), Fidelity(steps=6)]
 def search(storage, evaluator=stand_in, progress=False):
     """4 seed plans (the space's baselines), each baseline promoted to the full run, then two
     refinements of the best plan's learning rate."""
-    return run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=4, storage=storage, study_name="s",
-                      fidelities=RUNGS, evaluator=evaluator, progress=progress, recipe=Recipe(lr=1e-3, steps=6))  # fmt: skip
+    return run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=4,
+        storage=storage,
+        study_name="s",
+        fidelities=RUNGS,
+        evaluator=evaluator,
+        progress=progress,
+        recipe=Recipe(lr=1e-3, steps=6),
+    )
 
 
 def trained(trials):
     """What a study trained: (rung, sites, recipe) of each completed trial."""
-    return sorted((t.user_attrs["rung"], json.dumps([t.user_attrs["plan"]["sites"], t.user_attrs["plan"]["recipe"]], sort_keys=True))
-                  for t in trials if t.state == TrialState.COMPLETE)  # fmt: skip
+    return sorted(
+        (
+            t.user_attrs["rung"],
+            json.dumps([t.user_attrs["plan"]["sites"], t.user_attrs["plan"]["recipe"]], sort_keys=True),
+        )
+        for t in trials
+        if t.state == TrialState.COMPLETE
+    )
 
 
 def ran(trials) -> int:
@@ -57,7 +74,9 @@ def test_off_a_terminal_each_finished_trial_is_one_line_and_the_total_is_what_ra
     ran = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     baselines = {t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs and t.user_attrs["rung"] == 0}
     refined = [t for t in ran if "refines" in t.user_attrs]
-    assert len(refined) == 2 and len(ran) == 4 + len(baselines) + 2  # every baseline at the full run, then 2 refinements
+    assert (
+        len(refined) == 2 and len(ran) == 4 + len(baselines) + 2
+    )  # every baseline at the full run, then 2 refinements
     lines = capsys.readouterr().err.splitlines()
     planned = re.fullmatch(r"study s: (\d+) trainings planned \((.*)\)", lines[0])
     assert planned and int(planned[1]) == len(ran), lines[0]  # counted before the first training, from the seeded study
@@ -67,13 +86,15 @@ def test_off_a_terminal_each_finished_trial_is_one_line_and_the_total_is_what_ra
     for i, (t, line) in enumerate(zip(ran, per_trial, strict=True)):
         fields = line.split(" · ")
         run = "short run (2 steps)" if t.user_attrs["rung"] == 0 else "full run (6 steps)"
-        assert fields[:3] == [f"trial {t.number}", run + (", refining the best plan's learning rate" if t in refined else ""),
-                              f"{t.values[1]:,.0f} trainable params"]  # fmt: skip
+        assert fields[:3] == [
+            f"trial {t.number}",
+            run + (", refining the best plan's learning rate" if t in refined else ""),
+            f"{t.values[1]:,.0f} trainable params",
+        ]
         assert fields[3] == f"metric {t.values[0]:.4g}" and fields[4] == f"lr {t.params['lr']:.3g}"
         assert re.fullmatch(r"\d+\.\d s", fields[5])  # the trial's own time
         left = r", about [\d.]+ (s|min) left" if i + 1 < len(ran) else ""  # never 100% while trainings remain
         assert re.fullmatch(rf"{i + 1} of {len(ran)} done{left}", fields[6]), line
-
 
 
 def test_a_failed_screen_grows_the_total_and_says_so(capsys):
@@ -97,6 +118,7 @@ def test_a_failed_screen_grows_the_total_and_says_so(capsys):
     assert all("more planned" not in line for line in lines[2:])
     assert lines[-1].endswith(f"{len(calls)} of {len(calls)} done")
 
+
 def interrupting(after: int):
     """`stand_in`, but Ctrl-C arrives during evaluation number ``after + 1`` (once)."""
     calls = []
@@ -118,16 +140,20 @@ def test_an_interrupted_search_retries_the_cut_trial_and_ends_as_an_uninterrupte
     with pytest.raises(KeyboardInterrupt) as stopped:
         search(storage, evaluate)
     assert isinstance(stopped.value, SearchInterrupted)
-    assert str(stopped.value) == f"stopped after 1 of {len(trained(optuna.load_study(study_name='s', storage=whole).trials))} " \
-        "trainings; rerun the same command to resume"  # fmt: skip
+    assert (
+        str(stopped.value)
+        == f"stopped after 1 of {len(trained(optuna.load_study(study_name='s', storage=whole).trials))} "
+        "trainings; rerun the same command to resume"
+    )
     cut = optuna.load_study(study_name="s", storage=storage).trials[1]
     assert cut.state == TrialState.FAIL and cut.user_attrs["interrupted"] is True
     resumed = search(storage, evaluate)
     trials = optuna.load_study(study_name="s", storage=storage).trials
     retry = [t for t in trials if t.user_attrs.get("retries") == cut.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == cut.params
-    assert {k: retry[0].user_attrs[k] for k in ("rung", "candidate", "baseline")} == \
-        {k: cut.user_attrs[k] for k in ("rung", "candidate", "baseline")}  # fmt: skip
+    assert {k: retry[0].user_attrs[k] for k in ("rung", "candidate", "baseline")} == {
+        k: cut.user_attrs[k] for k in ("rung", "candidate", "baseline")
+    }
     assert trained(trials) == trained(optuna.load_study(study_name="s", storage=whole).trials)
     assert (resumed.sites, resumed.recipe) == (plan.sites, plan.recipe)
 
@@ -140,8 +166,10 @@ def _db_state(db: Path) -> tuple[int, list[int]]:
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as c:
         try:
             done = c.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-            running = c.execute("SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                                "WHERE t.state = 'RUNNING'").fetchall()  # fmt: skip
+            running = c.execute(
+                "SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING'"
+            ).fetchall()
         except sqlite3.OperationalError:  # tables not created yet
             return 0, []
     return done, [n for (n,) in running]
@@ -152,13 +180,40 @@ def test_ctrl_c_on_the_command_line_stops_with_one_line_and_the_rerun_resumes(tm
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def command(name: str) -> list[str]:
-        return [sys.executable, "-m", "peftplan.cli", "search", "tests.zoo:slow_minilm_vocab_classifier", "--task", str(task),
-                "--tokenizer", "minilm", "--budget", "1%", "--trials", "4", "--strategy", "tpe", "--steps", "30", "--rungs", "2",
-                "--batch-size", "8", "--threads", "1", "--storage", f"sqlite:///{tmp_path / name}.db", "-o", str(tmp_path / f"{name}.json")]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "peftplan.cli",
+            "search",
+            "tests.zoo:slow_minilm_vocab_classifier",
+            "--task",
+            str(task),
+            "--tokenizer",
+            "minilm",
+            "--budget",
+            "1%",
+            "--trials",
+            "4",
+            "--strategy",
+            "tpe",
+            "--steps",
+            "30",
+            "--rungs",
+            "2",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--storage",
+            f"sqlite:///{tmp_path / name}.db",
+            "-o",
+            str(tmp_path / f"{name}.json"),
+        ]
 
     def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen(command(name), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=(tmp_path / f"{name}.err").open("w"))  # fmt: skip
+        return subprocess.Popen(
+            command(name), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{name}.err").open("w")
+        )
 
     reference, proc = start("whole"), start("cut")  # side by side: the same search, uninterrupted
     deadline = time.time() + 240
@@ -176,8 +231,11 @@ def test_ctrl_c_on_the_command_line_stops_with_one_line_and_the_rerun_resumes(tm
     whole = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'whole.db'}").trials
     cut = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'cut.db'}").trials
     stopped = sum(t.state == TrialState.COMPLETE for t in cut)
-    assert "Traceback" not in err and err.splitlines()[-1] == \
-        f"peftplan search: stopped after {stopped} of {ran(whole)} trainings; rerun the same command to resume"  # fmt: skip
+    assert (
+        "Traceback" not in err
+        and err.splitlines()[-1]
+        == f"peftplan search: stopped after {stopped} of {ran(whole)} trainings; rerun the same command to resume"
+    )
     interrupted = [t for t in cut if t.user_attrs.get("interrupted")]
     assert [t.number for t in interrupted] == running and interrupted[0].state == TrialState.FAIL
 
@@ -202,4 +260,6 @@ def test_a_training_off_a_terminal_says_each_tenth_in_a_plain_line(capsys):
     for i, line in enumerate(lines):
         step = 2 * (i + 1)
         left = r" · about [\d.]+ (s|min) left" if step < 20 else ""
-        assert re.fullmatch(rf"training: {step} of 20 · loss {result.losses[step - 1]:.3f} · [\d.]+ (s|min) elapsed{left}", line), line
+        assert re.fullmatch(
+            rf"training: {step} of 20 · loss {result.losses[step - 1]:.3f} · [\d.]+ (s|min) elapsed{left}", line
+        ), line

@@ -65,13 +65,16 @@ def reviews(order: list[str]):
 
 
 def task_of(order, **kw):
-    return pp.Task.for_sequence_classification(CharCounts(), char_tokenizer(), reviews(order), reviews(order),
-                                               validation=None, **kw)  # fmt: skip
+    return pp.Task.for_sequence_classification(
+        CharCounts(), char_tokenizer(), reviews(order), reviews(order), validation=None, **kw
+    )
 
 
-MISMATCH = (r"was trained with the classes \['negative', 'positive'\] \(ids 0, 1, …\), the task names them \['positive', "
-            r"'negative'\]: every prediction would be read as the wrong class. Build the task with labels=\['negative', "
-            r"'positive'\]")  # fmt: skip
+MISMATCH = (
+    r"was trained with the classes \['negative', 'positive'\] \(ids 0, 1, …\), the task names them \['positive', "
+    r"'negative'\]: every prediction would be read as the wrong class. Build the task with labels=\['negative', "
+    r"'positive'\]"
+)
 
 
 def test_an_artifact_meeting_a_task_with_the_classes_in_another_order_is_refused(artifact):
@@ -118,9 +121,14 @@ def test_a_hugging_face_models_named_classes_are_its_trained_mapping():
     model = bert_classifier()
     assert trained_labels(model)[0] is None  # transformers' LABEL_0, LABEL_1 placeholders name nothing
     model.config.id2label = {0: "negative", 1: "positive"}
-    with pytest.raises(PlanError, match=r"BertForSequenceClassification \(its config's id2label\) was trained with the "
-                                         r"classes \['negative', 'positive'\]"):
-        pp.train(pp.apply(model, plan_for(model, {"classifier": {"method": "full"}})), task_of(["positive", "negative"]))
+    with pytest.raises(
+        PlanError,
+        match=r"BertForSequenceClassification \(its config's id2label\) was trained with the "
+        r"classes \['negative', 'positive'\]",
+    ):
+        pp.train(
+            pp.apply(model, plan_for(model, {"classifier": {"method": "full"}})), task_of(["positive", "negative"])
+        )
 
 
 def test_cli_apply_records_the_classes_and_the_recipe_it_trained_with(tmp_path):
@@ -132,9 +140,29 @@ def test_cli_apply_records_the_classes_and_the_recipe_it_trained_with(tmp_path):
     plan.save(tmp_path / "plan.json")
     stored = (tmp_path / "plan.json").read_bytes()
     data = write_reviews(tmp_path / "reviews.csv", 24)  # classes 'bad', 'good'
-    argv = ["apply", MODEL, "--plan", str(tmp_path / "plan.json"), "--task", str(data), "--text-column", "review",
-            "--label-column", "stars", "--tokenizer", "minilm", "--batch-size", "8", "--lr", "0.002", "--steps", "3", "-q",
-            "-o", str(tmp_path / "adapter")]  # fmt: skip
+    argv = [
+        "apply",
+        MODEL,
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--task",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--tokenizer",
+        "minilm",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.002",
+        "--steps",
+        "3",
+        "-q",
+        "-o",
+        str(tmp_path / "adapter"),
+    ]
     assert main(argv) == 0
     saved = json.loads((tmp_path / "adapter" / "plan.json").read_text())
     assert saved["provenance"]["labels"] == ["bad", "good"]  # it used to keep the plan's ['neg', 'pos']

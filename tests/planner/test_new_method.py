@@ -92,8 +92,19 @@ def test_a_registered_method_gets_a_band_in_the_default_space(lora_fa):
 
 def test_a_search_plans_with_it(lora_fa):
     storage = optuna.storages.InMemoryStorage()
-    pp.search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=8, evaluator=stand_in, progress=False,
-              threads=1, methods=("lora", lora_fa), storage=storage, study_name="s")  # fmt: skip
+    pp.search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="random",
+        trials=8,
+        evaluator=stand_in,
+        progress=False,
+        threads=1,
+        methods=("lora", lora_fa),
+        storage=storage,
+        study_name="s",
+    )
     trials = optuna.load_study(study_name="s", storage=storage).get_trials(states=[optuna.trial.TrialState.COMPLETE])
     chosen = [t for t in trials if any(e["method"] == lora_fa for e in t.user_attrs["plan"]["sites"].values())]
     assert chosen and all(t.params["lora_fa_share"] > 0 for t in chosen)

@@ -11,10 +11,17 @@ from peftplan.planner import Plan
 def a_plan() -> Plan:
     return Plan(
         sites={
-            "layers.0.q": {"method": "lora", "rank": 8, "alpha": 16, "role": "attn.q", "depth": 0.0,
-                           "op": "linear", "shape": [32, 32]},
+            "layers.0.q": {
+                "method": "lora",
+                "rank": 8,
+                "alpha": 16,
+                "role": "attn.q",
+                "depth": 0.0,
+                "op": "linear",
+                "shape": [32, 32],
+            },
             "head": {"method": "full", "role": "head", "depth": 1.0, "op": "linear", "shape": [32, 2]},
-        },  # fmt: skip
+        },
         model={"fingerprint": "abc", "class": "Toy", "n_sites": 5},
         budget={"params": "0.5%"},
         objectives={"params": 578},
@@ -64,7 +71,10 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         ({"version": 99}, "version 99 is not supported"),
         ({"sites": {"q": {"method": "magic", "rank": 2}}}, "unknown method 'magic'"),
         ({"sites": {"q": {"rank": 2}}}, "has no 'method'"),
-        ({"sites": {"q": {"method": "lora", "rank": 2, "alpha": 4, "width": 3}}}, r"no hyper-parameter\(s\) \['width'\]"),
+        (
+            {"sites": {"q": {"method": "lora", "rank": 2, "alpha": 4, "width": 3}}},
+            r"no hyper-parameter\(s\) \['width'\]",
+        ),
         ({"sites": {"q": "lora"}}, "entry must be an object"),
         ({"sites": ["q"]}, "must map site names"),
     ],

@@ -25,8 +25,9 @@ def test_a_search_never_touches_the_evaluation_split():
     torch.set_num_threads(1)
     task = tiny_task()
     task.eval_batches = Untouchable(task.eval_batches)
-    plan = pp.search(tiny_bert(), "5%", task, strategy="tpe", trials=2, recipe=pp.Recipe(lr=5e-3, steps=4),
-                     progress=False, threads=1)  # fmt: skip
+    plan = pp.search(
+        tiny_bert(), "5%", task, strategy="tpe", trials=2, recipe=pp.Recipe(lr=5e-3, steps=4), progress=False, threads=1
+    )
     assert len(plan.front) >= 1
     assert pp.search(tiny_bert(), "5%", task, strategy="proxy").objectives["params"] > 0
 

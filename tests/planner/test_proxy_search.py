@@ -43,7 +43,11 @@ def test_data_free_plan(tiny_bert, tiny_bert_graph, tmp_path):
     check_plan(plan, tiny_bert_graph, 2_000)
     assert plan.budget == {"params": 2_000}
     assert {k: plan.provenance[k] for k in ("strategy", "seed", "task", "scores")} == {
-        "strategy": "proxy", "seed": 0, "task": None, "scores": "hill-alpha"}  # fmt: skip
+        "strategy": "proxy",
+        "seed": 0,
+        "task": None,
+        "scores": "hill-alpha",
+    }
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
 
@@ -61,7 +65,13 @@ def test_lowers_the_model_when_no_graph_is_given(tiny_bert, tiny_bert_graph):
 
 def test_train_modules_are_paid_first(tiny_bert, tiny_bert_graph):
     plan = search(tiny_bert, 1_000, graph=tiny_bert_graph, train_modules=["classifier"])
-    assert plan.sites["classifier"] == {"method": "full", "role": "head", "depth": 1.0, "op": "linear", "shape": [32, 2]}
+    assert plan.sites["classifier"] == {
+        "method": "full",
+        "role": "head",
+        "depth": 1.0,
+        "op": "linear",
+        "shape": [32, 2],
+    }
     check_plan(plan, tiny_bert_graph, 1_000)
     # classifier 32*2+2 = 66 params; cheapest LoRA rank 1: a 32x32 attention projection, 64 params
     with pytest.raises(BudgetError, match="raise it to at least 130") as e:
@@ -92,17 +102,28 @@ def toy_task():
 
     def batch():
         ids = torch.randint(1, 100, (8, 12), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,), generator=g)}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, 2, (8,), generator=g),
+        }
 
     return Task([batch() for _ in range(3)], [batch()], classification_loss, accuracy, name="toy")
 
 
 def test_task_plan_uses_grad2_and_applies(tiny_bert, tiny_bert_graph, toy_task):
-    plan = search(tiny_bert, 4_000, toy_task, strategy="proxy", graph=tiny_bert_graph, train_modules=["classifier"], seed=1)
+    plan = search(
+        tiny_bert, 4_000, toy_task, strategy="proxy", graph=tiny_bert_graph, train_modules=["classifier"], seed=1
+    )
     check_plan(plan, tiny_bert_graph, 4_000)
     assert plan.provenance["task"] == "toy" and plan.provenance["scores"] == "grad2"
     assert plan.provenance["seed"] == 1
-    assert search(tiny_bert, 4_000, toy_task, strategy="proxy", graph=tiny_bert_graph, train_modules=["classifier"], seed=1).sites == plan.sites
+    assert (
+        search(
+            tiny_bert, 4_000, toy_task, strategy="proxy", graph=tiny_bert_graph, train_modules=["classifier"], seed=1
+        ).sites
+        == plan.sites
+    )
 
     tuned = peftplan.apply(copy.deepcopy(tiny_bert), plan)
     trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
@@ -116,13 +137,20 @@ def test_sensitivity_power_and_calibration_batches_by_hand(tiny_bert, tiny_bert_
     for batches, power in [(4, 0.5), (1, 0.5), (2, 1.0), (3, 0.0)]:
         mass = grad2_scores(tiny_bert, tiny_bert_graph, toy_task, names, batches=batches)
         expected = allocate(tiny_bert_graph, {n: m**power for n, m in mass.items()}, limit)
-        plan = search(tiny_bert, 4_000, toy_task, strategy="proxy", graph=tiny_bert_graph, train_modules=["classifier"],
-                      calibration_batches=batches, sensitivity_power=power)  # fmt: skip
+        plan = search(
+            tiny_bert,
+            4_000,
+            toy_task,
+            strategy="proxy",
+            graph=tiny_bert_graph,
+            train_modules=["classifier"],
+            calibration_batches=batches,
+            sensitivity_power=power,
+        )
         assert {n: e["rank"] for n, e in plan.sites.items() if e["method"] == "lora"} == expected
         assert plan.provenance["calibration_batches"] == batches and plan.provenance["sensitivity_power"] == power
     # power 0 scores every site alike: the plan is the one for equal scores
     assert expected == allocate(tiny_bert_graph, dict.fromkeys(names, 1.0), limit)
-
 
 
 def test_sensitivity_power_must_be_non_negative(tiny_bert, tiny_bert_graph, toy_task):

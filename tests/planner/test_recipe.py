@@ -23,9 +23,13 @@ def plan_for(base):
 
 def test_schedules_by_hand():
     linear = Recipe(lr=1.0, steps=10, warmup=0.2)  # 2 warm-up steps, then 8 decaying to 0
-    assert [linear.lr_at(s) for s in range(10)] == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert [linear.lr_at(s) for s in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    )
     cosine = Recipe(lr=1.0, steps=5, warmup=0.0, schedule="cosine")
-    assert [cosine.lr_at(s) for s in range(5)] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)])
+    assert [cosine.lr_at(s) for s in range(5)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)]
+    )
     assert {Recipe(lr=3.0, steps=4, warmup=0.0, schedule="constant").lr_at(s) for s in range(4)} == {3.0}
     assert Recipe(epochs=2.5).total_steps(batches_per_epoch=4) == 10 and Recipe().total_steps(7) == 7
 
@@ -38,7 +42,11 @@ def test_train_follows_the_schedule_and_clips():
 
     def spy(self, *a, **k):
         seen.append(self.param_groups[0]["lr"])
-        norms.append(torch.nn.utils.get_total_norm([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]).item())
+        norms.append(
+            torch.nn.utils.get_total_norm(
+                [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            ).item()
+        )
         return original(self, *a, **k)
 
     torch.optim.AdamW.step = spy
@@ -51,8 +59,13 @@ def test_train_follows_the_schedule_and_clips():
 
 
 def test_bad_recipes_and_a_batch_size_mismatch_are_errors():
-    for bad, message in [({"lr": 0}, "positive number"), ({"steps": 5, "epochs": 1}, "not both"),
-                         ({"warmup": 1.0}, r"\[0, 1\)"), ({"schedule": "step"}, "choose one of"), ({"clip": 0}, "positive")]:  # fmt: skip
+    for bad, message in [
+        ({"lr": 0}, "positive number"),
+        ({"steps": 5, "epochs": 1}, "not both"),
+        ({"warmup": 1.0}, r"\[0, 1\)"),
+        ({"schedule": "step"}, "choose one of"),
+        ({"clip": 0}, "positive"),
+    ]:
         with pytest.raises(ValueError, match=message):
             Recipe(**bad)
     with pytest.raises(ValueError, match="unknown field"):

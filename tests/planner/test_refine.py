@@ -37,8 +37,19 @@ def peaked_at(peak: float):
 
 def search(evaluate, **options):
     storage = optuna.storages.InMemoryStorage()
-    plan = run_search(bert_classifier(), "5%", tiny_task(), strategy="tpe", trials=16, storage=storage, study_name="s",
-                      evaluator=evaluate, progress=False, recipe=Recipe(lr=1e-3, steps=20), **options)  # fmt: skip
+    plan = run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=16,
+        storage=storage,
+        study_name="s",
+        evaluator=evaluate,
+        progress=False,
+        recipe=Recipe(lr=1e-3, steps=20),
+        **options,
+    )
     trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
     return plan, trials
 
@@ -53,12 +64,16 @@ def test_the_best_plan_climbs_to_the_rate_that_is_best_at_full_length():
     # by hand: 2.5e-3 -> 6.25e-3 (better, 2.5x up) -> 1.5625e-2 clipped to the range's 1e-2 (worse); two refinements
     assert [t.params["lr"] for t in refined] == pytest.approx([6.25e-3, 1e-2])
     assert [t.user_attrs["refines"] for t in refined] == [first.number, refined[0].number]
-    assert all({k: v for k, v in t.params.items() if k != "lr"} == {k: v for k, v in first.params.items() if k != "lr"}
-               for t in refined)  # the same plan, only the rate moves  # fmt: skip
+    assert all(
+        {k: v for k, v in t.params.items() if k != "lr"} == {k: v for k, v in first.params.items() if k != "lr"}
+        for t in refined
+    )  # the same plan, only the rate moves
     assert {t.user_attrs["fidelity"] for t in refined} == {"the full recipe"}
     assert refined[0].user_attrs["plan"]["sites"] == first.user_attrs["plan"]["sites"]
     assert plan.recipe.lr == pytest.approx(6.25e-3) and plan.provenance["trial"] == refined[0].number
-    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 16 + 5 + 2  # 4 baselines + 1 of 4 others, 2 refinements
+    assert (
+        len([t for t in trials if t.state == TrialState.COMPLETE]) == 16 + 5 + 2
+    )  # 4 baselines + 1 of 4 others, 2 refinements
 
 
 def test_a_worse_rate_above_sends_the_next_refinement_below():
@@ -73,8 +88,16 @@ def test_refine_zero_trains_nothing_more_and_the_count_is_planned():
     plan, trials = search(peaked_at(6e-3), refine=0)
     assert not [t for t in trials if "refines" in t.user_attrs] and plan.recipe.lr == pytest.approx(2.5e-3)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    config = StudyConfig("tpe", 16, ("metric", "params"), {"metric": "max", "params": "min"}, (Fidelity(share=0.05), Fidelity()),
-                         {}, {}, lr_range=(1e-4, 1e-2))  # fmt: skip
+    config = StudyConfig(
+        "tpe",
+        16,
+        ("metric", "params"),
+        {"metric": "max", "params": "min"},
+        (Fidelity(share=0.05), Fidelity()),
+        {},
+        {},
+        lr_range=(1e-4, 1e-2),
+    )
     assert len(done) == workload(config).total == 16 + 5
     assert workload(StudyConfig(**{**config.__dict__, "refine": 2})).total == 16 + 5 + 2
     assert workload(StudyConfig(**{**config.__dict__, "refine": 2, "lr_range": None})).total == 16 + 5  # no rate knob
@@ -108,8 +131,16 @@ def test_next_rate_goes_up_then_down_and_stops_at_tried_or_clipped_rates():
 
 def test_two_workers_enqueueing_the_same_refinement_train_it_once():
     storage = optuna.storages.InMemoryStorage()
-    options = {"strategy": "tpe", "trials": 16, "storage": storage, "study_name": "s", "evaluator": peaked_at(6e-3),
-               "progress": False, "recipe": Recipe(lr=1e-3, steps=20), "refine": 1}  # fmt: skip
+    options = {
+        "strategy": "tpe",
+        "trials": 16,
+        "storage": storage,
+        "study_name": "s",
+        "evaluator": peaked_at(6e-3),
+        "progress": False,
+        "recipe": Recipe(lr=1e-3, steps=20),
+        "refine": 1,
+    }
     run_search(bert_classifier(), "5%", tiny_task(), **options)
     study = optuna.load_study(study_name="s", storage=storage)
     first = next(t for t in study.trials if "refines" in t.user_attrs)
@@ -119,7 +150,9 @@ def test_two_workers_enqueueing_the_same_refinement_train_it_once():
     for _ in range(2):  # what two workers racing for the same settled rung would both enqueue
         study.enqueue_trial({**first.params, "lr": 3e-3}, user_attrs=attrs)
     run_search(bert_classifier(), "5%", tiny_task(), **options)  # resumed: waiting trials are taken whatever the count
-    twins = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.user_attrs.get("refined_lr") == 3e-3]
+    twins = [
+        t for t in optuna.load_study(study_name="s", storage=storage).trials if t.user_attrs.get("refined_lr") == 3e-3
+    ]
     assert [t.state for t in twins] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert twins[1].user_attrs["skipped"].startswith(f"surplus: trial {first.user_attrs['refines']} is already refined")
 

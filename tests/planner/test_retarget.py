@@ -11,7 +11,9 @@ from peftplan.backends.retarget import retarget
 
 
 def bert(layers: int):
-    return BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64))
+    return BertModel(
+        BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64)
+    )
 
 
 def test_role_and_nearest_depth():
@@ -22,7 +24,13 @@ def test_role_and_nearest_depth():
             v.format(0): {"method": "lora", "rank": 2, "role": "attn.v", "depth": 0.0, "op": "linear"},
             v.format(1): {"method": "lora", "rank": 6, "role": "attn.v", "depth": 1.0, "op": "linear"},
             "encoder.layer.0.output.dense": {"method": "none", "role": "mlp.down", "depth": 0.0, "op": "linear"},
-            "encoder.layer.1.output.dense": {"method": "lora", "rank": 4, "role": "mlp.down", "depth": 1.0, "op": "linear"},
+            "encoder.layer.1.output.dense": {
+                "method": "lora",
+                "rank": 4,
+                "role": "mlp.down",
+                "depth": 1.0,
+                "op": "linear",
+            },
         },
         model={"fingerprint": small.fingerprint},
     )

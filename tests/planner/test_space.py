@@ -79,7 +79,9 @@ def test_suggest_is_plan_from_params():
 
 def test_memory_and_latency_objectives_are_the_cost_model():
     graph = small_graph()
-    space = AllocatorSpace(graph, scores_for(graph), LIMIT, methods=ALL, objectives=("metric", "params", "memory", "latency"))
+    space = AllocatorSpace(
+        graph, scores_for(graph), LIMIT, methods=ALL, objectives=("metric", "params", "memory", "latency")
+    )
     assert space.objectives == {"metric": "max", "params": "min", "memory": "min", "latency": "min"}
     assert space.directions == ["maximize", "minimize", "minimize", "minimize"]
     for params in random_params(space, 5):
@@ -132,8 +134,14 @@ def test_grouped_none_is_rank_zero():
     assert set(dists) == {f"{k}:block{b}" for k in ("method", "rank") for b in range(3)}
     assert all("none" not in d.choices for k, d in dists.items() if k.startswith("method:"))
     assert dists["rank:block0"].low == 0 and space.levels[0] == 0
-    params = {"method:block0": "dora", "rank:block0": 2, "method:block1": "lora", "rank:block1": 0,
-              "method:block2": "lora", "rank:block2": 1}  # fmt: skip
+    params = {
+        "method:block0": "dora",
+        "rank:block0": 2,
+        "method:block1": "lora",
+        "rank:block1": 0,
+        "method:block2": "lora",
+        "rank:block2": 1,
+    }
     plan = space.plan_from_params(params)
     assert {graph[n].block for n in plan.sites} == {0, 2}
     assert {(e["method"], e["rank"]) for n, e in plan.sites.items() if graph[n].block == 0} == {("dora", 2)}

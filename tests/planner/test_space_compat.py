@@ -25,10 +25,13 @@ def spaces():
     uniform = {s.name: 1.0 for s in graph if s.role != "head"}
     return {
         "allocator-all": AllocatorSpace(graph, scores, LIMIT, methods=ALL, train_modules=["head"], lr=(1e-4, 1e-2)),
-        "allocator-ranked": AllocatorSpace(graph, scores, LIMIT, methods=("lora", "dora", "sparse", "moe_lora"),
-                                           priors={"uniform": uniform}),  # fmt: skip
+        "allocator-ranked": AllocatorSpace(
+            graph, scores, LIMIT, methods=("lora", "dora", "sparse", "moe_lora"), priors={"uniform": uniform}
+        ),
         "allocator-lora": AllocatorSpace(graph, scores, LIMIT),
-        "grouped-all": GroupedSpace(graph, LIMIT, methods=(*ALL, "adapter"), group_by="role+depth", train_modules=["head"]),
+        "grouped-all": GroupedSpace(
+            graph, LIMIT, methods=(*ALL, "adapter"), group_by="role+depth", train_modules=["head"]
+        ),
     }
 
 

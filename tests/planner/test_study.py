@@ -33,8 +33,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def run(storage, trials=6, **kw):
     """A search of one rung unless told otherwise: every trial is one evaluation."""
-    options = {"strategy": "random", "study_name": "s", "progress": False, "evaluator": stand_in, "threads": 1,
-               "fidelities": [Fidelity()], **kw}  # fmt: skip
+    options = {
+        "strategy": "random",
+        "study_name": "s",
+        "progress": False,
+        "evaluator": stand_in,
+        "threads": 1,
+        "fidelities": [Fidelity()],
+        **kw,
+    }
     return run_search(bert_classifier(), "5%", tiny_task(), trials=trials, storage=storage, **options)
 
 
@@ -53,7 +60,10 @@ def test_failed_trials_are_recorded_and_the_study_goes_on():
     plan = run(storage, trials=5, evaluator=flaky)
     trials = optuna.load_study(study_name="s", storage=storage).trials
     failed = {t.user_attrs["failed"] for t in trials if t.state == FAIL}
-    assert failed == {"training diverged: loss is nan at step 3", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert failed == {
+        "training diverged: loss is nan at step 3",
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    }
     assert sum(t.state == COMPLETE for t in trials) == 5 and len(calls) == 7
     assert all("costs" in t.user_attrs and "plan" in t.user_attrs for t in trials if t.state == COMPLETE)
     assert len(plan.front) >= 1 and plan.objectives["params"] <= pp.Budget(params="5%").param_limit(36_322)
@@ -81,7 +91,9 @@ def test_a_plan_already_evaluated_is_reused_not_trained_again():
         calls.append(a[1].provenance["knobs"])
         return stand_in(*a, **k)
 
-    run(storage, trials=1, space=space, strategy="proxy", evaluator=counted)  # trial 0: the proxy plan at the full budget
+    run(
+        storage, trials=1, space=space, strategy="proxy", evaluator=counted
+    )  # trial 0: the proxy plan at the full budget
     study = optuna.load_study(study_name="s", storage=storage)
     study.enqueue_trial(other_knobs)
     run(storage, trials=2, space=space, strategy="proxy", evaluator=counted)
@@ -98,8 +110,17 @@ def test_nondominated_ranks_by_hand():
 def test_halving_promotes_exactly_the_non_dominated():
     senses = {"metric": "max", "params": "min"}
     # 2, 5 and 7 are non-dominated; every other point is beaten by one of them in both objectives
-    values = {0: (0.60, 400), 1: (0.80, 950), 2: (0.90, 900), 3: (0.50, 200), 4: (0.65, 500),
-              5: (0.70, 300), 6: (0.85, 1000), 7: (0.50, 100), 8: (0.40, 150)}  # fmt: skip
+    values = {
+        0: (0.60, 400),
+        1: (0.80, 950),
+        2: (0.90, 900),
+        3: (0.50, 200),
+        4: (0.65, 500),
+        5: (0.70, 300),
+        6: (0.85, 1000),
+        7: (0.50, 100),
+        8: (0.40, 150),
+    }
     cands = {c: {"metric": m, "params": p} for c, (m, p) in values.items()}
     assert promote(cands, senses, eta=3) == [2, 7, 5]  # extremes first (infinite crowding), then by number
 
@@ -125,10 +146,14 @@ def test_successive_halving_study_is_deterministic_and_fronts_the_top_rung():
     rung1 = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted
     refined = [t for t in trials if "refines" in t.user_attrs]  # the top's best plan at two more rates
     assert len(rung0) == 9 and len(trials) == workload(_config(studies[0])).total == 9 + 3 + 2 and len(refined) == 2
-    chosen = promote({n: dict(zip(("metric", "params"), t.values)) for n, t in rung0.items()}, plans[0].front.senses, eta=3)
+    chosen = promote(
+        {n: dict(zip(("metric", "params"), t.values)) for n, t in rung0.items()}, plans[0].front.senses, eta=3
+    )
     assert [t.user_attrs["candidate"] for t in rung1] == chosen
     for t in rung1:  # same plan, longer run: the stand-in's metric triples
-        assert t.params == rung0[t.user_attrs["candidate"]].params and t.user_attrs["fidelity"] == "3 steps on 6 batches"
+        assert (
+            t.params == rung0[t.user_attrs["candidate"]].params and t.user_attrs["fidelity"] == "3 steps on 6 batches"
+        )
         assert t.values[0] == pytest.approx(3 * rung0[t.user_attrs["candidate"]].values[0])
     assert {p.info["rung"] for p in plans[0].front} == {1}
     assert {p.info["trial"] for p in plans[0].front} <= {t.number for t in rung1 + refined}
@@ -143,8 +168,18 @@ def _config(study):
 def test_a_real_search_trains_tiny_plans():
     torch.set_num_threads(1)
     base = bert_classifier()
-    plan = run_search(base, "5%", tiny_task(), strategy="tpe", trials=3, fidelities=[Fidelity(steps=8, train_batches=4)],
-                      recipe=Recipe(lr=5e-3, steps=8), progress=False, threads=1, seeds=3)  # fmt: skip
+    plan = run_search(
+        base,
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=3,
+        fidelities=[Fidelity(steps=8, train_batches=4)],
+        recipe=Recipe(lr=5e-3, steps=8),
+        progress=False,
+        threads=1,
+        seeds=3,
+    )
     assert len(plan.front) >= 1 and plan.provenance["strategy"] == "tpe"
     assert plan.recipe == Recipe(lr=5e-3, steps=8)  # the recipe it was found with travels with it
     assert 0 <= plan.objectives["metric"] <= 1
@@ -167,8 +202,14 @@ run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials={tria
 
 def _spawn(code: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -192,9 +233,19 @@ def test_a_search_killed_mid_run_resumes_without_rerunning(tmp_path):
     killed = [t.number for t in _trials(url, "resume") if t.state == optuna.trial.TrialState.RUNNING]
 
     calls = []
-    run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=n, storage=open_storage(url, heartbeat=1),
-               study_name="resume", evaluator=lambda *a, **k: calls.append(1) or stand_in(*a, **k),
-               progress=False, threads=1, fidelities=[Fidelity()])  # fmt: skip
+    run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="random",
+        trials=n,
+        storage=open_storage(url, heartbeat=1),
+        study_name="resume",
+        evaluator=lambda *a, **k: calls.append(1) or stand_in(*a, **k),
+        progress=False,
+        threads=1,
+        fidelities=[Fidelity()],
+    )
     after = {t.number: t for t in _trials(url, "resume")}
     assert sum(t.state == COMPLETE for t in after.values()) == n
     assert {k: (after[k].params, after[k].values) for k in before} == before  # kept as they were
@@ -214,7 +265,9 @@ def postgres_url():
     try:
         conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
     except psycopg2.OperationalError as e:
-        pytest.skip(f"PostgreSQL is unreachable at 127.0.0.1:5432 as user postgres ({str(e).strip()}); start it to test workers")
+        pytest.skip(
+            f"PostgreSQL is unreachable at 127.0.0.1:5432 as user postgres ({str(e).strip()}); start it to test workers"
+        )
     conn.autocommit = True
     name = f"peftplan_test_{secrets.token_hex(4)}"
     with conn.cursor() as cur:
@@ -299,11 +352,25 @@ def test_plans_over_a_limit_are_never_trained():
     space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"], limits={"memory": limit})
     trained = []
     storage = optuna.storages.InMemoryStorage()
-    run_search(base, "5%", tiny_task(), strategy="random", trials=4, space=space, storage=storage, study_name="s",
-               evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k), progress=False,
-               fidelities=[Fidelity()])  # fmt: skip
+    run_search(
+        base,
+        "5%",
+        tiny_task(),
+        strategy="random",
+        trials=4,
+        space=space,
+        storage=storage,
+        study_name="s",
+        evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k),
+        progress=False,
+        fidelities=[Fidelity()],
+    )
     assert all(space.costs(p.provenance["knobs"])["memory"] <= limit for p in trained) and len(trained) == 4
-    skipped = [t.user_attrs["infeasible"] for t in optuna.load_study(study_name="s", storage=storage).trials if "infeasible" in t.user_attrs]
+    skipped = [
+        t.user_attrs["infeasible"]
+        for t in optuna.load_study(study_name="s", storage=storage).trials
+        if "infeasible" in t.user_attrs
+    ]
     assert skipped and all("memory" in r and "> limit" in r for r in skipped)
 
 

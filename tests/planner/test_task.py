@@ -92,9 +92,13 @@ def test_loss_metric_and_calibration(files, tokenizer):
     task = make(files, tokenizer, batch_size=4)
     batch = task.train_batches[0]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    assert task.loss(model, batch).item() == pytest.approx(F.cross_entropy(model(**inputs).logits, batch["labels"]).item())
+    assert task.loss(model, batch).item() == pytest.approx(
+        F.cross_entropy(model(**inputs).logits, batch["labels"]).item()
+    )
     with torch.no_grad():
-        pred = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1) for b in task.eval_batches])
+        pred = torch.cat(
+            [model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1) for b in task.eval_batches]
+        )
     true = torch.cat([b["labels"] for b in task.eval_batches])
     assert task.metric(model, task.eval_batches) == pytest.approx((pred == true).float().mean().item())
     model.train()
@@ -113,9 +117,7 @@ def test_matthews_by_hand():
     assert matthews(torch.tensor([2, 0, 1]), torch.tensor([2, 0, 1])) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(
-    "line", ["no tab here", "x\tlabel is not a number", "\tno label", "1.5\tfractional label"]
-)
+@pytest.mark.parametrize("line", ["no tab here", "x\tlabel is not a number", "\tno label", "1.5\tfractional label"])
 def test_malformed_lines_name_file_and_line(tmp_path, line):
     path = tmp_path / "bad.tsv"
     path.write_text(f"1\tfine\n0\talso fine\n{line}\n")
@@ -128,7 +130,9 @@ def test_an_empty_text_is_an_example(tmp_path, tokenizer):
     for name in ("train.tsv", "dev.tsv"):
         (tmp_path / name).write_text("1\ta fine film\n0\t\n1\tgreat\n")
     assert read_labelled_text(tmp_path / "dev.tsv") == [(1, "a fine film"), (0, ""), (1, "great")]
-    task = Task.for_sequence_classification(minilm.get_model_path(), tokenizer, tmp_path / "train.tsv", tmp_path / "dev.tsv")
+    task = Task.for_sequence_classification(
+        minilm.get_model_path(), tokenizer, tmp_path / "train.tsv", tmp_path / "dev.tsv"
+    )
     batch = task.eval_batches[0]
     assert batch["labels"].tolist() == [1, 0, 1]
     empty = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()

@@ -83,7 +83,9 @@ def test_a_folder_is_its_train_and_dev_tsv(tmp_path, tokenizer):
     (tmp_path / "train.tsv").write_text("".join(f"{y}\t{t}\n" for y, t, _ in ROWS))
     (tmp_path / "dev.tsv").write_text("".join(f"{y}\t{t}\n" for y, t, _ in ROWS[:3]))
     by_folder = make(tmp_path, tokenizer)
-    assert flat(by_folder.eval_batches) == flat(make(tmp_path / "train.tsv", tokenizer, tmp_path / "dev.tsv").eval_batches)
+    assert flat(by_folder.eval_batches) == flat(
+        make(tmp_path / "train.tsv", tokenizer, tmp_path / "dev.tsv").eval_batches
+    )
     assert by_folder.name == tmp_path.name
 
 
@@ -99,10 +101,24 @@ def test_string_labels_map_to_sorted_ids_or_the_given_order(tmp_path, tokenizer)
 
 def test_sentence_pairs_are_tokenized_as_pairs(tmp_path, tokenizer):
     train = write(tmp_path / "pairs.jsonl", ROWS, text="premise", pair="hypothesis")
-    task = Task.for_sequence_classification(minilm.get_model_path(), tokenizer, train, train, text_column="premise",
-                                            pair_column="hypothesis", batch_size=8, validation=None)  # fmt: skip
-    expected = tokenizer([t for _, t, _ in ROWS], [p for _, _, p in ROWS], padding=True, truncation=True, max_length=64,
-                         return_tensors="pt")  # fmt: skip
+    task = Task.for_sequence_classification(
+        minilm.get_model_path(),
+        tokenizer,
+        train,
+        train,
+        text_column="premise",
+        pair_column="hypothesis",
+        batch_size=8,
+        validation=None,
+    )
+    expected = tokenizer(
+        [t for _, t, _ in ROWS],
+        [p for _, _, p in ROWS],
+        padding=True,
+        truncation=True,
+        max_length=64,
+        return_tensors="pt",
+    )
     batch = task.eval_batches[0]
     assert batch["input_ids"].tolist() == expected["input_ids"].tolist()
     assert batch["token_type_ids"].tolist() == expected["token_type_ids"].tolist()
@@ -112,8 +128,10 @@ def test_sentence_pairs_are_tokenized_as_pairs(tmp_path, tokenizer):
 def test_a_dataset_dict_gives_train_and_its_validation_split_with_class_names(tokenizer):
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     table = {"text": [t for _, t, _ in ROWS], "label": [y for y, _, _ in ROWS]}
-    dd = datasets.DatasetDict(train=datasets.Dataset.from_dict(table, features=features),
-                              validation=datasets.Dataset.from_dict({k: v[:3] for k, v in table.items()}, features=features))  # fmt: skip
+    dd = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(table, features=features),
+        validation=datasets.Dataset.from_dict({k: v[:3] for k, v in table.items()}, features=features),
+    )
     task = make(dd, tokenizer)
     assert task.labels == ("neg", "pos")
     assert torch.cat([b["labels"] for b in task.eval_batches]).tolist() == [1, 0, 1]
@@ -133,7 +151,9 @@ def test_plans_and_artifacts_record_the_class_names(tmp_path, tokenizer):
     from tests.zoo import minilm_vocab_classifier
 
     model = minilm_vocab_classifier()
-    task = Task.for_sequence_classification(model, tokenizer, write(tmp_path / "train.csv", ROWS, names=True), batch_size=4)
+    task = Task.for_sequence_classification(
+        model, tokenizer, write(tmp_path / "train.csv", ROWS, names=True), batch_size=4
+    )
     plan = pp.search(model, "5%", task=task, strategy="proxy", calibration_batches=1)
     assert plan.provenance["labels"] == ["neg", "pos"]
     searched = pp.search(model, "5%", task, strategy="random", trials=2, evaluator=stand_in, progress=False, seeds=0)
@@ -145,23 +165,36 @@ def test_plans_and_artifacts_record_the_class_names(tmp_path, tokenizer):
 
 def test_bad_data_names_the_column_or_file(tmp_path, tokenizer):
     train = write(tmp_path / "train.csv", ROWS, names=True)
-    with pytest.raises(ValueError, match=r"train\.csv has no text column 'review'; its columns are \['text', 'label'\]: "
-                                         r"pass text_column=\.\.\. \(--text-column"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"train\.csv has no text column 'review'; its columns are \['text', 'label'\]: "
+        r"pass text_column=\.\.\. \(--text-column",
+    ):
         make(train, tokenizer, text_column="review")
     with pytest.raises(ValueError, match=r"train\.csv has no pair column 'second'"):
         make(train, tokenizer, pair_column="second")
     dev = write(tmp_path / "dev.csv", [(0, "fine", None)], names=True)
     dev.write_text("text,label\nfine,meh\n")
-    with pytest.raises(ValueError, match=r"dev\.csv: column 'label' has label 'meh', which is not one of the classes "
-                                         r"\['neg', 'pos'\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"dev\.csv: column 'label' has label 'meh', which is not one of the classes "
+        r"\['neg', 'pos'\]",
+    ):
         make(train, tokenizer, dev)
     for name, content, problem in (
         ("empty.csv", "text,label\n", r"empty\.csv has no examples"),
-        ("hole.csv", "text,label\nfine,1\n,0\n", r"hole\.csv: column 'text' holds NoneType None where a text is expected"),
-        ("frac.jsonl", '{"text": "a", "label": 0.5}\n{"text": "b", "label": 1.0}\n',
-         r"frac\.jsonl: column 'label' has label 0\.5; labels are class numbers"),
+        (
+            "hole.csv",
+            "text,label\nfine,1\n,0\n",
+            r"hole\.csv: column 'text' holds NoneType None where a text is expected",
+        ),
+        (
+            "frac.jsonl",
+            '{"text": "a", "label": 0.5}\n{"text": "b", "label": 1.0}\n',
+            r"frac\.jsonl: column 'label' has label 0\.5; labels are class numbers",
+        ),
         ("train.xlsx", "", r"unknown data file type '\.xlsx'"),
-    ):  # fmt: skip
+    ):
         (tmp_path / name).write_text(content)
         with pytest.raises(ValueError, match=problem):
             make(tmp_path / name, tokenizer)
@@ -170,8 +203,9 @@ def test_bad_data_names_the_column_or_file(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="has no train.tsv"):
         make(tmp_path, tokenizer)
     with pytest.raises(ValueError, match="the data has 3 classes .* load it with num_labels=3"):
-        Task.for_sequence_classification(__import__("tests.zoo").zoo.minilm_vocab_classifier(), tokenizer, train,
-                                         labels=["neg", "pos", "meh"])  # fmt: skip
+        Task.for_sequence_classification(
+            __import__("tests.zoo").zoo.minilm_vocab_classifier(), tokenizer, train, labels=["neg", "pos", "meh"]
+        )
     with pytest.raises(TypeError, match="the training data is a list"):
         make([1, 2], tokenizer)
     with pytest.raises(ValueError, match=r"splits \['test'\] but no 'train'"):

@@ -21,8 +21,9 @@ def lora_qv(model):
 
 
 def task_of(model):
-    return pp.Task.for_causal_lm(model, chat_tokenizer(), [{"messages": conversation(q, a)} for q, a in QA],
-                                 validation=None, batch_size=4)  # fmt: skip
+    return pp.Task.for_causal_lm(
+        model, chat_tokenizer(), [{"messages": conversation(q, a)} for q, a in QA], validation=None, batch_size=4
+    )
 
 
 def test_checkpointing_trains_to_the_same_losses_and_is_switched_off_after():
@@ -52,8 +53,13 @@ def test_a_users_optimizer_trains_with_the_recipes_schedule():
         seen.append(opt)
         return opt
 
-    run = pp.train(model, task, recipe, make_optimizer=loraplus, on_step=lambda step: seen.append(
-        sorted({g["lr"] for g in seen[0].param_groups if g["params"]})))  # fmt: skip
+    run = pp.train(
+        model,
+        task,
+        recipe,
+        make_optimizer=loraplus,
+        on_step=lambda step: seen.append(sorted({g["lr"] for g in seen[0].param_groups if g["params"]})),
+    )
     assert run.steps == 4 and run.losses[-1] < run.losses[0]
     first = seen[1]  # the rates during step 1 (warm-up: half the peak), A's and B's 16x apart
     assert first == pytest.approx([recipe.lr * 0.5, recipe.lr * 0.5 * 16])

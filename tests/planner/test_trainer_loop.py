@@ -21,13 +21,24 @@ def token_data(n, seed):
     ids = torch.randint(6, 50, (n, 8), generator=g)
     labels = torch.randint(0, 2, (n,), generator=g)
     ids[labels == 1, 3] = 5
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * n, "labels": labels.tolist()})
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * n, "labels": labels.tolist()}
+    )
 
 
 def arguments(tmp_path, **kw):
-    return transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=10,
-                                          learning_rate=2e-3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                                          logging_strategy="no", **kw)  # fmt: skip
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=10,
+        learning_rate=2e-3,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_strategy="no",
+        **kw,
+    )
 
 
 def accuracy(p):
@@ -39,7 +50,9 @@ def test_a_four_trial_search_through_trainer(tmp_path):
     from tests.zoo import bert_classifier
 
     model, train, held = bert_classifier(), token_data(64, 0), token_data(16, 1)
-    loop = TrainerLoop(arguments(tmp_path), train, held, transformers.default_data_collator, accuracy, metric="accuracy")
+    loop = TrainerLoop(
+        arguments(tmp_path), train, held, transformers.default_data_collator, accuracy, metric="accuracy"
+    )
     assert loop.recipe == pp.Recipe(lr=2e-3, steps=10, warmup=0.0, clip=1.0)
     url = f"sqlite:///{tmp_path / 's.db'}"
     plan = pp.search(model, "5%", evaluate=loop, strategy="random", trials=4, storage=url, progress=False, seeds=0)
@@ -54,8 +67,14 @@ def test_a_four_trial_search_through_trainer(tmp_path):
     assert lr != 2e-3  # the search chose this trial's rate
     args = arguments(tmp_path)
     args.learning_rate = lr
-    reference = transformers.Trainer(model=tuned, args=args, train_dataset=train, eval_dataset=held,
-                                     compute_metrics=accuracy, data_collator=transformers.default_data_collator)  # fmt: skip
+    reference = transformers.Trainer(
+        model=tuned,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held,
+        compute_metrics=accuracy,
+        data_collator=transformers.default_data_collator,
+    )
     reference.train()
     scores = reference.evaluate()
     assert top.values[0] == pytest.approx(scores["eval_accuracy"])
@@ -75,7 +94,8 @@ def test_the_default_score_is_minus_the_eval_loss_and_errors_are_clear(tmp_path)
     out = loop(pp.apply(copy.deepcopy(model), plan), pp.Fidelity(steps=1), pp.Recipe(lr=1e-3))
     assert out["metric"] == pytest.approx(-out["loss"])
     with pytest.raises(ValueError, match="not 'eval_f1'"):
-        TrainerLoop(arguments(tmp_path), train, held, metric="f1")(pp.apply(copy.deepcopy(model), plan), pp.Fidelity(steps=1),
-                                                                   pp.Recipe())  # fmt: skip
+        TrainerLoop(arguments(tmp_path), train, held, metric="f1")(
+            pp.apply(copy.deepcopy(model), plan), pp.Fidelity(steps=1), pp.Recipe()
+        )
     with pytest.raises(ValueError, match="give a non-empty eval_dataset"):
         TrainerLoop(arguments(tmp_path), train, None)

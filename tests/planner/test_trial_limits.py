@@ -29,8 +29,14 @@ BOUND = 240  # seconds any subprocess here may take before the test fails instea
 
 def spawn(code: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(*procs: subprocess.Popen) -> list[str]:
@@ -76,8 +82,10 @@ def test_trials_that_never_return_are_stopped_and_recorded_as_failed(tmp_path):
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert [t.number for t in failed] == [0, 1]
     for t in failed:
-        assert t.user_attrs["failed"].startswith("timed out: the trial ran past its time limit of 2 s and was stopped; "
-                                                 "raise the limit (trial_timeout=, --trial-timeout)")  # fmt: skip
+        assert t.user_attrs["failed"].startswith(
+            "timed out: the trial ran past its time limit of 2 s and was stopped; "
+            "raise the limit (trial_timeout=, --trial-timeout)"
+        )
         assert 2 <= t.user_attrs["seconds"] < 10
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["rung"] == 0]
     assert len(done) == 3 and not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
@@ -133,16 +141,42 @@ def test_a_worker_killed_mid_trial_leaves_a_study_the_others_finish(tmp_path):
     (dead,) = [t for t in trials if t.user_attrs["worker"].split(":")[1] == str(worker.pid)]
     assert dead.state == optuna.trial.TrialState.FAIL  # failed by its silence, not left RUNNING
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
-    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE and dead.params.items() <= retry[0].params.items()
+    assert (
+        len(retry) == 1
+        and retry[0].state == optuna.trial.TrialState.COMPLETE
+        and dead.params.items() <= retry[0].params.items()
+    )
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == n
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
 
 
 def test_the_cli_limits_trials_and_checks_the_limit(tmp_path, capsys):
     task = write_task(tmp_path / "task", n_train=24, n_dev=8)
-    argv = ["search", "tests.zoo:minilm_vocab_classifier", "--task", str(task), "--tokenizer", "minilm", "--budget", "1%",
-            "--strategy", "random", "--trials", "2", "--steps", "2", "--batch-size", "8", "--threads", "1", "-q",
-            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    argv = [
+        "search",
+        "tests.zoo:minilm_vocab_classifier",
+        "--task",
+        str(task),
+        "--tokenizer",
+        "minilm",
+        "--budget",
+        "1%",
+        "--strategy",
+        "random",
+        "--trials",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "-q",
+        "--storage",
+        f"sqlite:///{tmp_path / 'study.db'}",
+        "-o",
+        str(tmp_path / "plan.json"),
+    ]
     with pytest.warns(UserWarning, match="evaluations failed"):
         assert main([*argv, "--trial-timeout", "0.01"]) == 2  # no trial trains in 10 ms
     err = capsys.readouterr().err
@@ -159,8 +193,9 @@ def test_a_limit_in_a_thread_other_than_the_main_one_stops_python_code():
         while True:
             time.sleep(0.01)
 
-    thread = threading.Thread(target=lambda: out.append(watched(optuna.storages.InMemoryStorage(), 0, 0.3, spinning)),
-                              daemon=True)  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: out.append(watched(optuna.storages.InMemoryStorage(), 0, 0.3, spinning)), daemon=True
+    )
     thread.start()
     thread.join(timeout=30)
     assert not thread.is_alive() and out[0].failed.startswith("timed out: the trial ran past its time limit of 0.3 s")
@@ -217,5 +252,8 @@ def test_a_trial_stuck_past_its_limit_goes_silent_and_the_others_run_it_again(tm
     trials = optuna.load_study(study_name="shared", storage=url).trials
     (held,) = [t for t in trials if t.user_attrs["worker"].split(":")[1] == str(stuck.pid)]
     assert held.state == optuna.trial.TrialState.FAIL  # its heartbeats stopped one interval past the limit
-    assert any(t.system_attrs.get("failed_trial") == held.number and t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert any(
+        t.system_attrs.get("failed_trial") == held.number and t.state == optuna.trial.TrialState.COMPLETE
+        for t in trials
+    )
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == n

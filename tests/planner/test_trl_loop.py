@@ -23,20 +23,39 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 def rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     words = "the cat dog sat ran far home".split()
-    return [{"prompt": " ".join(rng.sample(words, 3)), "completion": " " + " ".join(rng.sample(words, 2))} for _ in range(n)]
+    return [
+        {"prompt": " ".join(rng.sample(words, 3)), "completion": " " + " ".join(rng.sample(words, 2))} for _ in range(n)
+    ]
 
 
 def config(tmp_path, **kw):
-    return trl.SFTConfig(str(tmp_path / "sft"), max_steps=10, learning_rate=2e-3, per_device_train_batch_size=4,
-                         per_device_eval_batch_size=8, report_to=[], use_cpu=True, bf16=False, logging_strategy="no",
-                         disable_tqdm=True, max_length=32, seed=0, **kw)  # fmt: skip
+    return trl.SFTConfig(
+        str(tmp_path / "sft"),
+        max_steps=10,
+        learning_rate=2e-3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_strategy="no",
+        disable_tqdm=True,
+        max_length=32,
+        seed=0,
+        **kw,
+    )
 
 
 def loop(tmp_path, **kw):
     from peftplan.integrations.trl import SFTLoop
 
-    return SFTLoop(config(tmp_path), datasets.Dataset.from_list(rows(32, 0)), datasets.Dataset.from_list(rows(8, 1)),
-                   char_tokenizer(), **kw)  # fmt: skip
+    return SFTLoop(
+        config(tmp_path),
+        datasets.Dataset.from_list(rows(32, 0)),
+        datasets.Dataset.from_list(rows(8, 1)),
+        char_tokenizer(),
+        **kw,
+    )
 
 
 def model():
@@ -54,9 +73,11 @@ def held_out_loss(tuned, tokenizer) -> float:
         labels.append([-100] * len(prompt) + answer)
     width = max(map(len, ids))
     pad = [[0] * (width - len(i)) for i in ids]
-    batch = {"input_ids": torch.tensor([i + p for i, p in zip(ids, pad)]),
-             "attention_mask": torch.tensor([[1] * len(i) + p for i, p in zip(ids, pad)]),
-             "labels": torch.tensor([lab + [-100] * len(p) for lab, p in zip(labels, pad)])}  # fmt: skip
+    batch = {
+        "input_ids": torch.tensor([i + p for i, p in zip(ids, pad)]),
+        "attention_mask": torch.tensor([[1] * len(i) + p for i, p in zip(ids, pad)]),
+        "labels": torch.tensor([lab + [-100] * len(p) for lab, p in zip(labels, pad)]),
+    }
     tuned.eval()
     with torch.no_grad():
         return tuned(**batch).loss.item()
@@ -67,8 +88,11 @@ def test_a_three_trial_search_trains_each_trial_with_sft_trainer(tmp_path):
     sft = loop(tmp_path)
     plan = pp.search(model(), "5%", evaluate=sft, trials=3, progress=False, storage=url)
     assert plan.recipe.steps == 10 and plan.objectives["metric"] < 0  # minus the eval loss, at the config's length
-    trials = [t for t in optuna.load_study(study_name=plan.provenance["study"], storage=url).trials
-              if t.state == optuna.trial.TrialState.COMPLETE]  # fmt: skip
+    trials = [
+        t
+        for t in optuna.load_study(study_name=plan.provenance["study"], storage=url).trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
     assert len({t.user_attrs["rung"] for t in trials}) == 2 and len(trials) >= 3  # screened at 5%, then in full
     assert all(t.values[0] == pytest.approx(-t.user_attrs["validation_loss"]) for t in trials)
     assert len({t.user_attrs["plan"]["recipe"]["lr"] for t in trials}) > 1  # the learning rate is searched
@@ -91,7 +115,9 @@ def test_a_trial_trains_the_adapters_at_its_rate_and_scores_the_held_out_loss(tm
     assert out["loss"] == pytest.approx(held_out_loss(tuned, char_tokenizer()), rel=1e-4) and out["loss"] < before
     assert out["metric"] == pytest.approx(-out["loss"])
 
-    accuracy = loop(tmp_path, metric="mean_token_accuracy")(pp.apply(copy.deepcopy(base), plan), pp.Fidelity(steps=2), pp.Recipe())
+    accuracy = loop(tmp_path, metric="mean_token_accuracy")(
+        pp.apply(copy.deepcopy(base), plan), pp.Fidelity(steps=2), pp.Recipe()
+    )
     assert 0 <= accuracy["metric"] <= 1
 
 

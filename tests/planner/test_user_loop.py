@@ -26,14 +26,28 @@ def test_the_function_gets_a_fresh_tuned_copy_and_the_trials_length_and_rate(tmp
 
     def my_loop(model, fidelity, recipe):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n and "classifier" not in n)
+        frozen = all(
+            not p.requires_grad for n, p in model.named_parameters() if "lora" not in n and "classifier" not in n
+        )
         calls.append((trainable, frozen, fidelity.steps, recipe.steps, recipe.lr))
-        torch.nn.init.normal_(next(p for p in model.parameters() if p.requires_grad))  # "training" touches the copy only
+        torch.nn.init.normal_(
+            next(p for p in model.parameters() if p.requires_grad)
+        )  # "training" touches the copy only
         return {"metric": recipe.lr * fidelity.steps, "loss": 1.0 / fidelity.steps}
 
     url = f"sqlite:///{tmp_path / 's.db'}"
-    plan = pp.search(model, "5%", task, evaluate=my_loop, strategy="random", trials=4, recipe=pp.Recipe(lr=1e-3, steps=20),
-                     storage=url, progress=False, seeds=0)  # fmt: skip
+    plan = pp.search(
+        model,
+        "5%",
+        task,
+        evaluate=my_loop,
+        strategy="random",
+        trials=4,
+        recipe=pp.Recipe(lr=1e-3, steps=20),
+        storage=url,
+        progress=False,
+        seeds=0,
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the base is untouched
     trials = optuna.load_study(study_name=plan.provenance["study"], storage=url).trials
     evaluated = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "reused" not in t.user_attrs]
@@ -57,13 +71,21 @@ def test_a_plain_function_gets_no_rate_search_and_failures_are_recorded(tmp_path
         return 0.5
 
     url = f"sqlite:///{tmp_path / 's.db'}"
-    plan = pp.search(model, "5%", task, evaluate=score, strategy="random", trials=3, progress=False, storage=url, seeds=0)
+    plan = pp.search(
+        model, "5%", task, evaluate=score, strategy="random", trials=3, progress=False, storage=url, seeds=0
+    )
     trials = optuna.load_study(study_name=plan.provenance["study"], storage=url).trials
-    assert [t.user_attrs["failed"] for t in trials if t.state == optuna.trial.TrialState.FAIL] == ["RuntimeError: my loop broke"]
+    assert [t.user_attrs["failed"] for t in trials if t.state == optuna.trial.TrialState.FAIL] == [
+        "RuntimeError: my loop broke"
+    ]
     assert {t.user_attrs["plan"]["recipe"]["lr"] for t in trials if "plan" in t.user_attrs} == {pp.Recipe().lr}
 
-    with pytest.raises(StudyError, match=r"no trial completed; failures: \[\"ValueError: evaluate returned \{'acc': 1\}"):
-        pp.search(model, "5%", task, evaluate=lambda m, f: {"acc": 1}, strategy="random", trials=1, progress=False, seeds=0)
+    with pytest.raises(
+        StudyError, match=r"no trial completed; failures: \[\"ValueError: evaluate returned \{'acc': 1\}"
+    ):
+        pp.search(
+            model, "5%", task, evaluate=lambda m, f: {"acc": 1}, strategy="random", trials=1, progress=False, seeds=0
+        )
     with pytest.raises(TypeError, match="not both"):
         pp.search(model, "5%", task, evaluate=score, evaluator=lambda *a, **k: None)
 
@@ -71,8 +93,11 @@ def test_a_plain_function_gets_no_rate_search_and_failures_are_recorded(tmp_path
 def trial_plans(plan, url) -> list[dict]:
     """The LoRA ranks of each plan the study trained."""
     trials = optuna.load_study(study_name=plan.provenance["study"], storage=url).trials
-    return [{n: e["rank"] for n, e in t.user_attrs["plan"]["sites"].items() if e["method"] == "lora"}
-            for t in trials if "plan" in t.user_attrs]  # fmt: skip
+    return [
+        {n: e["rank"] for n, e in t.user_attrs["plan"]["sites"].items() if e["method"] == "lora"}
+        for t in trials
+        if "plan" in t.user_attrs
+    ]
 
 
 def ranks(plan) -> dict:
@@ -96,8 +121,16 @@ def test_a_loop_without_a_task_scores_sites_from_weights_and_says_so_once(tmp_pa
     assert {s for s in seen} == {(None, 0.05), (None, 1.0)} and plan.recipe.epochs in (None, 1.0)
 
     steps = []
-    pp.search(model, "5%", evaluate=lambda m, fidelity: steps.append(fidelity.steps) or 0.5, trials=2, progress=False,
-              recipe=pp.Recipe(steps=40), seeds=0, strategy="random")  # fmt: skip
+    pp.search(
+        model,
+        "5%",
+        evaluate=lambda m, fidelity: steps.append(fidelity.steps) or 0.5,
+        trials=2,
+        progress=False,
+        recipe=pp.Recipe(steps=40),
+        seeds=0,
+        strategy="random",
+    )
     assert set(steps) == {2, 40}  # a recipe in steps: 5% of it, then all of it
     with pytest.raises(ValueError, match="training memory depends on the training batch"):
         pp.search(model, pp.Budget(params="5%", memory="1MiB"), evaluate=score, trials=1, progress=False)
@@ -112,14 +145,24 @@ def test_calibration_batches_give_grad2_scores_without_a_task(tmp_path):
             read.append(1)
             yield batch
 
-    with_task = pp.search(model, "5%", task=Task(task.train_batches, [], model_loss, None), calibration_batches=3, strategy="proxy")
+    with_task = pp.search(
+        model, "5%", task=Task(task.train_batches, [], model_loss, None), calibration_batches=3, strategy="proxy"
+    )
     calibrated = pp.search(model, "5%", calibration=loader(), calibration_batches=3)
     assert len(read) == 3 and calibrated.provenance["scores"] == "grad2"
     assert ranks(calibrated) == ranks(with_task) != ranks(pp.search(model, "5%"))
 
     url = f"sqlite:///{tmp_path / 's.db'}"
-    loop = pp.search(model, "5%", evaluate=lambda m, f: 0.5, calibration=torch.utils.data.DataLoader(task.train_batches, batch_size=None),
-                     calibration_batches=3, trials=3, progress=False, storage=url)  # fmt: skip
+    loop = pp.search(
+        model,
+        "5%",
+        evaluate=lambda m, f: 0.5,
+        calibration=torch.utils.data.DataLoader(task.train_batches, batch_size=None),
+        calibration_batches=3,
+        trials=3,
+        progress=False,
+        storage=url,
+    )
     assert ranks(calibrated) in trial_plans(loop, url)  # the grad² proxy plan seeds the search
 
     with pytest.raises(TypeError, match="yields Tensors"):

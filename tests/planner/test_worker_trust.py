@@ -18,8 +18,16 @@ class Imported(Exception):
 
 def _storage_naming(source: Source) -> optuna.storages.BaseStorage:
     storage = optuna.storages.InMemoryStorage()
-    config = StudyConfig("random", 1, ("metric", "params"), {"metric": "max", "params": "min"}, (Fidelity(),), {},
-                         Budget.coerce("1%").to_dict(), source=source)  # fmt: skip
+    config = StudyConfig(
+        "random",
+        1,
+        ("metric", "params"),
+        {"metric": "max", "params": "min"},
+        (Fidelity(),),
+        {},
+        Budget.coerce("1%").to_dict(),
+        source=source,
+    )
     study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"])
     study.set_user_attr(ATTR, config.to_dict())
     return storage
@@ -33,10 +41,13 @@ def no_import(monkeypatch):
     monkeypatch.setattr(Source, "load", load)
 
 
-@pytest.mark.parametrize("source, named", [
-    (Source("os:system", "task"), "os:system"),
-    (Source("minilm", "task", space="subprocess:run"), "subprocess:run"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source, named",
+    [
+        (Source("os:system", "task"), "os:system"),
+        (Source("minilm", "task", space="subprocess:run"), "subprocess:run"),
+    ],
+)
 def test_a_worker_refuses_factories_it_was_not_told_to_trust(no_import, source, named):
     with pytest.raises(StudyError, match=f"asks its workers to import and run \\['{named}'\\].*--allow {named}"):
         run_worker(_storage_naming(source), progress=False)

@@ -96,7 +96,7 @@ class StudyDisplay:
     def _front(self, trials: list[FrozenTrial]) -> dict[str, Any]:
         """The front's size and hypervolume (reference: the worst of its rung, the limits)."""
         config = self.config
-        front = front_of(trials, config.senses, config.objectives)
+        front = front_of(trials, config)
         if not len(front):
             return {"front": 0, "hv": "–"}
         rung = front.points[0].info["rung"]

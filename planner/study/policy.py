@@ -278,11 +278,13 @@ def surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | No
     return f"surplus: rung {r} already has its {allowed} trial(s) for this slot"
 
 
-def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tuple[str, ...]) -> ParetoFront:
+def front_of(trials: list[FrozenTrial], config: Any, metric_name: str | None = None) -> ParetoFront:
     """The front of the highest rung that has completed trials, with each point's plan (of
     trials equal in every objective — one plan at two learning rates that tie on validation —
     the one with the lowest validation loss); every completed trial of every rung (plans left
-    out) is in ``front.evaluated``, for plots."""
+    out) is in ``front.evaluated``, for plots, each with the learning rate it trained at. The
+    front carries the study's limits (its budget line) and ``metric_name`` (its axis)."""
+    objectives, recipe_lr = config.objectives, (config.recipe or {}).get("lr")
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     top = max((rung_of(t) for t in done), default=0)
     points, evaluated = [], []
@@ -292,6 +294,7 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
             "rung": rung_of(t),
             "candidate": candidate_of(t),
             "fidelity": t.user_attrs.get("fidelity", ""),
+            **({"lr": float(t.params.get("lr", recipe_lr))} if t.params.get("lr", recipe_lr) is not None else {}),
             **({"baseline": t.user_attrs["baseline"]} if "baseline" in t.user_attrs else {}),
             **(
                 {"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {}
@@ -302,6 +305,8 @@ def front_of(trials: list[FrozenTrial], senses: dict[str, str], objectives: tupl
             plan = stored_plan(t) if "plan" in t.user_attrs else None
             points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
     points.sort(key=lambda p: p.info.get("validation_loss", math.inf))  # of equal points the front keeps the first
-    front = ParetoFront.from_points(points, {k: senses[k] for k in objectives})
+    front = ParetoFront.from_points(points, {k: config.senses[k] for k in objectives})
     front.evaluated = evaluated
+    front.limits = {k: v for k, v in config.limits.items() if k in front.senses}
+    front.metric_name = metric_name
     return front

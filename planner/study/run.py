@@ -368,7 +368,7 @@ def study_front(storage: optuna.storages.BaseStorage | str, study_name: str | No
     config = stored_config(storage, name)
     study = optuna.load_study(study_name=name, storage=storage)
     try:
-        return front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+        return front_of(study.get_trials(deepcopy=False), config)
     except StudyError as e:  # a trial's stored plan, edited by hand
         raise damaged(storage, name, e) from None
 
@@ -378,7 +378,7 @@ def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
     with ``plan.front`` set; the front's plans record ``task``'s class names (`Task.provenance`)."""
     try:
         config = StudyConfig.from_dict(study.user_attrs[ATTR])
-        front = front_of(study.get_trials(deepcopy=False), config.senses, config.objectives)
+        front = front_of(study.get_trials(deepcopy=False), config, task.metric_name if task is not None else None)
     except StudyError as e:
         raise damaged(study._storage, study.study_name, e) from None
     if not len(front):

@@ -237,3 +237,48 @@ def test_counts_are_shortened_to_three_significant_figures():
         "22.7M",
         "7G",
     ]
+
+
+def test_a_real_searchs_front_carries_its_budget_metric_and_every_trials_rate(tmp_path):
+    """What the plots read comes from the study itself: each trial's lr (the knob's value, else the
+    recipe's), the study's limits as the budget line, the task's metric on the axis."""
+    from peftplan.planner.study.run import run_search, study_front
+    from peftplan.planner.training.evaluate import Fidelity
+    from peftplan.recipe import Recipe
+    from tests import zoo
+    from tests.planner.trials import tiny_task
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    plan = run_search(
+        zoo.bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="random",
+        trials=2,
+        storage=url,
+        recipe=Recipe(lr=5e-3, steps=6),
+        fidelities=[Fidelity()],
+        seeds=2,
+        refine=0,
+        progress=False,
+    )
+    front = plan.front
+    assert front.metric_name == tiny_task().metric_name
+    assert set(front.limits) == {"params"} and front.limits["params"] >= max(p.values["params"] for p in front)
+    trials = front.evaluated
+    assert trials and all(isinstance(p.info.get("lr"), float) for p in trials)
+    rates = {p.info["trial"]: p.info["lr"] for p in trials}
+    stored = {t.number: t.params.get("lr", 5e-3) for t in _trials(url) if t.state.name == "COMPLETE"}
+    assert rates == pytest.approx(stored)
+    assert study_front(url).limits == front.limits  # read back from the database alone
+    path = front.plot(tmp_path / "front.html")
+    page = path.read_text()
+    assert f"validation {front.metric_name}" in page and "budget:" in page
+
+
+def _trials(url: str):
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -352,6 +353,12 @@ def _check_classes(model: Any, table: Labels, rows: list[Row]) -> None:
                          f"classes are 0 to {n_labels - 1}): renumber the labels 0 to {seen - 1}, or write class names")  # fmt: skip
     if seen >= n_labels:
         raise ValueError(f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}")
+    classes = len(table.names) if table.names is not None else seen + 1
+    if classes < n_labels:
+        found = list(table.names) if table.names is not None else sorted({label for label, _ in rows})
+        warnings.warn(f"the model has {n_labels} labels (num_labels={n_labels}, --num-labels) but the data has "
+                      f"{classes} classes (labels seen: {found}): the other outputs are never a right answer; load it "
+                      f"with num_labels={classes} (--num-labels {classes})", stacklevel=4)  # fmt: skip
 
 
 def stratified_split(rows: list[tuple[int, str]], share: float | int, *, seed: int = 0) -> tuple[list, list]:

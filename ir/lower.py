@@ -135,9 +135,11 @@ def _expand(graph: SiteGraph, model: nn.Module, tunable: dict[str, str], stacks:
         return static_site(name, model.get_submodule(name), tunable[name], in_shape=like.in_shape,
                            out_shape=like.out_shape, calls=like.calls)  # fmt: skip
 
-    kept = ", ".join(f"{s.path or '<root>'}: {len(s.kept)} of {s.size} blocks" for s in stacks)
+    kept = ", ".join(f"{len(s.kept)} of the {s.size} blocks of {s.path or '<root>'}" for s in stacks)
+    note = (f"traced {kept} (faster than tracing all); the other blocks are built the same way, so their sites are "
+            "copies of the traced blocks' sites")  # fmt: skip
     return replace(graph, sites=[graph[n] if n in graph else copied(n) for n in order], graph=edges,
-                   notes=[*graph.notes, f"captured {kept} and expanded by structure"])  # fmt: skip
+                   notes=[*graph.notes, note])  # fmt: skip
 
 
 def _blocks(graph: SiteGraph, stacks: list[Stack]) -> None:

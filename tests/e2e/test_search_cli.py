@@ -84,3 +84,23 @@ def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsy
     assert not torch.equal(tuned.classifier.weight, minilm_vocab_classifier().classifier.weight)  # trained, not fresh
     assert main([*apply, "--steps", "2", "--lr", "1e-2"]) == 0
     assert "training 2 steps at lr 0.01" in capsys.readouterr().out
+
+
+def test_search_reports_the_returned_plan_on_the_eval_data_or_says_why_not(tmp_path, capsys):
+    import re
+
+    task_dir, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
+    search = ["search", MODEL, "--task", str(task_dir), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
+              "--trials", "2", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
+              "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    assert main(search) == 0
+    out = capsys.readouterr().out
+    assert f"the evaluation data ({task_dir}'s dev.tsv) is not scored" in out and "pass --eval FILE" in out
+    assert main([*search, "--eval", str(task_dir / "dev.tsv")]) == 0  # the same study: nothing reruns, the plan is trained once more
+    out = capsys.readouterr().out
+    assert f"to score it on {task_dir / 'dev.tsv'}" in out
+    reported = re.search(r"evaluation accuracy (\S+),", out).group(1)
+    # the reference: the same plan applied and trained by `apply` (same recipe, seed, batches)
+    assert main(["apply", MODEL, "--plan", str(tmp_path / "plan.json"), "--task", str(task_dir), "--tokenizer", "minilm",
+                 "--eval", str(task_dir / "dev.tsv"), "-q", "-o", str(tmp_path / "adapter")]) == 0  # fmt: skip
+    assert re.search(r"evaluation accuracy (\S+),", capsys.readouterr().out).group(1) == reported

@@ -57,6 +57,13 @@ def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
     assert "holds 0 studies" in capsys.readouterr().err
 
 
+def short_search(task_dir, folder) -> list[str]:
+    """A two-trial random search on the tiny task, its study and plan.json in ``folder``."""
+    return ["search", MODEL, "--task", str(task_dir), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
+            "--trials", "2", "--steps", "4", "--batch-size", "8", "--storage", f"sqlite:///{folder / 'study.db'}",
+            "--threads", "1", "-q", "-o", str(folder / "plan.json")]  # fmt: skip
+
+
 def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsys):
     import re
 
@@ -64,10 +71,8 @@ def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsy
 
     from peftplan.planner.training.task import accuracy
 
-    task_dir, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
-    search = ["search", MODEL, "--task", str(task_dir), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
-              "--trials", "2", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
-              "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    task_dir = write_task(tmp_path / "task")
+    search = short_search(task_dir, tmp_path)
     assert main(search) == 0
     plan = pp.Plan.load(tmp_path / "plan.json")
     capsys.readouterr()
@@ -89,10 +94,8 @@ def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsy
 def test_search_reports_the_returned_plan_on_the_eval_data_or_says_why_not(tmp_path, capsys):
     import re
 
-    task_dir, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
-    search = ["search", MODEL, "--task", str(task_dir), "--tokenizer", "minilm", "--budget", "1%", "--strategy", "random",
-              "--trials", "2", "--steps", "4", "--batch-size", "8", "--storage", url, "--threads", "1", "-q",
-              "-o", str(tmp_path / "plan.json")]  # fmt: skip
+    task_dir = write_task(tmp_path / "task")
+    search = short_search(task_dir, tmp_path)
     assert main(search) == 0
     out = capsys.readouterr().out
     assert f"the evaluation data ({task_dir}'s dev.tsv) is not scored" in out and "pass --eval FILE" in out

@@ -13,7 +13,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="apply a plan, train it by its recipe, save the adapters")
     arguments.model(p)
     p.add_argument("--plan", required=True, help="plan.json from `peftplan plan` or `peftplan search`")
-    arguments.task(p, required=True)
+    arguments.task(p, required=True, help=arguments.TASK + "; its validation split (--validation) is held out as in search, "
+                   "the evaluation data (--eval, a folder's dev.tsv) scored after training")  # fmt: skip
     p.add_argument("--lr", type=float, help="override the plan's learning rate")
     p.add_argument("--steps", type=int, help="override the plan's training length")
     p.add_argument("--validation", type=float, default=0.2, help="share of the training data held out (default 0.2, as search)")

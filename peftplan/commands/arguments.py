@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 
 MODEL = "minilm, a local HF model directory, or package.module:factory"
-TASK = ("folder with train.tsv/dev.tsv (LABEL<TAB>TEXT) or a data file (.csv, .json, .jsonl, .parquet); its validation "
-        "split (--validation) is held out of training, the evaluation data (--eval, a folder's dev.tsv) only reported")  # fmt: skip
+TASK = "folder with train.tsv/dev.tsv (LABEL<TAB>TEXT) or a data file (.csv, .json, .jsonl, .parquet)"
 
 
 def model(parser: argparse.ArgumentParser) -> None:

@@ -16,8 +16,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search", help="multi-objective search over plans: trains candidates, keeps the Pareto front")
     arguments.model(p)
-    arguments.task(p, required=True, help=arguments.TASK + "; candidates are scored on the validation split, never on the "
-                   "evaluation data, which --eval has the returned plan trained and scored on at the end")  # fmt: skip
+    arguments.task(p, required=True, help=arguments.TASK + "; candidates are scored on a validation split of the training data "
+                   "(--validation), never on the evaluation data, which --eval has the returned plan trained and scored on "
+                   "at the end")  # fmt: skip
     arguments.budget(p)
     p.add_argument("--strategy", default=DEFAULT, help=f"{DEFAULT} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT)}")
     p.add_argument("--trials", type=int, default=TRIALS, help=f"completed candidates at the first rung (default {TRIALS})")

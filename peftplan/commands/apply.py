@@ -52,11 +52,10 @@ def train_and_report(model, plan, task, recipe, args: argparse.Namespace):
     from peftplan.planner.training.diagnose import diagnose_model
     from peftplan.planner.training.evaluate import metric_and_loss
 
-    model = pp.apply(model, plan)
-    note = applied_plan(model).provenance.get("retargeted")
-    if note:
-        print(f"re-targeted: {note}")
-    print(f"applied {plan.summary()}; training {recipe.total_steps(len(task.train_batches))} steps at lr {recipe.lr:g}")
+    applied = applied_plan(pp.apply(model, plan))
+    if "retargeted" in applied.provenance:
+        print(f"re-targeted: {applied.provenance['retargeted']}")
+    print(f"applied {applied.summary()}; training {recipe.total_steps(len(task.train_batches))} steps at lr {recipe.lr:g}")
     run = pp.train(model, task, recipe, seed=args.seed, progress=not args.quiet, device=args.device, bf16=args.bf16,
                    checkpointing=args.checkpointing)  # fmt: skip
     for split, batches in (("validation", task.validation_batches), ("evaluation", task.eval_batches)):

@@ -57,6 +57,7 @@ def test_the_command_line_sequence_on_a_tiny_encoder(tmp_path, monkeypatch, caps
     out = run("apply", model="./base", data=data, capsys=capsys)
     assert "re-targeted: the plan names the sites of BertModel; applied to the same sites inside " \
            "BertForSequenceClassification (bert.…), its new head classifier trained fully" in out  # fmt: skip
+    assert "full: 1 site; lora:" in out  # the head, beside the plan's own sites
     assert re.search(r"validation accuracy [\d.]+, loss", out) and re.search(r"evaluation accuracy [\d.]+, loss", out)
     tuned = pp.Plan.load(Path("adapter") / "plan.json")
     assert sorted(tuned.sites) == sorted([f"bert.{n}" for n in bare.sites] + ["classifier"])

@@ -107,3 +107,13 @@ def test_search_reports_the_returned_plan_on_the_eval_data_or_says_why_not(tmp_p
     assert main(["apply", MODEL, "--plan", str(tmp_path / "plan.json"), "--task", str(task_dir), "--tokenizer", "minilm",
                  "--eval", str(task_dir / "dev.tsv"), "-q", "-o", str(tmp_path / "adapter")]) == 0  # fmt: skip
     assert re.search(r"evaluation accuracy (\S+),", capsys.readouterr().out).group(1) == reported
+
+
+def test_apply_warns_when_the_trained_model_scores_at_chance(tmp_path, capsys):
+    task_dir = write_task(tmp_path / "task")
+    plan = pp.search(minilm_vocab_classifier(), "1%", strategy="proxy")
+    plan.save(tmp_path / "plan.json")  # trained one step at a learning rate of nothing: the fresh model's guesses
+    assert main(["apply", MODEL, "--plan", str(tmp_path / "plan.json"), "--task", str(task_dir), "--tokenizer", "minilm",
+                 "--steps", "1", "--lr", "1e-12", "-q", "-o", str(tmp_path / "adapter")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: validation accuracy" in err and "is at chance level" in err and "--steps" in err

@@ -30,7 +30,7 @@ from ..ir.modules import fingerprint, module_features, module_op, static_site
 from ..ir.site import Site
 from ..plan import Plan
 from .base import Method, PlanError, get_method, listing
-from .retarget import retarget
+from .retarget import by_base_model, retarget
 from .wrapper import Wrapper
 
 log = logging.getLogger("peftplan")
@@ -106,6 +106,10 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
     plan = _as_plan(plan)
     if hasattr(model, PLAN_ATTR):
         raise PlanError("this model already has a plan applied; call peftplan.remove(model) first")
+    moved = by_base_model(plan, model)
+    if moved is not None:
+        plan = moved
+        log.info("%s", plan.provenance["retargeted"])
     resolved = _resolve(model, plan, check)
     errors, todo = [], []
     for name, (module, site) in resolved.items():
@@ -474,6 +478,8 @@ def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Mo
         head = "the plan does not fit this model"
         if actual != expected:
             head += f" (plan fingerprint {expected}, model {actual})"
+        if "retargeted" in plan.provenance:
+            head += f"; {plan.provenance['retargeted']}"
         if not problems:
             problems = ["every plan site matches, but the model's other tunable modules differ"]
         hint = "Apply a plan made for this model" + (

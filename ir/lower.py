@@ -169,12 +169,16 @@ def _expand(graph: SiteGraph, model: nn.Module, tunable: dict[str, str], stacks:
             calls=like.calls,
         )
 
-    kept = ", ".join(f"{s.path or '<root>'}: {len(s.kept)} of {s.size} blocks" for s in stacks)
+    kept = ", ".join(f"{len(s.kept)} of the {s.size} blocks of {s.path or '<root>'}" for s in stacks)
+    note = (
+        f"traced {kept} (faster than tracing all); the other blocks are built the same way, so their sites are "
+        "copies of the traced blocks' sites"
+    )
     return replace(
         graph,
         sites=[graph[n] if n in graph else copied(n) for n in order],
         graph=edges,
-        notes=[*graph.notes, f"captured {kept} and expanded by structure"],
+        notes=[*graph.notes, note],
     )
 
 

@@ -72,6 +72,9 @@ def module_features(module: nn.Module) -> tuple[int, int]:
     return n, n
 
 
+HEAD_NAMES = ("classifier", "score")  # top-level modules HF classification models add, freshly initialised
+
+
 def tunable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """Every tunable module as (path, module, op), in definition order."""
     out = []

@@ -255,7 +255,14 @@ class SiteGraph:
             f"{self.graph.number_of_edges()} dataflow edges, {self.total_params:,} params, "
             f"captured by {self.capture}"
         )
-        return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+        batch, length = self.example_shape
+        shape = f"batch {batch} × sequence length {length}" if length > 1 else f"batch {batch}"
+        notes = [
+            f"MFLOPs: each site's forward FLOPs on the example input the model was lowered with ({shape}); "
+            "they grow in proportion to both",
+            *self.notes,
+        ]
+        return "\n".join([summary, *lines, *(f"note: {n}" for n in notes)])
 
     def __str__(self) -> str:
         return self.table(max_rows=60)

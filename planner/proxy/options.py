@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ...backends.base import RANK_UNIT
+from ...ir.modules import HEAD_NAMES
 from ...ir.site import SiteGraph
 from .allocate import eligible_sites
-
-HEAD_NAMES = ("classifier", "score")  # top-level modules HF classification models add, freshly initialised
 
 
 def heads(graph: SiteGraph) -> list[str]:

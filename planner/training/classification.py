@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -185,6 +186,15 @@ def _check_classes(model: Any, table: Labels, rows: list[Row]) -> None:
     if seen >= n_labels:
         raise ValueError(
             f"the data has label {seen} but the model has {n_labels} labels; load it with num_labels={seen + 1}"
+        )
+    classes = len(table.names) if table.names is not None else seen + 1
+    if classes < n_labels:
+        found = list(table.names) if table.names is not None else sorted({label for label, _ in rows})
+        warnings.warn(
+            f"the model has {n_labels} labels (num_labels={n_labels}, --num-labels) but the data has {classes} "
+            f"classes (labels seen: {found}): the other outputs are never a right answer; load it with "
+            f"num_labels={classes} (--num-labels {classes})",
+            stacklevel=4,
         )
 
 

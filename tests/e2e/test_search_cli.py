@@ -62,6 +62,15 @@ def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
     assert len(rows) == len(front) >= 1 and {"metric", "params", "trial", "rung"} <= set(rows[0])
     assert plan.objectives in [p.values for p in front]
     assert files["png"].read_bytes()[:4] == b"\x89PNG" and "plotly" in files["html"].read_text()
+    every = tmp_path / "trials.csv"
+    assert main(["front", url, "--trials-csv", str(every)]) == 0
+    trial_rows = list(csv.DictReader(every.open()))
+    done = [
+        t
+        for t in optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials
+        if t.state.name == "COMPLETE"
+    ]
+    assert len(trial_rows) == len(done) > len(rows) - 1 and all(float(r["lr"]) > 0 for r in trial_rows)
 
     n_trials = len(optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).trials)
     assert main(search) == 0  # the same call again: the study is complete, nothing runs
@@ -86,15 +95,9 @@ def test_front_of_an_empty_storage_is_a_clear_error(tmp_path, capsys):
     assert "holds 0 studies" in capsys.readouterr().err
 
 
-def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsys):
-    import re
-
-    import torch
-
-    from peftplan.planner.training.task import accuracy
-
-    task_dir, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
-    search = [
+def short_search(task_dir, folder) -> list[str]:
+    """A two-trial random search on the tiny task, its study and plan.json in ``folder``."""
+    return [
         "search",
         MODEL,
         "--task",
@@ -112,13 +115,24 @@ def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsy
         "--batch-size",
         "8",
         "--storage",
-        url,
+        f"sqlite:///{folder / 'study.db'}",
         "--threads",
         "1",
         "-q",
         "-o",
-        str(tmp_path / "plan.json"),
+        str(folder / "plan.json"),
     ]
+
+
+def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsys):
+    import re
+
+    import torch
+
+    from peftplan.planner.training.task import accuracy
+
+    task_dir = write_task(tmp_path / "task")
+    search = short_search(task_dir, tmp_path)
     assert main(search) == 0
     plan = pp.Plan.load(tmp_path / "plan.json")
     capsys.readouterr()
@@ -146,3 +160,71 @@ def test_apply_trains_a_searched_plan_by_its_recipe_and_saves_it(tmp_path, capsy
     assert not torch.equal(tuned.classifier.weight, minilm_vocab_classifier().classifier.weight)  # trained, not fresh
     assert main([*apply, "--steps", "2", "--lr", "1e-2"]) == 0
     assert "training 2 steps at lr 0.01" in capsys.readouterr().out
+
+
+def test_search_reports_the_returned_plan_on_the_eval_data_or_says_why_not(tmp_path, capsys):
+    import re
+
+    task_dir = write_task(tmp_path / "task")
+    search = short_search(task_dir, tmp_path)
+    assert main(search) == 0
+    out = capsys.readouterr().out
+    assert f"the evaluation data ({task_dir}'s dev.tsv) is not scored" in out and "pass --eval FILE" in out
+    assert (
+        main([*search, "--eval", str(task_dir / "dev.tsv")]) == 0
+    )  # the same study: nothing reruns, the plan is trained once more
+    out = capsys.readouterr().out
+    assert f"to score it on {task_dir / 'dev.tsv'}" in out
+    reported = re.search(r"evaluation accuracy (\S+),", out).group(1)
+    # the reference: the same plan applied and trained by `apply` (same recipe, seed, batches)
+    assert (
+        main(
+            [
+                "apply",
+                MODEL,
+                "--plan",
+                str(tmp_path / "plan.json"),
+                "--task",
+                str(task_dir),
+                "--tokenizer",
+                "minilm",
+                "--eval",
+                str(task_dir / "dev.tsv"),
+                "-q",
+                "-o",
+                str(tmp_path / "adapter"),
+            ]
+        )
+        == 0
+    )
+    assert re.search(r"evaluation accuracy (\S+),", capsys.readouterr().out).group(1) == reported
+
+
+def test_apply_warns_when_the_trained_model_scores_at_chance(tmp_path, capsys):
+    task_dir = write_task(tmp_path / "task")
+    plan = pp.search(minilm_vocab_classifier(), "1%", strategy="proxy")
+    plan.save(tmp_path / "plan.json")  # trained one step at a learning rate of nothing: the fresh model's guesses
+    assert (
+        main(
+            [
+                "apply",
+                MODEL,
+                "--plan",
+                str(tmp_path / "plan.json"),
+                "--task",
+                str(task_dir),
+                "--tokenizer",
+                "minilm",
+                "--steps",
+                "1",
+                "--lr",
+                "1e-12",
+                "-q",
+                "-o",
+                str(tmp_path / "adapter"),
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "warning: validation accuracy" in err and "is at chance level" in err and "--steps" in err

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import warnings
 
 import pytest
 import torch
@@ -210,3 +212,31 @@ def test_bad_data_names_the_column_or_file(tmp_path, tokenizer):
         make([1, 2], tokenizer)
     with pytest.raises(ValueError, match=r"splits \['test'\] but no 'train'"):
         make(datasets.DatasetDict(test=datasets.Dataset.from_dict({"text": ["a"], "label": [0]})), tokenizer)
+
+
+@pytest.mark.parametrize("names", [False, True])
+def test_more_model_labels_than_the_data_has_classes_is_said(tmp_path, tokenizer, names):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    )
+    path = write(tmp_path / "train.csv", ROWS, names=names)
+    seen = "['neg', 'pos']" if names else "[0, 1]"
+    with pytest.warns(
+        UserWarning,
+        match=rf"3 labels \(num_labels=3, --num-labels\) but the data has 2 classes \(labels seen: "
+        rf"{re.escape(seen)}\).* num_labels=2 \(--num-labels 2\)",
+    ):
+        Task.for_sequence_classification(model, tokenizer, path)
+    model.config.num_labels = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Task.for_sequence_classification(model, tokenizer, path)  # two and two: nothing to say

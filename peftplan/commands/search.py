@@ -146,18 +146,10 @@ def run(args: argparse.Namespace) -> int:
     from peftplan.planner.study import run_search
     from peftplan.planner.study.halving import default_rungs, halving_rungs
     from peftplan.planner.training.evaluate import Fidelity
-    from peftplan.recipe import Recipe
 
     source = arguments.source(args, args.batch_size, args.max_train, args.max_dev, validation=args.validation)
     model, task = source.load()
-    recipe = Recipe(
-        lr=args.lr,
-        steps=args.steps,
-        warmup=args.warmup,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-    )
+    recipe = _recipe_of(args)
     top = Fidelity(recipe.total_steps(len(task.train_batches)))
     rungs = default_rungs() if args.rungs is None else halving_rungs(top, args.rungs, args.eta)
     plan = run_search(

@@ -86,10 +86,24 @@ def apply(
     ``scores=<tensor>``; a site that needs scores and has none is a `PlanError`. Scores for
     other sites are ignored.
 
-    >>> model = apply(model, Plan.load("plan.json"))  # doctest: +SKIP
-    >>> count_trainable(model)  # doctest: +SKIP
-    73728
-    >>> apply(model, sparse_plan, scores={"encoder.layer.0.output.dense": grad2})  # doctest: +SKIP
+    >>> qv = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")]
+    >>> Plan(sites={name: {"method": "lora", "rank": 4} for name in qv}).save("plan.json")
+    PosixPath('plan.json')
+    >>> model = apply(tiny_bert(), Plan.load("plan.json"))
+    >>> count_trainable(model)  # 4 sites * rank 4 * (32 in + 32 out)
+    1024
+
+    Sparse entries chosen by grad² of one labelled batch:
+
+    >>> model, site = tiny_bert(), "bert.encoder.layer.0.output.dense"
+    >>> model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([1])).loss.backward()
+    >>> grad2 = model.get_submodule(site).weight.grad ** 2
+    >>> sparse_plan = Plan(sites={site: {"method": "sparse", "density": 0.01, "selection": "sensitivity"}})
+    >>> model = apply(model, sparse_plan, scores={site: grad2})
+    >>> count_trainable(model)  # round(0.01 * 64 * 32) entries of the 64-in, 32-out weight
+    20
+    >>> sorted(model.get_submodule(site).indices.tolist()) == sorted(grad2.flatten().topk(20).indices.tolist())
+    True
     """
     if match == "role+depth":
         plan, mapping = retarget(_as_plan(plan), lower(model))
@@ -240,8 +254,13 @@ def _tied(model: nn.Module, name: str) -> list[str]:
 def applied_plan(model: nn.Module) -> Plan:
     """The plan `apply` put on ``model``; `PlanError` when there is none.
 
-    >>> applied_plan(apply(model, plan)) is plan  # doctest: +SKIP
+    >>> plan = Plan(sites={"classifier": {"method": "full"}})
+    >>> applied_plan(apply(tiny_bert(), plan)) is plan
     True
+    >>> applied_plan(tiny_bert())
+    Traceback (most recent call last):
+    ...
+    peftplan.backends.base.PlanError: this model has no peftplan plan applied; call peftplan.apply(model, plan) first
     """
     plan = getattr(model, PLAN_ATTR, None)
     if plan is None:
@@ -259,8 +278,18 @@ def merge(model: nn.Module) -> MergeReport:
     All or nothing, like `apply`: if a site's ``merge()`` raises, every site merged so far is
     unmerged again before the error propagates, so the model computes what it did before.
 
-    >>> print(merge(model))  # doctest: +SKIP
-    merged 12 site(s), left 0
+    >>> model, query = tiny_bert().eval(), "bert.encoder.layer.0.attention.self.query"
+    >>> plan = Plan(sites={query: {"method": "lora", "rank": 2},
+    ...                     "bert.encoder.layer.0.output.dense": {"method": "adapter", "bottleneck": 4}})
+    >>> model = apply(model, plan)
+    >>> _ = nn.init.normal_(model.get_submodule(query).lora_B)  # as if trained: a nonzero delta
+    >>> ids = torch.tensor([[5, 6, 7]])
+    >>> before = model(ids).logits
+    >>> print(merge(model))  # doctest: +ELLIPSIS
+    merged 1 site(s), left 1
+      left bert.encoder.layer.0.output.dense: an adapter's activation is nonlinear, ...
+    >>> torch.allclose(model(ids).logits, before, atol=1e-5)
+    True
     """
     report = MergeReport(left=unmergeable(model))
     todo = [(name, model.get_submodule(name)) for name in applied_plan(model).tuned() if name not in report.left]
@@ -282,8 +311,10 @@ def unmergeable(model: nn.Module) -> dict[str, str]:
     """The tuned sites `merge` leaves unmerged, each with why: its method's ``can_merge`` says
     no for these hyper-parameters, or its weight is tied to another module.
 
-    >>> unmergeable(apply(model, plan))  # doctest: +SKIP
-    {'transformer.h.0.mlp.c_fc': "method 'adapter' cannot be merged"}
+    >>> plan = Plan(sites={"bert.encoder.layer.0.attention.self.query": {"method": "lora", "rank": 2},
+    ...                     "bert.encoder.layer.0.output.dense": {"method": "adapter", "bottleneck": 4}})
+    >>> unmergeable(apply(tiny_bert(), plan))  # doctest: +ELLIPSIS
+    {'bert.encoder.layer.0.output.dense': "an adapter's activation is nonlinear, so its delta cannot fold ..."}
     """
     plan, left = applied_plan(model), {}
     owners: dict[int, set[str]] = {}  # parameter -> every module holding it (tied weights: several)
@@ -308,8 +339,16 @@ def unmergeable(model: nn.Module) -> dict[str, str]:
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged deltas back out of the base weights; returns ``model``.
 
-    >>> unmerge(model) is model  # doctest: +SKIP
-    True
+    >>> model, query = tiny_bert(), "bert.encoder.layer.0.attention.self.query"
+    >>> model = apply(model, Plan(sites={query: {"method": "lora", "rank": 2}}))
+    >>> _ = nn.init.normal_(model.get_submodule(query).lora_B)  # as if trained: a nonzero delta
+    >>> weight = model.get_submodule(query).base.weight
+    >>> original = weight.detach().clone()
+    >>> _ = merge(model)
+    >>> torch.allclose(weight, original)
+    False
+    >>> unmerge(model) is model, torch.allclose(weight, original, atol=1e-6)
+    (True, True)
     """
     for name in applied_plan(model).tuned():
         module = model.get_submodule(name)
@@ -323,7 +362,12 @@ def remove(model: nn.Module) -> nn.Module:
 
     Sites tuned with ``full`` keep their trained weights (they are the module's own).
 
-    >>> remove(apply(model, plan)) is model  # doctest: +SKIP
+    >>> model, name = tiny_bert(), "bert.encoder.layer.0.attention.self.query"
+    >>> query = model.get_submodule(name)
+    >>> plan = Plan(sites={name: {"method": "lora", "rank": 2}})
+    >>> remove(apply(model, plan)) is model, model.get_submodule(name) is query  # the original module back
+    (True, True)
+    >>> count_trainable(model) == sum(p.numel() for p in model.parameters())  # all trainable again, as before
     True
     """
     unmerge(model)
@@ -347,8 +391,12 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     buffers (a sparse delta's indices, say), base weights of wrapped sites excluded; merged
     sites still give their adapter values.
 
-    >>> sorted(adapter_tensors(model))[:2]  # doctest: +SKIP
-    ['encoder.layer.0.attention.self.query.lora_A', 'encoder.layer.0.attention.self.query.lora_B']
+    >>> query = "bert.encoder.layer.0.attention.self.query"
+    >>> model = apply(tiny_bert(), Plan(sites={query: {"method": "lora", "rank": 2}}))
+    >>> sorted(adapter_tensors(model))
+    ['bert.encoder.layer.0.attention.self.query.lora_A', 'bert.encoder.layer.0.attention.self.query.lora_B']
+    >>> sum(t.numel() for t in adapter_tensors(model).values())  # rank 2 * (32 in + 32 out)
+    128
     """
     swapped = set(getattr(model, UNDO_ATTR).swapped) if hasattr(model, UNDO_ATTR) else set()
     out = {}
@@ -387,7 +435,14 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
 
     Each site's `Wrapper.aux_loss` gives its own (None by default).
 
-    >>> loss = task_loss + 0.01 * aux_loss(model)  # doctest: +SKIP
+    >>> moe = {"method": "moe_lora", "experts": 2, "rank": 2, "top_k": 2}
+    >>> model = apply(tiny_bert(), Plan(sites={f"bert.encoder.layer.{i}.attention.self.query": moe for i in (0, 1)}))
+    >>> aux_loss(model)  # no forward yet
+    0.0
+    >>> task_loss = model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([1])).loss
+    >>> loss = task_loss + 0.01 * aux_loss(model)
+    >>> round(aux_loss(model).item(), 4)  # each token uses both experts: each site's balance loss is at its minimum, 1
+    2.0
     """
     total: torch.Tensor | float = 0.0
     for module in model.modules():
@@ -399,7 +454,15 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters that require grad, each shared tensor once (what to give the optimizer).
 
-    >>> opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-3)  # doctest: +SKIP
+    >>> query = "bert.encoder.layer.0.attention.self.query"
+    >>> plan = Plan(sites={query: {"method": "lora", "rank": 2}, "classifier": {"method": "full"}})
+    >>> model = apply(tiny_bert(), plan)
+    >>> sorted(trainable_parameters(model))  # doctest: +NORMALIZE_WHITESPACE
+    ['bert.encoder.layer.0.attention.self.query.lora_A', 'bert.encoder.layer.0.attention.self.query.lora_B',
+     'classifier.bias', 'classifier.weight']
+    >>> opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-3)
+    >>> len(opt.param_groups[0]["params"])
+    4
     """
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -7,7 +7,15 @@ star, the budget as a dashed line, each search seed's best trial as a ring named
 and any ``markers`` given (results trained elsewhere, e.g. a hand-tuned baseline) as labelled
 points. The HTML's hover shows each trial's objectives, learning rate, run length and plan.
 
-    >>> front.plot("front.png", markers={"peft LoRA r8 q,v": {"metric": 0.83, "params": 74498}})  # doctest: +SKIP
+    >>> from peftplan.planner.front import ParetoFront
+    >>> front = ParetoFront.from_points(
+    ...     [({"metric": 0.80, "params": 1_000}, None), ({"metric": 0.85, "params": 4_000}, None)],
+    ...     senses={"metric": "max", "params": "min"})
+    >>> baseline = {"peft LoRA r8 q,v": {"metric": 0.83, "params": 74_498}}
+    >>> front.plot("front.png", markers=baseline).read_bytes()[1:4]  # the PNG signature
+    b'PNG'
+    >>> "peft LoRA r8 q,v" in front.plot("front.html", markers=baseline).read_text()
+    True
 """
 
 from __future__ import annotations

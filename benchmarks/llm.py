@@ -332,7 +332,7 @@ def main() -> None:
     for task in args.tasks:
         print(f"{task}:", flush=True)
         results[task] = run_task(study, task, args.kinds, args.searches)
-    text = report(results)
+    text = report(results, args.store)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:
         command = "python benchmarks/llm.py --stored --results benchmarks/RESULTS.md"

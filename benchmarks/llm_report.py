@@ -4,6 +4,7 @@ benchmarks/llm.py stored."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -146,13 +147,48 @@ def plot(task: str, rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(results: dict[str, dict]) -> str:
+def in_progress(store: Path, task: str, done: set[str]) -> list[str]:
+    """What is stored of ``task``'s contenders that are not complete yet (their rows need the seed-0
+    grid, its extension at an edge and every seed): each run's validation metric, seed 0 first."""
+    runs = [json.loads(p.read_text()) for p in sorted(store.glob(f"{task}_*.json"))]
+    lines = []
+    for kind, (label, *_) in KINDS.items():
+        mine = sorted(
+            (r for r in runs if r["spec"].get("kind") == kind), key=lambda r: (r["spec"]["seed"], r["spec"]["lr"])
+        )
+        if mine and label not in done:
+            lines.append(
+                f"- {label}: "
+                + ", ".join(f"lr {r['spec']['lr']:g} seed {r['spec']['seed']} → {r['val_metric']:.4f}" for r in mine)
+            )
+    for r in runs:
+        label = "peftplan search" + (", every method" if r["spec"].get("methods") else "")
+        if r["spec"].get("search") and label not in done:
+            lines.append(
+                f"- {label} (its final runs pending): returned a plan at validation "
+                f"{r['plan']['objectives']['metric']:.4f} after {r['evaluations']} evaluations, "
+                f"{r['search_steps']:,} steps ({r['search_steps'] / r['spec']['steps']:.1f} final runs), "
+                f"{r['search_wall'] / 60:.0f} min"
+            )
+    if not lines:
+        return []
+    return [
+        f"**{task}**, not complete yet — stored so far (validation metric{', minus the loss per token' if is_lm(task) else ''}):",
+        "",
+        *lines,
+        "",
+    ]
+
+
+def report(results: dict[str, dict], store: Path | None = None) -> str:
     lines = [
         f"Budget {BUDGET:,} trainable params (peft LoRA r8 on q,v), every contender within 2% but the two fine-tuners' "
         "own default ranks; lr grids and the protocol as in benchmarks/llm.py's docstring.",
         "",
     ]
     for task, rows in results.items():
+        if store is not None:
+            lines += in_progress(store, task, set(rows))
         if not rows:
             continue
         lines += table(task, rows)

@@ -18,6 +18,7 @@ from tests.planner.trials import tiny_task
 from tests.zoo import bert_classifier
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+RETURNED_RED = (214, 39, 40)  # the star of the returned plan (planner/front/plot.py)
 FRONT_BLUE = (31, 119, 180)  # the front's markers (plot.py)
 
 
@@ -80,7 +81,9 @@ def test_front_html_draws_every_point_in_a_real_browser(study):
     shot = Image.open(folder / "shot.png").convert("RGB")
     inside = [shot.getpixel((x, y)) for x in range(int(x0), int(x0 + w)) for y in range(int(y0), int(y0 + h))]
     blue = sum(all(abs(c - t) < 30 for c, t in zip(px, FRONT_BLUE)) for px in inside)
-    assert blue > 40 * len(front)  # every front marker (10 px across) drawn inside the axes
+    red = sum(all(abs(c - t) < 30 for c, t in zip(px, RETURNED_RED)) for px in inside)
+    assert red > 60  # the returned plan's star (18 px across), drawn over its front marker
+    assert blue >= 40 * (len(front) - 1)  # every other front marker (10 px across) drawn inside the axes
     background = sum(px == (255, 255, 255) for px in inside)
     assert background > 0.5 * len(inside)  # and the page is a plot, not a blue page
 

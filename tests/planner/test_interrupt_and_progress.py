@@ -212,7 +212,14 @@ def test_ctrl_c_on_the_command_line_stops_with_one_line_and_the_rerun_resumes(tm
 
     def start(name: str) -> subprocess.Popen:
         return subprocess.Popen(
-            command(name), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{name}.err").open("w")
+            command(name),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / f"{name}.err").open("w"),
+            # Ctrl-C's default action, as on a terminal: a shell starts background jobs with SIGINT ignored,
+            # which their children inherit (then Python installs no KeyboardInterrupt handler at all)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     reference, proc = start("whole"), start("cut")  # side by side: the same search, uninterrupted

@@ -91,7 +91,7 @@ def run_job(job: dict) -> dict:
     base, _, task = load(job["task"])
     torch.manual_seed(job["seed"])
     if "sites" in job:
-        model, make_optimizer = pp.apply(base, pp.Plan.from_dict({"sites": job["sites"]})), None
+        model, make_optimizer = pp.apply(base, pp.Plan(sites=job["sites"])), None
     else:
         model, make_optimizer = build(job["kind"], base, task)
     rec = recipe(job["lr"])

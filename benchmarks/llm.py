@@ -13,8 +13,9 @@ every method.
 
 Protocol: every contender trains by one recipe (AdamW, 6% warm-up, linear decay, batches of 8,
 `steps` steps) on train.tsv less a held-out validation split; each learning rate is the best on
-that validation split (seed 0) of a grid extended by 2.5x while the best lies at its edge; the
-plan and the rate of a search are chosen on it too; results are dev.tsv's (a prefix), which
+that validation split: a grid on seed 0, extended by 2.5x while the best lies at its edge, then
+seed 0's two best rates on every seed, the better validation mean chosen; the plan and the rate
+of a search are chosen on it too; results are dev.tsv's (a prefix), which
 nothing chose anything on, as mean ± std over two seeds (the seed sets the adapters' start and
 the data order). Every run trains and is scored under bf16 autocast, in a process of its own
 with one torch thread (two side by side: `--jobs`), so its peak memory is the process's.
@@ -167,6 +168,15 @@ def search_job(job: dict) -> dict:
     }
 
 
+def _rank(run: dict) -> tuple[float, float]:
+    """A run's place on validation: the metric, ties broken by the loss."""
+    return run["val_metric"], -run["val_loss"]
+
+
+def _mean_rank(runs: list[dict]) -> tuple[float, float]:
+    return sum(r["val_metric"] for r in runs) / len(runs), -sum(r["val_loss"] for r in runs) / len(runs)
+
+
 # ---- the study: which runs, in which order ---------------------------------------------------
 
 
@@ -215,23 +225,28 @@ class Study:
         return self.run(f"{task}/{kind}@lr={lr:g},seed={seed}", {"task": task, "kind": kind, "lr": lr, "seed": seed})
 
     def tuned(self, task: str, kind: str, grid: tuple[float, ...], train=None) -> dict:
-        """The contender at the best lr on validation (seed 0) of ``grid``, extended by 2.5x
-        while the best is at an edge (twice at most), then on every seed."""
+        """The contender at its best lr: ``grid`` on seed 0, extended by 2.5x while the best is at
+        an edge (twice at most); then the other seeds at seed 0's two best rates, the rate with
+        the better validation mean over the seeds chosen (seed 0 alone once chose a rate at the
+        edge of stability, where seed 1 collapsed), and its runs on every seed reported."""
         train = train or (lambda lr, seed: self.baseline(task, kind, lr, seed))
         with cf.ThreadPoolExecutor(len(grid)) as pool:
             runs = dict(zip(grid, pool.map(lambda lr: train(lr, 0), grid)))
         while True:
-            best = max(runs, key=lambda lr: (runs[lr]["val_metric"], -runs[lr]["val_loss"]))
+            best = max(runs, key=lambda lr: _rank(runs[lr]))
             if len(runs) >= len(grid) + 2 or min(runs) < best < max(runs):
                 break
             lr = float(f"{best / 2.5 if best == min(runs) else best * 2.5:.3g}")
             runs[lr] = train(lr, 0)
-        seeds = [runs[best]] + [train(best, s) for s in SEEDS[1:]]
+        finalists = sorted(runs, key=lambda lr: _rank(runs[lr]), reverse=True)[:2]
+        seeds = {lr: [runs[lr]] + [train(lr, s) for s in SEEDS[1:]] for lr in finalists}
+        best = max(finalists, key=lambda lr: _mean_rank(seeds[lr]))
         return {
-            "runs": seeds,
+            "runs": seeds[best],
             "lr": best,
             "grid": [runs[lr] for lr in sorted(runs)],
-            "cost": len(runs) + len(SEEDS) - 1,
+            "finalists": {lr: seeds[lr] for lr in finalists},
+            "cost": len(runs) + len(finalists) * (len(SEEDS) - 1),
         }
 
     def plan_runs(self, task: str, label: str, plan, lr: float) -> list[dict]:

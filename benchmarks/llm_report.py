@@ -62,17 +62,29 @@ def table(task: str, rows: dict) -> list[str]:
         for label, row in rows.items()
         if "grid" in row
     )
-    return lines + ["", f"Learning-rate grids (validation metric, seed 0): {grids}.", ""]
+    finals = "; ".join(
+        f"{label}: " + ", ".join(f"{lr:g} → {_per_seed(runs)}" for lr, runs in row["finalists"].items())
+        for label, row in rows.items()
+        if "finalists" in row
+    )
+    lines += ["", f"Learning-rate grids (validation metric, seed 0): {grids}."]
+    if finals:
+        lines += [
+            "",
+            f"Seed 0's two best rates on every seed (validation metric per seed; the better mean chosen): {finals}.",
+        ]
+    return lines + [""]
+
+
+def _per_seed(runs: list[dict]) -> str:
+    return " / ".join(f"{r['val_metric']:.4f}" for r in runs)
 
 
 def wall(row: dict) -> float:
     """Seconds a contender's row cost: its lr grid, its other seeds' runs, its search."""
-    seen = {r["key"] for r in row.get("grid", [])}
-    return (
-        sum(r["wall"] for r in row.get("grid", []))
-        + sum(r["wall"] for r in row["runs"] if r["key"] not in seen)
-        + row.get("search", {}).get("wall", 0)
-    )
+    runs = {r["key"]: r for r in row.get("grid", []) + row["runs"]}
+    runs.update((r["key"], r) for finalist in row.get("finalists", {}).values() for r in finalist)
+    return sum(r["wall"] for r in runs.values()) + row.get("search", {}).get("wall", 0)
 
 
 def verdicts(results: dict[str, dict]) -> list[str]:

@@ -51,6 +51,8 @@ TASKS = ("sst2", "subj", "cola", "mr-text")
 STEPS, BATCH, MAX_LENGTH, VALIDATION, MAX_DEV, SEEDS = 100, 8, 96, 200, 500, (0, 1)
 GRID, FULL_GRID = (3e-4, 1e-3, 3e-3), (1e-5, 3e-5, 1e-4)  # lr grids, extended by 2.5x at an edge (twice at most)
 SEARCH_LR = 1e-3  # the recipe the searches are given (their knob spans a tenth to ten times it)
+SEARCH_RUNS = 3.0  # the searches' cost cap in final-run equivalents (run_search's default; a record without it ran
+# uncapped: benchmarks/runs/llm/sst2_search-uncapped.json, 7.8 runs)
 EVERY_METHOD = ("lora", "dora", "sparse", "moe_lora", "ia3", "ssf")  # what the search over every method may choose
 
 
@@ -128,6 +130,7 @@ def search_job(job: dict) -> dict:
     storage = optuna.storages.InMemoryStorage()
     start = time.perf_counter()
     options = {"methods": tuple(job["methods"])} if job.get("methods") else {}
+    options["runs"] = job.get("runs")
     plan = pp.search(
         base,
         BUDGET,
@@ -275,7 +278,13 @@ class Study:
         import peftplan as pp
 
         label = "search" if methods is None else "search-every-method"
-        job = {"task": task, "search": True, "lr": SEARCH_LR, **({"methods": list(methods)} if methods else {})}
+        job = {
+            "task": task,
+            "search": True,
+            "lr": SEARCH_LR,
+            "runs": SEARCH_RUNS,
+            **({"methods": list(methods)} if methods else {}),
+        }
         record = self.run(f"{task}/{label}", job)
         plan = pp.Plan.from_dict(record["plan"])
         runs = self.plan_runs(task, label, plan, plan.recipe.lr)

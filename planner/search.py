@@ -52,7 +52,7 @@ from .strategies import DEFAULT, get_strategy
 from .training.task import Task
 from .training.user_loop import calibration_task, own_loop_options
 
-# candidates a training strategy screens when not told: 16 x 5% + 5 full runs + 2 refinements = 7.8 final runs
+# candidates a training strategy screens when not told: 16 x 5% + 2 full runs = 2.8 final runs (`runs`: 3)
 TRIALS = 16
 
 

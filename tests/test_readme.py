@@ -89,7 +89,7 @@ def test_trainer(tmp_path, monkeypatch):
     assert len(plan.front) >= 1 and not (tmp_path / "trials").exists()  # trials keep no checkpoints
 
 
-@pytest.mark.slow  # a default search: 18 screened candidates and 6 full runs of 100 steps (~30 s)
+@pytest.mark.slow  # a default search: 16 screened candidates, then full runs of 100 steps under its cost cap
 def test_causal_lm(tmp_path, monkeypatch):
     import json
 

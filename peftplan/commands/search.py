@@ -64,14 +64,21 @@ def _study(p: argparse.ArgumentParser) -> None:
         "--rungs",
         type=int,
         help="successive-halving rungs, each eta times longer (default: every candidate at "
-        "5%% of the recipe, then the baselines and the best 1/eta of the rest at the full recipe)",
+        "5%% of the recipe, then at the full recipe what --runs leaves)",
     )
     p.add_argument(
         "--refine",
         type=int,
-        default=2,
+        default=0,
         help="trainings of the top rung's best plan at neighbouring learning "
-        "rates, at the full recipe (default 2; 0: none)",
+        "rates, at the full recipe (default 0: none)",
+    )
+    p.add_argument(
+        "--runs",
+        type=float,
+        default=3.0,
+        help="the search's cost cap in final-run equivalents: the full recipe's runs get what the "
+        "screens and refinements leave (default 3; 0: no cap, the baselines and 1/eta of the rest go on)",
     )
     p.add_argument(
         "--screen-by",
@@ -168,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         lr_range=lr_range(args.lr_range),
         screen_by=args.screen_by,
         refine=args.refine,
+        runs=args.runs or None,
         methods=args.methods.split(","),
         threads=args.threads,
         source=source,

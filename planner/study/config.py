@@ -23,6 +23,7 @@ from ..space.default import default_space
 from ..strategies import STRATEGIES
 from ..training.evaluate import Fidelity
 from ..training.task import Task
+from .halving import top_slots
 
 ATTR = "peftplan"  # the study user_attr holding its StudyConfig
 KINDS = ("classification", "causal-lm")
@@ -237,8 +238,16 @@ class StudyConfig:
     lr_range: tuple[float, float] | None = None  # the default space's learning-rate knob (None: the recipe's rate)
     screen_by: str = "metric"  # what promotion ranks candidates by (run_search's default: "loss"; a study stored
     # before the field existed promoted by the metric)
-    refine: int = 0  # top-rung trainings of the best plan at neighbouring learning rates (run_search's default: 2;
-    # a study stored before the field existed made none)
+    refine: int = 0  # top-rung trainings of the best plan at neighbouring learning rates (a study stored before the
+    # field existed made none)
+    runs: float | None = None  # the study's cost cap in final-run equivalents, which sizes its top rung
+    # (`halving.top_slots`; run_search's default: 3; a study stored before the field existed had none)
+
+    def top_slots(self) -> int | None:
+        """How many candidates the top rung trains under the cost cap (None: no cap, the eta rule)."""
+        recipe = Recipe.from_dict(self.recipe) if self.recipe else Recipe()
+        refine = self.refine if refinable(self) else 0
+        return top_slots(self.runs, self.trials, self.fidelities, recipe, self.eta, refine)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -282,12 +291,24 @@ class StudyConfig:
             raise StudyError(
                 f"the study's config field 'senses' {out['senses']} does not cover its objectives {out['objectives']}"
             )
-        return cls(**out)
+        config = cls(**out)
+        try:
+            config.top_slots()
+        except ValueError as e:
+            raise StudyError(f"the study's config field 'runs': {e}") from None
+        return config
 
     def default_name(self, task: Task, model: nn.Module) -> str:
         """Stable across calls with the same settings (``trials`` aside), so a rerun resumes."""
         key = {**self.to_dict(), "trials": None, "model": type(model).__name__, "task": task.name}
         return f"{task.name}-{self.strategy}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def refinable(config: StudyConfig) -> bool:
+    """Whether the study refines its best plan's learning rate at the top rung: it asks for
+    refinements, searches the rate, and has rungs below the top (one rung has no screen to
+    correct: its sampler chose every rate at full length already)."""
+    return config.refine > 0 and config.lr_range is not None and len(config.fidelities) > 1
 
 
 def _int(low: int) -> Callable[[Any], int]:
@@ -324,6 +345,12 @@ def _limits(v: Any) -> dict[str, float]:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive(v: Any) -> float:
+    if not (_finite(v) and v > 0):
+        raise ValueError("expected a positive number of final-run equivalents, or null")
+    return v
 
 
 def _lr_range(v: Any) -> tuple[float, float] | None:
@@ -363,4 +390,5 @@ READERS: dict[
     "lr_range": _lr_range,
     "screen_by": _choice("metric", "loss"),
     "refine": _int(0),
+    "runs": lambda v: None if v is None else _positive(v),
 }

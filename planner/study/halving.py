@@ -11,6 +11,9 @@ schedule is synchronous and deterministic:
   ``fidelities[r + 1]`` as new trials with the same parameters;
 * baselines (seed plans with user_attr ``baseline``) go on to every rung whatever their
   rank, and ``promoted_count`` of the others: the returned plan has met them at the top;
+* under a cost cap (``runs``, in final-run equivalents) the top rung gets what the cap leaves
+  once the rungs below and the refinements are paid (`top_slots`): the best candidates by the
+  first objective as screened, baselines or not;
 * the front comes from the highest rung that completed: metrics of different rungs are
   never compared.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from ...recipe import Recipe
 from ..training.evaluate import Fidelity
 
 SCREEN = 0.05  # the first rung's share of the final recipe by default: it ranks as well as 10% at half the cost
@@ -60,6 +64,51 @@ def promoted_count(n: int, eta: int) -> int:
     """How many of ``n`` completed candidates go on to the next rung: ``n // eta``, at least
     one while there is any."""
     return max(1, n // eta) if n else 0
+
+
+def cost_share(fidelity: Fidelity, recipe: Recipe) -> float:
+    """What one training at ``fidelity`` costs in runs of the final ``recipe``: its share of the
+    steps (a fidelity counted in steps of a recipe counted in epochs costs one run: the most it
+    can).
+
+    >>> cost_share(Fidelity(share=0.05), Recipe(steps=200)), cost_share(Fidelity(steps=50), Recipe(steps=200))
+    (0.05, 0.25)
+    """
+    if fidelity.share is not None:
+        return fidelity.share
+    if fidelity.steps is None or recipe.steps is None:
+        return 1.0
+    return min(1.0, fidelity.steps / recipe.steps)
+
+
+def top_slots(
+    runs: float | None, trials: int, fidelities: tuple[Fidelity, ...], recipe: Recipe, eta: int, refine: int
+) -> int | None:
+    """How many candidates the top rung trains when a study may cost ``runs`` final-run
+    equivalents: what is left once ``trials`` screens, ``1/eta`` of them at each rung between and
+    ``refine`` top-rung refinements are paid; None without a cap or a rung below the top.
+
+    >>> top_slots(3.0, 16, (Fidelity(share=0.05), Fidelity()), Recipe(steps=100), eta=3, refine=0)
+    2
+    >>> top_slots(3.0, 16, (Fidelity(share=0.05), Fidelity()), Recipe(steps=100), eta=3, refine=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: runs=3 leaves no full run: 16 screens cost 0.8 runs and 2 refinements 2.0; raise runs, or screen fewer candidates, or refine less
+    """
+    if runs is None or len(fidelities) < 2:
+        return None
+    n, below = trials, 0.0
+    for f in fidelities[:-1]:
+        below += n * cost_share(f, recipe)
+        n = promoted_count(n, eta)
+    top = cost_share(fidelities[-1], recipe)
+    slots = math.floor((runs - below - refine * top) / top + 1e-9)
+    if slots < 1:
+        raise ValueError(
+            f"runs={runs:g} leaves no full run: {trials} screens cost {below:.1f} runs and {refine} refinements "
+            f"{refine * top:.1f}; raise runs, or screen fewer candidates, or refine less"
+        )
+    return slots
 
 
 def promote(candidates: dict[int, dict[str, float]], senses: dict[str, str], eta: int) -> list[int]:

@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..front import FrontPoint, ParetoFront
-from .config import stored_plan
+from .config import refinable, stored_plan
 from .halving import promote, promoted_count
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -103,10 +103,20 @@ def workload(config: Any, trials: Iterable[FrozenTrial] = ()) -> Workload:
     seeds = [t for t in rung0 if t.state in LIVE and "baseline" in t.user_attrs][: config.trials]
     named = len({t.user_attrs["baseline"] for t in seeds})
     rungs = [sum(t.state == TrialState.FAIL for t in rung0) + max(config.trials, sum(t.state in LIVE for t in rung0))]
-    slots, others = config.trials, config.trials - len(seeds)
-    for r in range(1, len(config.fidelities)):
+    slots, others, capped, top = (
+        config.trials,
+        config.trials - len(seeds),
+        config.top_slots(),
+        len(config.fidelities) - 1,
+    )
+    for r in range(1, top + 1):
         here = [t for t in placed if rung_of(t) == r]
-        slots = len(here) if here else named + promoted_count(others, config.eta)
+        if here:
+            slots = len(here)
+        elif capped is not None:
+            slots = capped if r == top else promoted_count(slots, config.eta)
+        else:
+            slots = named + promoted_count(others, config.eta)
         others = slots - named
         rungs.append(slots)
     refinements = max(config.refine, len(refining)) if refinable(config) else len(refining)
@@ -115,13 +125,6 @@ def workload(config: Any, trials: Iterable[FrozenTrial] = ()) -> Workload:
 
 
 REFINE_STEP = 2.5  # a refinement's learning rate is the best one's times or divided by this (the seed rates' spacing)
-
-
-def refinable(config: Any) -> bool:
-    """Whether the study refines its best plan's learning rate at the top rung: it asks for
-    refinements, searches the rate, and has rungs below the top (one rung has no screen to
-    correct: its sampler chose every rate at full length already)."""
-    return config.refine > 0 and config.lr_range is not None and len(config.fidelities) > 1
 
 
 def next_rate(best: float, tried: list[float], low: float, high: float) -> float | None:
@@ -160,7 +163,7 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
             if rung_of(t) == r and t.state == TrialState.COMPLETE:
                 done.setdefault(candidate_of(t), t)
         taken = {candidate_of(t) for t in trials if rung_of(t) == r + 1 and _taken(t)}
-        missing = [c for c in _promoted(done, config) if c not in taken]
+        missing = [c for c in _promoted(done, config, r + 1) if c not in taken]
         for c in missing:
             kept = {"baseline": done[c].user_attrs["baseline"]} if done[c].user_attrs.get("baseline") else {}
             study.enqueue_trial(
@@ -189,9 +192,19 @@ def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
     return bool(cut)
 
 
-def _promoted(done: dict[int, FrozenTrial], config: Any) -> list[int]:
-    """The candidates of a settled rung that go on to the next: each baseline's best rate,
-    whatever its rank, then `promote`'s choice of the others."""
+def _promoted(done: dict[int, FrozenTrial], config: Any, rung: int) -> list[int]:
+    """The candidates of a settled rung that go on to ``rung``: each baseline's best rate,
+    whatever its rank, then `promote`'s choice of the others; under a cost cap, by rank alone —
+    `promote`'s choice below the top, and at the top the `top_slots` best by the first
+    objective as screened (the returned plan is the best by it)."""
+    slots = config.top_slots()
+    if slots is not None:
+        screened = {c: _screened(t, config) for c, t in done.items()}
+        if rung < len(config.fidelities) - 1:
+            return promote(screened, config.senses, config.eta)
+        key = config.objectives[0]
+        sign = 1 if config.senses[key] == "max" else -1
+        return sorted(screened, key=lambda c: (-sign * screened[c][key], c))[:slots]
     named: dict[str, list[int]] = {}  # each baseline's candidates (one per seed learning rate)
     for c, t in done.items():
         if t.user_attrs.get("baseline"):

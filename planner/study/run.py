@@ -13,12 +13,12 @@
     >>> def trainings():
     ...     study = optuna.load_study(study_name=plan.provenance["study"], storage="sqlite:///study.db")
     ...     return sorted(Counter(t.user_attrs["rung"] for t in study.trials if t.state.is_finished()).items())
-    >>> trainings()  # three screened, the best third promoted
-    [(0, 3), (1, 1)]
+    >>> trainings()  # three screened at a third of the recipe (1 run): the cap of 3 runs leaves 2 full runs
+    [(0, 3), (1, 2)]
     >>> plan = run_search(model, "5%", task, strategy="nsga2", trials=4, storage="sqlite:///study.db", fidelities=rungs,
     ...                   recipe=Recipe(lr=5e-3, steps=9), seeds=0, refine=0, progress=False)
-    >>> trainings()  # the same study, one more trial: only that one ran
-    [(0, 4), (1, 1)]
+    >>> trainings()  # the same study, one more trial: only that one ran (its screen ranked below the two)
+    [(0, 4), (1, 2)]
 
 Each trial evaluates one plan of the `Space` at one rung of `fidelities` (successive
 halving, see `peftplan.planner.study.halving`); `trials` counts completed rung-0 trials, so calling
@@ -34,8 +34,13 @@ with the proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites
 model's lowering, when already at hand); a given ``space`` brings all of that itself, with its own
 objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans
 start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on
-every linear layer, the one-shot allocations) at three learning rates each, the best rate of each
-promoted to every rung, then proxy plans at smaller budget shares. Every trial trains by ``recipe``
+every linear layer, the one-shot allocations) at three learning rates each, then proxy plans at
+smaller budget shares. ``runs`` caps what the search costs, in final-run equivalents (trainings
+weighted by their share of the recipe's steps; default 3, about one learning-rate sweep of one
+placement): the top rung trains what the cap leaves once the screens and refinements are paid
+(`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs), the best by
+the screened first objective, baselines or not; ``runs=None`` lifts the cap, and then the best rate
+of each baseline goes on to every rung whatever its rank, beside 1/``eta`` of the others. Every trial trains by ``recipe``
 (default `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space
 searches in ``lr_range`` ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA
 baselines end 3-12x above a 1e-3 recipe —; None: ``recipe.lr`` for all); ``fidelities`` (default
@@ -44,8 +49,8 @@ baselines end 3-12x above a 1e-3 recipe —; None: ``recipe.lr`` for all); ``fid
 short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
 "metric"), the returned plan chosen by the metric at the top rung, after the best plan there is
 trained ``refine`` more times at the full recipe at neighbouring learning rates (2.5x up, or down,
-from the best so far; 0: none, see `peftplan.planner.study.policy.next_rate`), so its rate is chosen
-on full-length results; the returned plan carries its recipe (`Plan.recipe`). Candidates are scored
+from the best so far, see `peftplan.planner.study.policy.next_rate`; default 0: in the four
+searches of benchmarks/RESULTS.md none of the eight refinements beat the rate it refined); the returned plan carries its recipe (`Plan.recipe`). Candidates are scored
 on ``task.validation_batches``, never on its evaluation batches; ``threads`` sets torch's thread
 count for each trial; ``source`` records how workers rebuild the model and task (without it, none
 can join). Trials train on ``device`` (None: CUDA when available, else the CPU; each trial's copy of
@@ -120,7 +125,8 @@ def run_search(
     heartbeat: int = 30,
     lr_range: tuple[float, float] | str | None = "auto",
     screen_by: str = "loss",
-    refine: int = 2,
+    refine: int = 0,
+    runs: float | None = 3.0,
     device: str | Any = None,
     bf16: bool = False,
     checkpointing: bool = False,
@@ -148,6 +154,8 @@ def run_search(
     config = _study_config(
         space, budget, recipe, proxy, strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine
     )
+    config = replace(config, runs=_checked_runs(runs))
+    config.top_slots()  # a ValueError saying what the cap leaves
     name = study_name or config.default_name(task, model)
     store = open_storage(storage, heartbeat=heartbeat)
     with writing(store, name):
@@ -247,6 +255,14 @@ def _check_settings(
             "split carved from the training data, never on the evaluation split; build the task with "
             "validation=0.2 (or task.with_validation(0.2))"
         )
+
+
+def _checked_runs(runs: float | None) -> float | None:
+    if runs is not None and (isinstance(runs, bool) or not isinstance(runs, (int, float)) or not runs > 0):
+        raise ValueError(
+            f"runs is the search's cost cap in final-run equivalents, a positive number or None; got {runs!r}"
+        )
+    return runs
 
 
 def run_worker(

@@ -177,6 +177,7 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
         evaluator=baselines_screen_badly,
         progress=False,
         recipe=Recipe(lr=1e-3, steps=20),
+        runs=None,  # no cost cap: every baseline goes on
     )
     trials = [
         t
@@ -286,6 +287,7 @@ def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metr
             recipe=Recipe(lr=1e-3, steps=20),
             screen_by=screen_by,
             lr_range=(2e-4, 5e-3),
+            runs=None,  # no cost cap: the eta rule promotes by non-dominated rank
         )
         trials = optuna.load_study(study_name="s", storage=storage).trials
         screened = [t for t in trials if t.user_attrs.get("rung") == 0 and t.state == optuna.trial.TrialState.COMPLETE]

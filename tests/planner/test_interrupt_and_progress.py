@@ -47,6 +47,8 @@ def search(storage, evaluator=stand_in, progress=False):
         evaluator=evaluator,
         progress=progress,
         recipe=Recipe(lr=1e-3, steps=6),
+        refine=2,
+        runs=None,
     )
 
 

@@ -48,7 +48,7 @@ def search(evaluate, **options):
         evaluator=evaluate,
         progress=False,
         recipe=Recipe(lr=1e-3, steps=20),
-        **options,
+        **{"refine": 2, "runs": None, **options},  # the baselines and 1/eta of the rest at full length, 2 refinements
     )
     trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
     return plan, trials

@@ -138,7 +138,7 @@ def test_halving_breaks_ties_in_a_rank_by_crowding():
 def test_successive_halving_study_is_deterministic_and_fronts_the_top_rung():
     rungs = [Fidelity(steps=1, train_batches=2), Fidelity(steps=3, train_batches=6)]
     storages = [optuna.storages.InMemoryStorage() for _ in range(2)]
-    plans = [run(s, trials=9, fidelities=rungs, eta=3) for s in storages]
+    plans = [run(s, trials=9, fidelities=rungs, eta=3, refine=2, runs=None) for s in storages]
     studies = [optuna.load_study(study_name="s", storage=s) for s in storages]
     assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]  # same seed, same study
     trials = studies[0].trials

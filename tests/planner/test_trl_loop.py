@@ -86,7 +86,7 @@ def held_out_loss(tuned, tokenizer) -> float:
 def test_a_three_trial_search_trains_each_trial_with_sft_trainer(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     sft = loop(tmp_path)
-    plan = pp.search(model(), "5%", evaluate=sft, trials=3, progress=False, storage=url)
+    plan = pp.search(model(), "5%", evaluate=sft, trials=3, refine=1, progress=False, storage=url)
     assert plan.recipe.steps == 10 and plan.objectives["metric"] < 0  # minus the eval loss, at the config's length
     trials = [
         t
@@ -95,7 +95,7 @@ def test_a_three_trial_search_trains_each_trial_with_sft_trainer(tmp_path):
     ]
     assert len({t.user_attrs["rung"] for t in trials}) == 2 and len(trials) >= 3  # screened at 5%, then in full
     assert all(t.values[0] == pytest.approx(-t.user_attrs["validation_loss"]) for t in trials)
-    assert len({t.user_attrs["plan"]["recipe"]["lr"] for t in trials}) > 1  # the learning rate is searched
+    assert len({t.user_attrs["plan"]["recipe"]["lr"] for t in trials}) > 1  # the refinement trains another rate
 
 
 def test_a_trial_trains_the_adapters_at_its_rate_and_scores_the_held_out_loss(tmp_path):

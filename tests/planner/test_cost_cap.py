@@ -1,0 +1,121 @@
+"""The search's cost cap (``runs``, in final-run equivalents): the top rung trains what the
+screens and refinements leave, the best candidates by the screened first objective."""
+
+import zlib
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from peftplan.planner.study import StudyConfig, StudyError, run_search
+from peftplan.planner.study.halving import cost_share, top_slots
+from peftplan.planner.study.policy import workload
+from peftplan.planner.training.evaluate import Fidelity
+from peftplan.recipe import Recipe
+from tests.planner.trials import stand_in, tiny_task
+from tests.zoo import bert_classifier
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def with_loss(base, plan, task, fidelity, *, recipe, seed):
+    """`stand_in` with a validation loss that ranks plans otherwise than its metric does."""
+    result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+    result.loss = zlib.crc32(repr(sorted(plan.provenance["knobs"].items())).encode()[::-1]) % 997 / 997
+    return result
+
+
+def search(evaluator=with_loss, **options):
+    storage = optuna.storages.InMemoryStorage()
+    plan = run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=16,
+        storage=storage,
+        study_name="s",
+        evaluator=evaluator,
+        progress=False,
+        recipe=Recipe(lr=1e-3, steps=20),
+        **options,
+    )
+    study = optuna.load_study(study_name="s", storage=storage)
+    return plan, study
+
+
+def cost(trials, recipe_steps=20):
+    """Final-run equivalents of ``trials``, counted by hand from each one's recorded fidelity."""
+    shares = {"5% of the recipe": 1 / recipe_steps, "the full recipe": 1.0}  # 5% of 20 steps is one step
+    return sum(shares[t.user_attrs["fidelity"]] for t in trials)
+
+
+def test_the_default_cap_trains_two_full_runs_of_the_best_screened_candidates():
+    plan, study = search()
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    screened = [t for t in done if t.user_attrs["rung"] == 0]
+    top = [t for t in done if t.user_attrs["rung"] == 1]
+    assert len(screened) == 16 and len(top) == 2
+    assert cost(done) == pytest.approx(16 * 0.05 + 2) and cost(done) <= 3
+    by_loss = sorted(screened, key=lambda t: (t.user_attrs["validation_loss"], t.number))  # screen_by="loss"
+    by_metric = sorted(screened, key=lambda t: (-t.values[0], t.number))
+    assert (
+        [t.user_attrs["candidate"] for t in top] == [t.number for t in by_loss[:2]] != [t.number for t in by_metric[:2]]
+    )
+    assert workload(StudyConfig.from_dict(study.user_attrs["peftplan"]), study.trials).total == len(done)
+    assert plan.provenance["trial"] in {t.number for t in top}  # chosen on full-length results
+
+
+def test_baselines_are_not_promoted_whatever_they_screen_under_the_cap():
+    def baselines_screen_badly(base, plan, task, fidelity, *, recipe, seed):
+        result = with_loss(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        if fidelity.share is not None and plan.provenance["knobs"]["budget"] == 1.0:
+            result.loss = 1e6  # every baseline (the whole budget) screens worst
+        return result
+
+    _, study = search(baselines_screen_badly)
+    top = [t for t in study.trials if t.user_attrs["rung"] == 1]
+    assert len(top) == 2 and not any("baseline" in t.user_attrs for t in top)
+
+
+def test_a_larger_cap_buys_more_full_runs_and_refinements_are_paid_from_it():
+    _, study = search(runs=5.0)
+    assert sum(t.user_attrs["rung"] == 1 for t in study.trials) == 4  # 5 - 0.8 leaves 4 full runs
+    _, study = search(runs=5.0, refine=2)
+    top = [t for t in study.trials if t.user_attrs["rung"] == 1]
+    refined = sum("refines" in t.user_attrs for t in top)
+    assert len(top) - refined == 2 and 1 <= refined <= 2  # 5 - 0.8 - 2 refinements leaves 2 promotions
+    assert cost([t for t in study.trials if t.state == TrialState.COMPLETE]) <= 5
+
+
+@pytest.mark.parametrize(
+    "runs, says",
+    [(0.5, "runs=0.5 leaves no full run: 16 screens cost 0.8 runs"), (0, "positive number"), (True, "positive")],
+)
+def test_a_cap_that_leaves_no_full_run_is_refused_before_anything_trains(runs, says):
+    calls = []
+    with pytest.raises(ValueError, match=says):
+        search(lambda *a, **k: calls.append(1) or stand_in(*a, **k), runs=runs)
+    assert calls == []
+
+
+def test_cost_shares_and_slots_by_hand():
+    recipe = Recipe(lr=1e-3, steps=90)
+    rungs = (Fidelity(steps=10), Fidelity(steps=30), Fidelity())
+    assert [cost_share(f, recipe) for f in rungs] == pytest.approx([1 / 9, 1 / 3, 1])
+    # 9 screens at 1/9 (1 run) + 9 // 3 = 3 at 1/3 (1 run) leave 1 of 3 runs: 1 full run
+    assert top_slots(3.0, 9, rungs, recipe, eta=3, refine=0) == 1
+    assert top_slots(None, 9, rungs, recipe, eta=3, refine=0) is None
+    assert top_slots(3.0, 9, (Fidelity(),), recipe, eta=3, refine=0) is None  # one rung: trials are the cost
+    assert cost_share(Fidelity(steps=10), Recipe(epochs=2)) == 1.0  # unknown length: counted at the most
+
+
+def test_a_stored_cap_is_read_back_and_a_bad_one_named():
+    _, study = search()
+    stored = dict(study.user_attrs["peftplan"])
+    assert StudyConfig.from_dict(stored).runs == 3.0
+    assert StudyConfig.from_dict({k: v for k, v in stored.items() if k != "runs"}).runs is None  # stored before
+    with pytest.raises(StudyError, match="'runs'"):
+        StudyConfig.from_dict({**stored, "runs": 0.1})
+    with pytest.raises(StudyError, match="'runs'"):
+        StudyConfig.from_dict({**stored, "runs": "3"})

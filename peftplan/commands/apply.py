@@ -29,6 +29,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-dev", type=int, help="keep this many evaluation examples")
     p.add_argument("--seed", type=int, default=0)
     arguments.training(p)
+    p.add_argument(
+        "--match",
+        choices=("name", "role+depth"),
+        default="name",
+        help="how plan entries find their sites: by name on the model the plan was made for (default), or by role "
+        "and depth on another model (a deeper one of the same family)",
+    )
     p.add_argument("-o", "--out", default="adapter", help="artifact directory (default adapter/)")
     p.set_defaults(run=run)
 
@@ -55,10 +62,13 @@ def train_and_report(model, plan, task, recipe, args: argparse.Namespace):
     validation and evaluation data, with a warning where they are at chance; (model, seconds)."""
     import peftplan as pp
     from peftplan.backends.apply import applied_plan
+    from peftplan.describe import reuse_warnings
     from peftplan.planner.training.diagnose import diagnose_model
-    from peftplan.planner.training.evaluate import metric_and_loss
+    from peftplan.planner.training.evaluate import scores
 
-    applied = applied_plan(pp.apply(model, plan))
+    for warning in reuse_warnings(plan.provenance, model, task.kind):
+        print(f"warning: {warning}")
+    applied = applied_plan(pp.apply(model, plan, match=getattr(args, "match", "name")))
     if "retargeted" in applied.provenance:
         print(f"re-targeted: {applied.provenance['retargeted']}")
     print(
@@ -76,9 +86,9 @@ def train_and_report(model, plan, task, recipe, args: argparse.Namespace):
     )
     for split, batches in (("validation", task.validation_batches), ("evaluation", task.eval_batches)):
         if batches:
-            metric, loss = metric_and_loss(model, task, batches)
-            print(f"{split} {task.metric_name} {metric:.4f}, loss {loss:.4f}")
-            warning = diagnose_model(model, task, split, batches, metric)
+            scored = scores(model, task, batches)  # one pass: the metric, the loss and the predictions
+            print(f"{split} {task.metric_name} {scored.metric:.4f}, loss {scored.loss:.4f}")
+            warning = diagnose_model(model, task, split, batches, scored.metric, scored)
             if warning:
                 print(warning, file=sys.stderr)
     return model, run.seconds

@@ -62,7 +62,7 @@ def proxy_plan(
         )
     plan = space.plan_from_params(params)
     plan.provenance = {
-        **provenance("proxy", seed, task.name if task else None),
+        **provenance("proxy", seed, task.name if task else None, model),
         **scored.scoring,
         **(task.provenance() if task else {}),
     }

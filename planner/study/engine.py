@@ -302,7 +302,7 @@ def _complete(
     plan.recipe = plan.recipe or Recipe.from_dict(config.recipe)  # how it was trained: the final run trains it so too
     plan.provenance = {
         **plan.provenance,
-        **provenance(config.strategy, config.seed, ctx.task.name),
+        **provenance(config.strategy, config.seed, ctx.task.name, ctx.base),
         "study": study.study_name,
         "trial": trial.number,
         "rung": rung,

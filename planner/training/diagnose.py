@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -87,11 +88,15 @@ def classifies(task: Task) -> bool:
     )
 
 
-def diagnose_model(model: torch.nn.Module, task: Task, split: str, batches: list[dict], metric: float) -> str | None:
-    """`diagnose` for a trained classifier: its ``metric`` on ``batches`` and its predictions there."""
+def diagnose_model(
+    model: torch.nn.Module, task: Task, split: str, batches: list[dict], metric: float, scored: Any = None
+) -> str | None:
+    """`diagnose` for a trained classifier: its ``metric`` on ``batches`` and its predictions
+    there (those of ``scored``, the `Scores` of a pass that kept them, else a pass of its own)."""
     if not classifies(task) or not batches:
         return None
-    predicted, true = predictions(model, batches)
+    kept = scored is not None and scored.predicted is not None
+    predicted, true = (scored.predicted, scored.true) if kept else predictions(model, batches)
     return diagnose(split, task.metric_name, metric, true, predicted, task.labels)
 
 

@@ -203,11 +203,28 @@ def failure(e: BaseException, params: int, start: float, losses: list[float] | N
     return Evaluation(None, params, time.perf_counter() - start, reason, losses or [])
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What one scoring pass over a split gives: the metric, the loss and, for a classifier
+    scored by peftplan's own pass, its ``predicted`` and ``true`` classes (else None)."""
+
+    metric: float
+    loss: float
+    predicted: torch.Tensor | None = None
+    true: torch.Tensor | None = None
+
+
 def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float, float]:
-    """(``task.metric``, `validation_loss`) over ``batches``: one forward pass per batch for
+    """(``task.metric``, `validation_loss`) over ``batches`` (`scores`)."""
+    scored = scores(model, task, batches)
+    return scored.metric, scored.loss
+
+
+def scores(model: nn.Module, task: Task, batches: list) -> Scores:
+    """``task.metric`` and `validation_loss` over ``batches``: one forward pass per batch for
     peftplan's own tasks (classification by accuracy or Matthews correlation with
-    cross-entropy; a causal LM, whose metric is minus its token loss or the accuracy of its
-    likeliest answers), a pass for each with any other metric or loss."""
+    cross-entropy, its predictions kept; a causal LM, whose metric is minus its token loss or
+    the accuracy of its likeliest answers), a pass for each with any other metric or loss."""
     fn = getattr(task.metric, "fn", task.metric)  # a `ClassMetric`'s own
     if task.loss is classification_loss and fn in (accuracy, mcc) and task.weight is None:
         check_model_labels(model, getattr(task.metric, "labels", None))
@@ -221,13 +238,13 @@ def metric_and_loss(model: nn.Module, task: Task, batches: list) -> tuple[float,
                 true.append(labels.cpu())
         pred, true = torch.cat(pred), torch.cat(true)
         metric = (pred == true).double().mean().item() if fn is accuracy else matthews(pred, true)
-        return float(metric), total / len(true)
+        return Scores(float(metric), total / len(true), pred, true)
     if task.loss is causal_lm_loss and task.metric is negative_token_loss and task.weight is predicted_tokens:
         metric = float(negative_token_loss(model, batches))
-        return metric, -metric
+        return Scores(metric, -metric)
     if task.loss is causal_lm_loss and task.metric is choice_accuracy and task.weight is predicted_tokens:
-        return choice_accuracy_and_loss(model, batches)
-    return float(task.metric(model, batches)), validation_loss(model, task, batches)
+        return Scores(*choice_accuracy_and_loss(model, batches))
+    return Scores(float(task.metric(model, batches)), validation_loss(model, task, batches))
 
 
 def validation_loss(model: nn.Module, task: Task, batches: list) -> float:

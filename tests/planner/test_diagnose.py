@@ -71,3 +71,20 @@ def test_a_search_metric_is_checked_against_the_validation_labels():
     assert "validation accuracy 0.6100 is at chance level" in diagnose_metric(task(), 0.61)
     assert diagnose_metric(task(), 0.95) is None
     assert diagnose_metric(task(), None) is None
+
+
+def test_one_scoring_pass_gives_the_metric_the_loss_and_the_predictions_the_check_reads():
+    from peftplan.planner.training.classification import predictions
+    from peftplan.planner.training.evaluate import scores, validation_loss
+
+    t, model, calls = task(), Reader(constant=0), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    scored = scores(model, t, t.validation_batches)
+    assert len(calls) == len(t.validation_batches)  # one forward pass per batch
+    predicted, true = predictions(model, t.validation_batches)  # the reference: a pass of its own
+    assert torch.equal(scored.predicted, predicted) and torch.equal(scored.true, true)
+    assert scored.metric == accuracy(model, t.validation_batches)
+    assert scored.loss == validation_loss(model, t, t.validation_batches)
+    calls.clear()
+    warning = diagnose_model(model, t, "validation", t.validation_batches, scored.metric, scored)
+    assert calls == [] and "collapse to one class" in warning  # the check reads the predictions it was given

@@ -494,6 +494,24 @@ def run_task(
     return rows
 
 
+def reuse(study: Study, results: dict) -> None:
+    """Each task's searched plan applied, with its recipe, to every other task of ``results``
+    (on every seed): a row "peftplan plan searched on <task>" beside that task's own search."""
+    import peftplan as pp
+
+    searched = {name: pp.Plan.from_dict(rows["peftplan search"]["search"]["plan"]) for name, rows in results.items()}
+    for target, rows in results.items():
+        for source, plan in searched.items():
+            if source != target:
+                rows[f"peftplan plan searched on {source}"] = {
+                    "runs": [study.plan_run(target, f"reuse-{source}", plan, s) for s in study.cfg["seeds"]],
+                    "lr": plan.recipe.lr,
+                    "cost": len(study.cfg["seeds"]),
+                    "kind": "reuse",
+                    "source": source,
+                }
+
+
 def default_screen() -> str:
     """What the default search promotes by (`run_search`'s ``screen_by``)."""
     import inspect
@@ -529,6 +547,11 @@ def main() -> None:
         action="store_true",
         help="also search promoting by the signal the default search "
         "does not screen by (validation loss or metric), trained and reported beside it: one more search per task",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="also apply each task's searched plan (with its recipe) to every other task: plans that travel",
     )
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
@@ -566,6 +589,8 @@ def main() -> None:
             )
         return
     results = {name: run_task(study, name, extras=name == extras_task, contrast=args.contrast) for name in tasks}
+    if args.reuse:
+        reuse(study, results)
     lines = [f"Scale {scale}: {study.describe()}", ""]
     for name, rows in results.items():
         lines += table(name, rows, study)
@@ -594,6 +619,7 @@ def _command(args) -> str:
             ("--baselines", args.baselines),
             ("--stored", args.stored),
             ("--contrast", args.contrast),
+            ("--reuse", args.reuse),
         )
         if on
     ]

@@ -160,6 +160,49 @@ def verdicts(results: dict, study) -> list[str]:
         f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +1.00) — {'PASS' if avg >= 1.0 else 'MISS'}",
         f"- average vs AdaLoRA {statistics.fmean(vs_ada):+.2f}, vs EVA {statistics.fmean(vs_eva):+.2f} points (goal ≥ 0) — "
         f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
-        f"- search cost: {max(costs):.1f} final runs at most (goal ≤ 8) — {'PASS' if max(costs) <= 8 else 'MISS'}",
+        f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +0.50 at ≤ 3 final runs) — "
+        f"{'PASS' if avg >= 0.5 and max(costs) <= 3 else 'MISS'}",
+        f"- search cost: {max(costs):.1f} final runs at most (goal ≤ 3) — {'PASS' if max(costs) <= 3 else 'MISS'}",
+        seeds_verdict(results),
+        *reuse_verdict(results),
     ]
     return lines
+
+
+def seeds_verdict(results: dict) -> str:
+    """Whether the returned plan is one of the search's own seed plans (a baseline) on each task."""
+    seeded = {}
+    for name, rows in results.items():
+        record = rows["peftplan search"]["search"]
+        trial = record["plan"].get("provenance", {}).get("trial")
+        seeded[name] = next((t["baseline"] for t in record["trials"] if t["trial"] == trial), None)
+    found = [name for name, b in seeded.items() if b is None]
+    said = ", ".join(f"{name}: {'its seed ' + repr(b) if b else 'a searched plan'}" for name, b in seeded.items())
+    ok = len(found) >= len(results) / 2
+    return (
+        f"- the returned plan is not one of the seeds on at least half the tasks ({said}) — {'PASS' if ok else 'MISS'}"
+    )
+
+
+def reuse_verdict(results: dict) -> list[str]:
+    """A plan searched on one task applied to another, against that task's own search and its
+    best tuned LoRA (rows of kind ``reuse``)."""
+    lora = ("peft LoRA r8 q,v", "peft LoRA r4 q,k,v,o", "peft LoRA all linear (rank_pattern)")
+    gaps, lines = [], []
+    for name, rows in results.items():
+        fresh = _dev_mean(rows["peftplan search"])
+        best = max(_dev_mean(rows[k]) for k in lora)
+        for row in rows.values():
+            if row["kind"] == "reuse":
+                gaps.append(100 * (_dev_mean(row) - fresh))
+                lines.append(
+                    f"{row['source']} → {name} {100 * (_dev_mean(row) - fresh):+.2f} vs its search, "
+                    f"{100 * (_dev_mean(row) - best):+.2f} vs its best tuned LoRA"
+                )
+    if not gaps:
+        return []
+    avg = statistics.fmean(gaps)
+    return [
+        f"- plans that travel ({'; '.join(lines)}): on average {avg:+.2f} points from a fresh search "
+        f"(goal within 0.5) — {'PASS' if avg >= -0.5 else 'MISS'}"
+    ]

@@ -283,6 +283,8 @@ class Study:
         if record is None and self.stored_only:
             raise SystemExit(f"{key} is not stored: run without --stored to train it")
         if record is None:
+            import torch
+
             base, task = self.task(name, 0)
             storage = optuna.storages.InMemoryStorage()
             start, stop = time.perf_counter(), threading.Event()
@@ -297,7 +299,7 @@ class Study:
                     storage=storage,
                     study_name="quality",
                     progress=False,
-                    threads=2,
+                    threads=torch.get_num_threads(),  # the study's (--threads)
                     strategy=strategy,
                     bf16=self.cfg["bf16"],
                     **({"screen_by": screen_by} if screen_by else {}),
@@ -549,6 +551,12 @@ def main() -> None:
         "does not screen by (validation loss or metric), trained and reported beside it: one more search per task",
     )
     ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads for every training (1 beside another job on 2 cores: two 2-thread jobs wait on each other)",
+    )
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="also apply each task's searched plan (with its recipe) to every other task: plans that travel",
@@ -558,7 +566,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     scale = "quick" if args.quick else "full"
     study = Study(scale, RunStore(args.store), stored_only=args.stored)
     tasks = args.tasks or study.cfg["tasks"]

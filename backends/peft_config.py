@@ -134,7 +134,8 @@ def axolotl_yaml(plan: Any) -> str:
     ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` by exact module name,
     ``lora_rank_pattern``/``lora_alpha_pattern`` for the sites that differ,
     ``lora_modules_to_save``, ``peft_use_dora``/``peft_use_rslora``) and, from ``plan.recipe``,
-    the learning rate, schedule, warm-up, length, weight decay and clipping.
+    the learning rate, schedule, warm-up, length, weight decay, clipping and LoRA+'s
+    ``loraplus_lr_ratio``.
 
     >>> from peftplan.plan import Plan
     >>> print(axolotl_yaml(Plan(sites={"fc": {"method": "lora", "rank": 4, "alpha": 8}})))  # doctest: +ELLIPSIS
@@ -196,6 +197,7 @@ def _recipe_fields(recipe: Any) -> dict[str, Any]:
         "max_grad_norm": recipe.clip or 0.0,
     }
     out |= {"max_steps": recipe.steps} if recipe.steps else {"num_epochs": recipe.epochs or 1}
+    out |= {"loraplus_lr_ratio": recipe.lr_ratio} if recipe.lr_ratio != 1.0 else {}
     return out | ({"micro_batch_size": recipe.batch_size} if recipe.batch_size else {})
 
 

@@ -52,6 +52,11 @@ CHECKS = {  # each field: what it must be, said with the field's name
     "clip": _Rule(
         lambda v: _real(v) and v > 0, "the gradient-norm limit must be a positive number, or None", optional=True
     ),
+    "lr_ratio": _Rule(
+        lambda v: _real(v) and 1 <= v <= 1e3,
+        "LoRA+'s ratio of the B matrices' learning rate to the A matrices' is a number from 1 (plain LoRA) to 1000 "
+        "(typically 2 to 16)",
+    ),
     "batch_size": _Rule(
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "batch_size must be a positive int, or None",
@@ -68,7 +73,9 @@ class Recipe:
     ``schedule``: then ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant``;
     ``weight_decay``: AdamW's (decoupled); ``clip``: the largest gradient norm (None: no
     clipping); ``batch_size``: the training batch size the recipe was made for (None: the
-    task's), checked against the task's batches by `train`."""
+    task's), checked against the task's batches by `train`; ``lr_ratio``: LoRA+ (Hayou et al.
+    2024), the learning rate of LoRA's B matrices (the up-projections of LoRA and DoRA sites) as
+    a multiple of ``lr``, the rest at ``lr`` (1: plain LoRA; written to a plan only when not 1)."""
 
     lr: float = 1e-3
     steps: int | None = None
@@ -78,6 +85,7 @@ class Recipe:
     weight_decay: float = 0.0
     clip: float | None = 1.0
     batch_size: int | None = None
+    lr_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         for name, rule in CHECKS.items():
@@ -118,7 +126,11 @@ class Recipe:
         return 1.0 - done if self.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``lr_ratio`` only when not 1, so recipes without LoRA+ read as before."""
+        d = asdict(self)
+        if d["lr_ratio"] == 1.0:
+            del d["lr_ratio"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Recipe:

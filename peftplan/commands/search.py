@@ -109,6 +109,12 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="after warm-up (default linear decay)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument(
+        "--lr-ratio",
+        type=float,
+        default=1.0,
+        help="LoRA+: the B matrices' learning rate as a multiple of --lr (default 1: plain LoRA; typically 2 to 16)",
+    )
 
 
 def add_worker(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +226,7 @@ def _recipe_of(args: argparse.Namespace):
         schedule=args.schedule,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
+        lr_ratio=args.lr_ratio,
     )
 
 

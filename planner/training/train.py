@@ -112,6 +112,9 @@ def _prepare(
     return params, device
 
 
+LORA_B = "lora_B"  # the name of LoRA's and DoRA's up-projection matrices, which LoRA+ trains faster
+
+
 def _optimizer(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -120,7 +123,14 @@ def _optimizer(
 ) -> torch.optim.Optimizer:
     if make_optimizer is not None:
         return make_optimizer(model, recipe)
-    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.lr_ratio == 1.0:
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    up = {id(p) for name, p in model.named_parameters() if p.requires_grad and LORA_B in name.split(".")}
+    groups = [
+        {"params": [p for p in params if id(p) not in up], "lr": recipe.lr},
+        {"params": [p for p in params if id(p) in up], "lr": recipe.lr * recipe.lr_ratio},  # LoRA+
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=recipe.weight_decay)
 
 
 def _batch_order(batches: list, steps: int, seed: int) -> Iterator:

@@ -42,8 +42,16 @@ def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    if file_path.suffix == ".py" and installed_name(file_path):
+    if file_path.suffix == ".py" and installed_name(file_path) and not parent.session.isinitpath(file_path):
         return InstalledDoctestModule.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """A source module named on the command line (``pytest planner/study/halving.py``), which
+    pytest would import as a test module: its docstring examples, as in a folder."""
+    if installed_name(module_path):
+        return InstalledDoctestModule.from_parent(parent, path=module_path)
     return None
 
 

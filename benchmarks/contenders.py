@@ -15,10 +15,10 @@ BUDGET = 74_498  # peft LoRA r=8 on query/value of MiniLM-L6 plus the 2-way head
 QV, QKVO = ["query", "value"], ["query", "key", "value", "attention.output.dense"]
 
 
-def recipe(steps: int, lr: float):
+def recipe(steps: int, lr: float, lr_ratio: float = 1.0):
     from peftplan.recipe import Recipe
 
-    return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32)
+    return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32, lr_ratio=lr_ratio)
 
 
 PROBES = {  # peftplan plans of methods the default space leaves out (first task only): kind -> (label, lr grid)
@@ -29,7 +29,9 @@ PROBES = {  # peftplan plans of methods the default space leaves out (first task
         "peftplan probe: sparse (0.69% of entries by magnitude) on every linear layer",
         (5e-4, 2e-3, 5e-3),
     ),
+    "lora-qv+loraplus": ("peftplan probe: LoRA r8 q,v with LoRA+ (B at 16x the rate)", (5e-4, 1e-3, 2e-3)),
 }
+LR_RATIO = {"lora-qv+loraplus": 16.0}  # probes trained with LoRA+ (`Recipe.lr_ratio`)
 
 
 def probe_plan(graph, kind: str, lr: float, steps: int):
@@ -48,13 +50,14 @@ def probe_plan(graph, kind: str, lr: float, steps: int):
         "lora-qv-r4+ssf-rest": lambda: lora(4) + ssf([s for s in linear if s not in qv] + pooler),
         "ssf-all": lambda: ssf(linear + norms + pooler),
         "sparse-linear": lambda: [(s, {"method": "sparse", "density": 0.0069}) for s in linear],
+        "lora-qv+loraplus": lambda: lora(8),
     }[kind]()
     head = by["classifier"]
     sites = {
         s.name: {**entry, "role": s.role, "depth": s.depth, "op": s.op}
         for s, entry in [*parts, (head, {"method": "full"})]
     }
-    return pp.Plan(sites=sites, recipe=recipe(steps, lr))
+    return pp.Plan(sites=sites, recipe=recipe(steps, lr, LR_RATIO.get(kind, 1.0)))
 
 
 def peft_lora(base, targets: list[str] | None = None, r: int = 8, **extra):

@@ -273,16 +273,16 @@ class Study:
 
         return {**self.tuned(task, "proxy", GRID, train), "summary": plan.summary()}
 
-    def search(self, task: str, methods: tuple[str, ...] | None = None) -> dict:
+    def search(self, task: str, methods: tuple[str, ...] | None = None, runs: float | None = SEARCH_RUNS) -> dict:
         """A search (its plan at its own lr, on every seed) and what it cost in final runs."""
         import peftplan as pp
 
-        label = "search" if methods is None else "search-every-method"
+        label = ("search" if methods is None else "search-every-method") + ("-uncapped" if runs is None else "")
         job = {
             "task": task,
             "search": True,
             "lr": SEARCH_LR,
-            "runs": SEARCH_RUNS,
+            "runs": runs,
             **({"methods": list(methods)} if methods else {}),
         }
         record = self.run(f"{task}/{label}", job)
@@ -307,6 +307,8 @@ def run_task(study: Study, task: str, kinds: list[str], searches: str) -> dict[s
         work["peftplan search"] = lambda: study.search(task)
     if searches == "all":
         work["peftplan search, every method"] = lambda: study.search(task, EVERY_METHOD)
+    if searches != "none" and study.store.path(f"{task}/search-uncapped").exists():  # stored before the cost cap
+        work["peftplan search before its cost cap"] = lambda: study.search(task, runs=None)
     if not work:
         return {}
     with cf.ThreadPoolExecutor(len(work)) as pool:

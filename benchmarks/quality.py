@@ -207,7 +207,7 @@ class Study:
         from peftplan.backends import apply
 
         steps = self.cfg["steps"]
-        rec = recipe(steps, plan.recipe.lr if plan.recipe else PROXY_LR)
+        rec = recipe(steps, plan.recipe.lr, plan.recipe.lr_ratio) if plan.recipe else recipe(steps, PROXY_LR)
 
         def make():
             base, task = self.task(name, seed)

@@ -7,13 +7,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from peftplan.planner.study import StudyConfig, StudyError, run_search
+from peftplan.planner.study import StudyConfig, StudyError
 from peftplan.planner.study.halving import cost_share, top_slots
 from peftplan.planner.study.policy import workload
 from peftplan.planner.training.evaluate import Fidelity
 from peftplan.recipe import Recipe
-from tests.planner.trials import stand_in, tiny_task
-from tests.zoo import bert_classifier
+from tests.planner.trials import stand_in, tpe_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -26,22 +25,7 @@ def with_loss(base, plan, task, fidelity, *, recipe, seed):
 
 
 def search(evaluator=with_loss, **options):
-    storage = optuna.storages.InMemoryStorage()
-    plan = run_search(
-        bert_classifier(),
-        "5%",
-        tiny_task(),
-        strategy="tpe",
-        trials=16,
-        storage=storage,
-        study_name="s",
-        evaluator=evaluator,
-        progress=False,
-        recipe=Recipe(lr=1e-3, steps=20),
-        **options,
-    )
-    study = optuna.load_study(study_name="s", storage=storage)
-    return plan, study
+    return tpe_search(evaluator, **options)
 
 
 def cost(trials, recipe_steps=20):

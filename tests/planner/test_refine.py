@@ -14,7 +14,7 @@ from peftplan.planner.study import StudyConfig, run_search
 from peftplan.planner.study.policy import next_rate, workload
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.recipe import Recipe
-from tests.planner.trials import stand_in, tiny_task
+from tests.planner.trials import stand_in, tiny_task, tpe_search
 from tests.zoo import bert_classifier
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -36,22 +36,9 @@ def peaked_at(peak: float):
 
 
 def search(evaluate, **options):
-    storage = optuna.storages.InMemoryStorage()
-    plan = run_search(
-        bert_classifier(),
-        "5%",
-        tiny_task(),
-        strategy="tpe",
-        trials=16,
-        storage=storage,
-        study_name="s",
-        evaluator=evaluate,
-        progress=False,
-        recipe=Recipe(lr=1e-3, steps=20),
-        **{"refine": 2, "runs": None, **options},  # the baselines and 1/eta of the rest at full length, 2 refinements
-    )
-    trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
-    return plan, trials
+    """The baselines and 1/eta of the rest at full length, then 2 refinements (no cost cap)."""
+    plan, study = tpe_search(evaluate, **{"refine": 2, "runs": None, **options})
+    return plan, study.get_trials(deepcopy=False)
 
 
 def test_the_best_plan_climbs_to_the_rate_that_is_best_at_full_length():

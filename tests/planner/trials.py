@@ -53,3 +53,29 @@ def stand_in(base, plan, task, fidelity, *, recipe, seed, sleep=0.0):
 
 def slow_stand_in(base, plan, task, fidelity, *, recipe, seed):
     return stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed, sleep=1.0)
+
+
+def tpe_search(evaluate, trials: int = 16, **options):
+    """A 16-candidate tpe search on a tiny BERT and `tiny_task` by ``evaluate`` (a 20-step 1e-3
+    recipe, in memory): (plan, the study)."""
+    import optuna
+
+    from peftplan.planner.study import run_search
+    from peftplan.recipe import Recipe
+    from tests.zoo import bert_classifier
+
+    storage = optuna.storages.InMemoryStorage()
+    plan = run_search(
+        bert_classifier(),
+        "5%",
+        tiny_task(),
+        strategy="tpe",
+        trials=trials,
+        storage=storage,
+        study_name="s",
+        evaluator=evaluate,
+        progress=False,
+        recipe=Recipe(lr=1e-3, steps=20),
+        **options,
+    )
+    return plan, optuna.load_study(study_name="s", storage=storage)

@@ -101,10 +101,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="40 steps, 96 validation and 200 dev examples, 6 candidates")
     ap.add_argument("--out", type=Path, default=Path("out/llm_demo"))
     ap.add_argument("--results", type=Path, help="also write the table into this RESULTS.md")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job on 2 cores)")
     args = ap.parse_args(argv)
     steps, validation, max_dev, trials = (40, 96, 200, 6) if args.quick else (args.steps, 200, 500, None)
     console, start = Console(), time.perf_counter()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tokenizer, task = llm_tasks.load(
         "sst2", batch_size=8, max_length=96, validation=validation, max_train=None, max_dev=max_dev
     )

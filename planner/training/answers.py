@@ -19,6 +19,7 @@ is the right answers' (`lm.gold`).
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -115,7 +116,7 @@ def shared_prompt_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, 
         position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
         use_cache=True,
     )
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     cache.batch_repeat_interleave(k)
     length = int((ends - starts).max())
     offsets = starts[:, None] + torch.arange(length, device=device)[None]  # (B*K, A)
@@ -125,7 +126,7 @@ def shared_prompt_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, 
         input_ids=answer,
         attention_mask=torch.cat([prompt_mask.repeat_interleave(k, 0), inside.long()], 1),
         position_ids=offsets,
-        past_key_values=cache,
+        **{_cache_argument(backbone): cache},
         use_cache=True,
     ).last_hidden_state  # (B*K, A, H)
     # position starts+j is predicted by the prompt's last state (j = 0), else by answer token j-1
@@ -133,6 +134,12 @@ def shared_prompt_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     targets = torch.where(inside, labels.gather(1, offsets.clamp(max=ids.shape[1] - 1)), IGNORE)
     keep = targets != IGNORE
     return head(states[keep]), targets[keep], keep.nonzero()[:, 0]
+
+
+def _cache_argument(backbone: nn.Module) -> str:
+    """The name a backbone's forward takes its key-value cache by: ``cache`` (transformers 5.2x and
+    later), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def choice_accuracy_and_loss(model: nn.Module, batches: list[Batch]) -> tuple[float, float]:

@@ -213,19 +213,21 @@ def check_trainable(model: nn.Module, task: Task, recipe: Recipe) -> None:
 def checkpointed(model: nn.Module) -> Iterator[None]:
     """``model`` with gradient checkpointing on (Hugging Face's, non-reentrant, so frozen inputs
     need no gradient), as it was afterwards."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    new = hasattr(model, "activation_checkpointing_enable")  # transformers 5.2x's name; the old one warns there
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    enable = getattr(model, f"{name}_enable", None)
     if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"checkpointing=True: {type(model).__name__} does not support Hugging Face gradient "
             "checkpointing; train without it"
         )
-    was = model.is_gradient_checkpointing
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    was = getattr(model, f"is_{name}")
+    enable(**{f"{name}_kwargs": {"use_reentrant": False}})
     try:
         yield
     finally:
         if not was:
-            model.gradient_checkpointing_disable()
+            getattr(model, f"{name}_disable")()
 
 
 def check_batch_size(task: Task, recipe: Recipe) -> None:

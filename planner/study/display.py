@@ -61,7 +61,9 @@ class StudyDisplay:
             for i, t in enumerate(new, start=now.done - len(new) + 1):
                 self.seen.add(t.number)
                 self.ran += 1
-                pace = remaining(time.monotonic() - self.start, self.ran, self.ran + total - i)
+                pace = self.time_left(trials, now) or remaining(
+                    time.monotonic() - self.start, self.ran, self.ran + total - i
+                )
                 grew = (
                     [f"{now.total - self.planned.total} more planned: {now}"] if now.total > self.planned.total else []
                 )
@@ -71,12 +73,32 @@ class StudyDisplay:
             say(f"study done: {now.done} trainings, {duration(time.monotonic() - self.start)} in this run")
         self.planned = now
 
+    def steps(self, rung: int) -> int:
+        """Training steps of a run at ``rung``."""
+        batches = len(self.task.train_batches)
+        recipe = Recipe.from_dict(self.config.recipe)
+        return self.config.fidelities[rung].recipe(recipe, batches).total_steps(batches)
+
+    def time_left(self, trials: list[FrozenTrial], now: Any) -> str:
+        """About how long the planned trainings not finished yet take, each as the scoring the
+        finished ones spent outside training (the same at every rung) plus its steps at their
+        training pace — a full run is not a short one; "" where no trial said its training time."""
+        timed = [t for t in trials if t.state == TrialState.COMPLETE and "train_seconds" in t.user_attrs]
+        if not timed:
+            return ""
+        per_step = sum(t.user_attrs["train_seconds"] for t in timed) / sum(self.steps(rung_of(t)) for t in timed)
+        outside = sum(t.user_attrs["seconds"] - t.user_attrs["train_seconds"] for t in timed) / len(timed)
+        placed = [t for t in trials if _finished(t) and "refines" not in t.user_attrs]
+        top = len(now.rungs) - 1
+        left = [(n - sum(rung_of(t) == r for t in placed), r) for r, n in enumerate(now.rungs)]
+        left.append((now.refinements - sum(_finished(t) and "refines" in t.user_attrs for t in trials), top))
+        seconds = sum(max(0, n) * (outside + self.steps(r) * per_step) for n, r in left)
+        return f"about {duration(seconds)} left" if seconds > 0 else ""
+
     def describe(self, t: FrozenTrial) -> list[str]:
         """A finished trial in words: its rung as a run length, params, metric, lr, time."""
         config, top = self.config, len(self.config.fidelities) - 1
-        batches = len(self.task.train_batches)
-        steps = config.fidelities[rung_of(t)].recipe(Recipe.from_dict(config.recipe), batches).total_steps(batches)
-        run = f"{'full' if rung_of(t) == top else 'short'} run ({steps} steps)"
+        run = f"{'full' if rung_of(t) == top else 'short'} run ({self.steps(rung_of(t))} steps)"
         run += ", refining the best plan's learning rate" if "refines" in t.user_attrs else ""
         run += f", trial {t.user_attrs['retries']} again (interrupted)" if "retries" in t.user_attrs else ""
         said = [f"trial {t.number}", run]

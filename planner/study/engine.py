@@ -6,7 +6,7 @@ Everything is read back from the storage on each turn, so any number of workers 
 restart after a crash) see the same state. Besides the policy's user_attrs (``rung``,
 ``candidate``, ``baseline``, ``refines``), each trial carries ``costs`` (exact, before
 training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
-``seconds``, ``fidelity``, ``validation_loss``, ``worker``, ``reused`` (the trial whose result a
+``seconds`` (``train_seconds`` of them training), ``fidelity``, ``validation_loss``, ``worker``, ``reused`` (the trial whose result a
 trial with the same plan took instead of training again) and ``interrupted`` (cut off by
 Ctrl-C: `SearchInterrupted`, queued again on resume).
 
@@ -24,7 +24,7 @@ Ctrl-C: `SearchInterrupted`, queued again on resume).
     >>> [t.state.name for t in study.trials]
     ['COMPLETE', 'COMPLETE']
     >>> sorted(study.trials[0].user_attrs)
-    ['candidate', 'costs', 'fidelity', 'plan', 'rung', 'seconds', 'validation_loss', 'worker']
+    ['candidate', 'costs', 'fidelity', 'plan', 'rung', 'seconds', 'train_seconds', 'validation_loss', 'worker']
     >>> work(study, Context(config, model, task, space, evaluate), progress=False)  # a restart: nothing left to run
     0
 """
@@ -242,6 +242,8 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
             return _fail(study, trial, result.failed)
         if result.loss is not None:
             trial.set_user_attr("validation_loss", float(result.loss))
+        if result.train_seconds is not None:
+            trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
         _complete(study, trial, ctx, plan, [float(v) for v in ctx.space.values(plan, result.metric)], r, fidelity)
     except optuna.exceptions.UpdateFinishedTrialError:  # heartbeats starved: another worker re-queued it
         warnings.warn(

@@ -16,7 +16,7 @@ workers treat its worker as dead.
     >>> study = optuna.create_study(storage=storage, study_name="s")
     >>> trial_id = storage.create_new_trial(storage.get_study_id_from_name("s"))  # RUNNING, as study.ask() makes it
     >>> watched(storage, trial_id, 60.0, lambda: Evaluation(0.75, 1_536, 0.1))  # in time: its own result
-    Evaluation(metric=0.75, params=1536, seconds=0.1, failed=None, loss=None)
+    Evaluation(metric=0.75, params=1536, seconds=0.1, failed=None, loss=None, train_seconds=None)
     >>> result = watched(storage, trial_id, 0.5, lambda: time.sleep(600))  # a loop that never returns
     >>> result.metric, result.failed  # doctest: +ELLIPSIS
     (None, 'timed out: the trial ran past its time limit of 0.5 s and was stopped; raise the limit ...')

@@ -110,7 +110,8 @@ class Fidelity:
 @dataclass
 class Evaluation:
     """A trial's outcome: the validation ``metric`` (higher is better) and mean validation
-    ``loss`` (None when failed), trainable params, seconds, the failure reason, training losses."""
+    ``loss`` (None when failed), trainable params, seconds, the failure reason, training losses,
+    and of the seconds those spent training (None where the evaluator does not say)."""
 
     metric: float | None
     params: int
@@ -118,6 +119,7 @@ class Evaluation:
     failed: str | None = None
     losses: list[float] = field(default_factory=list, repr=False)
     loss: float | None = None
+    train_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -173,7 +175,7 @@ def evaluate(
         release(device)
     if metric != metric:  # NaN metric: the model produced garbage
         return Evaluation(None, params, time.perf_counter() - start, "metric is NaN", losses)
-    return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss)
+    return Evaluation(metric, params, time.perf_counter() - start, None, losses, loss, run.seconds)
 
 
 def _check_validation(task: Task) -> None:

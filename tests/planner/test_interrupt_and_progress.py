@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from peftplan.planner.study import run_search
 from peftplan.planner.study.engine import SearchInterrupted
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
+from peftplan.planner.training.progress import duration
 from peftplan.recipe import Recipe
 from tests.planner.trials import stand_in, tiny_task, write_task
 from tests.zoo import bert_classifier
@@ -272,3 +273,23 @@ def test_a_training_off_a_terminal_says_each_tenth_in_a_plain_line(capsys):
         assert re.fullmatch(
             rf"training: {step} of 20 · loss {result.losses[step - 1]:.3f} · [\d.]+ (s|min) elapsed{left}", line
         ), line
+
+
+def test_time_left_counts_a_full_run_by_its_steps_not_as_a_short_one(capsys):
+    """Each trial says 1 s of scoring plus 10 s per training step: after the first screen (2 steps)
+    the rest is 3 screens and the full runs (6 steps each) and refinements, counted by hand."""
+
+    def timed(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        steps = fidelity.recipe(recipe, len(task.train_batches)).total_steps(len(task.train_batches))
+        result.seconds, result.train_seconds = 1.0 + 10.0 * steps, 10.0 * steps
+        return result
+
+    storage = optuna.storages.InMemoryStorage()
+    search(storage, timed, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial ")]
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    full = sum(t.user_attrs["rung"] == 1 for t in trials)  # promoted and refined, all 6 steps
+    expected = 3 * (1 + 10 * 2) + full * (1 + 10 * 6)
+    assert lines[0].endswith(f"about {duration(expected)} left"), lines[0]
+    assert "about" not in lines[-1]  # nothing left after the last

@@ -135,14 +135,13 @@ def run_search(
     """Search ``space`` with an optuna ``strategy`` for ``trials`` completed candidates; return the best plan within
     budget, with ``plan.front``. The module docstring describes the options.
 
-    >>> from pathlib import Path
     >>> plan = run_search(tiny_bert(), "5%", tiny_task(), strategy="tpe", trials=2, recipe=Recipe(lr=5e-3, steps=6),
     ...                   fidelities=[Fidelity()], seeds=2, refine=1, progress=False)
     >>> plan.provenance["strategy"], plan.recipe.steps
     ('tpe', 6)
     >>> plan.front.to_csv("front.csv").name
     'front.csv'
-    >>> len(Path("front.csv").read_text().splitlines()) == 1 + len(plan.front)  # a header, a row per point
+    >>> len(open("front.csv").read().splitlines()) == 1 + len(plan.front)  # a header, a row per point
     True
     """
     budget, trial_timeout = Budget.coerce(budget), check_timeout(trial_timeout)
@@ -151,11 +150,8 @@ def run_search(
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     space = _search_space(space, model, budget, task, seed, objectives, methods, proxy, graph, lr_range, recipe)
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    config = _study_config(
-        space, budget, recipe, proxy, strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine
-    )
-    config = replace(config, runs=_checked_runs(runs))
-    config.top_slots()  # a ValueError saying what the cap leaves
+    options = (strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine)
+    config = _capped(_study_config(space, budget, recipe, proxy, *options), runs)
     name = study_name or config.default_name(task, model)
     store = open_storage(storage, heartbeat=heartbeat)
     with writing(store, name):
@@ -257,12 +253,16 @@ def _check_settings(
         )
 
 
-def _checked_runs(runs: float | None) -> float | None:
+def _capped(config: StudyConfig, runs: float | None) -> StudyConfig:
+    """``config`` with its cost cap ``runs``, once that is a positive number (or None) leaving the
+    top rung at least one candidate (else a ValueError saying what the cap leaves)."""
     if runs is not None and (isinstance(runs, bool) or not isinstance(runs, (int, float)) or not runs > 0):
         raise ValueError(
             f"runs is the search's cost cap in final-run equivalents, a positive number or None; got {runs!r}"
         )
-    return runs
+    config = replace(config, runs=runs)
+    config.top_slots()
+    return config
 
 
 def run_worker(

@@ -443,7 +443,10 @@ def run_task(
     }
     if extras:
         for kind, (label, _) in PROBES.items():
-            rows[label] = study.probe(name, kind)
+            try:
+                rows[label] = study.probe(name, kind)
+            except SystemExit:  # --stored: a probe not trained yet is left out, and said so
+                print(f"  {name}: {label} is not trained yet", flush=True)
     if baselines_only:
         if extras:
             lr, grid = study.tuned(name, "lora-qv-r2")
@@ -504,14 +507,20 @@ def reuse(study: Study, results: dict) -> None:
     searched = {name: pp.Plan.from_dict(rows["peftplan search"]["search"]["plan"]) for name, rows in results.items()}
     for target, rows in results.items():
         for source, plan in searched.items():
-            if source != target:
-                rows[f"peftplan plan searched on {source}"] = {
-                    "runs": [study.plan_run(target, f"reuse-{source}", plan, s) for s in study.cfg["seeds"]],
-                    "lr": plan.recipe.lr,
-                    "cost": len(study.cfg["seeds"]),
-                    "kind": "reuse",
-                    "source": source,
-                }
+            if source == target:
+                continue
+            try:
+                runs = [study.plan_run(target, f"reuse-{source}", plan, s) for s in study.cfg["seeds"]]
+            except SystemExit:  # --stored: a pair not trained yet is left out, and said so
+                print(f"  {target}: the plan searched on {source} is not trained there yet", flush=True)
+                continue
+            rows[f"peftplan plan searched on {source}"] = {
+                "runs": runs,
+                "lr": plan.recipe.lr,
+                "cost": len(study.cfg["seeds"]),
+                "kind": "reuse",
+                "source": source,
+            }
 
 
 def default_screen() -> str:

@@ -162,7 +162,8 @@ def verdicts(results: dict, study) -> list[str]:
         f"{'PASS' if min(statistics.fmean(vs_ada), statistics.fmean(vs_eva)) >= 0 else 'MISS'}",
         f"- average over tasks vs best tuned LoRA: {avg:+.2f} points (goal ≥ +0.50 at ≤ 3 final runs) — "
         f"{'PASS' if avg >= 0.5 and max(costs) <= 3 else 'MISS'}",
-        f"- search cost: {max(costs):.1f} final runs at most (goal ≤ 3) — {'PASS' if max(costs) <= 3 else 'MISS'}",
+        f"- search cost: {', '.join(f'{n} {c:.1f}' for n, c in zip(results, costs))} final runs (goal ≤ 3) — "
+        f"{'PASS' if max(costs) <= 3 else 'MISS'}",
         seeds_verdict(results),
         *reuse_verdict(results),
     ]

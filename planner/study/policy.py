@@ -103,12 +103,8 @@ def workload(config: Any, trials: Iterable[FrozenTrial] = ()) -> Workload:
     seeds = [t for t in rung0 if t.state in LIVE and "baseline" in t.user_attrs][: config.trials]
     named = len({t.user_attrs["baseline"] for t in seeds})
     rungs = [sum(t.state == TrialState.FAIL for t in rung0) + max(config.trials, sum(t.state in LIVE for t in rung0))]
-    slots, others, capped, top = (
-        config.trials,
-        config.trials - len(seeds),
-        config.top_slots(),
-        len(config.fidelities) - 1,
-    )
+    slots, others = config.trials, config.trials - len(seeds)
+    capped, top = config.top_slots(), len(config.fidelities) - 1
     for r in range(1, top + 1):
         here = [t for t in placed if rung_of(t) == r]
         if here:

@@ -19,6 +19,7 @@ is the right answers' (`lm.gold`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Sequence
@@ -139,7 +140,12 @@ def shared_prompt_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, 
 def _cache_argument(backbone: nn.Module) -> str:
     """The name a backbone's forward takes its key-value cache by: ``cache`` (transformers 5.2x and
     later), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return _cache_argument_of(type(backbone))
+
+
+@functools.cache
+def _cache_argument_of(cls: type) -> str:  # read once per class, not on every validation batch
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def choice_accuracy_and_loss(model: nn.Module, batches: list[Batch]) -> tuple[float, float]:

@@ -11,8 +11,8 @@ dev.tsv is read once, for the final table.
    own rank: ten times the budget below), and the same placement at the budget (ranks 1-2,
    alpha = rank) at the best of three learning rates;
 3. peftplan's search at peft's LoRA r8 q,v budget (460,800 params): its candidates screened at
-   a short run, the two best trained in full (2.8 final runs, under its cap of 3); writes
-   front.png and plan.json;
+   a short run, the best-screened seed and searched plan trained in full (2.8 final runs,
+   under its cap of 3); writes front.png and plan.json;
 4. the returned plan trained by its own recipe; the answers to the same reviews after;
 5. one table: trainable params, learning rate, validation and dev choice accuracy, trainings
    paid for (final-run equivalents), time.

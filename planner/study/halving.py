@@ -12,8 +12,9 @@ schedule is synchronous and deterministic:
 * baselines (seed plans with user_attr ``baseline``) go on to every rung whatever their
   rank, and ``promoted_count`` of the others: the returned plan has met them at the top;
 * under a cost cap (``runs``, in final-run equivalents) the top rung gets what the cap leaves
-  once the rungs below and the refinements are paid (`top_slots`): the best candidates by the
-  first objective as screened, baselines or not;
+  once the rungs below and the refinements are paid (`top_slots`): baselines and searched
+  candidates take turns (`mixed`), each kind in its order by the first objective as screened —
+  the returned plan has met the best-screened baseline, and a searched plan has its full run;
 * the front comes from the highest rung that completed: metrics of different rungs are
   never compared.
 
@@ -109,6 +110,20 @@ def top_slots(
             f"{refine * top:.1f}; raise runs, or screen fewer candidates, or refine less"
         )
     return slots
+
+
+def mixed(order: list[int], baselines: set[int]) -> list[int]:
+    """``order`` (best first) with its ``baselines`` and the other candidates taking turns, the
+    kind of its best first; once one kind runs out, the rest of the other. Short screens rank
+    plans weakly (`SCREEN`), so under a cap of two full runs neither a hand-written plan nor a
+    searched one is left out on their evidence alone.
+
+    >>> mixed([7, 3, 9, 4, 5], baselines={3, 9, 5})
+    [7, 3, 4, 9, 5]
+    """
+    own = [c for c in order if c in baselines], [c for c in order if c not in baselines]
+    first, second = own if order and order[0] in baselines else own[::-1]
+    return [c for i in range(len(order)) for c in (first[i : i + 1] + second[i : i + 1])]
 
 
 def promote(candidates: dict[int, dict[str, float]], senses: dict[str, str], eta: int) -> list[int]:

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..front import FrontPoint, ParetoFront
 from .config import refinable, stored_plan
-from .halving import promote, promoted_count
+from .halving import mixed, promote, promoted_count
 
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 PLACE = ("rung", "candidate", "origin", "baseline", "refines", "refined_lr")  # what a trial is for, kept by its retry
@@ -190,9 +190,10 @@ def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
 
 def _promoted(done: dict[int, FrozenTrial], config: Any, rung: int) -> list[int]:
     """The candidates of a settled rung that go on to ``rung``: each baseline's best rate,
-    whatever its rank, then `promote`'s choice of the others; under a cost cap, by rank alone —
-    `promote`'s choice below the top, and at the top the `top_slots` best by the first
-    objective as screened (the returned plan is the best by it)."""
+    whatever its rank, then `promote`'s choice of the others; under a cost cap, `promote`'s
+    choice below the top, and at the top `top_slots` of them, baselines and searched
+    candidates by turns (`mixed`), each kind by the first objective as screened (the returned
+    plan is the best by it)."""
     slots = config.top_slots()
     if slots is not None:
         screened = {c: _screened(t, config) for c, t in done.items()}
@@ -200,7 +201,8 @@ def _promoted(done: dict[int, FrozenTrial], config: Any, rung: int) -> list[int]
             return promote(screened, config.senses, config.eta)
         key = config.objectives[0]
         sign = 1 if config.senses[key] == "max" else -1
-        return sorted(screened, key=lambda c: (-sign * screened[c][key], c))[:slots]
+        order = sorted(screened, key=lambda c: (-sign * screened[c][key], c))
+        return mixed(order, {c for c in order if done[c].user_attrs.get("baseline")})[:slots]
     named: dict[str, list[int]] = {}  # each baseline's candidates (one per seed learning rate)
     for c, t in done.items():
         if t.user_attrs.get("baseline"):

@@ -38,8 +38,9 @@ every linear layer, the one-shot allocations) at three learning rates each, then
 smaller budget shares. ``runs`` caps what the search costs, in final-run equivalents (trainings
 weighted by their share of the recipe's steps; default 3, about one learning-rate sweep of one
 placement): the top rung trains what the cap leaves once the screens and refinements are paid
-(`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs), the best by
-the screened first objective, baselines or not; ``runs=None`` lifts the cap, and then the best rate
+(`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs): the
+best-screened baseline and the best-screened searched candidate, then by turns (`mixed`, each
+kind by the screened first objective); ``runs=None`` lifts the cap, and then the best rate
 of each baseline goes on to every rung whatever its rank, beside 1/``eta`` of the others. Every trial trains by ``recipe``
 (default `Recipe()`) compressed to its rung's `Fidelity`, at the learning rate the default space
 searches in ``lr_range`` ("auto": a tenth to ten times ``recipe.lr``, log scale — tuned LoRA

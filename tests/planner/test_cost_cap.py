@@ -1,5 +1,5 @@
 """The search's cost cap (``runs``, in final-run equivalents): the top rung trains what the
-screens and refinements leave, the best candidates by the screened first objective."""
+screens and refinements leave, the best-screened baselines and searched candidates by turns."""
 
 import zlib
 
@@ -34,32 +34,39 @@ def cost(trials, recipe_steps=20):
     return sum(shares[t.user_attrs["fidelity"]] for t in trials)
 
 
-def test_the_default_cap_trains_two_full_runs_of_the_best_screened_candidates():
+def best_screened(trials, baseline: bool):
+    """The number of the best rung-0 trial of one kind by validation loss (screen_by="loss"), by hand."""
+    kind = [t for t in trials if t.user_attrs["rung"] == 0 and ("baseline" in t.user_attrs) == baseline]
+    return min(kind, key=lambda t: (t.user_attrs["validation_loss"], t.number)).number
+
+
+def test_the_default_cap_trains_the_best_screened_baseline_and_searched_plan_in_full():
     plan, study = search()
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     screened = [t for t in done if t.user_attrs["rung"] == 0]
     top = [t for t in done if t.user_attrs["rung"] == 1]
     assert len(screened) == 16 and len(top) == 2
     assert cost(done) == pytest.approx(16 * 0.05 + 2) and cost(done) <= 3
-    by_loss = sorted(screened, key=lambda t: (t.user_attrs["validation_loss"], t.number))  # screen_by="loss"
-    by_metric = sorted(screened, key=lambda t: (-t.values[0], t.number))
-    assert (
-        [t.user_attrs["candidate"] for t in top] == [t.number for t in by_loss[:2]] != [t.number for t in by_metric[:2]]
-    )
+    assert {t.user_attrs["candidate"] for t in top} == {best_screened(done, True), best_screened(done, False)}
+    by_loss = sorted(screened, key=lambda t: (t.user_attrs["validation_loss"], t.number))
+    assert {t.number for t in by_loss[:2]} != {t.user_attrs["candidate"] for t in top}  # not the two best overall
     assert workload(StudyConfig.from_dict(study.user_attrs["peftplan"]), study.trials).total == len(done)
     assert plan.provenance["trial"] in {t.number for t in top}  # chosen on full-length results
 
 
-def test_baselines_are_not_promoted_whatever_they_screen_under_the_cap():
-    def baselines_screen_badly(base, plan, task, fidelity, *, recipe, seed):
+@pytest.mark.parametrize("worst", ["baselines", "searched"])
+def test_each_kind_has_its_full_run_however_badly_it_screens_under_the_cap(worst):
+    def one_kind_screens_badly(base, plan, task, fidelity, *, recipe, seed):
         result = with_loss(base, plan, task, fidelity, recipe=recipe, seed=seed)
-        if fidelity.share is not None and plan.provenance["knobs"]["budget"] == 1.0:
-            result.loss = 1e6  # every baseline (the whole budget) screens worst
+        seed_plan = plan.provenance["knobs"]["budget"] == 1.0  # the baselines take the whole budget
+        if fidelity.share is not None and seed_plan == (worst == "baselines"):
+            result.loss = 1e6
         return result
 
-    _, study = search(baselines_screen_badly)
+    _, study = search(one_kind_screens_badly)
     top = [t for t in study.trials if t.user_attrs["rung"] == 1]
-    assert len(top) == 2 and not any("baseline" in t.user_attrs for t in top)
+    assert len(top) == 2 and sorted("baseline" in t.user_attrs for t in top) == [False, True]
+    assert {t.user_attrs["candidate"] for t in top} == {best_screened(study.trials, k) for k in (True, False)}
 
 
 def test_a_larger_cap_buys_more_full_runs_and_refinements_are_paid_from_it():

@@ -53,6 +53,10 @@ GRID, FULL_GRID = (3e-4, 1e-3, 3e-3), (1e-5, 3e-5, 1e-4)  # lr grids, extended b
 SEARCH_LR = 1e-3  # the recipe the searches are given (their knob spans a tenth to ten times it)
 SEARCH_RUNS = 3.0  # the searches' cost cap in final-run equivalents (run_search's default; a record without it ran
 # uncapped: benchmarks/runs/llm/sst2_search-uncapped.json, 7.8 runs)
+EARLIER = {  # searches stored under an earlier rule, reported beside today's where stored: label suffix -> (row, cap)
+    "uncapped": ("peftplan search before its cost cap", None),  # trainable again: runs=None keeps that rule
+    "by-loss": ("peftplan search, the cap's first rule (the two best screened in full)", SEARCH_RUNS),  # stored only
+}
 EVERY_METHOD = ("lora", "dora", "sparse", "moe_lora", "ia3", "ssf")  # what the search over every method may choose
 
 
@@ -155,6 +159,7 @@ def search_job(job: dict) -> dict:
             "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
             "reused": "reused" in t.user_attrs,
             "refined": "refines" in t.user_attrs,
+            "validation_loss": t.user_attrs.get("validation_loss"),
         }
         for t in done
     ]
@@ -273,11 +278,14 @@ class Study:
 
         return {**self.tuned(task, "proxy", GRID, train), "summary": plan.summary()}
 
-    def search(self, task: str, methods: tuple[str, ...] | None = None, runs: float | None = SEARCH_RUNS) -> dict:
-        """A search (its plan at its own lr, on every seed) and what it cost in final runs."""
+    def search(
+        self, task: str, methods: tuple[str, ...] | None = None, runs: float | None = SEARCH_RUNS, earlier: str = ""
+    ) -> dict:
+        """A search (its plan at its own lr, on every seed) and what it cost in final runs;
+        ``earlier``: one stored under an earlier rule (`EARLIER`)."""
         import peftplan as pp
 
-        label = ("search" if methods is None else "search-every-method") + ("-uncapped" if runs is None else "")
+        label = ("search" if methods is None else "search-every-method") + (f"-{earlier}" if earlier else "")
         job = {
             "task": task,
             "search": True,
@@ -307,8 +315,9 @@ def run_task(study: Study, task: str, kinds: list[str], searches: str) -> dict[s
         work["peftplan search"] = lambda: study.search(task)
     if searches == "all":
         work["peftplan search, every method"] = lambda: study.search(task, EVERY_METHOD)
-    if searches != "none" and study.store.path(f"{task}/search-uncapped").exists():  # stored before the cost cap
-        work["peftplan search before its cost cap"] = lambda: study.search(task, runs=None)
+    for earlier, (row, runs) in EARLIER.items():
+        if searches != "none" and study.store.path(f"{task}/search-{earlier}").exists():
+            work[row] = lambda earlier=earlier, runs=runs: study.search(task, runs=runs, earlier=earlier)
     if not work:
         return {}
     with cf.ThreadPoolExecutor(len(work)) as pool:

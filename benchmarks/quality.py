@@ -240,11 +240,18 @@ class Study:
         return plan
 
     def search(
-        self, name: str, screen_by: str | None = None, budget: int = BUDGET, strategy: str | None = None
+        self,
+        name: str,
+        screen_by: str | None = None,
+        budget: int = BUDGET,
+        strategy: str | None = None,
+        stored: bool = False,
     ) -> tuple[object, dict]:
         """peftplan's default search on seed 0's task (``screen_by``: promotion by another
         signal than the default's; ``budget``, ``strategy``: another budget or strategy, the
-        rest as the default's); its plan and what it cost, stored."""
+        rest as the default's); its plan and what it cost, stored (``stored``: only as stored,
+        of whichever planner tree, as under ``--stored``)."""
+        stored = stored or self.stored_only
         import optuna
 
         import peftplan as pp
@@ -275,12 +282,12 @@ class Study:
         }
         record = self.store.get(key, spec)
         code = search_code(record.get("planner", "")) if record is not None else None
-        if record is not None and (code is None or code != search_code(planner_tree())) and not self.stored_only:
+        if record is not None and (code is None or code != search_code(planner_tree())) and not stored:
             print(
                 f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True
             )
             record = None
-        if record is None and self.stored_only:
+        if record is None and stored:
             raise SystemExit(f"{key} is not stored: run without --stored to train it")
         if record is None:
             import torch
@@ -320,6 +327,7 @@ class Study:
                     "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
                     "reused": "reused" in t.user_attrs,
                     "refined": "refines" in t.user_attrs,
+                    "validation_loss": t.user_attrs.get("validation_loss"),
                 }
                 for t in done
             ]
@@ -396,13 +404,20 @@ def _tick(key: str, storage, study_name: str, stop: threading.Event, start: floa
 
 
 def run_task(
-    study: Study, name: str, extras: bool = False, baselines_only: bool = False, contrast: bool = False
+    study: Study,
+    name: str,
+    extras: bool = False,
+    baselines_only: bool = False,
+    contrast: bool = False,
+    extra_searches: bool = True,
 ) -> dict:
     """Every contender on task ``name``: ``{label: {"runs": [...], "lr": …, "cost": …}}``;
     ``extras``: also the search at `SMALL_BUDGET` with peft LoRA r2 q,v (lr tuned) beside it,
     and ``random`` search with as many evaluations, for the front plot; ``baselines_only``:
     only the contenders no planner choice touches (peft's, full fine-tuning); ``contrast``:
-    also the search promoting by the signal the default does not use (a second search's cost)."""
+    also the search promoting by the signal the default does not use (a second search's cost);
+    ``extra_searches`` False: with ``extras``, the stored extra searches as they are (of
+    whichever planner tree, said so), none trained."""
     seeds, steps = study.cfg["seeds"], study.cfg["steps"]
     rows: dict[str, dict] = {}
     print(f"{name}:", flush=True)
@@ -487,7 +502,11 @@ def run_task(
             "kind": "lora-qv-r2",
         }
     for label, contender, options in variants:
-        plan, record = study.search(name, **options)
+        try:
+            plan, record = study.search(name, stored=not extra_searches, **options)
+        except SystemExit:  # not stored, and not to be trained now
+            print(f"  {name}: {label} is not stored", flush=True)
+            continue
         rows[label] = {
             "runs": [study.plan_run(name, contender, plan, s) for s in seeds],
             "lr": plan.recipe.lr,
@@ -570,6 +589,13 @@ def main() -> None:
         action="store_true",
         help="also apply each task's searched plan (with its recipe) to every other task: plans that travel",
     )
+    ap.add_argument(
+        "--no-extra-searches",
+        dest="extra_searches",
+        action="store_false",
+        help="report the first task's extra searches (random, 0.1%%) as stored, of whichever planner tree, "
+        "training none: each costs a search",
+    )
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
     args = ap.parse_args()
@@ -605,7 +631,12 @@ def main() -> None:
                 f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines),
             )
         return
-    results = {name: run_task(study, name, extras=name == extras_task, contrast=args.contrast) for name in tasks}
+    results = {
+        name: run_task(
+            study, name, extras=name == extras_task, contrast=args.contrast, extra_searches=args.extra_searches
+        )
+        for name in tasks
+    }
     if args.reuse:
         reuse(study, results)
     lines = [f"Scale {scale}: {study.describe()}", ""]

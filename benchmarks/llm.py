@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, RunStore, write_section
-from llm_contenders import BUDGET, KINDS
+from llm_contenders import BUDGET, EARLIER, KINDS
 
 STORE = ROOT / "benchmarks" / "runs" / "llm"
 TASKS = ("sst2", "subj", "cola", "mr-text")
@@ -53,10 +53,6 @@ GRID, FULL_GRID = (3e-4, 1e-3, 3e-3), (1e-5, 3e-5, 1e-4)  # lr grids, extended b
 SEARCH_LR = 1e-3  # the recipe the searches are given (their knob spans a tenth to ten times it)
 SEARCH_RUNS = 3.0  # the searches' cost cap in final-run equivalents (run_search's default; a record without it ran
 # uncapped: benchmarks/runs/llm/sst2_search-uncapped.json, 7.8 runs)
-EARLIER = {  # searches stored under an earlier rule, reported beside today's where stored: label suffix -> (row, cap)
-    "uncapped": ("peftplan search before its cost cap", None),  # trainable again: runs=None keeps that rule
-    "by-loss": ("peftplan search, the cap's first rule (the two best screened in full)", SEARCH_RUNS),  # stored only
-}
 EVERY_METHOD = ("lora", "dora", "sparse", "moe_lora", "ia3", "ssf")  # what the search over every method may choose
 
 

@@ -26,6 +26,10 @@ ALL = [
 ]  # Unsloth's seven; axolotl's all linear
 BUDGET = 460_800  # peft LoRA r8 on q_proj and v_proj of SmolLM2-135M (30 layers x 8 x (576+576 + 576+192))
 
+EARLIER = {  # searches stored under an earlier rule, reported beside today's where stored: key suffix -> (row, cap)
+    "uncapped": ("peftplan search before its cost cap", None),  # trainable again: runs=None keeps that rule
+    "by-loss": ("peftplan search, the cap's first rule (the two best screened in full)", 3.0),  # stored only
+}
 KINDS = {  # kind -> (label, what it is)
     "lora-qv": ("peft LoRA r8 q,v", "peft's default placement and rank (alpha 8)"),
     "unsloth": ("Unsloth placement at the budget", "q,k,v,o,gate,up,down, alpha = rank, ranks 1-2 per layer"),

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from common import ROOT
-from llm_contenders import BUDGET, KINDS
+from llm_contenders import BUDGET, EARLIER, KINDS
 
 PLOTS = ROOT / "benchmarks"
 DEFAULT_LABELS = [KINDS[k][0] for k in ("lora-qv", "unsloth", "axolotl")]
@@ -174,7 +174,8 @@ def in_progress(store: Path, task: str, done: set[str]) -> list[str]:
                 + ", ".join(f"lr {r['spec']['lr']:g} seed {r['spec']['seed']} → {r['val_metric']:.4f}" for r in mine)
             )
     for r in runs:
-        label = "peftplan search" + (", every method" if r["spec"].get("methods") else "")
+        earlier = EARLIER.get(r["key"].split("/search-")[-1], ("",))[0]
+        label = earlier or "peftplan search" + (", every method" if r["spec"].get("methods") else "")
         if r["spec"].get("search") and label not in done:
             lines.append(
                 f"- {label} (its final runs pending): returned a plan at validation "

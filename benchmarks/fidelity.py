@@ -9,8 +9,10 @@ well each such rung predicts the final result:
   at three learning rates, r4 on the four attention projections, r2 on query/value, r3 on the
   MLP, every linear layer at the rank that fits), the proxy plan at the whole budget and at a
   quarter, and three random draws of the default space with random learning rates
-  (log-uniform in [2e-4, 5e-3]). Every one trains the classification head fully; the budget
-  is peft's LoRA r=8 on query/value (74,498 params, head included).
+  (log-uniform in [2e-4, 5e-3]); and each new dimension of a plan beside the plan it is tried on
+  (`DIMENSIONS`: LoRA r8 q,v with LoRA+, B at 16x the rate, at 3e-4 and 1e-3), 14 in all.
+  Every one trains the classification head fully; the budget is peft's LoRA r=8 on
+  query/value (74,498 params, head included).
 * Each trains at 5%, 10%, 25% and 100% of the final recipe (AdamW, 6% warm-up then linear
   decay, batch 32, max length 64, `--steps` steps, seed 0) on train.tsv less a stratified
   validation split of 1,000 examples. 200 steps (6,400 examples, about one epoch of the
@@ -18,6 +20,9 @@ well each such rung predicts the final result:
   tasks x 1.4 final runs then take about 2 hours. Each rung records the validation metric and
   loss and the mean training loss of its last fifth; the full run also the dev metric — the
   final result, which no rung's signal has seen.
+* Reported per new dimension: its effect at each rung (validation loss, and the dev metric at
+  the full recipe, with it minus without it), so a dimension enters the default space only
+  once it moves a final result and the short rungs see the move.
 * Reported per task and rung: Spearman's rho and Kendall's tau between each signal (losses
   negated, so higher is better everywhere) and the final dev metric, over the contenders; and
   the cheapest rung whose best signal reaches rho >= 0.8 on every task: the default
@@ -70,6 +75,10 @@ SIGNALS = {"validation metric": "val_metric", "validation loss": "val_loss", "tr
 TARGET = 0.8
 STORE = ROOT / "benchmarks" / "runs" / "fidelity"
 COMMAND = "python benchmarks/fidelity.py --results benchmarks/RESULTS.md --plot benchmarks/fidelity.png"
+DIMENSIONS = {  # contender -> (the contender it adds a dimension to, the `Recipe` fields that add it)
+    "lora r8 q,v lr 3e-4 + LoRA+ 16x": ("lora r8 q,v lr 3e-4", {"lr_ratio": 16.0}),
+    "lora r8 q,v lr 1e-3 + LoRA+ 16x": ("lora r8 q,v lr 1e-3", {"lr_ratio": 16.0}),
+}
 
 
 def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
@@ -106,6 +115,7 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
             1e-3,
         ),
     }
+    out |= {name: out[plain] for name, (plain, _) in DIMENSIONS.items()}
     space = default_space(model, budget, task, seed=0)
     for share, lr in ((1.0, 1e-3), (0.25, 2e-3)):
         out[f"proxy {share:.0%}"] = (space.plan_from_params(space.proxy_params(share)).sites, lr)
@@ -146,12 +156,12 @@ def train_rung(base, sites: dict, task, recipe, rung: float, seed: int) -> dict:
     return result
 
 
-def run_all(tasks: list[str], steps: int, store: RunStore) -> None:
+def run_all(tasks: list[str], steps: int, store: RunStore, threads: int = 2) -> None:
     import torch
 
     from peftplan.recipe import Recipe
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     started, done = time.perf_counter(), 0
     for name in tasks:
         base, task = load_task(name, validation=VALIDATION)
@@ -162,7 +172,8 @@ def run_all(tasks: list[str], steps: int, store: RunStore) -> None:
             flush=True,
         )
         for cname, (sites, lr) in contenders(base, task, budget).items():
-            recipe = Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32)
+            extra = DIMENSIONS[cname][1] if cname in DIMENSIONS else {}
+            recipe = Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32, **extra)
             for rung in RUNGS:
                 key = f"{name}/{cname}@{rung:g}"
                 spec = {"task": name, "sites": sites, "recipe": recipe.to_dict(), "rung": rung, "seed": 0}
@@ -300,8 +311,28 @@ def report(records: list[dict], steps: int) -> str:
             "Final runs: " + "; ".join(f"{r['contender']} {r['dev_metric']:.4f} ({r['params']:,})" for r in table)
         )
         lines.append("")
+    lines += dimension_lines(records)
     lines.append(verdict(corr))
     return "\n".join(lines)
+
+
+def dimension_lines(records: list[dict]) -> list[str]:
+    """Each new dimension's effect (`DIMENSIONS`), per task and rung: its validation loss and, at
+    the full recipe, its dev metric minus those of the same plan without it."""
+    at = {(r["task"], r["contender"], r["rung"]): r for r in records}
+    lines = []
+    for name, (plain, extra) in DIMENSIONS.items():
+        for task in sorted({r["task"] for r in records}):
+            pairs = [(rung, at.get((task, name, rung)), at.get((task, plain, rung))) for rung in RUNGS]
+            cells = [
+                f"{rung:.0%} loss {w['val_loss'] - wo['val_loss']:+.3f}"
+                + (f", dev {100 * (w['dev_metric'] - wo['dev_metric']):+.2f} points" if rung == 1.0 else "")
+                for rung, w, wo in pairs
+                if w is not None and wo is not None
+            ]
+            if cells:
+                lines.append(f"- {task}, {name} minus {plain} ({extra}): " + "; ".join(cells))
+    return ["New dimensions, each against the same plan without it:", "", *lines, ""] if lines else []
 
 
 def verdict(corr: dict) -> str:
@@ -353,6 +384,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS, help=f"the final recipe's steps (default {STEPS})")
     ap.add_argument("--store", type=Path, default=STORE, help="where each training's JSON goes")
     ap.add_argument("--report", action="store_true", help="only report what is stored")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job on 2 cores)")
     ap.add_argument("--results", type=Path, help="write the report into this RESULTS.md's fidelity section")
     ap.add_argument("--plot", type=Path, help="write the correlation plot here (PNG)")
     ap.add_argument("--proxies", action="store_true", help="measure the site-scoring proxies against per-site gains")
@@ -367,7 +399,7 @@ def main() -> None:
         return
     store = RunStore(args.store)
     if not args.report:
-        run_all(args.tasks, args.steps, store)
+        run_all(args.tasks, args.steps, store, args.threads)
     records = [r for r in store.all() if r["task"] in args.tasks and r["spec"]["recipe"]["steps"] == args.steps]
     text = report(records, args.steps)
     print("\n" + text)

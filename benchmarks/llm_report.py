@@ -105,7 +105,7 @@ def verdicts(results: dict[str, dict]) -> list[str]:
             100 / theirs if is_lm(task) else 100
         )
         unit = "% lower perplexity" if is_lm(task) else " accuracy points"
-        ceiling = _ceiling(rows, task, theirs)
+        ceiling = _ceiling(rows, task, theirs) + _standard_error(defaults[best], task, theirs)
         lines.append(
             f"- {task}: search {ours:.4f} vs the best tuned default ({best}) {theirs:.4f}: {gain:+.2f}{unit} "
             f"({'PASS' if gain >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
@@ -117,6 +117,17 @@ def verdicts(results: dict[str, dict]) -> list[str]:
             f"- on average {mean:+.2f} over the best tuned default (goal ≥ +1.0: {'PASS' if mean >= 1 else 'MISS'})"
         )
     return lines
+
+
+def _standard_error(row: dict, task: str, accuracy: float) -> str:
+    """One binomial standard error of a dev accuracy near ``accuracy``, in points, on the dev
+    examples the runs of ``row`` were scored on; nothing for a perplexity task."""
+    if is_lm(task):
+        return ""
+    n = row["runs"][0]["spec"]["max_dev"]
+    return (
+        f"; one standard error of dev accuracy is {100 * math.sqrt(accuracy * (1 - accuracy) / n):.2f} points (n = {n})"
+    )
 
 
 def _ceiling(rows: dict, task: str, theirs: float) -> str:

@@ -247,6 +247,52 @@ def paired_ratio(times: dict[str, list[float]], key: str, reference: str = "base
 
 
 def main() -> None:
+    args = parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one, args.steps)))
+        return
+    import torch
+
+    import peftplan as pp
+    from peftplan.planner.cost import plan_cost
+
+    torch.set_num_threads(2)
+    train_rounds, infer_rounds, mem_steps = (3, 6, 2) if args.quick else (6, 15, 3)
+    available = [m for m in CONFIGS if m in pp.methods()]
+    missing = [m for m in CONFIGS if m not in available]
+    base, graph = model_and_graph()
+    costs = {m: plan_cost(graph, plan_for(m, graph), batch_shape=(BATCH, SEQ)) for m in available}
+    infer_rounds = args.rounds or infer_rounds
+    if args.latency:
+        latency_only(base, graph, available, infer_rounds, args.results)
+        return
+
+    mem = {(m, i): run_one(m, i, mem_steps) for m in available for i in ("ours", "peft") if i == "ours" or m in PEFT}
+    if "sparse" in available:
+        mem[("dense", "ours")] = run_one("dense", "ours", 1)
+
+    models = {(m, i): build(base, graph, m, i) for (m, i) in mem if m != "dense"}
+    trainers = {k: Trainer(v) for k, v in models.items()}
+    batch = batch_of()
+    for t in trainers.values():
+        t.step(batch)  # warm-up: kernels, AdamW states
+    step = round_robin({k: (lambda t=t: t.step(batch)) for k, t in trainers.items()}, train_rounds)
+
+    print(sites_table(models, costs, missing), end="\n\n")
+    print(step_table(available, step, mem), end="\n\n")
+    print(estimate_table(available, mem), end="\n\n")
+    if "sparse" in available:
+        s, d = mem[("sparse", "ours")]["adamw_bytes"], mem[("dense", "ours")]["adamw_bytes"]
+        print("| AdamW state after one step | bytes | ratio |\n|---|---:|---:|")
+        print(f"| sparse, density 0.01 | {s:,} | 1 |\n| dense (full) on the same matrices | {d:,} | {d / s:.1f}x |\n")
+
+    latency_tables(base, graph, {m: models[(m, "ours")] for m in available}, infer_rounds)
+    if missing:
+        print(f"\nnot available (not registered): {', '.join(missing)}")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line: which tables, how many rounds, where the latency section goes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about half the time)")
     ap.add_argument(
@@ -261,44 +307,26 @@ def main() -> None:
     args = ap.parse_args()
     if args.results and not args.latency:
         ap.error("--results writes only the latency section: pass it with --latency")
-    if args.one:
-        print(json.dumps(one(*args.one, args.steps)))
-        return
-    import torch
+    return args
 
-    import peftplan as pp
+
+def latency_only(base, graph, available: list[str], rounds: int, results: Path | None) -> None:
+    """``--latency``: the inference tables of every available method, written into ``results``'s
+    latency section when given."""
+    t0 = time.time()
+    text = latency_tables(base, graph, {m: build(base, graph, m, "ours") for m in available}, rounds)
+    if results:
+        from common import write_section
+
+        command = f"python benchmarks/methods.py --latency --rounds {rounds} --results {results}"
+        write_section(
+            results, "latency", f"### Latency — `{command}` ({(time.time() - t0) / 60:.1f} min wall)\n\n{text}"
+        )
+
+
+def sites_table(models: dict, costs: dict, missing: list[str]) -> str:
+    """Each method's sites, hyper-parameters and trainable params: counted, by the cost model, by peft."""
     from peftplan.backends import count_trainable
-    from peftplan.planner.cost import plan_cost
-
-    torch.set_num_threads(2)
-    train_rounds, infer_rounds, mem_steps = (3, 6, 2) if args.quick else (6, 15, 3)
-    available = [m for m in CONFIGS if m in pp.methods()]
-    missing = [m for m in CONFIGS if m not in available]
-    base, graph = model_and_graph()
-    costs = {m: plan_cost(graph, plan_for(m, graph), batch_shape=(BATCH, SEQ)) for m in available}
-    infer_rounds = args.rounds or infer_rounds
-    if args.latency:
-        t0 = time.time()
-        text = latency_tables(base, graph, {m: build(base, graph, m, "ours") for m in available}, infer_rounds)
-        if args.results:
-            from common import write_section
-
-            command = f"python benchmarks/methods.py --latency --rounds {infer_rounds} --results {args.results}"
-            write_section(
-                args.results, "latency", f"### Latency — `{command}` ({(time.time() - t0) / 60:.1f} min wall)\n\n{text}"
-            )
-        return
-
-    mem = {(m, i): run_one(m, i, mem_steps) for m in available for i in ("ours", "peft") if i == "ours" or m in PEFT}
-    if "sparse" in available:
-        mem[("dense", "ours")] = run_one("dense", "ours", 1)
-
-    models = {(m, i): build(base, graph, m, i) for (m, i) in mem if m != "dense"}
-    trainers = {k: Trainer(v) for k, v in models.items()}
-    batch = batch_of()
-    for t in trainers.values():
-        t.step(batch)  # warm-up: kernels, AdamW states
-    step = round_robin({k: (lambda t=t: t.step(batch)) for k, t in trainers.items()}, train_rounds)
 
     rows = [
         "| method | sites | hyper-parameters | trainable (counted) | cost model | peft trainable |",
@@ -315,8 +343,11 @@ def main() -> None:
             f"| {m} | {len(costs[m].sites)}: {CONFIGS[m][2]} | {json.dumps(CONFIGS[m][1])} | "
             f"{count_trainable(models[(m, 'ours')]):,} | {costs[m].params:,} | {theirs} |"
         )
-    print("\n".join(rows), end="\n\n")
+    return "\n".join(rows)
 
+
+def step_table(available: list[str], step: dict, mem: dict) -> str:
+    """Train step time and peak memory growth of each method against peft's, where peft has it."""
     rows = [
         "| method | step (peftplan) | step (peft) | ratio | peak growth (peftplan) | peak growth (peft) | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -331,8 +362,12 @@ def main() -> None:
             )
         else:
             rows.append(f"| {m} | {ours:.3f} s | no peft equivalent | | {o['growth_mib']:.0f} MiB | | |")
-    print("\n".join(rows), end="\n\n")
+    return "\n".join(rows)
 
+
+def estimate_table(available: list[str], mem: dict) -> str:
+    """The cost model's whole-model training-memory estimate against the measured, per method
+    (and dense fine-tuning of sparse's matrices, where sparse is available)."""
     rows = [
         "| method | whole-model estimate (weights + frozen activations + plan) | measured (weights + peak growth) | error |",
         "|---|---:|---:|---:|",
@@ -346,16 +381,7 @@ def main() -> None:
             f"| {label} | {mib['total']:.0f} MiB ({mib['weights']:.0f} + {mib['frozen']:.0f} + {mib['plan']:.0f}) | "
             f"{measured:.0f} MiB ({o['param_mib']:.0f} + {o['growth_mib']:.0f}) | {mib['total'] / measured - 1:+.1%} |"
         )
-    print("\n".join(rows), end="\n\n")
-
-    if "sparse" in available:
-        s, d = mem[("sparse", "ours")]["adamw_bytes"], mem[("dense", "ours")]["adamw_bytes"]
-        print("| AdamW state after one step | bytes | ratio |\n|---|---:|---:|")
-        print(f"| sparse, density 0.01 | {s:,} | 1 |\n| dense (full) on the same matrices | {d:,} | {d / s:.1f}x |\n")
-
-    latency_tables(base, graph, {m: models[(m, "ours")] for m in available}, infer_rounds)
-    if missing:
-        print(f"\nnot available (not registered): {', '.join(missing)}")
+    return "\n".join(rows)
 
 
 def latency_tables(base, graph, tuned: dict, rounds: int) -> str:
@@ -388,6 +414,22 @@ def latency_tables(base, graph, tuned: dict, rounds: int) -> str:
         f"base model: {graph.kernels} kernels, {predicted['lora'].base_flops / 1e9:.1f} GFLOPs per batch; "
         f"{rounds} rounds, batch {BATCH}x{SEQ}"
     )
+    unmerged_table, errors = unmerged_latency_table(predicted, default, unmerged)
+
+    left = {m: pp.merge(model).left for m, model in tuned.items()}
+    merged = timings(fns, rounds)
+    merged_table = merged_latency_table(predicted, left, merged)
+    load_after = os.getloadavg()
+    exact = [m for m in tuned if not left[m]]  # merged: computes exactly the base model
+    verdict = latency_verdict(errors, exact, merged, load_before, load_after)
+    text = f"{head}\n\n{unmerged_table}\n\n{merged_table}\n\n{verdict}\n"
+    print(text)
+    return text
+
+
+def unmerged_latency_table(predicted: dict, default: dict, unmerged: dict) -> tuple[str, dict[str, float]]:
+    """Each method's measured unmerged overhead beside the predicted ones (this machine's constants
+    in ``predicted``, `DEFAULT_MACHINE`'s in ``default``): the table, and each method's error."""
     errors = {}
     rows = [
         "| method | extra kernels | extra GFLOPs | measured unmerged | predicted (this machine) | error (forward time) | predicted (DEFAULT_MACHINE) |",
@@ -400,28 +442,33 @@ def latency_tables(base, graph, tuned: dict, rounds: int) -> str:
             f"| {m} | {c.unmerged_ops} | {c.unmerged_flops / 1e9:.2f} | +{measured:.1%} | +{c.unmerged_latency_fraction:.1%} "
             f"| {error:+.1%} | +{default[m].unmerged_latency_fraction:.1%} |"
         )
-    unmerged_table = "\n".join(rows)
+    return "\n".join(rows), errors
 
-    left = {m: pp.merge(model).left for m, model in tuned.items()}
-    merged = timings(fns, rounds)
+
+def merged_latency_table(predicted: dict, left: dict, merged: dict) -> str:
+    """Each method's merged inference time against the base model's, and the overhead the cost
+    model predicts for the sites ``left`` unmerged."""
     rows = [
         "| method | merged | inference (median) | base model | ratio | cost model: predicted overhead left |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for m in tuned:
+    for m in predicted:
         state = "yes" if not left[m] else f"no ({len(left[m])} sites unmerged)"
         rows.append(
             f"| {m} | {state} | {statistics.median(merged[m]) * 1e3:.1f} ms | {statistics.median(merged['base']) * 1e3:.1f} ms "
             f"| {paired_ratio(merged, m):.3f}x "
             f"| +{predicted[m].latency_fraction:.2%} |"
         )
-    merged_table = "\n".join(rows)
-    load_after = os.getloadavg()
+    return "\n".join(rows)
+
+
+def latency_verdict(errors: dict, exact: list[str], merged: dict, load_before: tuple, load_after: tuple) -> str:
+    """The verdicts on the latency goals: the prediction's errors, and the spread of the merged
+    models that compute ``exact``ly the base model, with the load average around the run."""
     worst = max(errors, key=lambda m: abs(errors[m]))
     missed = [m for m in errors if abs(errors[m]) > 0.10]
-    exact = [m for m in tuned if not left[m]]  # merged: computes exactly the base model
     spread = [paired_ratio(merged, m) for m in exact]
-    verdict = (
+    return (
         'Goal "predicted unmerged latency within 10% of the measured" (this machine\'s constants): '
         + (f"**met** for all {len(errors)} methods" if not missed else f"**missed** for {', '.join(missed)}")
         + f"; the largest error is {errors[worst]:+.1%} ({worst}).\n"
@@ -431,9 +478,6 @@ def latency_tables(base, graph, tuned: dict, rounds: int) -> str:
         + f".\nLoad average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"{os.cpu_count()} CPUs."
     )
-    text = f"{head}\n\n{unmerged_table}\n\n{merged_table}\n\n{verdict}\n"
-    print(text)
-    return text
 
 
 def forward(model, batch) -> float:

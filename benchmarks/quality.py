@@ -252,8 +252,6 @@ class Study:
         rest as the default's); its plan and what it cost, stored (``stored``: only as stored,
         of whichever planner tree, as under ``--stored``)."""
         stored = stored or self.stored_only
-        import optuna
-
         import peftplan as pp
 
         options = {
@@ -280,6 +278,15 @@ class Study:
             **options,
             **self.precision,
         }
+        record = self.stored_search(key, spec, stored)
+        if record is None:
+            record = self.search_now(name, key, spec, budget, strategy, screen_by)
+        return pp.Plan.from_dict(record["plan"]), record
+
+    def stored_search(self, key: str, spec: dict, stored: bool) -> dict | None:
+        """The search stored under ``key`` and ``spec``; None where there is none, or where its
+        planner tree's search code differs from today's and ``stored`` is off (it is searched
+        again); with ``stored``, a missing one is a SystemExit."""
         record = self.store.get(key, spec)
         code = search_code(record.get("planner", "")) if record is not None else None
         if record is not None and (code is None or code != search_code(planner_tree())) and not stored:
@@ -289,66 +296,86 @@ class Study:
             record = None
         if record is None and stored:
             raise SystemExit(f"{key} is not stored: run without --stored to train it")
-        if record is None:
-            import torch
+        return record
 
-            base, task = self.task(name, 0)
-            storage = optuna.storages.InMemoryStorage()
-            start, stop = time.perf_counter(), threading.Event()
-            ticker = threading.Thread(target=_tick, args=(key, storage, "quality", stop, start), daemon=True)
-            ticker.start()
-            try:  # the search's own progress bar is off: this log may be a file, not a terminal
-                plan = pp.search(
-                    base,
-                    budget,
-                    task,
-                    recipe=recipe(self.cfg["steps"], SEARCH_LR),
-                    storage=storage,
-                    study_name="quality",
-                    progress=False,
-                    threads=torch.get_num_threads(),  # the study's (--threads)
-                    strategy=strategy,
-                    bf16=self.cfg["bf16"],
-                    **({"screen_by": screen_by} if screen_by else {}),
-                )
-            finally:
-                stop.set()
-                ticker.join()
-            wall = time.perf_counter() - start
-            trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
-            done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-            points = [
-                {
-                    "trial": t.number,
-                    "rung": t.user_attrs.get("rung", 0),
-                    "metric": t.values[0],
-                    "params": t.values[1],
-                    "baseline": t.user_attrs.get("baseline"),
-                    "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
-                    "reused": "reused" in t.user_attrs,
-                    "refined": "refines" in t.user_attrs,
-                    "validation_loss": t.user_attrs.get("validation_loss"),
-                }
-                for t in done
-            ]
-            steps = sum(_trial_steps(t, self.cfg["steps"]) for t in done if "reused" not in t.user_attrs)
-            record = self.store.put(
-                key,
-                spec,
-                {
-                    "plan": plan.to_dict(),
-                    "wall": round(wall, 1),
-                    "trials": points,
-                    "evaluations": sum(not p["reused"] for p in points),
-                    "steps": steps,
-                    "planner": planner_tree(),
-                },
+    def search_now(
+        self, name: str, key: str, spec: dict, budget: int, strategy: str | None, screen_by: str | None
+    ) -> dict:
+        """Search, store under ``key`` and ``spec`` the plan, every completed trial and what it
+        cost in wall time and optimizer steps, and return that record."""
+        import optuna
+
+        plan, storage, wall = self.logged_search(name, key, budget, strategy, screen_by)
+        trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        points = [trial_point(t) for t in done]
+        steps = sum(_trial_steps(t, self.cfg["steps"]) for t in done if "reused" not in t.user_attrs)
+        record = self.store.put(
+            key,
+            spec,
+            {
+                "plan": plan.to_dict(),
+                "wall": round(wall, 1),
+                "trials": points,
+                "evaluations": sum(not p["reused"] for p in points),
+                "steps": steps,
+                "planner": planner_tree(),
+            },
+        )
+        print(
+            f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}",
+            flush=True,
+        )
+        return record
+
+    def logged_search(
+        self, name: str, key: str, budget: int, strategy: str | None, screen_by: str | None
+    ) -> tuple[object, object, float]:
+        """``pp.search`` on seed 0's task, its trials in a fresh in-memory storage, a line printed
+        every minute (`_tick`): the plan, the storage and the wall time."""
+        import optuna
+        import torch
+
+        import peftplan as pp
+
+        base, task = self.task(name, 0)
+        storage = optuna.storages.InMemoryStorage()
+        start, stop = time.perf_counter(), threading.Event()
+        ticker = threading.Thread(target=_tick, args=(key, storage, "quality", stop, start), daemon=True)
+        ticker.start()
+        try:  # the search's own progress bar is off: this log may be a file, not a terminal
+            plan = pp.search(
+                base,
+                budget,
+                task,
+                recipe=recipe(self.cfg["steps"], SEARCH_LR),
+                storage=storage,
+                study_name="quality",
+                progress=False,
+                threads=torch.get_num_threads(),  # the study's (--threads)
+                strategy=strategy,
+                bf16=self.cfg["bf16"],
+                **({"screen_by": screen_by} if screen_by else {}),
             )
-            print(
-                f"  {key}: {record['evaluations']} evaluations, {steps} steps, {wall:.0f} s; {plan.summary()}",
-                flush=True,
-            )
-        return pp.Plan.from_dict(record["plan"]), record
+        finally:
+            stop.set()
+            ticker.join()
+        return plan, storage, time.perf_counter() - start
+
+
+def trial_point(t) -> dict:
+    """What a search record keeps of completed trial ``t``."""
+    return {
+        "trial": t.number,
+        "rung": t.user_attrs.get("rung", 0),
+        "metric": t.values[0],
+        "params": t.values[1],
+        "baseline": t.user_attrs.get("baseline"),
+        "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
+        "reused": "reused" in t.user_attrs,
+        "refined": "refines" in t.user_attrs,
+        "validation_loss": t.user_attrs.get("validation_loss"),
+    }
 
 
 NEUTRAL = {"front/plot.py"}  # planner files no search result depends on: how a front is drawn
@@ -418,72 +445,106 @@ def run_task(
     also the search promoting by the signal the default does not use (a second search's cost);
     ``extra_searches`` False: with ``extras``, the stored extra searches as they are (of
     whichever planner tree, said so), none trained."""
-    seeds, steps = study.cfg["seeds"], study.cfg["steps"]
-    rows: dict[str, dict] = {}
     print(f"{name}:", flush=True)
-    for kind, label in (
-        ("lora-qv", "peft LoRA r8 q,v"),
-        ("lora-qkvo", "peft LoRA r4 q,k,v,o"),
-        ("lora-all", "peft LoRA all linear (rank_pattern)"),
-    ):
-        lr, grid = study.tuned(name, kind)
-        runs = [study.baseline(name, kind, lr, s) for s in seeds]
-        rows[label] = {"runs": runs, "lr": lr, "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": kind}
-    lr, grid = study.tuned(name, "adalora", ADALORA_GRID)
-    rows["peft AdaLoRA (q,v, r 12→8)"] = {
-        "runs": [study.baseline(name, "adalora", lr, s) for s in seeds],
-        "lr": lr,
-        "cost": len(grid) + len(seeds) - 1,
-        "grid": grid,
-        "kind": "adalora",
+    rows = baseline_rows(study, name)
+    if extras:
+        rows.update(probe_rows(study, name))
+    if baselines_only:
+        if extras:  # trained now for the row beside the 0.1% search, reported with the searches
+            tuned_row(study, name, "lora-qv-r2")
+        return rows
+    rows.update(planner_rows(study, name))
+    variants = search_variants(contrast, extras)
+    if extras:
+        rows["peft LoRA r2 q,v (beside the 0.1% search)"] = tuned_row(study, name, "lora-qv-r2")
+    for label, contender, options in variants:
+        try:
+            plan, record = study.search(name, stored=not extra_searches, **options)
+        except SystemExit:  # not stored, and not to be trained now
+            print(f"  {name}: {label} is not stored", flush=True)
+            continue
+        rows[label] = search_row(study, name, contender, plan, record, "search-variant")
+    return rows
+
+
+def baseline_rows(study: Study, name: str) -> dict:
+    """peft's contenders and full fine-tuning on task ``name``, each at its tuned lr (EVA and the
+    placement probe at LoRA r8 q,v's), on every seed."""
+    rows = {
+        label: tuned_row(study, name, kind)
+        for kind, label in (
+            ("lora-qv", "peft LoRA r8 q,v"),
+            ("lora-qkvo", "peft LoRA r4 q,k,v,o"),
+            ("lora-all", "peft LoRA all linear (rank_pattern)"),
+        )
     }
+    rows["peft AdaLoRA (q,v, r 12→8)"] = tuned_row(study, name, "adalora", ADALORA_GRID)
     qv_lr = rows["peft LoRA r8 q,v"]["lr"]
     for kind, label in (
         ("eva", "peft EVA (r8 q,v)"),
         ("lora-qv-pooler", "peft LoRA r7 q,v + r12 pooler (placement probe)"),
     ):
         rows[label] = {
-            "runs": [study.baseline(name, kind, qv_lr, s) for s in seeds],
+            "runs": [study.baseline(name, kind, qv_lr, s) for s in study.cfg["seeds"]],
             "lr": qv_lr,
-            "cost": len(seeds),
+            "cost": len(study.cfg["seeds"]),
             "kind": kind,
         }
-    lr, grid = study.tuned(name, "full", FULL_GRID)
-    rows["full fine-tuning"] = {
-        "runs": [study.baseline(name, "full", lr, s) for s in seeds],
-        "lr": lr,
-        "cost": len(grid) + len(seeds) - 1,
-        "grid": grid,
-        "kind": "full",
-    }
-    if extras:
-        for kind, (label, _) in PROBES.items():
-            try:
-                rows[label] = study.probe(name, kind)
-            except SystemExit:  # --stored: a probe not trained yet is left out, and said so
-                print(f"  {name}: {label} is not trained yet", flush=True)
-    if baselines_only:
-        if extras:
-            lr, grid = study.tuned(name, "lora-qv-r2")
-            for s in seeds:
-                study.baseline(name, "lora-qv-r2", lr, s)
-        return rows
+    rows["full fine-tuning"] = tuned_row(study, name, "full", FULL_GRID)
+    return rows
+
+
+def tuned_row(study: Study, name: str, kind: str, grid: tuple[float, ...] | None = None) -> dict:
+    """Baseline ``kind`` on task ``name`` at its best lr on validation (`Study.tuned`), on every seed."""
+    seeds = study.cfg["seeds"]
+    lr, grid = study.tuned(name, kind, grid)
+    runs = [study.baseline(name, kind, lr, s) for s in seeds]
+    return {"runs": runs, "lr": lr, "cost": len(grid) + len(seeds) - 1, "grid": grid, "kind": kind}
+
+
+def probe_rows(study: Study, name: str) -> dict:
+    """Every probe of `PROBES` on task ``name``; under ``--stored``, those not trained yet left out."""
+    rows = {}
+    for kind, (label, _) in PROBES.items():
+        try:
+            rows[label] = study.probe(name, kind)
+        except SystemExit:  # --stored: a probe not trained yet is left out, and said so
+            print(f"  {name}: {label} is not trained yet", flush=True)
+    return rows
+
+
+def planner_rows(study: Study, name: str) -> dict:
+    """peftplan's proxy plan and default search on task ``name``, on every seed."""
+    seeds = study.cfg["seeds"]
     proxy = study.proxy(name)
-    rows["peftplan proxy plan"] = {
-        "runs": [study.plan_run(name, "proxy", proxy, s) for s in seeds],
-        "lr": PROXY_LR,
-        "cost": len(seeds),
-        "kind": "proxy",
+    rows = {
+        "peftplan proxy plan": {
+            "runs": [study.plan_run(name, "proxy", proxy, s) for s in seeds],
+            "lr": PROXY_LR,
+            "cost": len(seeds),
+            "kind": "proxy",
+        }
     }
     plan, record = study.search(name)
-    rows["peftplan search"] = {
-        "runs": [study.plan_run(name, "search", plan, s) for s in seeds],
+    rows["peftplan search"] = search_row(study, name, "search", plan, record, "search")
+    return rows
+
+
+def search_row(study: Study, name: str, contender: str, plan, record: dict, kind: str) -> dict:
+    """A searched ``plan`` trained on every seed, its cost the search's steps and those runs."""
+    seeds = study.cfg["seeds"]
+    return {
+        "runs": [study.plan_run(name, contender, plan, s) for s in seeds],
         "lr": plan.recipe.lr,
-        "cost": record["steps"] / steps + len(seeds),
-        "kind": "search",
+        "cost": record["steps"] / study.cfg["steps"] + len(seeds),
+        "kind": kind,
         "search": record,
         "summary": plan.summary(),
     }
+
+
+def search_variants(contrast: bool, extras: bool) -> list[tuple[str, str, dict]]:
+    """The searches beside the default: ``(label, contender, options of Study.search)``."""
     variants = []
     if contrast:  # the promotion signal the default does not use
         other = "metric" if default_screen() == "loss" else "loss"
@@ -493,29 +554,7 @@ def run_task(
             ("peftplan random search (as many evaluations)", "search-random", {"strategy": "random"}),
             (f"peftplan search at {SMALL_BUDGET:,} params (0.1%)", "search-small", {"budget": SMALL_BUDGET}),
         ]
-        lr, grid = study.tuned(name, "lora-qv-r2")
-        rows["peft LoRA r2 q,v (beside the 0.1% search)"] = {
-            "runs": [study.baseline(name, "lora-qv-r2", lr, s) for s in seeds],
-            "lr": lr,
-            "cost": len(grid) + len(seeds) - 1,
-            "grid": grid,
-            "kind": "lora-qv-r2",
-        }
-    for label, contender, options in variants:
-        try:
-            plan, record = study.search(name, stored=not extra_searches, **options)
-        except SystemExit:  # not stored, and not to be trained now
-            print(f"  {name}: {label} is not stored", flush=True)
-            continue
-        rows[label] = {
-            "runs": [study.plan_run(name, contender, plan, s) for s in seeds],
-            "lr": plan.recipe.lr,
-            "cost": record["steps"] / steps + len(seeds),
-            "kind": "search-variant",
-            "search": record,
-            "summary": plan.summary(),
-        }
-    return rows
+    return variants
 
 
 def reuse(study: Study, results: dict) -> None:
@@ -552,6 +591,40 @@ def default_screen() -> str:
 
 
 def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scale = "quick" if args.quick else "full"
+    study = Study(scale, RunStore(args.store), stored_only=args.stored)
+    tasks = args.tasks or study.cfg["tasks"]
+    extras_task = study.cfg["tasks"][0] if study.cfg["extras"] else None  # the probes and extra searches: sst2 alone
+    started = time.perf_counter()
+    if args.baselines:
+        results = {name: run_task(study, name, extras=name == extras_task, baselines_only=True) for name in tasks}
+        print(
+            f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
+            "run without --baselines."
+        )
+        if args.results:
+            write_baselines(study, results, args)
+        return
+    results = {
+        name: run_task(
+            study, name, extras=name == extras_task, contrast=args.contrast, extra_searches=args.extra_searches
+        )
+        for name in tasks
+    }
+    if args.reuse:
+        reuse(study, results)
+    text = report(study, results, args.plots)
+    print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
+    if args.results:
+        write_section(args.results, f"quality-{scale}", f"## Quality ({scale}) — `{_command(args)}`\n\n{text}")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line: the scale, the tasks, which contenders, where the store and the report are."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--quick",
@@ -598,51 +671,38 @@ def main() -> None:
     )
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md's quality section")
     ap.add_argument("--plots", type=Path, default=ROOT / "benchmarks", help="folder for quality-<scale>-<task>.png")
-    args = ap.parse_args()
-    import torch
+    return ap.parse_args()
 
-    torch.set_num_threads(args.threads)
-    scale = "quick" if args.quick else "full"
-    study = Study(scale, RunStore(args.store), stored_only=args.stored)
-    tasks = args.tasks or study.cfg["tasks"]
-    extras_task = study.cfg["tasks"][0] if study.cfg["extras"] else None  # the probes and extra searches: sst2 alone
-    started = time.perf_counter()
-    if args.baselines:
-        results = {name: run_task(study, name, extras=name == extras_task, baselines_only=True) for name in tasks}
-        print(
-            f"Baselines stored ({(time.perf_counter() - started) / 60:.1f} min wall); the goals need the searches: "
-            "run without --baselines."
-        )
-        if args.results:  # what no planner choice touches, and how much room it leaves a plan
-            lines = [
-                f"Scale {scale}, the contenders no planner choice touches (the searches follow): {study.describe()}",
-                "",
-            ]
-            for name, rows in results.items():
-                lines += table(name, rows, study)
-            lines += [
-                "Room above the tuned placements (measured):",
-                "",
-                *(f"- {spread(name, rows, study)}" for name, rows in results.items()),
-            ]
-            write_section(
-                args.results,
-                f"quality-{scale}-baselines",
-                f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines),
-            )
-        return
-    results = {
-        name: run_task(
-            study, name, extras=name == extras_task, contrast=args.contrast, extra_searches=args.extra_searches
-        )
-        for name in tasks
-    }
-    if args.reuse:
-        reuse(study, results)
-    lines = [f"Scale {scale}: {study.describe()}", ""]
+
+def write_baselines(study: Study, results: dict, args) -> None:
+    """The baselines' section of ``args.results``: what no planner choice touches, and how much
+    room it leaves a plan."""
+    scale = study.scale
+    lines = [
+        f"Scale {scale}, the contenders no planner choice touches (the searches follow): {study.describe()}",
+        "",
+    ]
     for name, rows in results.items():
         lines += table(name, rows, study)
-        png = args.plots / f"quality-{scale}-{name}.png"
+    lines += [
+        "Room above the tuned placements (measured):",
+        "",
+        *(f"- {spread(name, rows, study)}" for name, rows in results.items()),
+    ]
+    write_section(
+        args.results,
+        f"quality-{scale}-baselines",
+        f"## Quality ({scale}), baselines — `{_command(args)}`\n\n" + "\n".join(lines),
+    )
+
+
+def report(study: Study, results: dict, plots: Path) -> str:
+    """The study's report: each task's table and plot (written into ``plots``), the goals'
+    verdicts and the wall time of every training."""
+    lines = [f"Scale {study.scale}: {study.describe()}", ""]
+    for name, rows in results.items():
+        lines += table(name, rows, study)
+        png = plots / f"quality-{study.scale}-{name}.png"
         plot(name, rows, png)
         lines += [f"![{name}]({png.name})", ""]
     lines += ["Goals:", "", *verdicts(results, study)]
@@ -652,10 +712,7 @@ def main() -> None:
         f"Every training and search above took {trained / 60:.1f} min of wall time in all (from an empty store, "
         "the study takes that plus loading the model and data).",
     ]
-    text = "\n".join(lines)
-    print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
-    if args.results:
-        write_section(args.results, f"quality-{scale}", f"## Quality ({scale}) — `{_command(args)}`\n\n{text}")
+    return "\n".join(lines)
 
 
 def _command(args) -> str:

@@ -19,38 +19,61 @@ def plot(name: str, rows: dict, path: Path) -> None:
     as open markers) and named under the plot."""
     from matplotlib.figure import Figure
 
-    from peftplan.planner.front import ParetoFront
-
-    metric = METRIC_NAMES[METRICS[name]]
     trials = rows["peftplan search"]["search"]["trials"]
     top = max(t["rung"] for t in trials)
-    full = [t for t in trials if t["rung"] == top]
-    front = ParetoFront.from_points(
-        [({"metric": t["metric"], "params": t["params"]}, None) for t in full], {"metric": "max", "params": "min"}
-    )
-    pts = sorted((p.values["params"], p.values["metric"]) for p in front)
-    on_front = set(pts)
+    pts = front_points([t for t in trials if t["rung"] == top])
     markers = [(label, row["runs"][0]) for label, row in rows.items() if label != "peftplan search"]
     best = max([r["val_metric"] for _, r in markers] + [p[1] for p in pts])
     near = [v for v in [r["val_metric"] for _, r in markers] + [p[1] for p in pts] if v >= best - 0.15]
     floor, ceil = min(near) - 0.02, best + 0.01
-    below: list[str] = []
-
-    def clip(xs, ys, what=None):  # points under the floor sit on it; named ones are listed under the plot
-        if what is not None:
-            below.extend(f"{what} ({y:.3f})" for y in ys if y < floor)
-        return xs, [max(y, floor) for y in ys]
-
-    def dots(ax, ts, **kw):
-        xs, ys = clip([t["params"] for t in ts], [t["metric"] for t in ts])
-        ax.scatter(xs, ys, **kw)
-
     fig = Figure(figsize=(15, 11), dpi=100, layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=(1.3, 1), height_ratios=(1.1, 1))
     ax, legend_ax, dev_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
+    search_trials(ax, trials, top, pts, floor)
+    other_searches(ax, rows, top, floor)
+    below = contenders(ax, rows, markers, floor)
+    frame(ax, legend_ax, name, floor, ceil)
+    screened_low = sum(t["metric"] < floor for t in trials)
+    note = (
+        f"Top, below {floor:.3f}, drawn on the lower edge: "
+        + (", ".join(below) if below else "no contender")
+        + (f"; {screened_low} search trials" if screened_low else "")
+    )
+    note += dev_panel(dev_ax, name, rows)
+    fig.text(0.01, 0.01, note, fontsize=7, color="dimgrey", wrap=True)
+    fig.get_layout_engine().set(rect=(0, 0.025, 1, 0.975))
+    fig.savefig(path)
+
+
+def front_points(full: list[dict]) -> list[tuple[float, float]]:
+    """The Pareto front of trials ``full`` (most metric, fewest params) as sorted ``(params, metric)``."""
+    from peftplan.planner.front import ParetoFront
+
+    front = ParetoFront.from_points(
+        [({"metric": t["metric"], "params": t["params"]}, None) for t in full], {"metric": "max", "params": "min"}
+    )
+    return sorted((p.values["params"], p.values["metric"]) for p in front)
+
+
+def on_floor(ys: list[float], floor: float) -> list[float]:
+    """``ys`` with every value under ``floor`` raised to it: drawn on the axis's lower edge."""
+    return [max(y, floor) for y in ys]
+
+
+def dots(ax, ts: list[dict], floor: float, **kw) -> None:
+    """Trials ``ts`` as a scatter of metric against params, those under ``floor`` on it."""
+    ax.scatter([t["params"] for t in ts], on_floor([t["metric"] for t in ts], floor), **kw)
+
+
+def search_trials(ax, trials: list[dict], top: int, pts: list[tuple[float, float]], floor: float) -> None:
+    """The default search's trials: screened, at the full recipe (``top`` rung) dominated and on
+    the front ``pts``, refined, and the front as a step line."""
+    full = [t for t in trials if t["rung"] == top]
+    on_front = set(pts)
     dots(
         ax,
         [t for t in trials if t["rung"] < top],
+        floor,
         s=14,
         color="grey",
         alpha=0.25,
@@ -59,6 +82,7 @@ def plot(name: str, rows: dict, path: Path) -> None:
     dots(
         ax,
         [t for t in full if (t["params"], t["metric"]) not in on_front],
+        floor,
         s=26,
         color="tab:blue",
         alpha=0.3,
@@ -67,6 +91,7 @@ def plot(name: str, rows: dict, path: Path) -> None:
     dots(
         ax,
         [t for t in full if (t["params"], t["metric"]) in on_front],
+        floor,
         s=34,
         color="tab:blue",
         alpha=0.95,
@@ -76,31 +101,51 @@ def plot(name: str, rows: dict, path: Path) -> None:
         dots(
             ax,
             refined,
+            floor,
             s=40,
             marker="x",
             color="tab:blue",
             label="the best plan at neighbouring learning rates (full recipe)",
         )
     ax.step(
-        *clip([p[0] for p in pts], [p[1] for p in pts]), where="post", color="tab:blue", lw=1.2, label="search front"
+        [p[0] for p in pts],
+        on_floor([p[1] for p in pts], floor),
+        where="post",
+        color="tab:blue",
+        lw=1.2,
+        label="search front",
     )
+
+
+def other_searches(ax, rows: dict, top: int, floor: float) -> None:
+    """The other searches' trials at the full recipe (``top`` rung; their screened ones left out)."""
     colours = iter(("tab:orange", "tab:green", "tab:purple"))
-    for label, row in rows.items():  # the other searches' trials at the full recipe (their screened ones left out)
+    for label, row in rows.items():
         if row["kind"] == "search-variant":
             dots(
                 ax,
                 [t for t in row["search"]["trials"] if t["rung"] == top],
+                floor,
                 s=18,
                 color=next(colours),
                 alpha=0.45,
                 label=f"{label}: its trials at the full recipe",
             )
+
+
+def contenders(ax, rows: dict, markers: list[tuple[str, dict]], floor: float) -> list[str]:
+    """Every contender of ``markers`` at its params and seed 0's validation metric (open under
+    ``floor``, on it), and the search's returned plan as a star; returns those under ``floor``."""
+    below = []
     shapes = itertools.cycle("s^vDPXhop<>d8H")
     for i, (label, r) in enumerate(markers):
         y, colour = r["val_metric"], f"C{i % 10}"
         kw = {"facecolors": "none", "edgecolors": colour} if y < floor else {"color": colour}
+        if y < floor:
+            below.append(f"{label} ({y:.3f})")
         ax.scatter(
-            *clip([r["params"]], [y], what=label),
+            [r["params"]],
+            on_floor([y], floor),
             marker=next(shapes),
             s=60,
             zorder=4,
@@ -118,6 +163,12 @@ def plot(name: str, rows: dict, path: Path) -> None:
         zorder=5,
         label="peftplan search: returned plan",
     )
+    return below
+
+
+def frame(ax, legend_ax, name: str, floor: float, ceil: float) -> None:
+    """The top panel's axes, cut to ``floor``..``ceil``, and its legend drawn beside it."""
+    metric = METRIC_NAMES[METRICS[name]]
     ax.set_ylim(floor - 0.005, ceil)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale, head included)")
@@ -126,16 +177,6 @@ def plot(name: str, rows: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     legend_ax.axis("off")
     legend_ax.legend(*ax.get_legend_handles_labels(), fontsize=6.5, loc="center left", frameon=False)
-    screened_low = sum(t["metric"] < floor for t in trials)
-    note = (
-        f"Top, below {floor:.3f}, drawn on the lower edge: "
-        + (", ".join(below) if below else "no contender")
-        + (f"; {screened_low} search trials" if screened_low else "")
-    )
-    note += dev_panel(dev_ax, name, rows)
-    fig.text(0.01, 0.01, note, fontsize=7, color="dimgrey", wrap=True)
-    fig.get_layout_engine().set(rect=(0, 0.025, 1, 0.975))
-    fig.savefig(path)
 
 
 def dev_panel(ax, name: str, rows: dict) -> str:

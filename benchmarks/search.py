@@ -264,21 +264,7 @@ def save(path: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~10 min)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per evaluation (default 2)")
-    from peftplan.planner.strategies import DEFAULT
-
-    ap.add_argument(
-        "--default", default=DEFAULT, choices=STRATEGIES, help=f"the strategy the goals are checked for ({DEFAULT})"
-    )
-    ap.add_argument(
-        "--save", type=Path, help="write every run's evaluations and curve to this JSON file, after each run"
-    )
-    ap.add_argument(
-        "--load", type=Path, help="report a saved run (its table and the goals for --default); trains nothing"
-    )
-    args = ap.parse_args()
+    args = parse_args()
     if args.load:
         record = json.loads(args.load.read_text())
         report(record["runs"], tuple(record["evals"]), tuple(record["seeds"]), args.default, record["quick"])
@@ -287,7 +273,6 @@ def main() -> None:
     import optuna
     import torch
 
-    from peftplan.planner.space import default_space
     from peftplan.planner.training.evaluate import Fidelity
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -298,11 +283,7 @@ def main() -> None:
     fidelity = Fidelity(steps=scale["steps"])
     started = time.perf_counter()
     model, task = load_task(scale)
-    spaces = {}
-    for seed in seeds:
-        t0 = time.perf_counter()
-        spaces[seed] = default_space(model, BUDGET, task, seed=seed)
-        space_s = time.perf_counter() - t0
+    spaces, space_s = seed_spaces(model, task, seeds)
     caches = {seed: CachedEvaluator() for seed in seeds}
     per_eval = seconds_per_eval(model, task, spaces[seeds[0]], fidelity, args.threads, caches[seeds[0]])
     estimate = len(STRATEGIES) * len(seeds) * trials * per_eval
@@ -317,7 +298,46 @@ def main() -> None:
         f"seed are not trained again), + samplers' time (space: {space_s:.1f} s per seed)\n",
         flush=True,
     )
+    record = run_all(model, task, spaces, caches, fidelity, scale, args)
+    report(record["runs"], evals, seeds, args.default, args.quick)
+    print(f"\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
 
+
+def parse_args() -> argparse.Namespace:
+    """The command line: the scale, the threads, the strategy the goals are for, a saved run."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, up to 12 evaluations, smaller subsets (~10 min)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per evaluation (default 2)")
+    from peftplan.planner.strategies import DEFAULT
+
+    ap.add_argument(
+        "--default", default=DEFAULT, choices=STRATEGIES, help=f"the strategy the goals are checked for ({DEFAULT})"
+    )
+    ap.add_argument(
+        "--save", type=Path, help="write every run's evaluations and curve to this JSON file, after each run"
+    )
+    ap.add_argument(
+        "--load", type=Path, help="report a saved run (its table and the goals for --default); trains nothing"
+    )
+    return ap.parse_args()
+
+
+def seed_spaces(model, task, seeds: tuple[int, ...]) -> tuple[dict, float]:
+    """The default space of each seed, and the seconds the last one took to build."""
+    from peftplan.planner.space import default_space
+
+    spaces = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        spaces[seed] = default_space(model, BUDGET, task, seed=seed)
+        space_s = time.perf_counter() - t0
+    return spaces, space_s
+
+
+def run_all(model, task, spaces: dict, caches: dict, fidelity, scale: dict, args) -> dict:
+    """Every strategy on every seed of ``scale``, each run's line printed and, with ``--save``,
+    the record written after it: the record."""
+    evals, seeds, trials = scale["evals"], scale["seeds"], scale["evals"][-1]
     record = {
         "quick": args.quick,
         "evals": list(evals),
@@ -343,9 +363,7 @@ def main() -> None:
                 f"{out['pruned']} skipped, {out['failed']} failed) in {out['wall']:.0f} s; HV {shown}",
                 flush=True,
             )
-
-    report(record["runs"], evals, seeds, args.default, args.quick)
-    print(f"\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
+    return record
 
 
 if __name__ == "__main__":

@@ -166,20 +166,7 @@ def main(argv=None) -> int:
     console = Console(width=150)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(args.seed)
-    base = load_minilm(num_labels=2)  # the new head is initialised once, shared by every run
-    task = pp.Task.for_sequence_classification(
-        minilm_dir(),
-        None,
-        args.data / "train.tsv",
-        args.data / "dev.tsv",
-        batch_size=args.batch_size,
-        max_train=args.max_train,
-        max_dev=args.max_dev,
-        seed=args.seed,
-        validation=args.validation,
-    )
-    task.name = args.data.name
+    base, task = model_and_task(args)
     recipe = pp.Recipe(lr=args.lr, steps=args.steps, batch_size=args.batch_size)
     console.print(
         f"MiniLM-L6 on {task.name}: {len(task.train_batches)} train batches of {args.batch_size}, "
@@ -194,19 +181,63 @@ def main(argv=None) -> int:
     rows += peft
 
     # 2. the sensitivity plan alone (no training while planning)
+    rows.append(proxy_row(base, task, budget, recipe, args))
+
+    # 3. the multi-objective search, every default
+    plan, model, row = searched_row(base, task, budget, recipe, args, console)
+    rows.append(row)
+    pp.save(model, args.out / "adapters")
+    plot_front(plan, rows, task, args.out)
+    console.print(results_table(rows, task, args))
+    console.print(f"searched plan: {plan.summary()}")
+    note = gain_note(rows, plan, base)
+    console.print(note, soft_wrap=True)
+    if args.results:
+        write_results(args, task, recipe, rows, plan.front, budget, plan, note, time.perf_counter() - started)
+    console.print(f"wrote {args.out}/plan.json, front.png, front.html and adapters/ (plan.json + adapters.safetensors)")
+    over = [name for name, params, *_ in rows if params > budget.params]
+    if over:
+        console.print(f"[red]over the budget of {budget.params:,} params: {over}[/red]")
+        return 1
+    return 0
+
+
+def model_and_task(args) -> tuple:
+    """MiniLM-L6 with a new 2-way head (initialised once, shared by every run) and the task of
+    ``args.data``: train.tsv less a validation split, dev.tsv for the final table."""
+    torch.manual_seed(args.seed)
+    base = load_minilm(num_labels=2)
+    task = pp.Task.for_sequence_classification(
+        minilm_dir(),
+        None,
+        args.data / "train.tsv",
+        args.data / "dev.tsv",
+        batch_size=args.batch_size,
+        max_train=args.max_train,
+        max_dev=args.max_dev,
+        seed=args.seed,
+        validation=args.validation,
+    )
+    task.name = args.data.name
+    return base, task
+
+
+def proxy_row(base, task, budget, recipe, args) -> tuple:
+    """The sensitivity plan (no training while planning), trained by ``recipe``: its table row."""
     t0 = time.perf_counter()
     proxy = pp.search(base, budget, task=task, strategy="proxy", seed=args.seed, train_modules=["classifier"])
     planning = time.perf_counter() - t0
     model = pp.apply(copy.deepcopy(base), proxy)
-    rows.append(
-        (
-            "peftplan sensitivity plan (proxy)",
-            *train_and_score(model, task, recipe, args, "proxy plan"),
-            f"{planning:.0f}s",
-        )
+    return (
+        "peftplan sensitivity plan (proxy)",
+        *train_and_score(model, task, recipe, args, "proxy plan"),
+        f"{planning:.0f}s",
     )
 
-    # 3. the multi-objective search, every default
+
+def searched_row(base, task, budget, recipe, args, console) -> tuple:
+    """The search with every default, its front printed and its plan written to plan.json, then
+    that file's plan trained by its own recipe: the plan, the trained model and its table row."""
     t0 = time.perf_counter()
     plan = pp.search(
         base,
@@ -219,46 +250,34 @@ def main(argv=None) -> int:
         recipe=recipe,
     )
     planning = time.perf_counter() - t0
-    strategy = plan.provenance["strategy"]
-    front = plan.front
-    console.print(front_table(front, budget))
+    console.print(front_table(plan.front, budget))
     plan.save(args.out / "plan.json")
     model = pp.apply(copy.deepcopy(base), pp.Plan.load(args.out / "plan.json"))
-    rows.append(
-        (
-            f"peftplan searched plan ({strategy})",
-            *train_and_score(
-                model,
-                task,
-                pp.Plan.load(args.out / "plan.json").recipe,
-                args,
-                "searched plan",
-                cost=search_cost(front, recipe) + 1,
-            ),
-            f"{planning:.0f}s",
-        )
+    row = (
+        f"peftplan searched plan ({plan.provenance['strategy']})",
+        *train_and_score(
+            model,
+            task,
+            pp.Plan.load(args.out / "plan.json").recipe,
+            args,
+            "searched plan",
+            cost=search_cost(plan.front, recipe) + 1,
+        ),
+        f"{planning:.0f}s",
     )
-    pp.save(model, args.out / "adapters")
+    return plan, model, row
+
+
+def plot_front(plan, rows, task, out: Path) -> None:
+    """The search's front as front.png and front.html in ``out``, every row's run as a marker."""
     markers = {f"{row[0]} (trained after the search)": {"metric": row[4], "params": row[1]} for row in rows}
-    for path in (args.out / "front.png", args.out / "front.html"):
-        front.plot(
+    for path in (out / "front.png", out / "front.html"):
+        plan.front.plot(
             path,
-            title=f"MiniLM-L6 + {task.name}: {strategy} search",
+            title=f"MiniLM-L6 + {task.name}: {plan.provenance['strategy']} search",
             labels={"metric": "validation accuracy"},
             markers=markers,
         )
-    console.print(results_table(rows, task, args))
-    console.print(f"searched plan: {plan.summary()}")
-    note = gain_note(rows, plan, base)
-    console.print(note, soft_wrap=True)
-    if args.results:
-        write_results(args, task, recipe, rows, front, budget, plan, note, time.perf_counter() - started)
-    console.print(f"wrote {args.out}/plan.json, front.png, front.html and adapters/ (plan.json + adapters.safetensors)")
-    over = [name for name, params, *_ in rows if params > budget.params]
-    if over:
-        console.print(f"[red]over the budget of {budget.params:,} params: {over}[/red]")
-        return 1
-    return 0
 
 
 def results_table(rows, task, args) -> Table:

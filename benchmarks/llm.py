@@ -145,22 +145,9 @@ def search_job(job: dict) -> dict:
     )
     trials = optuna.load_study(study_name="llm", storage=storage).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    points = [
-        {
-            "trial": t.number,
-            "rung": t.user_attrs.get("rung", 0),
-            "metric": t.values[0],
-            "params": t.values[1],
-            "baseline": t.user_attrs.get("baseline"),
-            "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
-            "reused": "reused" in t.user_attrs,
-            "refined": "refines" in t.user_attrs,
-            "validation_loss": t.user_attrs.get("validation_loss"),
-        }
-        for t in done
-    ]
-    from quality import _trial_steps, planner_tree
+    from quality import _trial_steps, planner_tree, trial_point
 
+    points = [trial_point(t) for t in done]
     steps = sum(_trial_steps(t, STEPS) for t in done if "reused" not in t.user_attrs)
     return {
         "plan": plan.to_dict(),

@@ -143,6 +143,35 @@ def rank_correlations(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return float(stats.spearmanr(xs, ys).statistic), float(stats.kendalltau(xs, ys).statistic)
 
 
+def screens_said(record: dict) -> str | None:
+    """What a search record's screens (rung 0) could tell by validation loss, the signal they
+    are promoted by: their span, and the span of the seed placements at the best-screened seed's
+    learning rate (the choice among placements), beside the top rung's losses; None for a
+    record stored before trials kept their loss.
+
+    >>> screens_said({"trials": [
+    ...     {"rung": 0, "baseline": "uniform", "lr": 1e-3, "validation_loss": 0.69},
+    ...     {"rung": 0, "baseline": "proxy", "lr": 1e-3, "validation_loss": 0.68},
+    ...     {"rung": 0, "baseline": None, "lr": 3e-3, "validation_loss": 0.70},
+    ...     {"rung": 1, "baseline": "proxy", "lr": 1e-3, "validation_loss": 0.3}]})
+    '3 screens span 0.0200 (0.6800-0.7000), the 2 seed placements at lr 0.001 0.0100; the full runs 0.3000'
+    """
+    trials = [t for t in record["trials"] if t.get("validation_loss") is not None]
+    screens = [t for t in trials if t["rung"] == 0]
+    top = sorted(t["validation_loss"] for t in trials if t["rung"] == max(t["rung"] for t in trials))
+    seeds = [t for t in screens if t["baseline"]]
+    if not screens or not seeds or not top or max(t["rung"] for t in trials) == 0:
+        return None
+    losses = [t["validation_loss"] for t in screens]
+    lr = min(seeds, key=lambda t: t["validation_loss"])["lr"]
+    placements = [t["validation_loss"] for t in seeds if t["lr"] == lr]
+    return (
+        f"{len(screens)} screens span {max(losses) - min(losses):.4f} ({min(losses):.4f}-{max(losses):.4f}), "
+        f"the {len(placements)} seed placements at lr {lr:g} {max(placements) - min(placements):.4f}; "
+        f"the full runs {', '.join(f'{v:.4f}' for v in top)}"
+    )
+
+
 def write_section(results: Path, name: str, text: str) -> None:
     """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` of
     ``results`` (appended when absent) by ``text``, stamped with today's date."""

@@ -9,7 +9,7 @@ import math
 import statistics
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, screens_said
 from llm_contenders import BUDGET, EARLIER, KINDS
 
 PLOTS = ROOT / "benchmarks"
@@ -111,6 +111,10 @@ def verdicts(results: dict[str, dict]) -> list[str]:
             f"({'PASS' if gain >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
             f"{search['cost']:.1f} final runs ({'PASS' if search['cost'] <= 4 else 'MISS'}: goal ≤ 4)"
         )
+    for task, rows in results.items():
+        said = screens_said(rows["peftplan search"]["search"]) if "peftplan search" in rows else None
+        if said:
+            lines.append(f"- {task}: what the short screens could tell by validation loss (what promotes): {said}")
     if gains:
         mean = statistics.fmean(gains)
         lines.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import METRIC_NAMES, METRICS, examples
+from common import METRIC_NAMES, METRICS, examples, screens_said
 from contenders import BUDGET
 
 
@@ -165,9 +165,18 @@ def verdicts(results: dict, study) -> list[str]:
         f"- search cost: {', '.join(f'{n} {c:.1f}' for n, c in zip(results, costs))} final runs (goal ≤ 3) — "
         f"{'PASS' if max(costs) <= 3 else 'MISS'}",
         seeds_verdict(results),
+        *screens_verdict(results),
         *reuse_verdict(results),
     ]
     return lines
+
+
+def screens_verdict(results: dict) -> list[str]:
+    """What each task's screens could tell (`screens_said`), where its search record says."""
+    said = [f"{n}: {s}" for n, rows in results.items() if (s := screens_said(rows["peftplan search"]["search"]))]
+    return (
+        [f"- what the short screens could tell by validation loss (what promotes): {'; '.join(said)}"] if said else []
+    )
 
 
 def seeds_verdict(results: dict) -> str:

@@ -331,7 +331,8 @@ def dimension_lines(records: list[dict]) -> list[str]:
                 if w is not None and wo is not None
             ]
             if cells:
-                lines.append(f"- {task}, {name} minus {plain} ({extra}): " + "; ".join(cells))
+                said = ", ".join(f"{k}={v:g}" for k, v in extra.items())
+                lines.append(f"- {task}, {name} minus {plain} ({said}): " + "; ".join(cells))
     return ["New dimensions, each against the same plan without it:", "", *lines, ""] if lines else []
 
 

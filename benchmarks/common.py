@@ -143,6 +143,17 @@ def rank_correlations(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return float(stats.spearmanr(xs, ys).statistic), float(stats.kendalltau(xs, ys).statistic)
 
 
+def standard_error_said(accuracy: float, n: int) -> str:
+    """One binomial standard error of an accuracy near ``accuracy`` on ``n`` examples, said in points.
+
+    >>> standard_error_said(0.87, 500)
+    'one standard error of dev accuracy is 1.50 points (n = 500)'
+    """
+    return (
+        f"one standard error of dev accuracy is {100 * (accuracy * (1 - accuracy) / n) ** 0.5:.2f} points (n = {n:,})"
+    )
+
+
 def screens_said(record: dict) -> str | None:
     """What a search record's screens (rung 0) could tell by validation loss, the signal they
     are promoted by: their span, and the span of the seed placements at the best-screened seed's
@@ -157,14 +168,15 @@ def screens_said(record: dict) -> str | None:
     '3 screens span 0.0200 (0.6800-0.7000), the 2 seed placements at lr 0.001 0.0100; the full runs 0.3000'
     """
     trials = [t for t in record["trials"] if t.get("validation_loss") is not None]
+    top_rung = max((t["rung"] for t in trials), default=0)
     screens = [t for t in trials if t["rung"] == 0]
-    top = sorted(t["validation_loss"] for t in trials if t["rung"] == max(t["rung"] for t in trials))
     seeds = [t for t in screens if t["baseline"]]
-    if not screens or not seeds or not top or max(t["rung"] for t in trials) == 0:
+    if top_rung == 0 or not seeds:
         return None
     losses = [t["validation_loss"] for t in screens]
     lr = min(seeds, key=lambda t: t["validation_loss"])["lr"]
     placements = [t["validation_loss"] for t in seeds if t["lr"] == lr]
+    top = sorted(t["validation_loss"] for t in trials if t["rung"] == top_rung)
     return (
         f"{len(screens)} screens span {max(losses) - min(losses):.4f} ({min(losses):.4f}-{max(losses):.4f}), "
         f"the {len(placements)} seed placements at lr {lr:g} {max(placements) - min(placements):.4f}; "

@@ -9,7 +9,7 @@ import math
 import statistics
 from pathlib import Path
 
-from common import ROOT, screens_said
+from common import ROOT, screens_said, standard_error_said
 from llm_contenders import BUDGET, EARLIER, KINDS
 
 PLOTS = ROOT / "benchmarks"
@@ -124,14 +124,9 @@ def verdicts(results: dict[str, dict]) -> list[str]:
 
 
 def _standard_error(row: dict, task: str, accuracy: float) -> str:
-    """One binomial standard error of a dev accuracy near ``accuracy``, in points, on the dev
-    examples the runs of ``row`` were scored on; nothing for a perplexity task."""
-    if is_lm(task):
-        return ""
-    n = row["runs"][0]["spec"]["max_dev"]
-    return (
-        f"; one standard error of dev accuracy is {100 * math.sqrt(accuracy * (1 - accuracy) / n):.2f} points (n = {n})"
-    )
+    """One binomial standard error of a dev accuracy near ``accuracy`` on the dev examples the
+    runs of ``row`` were scored on; nothing for a perplexity task."""
+    return "" if is_lm(task) else f"; {standard_error_said(accuracy, row['runs'][0]['spec']['max_dev'])}"
 
 
 def _ceiling(rows: dict, task: str, theirs: float) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import METRIC_NAMES, METRICS, examples, screens_said
+from common import METRIC_NAMES, METRICS, examples, screens_said, standard_error_said
 from contenders import BUDGET
 
 
@@ -95,7 +95,7 @@ def spread(name: str, rows: dict, study) -> str:
     if METRICS[name] == "accuracy":
         n = examples(study.task(name, 0)[1].eval_batches)
         p = max(means)
-        text += f", one standard error of dev accuracy is {100 * (p * (1 - p) / n) ** 0.5:.2f} points (n = {n:,})"
+        text += f", {standard_error_said(p, n)}"
     if len(rows[lora[0]]["runs"]) > 1:
         spread = statistics.fmean(statistics.stdev(r["dev_metric"] for r in rows[k]["runs"]) for k in lora)
         text += f", the seeds' standard deviation (mean over the three) {100 * spread:.2f} points"

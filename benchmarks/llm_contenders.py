@@ -29,6 +29,7 @@ BUDGET = 460_800  # peft LoRA r8 on q_proj and v_proj of SmolLM2-135M (30 layers
 EARLIER = {  # searches stored under an earlier rule, reported beside today's where stored: key suffix -> (row, cap)
     "uncapped": ("peftplan search before its cost cap", None),  # trainable again: runs=None keeps that rule
     "by-loss": ("peftplan search, the cap's first rule (the two best screened in full)", 3.0),  # stored only
+    "mixed": ("peftplan search, every baseline screened at three rates", 3.0),  # stored only: 14 of 16 screens seeds
 }
 KINDS = {  # kind -> (label, what it is)
     "lora-qv": ("peft LoRA r8 q,v", "peft's default placement and rank (alpha 8)"),

@@ -10,12 +10,11 @@ read once, for the final table.
    recipe's untuned 1e-3 and, as a careful user would, at each rate of a small grid (3e-4,
    1e-3, 3e-3), the best chosen on the validation split;
 2. peftplan's proxy plan: sensitivity scores and an allocation, no training while planning;
-3. peftplan search with its defaults: 16 candidates (uniform LoRA on query/value, LoRA on
-   every linear layer and the one-shot allocations at three learning rates each, then the
-   sampler's proposals with their own) screened at 5% of the recipe and ranked by their
-   validation loss, each baseline at its best rate and the best third of the rest trained in
-   full, the best of those twice more in full at neighbouring learning rates; prints the
-   Pareto front and
+3. peftplan search with its defaults: 16 candidates (uniform LoRA on query/value at three
+   learning rates, LoRA on every linear layer and the one-shot allocations once each at the
+   best of them, then the sampler's proposals with their own) screened at 5% of the recipe and
+   ranked by their validation loss, the best-screened baseline and the best-screened searched
+   plan trained in full (2.8 final runs, under the cost cap of 3); prints the Pareto front and
    writes front.png, front.html, plan.json;
 4. the best plan within the budget is applied to a fresh model and trained by its own
    recipe (the learning rate the search found), with the baseline's seed and data order.

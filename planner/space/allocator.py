@@ -232,9 +232,10 @@ class AllocatorSpace(Space):
         return params
 
     def seeds(self, n: int) -> list[dict[str, Any]]:
-        """With priors: each prior's plan at the whole budget (`baselines`), at each of the
+        """With priors: the first prior's plan at the whole budget (`baselines`) at each of the
         seed learning rates (`seed_lrs`: the recipe's, then 2.5x below and above it), then the
-        proxy at budget shares spread in log scale below the whole; without: `Space.seeds`."""
+        proxy at budget shares spread in log scale below the whole; the other priors follow at
+        the rate those screens choose (`followers`); without priors: `Space.seeds`."""
         if len(self.priors) == 1:
             return super().seeds(n)
         out = [params for _, params in self._baseline_seeds()][:n]
@@ -242,10 +243,27 @@ class AllocatorSpace(Space):
         return out + [self.proxy_params(self.min_share ** ((rest - i) / rest)) for i in range(rest)]
 
     def baselines(self) -> list[str]:
-        """The baseline name of each leading seed (one per prior and seed learning rate, the
-        recipe's rate first): ``query-value``, ``uniform``, ``proxy``, then the others
-        (``activation``). A study screens each at every seed rate and promotes its best."""
+        """The baseline name of each leading seed: the first prior in `prior_order` (the peft
+        default ``query-value`` where it is one), once per seed learning rate."""
         return [name for name, _ in self._baseline_seeds()]
+
+    def followers(self) -> list[tuple[str, dict[str, Any]]]:
+        """The other priors of `prior_order`, each a baseline (name, params at the recipe's
+        rate): a study screens each once, at the learning rate the first prior screened best at
+        (`peftplan.planner.study.policy`). On every search in benchmarks/RESULTS.md each prior
+        screened best at the same seed rate, so screening all of them at every rate spent most
+        of the screens on seeds."""
+        order = self.prior_order()
+        return [(p, self._at_rate(p, self.seed_lrs()[0])) for p in order[1:]]
+
+    def prior_order(self) -> list[str]:
+        """The priors a study compares as baselines, the one whose rates are swept first:
+        ``query-value``, ``uniform``, ``proxy``, then the others (``activation``); none
+        without priors."""
+        if len(self.priors) == 1:
+            return []
+        order = [p for p in ("query-value", "uniform", "proxy") if p in self.priors]
+        return order + [p for p in self.priors if p not in order]
 
     def seed_lrs(self) -> list[float | None]:
         """The learning rates baselines are screened at: the range's geometric mean (the
@@ -256,15 +274,11 @@ class AllocatorSpace(Space):
         return [mid, *(lr for lr in (mid / 2.5, mid * 2.5) if self.lr[0] <= lr <= self.lr[1])]
 
     def _baseline_seeds(self) -> list[tuple[str, dict[str, Any]]]:
-        if len(self.priors) == 1:
-            return []
-        order = [p for p in ("query-value", "uniform", "proxy") if p in self.priors]
-        order += [p for p in self.priors if p not in order]
-        return [
-            (p, {**self.prior_params(p), **({"lr": lr} if lr is not None else {})})
-            for lr in self.seed_lrs()
-            for p in order
-        ]
+        order = self.prior_order()
+        return [(order[0], self._at_rate(order[0], lr)) for lr in self.seed_lrs()] if order else []
+
+    def _at_rate(self, prior: str, lr: float | None) -> dict[str, Any]:
+        return {**self.prior_params(prior), **({"lr": lr} if lr is not None else {})}
 
     def site_entries(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         p = {"mlp_tilt": 0.0, **params}  # no mlp_tilt knob where the sites are all attention or all MLP

@@ -180,6 +180,11 @@ class Space(abc.ABC):
         learning rates), the best screened is promoted whatever its rank. None here."""
         return []
 
+    def followers(self) -> list[tuple[str, dict[str, Any]]]:
+        """Baselines screened after the seeds, each once, at the learning rate the seeds'
+        baseline screened best at: (name, params at the recipe's rate). None here."""
+        return []
+
     def _build(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
         key = tuple(sorted((k, v) for k, v in params.items() if k != "lr"))  # the rate changes no site
         if key not in self._cache:

@@ -231,7 +231,7 @@ class StudyConfig:
     eta: int = 3
     seed: int = 0
     recipe: dict[str, Any] | None = None  # the Recipe every trial trains by (at its rung's fidelity)
-    seeds: int = 14
+    seeds: int = 14  # run_search's default: 5 (a study stored before `followers` existed had 14)
     methods: tuple[str, ...] = DEFAULT_METHODS
     proxy: dict[str, Any] | None = None  # the ProxyOptions of the default space
     source: Source | None = None
@@ -242,6 +242,9 @@ class StudyConfig:
     # field existed made none)
     runs: float | None = None  # the study's cost cap in final-run equivalents, which sizes its top rung
     # (`halving.top_slots`; run_search's default: 3; a study stored before the field existed had none)
+    followers: tuple[dict[str, Any], ...] = ()  # baselines screened once, at the rate the seeds' baseline screened
+    # best at: {"baseline": name, "params": knobs at the recipe's rate} (`Space.followers`; a study stored before the
+    # field existed screened every baseline at every seed rate)
 
     def top_slots(self) -> int | None:
         """How many candidates the top rung trains under the cost cap (None: no cap, the eta rule)."""
@@ -252,7 +255,7 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["fidelities"] = [asdict(f) for f in self.fidelities]
-        for k in ("objectives", "methods", "lr_range"):
+        for k in ("objectives", "methods", "lr_range", "followers"):
             d[k] = None if d[k] is None else list(d[k])
         return d
 
@@ -361,6 +364,19 @@ def _lr_range(v: Any) -> tuple[float, float] | None:
     return tuple(v)
 
 
+def _followers(v: Any) -> tuple[dict[str, Any], ...]:
+    ok = lambda f: (  # noqa: E731
+        isinstance(f, dict)
+        and set(f) == {"baseline", "params"}
+        and isinstance(f["baseline"], str)
+        and isinstance(f["params"], dict)
+        and all(isinstance(k, str) and isinstance(x, (int, float, str)) for k, x in f["params"].items())
+    )
+    if not isinstance(v, list) or not all(map(ok, v)):
+        raise ValueError('expected a list of {"baseline": name, "params": {knob: value}}')
+    return tuple(v)
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def read(v: Any) -> str:
         if v not in options:
@@ -391,4 +407,5 @@ READERS: dict[
     "screen_by": _choice("metric", "loss"),
     "refine": _int(0),
     "runs": lambda v: None if v is None else _positive(v),
+    "followers": _followers,
 }

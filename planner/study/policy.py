@@ -3,9 +3,12 @@ trials alone, so every worker (and a restart after a crash) decides the same.
 
 Each trial carries user_attrs: ``rung``, ``candidate`` (the number of the candidate's rung-0
 trial), ``baseline`` on the seed plans a user would write by hand and the one-shot
-allocations (`Space.baselines`), each screened at a few learning rates: the best rate of each
-is promoted to every rung whatever its rank (and 1/eta of the others), so the plan a search
-returns was compared with them at the top rung. Once the top rung is settled, ``refines``
+allocations: the first (`Space.baselines`) screened at a few learning rates, the others
+(``origin`` "follower", `Space.followers`) queued once its screens are settled, each once at
+the rate it screened best at. Without a cost cap the best rate of each baseline is promoted to
+every rung whatever its rank (and 1/eta of the others); under one, the top rung takes the
+best-screened baseline and the best-screened searched plan by turns — either way the plan a
+search returns was compared with a baseline at the top rung. Once the top rung is settled, ``refines``
 marks the trials that train its best plan again at the full recipe at neighbouring learning
 rates (`next_rate`, ``config.refine`` of them at most): the rate a plan is returned with is
 chosen on full-length results, not on the short screens, which favour high rates
@@ -96,14 +99,18 @@ def workload(config: Any, trials: Iterable[FrozenTrial] = ()) -> Workload:
     baseline (its best rate) and ``1/eta`` of the others promoted to every rung, and the
     refinements; counted from ``trials`` where they exist, else foreseen the way `next_step`
     will decide. A failure at rung 0 adds a training (its slot is filled again)."""
+    retried = {t.user_attrs.get("retries") for t in trials}
+    cut = sum(bool(t.user_attrs.get("interrupted")) and t.number not in retried and rung_of(t) == 0 for t in trials)
     trials = [t for t in trials if t.state != TrialState.PRUNED and not t.user_attrs.get("interrupted")]
     refining = [t for t in trials if "refines" in t.user_attrs]
     placed = [t for t in trials if "refines" not in t.user_attrs]
     rung0 = [t for t in placed if rung_of(t) == 0]
     seeds = [t for t in rung0 if t.state in LIVE and "baseline" in t.user_attrs][: config.trials]
-    named = len({t.user_attrs["baseline"] for t in seeds})
+    room = max(0, config.trials - sum(t.state in LIVE for t in rung0) - cut)  # a cut trial's retry takes its slot
+    coming = [f["baseline"] for f in _pending_followers(trials, config)[:room]] if seeds else []
+    named = len({t.user_attrs["baseline"] for t in seeds} | set(coming))
     rungs = [sum(t.state == TrialState.FAIL for t in rung0) + max(config.trials, sum(t.state in LIVE for t in rung0))]
-    slots, others = config.trials, config.trials - len(seeds)
+    slots, others = config.trials, config.trials - len(seeds) - len(coming)  # the others: the sampler's proposals
     capped, top = config.top_slots(), len(config.fidelities) - 1
     for r in range(1, top + 1):
         here = [t for t in placed if rung_of(t) == r]
@@ -149,7 +156,17 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
     refinements on the way."""
     if _retry_interrupted(study, trials) or any(t.state == TrialState.WAITING for t in trials):
         return "ask"
-    if sum(t.state in LIVE for t in trials if rung_of(t) == 0) < config.trials:
+    free = config.trials - sum(t.state in LIVE for t in trials if rung_of(t) == 0)
+    pending = _pending_followers(trials, config)[: max(0, free)]
+    if pending:
+        settled, rate = _followed_rate(trials, pending[0], config)
+        if not settled:  # the followed baseline's screens still run: the spare slots go to the sampler
+            return "ask" if free > len(pending) else "wait"
+        for f in pending:
+            params = {**f["params"], **({"lr": rate} if rate is not None else {})}
+            study.enqueue_trial(params, user_attrs={"baseline": f["baseline"], "origin": "follower"})
+        return "ask"
+    if free > 0:
         return "ask"
     for r in range(len(config.fidelities) - 1):
         if any(t.state == TrialState.RUNNING for t in trials if rung_of(t) == r):
@@ -174,6 +191,34 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
         study.enqueue_trial(refinement[0], user_attrs=refinement[1])
         return "ask"
     return "done"
+
+
+def _follows(t: FrozenTrial, baseline: str) -> bool:
+    return rung_of(t) == 0 and t.user_attrs.get("origin") == "follower" and t.user_attrs.get("baseline") == baseline
+
+
+def _pending_followers(trials: list[FrozenTrial], config: Any) -> list[dict[str, Any]]:
+    """The study's followers (`Space.followers`) not yet at rung 0, in their order."""
+    present = {t.user_attrs.get("baseline") for t in trials if rung_of(t) == 0 and t.state != TrialState.PRUNED}
+    return [f for f in config.followers if f["baseline"] not in present]
+
+
+def _followed_rate(trials: list[FrozenTrial], follower: dict[str, Any], config: Any) -> tuple[bool, float | None]:
+    """Whether the seeds' baseline (the first rung-0 baseline that is no follower) has settled
+    its screens, and the learning rate followers then screen at: the one it screened best at,
+    by the first objective as promotion ranks it (the follower's own, the recipe's, when every
+    such screen failed or the space searches no rate)."""
+    names = {f["baseline"] for f in config.followers}
+    seeds = [t for t in trials if rung_of(t) == 0 and t.user_attrs.get("baseline") not in (None, *names)]
+    swept = [t for t in seeds if t.user_attrs["baseline"] == seeds[0].user_attrs["baseline"]] if seeds else []
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in swept):
+        return False, None
+    done = [t for t in swept if t.state == TrialState.COMPLETE and "lr" in t.params]
+    if not done:
+        return True, follower["params"].get("lr")
+    key = config.objectives[0]
+    sign = 1 if config.senses[key] == "max" else -1
+    return True, float(max(done, key=lambda t: (sign * _screened(t, config)[key], -t.number)).params["lr"])
 
 
 def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
@@ -278,6 +323,10 @@ def surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | No
             if t.state in LIVE and (t.user_attrs.get("refines"), t.user_attrs.get("refined_lr")) == mine
         ]
         return None if me.number == min(group) else f"surplus: trial {mine[0]} is already refined at lr {mine[1]:g}"
+    if me.user_attrs.get("origin") == "follower":  # two workers may enqueue the same follower: one screens it
+        first = min(t.number for t in trials if t.state in LIVE and _follows(t, me.user_attrs["baseline"]))
+        if me.number != first:
+            return f"surplus: trial {first} already screens the baseline {me.user_attrs['baseline']!r}"
     group = [
         t.number
         for t in trials

@@ -33,9 +33,11 @@ the model, task and space and takes its share of the trials.
 with the proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites) and ``graph`` (the
 model's lowering, when already at hand); a given ``space`` brings all of that itself, with its own
 objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans
-start seeded strategies: first the baselines (`Space.baselines`: uniform LoRA on query/value, on
-every linear layer, the one-shot allocations) at three learning rates each, then proxy plans at
-smaller budget shares. ``runs`` caps what the search costs, in final-run equivalents (trainings
+start seeded strategies: first the swept baseline (`Space.baselines`: uniform LoRA on
+query/value) at three learning rates, then proxy plans at smaller budget shares; once the sweep
+is screened, the other baselines (`Space.followers`: LoRA on every linear layer, the one-shot
+allocations) are screened once each at its best rate (the default 5 seeds and 3 followers leave
+8 of 16 screens to the sampler). ``runs`` caps what the search costs, in final-run equivalents (trainings
 weighted by their share of the recipe's steps; default 3, about one learning-rate sweep of one
 placement): the top rung trains what the cap leaves once the screens and refinements are paid
 (`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs): the
@@ -81,6 +83,7 @@ from ..budget import Budget
 from ..front import ParetoFront
 from ..proxy.options import ProxyOptions
 from ..space.default import default_space
+from ..strategies import seeded
 from ..training.device import check_bf16, resolve
 from ..training.evaluate import Fidelity, evaluate
 from ..training.task import Task
@@ -116,7 +119,7 @@ def run_search(
     space: Any = None,
     progress: bool = True,
     recipe: Recipe | None = None,
-    seeds: int = 14,
+    seeds: int = 5,
     methods: Iterable[str] = DEFAULT_METHODS,
     proxy: ProxyOptions | None = None,
     graph: SiteGraph | None = None,
@@ -232,6 +235,10 @@ def _study_config(
         space.lr,
         screen_by,
         refine,
+        followers=tuple(
+            {"baseline": name, "params": params}
+            for name, params in (space.followers() if seeded(strategy) and seeds else ())
+        ),
     )
 
 

@@ -17,13 +17,14 @@ from peftplan.planner.proxy import activation_scores, grad2_scores
 from peftplan.planner.proxy.allocate import eligible_sites
 from peftplan.planner.proxy.options import ProxyOptions
 from peftplan.planner.space import AllocatorSpace, default_space
-from peftplan.planner.study import run_search
+from peftplan.planner.study import StudyConfig, run_search
 from peftplan.planner.study.halving import default_rungs
+from peftplan.planner.study.policy import surplus
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.planner.training.task import Task
 from peftplan.planner.training.train import train
 from peftplan.recipe import Recipe
-from tests.planner.trials import stand_in, tiny_task
+from tests.planner.trials import stand_in, tiny_task, tpe_search
 from tests.zoo import bert_classifier
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,16 +65,17 @@ def test_the_uniform_seed_is_every_linear_layer_at_the_largest_rank_that_fits(sp
     assert 0 <= spare < min(s.in_features + s.out_features for s in sites if ranks[s.name] == r)  # no site could go up
 
 
-def test_seeds_are_the_baselines_at_three_rates_then_cheaper_proxy_plans(space):
-    seeds = space.seeds(14)
-    names = ["query-value", "uniform", "proxy", "activation"]
-    assert space.baselines() == names * 3 and space.seed_lrs() == pytest.approx([1e-3, 4e-4, 2.5e-3])
-    assert [p["scores"] for p in seeds] == [*names * 3, "proxy", "proxy"]
-    assert [p["lr"] for p in seeds[:12]] == pytest.approx(
-        [1e-3] * 4 + [4e-4] * 4 + [2.5e-3] * 4
-    )  # the recipe's rate first
-    assert seeds[2] == space.proxy_params(1.0) and [p["budget"] for p in seeds[12:]] == pytest.approx([0.05, 0.05**0.5])
-    assert all({**p, "lr": 0} == {**seeds[i % 4], "lr": 0} for i, p in enumerate(seeds[:12]))  # the same plans
+def test_seeds_are_the_query_value_baseline_at_three_rates_then_cheaper_proxy_plans(space):
+    seeds = space.seeds(5)
+    assert space.baselines() == ["query-value"] * 3 and space.seed_lrs() == pytest.approx([1e-3, 4e-4, 2.5e-3])
+    assert [p["scores"] for p in seeds] == ["query-value"] * 3 + ["proxy", "proxy"]
+    assert [p["lr"] for p in seeds[:3]] == pytest.approx([1e-3, 4e-4, 2.5e-3])  # the recipe's rate first
+    assert [p["budget"] for p in seeds[3:]] == pytest.approx([0.05, 0.05**0.5])
+    assert all({**p, "lr": 0} == {**seeds[0], "lr": 0} for p in seeds[:3])  # one plan at three rates
+    followers = space.followers()
+    assert [name for name, _ in followers] == ["uniform", "proxy", "activation"]  # the other baselines
+    assert followers[1][1] == {**space.proxy_params(1.0), "lr": pytest.approx(1e-3)}  # at the recipe's rate
+    assert all(params["scores"] == name for name, params in followers)
     narrow = default_space(bert_classifier(), "5%", tiny_task(), lr=(9e-4, 1.1e-3))
     assert narrow.seed_lrs() == pytest.approx([(9e-4 * 1.1e-3) ** 0.5])  # rates outside the range are left out
 
@@ -187,11 +189,11 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
     screened = [t for t in trials if t.user_attrs["rung"] == 0]
     top = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted, not refined
     assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"5% of the recipe"}
-    assert sum("baseline" in t.user_attrs for t in screened) == 12  # four baselines at three rates
+    assert sum("baseline" in t.user_attrs for t in screened) == 6  # query-value at three rates, three followers
     kept = {t.user_attrs["baseline"]: t.params["lr"] for t in top if "baseline" in t.user_attrs}
     assert kept == pytest.approx({"query-value": 2.5e-3, "uniform": 2.5e-3, "proxy": 2.5e-3, "activation": 2.5e-3})
     others = [t for t in top if "baseline" not in t.user_attrs]
-    assert len(others) == (18 - 12) // 3  # and 1/eta of the rest, the best of them
+    assert len(others) == (18 - 6) // 3  # and 1/eta of the rest, the best of them
     assert {t.user_attrs["fidelity"] for t in top} == {"the full recipe"}
     assert plan.provenance["rung"] == 1  # chosen on full-length results
 
@@ -302,3 +304,36 @@ def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metr
     assert promoted["metric"] != promoted["loss"]
     with pytest.raises(ValueError, match="screen_by"):
         run_search(bert_classifier(), "5%", tiny_task(), strategy="random", trials=1, screen_by="accuracy")
+
+
+def test_the_other_baselines_screen_once_at_the_rate_the_swept_one_screened_best_at():
+    def the_lowest_rate_screens_best(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        result.loss = recipe.lr * 100 if plan.provenance["knobs"]["budget"] == 1.0 else 1.0  # baselines: by rate
+        return result
+
+    _, study = tpe_search(the_lowest_rate_screens_best)
+    screened = sorted((t for t in study.trials if t.user_attrs["rung"] == 0), key=lambda t: t.number)
+    swept = [t for t in screened if t.user_attrs.get("baseline") == "query-value"]
+    followers = [t for t in screened if t.user_attrs.get("origin") == "follower"]
+    assert [t.params["lr"] for t in swept] == pytest.approx([1e-3, 4e-4, 2.5e-3])
+    assert [t.user_attrs["baseline"] for t in followers] == ["uniform", "proxy", "activation"]
+    assert [t.params["lr"] for t in followers] == pytest.approx([4e-4] * 3)  # the swept baseline's best screen
+    assert min(t.number for t in followers) > max(t.number for t in swept)  # queued once the sweep is settled
+    proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]  # after the two cheaper proxy plans
+    assert len(screened) == 16 and len(proposed) == 16 - 3 - 2 - 3  # the sampler proposes the other eight
+
+
+def test_followers_without_a_rate_knob_screen_at_the_recipes_and_a_racing_copy_is_surplus():
+    _, study = tpe_search(stand_in, lr_range=None)
+    followers = [t for t in study.trials if t.user_attrs.get("origin") == "follower"]
+    assert len(followers) == 3 and all("lr" not in t.params for t in followers)  # no knob: the recipe's rate
+    config = StudyConfig.from_dict(study.user_attrs["peftplan"])
+    assert [f["baseline"] for f in config.followers] == ["uniform", "proxy", "activation"]
+    first = followers[0]
+    study.enqueue_trial(first.params, user_attrs={"baseline": first.user_attrs["baseline"], "origin": "follower"})
+    copy = study.trials[-1]  # a second worker queued the same follower
+    assert (
+        surplus(study.trials, copy, config) == f"surplus: trial {first.number} already screens the baseline 'uniform'"
+    )
+    assert surplus(study.trials, first, config) is None

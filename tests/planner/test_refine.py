@@ -59,8 +59,8 @@ def test_the_best_plan_climbs_to_the_rate_that_is_best_at_full_length():
     assert refined[0].user_attrs["plan"]["sites"] == first.user_attrs["plan"]["sites"]
     assert plan.recipe.lr == pytest.approx(6.25e-3) and plan.provenance["trial"] == refined[0].number
     assert (
-        len([t for t in trials if t.state == TrialState.COMPLETE]) == 16 + 5 + 2
-    )  # 4 baselines + 1 of 4 others, 2 refinements
+        len([t for t in trials if t.state == TrialState.COMPLETE]) == 16 + 7 + 2
+    )  # 4 baselines + 3 of the 10 others, 2 refinements
 
 
 def test_a_worse_rate_above_sends_the_next_refinement_below():
@@ -84,10 +84,12 @@ def test_refine_zero_trains_nothing_more_and_the_count_is_planned():
         {},
         {},
         lr_range=(1e-4, 1e-2),
+        followers=tuple({"baseline": b, "params": {}} for b in ("uniform", "proxy", "activation")),
     )
-    assert len(done) == workload(config).total == 16 + 5
-    assert workload(StudyConfig(**{**config.__dict__, "refine": 2})).total == 16 + 5 + 2
-    assert workload(StudyConfig(**{**config.__dict__, "refine": 2, "lr_range": None})).total == 16 + 5  # no rate knob
+    assert len(done) == workload(config, trials).total == 16 + 7  # 4 baselines + 1/3 of the 10 others
+    assert workload(StudyConfig(**{**config.__dict__, "refine": 2}), trials).total == 16 + 7 + 2
+    no_knob = StudyConfig(**{**config.__dict__, "refine": 2, "lr_range": None})
+    assert workload(no_knob, trials).total == 16 + 7  # no rate knob
 
 
 def test_a_study_stored_before_refinements_existed_makes_none():

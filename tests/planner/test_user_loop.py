@@ -114,7 +114,7 @@ def test_a_loop_without_a_task_scores_sites_from_weights_and_says_so_once(tmp_pa
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     with pytest.warns(UserWarning, match="data-free") as record:
-        plan = pp.search(model, "5%", evaluate=score, trials=3, progress=False, storage=url)
+        plan = pp.search(model, "5%", evaluate=score, trials=7, progress=False, storage=url)  # 5 seeds, 2 followers
     assert sum("without a task" in str(w.message) for w in record) == 1
     assert ranks(pp.search(model, "5%")) in trial_plans(plan, url)  # the data-free proxy plan seeds the search
     # no batches count an epoch: the default recipe (one epoch) reaches the loop as shares of it
@@ -159,7 +159,7 @@ def test_calibration_batches_give_grad2_scores_without_a_task(tmp_path):
         evaluate=lambda m, f: 0.5,
         calibration=torch.utils.data.DataLoader(task.train_batches, batch_size=None),
         calibration_batches=3,
-        trials=3,
+        trials=7,  # the proxy plan at the whole budget follows the first baseline's rates and 2 cheaper proxy plans
         progress=False,
         storage=url,
     )

@@ -110,38 +110,12 @@ def test_search_a_causal_lm_on_instruction_data(tmp_path, capsys):
     lines = [json.dumps({"q": " ".join(rng.sample(words, 3)), "a": " ".join(rng.sample(words, 2))}) for _ in range(24)]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    search = [
-        "search",
-        "tests.zoo:llama",
-        "--task",
-        str(tmp_path / "chat.jsonl"),
-        "--causal-lm",
-        "--prompt-column",
-        "q",
-        "--response-column",
-        "a",
-        "--tokenizer",
-        str(tmp_path / "tok"),
-        "--max-length",
-        "24",
-        "--budget",
-        "5%",
-        "--strategy",
-        "random",
-        "--trials",
-        "2",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--storage",
-        url,
-        "--threads",
-        "1",
-        "-q",
-        "-o",
-        str(tmp_path / "plan.json"),
-    ]
+    data = ["--task", str(tmp_path / "chat.jsonl"), "--causal-lm", "--prompt-column", "q", "--response-column", "a"]
+    data += ["--tokenizer", str(tmp_path / "tok")]
+    search = ["search", "tests.zoo:llama", *data, "--max-length", "24", "--budget", "5%", "--strategy", "random"]
+    search += ["--trials", "2"]
+    search += ["--steps", "2", "--batch-size", "4", "--storage", url, "--threads", "1", "-q"]
+    search += ["-o", str(tmp_path / "plan.json")]
     assert main(search) == 0
     out = capsys.readouterr().out
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -163,7 +137,7 @@ def test_search_a_causal_lm_on_instruction_data(tmp_path, capsys):
         "tests.zoo:llama",
         "--budget",
         "5%",
-        *search[2:11],
+        *data,
         "--batch-size",
         "4",
         "--batches",

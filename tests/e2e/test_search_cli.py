@@ -18,33 +18,20 @@ MODEL = "tests.zoo:minilm_vocab_classifier"
 
 def test_search_writes_a_plan_and_a_front_that_front_exports(tmp_path, capsys):
     task, url = write_task(tmp_path / "task"), f"sqlite:///{tmp_path / 'study.db'}"
-    search = [
-        "search",
-        MODEL,
-        "--task",
-        str(task),
-        "--tokenizer",
-        "minilm",
-        "--budget",
-        "1%",
-        "--strategy",
-        "random",
-        "--trials",
-        "3",
-        "--steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--storage",
-        url,
-        "--threads",
-        "1",
-        "-q",
-        "-o",
-        str(tmp_path / "plan.json"),
-        "--front-png",
-        str(tmp_path / "front.png"),
-    ]
+    options = {
+        "--task": str(task),
+        "--tokenizer": "minilm",
+        "--budget": "1%",
+        "--strategy": "random",
+        "--trials": "3",
+        "--steps": "4",
+        "--batch-size": "8",
+        "--storage": url,
+        "--threads": "1",
+        "-o": str(tmp_path / "plan.json"),
+        "--front-png": str(tmp_path / "front.png"),
+    }
+    search = ["search", MODEL, "-q", *(x for pair in options.items() for x in pair)]
     assert main(search) == 0
     out = capsys.readouterr().out
     assert "Pareto front:" in out and "peftplan worker" in out and f"--allow {MODEL}" in out

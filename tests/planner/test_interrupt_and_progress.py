@@ -179,52 +179,45 @@ def _db_state(db: Path) -> tuple[int, list[int]]:
     return done, [n for (n,) in running]
 
 
+def cli_search(task: Path, tmp_path: Path, name: str) -> list[str]:
+    """``peftplan search`` of a slow tiny classifier on ``task``: 4 tpe candidates, 2 rungs,
+    its study in ``name``.db and its plan in ``name``.json."""
+    options = {
+        "--task": str(task),
+        "--tokenizer": "minilm",
+        "--budget": "1%",
+        "--trials": "4",
+        "--strategy": "tpe",
+        "--steps": "30",
+        "--rungs": "2",
+        "--batch-size": "8",
+        "--threads": "1",
+        "--storage": f"sqlite:///{tmp_path / name}.db",
+        "-o": str(tmp_path / f"{name}.json"),
+    }
+    flags = [x for pair in options.items() for x in pair]
+    return [sys.executable, "-m", "peftplan.cli", "search", "tests.zoo:slow_minilm_vocab_classifier", *flags]
+
+
+def start_search(task: Path, tmp_path: Path, name: str, env: dict) -> subprocess.Popen:
+    """`cli_search` in the background, its stderr in ``name``.err, with Ctrl-C's default action as
+    on a terminal: a shell starts background jobs with SIGINT ignored, which their children
+    inherit (then Python installs no KeyboardInterrupt handler at all)."""
+    return subprocess.Popen(
+        cli_search(task, tmp_path, name),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / f"{name}.err").open("w"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 def test_ctrl_c_on_the_command_line_stops_with_one_line_and_the_rerun_resumes(tmp_path):
     task = write_task(tmp_path / "task")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-    def command(name: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "peftplan.cli",
-            "search",
-            "tests.zoo:slow_minilm_vocab_classifier",
-            "--task",
-            str(task),
-            "--tokenizer",
-            "minilm",
-            "--budget",
-            "1%",
-            "--trials",
-            "4",
-            "--strategy",
-            "tpe",
-            "--steps",
-            "30",
-            "--rungs",
-            "2",
-            "--batch-size",
-            "8",
-            "--threads",
-            "1",
-            "--storage",
-            f"sqlite:///{tmp_path / name}.db",
-            "-o",
-            str(tmp_path / f"{name}.json"),
-        ]
-
-    def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            command(name),
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / f"{name}.err").open("w"),
-            # Ctrl-C's default action, as on a terminal: a shell starts background jobs with SIGINT ignored,
-            # which their children inherit (then Python installs no KeyboardInterrupt handler at all)
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+    command = lambda name: cli_search(task, tmp_path, name)  # noqa: E731
+    start = lambda name: start_search(task, tmp_path, name, env)  # noqa: E731
 
     reference, proc = start("whole"), start("cut")  # side by side: the same search, uninterrupted
     deadline = time.time() + 240

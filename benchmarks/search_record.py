@@ -12,12 +12,14 @@ from common import ROOT
 
 
 def trial_point(t) -> dict:
-    """What a search record keeps of completed trial ``t``."""
+    """What a search record keeps of completed trial ``t``: its measured objectives (a screen
+    tells the sampler minus its loss instead of its metric: `peftplan.planner.study.policy.told`)."""
+    values = t.user_attrs.get("measured", t.values)
     return {
         "trial": t.number,
         "rung": t.user_attrs.get("rung", 0),
-        "metric": t.values[0],
-        "params": t.values[1],
+        "metric": values[0],
+        "params": values[1],
         "baseline": t.user_attrs.get("baseline"),
         "lr": t.user_attrs.get("plan", {}).get("recipe", {}).get("lr"),
         "reused": "reused" in t.user_attrs,

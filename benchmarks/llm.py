@@ -145,10 +145,10 @@ def search_job(job: dict) -> dict:
     )
     trials = optuna.load_study(study_name="llm", storage=storage).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    from quality import _trial_steps, planner_tree, trial_point
+    from search_record import planner_tree, trial_point, trial_steps
 
     points = [trial_point(t) for t in done]
-    steps = sum(_trial_steps(t, STEPS) for t in done if "reused" not in t.user_attrs)
+    steps = sum(trial_steps(t, STEPS) for t in done if "reused" not in t.user_attrs)
     return {
         "plan": plan.to_dict(),
         "search_wall": round(time.perf_counter() - start, 1),

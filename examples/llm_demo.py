@@ -86,11 +86,11 @@ def unsloth(base, task, recipe, at_budget: bool) -> tuple:
 
 def search_cost(storage, steps: int) -> float:
     """The search's trainings in final-run equivalents (training steps over the recipe's)."""
-    from quality import _trial_steps
+    from search_record import trial_steps
 
     trials = optuna.load_study(study_name="demo", storage=storage).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "reused" not in t.user_attrs]
-    return sum(_trial_steps(t, steps) for t in done) / steps
+    return sum(trial_steps(t, steps) for t in done) / steps
 
 
 def main(argv=None) -> int:

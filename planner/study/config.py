@@ -242,6 +242,8 @@ class StudyConfig:
     # field existed made none)
     runs: float | None = None  # the study's cost cap in final-run equivalents, which sizes its top rung
     # (`halving.top_slots`; run_search's default: 3; a study stored before the field existed had none)
+    tell: str = "metric"  # what a trial below the top rung tells the sampler: its "metric", or the signal promotion
+    # ranks it by, "screened" (run_search's default; a study stored before the field existed told its metric)
     followers: tuple[dict[str, Any], ...] = ()  # baselines screened once, at the rate the seeds' baseline screened
     # best at: {"baseline": name, "params": knobs at the recipe's rate} (`Space.followers`; a study stored before the
     # field existed screened every baseline at every seed rate)
@@ -408,4 +410,5 @@ READERS: dict[
     "refine": _int(0),
     "runs": lambda v: None if v is None else _positive(v),
     "followers": _followers,
+    "tell": _choice("metric", "screened"),
 }

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ...recipe import Recipe
 from ..training.progress import ProgressLine, duration, on_terminal, remaining, say
 from ..training.task import Task
-from .policy import front_of, rung_of, workload
+from .policy import front_of, measured, rung_of, workload
 
 
 class StudyDisplay:
@@ -106,7 +106,7 @@ class StudyDisplay:
             said.append(f"{t.user_attrs['costs']['params']:,.0f} trainable params")
         if t.state == TrialState.FAIL:
             return said + [f"failed: {t.user_attrs.get('failed', 'its worker died')}"]
-        said += [f"{k} {v:.4g}" for k, v in zip(config.objectives, t.values) if k != "params"]
+        said += [f"{k} {v:.4g}" for k, v in measured(t, config).items() if k != "params"]
         if "validation_loss" in t.user_attrs:
             said.append(f"loss {t.user_attrs['validation_loss']:.4g}")
         said.append(f"lr {t.params.get('lr', Recipe.from_dict(config.recipe).lr):.3g}")
@@ -122,11 +122,7 @@ class StudyDisplay:
         if not len(front):
             return {"front": 0, "hv": "–"}
         rung = front.points[0].info["rung"]
-        seen = [
-            dict(zip(config.objectives, t.values))
-            for t in trials
-            if t.state == TrialState.COMPLETE and rung_of(t) == rung
-        ]
+        seen = [measured(t, config) for t in trials if t.state == TrialState.COMPLETE and rung_of(t) == rung]
         worst = {k: (min if s == "max" else max)(v[k] for v in seen) for k, s in front.senses.items()}
         ref = {**worst, **{k: v for k, v in config.limits.items() if k in worst}}
         return {"front": len(front), "hv": f"{front.hypervolume(ref):.4g}"}

@@ -52,7 +52,7 @@ from ...recipe import Recipe
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.task import Task
 from .display import StudyDisplay
-from .policy import next_step, rung_of, surplus, workload
+from .policy import measured, next_step, rung_of, surplus, told, workload
 from .watch import watched
 
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)
@@ -227,7 +227,10 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     if same is not None:  # other knobs, the same plan and recipe: its evaluation would repeat, not train it again
         trial.set_user_attr("reused", same.number)
         trial.set_user_attr("seconds", 0.0)
-        _complete(study, trial, ctx, plan, list(same.values), r, fidelity, reused=same.number)
+        if "validation_loss" in same.user_attrs:
+            trial.set_user_attr("validation_loss", same.user_attrs["validation_loss"])
+        values = list(measured(same, config).values())
+        _complete(study, trial, ctx, plan, values, r, fidelity, reused=same.number)
         return "reused"
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
@@ -312,7 +315,10 @@ def _complete(
         **extra,
     }
     trial.set_user_attr("plan", plan.to_dict())
-    study.tell(trial, values, skip_if_finished=True)
+    tell = told(values, trial.user_attrs.get("validation_loss"), rung, config)
+    if tell != values:  # the sampler learns what promotion ranks by; the measured values stay with the trial
+        trial.set_user_attr("measured", values)
+    study.tell(trial, tell, skip_if_finished=True)
 
 
 def _same_plan(study: optuna.Study, number: int, rung: int, plan: Plan) -> FrozenTrial | None:

@@ -259,11 +259,36 @@ def _promoted(done: dict[int, FrozenTrial], config: Any, rung: int) -> list[int]
     return baselines + promote(others, config.senses, config.eta)
 
 
+def told(values: list[float], loss: float | None, rung: int, config: Any) -> list[float]:
+    """What a trial with objective ``values`` and validation ``loss`` at ``rung`` tells the
+    sampler: below the top rung of a study that tells what it screens by (``config.tell ==
+    "screened"``, with ``screen_by == "loss"``), the metric replaced by minus the loss, the signal
+    promotion ranks it by; else its values. A sampler fitting the screens' accuracy fits noise where
+    a short run has not yet moved it (benchmarks/RESULTS.md: 5-step screens of SmolLM2 on sst2 at
+    0.50-0.64 accuracy whatever the rate, losses 0.37-3.3), and then spends its proposals on the
+    other objective alone: all 8 at the cheapest budget share.
+
+    >>> from peftplan.planner.study.config import StudyConfig
+    >>> from peftplan.planner.training.evaluate import Fidelity
+    >>> config = StudyConfig("tpe", 4, ("metric", "params"), {"metric": "max", "params": "min"},
+    ...                      (Fidelity(share=0.05), Fidelity()), {}, {}, screen_by="loss", tell="screened")
+    >>> told([0.55, 9000.0], 0.37, 0, config), told([0.89, 9000.0], 0.14, 1, config)
+    ([-0.37, 9000.0], [0.89, 9000.0])
+    """
+    screening = rung < len(config.fidelities) - 1 and config.tell == "screened" and config.screen_by == "loss"
+    return [-loss, *values[1:]] if screening and loss is not None else list(values)
+
+
+def measured(t: FrozenTrial, config: Any) -> dict[str, float]:
+    """A completed trial's objective values as measured (`told` may have given the sampler others)."""
+    return dict(zip(config.objectives, t.user_attrs.get("measured", t.values)))
+
+
 def _screened(t: FrozenTrial, config: Any) -> dict[str, float]:
     """A completed trial's values as promotion ranks them: its objectives, the metric replaced
     by minus its validation loss when ``config.screen_by == "loss"`` (a short run's loss moves
     before its accuracy does)."""
-    values = dict(zip(config.objectives, t.values))
+    values = measured(t, config)
     if config.screen_by == "loss" and "validation_loss" in t.user_attrs:
         values["metric"] = -float(t.user_attrs["validation_loss"])
     return values
@@ -360,10 +385,10 @@ def front_of(trials: list[FrozenTrial], config: Any, metric_name: str | None = N
                 {"validation_loss": float(t.user_attrs["validation_loss"])} if "validation_loss" in t.user_attrs else {}
             ),
         }
-        evaluated.append(FrontPoint(dict(zip(objectives, t.values)), None, info))
+        evaluated.append(FrontPoint(measured(t, config), None, info))
         if rung_of(t) == top:
             plan = stored_plan(t) if "plan" in t.user_attrs else None
-            points.append(FrontPoint(dict(zip(objectives, t.values)), plan, dict(info)))
+            points.append(FrontPoint(measured(t, config), plan, dict(info)))
     points.sort(key=lambda p: p.info.get("validation_loss", math.inf))  # of equal points the front keeps the first
     front = ParetoFront.from_points(points, {k: config.senses[k] for k in objectives})
     front.evaluated = evaluated

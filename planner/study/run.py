@@ -50,7 +50,8 @@ baselines end 3-12x above a 1e-3 recipe —; None: ``recipe.lr`` for all); ``fid
 `default_rungs`: 5% of the recipe, then the full recipe) are the rungs of successive halving by
 ``eta``, promotion ranking candidates by ``screen_by`` ("loss": the validation loss, which ranks
 short runs like their final results where the metric does not yet, benchmarks/fidelity.py; or
-"metric"), the returned plan chosen by the metric at the top rung, after the best plan there is
+"metric"; a screen tells the sampler the same signal, its measured metric kept with the trial:
+`peftplan.planner.study.policy.told`), the returned plan chosen by the metric at the top rung, after the best plan there is
 trained ``refine`` more times at the full recipe at neighbouring learning rates (2.5x up, or down,
 from the best so far, see `peftplan.planner.study.policy.next_rate`; default 0: in the four
 searches of benchmarks/RESULTS.md none of the eight refinements beat the rate it refined); the returned plan carries its recipe (`Plan.recipe`). Candidates are scored
@@ -235,6 +236,7 @@ def _study_config(
         space.lr,
         screen_by,
         refine,
+        tell="screened",
         followers=tuple(
             {"baseline": name, "params": params}
             for name, params in (space.followers() if seeded(strategy) and seeds else ())

@@ -19,7 +19,7 @@ from peftplan.planner.proxy.options import ProxyOptions
 from peftplan.planner.space import AllocatorSpace, default_space
 from peftplan.planner.study import StudyConfig, run_search
 from peftplan.planner.study.halving import default_rungs
-from peftplan.planner.study.policy import surplus
+from peftplan.planner.study.policy import front_of, measured, surplus
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.planner.training.task import Task
 from peftplan.planner.training.train import train
@@ -297,7 +297,7 @@ def test_screening_by_loss_promotes_the_lowest_validation_loss_not_the_best_metr
             t.user_attrs["candidate"] for t in trials if t.user_attrs.get("rung") == 1 and "refines" not in t.user_attrs
         }
         by_loss = sorted(screened, key=lambda t: t.user_attrs["validation_loss"])
-        by_metric = sorted(screened, key=lambda t: -t.values[0])
+        by_metric = sorted(screened, key=lambda t: -t.user_attrs.get("measured", t.values)[0])  # the metric itself
         assert len(promoted[screen_by]) == 9 // 3
         if screen_by == "loss":  # the lowest losses among the cheapest plans form the first non-dominated ranks
             assert by_loss[0].number in promoted["loss"] and by_metric[0].number not in promoted["loss"]
@@ -337,3 +337,32 @@ def test_followers_without_a_rate_knob_screen_at_the_recipes_and_a_racing_copy_i
         surplus(study.trials, copy, config) == f"surplus: trial {first.number} already screens the baseline 'uniform'"
     )
     assert surplus(study.trials, first, config) is None
+
+
+def test_screens_tell_the_sampler_minus_their_loss_and_keep_their_metric():
+    seen = {}
+
+    def recording(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        result.loss = 1.0 / (1.0 + result.metric)  # a loss the metric does not give the sampler
+        seen[repr(sorted(plan.provenance["knobs"].items())), str(fidelity)] = (result.metric, result.loss)
+        return result
+
+    _, study = tpe_search(recording)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "reused" not in t.user_attrs]
+    config = StudyConfig.from_dict(study.user_attrs["peftplan"])
+    assert config.tell == "screened" and config.screen_by == "loss"
+    for t in done:
+        metric, loss = seen[repr(sorted(t.user_attrs["plan"]["provenance"]["knobs"].items())), t.user_attrs["fidelity"]]
+        if t.user_attrs["rung"] == 0:  # the sampler learns what promotion ranks by
+            assert t.values[0] == pytest.approx(-loss) and t.user_attrs["measured"][0] == pytest.approx(metric)
+        else:  # the top rung tells its metric: the returned plan is the best by it
+            assert t.values[0] == pytest.approx(metric) and "measured" not in t.user_attrs
+        assert measured(t, config)["metric"] == pytest.approx(metric) == t.user_attrs["plan"]["objectives"]["metric"]
+    screens = [p for p in front_of(study.trials, config).evaluated if p.info["rung"] == 0]
+    assert sorted(p.values["metric"] for p in screens) == pytest.approx(
+        sorted(seen[k][0] for k in seen if k[1] == "5% of the recipe")
+    )  # plots and the trials CSV show the measured metric
+    stored = {**study.user_attrs["peftplan"]}
+    del stored["tell"]
+    assert StudyConfig.from_dict(stored).tell == "metric"  # a study stored before told its metric, and goes on so

@@ -166,6 +166,14 @@ def screens_said(record: dict) -> str | None:
     ...     {"rung": 0, "baseline": None, "lr": 3e-3, "validation_loss": 0.70},
     ...     {"rung": 1, "baseline": "proxy", "lr": 1e-3, "validation_loss": 0.3}]})
     '3 screens span 0.0200 (0.6800-0.7000), the 2 seed placements at lr 0.001 0.0100; the full runs 0.3000'
+
+    A record that marks the sampler's own proposals says where they went:
+
+    >>> screens_said({"trials": [
+    ...     {"rung": 0, "baseline": "uniform", "lr": 1e-3, "validation_loss": 0.69, "params": 900, "proposed": False},
+    ...     {"rung": 0, "baseline": None, "lr": 3e-3, "validation_loss": 0.70, "params": 50, "proposed": True},
+    ...     {"rung": 1, "baseline": "uniform", "lr": 1e-3, "validation_loss": 0.3}]}).split("; ")[-1]
+    "the sampler's 1 proposals at 50-50 trainable params, lr 0.003-0.003"
     """
     trials = [t for t in record["trials"] if t.get("validation_loss") is not None]
     top_rung = max((t["rung"] for t in trials), default=0)
@@ -177,10 +185,18 @@ def screens_said(record: dict) -> str | None:
     lr = min(seeds, key=lambda t: t["validation_loss"])["lr"]
     placements = [t["validation_loss"] for t in seeds if t["lr"] == lr]
     top = sorted(t["validation_loss"] for t in trials if t["rung"] == top_rung)
+    proposed = [t for t in screens if t.get("proposed")]
+    where = (
+        f"; the sampler's {len(proposed)} proposals at {min(t['params'] for t in proposed):,.0f}-"
+        f"{max(t['params'] for t in proposed):,.0f} trainable params, lr {min(t['lr'] for t in proposed):.3g}-"
+        f"{max(t['lr'] for t in proposed):.3g}"
+        if proposed
+        else ""
+    )
     return (
         f"{len(screens)} screens span {max(losses) - min(losses):.4f} ({min(losses):.4f}-{max(losses):.4f}), "
         f"the {len(placements)} seed placements at lr {lr:g} {max(placements) - min(placements):.4f}; "
-        f"the full runs {', '.join(f'{v:.4f}' for v in top)}"
+        f"the full runs {', '.join(f'{v:.4f}' for v in top)}{where}"
     )
 
 

@@ -25,6 +25,7 @@ def trial_point(t) -> dict:
         "reused": "reused" in t.user_attrs,
         "refined": "refines" in t.user_attrs,
         "validation_loss": t.user_attrs.get("validation_loss"),
+        "proposed": "fixed_params" not in t.system_attrs,  # the sampler's own, not queued (a seed, a promotion)
     }
 
 

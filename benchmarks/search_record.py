@@ -77,5 +77,6 @@ def tick(key: str, storage, study_name: str, stop: threading.Event, start: float
         except KeyError:  # the study is not created yet
             continue
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        best = f", best validation metric {max(t.values[0] for t in done):.4f}" if done else ""
+        best = max((t.user_attrs.get("measured", t.values)[0] for t in done), default=None)  # a screen tells -loss
+        best = f", best validation metric {best:.4f}" if done else ""
         print(f"  {key}: {len(done)} trials done{best}, {(time.perf_counter() - start) / 60:.1f} min", flush=True)

@@ -177,7 +177,8 @@ class Space(abc.ABC):
     def baselines(self) -> list[str]:
         """The baseline name of each leading `seed` that is a baseline a search must be
         compared with at its top rung: of the seeds sharing a name (one plan at several
-        learning rates), the best screened is promoted whatever its rank. None here."""
+        learning rates), the best screened is promoted (without a cost cap, whatever its rank;
+        under one, the best-screened baseline has a full run). None here."""
         return []
 
     def followers(self) -> list[tuple[str, dict[str, Any]]]:

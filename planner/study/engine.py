@@ -4,8 +4,9 @@ the others; stop when the study is done.
 
 Everything is read back from the storage on each turn, so any number of workers (and a
 restart after a crash) see the same state. Besides the policy's user_attrs (``rung``,
-``candidate``, ``baseline``, ``refines``), each trial carries ``costs`` (exact, before
-training), ``plan`` (on completion), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
+``candidate``, ``baseline``, ``origin``, ``refines``), each trial carries ``costs`` (exact, before
+training), ``plan`` (on completion), ``measured`` (its objective values where it told the sampler
+others: `policy.told`), ``failed`` / ``infeasible`` / ``skipped`` (reasons),
 ``seconds`` (``train_seconds`` of them training), ``fidelity``, ``validation_loss``, ``worker``, ``reused`` (the trial whose result a
 trial with the same plan took instead of training again) and ``interrupted`` (cut off by
 Ctrl-C: `SearchInterrupted`, queued again on resume).

@@ -160,8 +160,8 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
     pending = _pending_followers(trials, config)[: max(0, free)]
     if pending:
         settled, rate = _followed_rate(trials, pending[0], config)
-        if not settled:  # the followed baseline's screens still run: the spare slots go to the sampler
-            return "ask" if free > len(pending) else "wait"
+        if not settled:  # the followed baseline's screens still run (another worker's): the slots are the followers'
+            return "wait"
         for f in pending:
             params = {**f["params"], **({"lr": rate} if rate is not None else {})}
             study.enqueue_trial(params, user_attrs={"baseline": f["baseline"], "origin": "follower"})
@@ -198,8 +198,13 @@ def _follows(t: FrozenTrial, baseline: str) -> bool:
 
 
 def _pending_followers(trials: list[FrozenTrial], config: Any) -> list[dict[str, Any]]:
-    """The study's followers (`Space.followers`) not yet at rung 0, in their order."""
-    present = {t.user_attrs.get("baseline") for t in trials if rung_of(t) == 0 and t.state != TrialState.PRUNED}
+    """The study's followers (`Space.followers`) not yet at rung 0, in their order: one pruned
+    over a cost limit was there (it is not queued again), a racing copy pruned as surplus not."""
+    present = {
+        t.user_attrs.get("baseline")
+        for t in trials
+        if rung_of(t) == 0 and not str(t.user_attrs.get("skipped", "")).startswith("surplus")
+    }
     return [f for f in config.followers if f["baseline"] not in present]
 
 
@@ -274,9 +279,11 @@ def told(values: list[float], loss: float | None, rung: int, config: Any) -> lis
     ...                      (Fidelity(share=0.05), Fidelity()), {}, {}, screen_by="loss", tell="screened")
     >>> told([0.55, 9000.0], 0.37, 0, config), told([0.89, 9000.0], 0.14, 1, config)
     ([-0.37, 9000.0], [0.89, 9000.0])
+    >>> told([0.55, 9000.0], float("nan"), 0, config)  # a loss that is no number: optuna would fail the trial
+    [0.55, 9000.0]
     """
     screening = rung < len(config.fidelities) - 1 and config.tell == "screened" and config.screen_by == "loss"
-    return [-loss, *values[1:]] if screening and loss is not None else list(values)
+    return [-loss, *values[1:]] if screening and loss is not None and math.isfinite(loss) else list(values)
 
 
 def measured(t: FrozenTrial, config: Any) -> dict[str, float]:

@@ -369,25 +369,12 @@ def test_screens_tell_the_sampler_minus_their_loss_and_keep_their_metric():
 
 
 def test_a_follower_over_a_cost_limit_is_pruned_once_and_the_search_goes_on():
-    storage = optuna.storages.InMemoryStorage()
-    model, task = bert_classifier(), tiny_task()
-    space = default_space(model, pp.Budget(params="5%"), task)
+    space = default_space(bert_classifier(), pp.Budget(params="5%"), tiny_task())
     memory = {n: space.costs(p)["memory"] for n, p in [("query-value", space.seeds(1)[0]), *space.followers()]}
     limit = (memory["query-value"] + min(v for n, v in memory.items() if n != "query-value")) / 2
     assert all(v > limit for n, v in memory.items() if n != "query-value")  # every follower over, query-value under
-    run_search(
-        model,
-        pp.Budget(params="5%", memory=int(limit)),
-        task,
-        strategy="tpe",
-        trials=10,
-        storage=storage,
-        study_name="s",
-        evaluator=stand_in,
-        progress=False,
-        recipe=Recipe(lr=1e-3, steps=20),
-    )
-    trials = optuna.load_study(study_name="s", storage=storage).trials
+    _, study = tpe_search(stand_in, trials=10, budget=pp.Budget(params="5%", memory=int(limit)))
+    trials = study.trials
     followers = [t for t in trials if t.user_attrs.get("origin") == "follower"]
     assert sorted(t.user_attrs["baseline"] for t in followers) == ["activation", "proxy", "uniform"]  # each once
     assert all(t.state == optuna.trial.TrialState.PRUNED and "infeasible" in t.user_attrs for t in followers)

@@ -55,9 +55,9 @@ def slow_stand_in(base, plan, task, fidelity, *, recipe, seed):
     return stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed, sleep=1.0)
 
 
-def tpe_search(evaluate, trials: int = 16, **options):
+def tpe_search(evaluate, trials: int = 16, budget="5%", **options):
     """A 16-candidate tpe search on a tiny BERT and `tiny_task` by ``evaluate`` (a 20-step 1e-3
-    recipe, in memory): (plan, the study)."""
+    recipe, in memory) within ``budget``: (plan, the study)."""
     import optuna
 
     from peftplan.planner.study import run_search
@@ -67,7 +67,7 @@ def tpe_search(evaluate, trials: int = 16, **options):
     storage = optuna.storages.InMemoryStorage()
     plan = run_search(
         bert_classifier(),
-        "5%",
+        budget,
         tiny_task(),
         strategy="tpe",
         trials=trials,

@@ -226,13 +226,7 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     )  # the trial's learning rate, if searched
     same = _same_plan(study, trial.number, r, plan)
     if same is not None:  # other knobs, the same plan and recipe: its evaluation would repeat, not train it again
-        trial.set_user_attr("reused", same.number)
-        trial.set_user_attr("seconds", 0.0)
-        if "validation_loss" in same.user_attrs:
-            trial.set_user_attr("validation_loss", same.user_attrs["validation_loss"])
-        values = list(measured(same, config).values())
-        _complete(study, trial, ctx, plan, values, r, fidelity, reused=same.number)
-        return "reused"
+        return _reuse(study, trial, ctx, plan, same, r, fidelity)
     if ctx.threads:
         torch.set_num_threads(ctx.threads)  # each trial, as libraries may reset it
     # heartbeats meanwhile, and the time limit: a trial past it comes back failed, with the reason
@@ -257,6 +251,20 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
         )
         return "surplus"
     return "trained"
+
+
+def _reuse(
+    study: optuna.Study, trial: optuna.Trial, ctx: Context, plan: Plan, same: FrozenTrial, rung: int, fidelity: Fidelity
+) -> str:
+    """Complete ``trial`` with the result of ``same`` (its measured values and validation loss, so
+    it is screened and told like its twin), training nothing: "reused"."""
+    trial.set_user_attr("reused", same.number)
+    trial.set_user_attr("seconds", 0.0)
+    if "validation_loss" in same.user_attrs:
+        trial.set_user_attr("validation_loss", same.user_attrs["validation_loss"])
+    values = list(measured(same, ctx.config).values())
+    _complete(study, trial, ctx, plan, values, rung, fidelity, reused=same.number)
+    return "reused"
 
 
 def _constrained(

@@ -167,13 +167,15 @@ def screens_said(record: dict) -> str | None:
     ...     {"rung": 1, "baseline": "proxy", "lr": 1e-3, "validation_loss": 0.3}]})
     '3 screens span 0.0200 (0.6800-0.7000), the 2 seed placements at lr 0.001 0.0100; the full runs 0.3000'
 
-    A record that marks the sampler's own proposals says where they went:
+    A baseline screened at several rates shows its sweep; a record that marks the sampler's own
+    proposals says where they went:
 
     >>> screens_said({"trials": [
     ...     {"rung": 0, "baseline": "uniform", "lr": 1e-3, "validation_loss": 0.69, "params": 900, "proposed": False},
     ...     {"rung": 0, "baseline": None, "lr": 3e-3, "validation_loss": 0.70, "params": 50, "proposed": True},
-    ...     {"rung": 1, "baseline": "uniform", "lr": 1e-3, "validation_loss": 0.3}]}).split("; ")[-1]
-    "the sampler's 1 proposals at 50-50 trainable params, lr 0.003-0.003"
+    ...     {"rung": 0, "baseline": "uniform", "lr": 4e-3, "validation_loss": 0.65, "params": 900, "proposed": False},
+    ...     {"rung": 1, "baseline": "uniform", "lr": 1e-3, "validation_loss": 0.3}]}).split("; ")[-2:]
+    ['the sweep of uniform at lr 0.001, 0.004 (best 0.004)', "the sampler's 1 proposals at 50-50 trainable params, lr 0.003-0.003"]
     """
     trials = [t for t in record["trials"] if t.get("validation_loss") is not None]
     top_rung = max((t["rung"] for t in trials), default=0)
@@ -186,6 +188,14 @@ def screens_said(record: dict) -> str | None:
     placements = [t["validation_loss"] for t in seeds if t["lr"] == lr]
     top = sorted(t["validation_loss"] for t in trials if t["rung"] == top_rung)
     proposed = [t for t in screens if t.get("proposed")]
+    swept = [t for t in seeds if t["baseline"] == seeds[0]["baseline"]]
+    rates = ", ".join(f"{t['lr']:g}" for t in swept)
+    sweep = (
+        f"; the sweep of {seeds[0]['baseline']} at lr {rates} "
+        f"(best {min(swept, key=lambda t: t['validation_loss'])['lr']:g})"
+        if len(swept) > 1
+        else ""
+    )
     where = (
         f"; the sampler's {len(proposed)} proposals at {min(t['params'] for t in proposed):,.0f}-"
         f"{max(t['params'] for t in proposed):,.0f} trainable params, lr {min(t['lr'] for t in proposed):.3g}-"
@@ -196,7 +206,7 @@ def screens_said(record: dict) -> str | None:
     return (
         f"{len(screens)} screens span {max(losses) - min(losses):.4f} ({min(losses):.4f}-{max(losses):.4f}), "
         f"the {len(placements)} seed placements at lr {lr:g} {max(placements) - min(placements):.4f}; "
-        f"the full runs {', '.join(f'{v:.4f}' for v in top)}{where}"
+        f"the full runs {', '.join(f'{v:.4f}' for v in top)}{sweep}{where}"
     )
 
 

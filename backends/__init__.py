@@ -14,23 +14,12 @@ them all. The verbs work in place on the model:
 """
 
 from . import adapter, dora, full, ia3, lora, moe_lora, none, sparse, ssf  # noqa: F401  (registers the methods)
-from .apply import (
-    MergeReport,
-    adapter_tensors,
-    applied_plan,
-    apply,
-    aux_loss,
-    base_state_dict,
-    count_trainable,
-    merge,
-    remove,
-    trainable_parameters,
-    unmerge,
-    unmergeable,
-)
+from .apply import apply
 from .artifact import load, save
 from .base import Method, PlanError, get_method, methods, register
+from .inspection import adapter_tensors, applied_plan, aux_loss, base_state_dict, count_trainable, trainable_parameters
 from .merged import export_merged
+from .merging import MergeReport, merge, remove, unmerge, unmergeable
 from .peft_interop import export_peft, import_peft, to_peft
 
 __all__ = [

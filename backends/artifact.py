@@ -28,10 +28,12 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..plan import Plan
-from .apply import UNDO_ATTR, _apply, adapter_tensors, applied_plan, remove
+from .apply import _apply
 from .atomic import read_files, replace_dir
 from .base import PlanError
+from .inspection import UNDO_ATTR, adapter_tensors, applied_plan
 from .labels import check_labels
+from .merging import remove
 from .wrapper import Wrapper
 
 PLAN_FILE = "plan.json"

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from .apply import PLAN_ATTR, UNDO_ATTR
 from .base import PlanError
+from .inspection import PLAN_ATTR, UNDO_ATTR
 
 
 def check_labels(trained: Sequence[str] | None, task: Sequence[str] | None, what: str) -> None:

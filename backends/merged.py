@@ -27,9 +27,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from .apply import applied_plan, base_state_dict, merge, unmergeable
 from .atomic import replace_dir
 from .base import PlanError, listing
+from .inspection import applied_plan, base_state_dict
+from .merging import merge, unmergeable
 
 __all__ = ["export_merged"]
 

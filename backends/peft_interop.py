@@ -42,10 +42,12 @@ from safetensors.torch import save_file
 from ..ir.modules import fingerprint, module_op, static_site, tunable_modules
 from ..ir.site import Site
 from ..plan import Plan
-from .apply import adapter_tensors, applied_plan, apply, remove
+from .apply import apply
 from .artifact import read_safetensors
 from .atomic import read_files, replace_dir
 from .base import PlanError, get_method, listing, methods
+from .inspection import adapter_tensors, applied_plan
+from .merging import remove
 from .peft_config import config_object, configs, plan_sites
 
 __all__ = ["PeftExport", "export_peft", "import_peft", "to_peft"]

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..backends.apply import PLAN_ATTR
 from ..backends.base import PlanError, get_method
+from ..backends.inspection import PLAN_ATTR
 from ..ir.inputs import example_inputs, model_device, normalise
 from ..ir.site import Site, SiteGraph
 from ..plan import Plan

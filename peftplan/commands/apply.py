@@ -61,7 +61,7 @@ def train_and_report(model, plan, task, recipe, args: argparse.Namespace):
     """``model`` with ``plan`` applied and trained by ``recipe``, its metric and loss printed on the
     validation and evaluation data, with a warning where they are at chance; (model, seconds)."""
     import peftplan as pp
-    from peftplan.backends.apply import applied_plan
+    from peftplan.backends.inspection import applied_plan
     from peftplan.describe import reuse_warnings
     from peftplan.planner.training.diagnose import diagnose_model
     from peftplan.planner.training.evaluate import scores

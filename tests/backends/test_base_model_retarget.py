@@ -12,8 +12,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import peftplan as pp
-from peftplan.backends.apply import applied_plan, count_trainable, trainable_parameters
 from peftplan.backends.base import PlanError
+from peftplan.backends.inspection import applied_plan, count_trainable, trainable_parameters
 from peftplan.ir import fingerprint
 from peftplan.plan import Plan
 

@@ -267,7 +267,11 @@ class AllocatorSpace(Space):
 
     def seed_lrs(self) -> list[float | None]:
         """The learning rates baselines are screened at: the range's geometric mean (the
-        recipe's rate), then 2.5x below and above it where the range reaches (None: no knob)."""
+        recipe's rate), then 2.5x below and above it where the range reaches (None: no knob).
+        The sweep is not extended past an edge that screens best: on SmolLM2 a 5-step screen's
+        best rate was the full run's (benchmarks/llm_transfer.py), but on MiniLM sst2 an
+        extended sweep screened best at 1e-2 by a loss difference of 0.001 and both full runs
+        there fell to chance (benchmarks/runs/quality/full_sst2_search-extended.json)."""
         if self.lr is None:
             return [None]
         mid = math.sqrt(self.lr[0] * self.lr[1])

@@ -247,8 +247,6 @@ class StudyConfig:
     followers: tuple[dict[str, Any], ...] = ()  # baselines screened once, at the rate the seeds' baseline screened
     # best at: {"baseline": name, "params": knobs at the recipe's rate} (`Space.followers`; a study stored before the
     # field existed screened every baseline at every seed rate)
-    extend: int = 0  # screens of the seeds' baseline added beyond its best-screened edge rate, at most (run_search's
-    # default: `policy.EXTEND`; a study stored before the field existed added none)
 
     def top_slots(self) -> int | None:
         """How many candidates the top rung trains under the cost cap (None: no cap, the eta rule)."""
@@ -413,5 +411,4 @@ READERS: dict[
     "runs": lambda v: None if v is None else _positive(v),
     "followers": _followers,
     "tell": _choice("metric", "screened"),
-    "extend": _int(0),
 }

@@ -34,12 +34,10 @@ with the proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites
 model's lowering, when already at hand); a given ``space`` brings all of that itself, with its own
 objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans
 start seeded strategies: first the swept baseline (`Space.baselines`: uniform LoRA on
-query/value) at three learning rates, then proxy plans at smaller budget shares; while the sweep
-screens best at its highest (lowest) rate it goes on 2.5x beyond it, twice at most
-(`peftplan.planner.study.policy.EXTEND`: a 5-step screen's best rate was the full run's best on
-SmolLM2, benchmarks/RESULTS.md); once the sweep is screened, the other baselines (`Space.followers`: LoRA on every linear layer, the one-shot
+query/value) at three learning rates, then proxy plans at smaller budget shares; once the sweep
+is screened, the other baselines (`Space.followers`: LoRA on every linear layer, the one-shot
 allocations) are screened once each at its best rate (the default 5 seeds and 3 followers leave
-8 of 16 screens to the sampler, fewer where the sweep is extended). ``runs`` caps what the search costs, in final-run equivalents (trainings
+8 of 16 screens to the sampler). ``runs`` caps what the search costs, in final-run equivalents (trainings
 weighted by their share of the recipe's steps; default 3, about one learning-rate sweep of one
 placement): the top rung trains what the cap leaves once the screens and refinements are paid
 (`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs): the
@@ -93,7 +91,7 @@ from ..training.task import Task
 from .config import ATTR, Source, StudyConfig, StudyError
 from .engine import Context, Evaluator, work
 from .halving import default_rungs
-from .policy import EXTEND, front_of
+from .policy import front_of
 from .storage import (
     check_url,
     damaged,
@@ -239,7 +237,6 @@ def _study_config(
         screen_by,
         refine,
         tell="screened",
-        extend=EXTEND,
         followers=tuple(
             {"baseline": name, "params": params}
             for name, params in (space.followers() if seeded(strategy) and seeds else ())

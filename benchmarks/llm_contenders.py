@@ -31,7 +31,7 @@ EARLIER = {  # searches stored under an earlier rule, reported beside today's wh
     "by-loss": ("peftplan search, the cap's first rule (the two best screened in full)", 3.0),  # stored only
     "mixed": ("peftplan search, every baseline screened at three rates", 3.0),  # stored only: 14 of 16 screens seeds
     "followers": ("peftplan search, its screens telling the sampler their accuracy", 3.0),  # stored only
-    "loss": ("peftplan search, its seed sweep not extended (4e-4 to 2.5e-3)", 3.0),  # stored only
+    "extended": ("peftplan search, its seed sweep extended past its best edge", 3.0),  # stored only: reverted
 }
 KINDS = {  # kind -> (label, what it is)
     "lora-qv": ("peft LoRA r8 q,v", "peft's default placement and rank (alpha 8)"),

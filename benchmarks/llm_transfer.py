@@ -7,7 +7,10 @@ a full run of the same plan lost to the seeds (benchmarks/RESULTS.md). Here thre
 LoRA r8 q,v at the study's budget, and peftplan's proxy plan at 5% and 22% of it (the sizes the
 sampler proposes) — are screened at a ladder of rates and trained in full at the rates around
 the screens' best, seed 0, everything else as in benchmarks/llm.py (whose stored LoRA q,v runs
-are reused). The table gives each plan's best screened and best full rate.
+are reused). The table gives each plan's best screened and best full rate. (On MiniLM the
+screens' rate did not carry: a search whose seed sweep followed its best-screened edge to 1e-2
+there fell to chance in full, benchmarks/runs/quality/full_sst2_search-extended.json, so the
+search does not extend its sweep.)
 
     python benchmarks/llm_transfer.py --tasks sst2 --jobs 2 --results benchmarks/RESULTS.md
 """

@@ -97,13 +97,12 @@ def run_job(job: dict) -> dict:
         model, make_optimizer = pp.apply(base, pp.Plan(sites=job["sites"])), None
     else:
         model, make_optimizer = build(job["kind"], base, task)
-    rec = recipe(job["lr"], job.get("steps", STEPS))  # fewer steps: a screen (the schedule compressed, as a search's)
-    run = pp.train(model, task, rec, seed=job["seed"], bf16=True, make_optimizer=make_optimizer)
+    steps = job.get("steps", STEPS)  # fewer: a screen (the schedule compressed, as a search's), judged on validation
+    run = pp.train(model, task, recipe(job["lr"], steps), seed=job["seed"], bf16=True, make_optimizer=make_optimizer)
     device = torch.device("cpu")
     with autocast(device, True):
         val, val_loss = metric_and_loss(model, task, task.validation_batches)
-        screen = job.get("steps", STEPS) < STEPS  # a screen is judged on validation alone
-        dev, dev_loss = (float("nan"), float("nan")) if screen else metric_and_loss(model, task, task.eval_batches)
+        dev, dev_loss = (float("nan"),) * 2 if steps < STEPS else metric_and_loss(model, task, task.eval_batches)
     return {
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "val_metric": val,

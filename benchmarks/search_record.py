@@ -14,7 +14,9 @@ from common import ROOT
 def trial_point(t) -> dict:
     """What a search record keeps of completed trial ``t``: its measured objectives (a screen
     tells the sampler minus its loss instead of its metric: `peftplan.planner.study.policy.told`)."""
-    values = t.user_attrs.get("measured", t.values)
+    from peftplan.planner.study.policy import measured_values
+
+    values = measured_values(t)
     return {
         "trial": t.number,
         "rung": t.user_attrs.get("rung", 0),
@@ -71,12 +73,13 @@ def tick(key: str, storage, study_name: str, stop: threading.Event, start: float
     ``storage`` are done and the best validation metric among them: a search takes half an hour."""
     import optuna
 
+    from peftplan.planner.study.policy import measured_values
+
     while not stop.wait(every):
         try:
             trials = storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False)
         except KeyError:  # the study is not created yet
             continue
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        best = max((t.user_attrs.get("measured", t.values)[0] for t in done), default=None)  # a screen tells -loss
-        best = f", best validation metric {best:.4f}" if done else ""
+        best = f", best validation metric {max(measured_values(t)[0] for t in done):.4f}" if done else ""
         print(f"  {key}: {len(done)} trials done{best}, {(time.perf_counter() - start) / 60:.1f} min", flush=True)

@@ -288,7 +288,12 @@ def told(values: list[float], loss: float | None, rung: int, config: Any) -> lis
 
 def measured(t: FrozenTrial, config: Any) -> dict[str, float]:
     """A completed trial's objective values as measured (`told` may have given the sampler others)."""
-    return dict(zip(config.objectives, t.user_attrs.get("measured", t.values)))
+    return dict(zip(config.objectives, measured_values(t)))
+
+
+def measured_values(t: FrozenTrial) -> list[float]:
+    """`measured`'s values in the study's objective order, for readers without its config."""
+    return list(t.user_attrs.get("measured", t.values))
 
 
 def _screened(t: FrozenTrial, config: Any) -> dict[str, float]:

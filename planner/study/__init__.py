@@ -5,7 +5,7 @@ successive halving and entry points."""
 from .config import Source, StudyConfig, StudyError, load_tokenizer
 from .halving import halving_rungs, promote
 from .run import best_plan, run_search, run_worker, study_front
-from .storage import only_study, open_storage, open_study, stored_config, study_names
+from .storage import only_study, open_storage, open_study, resumed_config, stored_config, study_names
 
 __all__ = [
     "Source",
@@ -17,6 +17,7 @@ __all__ = [
     "only_study",
     "open_storage",
     "open_study",
+    "resumed_config",
     "promote",
     "run_search",
     "run_worker",

@@ -98,6 +98,7 @@ from .storage import (
     only_study,
     open_storage,
     open_study,
+    resumed_config,
     stored_config,
     writing,
 )
@@ -159,6 +160,7 @@ def run_search(
     config = _capped(_study_config(space, budget, recipe, proxy, *options), runs)
     name = study_name or config.default_name(task, model)
     store = open_storage(storage, heartbeat=heartbeat)
+    config = resumed_config(store, name, config)
     with writing(store, name):
         study = open_study(store, name, config, space)
         work(study, Context(config, model, task, space, evaluator, threads, trial_timeout), progress=progress)

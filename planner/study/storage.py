@@ -1,5 +1,6 @@
 """Optuna storages and studies: open (in memory, SQLite, PostgreSQL, with heartbeats), create
-or reopen with the same settings, list, read back a study's config."""
+or reopen with the same settings (one stored by an earlier version goes on as it ran:
+`resumed_config`), list, read back a study's config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,29 @@ def open_study(
     seed = (config.seed if sampler_seed is None else sampler_seed) + 7919 * started
     study.sampler = make_sampler(config.strategy, space, seed=seed, constraints=config.limits)
     return study
+
+
+def resumed_config(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> StudyConfig:
+    """The settings study ``name`` goes on with: ``config`` for a new study; for one stored before
+    some of ``config``'s fields existed, and agreeing with ``config`` on every field it stored,
+    the stored config with ``config``'s trials, so the fields it lacks keep the values it ran with
+    (`StudyConfig.from_dict`) rather than today's defaults. Otherwise ``config``, and
+    `open_study` names any field that differs."""
+    try:
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(ATTR)
+    except KeyError:
+        return config
+    new = config.to_dict()
+    if not isinstance(stored, dict) or set(new) <= set(stored):
+        return config
+    try:
+        old = StudyConfig.from_dict(stored)
+    except StudyError:
+        return config  # open_study says what is damaged
+    ran = old.to_dict()
+    if any(new[k] != ran[k] for k in stored if k != "trials"):
+        return config
+    return replace(old, trials=config.trials)
 
 
 def stored_config(storage: optuna.storages.BaseStorage | str, name: str) -> StudyConfig:

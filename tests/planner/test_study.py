@@ -18,7 +18,7 @@ import torch
 
 import peftplan as pp
 from peftplan.planner.space import default_space
-from peftplan.planner.study import StudyError, open_storage, run_search
+from peftplan.planner.study import StudyConfig, StudyError, open_storage, run_search
 from peftplan.planner.study.halving import nondominated_ranks, promote
 from peftplan.planner.study.policy import workload
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
@@ -77,6 +77,22 @@ def test_rerun_finishes_only_the_remainder_and_checks_settings():
     assert len(calls) == 2  # trials=N counts completed trials: only the two missing ones ran
     with pytest.raises(StudyError, match="other settings.*strategy"):
         run(storage, trials=5, strategy="nsga2")
+
+
+def test_a_study_stored_by_an_earlier_version_goes_on_as_it_ran():
+    storage = optuna.storages.InMemoryStorage()
+    run(storage, trials=3, strategy="tpe", seeds=1)
+    study = optuna.load_study(study_name="s", storage=storage)
+    earlier = {k: v for k, v in study.user_attrs["peftplan"].items() if k not in ("tell", "followers")}
+    assert StudyConfig.from_dict(study.user_attrs["peftplan"]).tell == "screened"  # today's default
+    study.set_user_attr("peftplan", earlier)  # as written before the two fields existed
+    run(storage, trials=5, strategy="tpe", seeds=1)  # the same call: today's defaults for the fields it lacks
+    study = optuna.load_study(study_name="s", storage=storage)
+    config = StudyConfig.from_dict(study.user_attrs["peftplan"])
+    assert (config.trials, config.tell, config.followers) == (5, "metric", ())  # went on with what it ran with
+    assert sum(t.state == COMPLETE for t in study.trials) == 5
+    with pytest.raises(StudyError, match="other settings.*strategy"):  # a field it stored must still agree
+        run(storage, trials=6, strategy="random", seeds=1)
 
 
 def test_a_plan_already_evaluated_is_reused_not_trained_again():

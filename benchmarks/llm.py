@@ -314,6 +314,34 @@ def run_task(study: Study, task: str, kinds: list[str], searches: str) -> dict[s
     return rows
 
 
+def reuse(study: Study, results: dict[str, dict]) -> None:
+    """Each task's searched plan applied, with its rate, to every other task of ``results`` that
+    has a search of its own (on every seed, pairs side by side): a row "peftplan plan searched
+    on <task>" there."""
+    import peftplan as pp
+
+    searched = {
+        task: pp.Plan.from_dict(rows["peftplan search"]["search"]["plan"])
+        for task, rows in results.items()
+        if "peftplan search" in rows
+    }
+    pairs = [(target, source) for target in searched for source in searched if source != target]
+
+    def runs(pair: tuple[str, str]) -> list[dict] | None:
+        target, source = pair
+        try:
+            return study.plan_runs(target, f"reuse-{source}", searched[source], searched[source].recipe.lr)
+        except LookupError:  # --stored: a pair not trained yet is left out, and said so
+            print(f"  {target}: the plan searched on {source} is not trained there yet", flush=True)
+            return None
+
+    with cf.ThreadPoolExecutor(max(1, len(pairs))) as pool:
+        for (target, source), trained in zip(pairs, pool.map(runs, pairs)):
+            if trained is not None:
+                row = {"runs": trained, "lr": searched[source].recipe.lr, "cost": len(SEEDS), "source": source}
+                results[target][f"peftplan plan searched on {source}"] = row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -350,6 +378,8 @@ def main() -> None:
     for task in args.tasks:
         print(f"{task}:", flush=True)
         results[task] = run_task(study, task, args.kinds, args.searches)
+    if args.searches != "none":
+        reuse(study, results)
     text = report(results, args.store)
     print("\n" + text + f"\n\nWhole benchmark: {(time.perf_counter() - started) / 60:.1f} min wall.")
     if args.results:

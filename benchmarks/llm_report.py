@@ -96,19 +96,18 @@ def verdicts(results: dict[str, dict]) -> list[str]:
         if search is None or not defaults:
             lines.append(f"- {task}: not complete yet (the search or the defaults are missing)")
             continue
-        sign = -1 if is_lm(task) else 1
-        best = max(defaults, key=lambda k: sign * statistics.fmean(dev(defaults[k], task)))
+        best = best_default(rows, task)
         ours, theirs = statistics.fmean(dev(search, task)), statistics.fmean(dev(defaults[best], task))
-        gain = (theirs - ours) / theirs * 100 if is_lm(task) else (ours - theirs) * 100
-        gains.append(gain)
+        change = gain(search, defaults[best], task)
+        gains.append(change)
         spread = max(statistics.stdev(dev(r, task)) for r in (search, defaults[best])) * (
             100 / theirs if is_lm(task) else 100
         )
         unit = "% lower perplexity" if is_lm(task) else " accuracy points"
         ceiling = _ceiling(rows, task, theirs) + _standard_error(defaults[best], task, theirs)
         lines.append(
-            f"- {task}: search {ours:.4f} vs the best tuned default ({best}) {theirs:.4f}: {gain:+.2f}{unit} "
-            f"({'PASS' if gain >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
+            f"- {task}: search {ours:.4f} vs the best tuned default ({best}) {theirs:.4f}: {change:+.2f}{unit} "
+            f"({'PASS' if change >= 0 else 'MISS'}); seed spread up to {spread:.2f}{ceiling}; the search cost "
             f"{search['cost']:.1f} final runs ({'PASS' if search['cost'] <= 4 else 'MISS'}: goal ≤ 4)"
         )
     for task, rows in results.items():
@@ -119,6 +118,50 @@ def verdicts(results: dict[str, dict]) -> list[str]:
         mean = statistics.fmean(gains)
         lines.append(
             f"- on average {mean:+.2f} over the best tuned default (goal ≥ +1.0: {'PASS' if mean >= 1 else 'MISS'})"
+        )
+    return lines + reuse_verdict(results)
+
+
+def best_default(rows: dict, task: str) -> str:
+    """The label of ``task``'s best lr-tuned default (by its dev mean) among those in ``rows``."""
+    sign = -1 if is_lm(task) else 1
+    return max((k for k in DEFAULT_LABELS if k in rows), key=lambda k: sign * statistics.fmean(dev(rows[k], task)))
+
+
+def gain(row: dict, than: dict, task: str) -> float:
+    """How much better ``row`` scores than ``than`` on dev: accuracy points, or percent lower
+    perplexity on the free-text task."""
+    ours, theirs = statistics.fmean(dev(row, task)), statistics.fmean(dev(than, task))
+    return (theirs - ours) / theirs * 100 if is_lm(task) else (ours - theirs) * 100
+
+
+def reuse_verdict(results: dict[str, dict]) -> list[str]:
+    """A plan searched on one task applied (with its rate) to another, against that task's own
+    search and its best tuned default; the goal: within 0.5 accuracy points of a fresh search on
+    average over the choice tasks (the free-text task's pairs, in perplexity, are shown apart)."""
+    said, points, percents = [], [], []
+    for task, rows in results.items():
+        for row in rows.values():
+            if "source" not in row or "peftplan search" not in rows:
+                continue
+            fresh, default = gain(row, rows["peftplan search"], task), gain(row, rows[best_default(rows, task)], task)
+            (percents if is_lm(task) else points).append(fresh)
+            unit = "% lower perplexity" if is_lm(task) else " points"
+            said.append(
+                f"{row['source']} → {task} {fresh:+.2f}{unit} vs its search, {default:+.2f} vs its best default"
+            )
+    if not said:
+        return []
+    lines = [f"- plans that travel: {'; '.join(said)}"]
+    if points:
+        mean = statistics.fmean(points)
+        verdict = "PASS" if mean >= -0.5 else "MISS"
+        lines.append(
+            f"- a reused plan on the choice tasks: {mean:+.2f} points from a fresh search (goal within 0.5) — {verdict}"
+        )
+    if percents:
+        lines.append(
+            f"- a reused plan on mr-text: {statistics.fmean(percents):+.2f}% lower perplexity than a fresh search"
         )
     return lines
 

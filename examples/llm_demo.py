@@ -47,12 +47,29 @@ BUDGET = 460_800  # peft LoRA r8 on q_proj and v_proj
 REVIEWS = 4  # held-out reviews whose answers are shown before and after
 
 
+def shown(right: list[int], n: int) -> list[int]:
+    """The first ``n`` of a choice batch's examples, each right answer in turn (the first dev
+    reviews of a task may all share one answer).
+
+    >>> shown([0, 0, 0, 1, 0, 1], 4)
+    [0, 1, 3, 5]
+    """
+    by_answer: dict[int, list[int]] = {}
+    for i, r in enumerate(right):
+        by_answer.setdefault(r, []).append(i)
+    turns = [i for group in zip(*by_answer.values()) for i in group]
+    return sorted((turns + [i for i in range(len(right)) if i not in turns])[:n])
+
+
 def answers(model, tokenizer, task) -> list[tuple[str, str, str]]:
-    """(review, reference, greedy answer) of the first dev examples."""
+    """(review, reference, greedy answer) of `REVIEWS` dev examples, the answers taken in turn."""
     from peftplan.planner.training.lm import gold
 
-    batch = {k: v[: REVIEWS * 2] for k, v in task.eval_batches[0].items() if k != "choice"}
-    batch = gold({**batch, "choice": task.eval_batches[0]["choice"][:REVIEWS]})
+    first = task.eval_batches[0]
+    picks = torch.tensor(shown(first["choice"].tolist(), REVIEWS))
+    k = first["input_ids"].shape[0] // first["choice"].shape[0]  # rows per example: one per candidate answer
+    rows = (picks[:, None] * k + torch.arange(k)).flatten()
+    batch = gold({**{key: v[rows] for key, v in first.items() if key != "choice"}, "choice": first["choice"][picks]})
     got, refs = ExactMatch(tokenizer).answers(model, batch)
     texts = [
         tokenizer.decode(ids[: int((y != -100).int().argmax())], skip_special_tokens=True)

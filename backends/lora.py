@@ -6,7 +6,7 @@ weight (``alpha / sqrt(rank)`` with ``rslora=True``), on linear layers (``nn.Lin
     >>> lora = LoRA()
     >>> site = static_site("fc", nn.Linear(384, 384), "linear")
     >>> lora.validate(site, rank=8)
-    {'rank': 8, 'alpha': 16, 'dropout': 0.0, 'rslora': False}
+    {'rank': 8, 'alpha': 16, 'dropout': 0.0, 'rslora': False, 'init': 'zero'}
     >>> lora.param_count(site, rank=8)
     6144
 """
@@ -23,7 +23,9 @@ from ..ir.site import Site
 from .base import Method, PlanError, register
 from .lora_layers import LoRAConv2d, LoRAEmbedding, LoRALinear
 
-__all__ = ["LoRA"]
+__all__ = ["INITS", "LoRA"]
+
+INITS = ("zero", "pissa")  # how an adapter starts: B at zero (peft's default), or the weight's principal directions
 
 
 @register
@@ -31,13 +33,15 @@ class LoRA(Method):
     """``rank`` (required, positive int), ``alpha`` (positive, default ``2 * rank``), ``dropout``
     on the adapter input (default 0; not used on embeddings, as in peft), ``rslora`` (default
     False: scaling ``alpha / rank``; True: the rank-stabilised ``alpha / sqrt(rank)`` of
-    Kalajdzievski 2023, peft's ``use_rslora``)."""
+    Kalajdzievski 2023, peft's ``use_rslora``), ``init`` on linear layers (`INITS`: "zero", the
+    default, or "pissa": A and B start at the weight's top singular directions, peft's
+    ``init_lora_weights="pissa"``; `LoRALinear`)."""
 
     name = "lora"
     ops = frozenset({"linear", "conv2d", "embedding"})
     band = "rank"
     mergeable = True
-    hyper = {"rank": None, "alpha": None, "dropout": 0.0, "rslora": False}
+    hyper = {"rank": None, "alpha": None, "dropout": 0.0, "rslora": False, "init": "zero"}
     example = {"rank": 4, "alpha": 8}
 
     def validate(self, site: Site, **hp: Any) -> dict[str, Any]:
@@ -61,10 +65,26 @@ class LoRA(Method):
             raise PlanError(f"site {site.name!r}: {self.name} dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(rslora, bool):
             raise PlanError(f"site {site.name!r}: {self.name} rslora must be true or false, got {rslora!r}")
+        self._check_init(site, rank, hp.get("init", "zero"))
         if site.op == "conv2d" and site.groups != 1:
             raise PlanError(
                 f"site {site.name!r}: {self.name} supports grouped convolutions only with groups=1, this one has "
                 f"groups={site.groups}; tune it with 'full' or 'none' instead"
+            )
+
+    def _check_init(self, site: Site, rank: int, init: Any) -> None:
+        if init not in INITS:
+            raise PlanError(f"site {site.name!r}: {self.name} init must be one of {list(INITS)}, got {init!r}")
+        if init == "pissa" and site.op != "linear":
+            raise PlanError(
+                f"site {site.name!r}: {self.name} init 'pissa' starts from a linear layer's singular directions, and "
+                f"this site's op is {site.op}: use init 'zero' here"
+            )
+        if init == "pissa" and 0 < min(site.in_features, site.out_features) < rank:
+            raise PlanError(
+                f"site {site.name!r}: {self.name} init 'pissa' at rank {rank} needs as many singular directions, and "
+                f"this {site.in_features}x{site.out_features} weight has {min(site.in_features, site.out_features)}: "
+                "lower the rank or use init 'zero'"
             )
 
     def param_count(self, site: Site, rank: int, **_: Any) -> int:
@@ -72,17 +92,24 @@ class LoRA(Method):
             return rank * site.in_features * math.prod(site.kernel) + site.out_features * rank
         return rank * (site.in_features + site.out_features)
 
-    def overhead_flops(self, site: Site, rank: int, **_: Any) -> int:
+    def overhead_flops(self, site: Site, rank: int, init: str = "zero", **_: Any) -> int:
         if site.op == "embedding":  # A is a row lookup; only B is a matmul
             per_token = rank * site.out_features
         elif site.op == "conv2d":
             per_token = rank * (site.in_features * math.prod(site.kernel) + site.out_features)
         else:
             per_token = rank * (site.in_features + site.out_features)
-        return 2 * site.tokens * per_token * site.calls
+        paths = 2 if init == "pissa" else 1  # a PiSSA start subtracts B0·A0·x beside B·A·x
+        return 2 * site.tokens * per_token * site.calls * paths
 
-    def extra_ops(self, site: Site, **hp: Any) -> int:
-        return 4  # A (a matmul, convolution or lookup), B, the scaling, the sum
+    def extra_ops(self, site: Site, init: str = "zero", **hp: Any) -> int:
+        # A (a matmul, convolution or lookup), B, the scaling, the sum; from a PiSSA start also
+        # A0, B0 and the difference
+        return 7 if init == "pissa" else 4
+
+    def adapter_bytes(self, site: Site, *, param_bytes: int = 4, init: str = "zero", **hp: Any) -> int:
+        """A PiSSA start saves its frozen A0 and B0 beside A and B."""
+        return super().adapter_bytes(site, param_bytes=param_bytes, **hp) * (2 if init == "pissa" else 1)
 
     def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any]:
         return {"rank": rank, "alpha": 2 * rank}
@@ -105,13 +132,14 @@ class LoRA(Method):
         alpha: float | None = None,
         dropout: float = 0.0,
         rslora: bool = False,
+        init: str = "zero",
     ) -> nn.Module:
         alpha = 2 * rank if alpha is None else alpha
         if site.op == "conv2d":
             return LoRAConv2d(module, rank, alpha, dropout, rslora)
         if site.op == "embedding":
             return LoRAEmbedding(module, rank, alpha, rslora)
-        return LoRALinear(module, rank, alpha, dropout, rslora)
+        return LoRALinear(module, rank, alpha, dropout, rslora, init)
 
     def _check_rank(self, site: Site, rank: Any) -> None:
         if not _is_int(rank) or rank <= 0:

@@ -1,5 +1,6 @@
 """LoRA layers: a frozen base module plus a trainable low-rank delta ``B @ A * alpha / rank``
-(``alpha / sqrt(rank)`` with rank-stabilised scaling, ``rslora=True``).
+(``alpha / sqrt(rank)`` with rank-stabilised scaling, ``rslora=True``). A linear layer's
+adapter may start at the weight's principal singular directions (``init="pissa"``).
 
 Parameter shapes and initialisation follow peft, so weights copy across one to one and the
 wrapped module computes exactly what the base computes until ``lora_B`` (or, for embeddings,
@@ -79,24 +80,63 @@ class LoRALayer(Wrapper, abc.ABC):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}, merged={self.merged}"
+        start = f", init={self.init}" if getattr(self, "init", "zero") != "zero" else ""
+        return f"rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}{start}, merged={self.merged}"
 
 
 class LoRALinear(LoRALayer):
-    """LoRA on ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored transposed, (in, out))."""
+    """LoRA on ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored transposed, (in, out)).
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+    ``init="zero"`` starts as peft does (A Kaiming-uniform, B zero); ``init="pissa"`` (Meng et
+    al., 2024) starts A and B at the weight's top-``rank`` singular directions, so that
+    ``B @ A * scaling`` is its best rank-r approximation. That start is kept as the frozen
+    buffers ``lora_A0``/``lora_B0`` and subtracted, so the delta ``(B @ A - B0 @ A0) * scaling``
+    starts at zero and the base weight is never changed: what PiSSA trains (the residual weight
+    frozen, A and B from the principal part), with merge, unmerge and removal as for any LoRA.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "zero",
+    ) -> None:
         super().__init__(base, rank, alpha, rslora)
         self.fan_in_fan_out = is_hf_conv1d(base)
+        self.init = init
         n_in, n_out = module_features(base)
         self.lora_A = self._new(rank, n_in)
         self.lora_B = self._new(n_out, rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if init == "pissa":
+            self._start_at_principal_directions()
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def _start_at_principal_directions(self) -> None:
+        """A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) from the SVD W = U S V^T (in fp32),
+        as peft's ``init_lora_weights="pissa"``; copied into the buffers ``lora_A0``/``lora_B0``.
+        A weight on the meta device gets empty buffers (`peftplan.load` copies saved ones in)."""
+        w = self.base.weight
+        if w.device.type != "meta":
+            w = (w.T if self.fan_in_fan_out else w).float()  # (out, in)
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            root = (s[: self.rank] / self.scaling).sqrt()
+            self.lora_A.copy_(root[:, None] * vh[: self.rank])  # (r, in)
+            self.lora_B.copy_(u[:, : self.rank] * root)  # (out, r)
+        self.register_buffer("lora_A0", self.lora_A.detach().clone())
+        self.register_buffer("lora_B0", self.lora_B.detach().clone())
 
     def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        delta = b @ a * self.scaling  # (out, in)
+        product = b @ a
+        if self.init == "pissa":
+            product = product - self.lora_B0.to(b.dtype) @ self.lora_A0.to(a.dtype)
+        delta = product * self.scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -106,9 +146,13 @@ class LoRALinear(LoRALayer):
         return y + self._lora(self.dropout(x.to(self.lora_A.dtype))).to(y.dtype)  # (..., out)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled adapter path ``s·B·A·x`` in the adapters' dtype: (..., in) -> (..., out)."""
+        """The scaled adapter path ``s·B·A·x`` (``s·(B·A − B0·A0)·x`` from a PiSSA start) in the
+        adapters' dtype: (..., in) -> (..., out)."""
         h = F.linear(x, self.lora_A)  # (..., r)
-        return F.linear(h, self.lora_B) * self.scaling  # (..., out)
+        y = F.linear(h, self.lora_B)  # (..., out)
+        if self.init == "pissa":
+            y = y - F.linear(F.linear(x, self.lora_A0.to(x.dtype)), self.lora_B0.to(x.dtype))  # (..., out)
+        return y * self.scaling
 
 
 class LoRAConv2d(LoRALayer):

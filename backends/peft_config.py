@@ -41,6 +41,7 @@ NO_PEFT = {
     "moe_lora": "peft has no mixture-of-LoRA-experts method",
     "ssf": "peft has no scale-and-shift method (its IA3 has no shift)",
 }
+_ONE_START = "peft starts every site of one adapter alike (init_lora_weights)"
 KINDS = ("lora", "dora", "ia3")  # one peft adapter each; ``full`` sites join the first as modules_to_save
 
 
@@ -106,6 +107,11 @@ def lora_entries(plan: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         new, why = _nearest(site, plan.hyper(entry), method)
         entries[name] = {**{k: v for k, v in entry.items() if k in ("role", "depth", "op", "shape")}, **new}
         changes.append(f"{name}: {method} → {_short(new)} ({why})")
+    if len({e.get("init", "zero") for e in entries.values() if e["method"] == "lora"}) > 1:  # all from zero, then
+        for name, e in list(entries.items()):
+            if e["method"] == "lora" and e.get("init", "zero") != "zero":
+                entries[name] = {**e, "init": "zero"}
+                changes.append(f"{name}: lora from the weight's principal directions → from zero ({_ONE_START})")
     return entries, changes
 
 
@@ -149,6 +155,11 @@ def axolotl_yaml(plan: Any) -> str:
         raise PlanError(
             "axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
             "with peft (plan.to_peft_config())"
+        )
+    if config.init_lora_weights != True:  # noqa: E712 (peft's field is True or the name of a start)
+        raise PlanError(
+            f"this plan starts its LoRA sites from init_lora_weights={config.init_lora_weights!r}, which this "
+            "axolotl fragment cannot carry: train it with peft (plan.to_peft_config())"
         )
     tuned = [n for n, e in plan.tuned().items() if e["method"] != "full"]
     fields: dict[str, Any] = {
@@ -250,6 +261,7 @@ def configs(plan: Any, sites: dict[str, Site], model: nn.Module | None = None) -
             full.append(name)
         else:
             groups[method][name] = hp
+    unsupported += _mixed_starts(groups["lora"])
     dicts = {
         k: _ia3_config(v, model) if k == "ia3" else _lora_config(v, k == "dora", model) for k, v in groups.items() if v
     }
@@ -258,6 +270,19 @@ def configs(plan: Any, sites: dict[str, Site], model: nn.Module | None = None) -
             dicts["lora"] = _lora_config({}, False, model)  # a LoRA adapter with only modules_to_save
         next(iter(dicts.values()))["modules_to_save"] = full
     return dicts, unsupported
+
+
+def _mixed_starts(lora: dict[str, dict]) -> list[str]:
+    """peft starts every site of one adapter alike (``init_lora_weights``): where a plan starts
+    some LoRA sites from the weight's principal directions and others at zero, the former
+    cannot join; they are taken out of ``lora`` and named."""
+    starts = {hp.get("init", "zero") for hp in lora.values()}
+    if len(starts) < 2:
+        return []
+    out = [n for n, hp in lora.items() if hp.get("init", "zero") != "zero"]
+    for name in out:
+        del lora[name]
+    return [f"{n} (lora): {_ONE_START}, and this plan mixes {sorted(starts)}" for n in out]
 
 
 def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:
@@ -317,7 +342,7 @@ def _lora_config(sites: dict[str, dict], dora: bool, model: nn.Module | None) ->
         "use_rslora": rslora,
         "use_dora": dora,
         "bias": "none",
-        "init_lora_weights": True,
+        "init_lora_weights": "pissa" if sites and all(hp.get("init") == "pissa" for hp in sites.values()) else True,
         "fan_in_fan_out": _all_conv1d(model, sites),
         "modules_to_save": None,
     }

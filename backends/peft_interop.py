@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     >>> export_peft(apply(tiny_llama(), plan), "peft_dir")
     PeftExport(adapters={'lora': PosixPath('peft_dir')}, unsupported=[])
     """
-    plan = applied_plan(model)
+    plan, tensors = _from_unchanged_weights(applied_plan(model), adapter_tensors(model))
     sites = {n: _model_site(model, n, e) for n, e in plan.tuned().items()}
     dicts, unsupported = configs(plan, sites, model)
     if unsupported and not allow_partial:
@@ -98,7 +98,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
         )
     if not dicts:
         raise PlanError("no site of this plan can be expressed in peft; nothing to export")
-    tensors = adapter_tensors(model)
     result = PeftExport(unsupported=unsupported)
     root = Path(directory)
     with replace_dir(root, names={CONFIG_FILE, WEIGHTS_FILE, "README.md", *dicts}) as tmp:
@@ -120,6 +119,23 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
             save_file(_unshared(weights), str(tmp / out / WEIGHTS_FILE), metadata={"format": "pt"})
             result.adapters[name] = root / out
     return result
+
+
+def _from_unchanged_weights(plan: Plan, tensors: dict[str, torch.Tensor]) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """``plan`` and its adapter ``tensors`` with every PiSSA-started site as the plain LoRA of
+    twice its rank that peft loads onto the unchanged base weight: ``[B, −B0]·[A; A0] = B·A −
+    B0·A0`` at the same scaling (alpha doubled, or times sqrt 2 under rsLoRA), as peft converts
+    its own PiSSA adapters (``path_initial_model_for_weight_conversion``)."""
+    sites, tensors = dict(plan.sites), dict(tensors)
+    for name, entry in plan.tuned().items():
+        if entry["method"] != "lora" or plan.hyper(entry).get("init", "zero") == "zero":
+            continue
+        rank, alpha, rslora = entry["rank"], entry.get("alpha") or 2 * entry["rank"], entry.get("rslora", False)
+        sites[name] = {**entry, "rank": 2 * rank, "alpha": alpha * (math.sqrt(2) if rslora else 2), "init": "zero"}
+        a0, b0 = tensors.pop(f"{name}.lora_A0"), tensors.pop(f"{name}.lora_B0")
+        tensors[f"{name}.lora_A"] = torch.cat([tensors[f"{name}.lora_A"], a0.to(tensors[f"{name}.lora_A"].dtype)])
+        tensors[f"{name}.lora_B"] = torch.cat([tensors[f"{name}.lora_B"], -b0.to(tensors[f"{name}.lora_B"].dtype)], 1)
+    return replace(plan, sites=sites), tensors
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -255,6 +271,7 @@ def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- peft config → plan entries ---------------------------------------------------------------
 
+_STARTS_ON_THE_WEIGHTS = ("gaussian", "eva")  # peft's string starts that leave the base weights as they are
 _UNSUPPORTED_FIELDS = (
     "layers_to_transform",
     "layer_replication",
@@ -271,6 +288,14 @@ def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, 
     used = [f for f in _UNSUPPORTED_FIELDS if config.get(f)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")
+    start = config.get("init_lora_weights", True)
+    if isinstance(start, str) and start.lower() not in _STARTS_ON_THE_WEIGHTS:
+        raise PlanError(
+            f"this peft adapter was trained from init_lora_weights={start!r}, which changes the base weights it "
+            "trains against, so on the unchanged model it would compute something else: save it with peft's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) (a plain LoRA of twice the rank "
+            "on the unchanged weights) and import that"
+        )
     if used:
         raise PlanError(f"this peft adapter uses {used}, which peftplan cannot import")
     modules = {n: (m, op) for n, m, op in tunable_modules(model)}

@@ -10,7 +10,8 @@ well each such rung predicts the final result:
   MLP, every linear layer at the rank that fits), the proxy plan at the whole budget and at a
   quarter, and three random draws of the default space with random learning rates
   (log-uniform in [2e-4, 5e-3]); and each new dimension of a plan beside the plan it is tried on
-  (`DIMENSIONS`: LoRA r8 q,v with LoRA+, B at 16x the rate, at 3e-4 and 1e-3), 14 in all.
+  (`DIMENSIONS`: LoRA r8 q,v with LoRA+, B at 16x the rate, and LoRA r8 q,v started from the
+  weights' principal directions, PiSSA, each at 3e-4 and 1e-3), 16 in all.
   Every one trains the classification head fully; the budget is peft's LoRA r=8 on
   query/value (74,498 params, head included).
 * Each trains at 5%, 10%, 25% and 100% of the final recipe (AdamW, 6% warm-up then linear
@@ -75,9 +76,11 @@ SIGNALS = {"validation metric": "val_metric", "validation loss": "val_loss", "tr
 TARGET = 0.8
 STORE = ROOT / "benchmarks" / "runs" / "fidelity"
 COMMAND = "python benchmarks/fidelity.py --results benchmarks/RESULTS.md --plot benchmarks/fidelity.png"
-DIMENSIONS = {  # contender -> (the contender it adds a dimension to, the `Recipe` fields that add it)
-    "lora r8 q,v lr 3e-4 + LoRA+ 16x": ("lora r8 q,v lr 3e-4", {"lr_ratio": 16.0}),
-    "lora r8 q,v lr 1e-3 + LoRA+ 16x": ("lora r8 q,v lr 1e-3", {"lr_ratio": 16.0}),
+DIMENSIONS = {  # contender -> (the contender it adds a dimension to, the `Recipe` fields and LoRA site fields that add it)
+    "lora r8 q,v lr 3e-4 + LoRA+ 16x": ("lora r8 q,v lr 3e-4", {"lr_ratio": 16.0}, {}),
+    "lora r8 q,v lr 1e-3 + LoRA+ 16x": ("lora r8 q,v lr 1e-3", {"lr_ratio": 16.0}, {}),
+    "lora r8 q,v lr 3e-4 + PiSSA start": ("lora r8 q,v lr 3e-4", {}, {"init": "pissa"}),
+    "lora r8 q,v lr 1e-3 + PiSSA start": ("lora r8 q,v lr 1e-3", {}, {"init": "pissa"}),
 }
 
 
@@ -115,7 +118,9 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
             1e-3,
         ),
     }
-    out |= {name: out[plain] for name, (plain, _) in DIMENSIONS.items()}
+    for name, (plain, _, fields) in DIMENSIONS.items():
+        sites, lr = out[plain]
+        out[name] = ({n: {**e, **fields} if e["method"] == "lora" else e for n, e in sites.items()}, lr)
     space = default_space(model, budget, task, seed=0)
     for share, lr in ((1.0, 1e-3), (0.25, 2e-3)):
         out[f"proxy {share:.0%}"] = (space.plan_from_params(space.proxy_params(share)).sites, lr)
@@ -321,7 +326,8 @@ def dimension_lines(records: list[dict]) -> list[str]:
     the full recipe, its dev metric minus those of the same plan without it."""
     at = {(r["task"], r["contender"], r["rung"]): r for r in records}
     lines = []
-    for name, (plain, extra) in DIMENSIONS.items():
+    for name, (plain, *fields) in DIMENSIONS.items():
+        extra = {k: v for f in fields for k, v in f.items()}
         for task in sorted({r["task"] for r in records}):
             pairs = [(rung, at.get((task, name, rung)), at.get((task, plain, rung))) for rung in RUNGS]
             cells = [
@@ -331,7 +337,7 @@ def dimension_lines(records: list[dict]) -> list[str]:
                 if w is not None and wo is not None
             ]
             if cells:
-                said = ", ".join(f"{k}={v:g}" for k, v in extra.items())
+                said = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
                 lines.append(f"- {task}, {name} minus {plain} ({said}): " + "; ".join(cells))
     return ["New dimensions, each against the same plan without it:", "", *lines, ""] if lines else []
 

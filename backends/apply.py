@@ -43,6 +43,7 @@ from .inspection import (  # noqa: F401  (the helpers and attribute names, impor
 from .merging import MergeReport, merge, remove, unmerge, unmergeable  # noqa: F401  (likewise)
 from .retarget import by_base_model, retarget
 from .uncalled import CALLED_ATTR, _mark_called, _uncalled_tied, _warn, _warn_uncalled  # noqa: F401  (CALLED_ATTR likewise)
+from .wrapper import restoring as rebuilding
 
 log = logging.getLogger("peftplan")
 
@@ -152,6 +153,7 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
     setattr(model, UNDO_ATTR, _Undo([], trainable_before, said=set(uncalled)))
     undo = getattr(model, UNDO_ATTR)
     names = _names_by_module(model)
+    token = rebuilding.set(restoring)  # the wrappers' own starts are about to be overwritten
     try:
         for _name, module, site, method, hp in todo:
             wrapped = method.wrap(module, site, **hp)
@@ -164,6 +166,8 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
     except BaseException:
         remove(model)  # a method failing half-way must not leave a half-tuned model
         raise
+    finally:
+        rebuilding.reset(token)
     undo.watch = [model.get_submodule(name).register_forward_pre_hook(_mark_called) for name, *_ in todo]
     undo.watch.append(model.register_forward_hook(_warn_uncalled))
     return model

@@ -47,7 +47,7 @@ class DoRA(LoRA):
 
     name = "dora"
     ops = frozenset({"linear", "conv2d"})
-    hyper = {"rank": None, "alpha": None, "dropout": 0.0, "rslora": False}  # LoRA's but its start (always B at zero)
+    hyper = {k: v for k, v in LoRA.hyper.items() if k != "init"}  # LoRA's but its start (always B at zero)
 
     def param_count(self, site: Site, rank: int, **_: Any) -> int:
         return super().param_count(site, rank) + site.out_features  # + the magnitude vector

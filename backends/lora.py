@@ -103,13 +103,18 @@ class LoRA(Method):
         return 2 * site.tokens * per_token * site.calls * paths
 
     def extra_ops(self, site: Site, init: str = "zero", **hp: Any) -> int:
-        # A (a matmul, convolution or lookup), B, the scaling, the sum; from a PiSSA start also
-        # A0, B0 and the difference
-        return 7 if init == "pissa" else 4
+        # A (a matmul, convolution or lookup), B, the scaling, the sum; from a PiSSA start
+        # A − A0, B − B0, four matmuls, their sum, the scaling and the sum (`LoRALinear._lora`)
+        return 9 if init == "pissa" else 4
 
     def adapter_bytes(self, site: Site, *, param_bytes: int = 4, init: str = "zero", **hp: Any) -> int:
         """A PiSSA start saves its frozen A0 and B0 beside A and B."""
         return super().adapter_bytes(site, param_bytes=param_bytes, **hp) * (2 if init == "pissa" else 1)
+
+    def train_memory(self, site: Site, tokens: int, *, param_bytes: int = 4, init: str = "zero", **hp: Any) -> int:
+        """A PiSSA start also keeps its frozen A0 and B0 on the device while training."""
+        start = self.param_count(site, **hp) * param_bytes if init == "pissa" else 0
+        return super().train_memory(site, tokens, param_bytes=param_bytes, **hp) + start
 
     def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any]:
         return {"rank": rank, "alpha": 2 * rank}

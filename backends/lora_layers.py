@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ir.modules import is_hf_conv1d, module_features
-from .wrapper import Wrapper
+from .wrapper import Wrapper, restoring
 
 
 class LoRALayer(Wrapper, abc.ABC):
@@ -46,6 +46,7 @@ class LoRALayer(Wrapper, abc.ABC):
         self.rank = rank
         self.alpha = alpha
         self.rslora = rslora
+        self.init = "zero"  # how A and B start (`LoRALinear` may start from the weight's principal directions)
         # rsLoRA (Kalajdzievski, 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
 
@@ -80,7 +81,7 @@ class LoRALayer(Wrapper, abc.ABC):
             self.merged = False
 
     def extra_repr(self) -> str:
-        start = f", init={self.init}" if getattr(self, "init", "zero") != "zero" else ""
+        start = f", init={self.init}" if self.init != "zero" else ""
         return f"rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}{start}, merged={self.merged}"
 
 
@@ -92,7 +93,9 @@ class LoRALinear(LoRALayer):
     ``B @ A * scaling`` is its best rank-r approximation. That start is kept as the frozen
     buffers ``lora_A0``/``lora_B0`` and subtracted, so the delta ``(B @ A - B0 @ A0) * scaling``
     starts at zero and the base weight is never changed: what PiSSA trains (the residual weight
-    frozen, A and B from the principal part), with merge, unmerge and removal as for any LoRA.
+    frozen and fed the input before dropout, A and B from the principal part), with merge,
+    unmerge and removal as for any LoRA. Loaded onto other weights, a saved site adds the same
+    change to them; its A0 and B0 are then not their principal directions.
     """
 
     def __init__(
@@ -121,9 +124,10 @@ class LoRALinear(LoRALayer):
     def _start_at_principal_directions(self) -> None:
         """A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) from the SVD W = U S V^T (in fp32),
         as peft's ``init_lora_weights="pissa"``; copied into the buffers ``lora_A0``/``lora_B0``.
-        A weight on the meta device gets empty buffers (`peftplan.load` copies saved ones in)."""
+        A weight on the meta device, or one `peftplan.load` rebuilds, gets empty buffers (the saved
+        ones are copied in)."""
         w = self.base.weight
-        if w.device.type != "meta":
+        if w.device.type != "meta" and not restoring.get():  # `load` copies the saved start in
             w = (w.T if self.fan_in_fan_out else w).float()  # (out, in)
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             root = (s[: self.rank] / self.scaling).sqrt()
@@ -133,9 +137,11 @@ class LoRALinear(LoRALayer):
         self.register_buffer("lora_B0", self.lora_B.detach().clone())
 
     def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        product = b @ a
-        if self.init == "pissa":
-            product = product - self.lora_B0.to(b.dtype) @ self.lora_A0.to(a.dtype)
+        if self.init == "pissa":  # (B − B0)·A + B0·(A − A0): the principal part never cancels in low precision
+            a0, b0 = self.lora_A0.to(a.dtype), self.lora_B0.to(b.dtype)
+            product = (b - b0) @ a + b0 @ (a - a0)
+        else:
+            product = b @ a
         delta = product * self.scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
@@ -143,16 +149,20 @@ class LoRALinear(LoRALayer):
         y = self.base(x, *args, **kwargs)  # (..., out)
         if self.merged:
             return y
-        return y + self._lora(self.dropout(x.to(self.lora_A.dtype))).to(y.dtype)  # (..., out)
+        x = x.to(self.lora_A.dtype)
+        return y + self._lora(self.dropout(x), x).to(y.dtype)  # (..., out)
 
-    def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled adapter path ``s·B·A·x`` (``s·(B·A − B0·A0)·x`` from a PiSSA start) in the
-        adapters' dtype: (..., in) -> (..., out)."""
-        h = F.linear(x, self.lora_A)  # (..., r)
-        y = F.linear(h, self.lora_B)  # (..., out)
-        if self.init == "pissa":
-            y = y - F.linear(F.linear(x, self.lora_A0.to(x.dtype)), self.lora_B0.to(x.dtype))  # (..., out)
-        return y * self.scaling
+    def _lora(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled adapter path ``s·B·A·x`` in the adapters' dtype, (..., in) -> (..., out);
+        from a PiSSA start ``s·(B·A·x − B0·A0·clean)``, ``clean`` the input before dropout, as
+        ``s·((B − B0)·A·x + B0·((A − A0)·x + A0·(x − clean)))``: exactly zero at the start."""
+        if self.init != "pissa":
+            return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        a0, b0 = self.lora_A0.to(x.dtype), self.lora_B0.to(x.dtype)
+        h = F.linear(x, self.lora_A - a0)  # (..., r)
+        if clean is not None and clean is not x:  # dropout on: the frozen start sees the clean input
+            h = h + F.linear(x - clean, a0)
+        return (F.linear(F.linear(x, self.lora_A), self.lora_B - b0) + F.linear(h, b0)) * self.scaling  # (..., out)
 
 
 class LoRAConv2d(LoRALayer):

@@ -107,11 +107,11 @@ def lora_entries(plan: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         new, why = _nearest(site, plan.hyper(entry), method)
         entries[name] = {**{k: v for k, v in entry.items() if k in ("role", "depth", "op", "shape")}, **new}
         changes.append(f"{name}: {method} → {_short(new)} ({why})")
-    if len({e.get("init", "zero") for e in entries.values() if e["method"] == "lora"}) > 1:  # all from zero, then
-        for name, e in list(entries.items()):
-            if e["method"] == "lora" and e.get("init", "zero") != "zero":
-                entries[name] = {**e, "init": "zero"}
-                changes.append(f"{name}: lora from the weight's principal directions → from zero ({_ONE_START})")
+    lora = {n: e for n, e in entries.items() if e["method"] == "lora"}
+    if one_start(lora) is None:  # mixed: every site from zero, peft's default
+        for name in _started(lora):
+            entries[name] = {**entries[name], "init": "zero"}
+            changes.append(f"{name}: lora from the weight's principal directions → from zero ({_ONE_START})")
     return entries, changes
 
 
@@ -139,9 +139,9 @@ def axolotl_yaml(plan: Any) -> str:
     """An axolotl config fragment (YAML) for ``plan``: the LoRA keys (``adapter``, ``lora_r``,
     ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` by exact module name,
     ``lora_rank_pattern``/``lora_alpha_pattern`` for the sites that differ,
-    ``lora_modules_to_save``, ``peft_use_dora``/``peft_use_rslora``) and, from ``plan.recipe``,
-    the learning rate, schedule, warm-up, length, weight decay, clipping and LoRA+'s
-    ``loraplus_lr_ratio``.
+    ``lora_modules_to_save``, ``peft_use_dora``/``peft_use_rslora``, ``peft_init_lora_weights``
+    for a PiSSA start) and, from ``plan.recipe``, the learning rate, schedule, warm-up, length,
+    weight decay, clipping and LoRA+'s ``loraplus_lr_ratio``.
 
     >>> from peftplan.plan import Plan
     >>> print(axolotl_yaml(Plan(sites={"fc": {"method": "lora", "rank": 4, "alpha": 8}})))  # doctest: +ELLIPSIS
@@ -156,11 +156,6 @@ def axolotl_yaml(plan: Any) -> str:
             "axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
             "with peft (plan.to_peft_config())"
         )
-    if config.init_lora_weights != True:  # noqa: E712 (peft's field is True or the name of a start)
-        raise PlanError(
-            f"this plan starts its LoRA sites from init_lora_weights={config.init_lora_weights!r}, which this "
-            "axolotl fragment cannot carry: train it with peft (plan.to_peft_config())"
-        )
     tuned = [n for n, e in plan.tuned().items() if e["method"] != "full"]
     fields: dict[str, Any] = {
         "adapter": "lora",
@@ -173,6 +168,8 @@ def axolotl_yaml(plan: Any) -> str:
         fields |= {"lora_rank_pattern": dict(config.rank_pattern), "lora_alpha_pattern": dict(config.alpha_pattern)}
     if config.modules_to_save:
         fields["lora_modules_to_save"] = list(config.modules_to_save)
+    if config.init_lora_weights is not True:  # a start from the weights: axolotl hands it to peft
+        fields["peft_init_lora_weights"] = config.init_lora_weights
     fields |= {
         k: True
         for k, on in (
@@ -272,17 +269,28 @@ def configs(plan: Any, sites: dict[str, Site], model: nn.Module | None = None) -
     return dicts, unsupported
 
 
+def one_start(lora: dict[str, dict]) -> str | None:
+    """How every one of ``lora``'s sites (entries or hyper-parameters) starts ("zero" when
+    there are none), or None where they differ: peft starts every site of one adapter alike
+    (``init_lora_weights``)."""
+    starts = {hp.get("init", "zero") for hp in lora.values()} or {"zero"}
+    return starts.pop() if len(starts) == 1 else None
+
+
+def _started(lora: dict[str, dict]) -> list[str]:
+    """The sites of ``lora`` that do not start at zero."""
+    return [n for n, hp in lora.items() if hp.get("init", "zero") != "zero"]
+
+
 def _mixed_starts(lora: dict[str, dict]) -> list[str]:
-    """peft starts every site of one adapter alike (``init_lora_weights``): where a plan starts
-    some LoRA sites from the weight's principal directions and others at zero, the former
-    cannot join; they are taken out of ``lora`` and named."""
-    starts = {hp.get("init", "zero") for hp in lora.values()}
-    if len(starts) < 2:
+    """Where ``lora`` mixes starts (`one_start`), the sites that do not start at zero, taken out
+    of it (in place) and named: peft cannot hold them in the same adapter."""
+    if one_start(lora) is not None:
         return []
-    out = [n for n, hp in lora.items() if hp.get("init", "zero") != "zero"]
+    out = _started(lora)
     for name in out:
         del lora[name]
-    return [f"{n} (lora): {_ONE_START}, and this plan mixes {sorted(starts)}" for n in out]
+    return [f"{n} (lora): {_ONE_START}, and this plan mixes zero and principal-direction starts" for n in out]
 
 
 def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:
@@ -342,7 +350,7 @@ def _lora_config(sites: dict[str, dict], dora: bool, model: nn.Module | None) ->
         "use_rslora": rslora,
         "use_dora": dora,
         "bias": "none",
-        "init_lora_weights": "pissa" if sites and all(hp.get("init") == "pissa" for hp in sites.values()) else True,
+        "init_lora_weights": True if one_start(sites) == "zero" else one_start(sites),
         "fan_in_fan_out": _all_conv1d(model, sites),
         "modules_to_save": None,
     }

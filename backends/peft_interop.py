@@ -88,8 +88,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     >>> export_peft(apply(tiny_llama(), plan), "peft_dir")
     PeftExport(adapters={'lora': PosixPath('peft_dir')}, unsupported=[])
     """
-    plan, tensors = _from_unchanged_weights(applied_plan(model), adapter_tensors(model))
+    plan = applied_plan(model)
     sites = {n: _model_site(model, n, e) for n, e in plan.tuned().items()}
+    plan, tensors = _from_unchanged_weights(plan, adapter_tensors(model), sites)
     dicts, unsupported = configs(plan, sites, model)
     if unsupported and not allow_partial:
         raise PlanError(
@@ -121,17 +122,27 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
     return result
 
 
-def _from_unchanged_weights(plan: Plan, tensors: dict[str, torch.Tensor]) -> tuple[Plan, dict[str, torch.Tensor]]:
+def _from_unchanged_weights(
+    plan: Plan, tensors: dict[str, torch.Tensor], models_site: dict[str, Site]
+) -> tuple[Plan, dict[str, torch.Tensor]]:
     """``plan`` and its adapter ``tensors`` with every PiSSA-started site as the plain LoRA of
     twice its rank that peft loads onto the unchanged base weight: ``[B, −B0]·[A; A0] = B·A −
     B0·A0`` at the same scaling (alpha doubled, or times sqrt 2 under rsLoRA), as peft converts
     its own PiSSA adapters (``path_initial_model_for_weight_conversion``)."""
-    sites, tensors = dict(plan.sites), dict(tensors)
+    sites, tensors, lora = dict(plan.sites), dict(tensors), get_method("lora")
     for name, entry in plan.tuned().items():
         if entry["method"] != "lora" or plan.hyper(entry).get("init", "zero") == "zero":
             continue
-        rank, alpha, rslora = entry["rank"], entry.get("alpha") or 2 * entry["rank"], entry.get("rslora", False)
-        sites[name] = {**entry, "rank": 2 * rank, "alpha": alpha * (math.sqrt(2) if rslora else 2), "init": "zero"}
+        hp = lora.validate(models_site[name], **plan.hyper(entry))
+        if 2 * hp["rank"] > max(models_site[name].in_features, models_site[name].out_features):
+            raise PlanError(
+                f"site {name!r}: its PiSSA start at rank {hp['rank']} exports as a plain LoRA of rank "
+                f"{2 * hp['rank']}, above this layer's {models_site[name].in_features}x"
+                f"{models_site[name].out_features} weight: export the merged model instead (peftplan.merge, then "
+                "save_pretrained)"
+            )
+        alpha = hp["alpha"] * (math.sqrt(2) if hp["rslora"] else 2)  # the same scaling at twice the rank
+        sites[name] = {**entry, "rank": 2 * hp["rank"], "alpha": alpha, "init": "zero"}
         a0, b0 = tensors.pop(f"{name}.lora_A0"), tensors.pop(f"{name}.lora_B0")
         tensors[f"{name}.lora_A"] = torch.cat([tensors[f"{name}.lora_A"], a0.to(tensors[f"{name}.lora_A"].dtype)])
         tensors[f"{name}.lora_B"] = torch.cat([tensors[f"{name}.lora_B"], -b0.to(tensors[f"{name}.lora_B"].dtype)], 1)
@@ -271,7 +282,8 @@ def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- peft config → plan entries ---------------------------------------------------------------
 
-_STARTS_ON_THE_WEIGHTS = ("gaussian", "eva")  # peft's string starts that leave the base weights as they are
+_KEEPS_BASE_WEIGHTS = ("gaussian", "eva", "orthogonal", "mica")  # peft's named starts that change no base weight
+_CHANGES_BASE_WEIGHTS = ("pissa", "corda", "olora", "loftq", "lora_ga")  # (pissa_niter_4 and the like too)
 _UNSUPPORTED_FIELDS = (
     "layers_to_transform",
     "layer_replication",
@@ -288,14 +300,7 @@ def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, 
     used = [f for f in _UNSUPPORTED_FIELDS if config.get(f)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")
-    start = config.get("init_lora_weights", True)
-    if isinstance(start, str) and start.lower() not in _STARTS_ON_THE_WEIGHTS:
-        raise PlanError(
-            f"this peft adapter was trained from init_lora_weights={start!r}, which changes the base weights it "
-            "trains against, so on the unchanged model it would compute something else: save it with peft's "
-            "save_pretrained(..., path_initial_model_for_weight_conversion=...) (a plain LoRA of twice the rank "
-            "on the unchanged weights) and import that"
-        )
+    _check_start(config.get("init_lora_weights", True))
     if used:
         raise PlanError(f"this peft adapter uses {used}, which peftplan cannot import")
     modules = {n: (m, op) for n, m, op in tunable_modules(model)}
@@ -323,6 +328,25 @@ def _entries_from_config(model: nn.Module, config: dict[str, Any]) -> dict[str, 
             f"target_modules {config.get('target_modules')!r} matches no tunable module of {type(model).__name__}"
         )
     return entries
+
+
+def _check_start(start: Any) -> None:
+    """`PlanError` for an adapter trained from a start that changed its base weights (on the
+    unchanged model it would compute something else), or from one peftplan does not know."""
+    if not isinstance(start, str) or start.lower() in _KEEPS_BASE_WEIGHTS:
+        return
+    if start.lower().startswith(_CHANGES_BASE_WEIGHTS):
+        raise PlanError(
+            f"this peft adapter was trained from init_lora_weights={start!r}, which changes the base weights it "
+            "trains against, so on the unchanged model it would compute something else: save it with peft's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) (a plain LoRA of twice the rank "
+            "on the unchanged weights) and import that"
+        )
+    raise PlanError(
+        f"this peft adapter was trained from init_lora_weights={start!r}, a start peftplan does not know, so it "
+        f"cannot tell whether the adapter needs changed base weights; it imports adapters started with True, "
+        f"False or {list(_KEEPS_BASE_WEIGHTS)}"
+    )
 
 
 def _lora_entry(config: dict[str, Any], name: str, op: str) -> dict[str, Any]:

@@ -16,12 +16,18 @@ instead of training the rest of the model without it. Inference (``eval()`` or
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.nn as nn
 
 from .base import PlanError
 
-__all__ = ["Wrapper"]
+__all__ = ["Wrapper", "restoring"]
+
+restoring = contextvars.ContextVar("restoring", default=False)
+"""True while `peftplan.load` wraps sites whose tensors it is about to copy in from an
+artifact: a wrapper need not compute a start of its own (a PiSSA start's SVD)."""
 
 
 class Wrapper(nn.Module):

@@ -54,6 +54,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import (
     METRIC_NAMES,
@@ -76,11 +77,22 @@ SIGNALS = {"validation metric": "val_metric", "validation loss": "val_loss", "tr
 TARGET = 0.8
 STORE = ROOT / "benchmarks" / "runs" / "fidelity"
 COMMAND = "python benchmarks/fidelity.py --results benchmarks/RESULTS.md --plot benchmarks/fidelity.png"
-DIMENSIONS = {  # contender -> (the contender it adds a dimension to, the `Recipe` fields and LoRA site fields that add it)
-    "lora r8 q,v lr 3e-4 + LoRA+ 16x": ("lora r8 q,v lr 3e-4", {"lr_ratio": 16.0}, {}),
-    "lora r8 q,v lr 1e-3 + LoRA+ 16x": ("lora r8 q,v lr 1e-3", {"lr_ratio": 16.0}, {}),
-    "lora r8 q,v lr 3e-4 + PiSSA start": ("lora r8 q,v lr 3e-4", {}, {"init": "pissa"}),
-    "lora r8 q,v lr 1e-3 + PiSSA start": ("lora r8 q,v lr 1e-3", {}, {"init": "pissa"}),
+
+
+class Dimension(NamedTuple):
+    """A new dimension of a plan: the contender it is added to, and the `Recipe` fields and
+    LoRA site fields that add it."""
+
+    plain: str
+    recipe: dict
+    sites: dict
+
+
+DIMENSIONS = {  # contender -> the dimension it adds
+    "lora r8 q,v lr 3e-4 + LoRA+ 16x": Dimension("lora r8 q,v lr 3e-4", {"lr_ratio": 16.0}, {}),
+    "lora r8 q,v lr 1e-3 + LoRA+ 16x": Dimension("lora r8 q,v lr 1e-3", {"lr_ratio": 16.0}, {}),
+    "lora r8 q,v lr 3e-4 + PiSSA start": Dimension("lora r8 q,v lr 3e-4", {}, {"init": "pissa"}),
+    "lora r8 q,v lr 1e-3 + PiSSA start": Dimension("lora r8 q,v lr 1e-3", {}, {"init": "pissa"}),
 }
 
 
@@ -118,9 +130,9 @@ def contenders(model, task, budget: int) -> dict[str, tuple[dict, float]]:
             1e-3,
         ),
     }
-    for name, (plain, _, fields) in DIMENSIONS.items():
-        sites, lr = out[plain]
-        out[name] = ({n: {**e, **fields} if e["method"] == "lora" else e for n, e in sites.items()}, lr)
+    for name, dim in DIMENSIONS.items():
+        sites, lr = out[dim.plain]
+        out[name] = ({n: {**e, **dim.sites} if e["method"] == "lora" else e for n, e in sites.items()}, lr)
     space = default_space(model, budget, task, seed=0)
     for share, lr in ((1.0, 1e-3), (0.25, 2e-3)):
         out[f"proxy {share:.0%}"] = (space.plan_from_params(space.proxy_params(share)).sites, lr)
@@ -177,7 +189,7 @@ def run_all(tasks: list[str], steps: int, store: RunStore, threads: int = 2) -> 
             flush=True,
         )
         for cname, (sites, lr) in contenders(base, task, budget).items():
-            extra = DIMENSIONS[cname][1] if cname in DIMENSIONS else {}
+            extra = DIMENSIONS[cname].recipe if cname in DIMENSIONS else {}
             recipe = Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=32, **extra)
             for rung in RUNGS:
                 key = f"{name}/{cname}@{rung:g}"
@@ -326,8 +338,8 @@ def dimension_lines(records: list[dict]) -> list[str]:
     the full recipe, its dev metric minus those of the same plan without it."""
     at = {(r["task"], r["contender"], r["rung"]): r for r in records}
     lines = []
-    for name, (plain, *fields) in DIMENSIONS.items():
-        extra = {k: v for f in fields for k, v in f.items()}
+    for name, dim in DIMENSIONS.items():
+        extra, plain = {**dim.recipe, **dim.sites}, dim.plain
         for task in sorted({r["task"] for r in records}):
             pairs = [(rung, at.get((task, name, rung)), at.get((task, plain, rung))) for rung in RUNGS]
             cells = [

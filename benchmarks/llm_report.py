@@ -141,8 +141,10 @@ def reuse_verdict(results: dict[str, dict]) -> list[str]:
     average over the choice tasks (the free-text task's pairs, in perplexity, are shown apart)."""
     said, points, percents = [], [], []
     for task, rows in results.items():
+        if "peftplan search" not in rows or not any(k in rows for k in DEFAULT_LABELS):
+            continue  # said above: not complete yet
         for row in rows.values():
-            if "source" not in row or "peftplan search" not in rows:
+            if "source" not in row:
                 continue
             fresh, default = gain(row, rows["peftplan search"], task), gain(row, rows[best_default(rows, task)], task)
             (percents if is_lm(task) else points).append(fresh)

@@ -69,6 +69,8 @@ class Plan:
         for m, hps in sorted(by.items()):
             ranks = sorted({h["rank"] for h in hps if "rank" in h})
             extra = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}"
+            started = sum(h.get("init", "zero") != "zero" for h in hps)  # from the weights' principal directions
+            extra += f", {started} from a PiSSA start" if started else ""
             parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
         obj = ", ".join(
             f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items()

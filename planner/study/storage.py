@@ -174,18 +174,17 @@ def open_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(config.objectives))  # what optuna-dashboard and optuna's plots name the axes
     else:
-        try:  # fields added since it was stored take their defaults, what that study ran with
-            new, old = config.to_dict(), StudyConfig.from_dict(stored).to_dict()
+        try:
+            differ = differing(stored, config)
         except StudyError as e:
             raise damaged(storage, name, e) from None
-        differ = sorted(k for k in new if k != "trials" and new[k] != old.get(k))
         if differ:
             raise StudyError(
                 f"study {name!r} exists with other settings ({', '.join(differ)}): "
                 "reuse them or give another study name"
             )
         if stored["trials"] != config.trials:
-            study.set_user_attr(ATTR, new)
+            study.set_user_attr(ATTR, {**stored, "trials": config.trials})  # fields it lacks stay as they ran
     if not worker and not study.user_attrs.get("seeds_enqueued"):  # once per study, not again on resume
         enqueue_seeds(study, space, config.strategy, min(config.seeds, config.trials))
         study.set_user_attr("seeds_enqueued", True)
@@ -200,22 +199,43 @@ def resumed_config(storage: optuna.storages.BaseStorage, name: str, config: Stud
     some of ``config``'s fields existed, and agreeing with ``config`` on every field it stored,
     the stored config with ``config``'s trials, so the fields it lacks keep the values it ran with
     (`StudyConfig.from_dict`) rather than today's defaults. Otherwise ``config``, and
-    `open_study` names any field that differs."""
+    `open_study` names any field that differs.
+
+    >>> from peftplan.planner.training.evaluate import Fidelity
+    >>> config = StudyConfig("tpe", 8, ("metric",), {"metric": "max"}, (Fidelity(),), {}, {}, tell="screened")
+    >>> storage = optuna.storages.InMemoryStorage()
+    >>> study = optuna.create_study(storage=storage, study_name="old")
+    >>> study.set_user_attr(ATTR, {k: v for k, v in config.to_dict().items() if k != "tell"})  # before `tell`
+    >>> resumed_config(storage, "old", replace(config, trials=12)).tell, resumed_config(storage, "new", config) is config
+    ('metric', True)
+    """
     try:
         stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(ATTR)
     except KeyError:
         return config
-    new = config.to_dict()
-    if not isinstance(stored, dict) or set(new) <= set(stored):
+    if not isinstance(stored, dict) or set(config.to_dict()) <= set(stored):
         return config
     try:
-        old = StudyConfig.from_dict(stored)
+        if differing(stored, config):
+            return config  # open_study names the fields
     except StudyError:
         return config  # open_study says what is damaged
-    ran = old.to_dict()
-    if any(new[k] != ran[k] for k in stored if k != "trials"):
-        return config
-    return replace(old, trials=config.trials)
+    return replace(StudyConfig.from_dict(stored), trials=config.trials)
+
+
+def differing(stored: dict, config: StudyConfig) -> list[str]:
+    """The fields a stored study config holds (its ``trials`` aside) on which ``config``
+    differs; one it lacks was added since, and the study goes on with the value it ran with
+    (`resumed_config`). A damaged config is a `StudyError`.
+
+    >>> from peftplan.planner.training.evaluate import Fidelity
+    >>> config = StudyConfig("tpe", 8, ("metric",), {"metric": "max"}, (Fidelity(),), {}, {})
+    >>> stored = {k: v for k, v in config.to_dict().items() if k != "tell"}  # written before `tell`
+    >>> differing(stored, replace(config, tell="screened", trials=12)), differing(stored, replace(config, seed=1))
+    ([], ['seed'])
+    """
+    new, old = config.to_dict(), StudyConfig.from_dict(stored).to_dict()
+    return sorted(k for k in stored if k != "trials" and new[k] != old[k])
 
 
 def stored_config(storage: optuna.storages.BaseStorage | str, name: str) -> StudyConfig:

@@ -156,8 +156,72 @@ def test_bad_starts_are_named(module, hp, match):
 
     with pytest.raises(PlanError, match=match):
         get_method("lora").validate(static_site("m", module, module_op(module)), **hp)
+
+
+def test_dora_has_no_start_of_its_own():
     with pytest.raises(PlanError, match="no hyper-parameter"):
         get_method("dora").validate(static_site("m", nn.Linear(8, 8), "linear"), rank=2, init="pissa")
+
+
+def test_dropout_reaches_the_adapter_path_alone():
+    """As in peft: the frozen residual weight sees the input before dropout (by hand, one mask)."""
+    from peftplan.backends.lora_layers import LoRALinear
+
+    torch.manual_seed(0)
+    base, x = nn.Linear(12, 10), torch.randn(4, 12)
+    layer = LoRALinear(base, rank=3, alpha=6, dropout=0.5, init="pissa").train()
+    with torch.no_grad():
+        layer.lora_B.add_(0.1 * torch.randn(layer.lora_B.shape))  # off the start
+    torch.manual_seed(1)
+    got = layer(x)
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    s = layer.scaling
+    residual = base.weight - s * layer.lora_B0 @ layer.lora_A0
+    expected = x @ residual.T + base.bias + s * dropped @ (layer.lora_B @ layer.lora_A).T
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_copies_the_saved_start_instead_of_computing_it(tmp_path, monkeypatch):
+    from peftplan.backends import load, save
+
+    entries = {n: {"method": "lora", "init": "pissa", **e} for n, e in SITES.items()}
+    tuned = _trained(llama_eager(), entries)
+    save(tuned, tmp_path)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("load computed a start it then overwrites")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    loaded = load(llama_eager(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(token_ids()).logits, tuned(token_ids()).logits, atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="overwrites"):  # apply itself computes it
+        apply(llama_eager(), plan_for(llama_eager(), entries))
+
+
+def test_a_start_too_wide_to_export_is_named(tmp_path):
+    from peftplan.backends import export_peft
+
+    model = llama_eager()  # q_proj is 64x64 in the tiny Llama
+    name = "model.layers.0.self_attn.q_proj"
+    width = max(model.get_submodule(name).weight.shape)
+    tuned = apply(model, plan_for(model, {name: {"method": "lora", "rank": width // 2 + 1, "init": "pissa"}}))
+    with pytest.raises(PlanError, match=f"rank {2 * (width // 2 + 1)}, above this layer's"):
+        export_peft(tuned, tmp_path)
+
+
+@pytest.mark.parametrize("start", ["gaussian", "eva", "orthogonal", "mica", False])
+def test_peft_adapters_whose_start_kept_the_weights_import(tmp_path, start):
+    from peftplan.backends import export_peft, import_peft
+
+    tuned = _trained(llama_eager(), {"model.layers.0.mlp.up_proj": {"method": "lora", "rank": 2}})
+    export_peft(tuned, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": start}))
+    with torch.no_grad():
+        back = import_peft(llama_eager(), tmp_path)
+        torch.testing.assert_close(back(token_ids()).logits, tuned(token_ids()).logits, atol=1e-6, rtol=1e-6)
 
 
 def _trained(model: nn.Module, entries: dict[str, dict]) -> nn.Module:
@@ -216,8 +280,9 @@ def test_peft_config_starts_as_ours_and_a_mixed_plan_is_refused_with_the_nearest
         for n in SITES
     )
     assert nearest.to_peft_config().init_lora_weights is True
-    with pytest.raises(PlanError, match="axolotl fragment cannot carry"):
-        plan.to_axolotl()
+    assert "peft_init_lora_weights: pissa" in plan.to_axolotl().splitlines()  # axolotl hands it to peft
+    assert "peft_init_lora_weights" not in nearest.to_axolotl()
+    assert plan.summary() == "lora: 4 sites, ranks 2–3, 4 from a PiSSA start"
 
 
 def test_a_peft_adapter_trained_against_changed_weights_is_refused(tmp_path):
@@ -227,4 +292,7 @@ def test_a_peft_adapter_trained_against_changed_weights_is_refused(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
     with pytest.raises(PlanError, match="init_lora_weights='pissa_niter_4'.*path_initial_model_for_weight_conversion"):
+        import_peft(llama_eager(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "someday"}))
+    with pytest.raises(PlanError, match="a start peftplan does not know"):
         import_peft(llama_eager(), tmp_path)

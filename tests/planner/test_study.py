@@ -86,12 +86,13 @@ def test_a_study_stored_by_an_earlier_version_goes_on_as_it_ran():
     earlier = {k: v for k, v in study.user_attrs["peftplan"].items() if k not in ("tell", "followers")}
     assert StudyConfig.from_dict(study.user_attrs["peftplan"]).tell == "screened"  # today's default
     study.set_user_attr("peftplan", earlier)  # as written before the two fields existed
-    run(storage, trials=5, strategy="tpe", seeds=1)  # the same call: today's defaults for the fields it lacks
-    study = optuna.load_study(study_name="s", storage=storage)
-    config = StudyConfig.from_dict(study.user_attrs["peftplan"])
-    assert (config.trials, config.tell, config.followers) == (5, "metric", ())  # went on with what it ran with
-    assert sum(t.state == COMPLETE for t in study.trials) == 5
-    with pytest.raises(StudyError, match="other settings.*strategy"):  # a field it stored must still agree
+    for trials in (5, 7):  # the same call, twice: today's defaults for the fields it lacks
+        run(storage, trials=trials, strategy="tpe", seeds=1)
+        study = optuna.load_study(study_name="s", storage=storage)
+        config = StudyConfig.from_dict(study.user_attrs["peftplan"])
+        assert (config.trials, config.tell, config.followers) == (trials, "metric", ())  # as it ran
+        assert sum(t.state == COMPLETE for t in study.trials) == trials
+    with pytest.raises(StudyError, match=r"other settings \(strategy\)"):  # a stored field must still agree
         run(storage, trials=6, strategy="random", seeds=1)
 
 

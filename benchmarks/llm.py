@@ -17,7 +17,8 @@ that validation split: a grid on seed 0, extended by 2.5x while the best lies at
 seed 0's two best rates on every seed, the better validation mean chosen; the plan and the rate
 of a search are chosen on it too; results are dev.tsv's (a prefix), which
 nothing chose anything on, as mean ± std over two seeds (the seed sets the adapters' start and
-the data order). Every run trains and is scored under bf16 autocast, in a process of its own
+the data order). Plans that travel: each task's searched plan is also trained, at its own
+rate, on every other task that has a search of its own, beside that task's search. Every run trains and is scored under bf16 autocast, in a process of its own
 with one torch thread (two side by side: `--jobs`), so its peak memory is the process's.
 
 Why this scale: a training step of batch 8 at about 50 tokens takes about 2 s on one of these

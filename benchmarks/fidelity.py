@@ -11,7 +11,7 @@ well each such rung predicts the final result:
   quarter, and three random draws of the default space with random learning rates
   (log-uniform in [2e-4, 5e-3]); and each new dimension of a plan beside the plan it is tried on
   (`DIMENSIONS`: LoRA r8 q,v with LoRA+, B at 16x the rate, and LoRA r8 q,v started from the
-  weights' principal directions, PiSSA, each at 3e-4 and 1e-3), 16 in all.
+  weights' principal directions, PiSSA, at 3e-4 and 1e-3, and PiSSA at 3e-3 too), 17 in all.
   Every one trains the classification head fully; the budget is peft's LoRA r=8 on
   query/value (74,498 params, head included).
 * Each trains at 5%, 10%, 25% and 100% of the final recipe (AdamW, 6% warm-up then linear
@@ -93,6 +93,7 @@ DIMENSIONS = {  # contender -> the dimension it adds
     "lora r8 q,v lr 1e-3 + LoRA+ 16x": Dimension("lora r8 q,v lr 1e-3", {"lr_ratio": 16.0}, {}),
     "lora r8 q,v lr 3e-4 + PiSSA start": Dimension("lora r8 q,v lr 3e-4", {}, {"init": "pissa"}),
     "lora r8 q,v lr 1e-3 + PiSSA start": Dimension("lora r8 q,v lr 1e-3", {}, {"init": "pissa"}),
+    "lora r8 q,v lr 3e-3 + PiSSA start": Dimension("lora r8 q,v lr 3e-3", {}, {"init": "pissa"}),
 }
 
 

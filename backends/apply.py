@@ -64,6 +64,7 @@ def apply(
     check: bool = True,
     scores: dict[str, torch.Tensor] | None = None,
     match: str = "name",
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Tune ``model`` in place as ``plan`` says and return it.
 
@@ -81,7 +82,10 @@ def apply(
     the planner, say), for methods that choose entries by them (``sparse`` with
     ``selection="sensitivity"``): where `Method.needs_scores` says so, ``wrap`` receives
     ``scores=<tensor>``; a site that needs scores and has none is a `PlanError`. Scores for
-    other sites are ignored.
+    other sites are ignored. ``gradients`` maps site names to the weight's mean gradient on a
+    few training batches (`peftplan.planner.proxy.scores.mean_gradients` computes them), for a
+    LoRA start from them (``init="lora_ga"``, where `Method.needs_gradient` says so); likewise
+    a site that needs one and has none is a `PlanError`.
 
     >>> qv = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")]
     >>> Plan(sites={name: {"method": "lora", "rank": 4} for name in qv}).save("plan.json")
@@ -108,12 +112,21 @@ def apply(
         log.info("re-targeted %d sites by role and depth: %s", len(mapping), mapping)
     elif match != "name":
         raise PlanError(f"match must be 'name' or 'role+depth', got {match!r}")
-    return _apply(model, plan, check=check, scores=scores or {}, restoring=False)
+    return _apply(model, plan, check=check, scores=scores or {}, restoring=False, gradients=gradients or {})
 
 
-def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.Tensor], restoring: bool) -> nn.Module:
+def _apply(
+    model: nn.Module,
+    plan: Any,
+    *,
+    check: bool,
+    scores: dict[str, torch.Tensor],
+    restoring: bool,
+    gradients: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """`apply`; ``restoring`` (from `load`) gives sites that need scores a placeholder of zeros,
-    as their selection is about to be overwritten from the artifact."""
+    as their selection is about to be overwritten from the artifact, and sites that need a
+    gradient none (their start is copied in)."""
     plan = _as_plan(plan)
     if hasattr(model, PLAN_ATTR):
         raise PlanError("this model already has a plan applied; call peftplan.remove(model) first")
@@ -129,6 +142,7 @@ def _apply(model: nn.Module, plan: Any, *, check: bool, scores: dict[str, torch.
             method = get_method(entry["method"])
             hp = method.validate(site, **plan.hyper(entry))
             extra = _scores_for(name, module, method, hp, scores, restoring)
+            extra |= _gradient_for(name, module, method, hp, gradients or {}, restoring)
         except PlanError as e:
             errors.append(str(e))
             continue
@@ -203,6 +217,31 @@ def _scores_for(
             f"site {name!r}: scores have shape {tuple(scores[name].shape)}, the weight {tuple(weight.shape)}"
         )
     return {"scores": scores[name]}
+
+
+def _gradient_for(
+    name: str,
+    module: nn.Module,
+    method: Method,
+    hp: dict[str, Any],
+    gradients: dict[str, torch.Tensor],
+    restoring: bool,
+) -> dict[str, torch.Tensor]:
+    """``{"gradient": tensor}`` for a site whose method starts from its weight's gradient, ``{}`` otherwise."""
+    if restoring or not method.needs_gradient(**hp):
+        return {}
+    weight = module.weight
+    if name not in gradients:
+        raise PlanError(
+            f"site {name!r}: {method.name} init {hp.get('init')!r} starts from the weight's mean gradient; pass "
+            f"apply(..., gradients={{{name!r}: tensor shaped {tuple(weight.shape)}}}) (mean_gradients in "
+            "peftplan.planner.proxy.scores computes them from a task) or use init 'zero'"
+        )
+    if tuple(gradients[name].shape) != tuple(weight.shape):
+        raise PlanError(
+            f"site {name!r}: its gradient has shape {tuple(gradients[name].shape)}, the weight {tuple(weight.shape)}"
+        )
+    return {"gradient": gradients[name]}
 
 
 def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Module, Site]]:

@@ -116,6 +116,11 @@ class Method(abc.ABC):
         (`peftplan.backends.apply` passes them, or refuses the plan). Default: False."""
         return False
 
+    def needs_gradient(self, **hp: Any) -> bool:
+        """Whether ``wrap`` needs ``gradient=``, the site weight's mean gradient on a few
+        training batches (`peftplan.backends.apply` passes it, or refuses the plan). Default: False."""
+        return False
+
     def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any] | None:
         """Hyper-parameters that make this method about as big as LoRA at ``rank`` on
         ``site``, or None when it has no size knob (on or off, like ia3/ssf). Default: None.

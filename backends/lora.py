@@ -17,18 +17,22 @@ import math
 from numbers import Real
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..ir.site import Site
 from .base import Method, PlanError, register
 from .lora_layers import LoRAConv2d, LoRAEmbedding, LoRALinear
 
-__all__ = ["INITS", "LoRA"]
+__all__ = ["INITS", "START_LABELS", "LoRA"]
 
-# How an adapter starts: B at zero (peft's default), or the weight's principal directions. The
-# default space does not search the start: at each task's best rate (3e-3) PiSSA moved MiniLM's
-# dev accuracy by -0.49 (sst2) and -0.20 (subj) points (benchmarks/fidelity.py, RESULTS.md).
-INITS = ("zero", "pissa")
+# How an adapter starts: B at zero (peft's default), the weight's principal directions (PiSSA)
+# or its gradient's (LoRA-GA: `wrap` takes the gradient). The default space does not search the
+# start: at each task's best rate (3e-3) PiSSA moved MiniLM's dev accuracy by -0.49 (sst2) and
+# -0.20 (subj) points (benchmarks/fidelity.py, RESULTS.md).
+INITS = ("zero", "pissa", "lora_ga")
+NEEDED = {"pissa": 1, "lora_ga": 2}  # singular directions a start takes per unit of rank
+START_LABELS = {"pissa": "PiSSA", "lora_ga": "LoRA-GA"}  # the starts other than zero, as messages name them
 
 
 @register
@@ -37,8 +41,10 @@ class LoRA(Method):
     on the adapter input (default 0; not used on embeddings, as in peft), ``rslora`` (default
     False: scaling ``alpha / rank``; True: the rank-stabilised ``alpha / sqrt(rank)`` of
     Kalajdzievski 2023, peft's ``use_rslora``), ``init`` on linear layers (`INITS`: "zero", the
-    default, or "pissa": A and B start at the weight's top singular directions, peft's
-    ``init_lora_weights="pissa"``; `LoRALinear`)."""
+    default; "pissa": A and B start at the weight's top singular directions, peft's
+    ``init_lora_weights="pissa"``; "lora_ga": at the top singular directions of the weight's
+    mean gradient, peft's ``init_lora_weights="lora_ga"``, which `needs_gradient` and
+    `peftplan.apply` takes as ``gradients=``; `LoRALinear`)."""
 
     name = "lora"
     ops = frozenset({"linear", "conv2d", "embedding"})
@@ -78,17 +84,22 @@ class LoRA(Method):
     def _check_init(self, site: Site, rank: int, init: Any) -> None:
         if init not in INITS:
             raise PlanError(f"site {site.name!r}: {self.name} init must be one of {list(INITS)}, got {init!r}")
-        if init == "pissa" and site.op != "linear":
+        if init != "zero" and site.op != "linear":
             raise PlanError(
-                f"site {site.name!r}: {self.name} init 'pissa' starts from a linear layer's singular directions, and "
+                f"site {site.name!r}: {self.name} init {init!r} starts from a linear layer's singular directions, and "
                 f"this site's op is {site.op}: use init 'zero' here"
             )
-        if init == "pissa" and 0 < min(site.in_features, site.out_features) < rank:
+        needed = NEEDED.get(init, 0) * rank
+        if 0 < min(site.in_features, site.out_features) < needed:
             raise PlanError(
-                f"site {site.name!r}: {self.name} init 'pissa' at rank {rank} needs as many singular directions, and "
+                f"site {site.name!r}: {self.name} init {init!r} at rank {rank} needs {needed} singular directions, and "
                 f"this {site.in_features}x{site.out_features} weight has {min(site.in_features, site.out_features)}: "
                 "lower the rank or use init 'zero'"
             )
+
+    def needs_gradient(self, init: str = "zero", **_: Any) -> bool:
+        """Whether `wrap` needs the weight's mean gradient (``gradient=``): a LoRA-GA start."""
+        return init == "lora_ga"
 
     def param_count(self, site: Site, rank: int, **_: Any) -> int:
         if site.op == "conv2d":
@@ -102,21 +113,21 @@ class LoRA(Method):
             per_token = rank * (site.in_features * math.prod(site.kernel) + site.out_features)
         else:
             per_token = rank * (site.in_features + site.out_features)
-        paths = 2 if init == "pissa" else 1  # a PiSSA start subtracts B0·A0·x beside B·A·x
+        paths = 1 if init == "zero" else 2  # a frozen start subtracts B0·A0·x beside B·A·x
         return 2 * site.tokens * per_token * site.calls * paths
 
     def extra_ops(self, site: Site, init: str = "zero", **hp: Any) -> int:
-        # A (a matmul, convolution or lookup), B, the scaling, the sum; from a PiSSA start
+        # A (a matmul, convolution or lookup), B, the scaling, the sum; from a frozen start
         # A − A0, B − B0, four matmuls, their sum, the scaling and the sum (`LoRALinear._lora`)
-        return 9 if init == "pissa" else 4
+        return 4 if init == "zero" else 9
 
     def adapter_bytes(self, site: Site, *, param_bytes: int = 4, init: str = "zero", **hp: Any) -> int:
-        """A PiSSA start saves its frozen A0 and B0 beside A and B."""
-        return super().adapter_bytes(site, param_bytes=param_bytes, **hp) * (2 if init == "pissa" else 1)
+        """A PiSSA or LoRA-GA start saves its frozen A0 and B0 beside A and B."""
+        return super().adapter_bytes(site, param_bytes=param_bytes, **hp) * (1 if init == "zero" else 2)
 
     def train_memory(self, site: Site, tokens: int, *, param_bytes: int = 4, init: str = "zero", **hp: Any) -> int:
-        """A PiSSA start also keeps its frozen A0 and B0 on the device while training."""
-        start = self.param_count(site, **hp) * param_bytes if init == "pissa" else 0
+        """A PiSSA or LoRA-GA start also keeps its frozen A0 and B0 on the device while training."""
+        start = 0 if init == "zero" else self.param_count(site, **hp) * param_bytes
         return super().train_memory(site, tokens, param_bytes=param_bytes, **hp) + start
 
     def sized(self, site: Site, rank: int, **choices: Any) -> dict[str, Any]:
@@ -141,13 +152,14 @@ class LoRA(Method):
         dropout: float = 0.0,
         rslora: bool = False,
         init: str = "zero",
+        gradient: torch.Tensor | None = None,
     ) -> nn.Module:
         alpha = 2 * rank if alpha is None else alpha
         if site.op == "conv2d":
             return LoRAConv2d(module, rank, alpha, dropout, rslora)
         if site.op == "embedding":
             return LoRAEmbedding(module, rank, alpha, rslora)
-        return LoRALinear(module, rank, alpha, dropout, rslora, init)
+        return LoRALinear(module, rank, alpha, dropout, rslora, init, gradient)
 
     def _check_rank(self, site: Site, rank: Any) -> None:
         if not _is_int(rank) or rank <= 0:

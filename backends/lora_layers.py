@@ -1,6 +1,7 @@
 """LoRA layers: a frozen base module plus a trainable low-rank delta ``B @ A * alpha / rank``
 (``alpha / sqrt(rank)`` with rank-stabilised scaling, ``rslora=True``). A linear layer's
-adapter may start at the weight's principal singular directions (``init="pissa"``).
+adapter may start at the weight's principal singular directions (``init="pissa"``) or at its
+gradient's (``init="lora_ga"``).
 
 Parameter shapes and initialisation follow peft, so weights copy across one to one and the
 wrapped module computes exactly what the base computes until ``lora_B`` (or, for embeddings,
@@ -90,12 +91,14 @@ class LoRALinear(LoRALayer):
 
     ``init="zero"`` starts as peft does (A Kaiming-uniform, B zero); ``init="pissa"`` (Meng et
     al., 2024) starts A and B at the weight's top-``rank`` singular directions, so that
-    ``B @ A * scaling`` is its best rank-r approximation. That start is kept as the frozen
-    buffers ``lora_A0``/``lora_B0`` and subtracted, so the delta ``(B @ A - B0 @ A0) * scaling``
-    starts at zero and the base weight is never changed: what PiSSA trains (the residual weight
-    frozen and fed the input before dropout, A and B from the principal part), with merge,
-    unmerge and removal as for any LoRA. Loaded onto other weights, a saved site adds the same
-    change to them; its A0 and B0 are then not their principal directions.
+    ``B @ A * scaling`` is its best rank-r approximation; ``init="lora_ga"`` (Wang et al., 2024)
+    at the top-2r singular directions of ``gradient``, the weight's mean gradient on a few
+    training batches, so that the first steps move the delta the way full fine-tuning's first
+    step would. Either start is kept as the frozen buffers ``lora_A0``/``lora_B0`` and
+    subtracted, so the delta ``(B @ A - B0 @ A0) * scaling`` starts at zero and the base weight
+    is never changed: what peft trains (the residual weight frozen and fed the input before
+    dropout), with merge, unmerge and removal as for any LoRA. Loaded onto other weights, a
+    saved site adds the same change to them.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class LoRALinear(LoRALayer):
         dropout: float = 0.0,
         rslora: bool = False,
         init: str = "zero",
+        gradient: torch.Tensor | None = None,
     ) -> None:
         super().__init__(base, rank, alpha, rslora)
         self.fan_in_fan_out = is_hf_conv1d(base)
@@ -116,6 +120,8 @@ class LoRALinear(LoRALayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init == "pissa":
             self._start_at_principal_directions()
+        elif init == "lora_ga":
+            self._start_at_gradient_directions(gradient)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
@@ -133,11 +139,34 @@ class LoRALinear(LoRALayer):
             root = (s[: self.rank] / self.scaling).sqrt()
             self.lora_A.copy_(root[:, None] * vh[: self.rank])  # (r, in)
             self.lora_B.copy_(u[:, : self.rank] * root)  # (out, r)
+        self._freeze_start()
+
+    @torch.no_grad()
+    def _start_at_gradient_directions(self, gradient: torch.Tensor | None) -> None:
+        """LoRA-GA's start as peft makes it (``init_lora_weights="lora_ga"``, its default
+        `LoraGAConfig`: direction "ArB2r", scale "stable", gamma 16), from the exact SVD of
+        ``gradient`` = U S V^T (peft: 4 subspace iterations of a randomised one): A = V_r^T,
+        the first r right directions, and B = U_{r:2r} S_{r:2r} · out^(1/4) / 4, the next r
+        left ones; copied into the buffers ``lora_A0``/``lora_B0``. Without ``gradient``, on
+        the meta device or while `peftplan.load` rebuilds, the buffers are made empty."""
+        if self.base.weight.device.type != "meta" and not restoring.get():
+            if gradient is None:
+                raise ValueError("a LoRA-GA start needs the weight's mean gradient (gradient=)")
+            g = (gradient.T if self.fan_in_fan_out else gradient).float().to(self.lora_A.device)  # (out, in)
+            if tuple(g.shape) != (self.lora_B.shape[0], self.lora_A.shape[1]):
+                raise ValueError(f"gradient of shape {tuple(gradient.shape)} does not fit this layer's weight")
+            u, s, vh = torch.linalg.svd(g, full_matrices=False)
+            r = self.rank
+            self.lora_A.copy_(vh[:r])  # (r, in)
+            self.lora_B.copy_(u[:, r : 2 * r] * s[r : 2 * r] * g.shape[0] ** 0.25 / 4)  # (out, r)
+        self._freeze_start()
+
+    def _freeze_start(self) -> None:
         self.register_buffer("lora_A0", self.lora_A.detach().clone())
         self.register_buffer("lora_B0", self.lora_B.detach().clone())
 
     def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.init == "pissa":  # (B − B0)·A + B0·(A − A0): the principal part never cancels in low precision
+        if self.init != "zero":  # (B − B0)·A + B0·(A − A0): the start never cancels in low precision
             a0, b0 = self.lora_A0.to(a.dtype), self.lora_B0.to(b.dtype)
             product = (b - b0) @ a + b0 @ (a - a0)
         else:
@@ -154,9 +183,9 @@ class LoRALinear(LoRALayer):
 
     def _lora(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
         """The scaled adapter path ``s·B·A·x`` in the adapters' dtype, (..., in) -> (..., out);
-        from a PiSSA start ``s·(B·A·x − B0·A0·clean)``, ``clean`` the input before dropout, as
+        from a frozen start ``s·(B·A·x − B0·A0·clean)``, ``clean`` the input before dropout, as
         ``s·((B − B0)·A·x + B0·((A − A0)·x + A0·(x − clean)))``: exactly zero at the start."""
-        if self.init != "pissa":
+        if self.init == "zero":
             return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
         a0, b0 = self.lora_A0.to(x.dtype), self.lora_B0.to(x.dtype)
         h = F.linear(x, self.lora_A - a0)  # (..., r)

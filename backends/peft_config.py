@@ -33,6 +33,7 @@ import torch.nn as nn
 from ..ir.modules import is_hf_conv1d
 from ..ir.site import Site
 from .base import PlanError, get_method, listing
+from .lora import START_LABELS
 
 LORA_OPS = {"linear", "conv2d", "embedding"}
 NO_PEFT = {
@@ -85,7 +86,10 @@ def config_object(d: dict[str, Any], plan: Any) -> Any:
 
     cls = {"LORA": peft.LoraConfig, "IA3": peft.IA3Config}[d["peft_type"]]
     task = "CAUSAL_LM" if str(plan.model.get("class", "")).endswith("ForCausalLM") else None
-    return cls(**{**{k: v for k, v in d.items() if k != "peft_type"}, "inference_mode": False, "task_type": task})
+    extra = {"lora_ga_config": peft.LoraGAConfig()} if d.get("init_lora_weights") == "lora_ga" else {}  # its defaults
+    return cls(
+        **{**{k: v for k, v in d.items() if k != "peft_type"}, "inference_mode": False, "task_type": task, **extra}
+    )
 
 
 def lora_entries(plan: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -110,8 +114,9 @@ def lora_entries(plan: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
     lora = {n: e for n, e in entries.items() if e["method"] == "lora"}
     if one_start(lora) is None:  # mixed: every site from zero, peft's default
         for name in _started(lora):
+            start = entries[name]["init"]
             entries[name] = {**entries[name], "init": "zero"}
-            changes.append(f"{name}: lora from the weight's principal directions → from zero ({_ONE_START})")
+            changes.append(f"{name}: lora from a {START_LABELS[start]} start → from zero ({_ONE_START})")
     return entries, changes
 
 
@@ -140,7 +145,7 @@ def axolotl_yaml(plan: Any) -> str:
     ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` by exact module name,
     ``lora_rank_pattern``/``lora_alpha_pattern`` for the sites that differ,
     ``lora_modules_to_save``, ``peft_use_dora``/``peft_use_rslora``, ``peft_init_lora_weights``
-    for a PiSSA start) and, from ``plan.recipe``, the learning rate, schedule, warm-up, length,
+    for a PiSSA start; a LoRA-GA start is refused: axolotl does not compute its gradients) and, from ``plan.recipe``, the learning rate, schedule, warm-up, length,
     weight decay, clipping and LoRA+'s ``loraplus_lr_ratio``.
 
     >>> from peftplan.plan import Plan
@@ -155,6 +160,12 @@ def axolotl_yaml(plan: Any) -> str:
         raise PlanError(
             "axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
             "with peft (plan.to_peft_config())"
+        )
+    if config.init_lora_weights == "lora_ga":
+        raise PlanError(
+            "this plan starts its LoRA sites from their gradients (init 'lora_ga'), which peft computes only when "
+            "peft.preprocess_loraga runs before get_peft_model; axolotl does not run it and would start "
+            "them at random: train it with peft (plan.to_peft_config() and preprocess_loraga) or with peftplan"
         )
     tuned = [n for n, e in plan.tuned().items() if e["method"] != "full"]
     fields: dict[str, Any] = {
@@ -290,7 +301,8 @@ def _mixed_starts(lora: dict[str, dict]) -> list[str]:
     out = _started(lora)
     for name in out:
         del lora[name]
-    return [f"{n} (lora): {_ONE_START}, and this plan mixes zero and principal-direction starts" for n in out]
+    kinds = sorted({lora_hp.get("init", "zero") for lora_hp in lora.values()} | {"zero"})
+    return [f"{n} (lora): {_ONE_START}, and this plan mixes starts ({', '.join(kinds)}, …)" for n in out]
 
 
 def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:

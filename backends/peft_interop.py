@@ -125,7 +125,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, allow_partial
 def _from_unchanged_weights(
     plan: Plan, tensors: dict[str, torch.Tensor], models_site: dict[str, Site]
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
-    """``plan`` and its adapter ``tensors`` with every PiSSA-started site as the plain LoRA of
+    """``plan`` and its adapter ``tensors`` with every site started from the weight or its
+    gradient (PiSSA, LoRA-GA) as the plain LoRA of
     twice its rank that peft loads onto the unchanged base weight: ``[B, −B0]·[A; A0] = B·A −
     B0·A0`` at the same scaling (alpha doubled, or times sqrt 2 under rsLoRA), as peft converts
     its own PiSSA adapters (``path_initial_model_for_weight_conversion``)."""
@@ -136,7 +137,7 @@ def _from_unchanged_weights(
         hp = lora.validate(models_site[name], **plan.hyper(entry))
         if 2 * hp["rank"] > max(models_site[name].in_features, models_site[name].out_features):
             raise PlanError(
-                f"site {name!r}: its PiSSA start at rank {hp['rank']} exports as a plain LoRA of rank "
+                f"site {name!r}: its {hp['init']} start at rank {hp['rank']} exports as a plain LoRA of rank "
                 f"{2 * hp['rank']}, above this layer's {models_site[name].in_features}x"
                 f"{models_site[name].out_features} weight: export the merged model instead (peftplan.merge, then "
                 "save_pretrained)"

@@ -11,7 +11,8 @@ well each such rung predicts the final result:
   quarter, and three random draws of the default space with random learning rates
   (log-uniform in [2e-4, 5e-3]); and each new dimension of a plan beside the plan it is tried on
   (`DIMENSIONS`: LoRA r8 q,v with LoRA+, B at 16x the rate, and LoRA r8 q,v started from the
-  weights' principal directions, PiSSA, at 3e-4 and 1e-3, and PiSSA at 3e-3 too), 17 in all.
+  weights' principal directions, PiSSA, and from their mean gradient's, LoRA-GA, each at
+  3e-4, 1e-3 and 3e-3, and LoRA+ at the first two), 20 in all.
   Every one trains the classification head fully; the budget is peft's LoRA r=8 on
   query/value (74,498 params, head included).
 * Each trains at 5%, 10%, 25% and 100% of the final recipe (AdamW, 6% warm-up then linear
@@ -94,6 +95,9 @@ DIMENSIONS = {  # contender -> the dimension it adds
     "lora r8 q,v lr 3e-4 + PiSSA start": Dimension("lora r8 q,v lr 3e-4", {}, {"init": "pissa"}),
     "lora r8 q,v lr 1e-3 + PiSSA start": Dimension("lora r8 q,v lr 1e-3", {}, {"init": "pissa"}),
     "lora r8 q,v lr 3e-3 + PiSSA start": Dimension("lora r8 q,v lr 3e-3", {}, {"init": "pissa"}),
+    "lora r8 q,v lr 3e-4 + LoRA-GA start": Dimension("lora r8 q,v lr 3e-4", {}, {"init": "lora_ga"}),
+    "lora r8 q,v lr 1e-3 + LoRA-GA start": Dimension("lora r8 q,v lr 1e-3", {}, {"init": "lora_ga"}),
+    "lora r8 q,v lr 3e-3 + LoRA-GA start": Dimension("lora r8 q,v lr 3e-3", {}, {"init": "lora_ga"}),
 }
 
 
@@ -151,10 +155,12 @@ def train_rung(base, sites: dict, task, recipe, rung: float, seed: int) -> dict:
     dev metric at the full recipe."""
     from peftplan import Plan
     from peftplan.backends import apply, count_trainable
+    from peftplan.planner.proxy.scores import plan_gradients
     from peftplan.planner.training.evaluate import metric_and_loss
     from peftplan.planner.training.train import train
 
-    model = apply(copy.deepcopy(base), Plan(sites=sites))
+    plan = Plan(sites=sites)
+    model = apply(copy.deepcopy(base), plan, gradients=plan_gradients(base, plan, task, seed=seed))
     steps = max(1, round(rung * recipe.steps))
     run = train(model, task, recipe.with_steps(steps), seed=seed)
     tail = run.losses[-max(1, len(run.losses) // 5) :]

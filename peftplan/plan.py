@@ -21,6 +21,7 @@ from typing import Any
 
 from .backends.atomic import write_atomic
 from .backends.base import PlanError, get_method
+from .backends.lora import START_LABELS
 from .backends.peft_config import axolotl_yaml, lora_entries, peft_config
 from .describe import provenance
 from .recipe import Recipe
@@ -69,8 +70,9 @@ class Plan:
         for m, hps in sorted(by.items()):
             ranks = sorted({h["rank"] for h in hps if "rank" in h})
             extra = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}"
-            started = sum(h.get("init", "zero") != "zero" for h in hps)  # from the weights' principal directions
-            extra += f", {started} from a PiSSA start" if started else ""
+            for init, label in START_LABELS.items():  # adapters that start from the weights or their gradients
+                started = sum(h.get("init", "zero") == init for h in hps)
+                extra += f", {started} from a {label} start" if started else ""
             parts.append(f"{m}: {len(hps)} site{'s' if len(hps) != 1 else ''}{extra}")
         obj = ", ".join(
             f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in self.objectives.items()

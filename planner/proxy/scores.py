@@ -197,28 +197,94 @@ def _grad2(
     weights = {s.name: model.get_submodule(s.name).weight for s in sites}
     unique = list({id(w): w for w in weights.values()}.values())  # tied weights once
     index = {id(w): i for i, w in enumerate(unique)}
-    if any(w.is_meta for w in unique):
+    mass = [0.0] * len(unique)
+
+    def add(j: int, g: torch.Tensor) -> None:
+        mass[j] += g.detach().double().pow(2).sum().item()
+
+    start = time.perf_counter()
+    n = _gradient_pass(model, task, unique, batches, seed, progress, add, grams)
+    log.info("grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), n, time.perf_counter() - start)
+    return {name: mass[index[id(w)]] for name, w in weights.items()}
+
+
+def mean_gradients(
+    model: nn.Module, task: Task, names: Iterable[str], *, batches: int = 8, seed: int = 0, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """The mean gradient of each named site's weight, ``Σ_b ∂loss_b/∂W / batches`` over the
+    first ``batches`` training batches of ``task`` (fp32, shaped like the weight), as
+    `grad2_scores` runs them: what a LoRA-GA start is made from (``init="lora_ga"``,
+    `peftplan.apply`'s ``gradients=``).
+
+    >>> model, site = tiny_bert(), "bert.encoder.layer.0.attention.self.query"
+    >>> mean_gradients(model, tiny_task(), [site], batches=2, progress=False)[site].shape
+    torch.Size([32, 32])
+    """
+    weights = {n: model.get_submodule(n).weight for n in names}
+    unique = list({id(w): w for w in weights.values()}.values())
+    index = {id(w): i for i, w in enumerate(unique)}
+    total: list[torch.Tensor | None] = [None] * len(unique)
+
+    def add(j: int, g: torch.Tensor) -> None:
+        g = g.detach().float()
+        total[j] = g if total[j] is None else total[j] + g
+
+    n = _gradient_pass(model, task, unique, batches, seed, progress, add)
+    zero = lambda w: torch.zeros(w.shape, device=w.device)  # noqa: E731  (a weight the loss never reached)
+    return {
+        name: total[index[id(w)]] / n if total[index[id(w)]] is not None else zero(w) for name, w in weights.items()
+    }
+
+
+GRADIENT_BATCHES = 8  # training batches a LoRA-GA start's gradient is averaged over (LoRA-GA: 64 examples and more)
+
+
+def plan_gradients(model: nn.Module, plan: Any, task: Task, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`mean_gradients` over `GRADIENT_BATCHES` of the sites of ``plan`` whose method starts
+    from one (`Method.needs_gradient`: LoRA ``init="lora_ga"``); ``{}`` when none does."""
+    from ...backends.base import get_method
+
+    names = [
+        name for name, entry in plan.tuned().items() if get_method(entry["method"]).needs_gradient(**plan.hyper(entry))
+    ]
+    return mean_gradients(model, task, names, batches=GRADIENT_BATCHES, seed=seed, progress=False) if names else {}
+
+
+def _gradient_pass(
+    model: nn.Module,
+    task: Task,
+    weights: list[torch.Tensor],
+    batches: int,
+    seed: int,
+    progress: bool,
+    add: Any,
+    grams: _InputGrams | None = None,
+) -> int:
+    """Call ``add(j, ∂loss/∂weights[j])`` for each of the first ``batches`` training batches
+    of ``task`` (eval mode: no dropout; gradients enabled only on ``weights`` and read with
+    ``torch.autograd.grad``, so ``.grad``, ``requires_grad`` and the train/eval mode are as
+    before afterwards); the number of batches run."""
+    if any(w.is_meta for w in weights):
         raise ValueError("the model's weights are on the meta device: materialise them before scoring with a task")
     calib = task.calibration(batches)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    mass = [0.0] * len(unique)
     bar, start = None, time.perf_counter()
     try:
         model.eval()
         for p in flags:
             p.requires_grad_(False)
-        for w in unique:
+        for w in weights:
             w.requires_grad_(True)
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), grams or contextlib.nullcontext():
             torch.manual_seed(seed)
             for i, batch in enumerate(calib):
                 if grams is not None:
                     grams.mask = _mask(batch)
-                grads = torch.autograd.grad(_loss(task, model, batch), unique, allow_unused=True)
+                grads = torch.autograd.grad(_loss(task, model, batch), weights, allow_unused=True)
                 for j, g in enumerate(grads):
                     if g is not None:
-                        mass[j] += g.detach().double().pow(2).sum().item()
+                        add(j, g)
                 bar = _advance(bar, progress, start, i + 1, len(calib))
     finally:
         if bar is not None:
@@ -226,10 +292,7 @@ def _grad2(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    log.info(
-        "grad² sensitivity: %d sites over %d batches in %.1fs", len(sites), len(calib), time.perf_counter() - start
-    )
-    return {name: mass[index[id(w)]] for name, w in weights.items()}
+    return len(calib)
 
 
 def _loss(task: Task, model: nn.Module, batch: Any) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ...backends import apply, aux_loss, count_trainable
 from ...backends.labels import check_model_labels
 from ...plan import Plan
 from ...recipe import Recipe
+from ..proxy.scores import plan_gradients
 from .answers import choice_accuracy, choice_accuracy_and_loss
 from .classification import accuracy, classification_loss, matthews, mcc, on_device
 from .device import autocast, inference, release, resolve
@@ -153,7 +154,8 @@ def evaluate(
     device = resolve(device, base)  # a device this machine lacks fails the search, not each trial
     model = None
     try:
-        model = apply(copy.deepcopy(base), plan)  # train() moves it to the device
+        gradients = plan_gradients(base, plan, task, seed=seed)
+        model = apply(copy.deepcopy(base), plan, gradients=gradients)  # train() moves it to the device
         params = count_trainable(model)
         sub, validation = _at_fidelity(task, fidelity, aux_weight)
         run = train(

@@ -58,6 +58,7 @@ class ParetoFront:
     evaluated: list[FrontPoint] = field(default_factory=list, repr=False, compare=False)  # every trial, for plots
     limits: dict[str, float] = field(default_factory=dict, compare=False)
     metric_name: str | None = field(default=None, compare=False)
+    picked: int | None = field(default=None, compare=False)  # the trial a search returned when not `best` (plots)
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.senses.items() if v not in SENSES}
@@ -153,6 +154,7 @@ class ParetoFront:
             ],
             **({"limits": self.limits} if self.limits else {}),
             **({"metric_name": self.metric_name} if self.metric_name else {}),
+            **({"picked": self.picked} if self.picked is not None else {}),
         }
 
     @classmethod
@@ -165,7 +167,14 @@ class ParetoFront:
             )
             for p in d["points"]
         ]
-        return cls(pts, dict(d["senses"]), limits=dict(d.get("limits") or {}), metric_name=d.get("metric_name"))
+        picked = d.get("picked")
+        return cls(
+            pts,
+            dict(d["senses"]),
+            limits=dict(d.get("limits") or {}),
+            metric_name=d.get("metric_name"),
+            picked=int(picked) if isinstance(picked, int) and not isinstance(picked, bool) else None,
+        )
 
     def to_json(self, path: str | os.PathLike) -> Path:
         return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")

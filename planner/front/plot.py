@@ -77,8 +77,12 @@ def layers(front: ParetoFront, x: str, y: str) -> dict[str, list[FrontPoint]]:
 
 
 def returned(front: ParetoFront) -> FrontPoint | None:
-    """The point a search returns: the best on the front within its limits (None: an empty
-    front, or none within)."""
+    """The point a search returns: the trial it ``picked`` where set (a baseline within one
+    standard error of the front's best), else the best on the front within its limits (None:
+    an empty front, or none within)."""
+    picked = [p for p in front.evaluated if front.picked is not None and p.info.get("trial") == front.picked]
+    if picked:
+        return picked[-1]
     try:
         return front.best(within={k: v for k, v in front.limits.items() if k in front.senses})
     except ValueError:

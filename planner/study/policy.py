@@ -338,6 +338,53 @@ def _refinement(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any],
     }
 
 
+def one_standard_error(trials: list[FrozenTrial], config: Any, best: int, examples: int) -> FrozenTrial | None:
+    """Breiman's one-standard-error rule at the top rung: where the best plan (trial ``best``)
+    is a searched one and the metric a share of ``examples`` validation examples, the best
+    baseline there within the limits whose metric lies within one standard error of the best's,
+    ``sqrt(p (1 - p) / examples)`` — the plan a user would write by hand, or the proxy's, unless
+    validation tells the searched plan apart; else None. A few hundred validation examples cannot:
+    on the quick MiniLM table the search returned small plans that had beaten the proxy seed's
+    full run by 1 and 7 of 256 validation examples, and the seed scored 1.56 and 0.19 dev points
+    more (benchmarks/RESULTS.md).
+
+    >>> from peftplan.planner.study.config import StudyConfig
+    >>> from peftplan.planner.training.evaluate import Fidelity
+    >>> from optuna.trial import create_trial
+    >>> config = StudyConfig("tpe", 2, ("metric", "params"), {"metric": "max", "params": "min"},
+    ...                      (Fidelity(share=0.05), Fidelity()), {}, {})
+    >>> trials = [create_trial(values=[0.770, 14594.0], user_attrs={"rung": 1, "plan": {}}),
+    ...           create_trial(values=[0.766, 74114.0], user_attrs={"rung": 1, "plan": {}, "baseline": "proxy"})]
+    >>> for i, t in enumerate(trials):
+    ...     t.number = i
+    >>> one_standard_error(trials, config, best=0, examples=256).user_attrs["baseline"]
+    'proxy'
+    >>> one_standard_error(trials, config, best=0, examples=100_000) is None  # told apart
+    True
+    """
+    key, top = config.objectives[0], len(config.fidelities) - 1
+    done = {
+        t.number: t for t in trials if t.state == TrialState.COMPLETE and rung_of(t) == top and "plan" in t.user_attrs
+    }
+    if config.senses[key] != "max" or best not in done or done[best].user_attrs.get("baseline"):
+        return None
+    p = measured(done[best], config)[key]
+    floor = p - math.sqrt(max(0.0, p * (1 - p)) / examples)
+    near = [
+        t
+        for t in done.values()
+        if t.user_attrs.get("baseline") and measured(t, config)[key] >= floor and _within(measured(t, config), config)
+    ]
+    return max(near, key=lambda t: (measured(t, config)[key], -_loss(t), -t.number), default=None)
+
+
+def _within(values: dict[str, float], config: Any) -> bool:
+    """Whether ``values`` keep the study's limits (an upper bound on a "min" objective, a lower one on a "max")."""
+    return all(
+        values[k] <= v if config.senses[k] == "min" else values[k] >= v for k, v in config.limits.items() if k in values
+    )
+
+
 def _loss(t: FrozenTrial) -> float:
     """A trial's validation loss, infinite where none was recorded: among trials equally good
     by the metric (a tie on a few hundred validation examples is common) the lower loss is the

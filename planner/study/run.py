@@ -88,10 +88,10 @@ from ..strategies import seeded
 from ..training.device import check_bf16, resolve
 from ..training.evaluate import Fidelity, evaluate
 from ..training.task import Task
-from .config import ATTR, Source, StudyConfig, StudyError
+from .config import ATTR, Source, StudyConfig, StudyError, stored_plan
 from .engine import Context, Evaluator, work
 from .halving import default_rungs
-from .policy import front_of
+from .policy import front_of, one_standard_error
 from .storage import (
     check_url,
     damaged,
@@ -429,5 +429,29 @@ def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
             point.plan.provenance.update(task.provenance())
     within = {k: v for k, v in config.limits.items() if k in front.senses}
     plan = replace(front.best(within=within).plan)
+    steadier = _steadier(study, config, front.best(within=within).info["trial"], task)
+    if steadier is not None:
+        kept = stored_plan(steadier)
+        task_said = task.provenance() if task is not None else {}
+        plan = replace(kept, provenance={**kept.provenance, **task_said, **steadier_note(steadier, plan)})
+        front.picked = steadier.number
     plan.front = front
     return plan
+
+
+def _steadier(
+    study: optuna.Study, config: StudyConfig, best: int, task: Task | None
+) -> optuna.trial.FrozenTrial | None:
+    """`one_standard_error`'s baseline instead of the searched best, where ``task``'s metric is a share of its
+    validation examples."""
+    examples = task.proportion_of() if task is not None else None
+    return one_standard_error(study.get_trials(deepcopy=False), config, best, examples) if examples else None
+
+
+def steadier_note(trial: optuna.trial.FrozenTrial, searched: Plan) -> dict[str, str]:
+    """What a plan returned by the one-standard-error rule records of the pick."""
+    mine, theirs = trial.user_attrs.get("measured", trial.values)[0], searched.objectives.get("metric")
+    return {
+        "pick": f"baseline {trial.user_attrs['baseline']!r} (trial {trial.number}, {mine:.4g}) within one standard "
+        f"error of the searched best ({theirs:.4g}), which validation does not tell apart from it"
+    }

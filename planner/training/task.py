@@ -124,6 +124,18 @@ class Task:
             raise ValueError(f"task {self.name!r} has no training batches")
         return _examples(self.train_batches[0])
 
+    def proportion_of(self) -> int | None:
+        """How many validation examples the metric is a share of (accuracy, choice accuracy,
+        exact match: the n of its binomial standard error), or None for another metric (MCC,
+        minus the loss per token).
+
+        >>> Task([], [], None, accuracy, validation_batches=[{"labels": torch.zeros(8)}] * 2).proportion_of()
+        16
+        """
+        if self.metric_name not in PROPORTIONS or not self.validation_batches:
+            return None
+        return sum(_examples(b) for b in self.validation_batches)
+
     def calibration(self, n: int) -> list[Batch]:
         """The first ``n`` training batches (all of them when there are fewer).
 
@@ -160,6 +172,9 @@ class Task:
 
     for_sequence_classification = classmethod(classification.for_sequence_classification)
     for_causal_lm = classmethod(causal_lm.for_causal_lm)
+
+
+PROPORTIONS = ("accuracy", "choice accuracy", "exact match")  # metrics that are a share of the examples
 
 
 def _examples(batch: Batch) -> int:

@@ -275,8 +275,7 @@ def test_peft_config_starts_as_ours_and_a_mixed_plan_is_refused_with_the_nearest
     nearest = mixed.as_lora()
     assert {e.get("init", "zero") for e in nearest.sites.values()} == {"zero"}
     assert sorted(nearest.provenance["as_lora"]) == sorted(
-        f"{n}: lora from a PiSSA start → from zero (peft starts every site of one adapter alike "
-        "(init_lora_weights))"
+        f"{n}: lora from a PiSSA start → from zero (peft starts every site of one adapter alike (init_lora_weights))"
         for n in SITES
     )
     assert nearest.to_peft_config().init_lora_weights is True

@@ -147,8 +147,10 @@ class LoRALinear(LoRALayer):
         `LoraGAConfig`: direction "ArB2r", scale "stable", gamma 16), from the exact SVD of
         ``gradient`` = U S V^T (peft: 4 subspace iterations of a randomised one): A = V_r^T,
         the first r right directions, and B = U_{r:2r} S_{r:2r} · out^(1/4) / 4, the next r
-        left ones; copied into the buffers ``lora_A0``/``lora_B0``. Without ``gradient``, on
-        the meta device or while `peftplan.load` rebuilds, the buffers are made empty."""
+        left ones (out: the output size; peft takes the stored weight's first size, which for
+        an HF Conv1D is its input size); copied into the buffers ``lora_A0``/``lora_B0``.
+        Without ``gradient``, on the meta device or while `peftplan.load` rebuilds, the
+        buffers are made empty."""
         if self.base.weight.device.type != "meta" and not restoring.get():
             if gradient is None:
                 raise ValueError("a LoRA-GA start needs the weight's mean gradient (gradient=)")

@@ -149,8 +149,8 @@ class LoRALinear(LoRALayer):
         the first r right directions, and B = U_{r:2r} S_{r:2r} · out^(1/4) / 4, the next r
         left ones (out: the output size; peft takes the stored weight's first size, which for
         an HF Conv1D is its input size); copied into the buffers ``lora_A0``/``lora_B0``.
-        Without ``gradient``, on the meta device or while `peftplan.load` rebuilds, the
-        buffers are made empty."""
+        On the meta device or while `peftplan.load` rebuilds, no gradient is needed: the
+        buffers are made empty (the saved ones are copied in)."""
         if self.base.weight.device.type != "meta" and not restoring.get():
             if gradient is None:
                 raise ValueError("a LoRA-GA start needs the weight's mean gradient (gradient=)")

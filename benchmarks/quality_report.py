@@ -40,7 +40,9 @@ def table(name: str, rows: dict, study) -> list[str]:
             "",
             f"Search: {s['search']['evaluations']} evaluations, {s['search']['steps']:,} training steps "
             f"({s['search']['steps'] / study.cfg['steps']:.1f} final runs), {s['search']['wall'] / 60:.1f} min, planner tree "
-            f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}.",
+            f"{s['search'].get('planner', 'not recorded')}; returned {s['summary']} at lr {s['lr']:g}"
+            + picked(s["search"])
+            + ".",
         ]
     )
     for label, row in rows.items():
@@ -117,6 +119,13 @@ def spread(name: str, rows: dict, study) -> str:
             f"({best.split(': ', 1)[-1]}) {100 * (probes[best] - max(means)):+.2f}"
         )
     return text
+
+
+def picked(record: dict) -> str:
+    """How the search chose its returned plan, where not as the best on the front: the baseline
+    the one-standard-error rule kept (`peftplan.planner.study.policy.one_standard_error`)."""
+    pick = record.get("plan", {}).get("provenance", {}).get("pick")
+    return f": the {pick}" if pick else ""
 
 
 def verdicts(results: dict, study) -> list[str]:

@@ -29,7 +29,9 @@ __all__ = ["INITS", "START_LABELS", "LoRA"]
 # How an adapter starts: B at zero (peft's default), the weight's principal directions (PiSSA)
 # or its gradient's (LoRA-GA: `wrap` takes the gradient). The default space does not search the
 # start: at each task's best rate (3e-3) PiSSA moved MiniLM's dev accuracy by -0.49 (sst2) and
-# -0.20 (subj) points (benchmarks/fidelity.py, RESULTS.md).
+# -0.20 (subj) points, LoRA-GA by -1.32 and -0.15; LoRA-GA helps only below the best rate, as
+# LoRA+ does (+3.35 and +1.10 at 3e-4), where the rate search already goes (benchmarks/fidelity.py,
+# RESULTS.md).
 INITS = ("zero", "pissa", "lora_ga")
 NEEDED = {"pissa": 1, "lora_ga": 2}  # singular directions a start takes per unit of rank
 START_LABELS = {"pissa": "PiSSA", "lora_ga": "LoRA-GA"}  # the starts other than zero, as messages name them

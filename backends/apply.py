@@ -212,11 +212,7 @@ def _scores_for(
             f"per-element scores; pass apply(..., scores={{{name!r}: tensor shaped {tuple(weight.shape)}}}) "
             "or use selection='magnitude'"
         )
-    if tuple(scores[name].shape) != tuple(weight.shape):
-        raise PlanError(
-            f"site {name!r}: scores have shape {tuple(scores[name].shape)}, the weight {tuple(weight.shape)}"
-        )
-    return {"scores": scores[name]}
+    return {"scores": _weight_shaped(name, scores[name], weight, "its scores")}
 
 
 def _gradient_for(
@@ -237,11 +233,14 @@ def _gradient_for(
             f"apply(..., gradients={{{name!r}: tensor shaped {tuple(weight.shape)}}}) (mean_gradients in "
             "peftplan.planner.proxy.scores computes them from a task) or use init 'zero'"
         )
-    if tuple(gradients[name].shape) != tuple(weight.shape):
-        raise PlanError(
-            f"site {name!r}: its gradient has shape {tuple(gradients[name].shape)}, the weight {tuple(weight.shape)}"
-        )
-    return {"gradient": gradients[name]}
+    return {"gradient": _weight_shaped(name, gradients[name], weight, "its gradient")}
+
+
+def _weight_shaped(name: str, given: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
+    """``given``, or `PlanError` where it is not shaped like site ``name``'s ``weight``."""
+    if tuple(given.shape) != tuple(weight.shape):
+        raise PlanError(f"site {name!r}: {what} has shape {tuple(given.shape)}, the weight {tuple(weight.shape)}")
+    return given
 
 
 def _resolve(model: nn.Module, plan: Plan, check: bool) -> dict[str, tuple[nn.Module, Site]]:

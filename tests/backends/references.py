@@ -129,3 +129,17 @@ def compare_dora_with_peft(
                 atol=1e-6,
                 rtol=1e-5,
             )
+
+
+def assert_same_lora_function(ours: nn.Module, theirs: nn.Module, sites, inputs: torch.Tensor) -> torch.Tensor:
+    """Our LoRA model and peft's give the same logits on ``inputs`` and the same gradients of A
+    and B at every one of ``sites`` (a loss of their logits' squares); our logits."""
+    got, expected = ours(inputs).logits, theirs(inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got.square().mean().backward()
+    expected.square().mean().backward()
+    for name in sites:
+        mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(mine.lora_A.grad, other.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.lora_B.grad, other.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+    return got

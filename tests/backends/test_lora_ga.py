@@ -20,6 +20,7 @@ from peftplan.ir.modules import static_site
 from peftplan.planner.proxy.scores import mean_gradients, plan_gradients
 from peftplan.planner.training.task import Task
 from tests.backends.adapters import plan_for
+from tests.backends.references import assert_same_lora_function
 from tests.zoo import llama_eager, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -122,20 +123,22 @@ def test_trained_outputs_and_gradients_equal_peft_from_its_start(monkeypatch):
                 step = 0.05 * torch.randn(p.shape, generator=g)
                 p.add_(step)
                 q.add_(step)
-    got, expected = ours(token_ids()).logits, theirs(token_ids()).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    got.square().mean().backward()
-    expected.square().mean().backward()
-    for name in SITES:
-        mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(mine.lora_A.grad, other.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(mine.lora_B.grad, other.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+    assert_same_lora_function(ours, theirs, SITES, token_ids())
 
 
 def _started(model: nn.Module | None = None) -> nn.Module:
     model = model or llama_eager()
     gradients = mean_gradients(model, _lm_task(), list(SITES), progress=False)
     return apply(model, plan_for(model, _entries()), gradients=gradients)
+
+
+def _moved(tuned: nn.Module) -> nn.Module:
+    """``tuned`` with A and B moved off their start, as training would."""
+    with torch.no_grad():
+        for name in SITES:
+            tuned.get_submodule(name).lora_A.add_(0.05)
+            tuned.get_submodule(name).lora_B.add_(0.05)
+    return tuned
 
 
 def test_only_the_adapters_train_and_merge_unmerge_remove_restore():
@@ -160,10 +163,7 @@ def test_only_the_adapters_train_and_merge_unmerge_remove_restore():
 
 
 def test_save_and_load_need_no_gradients(tmp_path):
-    tuned = _started()
-    with torch.no_grad():
-        for name in SITES:
-            tuned.get_submodule(name).lora_A.add_(0.05)
+    tuned = _moved(_started())
     save(tuned, tmp_path)
     loaded = load(llama_eager(), tmp_path)  # the saved start is copied in
     with torch.no_grad():
@@ -229,10 +229,7 @@ def test_exports_peft_config_axolotl_and_summary(tmp_path):
 
     from peftplan.backends import export_peft, import_peft
 
-    tuned = _started()
-    with torch.no_grad():
-        for name in SITES:
-            tuned.get_submodule(name).lora_B.add_(0.05)
+    tuned = _moved(_started())
     export_peft(tuned, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True  # a plain LoRA of twice the rank on the unchanged weights

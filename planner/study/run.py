@@ -428,8 +428,9 @@ def best_plan(study: optuna.Study, task: Task | None = None) -> Plan:
         if point.plan is not None and task is not None:
             point.plan.provenance.update(task.provenance())
     within = {k: v for k, v in config.limits.items() if k in front.senses}
-    plan = replace(front.best(within=within).plan)
-    steadier = _steadier(study, config, front.best(within=within).info["trial"], task)
+    best = front.best(within=within)
+    plan = replace(best.plan)
+    steadier = _steadier(study, config, best.info["trial"], task)
     if steadier is not None:
         kept = stored_plan(steadier)
         task_said = task.provenance() if task is not None else {}

@@ -134,23 +134,7 @@ def _apply(
     if moved is not None:
         plan = moved
         log.info("%s", plan.provenance["retargeted"])
-    resolved = _resolve(model, plan, check)
-    errors, todo = [], []
-    for name, (module, site) in resolved.items():
-        entry = plan.sites[name]
-        try:
-            method = get_method(entry["method"])
-            hp = method.validate(site, **plan.hyper(entry))
-            extra = _scores_for(name, module, method, hp, scores, restoring)
-            extra |= _gradient_for(name, module, method, hp, gradients or {}, restoring)
-        except PlanError as e:
-            errors.append(str(e))
-            continue
-        if method.name != "none":
-            todo.append((name, module, site, method, {**hp, **extra}))
-    if errors:
-        raise PlanError(listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
-
+    todo = _wraps(plan, _resolve(model, plan, check), scores, gradients or {}, restoring)
     uncalled = _uncalled_tied(model, plan, [name for name, *_ in todo]) if not restoring else []
     if uncalled:
         _warn(
@@ -185,6 +169,33 @@ def _apply(
     undo.watch = [model.get_submodule(name).register_forward_pre_hook(_mark_called) for name, *_ in todo]
     undo.watch.append(model.register_forward_hook(_warn_uncalled))
     return model
+
+
+def _wraps(
+    plan: Plan,
+    resolved: dict[str, tuple[nn.Module, Site]],
+    scores: dict[str, torch.Tensor],
+    gradients: dict[str, torch.Tensor],
+    restoring: bool,
+) -> list[tuple[str, nn.Module, Site, Method, dict[str, Any]]]:
+    """(name, module, site, method, its ``wrap`` arguments) of every tuned site of ``plan``,
+    each entry validated first; `PlanError` listing every invalid one."""
+    errors, todo = [], []
+    for name, (module, site) in resolved.items():
+        entry = plan.sites[name]
+        try:
+            method = get_method(entry["method"])
+            hp = method.validate(site, **plan.hyper(entry))
+            extra = _scores_for(name, module, method, hp, scores, restoring)
+            extra |= _gradient_for(name, module, method, hp, gradients, restoring)
+        except PlanError as e:
+            errors.append(str(e))
+            continue
+        if method.name != "none":
+            todo.append((name, module, site, method, {**hp, **extra}))
+    if errors:
+        raise PlanError(listing(f"{len(errors)} site entr(ies) of the plan are invalid", errors))
+    return todo
 
 
 def _as_plan(plan: Any) -> Plan:

@@ -145,8 +145,9 @@ def axolotl_yaml(plan: Any) -> str:
     ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` by exact module name,
     ``lora_rank_pattern``/``lora_alpha_pattern`` for the sites that differ,
     ``lora_modules_to_save``, ``peft_use_dora``/``peft_use_rslora``, ``peft_init_lora_weights``
-    for a PiSSA start; a LoRA-GA start is refused: axolotl does not compute its gradients) and, from ``plan.recipe``, the learning rate, schedule, warm-up, length,
-    weight decay, clipping and LoRA+'s ``loraplus_lr_ratio``.
+    for a PiSSA start) and, from ``plan.recipe``, the learning rate, schedule, warm-up, length,
+    weight decay, clipping and LoRA+'s ``loraplus_lr_ratio``. What axolotl cannot train as
+    planned is refused (`_axolotl_can`).
 
     >>> from peftplan.plan import Plan
     >>> print(axolotl_yaml(Plan(sites={"fc": {"method": "lora", "rank": 4, "alpha": 8}})))  # doctest: +ELLIPSIS
@@ -155,18 +156,7 @@ def axolotl_yaml(plan: Any) -> str:
     lora_alpha: 8
     ...
     """
-    config = peft_config(plan)
-    if config.peft_type != "LORA":
-        raise PlanError(
-            "axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
-            "with peft (plan.to_peft_config())"
-        )
-    if config.init_lora_weights == "lora_ga":
-        raise PlanError(
-            "this plan starts its LoRA sites from their gradients (init 'lora_ga'), which peft computes only when "
-            "peft.preprocess_loraga runs before get_peft_model; axolotl does not run it and would start "
-            "them at random: train it with peft (plan.to_peft_config() and preprocess_loraga) or with peftplan"
-        )
+    config = _axolotl_can(peft_config(plan))
     tuned = [n for n, e in plan.tuned().items() if e["method"] != "full"]
     fields: dict[str, Any] = {
         "adapter": "lora",
@@ -280,6 +270,24 @@ def configs(plan: Any, sites: dict[str, Site], model: nn.Module | None = None) -
     return dicts, unsupported
 
 
+def _axolotl_can(config: Any) -> Any:
+    """``config``, or `PlanError` where axolotl cannot train it as planned: an (IA)³ plan, or
+    a LoRA-GA start (axolotl never runs peft's ``preprocess_loraga``, so peft would start
+    those sites at random)."""
+    if config.peft_type != "LORA":
+        raise PlanError(
+            "axolotl's adapters are LoRA and DoRA; this is an (IA)³ plan: use plan.as_lora(), or train it "
+            "with peft (plan.to_peft_config())"
+        )
+    if config.init_lora_weights == "lora_ga":
+        raise PlanError(
+            "this plan starts its LoRA sites from their gradients (init 'lora_ga'), which peft computes only when "
+            "peft.preprocess_loraga runs before get_peft_model; axolotl does not run it and would start "
+            "them at random: train it with peft (plan.to_peft_config() and preprocess_loraga) or with peftplan"
+        )
+    return config
+
+
 def one_start(lora: dict[str, dict]) -> str | None:
     """How every one of ``lora``'s sites (entries or hyper-parameters) starts ("zero" when
     there are none), or None where they differ: peft starts every site of one adapter alike
@@ -298,11 +306,13 @@ def _mixed_starts(lora: dict[str, dict]) -> list[str]:
     of it (in place) and named: peft cannot hold them in the same adapter."""
     if one_start(lora) is not None:
         return []
-    out = _started(lora)
-    for name in out:
+    said = [
+        f"{n} (lora): {_ONE_START}, and this plan mixes zero and {START_LABELS[lora[n]['init']]} starts"
+        for n in _started(lora)
+    ]
+    for name in _started(lora):
         del lora[name]
-    kinds = sorted({lora_hp.get("init", "zero") for lora_hp in lora.values()} | {"zero"})
-    return [f"{n} (lora): {_ONE_START}, and this plan mixes starts ({', '.join(kinds)}, …)" for n in out]
+    return said
 
 
 def _why_not(method: str, site: Site, model: nn.Module | None) -> str | None:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from ...backends.base import get_method
 from ...ir.modules import is_hf_conv1d
 from ...ir.site import Site, SiteGraph
 from ..training.task import Task
@@ -194,9 +195,7 @@ def _grad2(
     grams: _InputGrams | None = None,
 ) -> dict[str, float]:
     """`grad2_scores` over ``sites``; ``grams`` records the sites' inputs in the same pass."""
-    weights = {s.name: model.get_submodule(s.name).weight for s in sites}
-    unique = list({id(w): w for w in weights.values()}.values())  # tied weights once
-    index = {id(w): i for i, w in enumerate(unique)}
+    weights, unique, index = _tied_once(model, [s.name for s in sites])
     mass = [0.0] * len(unique)
 
     def add(j: int, g: torch.Tensor) -> None:
@@ -208,8 +207,27 @@ def _grad2(
     return {name: mass[index[id(w)]] for name, w in weights.items()}
 
 
+GRADIENT_BATCHES = 8  # training batches a LoRA-GA start's gradient is averaged over (LoRA-GA: 64 examples and more)
+
+
+def _tied_once(
+    model: nn.Module, names: Iterable[str]
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[int, int]]:
+    """The weight of each named site, the distinct ones (tied weights once) and each one's
+    place among them by ``id``."""
+    weights = {n: model.get_submodule(n).weight for n in names}
+    unique = list({id(w): w for w in weights.values()}.values())
+    return weights, unique, {id(w): i for i, w in enumerate(unique)}
+
+
 def mean_gradients(
-    model: nn.Module, task: Task, names: Iterable[str], *, batches: int = 8, seed: int = 0, progress: bool = True
+    model: nn.Module,
+    task: Task,
+    names: Iterable[str],
+    *,
+    batches: int = GRADIENT_BATCHES,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The mean gradient of each named site's weight, ``Σ_b ∂loss_b/∂W / batches`` over the
     first ``batches`` training batches of ``task`` (fp32, shaped like the weight), as
@@ -220,9 +238,7 @@ def mean_gradients(
     >>> mean_gradients(model, tiny_task(), [site], batches=2, progress=False)[site].shape
     torch.Size([32, 32])
     """
-    weights = {n: model.get_submodule(n).weight for n in names}
-    unique = list({id(w): w for w in weights.values()}.values())
-    index = {id(w): i for i, w in enumerate(unique)}
+    weights, unique, index = _tied_once(model, names)
     total: list[torch.Tensor | None] = [None] * len(unique)
 
     def add(j: int, g: torch.Tensor) -> None:
@@ -236,18 +252,13 @@ def mean_gradients(
     }
 
 
-GRADIENT_BATCHES = 8  # training batches a LoRA-GA start's gradient is averaged over (LoRA-GA: 64 examples and more)
-
-
 def plan_gradients(model: nn.Module, plan: Any, task: Task, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`mean_gradients` over `GRADIENT_BATCHES` of the sites of ``plan`` whose method starts
-    from one (`Method.needs_gradient`: LoRA ``init="lora_ga"``); ``{}`` when none does."""
-    from ...backends.base import get_method
-
+    """`mean_gradients` of the sites of ``plan`` whose method starts from one
+    (`Method.needs_gradient`: LoRA ``init="lora_ga"``); ``{}`` when none does."""
     names = [
         name for name, entry in plan.tuned().items() if get_method(entry["method"]).needs_gradient(**plan.hyper(entry))
     ]
-    return mean_gradients(model, task, names, batches=GRADIENT_BATCHES, seed=seed, progress=False) if names else {}
+    return mean_gradients(model, task, names, seed=seed, progress=False) if names else {}
 
 
 def _gradient_pass(

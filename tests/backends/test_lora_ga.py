@@ -248,6 +248,8 @@ def test_exports_peft_config_axolotl_and_summary(tmp_path):
         plan.to_axolotl()
     assert plan.summary() == "lora: 4 sites, ranks 2–3, 4 from a LoRA-GA start"
     mixed = plan_for(llama_eager(), {**plan.sites, "model.layers.1.self_attn.v_proj": {"method": "lora", "rank": 2}})
+    with pytest.raises(PlanError, match="this plan mixes zero and LoRA-GA starts"):
+        mixed.to_peft_config()
     assert sorted(mixed.as_lora().provenance["as_lora"])[0].endswith(
         "lora from a LoRA-GA start → from zero (peft starts every site of one adapter alike (init_lora_weights))"
     )

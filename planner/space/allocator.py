@@ -234,13 +234,15 @@ class AllocatorSpace(Space):
     def seeds(self, n: int) -> list[dict[str, Any]]:
         """With priors: the first prior's plan at the whole budget (`baselines`) at each of the
         seed learning rates (`seed_lrs`: the recipe's, then 2.5x below and above it), then the
-        proxy at budget shares spread in log scale below the whole; the other priors follow at
-        the rate those screens choose (`followers`); without priors: `Space.seeds`."""
+        proxy at budget shares spread in log scale below the whole, those that place a site
+        (`places`); the other priors follow at the rate those screens choose (`followers`);
+        without priors: `Space.seeds`."""
         if len(self.priors) == 1:
             return super().seeds(n)
         out = [params for _, params in self._baseline_seeds()][:n]
         rest = n - len(out)
-        return out + [self.proxy_params(self.min_share ** ((rest - i) / rest)) for i in range(rest)]
+        proxies = [self.proxy_params(self.min_share ** ((rest - i) / rest)) for i in range(rest)]
+        return out + [p for p in proxies if self.places(p)]
 
     def baselines(self) -> list[str]:
         """The baseline name of each leading seed: the first prior in `prior_order` (the peft

@@ -167,12 +167,19 @@ class Space(abc.ABC):
         adapter bytes (whichever are objectives or not)."""
         return dict(self._build(params)[1])
 
+    def places(self, params: Mapping[str, Any]) -> bool:
+        """Whether ``params``' plan tunes any site: a budget share smaller than the cheapest
+        site's cost places none, and such a plan has nothing to train."""
+        return bool(self._build(params)[0])
+
     def seeds(self, n: int) -> list[dict[str, Any]]:
-        """``n`` params dicts for ``study.enqueue_trial``: the proxy plans at budget shares
+        """Up to ``n`` params dicts for ``study.enqueue_trial``: the proxy plans at budget shares
         evenly spaced in log scale from `min_share` up to the whole available budget (n = 4:
-        0.05, 0.136, 0.368, 1). A front over trainable params spans orders of magnitude and its
-        cheap end holds most of the hypervolume, so linear shares (¼ … 1) would leave it empty."""
-        return [self.proxy_params(self.min_share ** ((n - 1 - i) / max(1, n - 1))) for i in range(n)]
+        0.05, 0.136, 0.368, 1), less those that place no site (`places`). A front over trainable
+        params spans orders of magnitude and its cheap end holds most of the hypervolume, so
+        linear shares (¼ … 1) would leave it empty."""
+        shares = [self.min_share ** ((n - 1 - i) / max(1, n - 1)) for i in range(n)]
+        return [p for p in map(self.proxy_params, shares) if self.places(p)]
 
     def baselines(self) -> list[str]:
         """The baseline name of each leading `seed` that is a baseline a search must be

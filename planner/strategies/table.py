@@ -148,7 +148,8 @@ def make_sampler(
 
 
 def enqueue_seeds(study: Study, space: Space, strategy: str, n: int) -> int:
-    """Enqueue ``n`` seed plans (`Space.seeds`) when ``strategy`` is seeded; how many were.
+    """Enqueue up to ``n`` seed plans (`Space.seeds`: those that place a site) when
+    ``strategy`` is seeded; how many were.
     The first ones, the space's `Space.baselines`, carry user_attr ``baseline`` (their name):
     they are promoted to every rung.
 
@@ -156,7 +157,7 @@ def enqueue_seeds(study: Study, space: Space, strategy: str, n: int) -> int:
     """
     if not seeded(strategy) or n <= 0:
         return 0
-    names = space.baselines()
-    for i, params in enumerate(space.seeds(n)):
+    names, seeds = space.baselines(), space.seeds(n)
+    for i, params in enumerate(seeds):
         study.enqueue_trial(params, user_attrs={"baseline": names[i]} if i < len(names) else None, skip_if_exists=True)
-    return n
+    return len(seeds)

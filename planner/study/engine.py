@@ -56,7 +56,7 @@ from .display import StudyDisplay
 from .policy import measured, next_step, rung_of, surplus, told, workload
 from .watch import watched
 
-MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget)
+MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget, no site)
 
 Evaluator = Callable[..., Evaluation]
 
@@ -132,8 +132,8 @@ def _loop(study: optuna.Study, ctx: Context, display: StudyDisplay, held: list[o
             time.sleep(poll / 10)
         if stalls >= MAX_STALLS:
             warnings.warn(
-                f"study {study.study_name!r}: {stalls} proposals in a row were duplicates or over "
-                "budget; the space looks exhausted, stopping this worker",
+                f"study {study.study_name!r}: {stalls} proposals in a row were duplicates, over "
+                "budget or placed no site; the space looks exhausted, stopping this worker",
                 stacklevel=3,
             )
             return evaluations
@@ -196,7 +196,7 @@ def _without_heartbeat(backend: Any, study_id: int) -> set[int]:
 
 def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str:
     """Ask one trial and settle it: "trained", "failed" (FAIL, with the reason), "surplus" or
-    "skipped" (a duplicate or over budget; both PRUNED untrained, with the reason); the trial
+    "skipped" (a duplicate, over budget or placing no site; PRUNED untrained, with the reason); the trial
     is put in ``held`` while it is this worker's."""
     config = ctx.config
     with warnings.catch_warnings():  # heartbeats are sent below, around the evaluation
@@ -220,6 +220,8 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     skipped = _constrained(study, trial, costs, config.limits, fresh)
     if skipped:
         return skipped
+    if not plan.sites:  # a budget share below the cheapest site's cost: nothing would train
+        return _skip(study, trial, "skipped", "the plan places no site (its budget share is below any site's cost)")
     fidelity: Fidelity = config.fidelities[r]
     plan.recipe = ctx.space.recipe(
         trial.params, Recipe.from_dict(config.recipe)

@@ -391,6 +391,40 @@ def test_plans_over_a_limit_are_never_trained():
     assert skipped and all("memory" in r and "> limit" in r for r in skipped)
 
 
+def test_plans_that_place_no_site_are_never_trained():
+    """A budget share below the cheapest site's rank-1 cost places no site: such seeds are left
+    out and such proposals pruned untrained (they once failed as "no trainable parameter")."""
+    from peftplan.backends import get_method
+    from peftplan.planner.proxy.allocate import eligible_sites
+    from peftplan.planner.space import AllocatorSpace
+
+    base = bert_classifier()
+    sites = eligible_sites(pp.lower(base), "lora", ("attn", "mlp"))
+    space = AllocatorSpace(pp.lower(base), {s.name: 1.0 for s in sites}, 200)
+    cheapest = min(get_method("lora").param_count(s, rank=1) for s in sites)
+    shares = [space.min_share ** ((4 - i) / 4) for i in range(5)]  # the five seeds' budget shares
+    too_small = sum(share * 200 < cheapest for share in shares)
+    assert 0 < too_small < 5 and len(space.seeds(5)) == 5 - too_small
+    trained, storage = [], optuna.storages.InMemoryStorage()
+    run_search(
+        base,
+        200,
+        tiny_task(),
+        strategy="random",
+        trials=8,
+        space=space,
+        storage=storage,
+        study_name="s",
+        evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k),
+        progress=False,
+        fidelities=[Fidelity()],
+    )
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert sum(t.state == COMPLETE for t in trials) == 8 and not [t for t in trials if t.state == FAIL]
+    assert trained and all(plan.sites for plan in trained)  # (plans repeated under other knobs are not retrained)
+    assert any("places no site" in t.user_attrs.get("skipped", "") for t in trials)  # random shares below it
+
+
 def test_a_study_where_everything_fails_stops_with_the_reason():
     def broken(*args, **kw):
         return Evaluation(None, 0, 0.0, "training diverged: loss is inf at step 1")

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, RunStore, write_section
-from llm_contenders import BUDGET, EARLIER, KINDS
+from llm_contenders import BUDGET, EARLIER, KINDS, LORAPLUS
 
 STORE = ROOT / "benchmarks" / "runs" / "llm"
 TASKS = ("sst2", "subj", "cola", "mr-text")
@@ -57,10 +57,10 @@ SEARCH_RUNS = 3.0  # the searches' cost cap in final-run equivalents (run_search
 EVERY_METHOD = ("lora", "dora", "sparse", "moe_lora", "ia3", "ssf")  # what the search over every method may choose
 
 
-def recipe(lr: float, steps: int = STEPS):
+def recipe(lr: float, steps: int = STEPS, lr_ratio: float = 1.0):
     from peftplan.recipe import Recipe
 
-    return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=BATCH)
+    return Recipe(lr=lr, steps=steps, warmup=0.06, schedule="linear", batch_size=BATCH, lr_ratio=lr_ratio)
 
 
 def load(name: str, model=None):
@@ -99,7 +99,8 @@ def run_job(job: dict) -> dict:
     else:
         model, make_optimizer = build(job["kind"], base, task)
     steps = job.get("steps", STEPS)  # fewer: a screen (the schedule compressed, as a search's), judged on validation
-    run = pp.train(model, task, recipe(job["lr"], steps), seed=job["seed"], bf16=True, make_optimizer=make_optimizer)
+    rec = recipe(job["lr"], steps, job.get("lr_ratio", 1.0))  # a plan searched with LoRA+ trains with it
+    run = pp.train(model, task, rec, seed=job["seed"], bf16=True, make_optimizer=make_optimizer)
     device = torch.device("cpu")
     with autocast(device, True):
         val, val_loss = metric_and_loss(model, task, task.validation_batches)
@@ -136,7 +137,7 @@ def search_job(job: dict) -> dict:
         base,
         BUDGET,
         task,
-        recipe=recipe(SEARCH_LR),
+        recipe=recipe(SEARCH_LR, lr_ratio=job.get("lr_ratio", 1.0)),
         storage=storage,
         study_name="llm",
         progress=False,
@@ -242,8 +243,12 @@ class Study:
         }
 
     def plan_runs(self, task: str, label: str, plan, lr: float) -> list[dict]:
+        """``plan`` on every seed at ``lr`` (and its recipe's LoRA+ ratio, where it has one)."""
+        ratio = {"lr_ratio": plan.recipe.lr_ratio} if plan.recipe and plan.recipe.lr_ratio != 1.0 else {}
         return [
-            self.run(f"{task}/{label}@lr={lr:g},seed={s}", {"task": task, "sites": plan.sites, "lr": lr, "seed": s})
+            self.run(
+                f"{task}/{label}@lr={lr:g},seed={s}", {"task": task, "sites": plan.sites, "lr": lr, "seed": s, **ratio}
+            )
             for s in SEEDS
         ]
 
@@ -263,19 +268,27 @@ class Study:
         return {**self.tuned(task, "proxy", GRID, train), "summary": plan.summary()}
 
     def search(
-        self, task: str, methods: tuple[str, ...] | None = None, runs: float | None = SEARCH_RUNS, earlier: str = ""
+        self,
+        task: str,
+        methods: tuple[str, ...] | None = None,
+        runs: float | None = SEARCH_RUNS,
+        earlier: str = "",
+        lr_ratio: float = 1.0,
     ) -> dict:
         """A search (its plan at its own lr, on every seed) and what it cost in final runs;
-        ``earlier``: one stored under an earlier rule (`EARLIER`)."""
+        ``earlier``: one stored under an earlier rule (`EARLIER`); ``lr_ratio``: its recipe's
+        LoRA+ ratio (every trial's B matrices at that multiple of the rate)."""
         import peftplan as pp
 
         label = ("search" if methods is None else "search-every-method") + (f"-{earlier}" if earlier else "")
+        label += "-loraplus" if lr_ratio != 1.0 else ""
         job = {
             "task": task,
             "search": True,
             "lr": SEARCH_LR,
             "runs": runs,
             **({"methods": list(methods)} if methods else {}),
+            **({"lr_ratio": lr_ratio} if lr_ratio != 1.0 else {}),
         }
         record = self.run(f"{task}/{label}", job)
         plan = pp.Plan.from_dict(record["plan"])
@@ -292,13 +305,16 @@ class Study:
 def run_task(study: Study, task: str, kinds: list[str], searches: str) -> dict[str, dict]:
     """Every contender of ``task`` (the baselines' lr grids side by side), as report rows;
     ``searches``: "all" (the proxy plan, the default search and the search over every method),
-    "default" (the proxy plan and the default search) or "none"."""
+    "default" (the proxy plan and the default search), "loraplus" (the default search with
+    LoRA+ in its recipe, `LORAPLUS`) or "none"; a stored LoRA+ search is reported beside the others."""
     work = {KINDS[k][0]: (lambda k=k: study.tuned(task, k, FULL_GRID if k == "full" else GRID)) for k in kinds}
     if searches != "none":
         work["peftplan proxy plan"] = lambda: study.proxy(task)
         work["peftplan search"] = lambda: study.search(task)
     if searches == "all":
         work["peftplan search, every method"] = lambda: study.search(task, EVERY_METHOD)
+    if searches == "loraplus" or (searches != "none" and study.store.path(f"{task}/search-loraplus").exists()):
+        work[LORAPLUS[0]] = lambda: study.search(task, lr_ratio=LORAPLUS[1])
     for earlier, (row, runs) in EARLIER.items():
         if searches != "none" and study.store.path(f"{task}/search-{earlier}").exists():
             work[row] = lambda earlier=earlier, runs=runs: study.search(task, runs=runs, earlier=earlier)
@@ -356,11 +372,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--searches",
-        choices=("all", "default", "none"),
+        choices=("all", "default", "loraplus", "none"),
         default="all",
         help="peftplan's contenders: all "
         "(default), default (the proxy plan and the default search, not the search over every method), "
-        "none (baselines only; the searches can follow)",
+        "none (baselines only; the searches can follow), loraplus (only the search with LoRA+ in its recipe)",
     )
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one process and one thread each")
     ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing")

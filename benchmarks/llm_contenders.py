@@ -33,6 +33,7 @@ EARLIER = {  # searches stored under an earlier rule, reported beside today's wh
     "followers": ("peftplan search, its screens telling the sampler their accuracy", 3.0),  # stored only
     "extended": ("peftplan search, its seed sweep extended past its best edge", 3.0),  # stored only: reverted
 }
+LORAPLUS = ("peftplan search, LoRA+ in its recipe (B's rate 16x A's)", 16.0)  # row, lr_ratio: a recipe a user may give
 KINDS = {  # kind -> (label, what it is)
     "lora-qv": ("peft LoRA r8 q,v", "peft's default placement and rank (alpha 8)"),
     "unsloth": ("Unsloth placement at the budget", "q,k,v,o,gate,up,down, alpha = rank, ranks 1-2 per layer"),

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from common import ROOT, screens_said, standard_error_said
-from llm_contenders import BUDGET, EARLIER, KINDS
+from llm_contenders import BUDGET, EARLIER, KINDS, LORAPLUS
 
 PLOTS = ROOT / "benchmarks"
 DEFAULT_LABELS = [KINDS[k][0] for k in ("lora-qv", "unsloth", "axolotl")]
@@ -270,7 +270,9 @@ def in_progress(store: Path, task: str, done: set[str]) -> list[str]:
                 + ", ".join(f"lr {r['spec']['lr']:g} seed {r['spec']['seed']} → {r['val_metric']:.4f}" for r in mine)
             )
     for r in runs:
-        earlier = EARLIER.get(r["key"].split("/search-")[-1], ("",))[0]
+        earlier = EARLIER.get(r["key"].split("/search-")[-1], ("",))[0] or (
+            LORAPLUS[0] if r["spec"].get("lr_ratio") else ""
+        )
         label = earlier or "peftplan search" + (", every method" if r["spec"].get("methods") else "")
         if r["spec"].get("search") and label not in done:
             lines.append(

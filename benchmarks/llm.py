@@ -9,7 +9,8 @@ perplexity). At the trainable parameters of peft's LoRA r8 on q,v (460,800, ±2%
 contenders of `llm_contenders.KINDS` — peft's default, the Unsloth and axolotl placements at
 the budget and once at their own ranks, DoRA, rsLoRA, PiSSA, EVA, LoRA-GA, LoRA+, full
 fine-tuning as the ceiling — and peftplan's proxy plan, its default search and its search over
-every method.
+every method; and (``--searches loraplus``) the default search given a recipe with LoRA+ (B's rate
+16x A's in every trial, as a user may write it), to measure that dimension inside a search.
 
 Protocol: every contender trains by one recipe (AdamW, 6% warm-up, linear decay, batches of 8,
 `steps` steps) on train.tsv less a held-out validation split; each learning rate is the best on

@@ -350,6 +350,26 @@ def test_two_workers_share_a_postgres_study_without_duplicates(tmp_path, postgre
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both took a share
 
 
+def _random_search(base, budget, space, trials):
+    """A random search of ``trials`` one-rung trials in ``space`` by the stand-in: (the plans it
+    trained, every trial of the study)."""
+    trained, storage = [], optuna.storages.InMemoryStorage()
+    run_search(
+        base,
+        budget,
+        tiny_task(),
+        strategy="random",
+        trials=trials,
+        space=space,
+        storage=storage,
+        study_name="s",
+        evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k),
+        progress=False,
+        fidelities=[Fidelity()],
+    )
+    return trained, optuna.load_study(study_name="s", storage=storage).trials
+
+
 def test_plans_over_a_limit_are_never_trained():
     from peftplan.planner.proxy.allocate import eligible_sites
     from peftplan.planner.space import AllocatorSpace
@@ -367,27 +387,9 @@ def test_plans_over_a_limit_are_never_trained():
     memory.sort()
     limit = memory[4]  # about half of the random plans are over it
     space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"], limits={"memory": limit})
-    trained = []
-    storage = optuna.storages.InMemoryStorage()
-    run_search(
-        base,
-        "5%",
-        tiny_task(),
-        strategy="random",
-        trials=4,
-        space=space,
-        storage=storage,
-        study_name="s",
-        evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k),
-        progress=False,
-        fidelities=[Fidelity()],
-    )
+    trained, trials = _random_search(base, "5%", space, 4)
     assert all(space.costs(p.provenance["knobs"])["memory"] <= limit for p in trained) and len(trained) == 4
-    skipped = [
-        t.user_attrs["infeasible"]
-        for t in optuna.load_study(study_name="s", storage=storage).trials
-        if "infeasible" in t.user_attrs
-    ]
+    skipped = [t.user_attrs["infeasible"] for t in trials if "infeasible" in t.user_attrs]
     assert skipped and all("memory" in r and "> limit" in r for r in skipped)
 
 
@@ -405,21 +407,7 @@ def test_plans_that_place_no_site_are_never_trained():
     shares = [space.min_share ** ((4 - i) / 4) for i in range(5)]  # the five seeds' budget shares
     too_small = sum(share * 200 < cheapest for share in shares)
     assert 0 < too_small < 5 and len(space.seeds(5)) == 5 - too_small
-    trained, storage = [], optuna.storages.InMemoryStorage()
-    run_search(
-        base,
-        200,
-        tiny_task(),
-        strategy="random",
-        trials=8,
-        space=space,
-        storage=storage,
-        study_name="s",
-        evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k),
-        progress=False,
-        fidelities=[Fidelity()],
-    )
-    trials = optuna.load_study(study_name="s", storage=storage).trials
+    trained, trials = _random_search(base, 200, space, 8)
     assert sum(t.state == COMPLETE for t in trials) == 8 and not [t for t in trials if t.state == FAIL]
     assert trained and all(plan.sites for plan in trained)  # (plans repeated under other knobs are not retrained)
     assert any("places no site" in t.user_attrs.get("skipped", "") for t in trials)  # random shares below it

@@ -241,8 +241,7 @@ class AllocatorSpace(Space):
             return super().seeds(n)
         out = [params for _, params in self._baseline_seeds()][:n]
         rest = n - len(out)
-        proxies = [self.proxy_params(self.min_share ** ((rest - i) / rest)) for i in range(rest)]
-        return out + [p for p in proxies if self.places(p)]
+        return out + self.proxy_seeds([self.min_share ** ((rest - i) / rest) for i in range(rest)])
 
     def baselines(self) -> list[str]:
         """The baseline name of each leading seed: the first prior in `prior_order` (the peft

@@ -178,7 +178,10 @@ class Space(abc.ABC):
         0.05, 0.136, 0.368, 1), less those that place no site (`places`). A front over trainable
         params spans orders of magnitude and its cheap end holds most of the hypervolume, so
         linear shares (¼ … 1) would leave it empty."""
-        shares = [self.min_share ** ((n - 1 - i) / max(1, n - 1)) for i in range(n)]
+        return self.proxy_seeds([self.min_share ** ((n - 1 - i) / max(1, n - 1)) for i in range(n)])
+
+    def proxy_seeds(self, shares: list[float]) -> list[dict[str, Any]]:
+        """The proxy plan's params at each budget share in ``shares`` that places a site (`places`)."""
         return [p for p in map(self.proxy_params, shares) if self.places(p)]
 
     def baselines(self) -> list[str]:

@@ -215,6 +215,15 @@ class AllocatorSpace(Space):
         low = self._distributions["budget"].low
         return {k: max(low, min(1.0, fraction)) if k == "budget" else fixed.get(k, 0.0) for k in self._distributions}
 
+    def whole_budget(self) -> dict[str, Any]:
+        """The ``budget`` knob at 1: the rank band shares the whole budget left after fixed costs.
+
+        >>> from peftplan.planner.space import default_space
+        >>> default_space(tiny_bert(), 5_000, None).whole_budget()
+        {'budget': 1.0}
+        """
+        return {"budget": 1.0}
+
     def prior_params(self, name: str) -> dict[str, Any]:
         """Knobs of prior ``name``'s plan at the whole budget, taken as it is (power 1, no
         tilt, every site it scores). The hand-written placements are capped at the largest

@@ -184,6 +184,11 @@ class Space(abc.ABC):
         """The proxy plan's params at each budget share in ``shares`` that places a site (`places`)."""
         return [p for p in map(self.proxy_params, shares) if self.places(p)]
 
+    def whole_budget(self) -> dict[str, Any]:
+        """The knobs that make a plan spend the whole budget, for proposals made there
+        (`peftplan.planner.study.policy.proposal_knobs`): none in a space without a budget knob."""
+        return {}
+
     def baselines(self) -> list[str]:
         """The baseline name of each leading `seed` that is a baseline a search must be
         compared with at its top rung: of the seeds sharing a name (one plan at several

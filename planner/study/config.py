@@ -247,6 +247,9 @@ class StudyConfig:
     followers: tuple[dict[str, Any], ...] = ()  # baselines screened once, at the rate the seeds' baseline screened
     # best at: {"baseline": name, "params": knobs at the recipe's rate} (`Space.followers`; a study stored before the
     # field existed screened every baseline at every seed rate)
+    propose: str = "front"  # where the sampler's proposals lie: every knob its choice ("front"), or at the whole
+    # budget and the rate the seeds' baseline screened best at ("budget", run_search's default;
+    # `policy.proposal_knobs`; a study stored before the field existed proposed over the front)
 
     def top_slots(self) -> int | None:
         """How many candidates the top rung trains under the cost cap (None: no cap, the eta rule)."""
@@ -411,4 +414,5 @@ READERS: dict[
     "runs": lambda v: None if v is None else _positive(v),
     "followers": _followers,
     "tell": _choice("metric", "screened"),
+    "propose": _choice("front", "budget"),
 }

@@ -53,7 +53,7 @@ from ...recipe import Recipe
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.task import Task
 from .display import StudyDisplay
-from .policy import measured, next_step, rung_of, surplus, told, workload
+from .policy import measured, next_step, proposal_knobs, rung_of, surplus, told, workload
 from .watch import watched
 
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget, no site)
@@ -199,10 +199,7 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     "skipped" (a duplicate, over budget or placing no site; PRUNED untrained, with the reason); the trial
     is put in ``held`` while it is this worker's."""
     config = ctx.config
-    with warnings.catch_warnings():  # heartbeats are sent below, around the evaluation
-        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
-        trial = study.ask()
-    held[:] = [trial]
+    trial, built = _ask(study, ctx, held)
     fresh = "rung" not in trial.user_attrs  # sampled now, not enqueued (seed, promotion, retry)
     r = int(trial.user_attrs.get("rung", 0))
     trial.set_user_attr("rung", r)
@@ -212,11 +209,9 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     reason = surplus(trials, next(t for t in trials if t.number == trial.number), config)
     if reason:
         return _skip(study, trial, "skipped", reason, outcome="surplus")
-    try:
-        plan = ctx.space.suggest(trial)
-        costs = {k: float(v) for k, v in ctx.space.costs(trial.params).items()}
-    except Exception as e:  # a plan the space cannot build is a failed trial, not a crash
-        return _fail(study, trial, f"building the plan: {type(e).__name__}: {e}")
+    if isinstance(built, str):  # a plan the space cannot build is a failed trial, not a crash
+        return _fail(study, trial, built)
+    plan, costs = built
     skipped = _constrained(study, trial, costs, config.limits, fresh)
     if skipped:
         return skipped
@@ -267,6 +262,30 @@ def _reuse(
     values = list(measured(same, ctx.config).values())
     _complete(study, trial, ctx, plan, values, rung, fidelity, reused=same.number)
     return "reused"
+
+
+def _ask(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> tuple[optuna.Trial, Any]:
+    """The next trial (put in ``held``) — a queued one as it was queued, else the sampler's
+    proposal with the knobs `proposal_knobs` gives taken as they are (optuna's
+    `PartialFixedSampler`, there while the space asks for every knob) — and its (plan, exact
+    costs), or why the space could not build them."""
+    sampler = study.sampler
+    given = proposal_knobs(study.get_trials(deepcopy=False), ctx.config, ctx.space)
+    with warnings.catch_warnings():  # heartbeats are sent around the evaluation; PartialFixedSampler is stable
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if given:
+            study.sampler = optuna.samplers.PartialFixedSampler(given, sampler)
+        try:
+            trial = study.ask()
+            held[:] = [trial]
+            try:
+                plan = ctx.space.suggest(trial)
+                return trial, (plan, {k: float(v) for k, v in ctx.space.costs(trial.params).items()})
+            except Exception as e:
+                return trial, f"building the plan: {type(e).__name__}: {e}"
+        finally:
+            study.sampler = sampler
 
 
 def _constrained(

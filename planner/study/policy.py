@@ -209,10 +209,17 @@ def _pending_followers(trials: list[FrozenTrial], config: Any) -> list[dict[str,
 
 
 def _followed_rate(trials: list[FrozenTrial], follower: dict[str, Any], config: Any) -> tuple[bool, float | None]:
+    """Whether the seeds' baseline has settled its screens, and the learning rate ``follower``
+    then screens at: the one it screened best at (`swept_rate`), else the follower's own (the
+    recipe's, when every such screen failed or the space searches no rate)."""
+    settled, rate = swept_rate(trials, config)
+    return settled, follower["params"].get("lr") if rate is None else rate
+
+
+def swept_rate(trials: list[FrozenTrial], config: Any) -> tuple[bool, float | None]:
     """Whether the seeds' baseline (the first rung-0 baseline that is no follower) has settled
-    its screens, and the learning rate followers then screen at: the one it screened best at,
-    by the first objective as promotion ranks it (the follower's own, the recipe's, when every
-    such screen failed or the space searches no rate)."""
+    its screens, and the learning rate it screened best at, by the first objective as promotion
+    ranks it (None: no such screen completed, or the space searches no rate)."""
     names = {f["baseline"] for f in config.followers}
     seeds = [t for t in trials if rung_of(t) == 0 and t.user_attrs.get("baseline") not in (None, *names)]
     swept = [t for t in seeds if t.user_attrs["baseline"] == seeds[0].user_attrs["baseline"]] if seeds else []
@@ -220,10 +227,25 @@ def _followed_rate(trials: list[FrozenTrial], follower: dict[str, Any], config: 
         return False, None
     done = [t for t in swept if t.state == TrialState.COMPLETE and "lr" in t.params]
     if not done:
-        return True, follower["params"].get("lr")
+        return True, None
     key = config.objectives[0]
     sign = 1 if config.senses[key] == "max" else -1
     return True, float(max(done, key=lambda t: (sign * _screened(t, config)[key], -t.number)).params["lr"])
+
+
+def proposal_knobs(trials: list[FrozenTrial], config: Any, space: Any) -> dict[str, Any]:
+    """The knobs the sampler's next proposal takes as given rather than chooses: under
+    ``config.propose == "budget"``, the whole budget (`Space.whole_budget`) and, once the seeds'
+    baseline settled its screens, the rate it screened best at (`swept_rate`), as followers
+    get; nothing under "front". Left to choose both, the GP sampler spent every proposal at the
+    top of the rate range (5-step screens favour high rates, and full runs there fall apart) and
+    at 5-30% of the budget (the cheap end of the front of screened loss against params), so no
+    searched allocation at the budget reached a full run (the trials of the SmolLM2 and MiniLM
+    searches stored under benchmarks/runs)."""
+    if config.propose != "budget":
+        return {}
+    settled, rate = swept_rate(trials, config)
+    return {**space.whole_budget(), **({"lr": rate} if settled and rate is not None else {})}
 
 
 def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:

@@ -37,7 +37,10 @@ start seeded strategies: first the swept baseline (`Space.baselines`: uniform Lo
 query/value) at three learning rates, then proxy plans at smaller budget shares; once the sweep
 is screened, the other baselines (`Space.followers`: LoRA on every linear layer, the one-shot
 allocations) are screened once each at its best rate (the default 5 seeds and 3 followers leave
-8 of 16 screens to the sampler). ``runs`` caps what the search costs, in final-run equivalents (trainings
+8 of 16 screens to the sampler). ``propose`` says where those proposals lie: "budget" (the
+default) at the whole budget and at the rate the swept baseline screened best at, the sampler
+choosing the allocation; "front" every knob the sampler's, the rate and the budget share
+included (`peftplan.planner.study.policy.proposal_knobs`). ``runs`` caps what the search costs, in final-run equivalents (trainings
 weighted by their share of the recipe's steps; default 3, about one learning-rate sweep of one
 placement): the top rung trains what the cap leaves once the screens and refinements are paid
 (`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs): the
@@ -133,6 +136,7 @@ def run_search(
     screen_by: str = "loss",
     refine: int = 0,
     runs: float | None = 3.0,
+    propose: str = "budget",
     device: str | Any = None,
     bf16: bool = False,
     checkpointing: bool = False,
@@ -152,11 +156,11 @@ def run_search(
     """
     budget, trial_timeout = Budget.coerce(budget), check_timeout(trial_timeout)
     fidelities = tuple(fidelities) if fidelities is not None else default_rungs()
-    _check_settings(trials, refine, screen_by, fidelities, task, evaluator)
+    _check_settings(trials, refine, screen_by, propose, fidelities, task, evaluator)
     methods, proxy, recipe = tuple(methods), proxy or ProxyOptions(), recipe or Recipe()
     space = _search_space(space, model, budget, task, seed, objectives, methods, proxy, graph, lr_range, recipe)
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
-    options = (strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine)
+    options = (strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine, propose)
     config = _capped(_study_config(space, budget, recipe, proxy, *options), runs)
     name = study_name or config.default_name(task, model)
     store = open_storage(storage, heartbeat=heartbeat)
@@ -218,6 +222,7 @@ def _study_config(
     source: Source | None,
     screen_by: str,
     refine: int,
+    propose: str,
 ) -> StudyConfig:
     """What the study stores so that restarts and workers agree: the space's objectives and limits, the options."""
     return StudyConfig(
@@ -239,6 +244,7 @@ def _study_config(
         screen_by,
         refine,
         tell="screened",
+        propose=propose,
         followers=tuple(
             {"baseline": name, "params": params}
             for name, params in (space.followers() if seeded(strategy) and seeds else ())
@@ -247,7 +253,13 @@ def _study_config(
 
 
 def _check_settings(
-    trials: int, refine: int, screen_by: str, fidelities: tuple[Fidelity, ...], task: Task, evaluator: Evaluator
+    trials: int,
+    refine: int,
+    screen_by: str,
+    propose: str,
+    fidelities: tuple[Fidelity, ...],
+    task: Task,
+    evaluator: Evaluator,
 ) -> None:
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
@@ -255,6 +267,8 @@ def _check_settings(
         raise ValueError(f"refine must be a count of top-rung trainings >= 0 (0: none), got {refine!r}")
     if screen_by not in ("metric", "loss"):
         raise ValueError(f"screen_by must be 'metric' or 'loss', got {screen_by!r}")
+    if propose not in ("budget", "front"):
+        raise ValueError(f"propose must be 'budget' or 'front', got {propose!r}")
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")
     if evaluator is evaluate and not task.validation_batches:  # another evaluator brings its own validation data

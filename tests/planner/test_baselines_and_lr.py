@@ -322,6 +322,23 @@ def test_the_other_baselines_screen_once_at_the_rate_the_swept_one_screened_best
     assert min(t.number for t in followers) > max(t.number for t in swept)  # queued once the sweep is settled
     proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]  # after the two cheaper proxy plans
     assert len(screened) == 16 and len(proposed) == 16 - 3 - 2 - 3  # the sampler proposes the other eight
+    assert [(t.params["budget"], t.params["lr"]) for t in proposed] == [(1.0, pytest.approx(4e-4))] * 8  # "budget"
+    assert len({t.params["power"] for t in proposed}) == len(proposed)  # the allocation is the sampler's
+
+
+def test_proposals_over_the_front_choose_their_rate_and_budget_share():
+    def the_lowest_rate_screens_best(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        result.loss = recipe.lr * 100
+        return result
+
+    _, study = tpe_search(the_lowest_rate_screens_best, propose="front")
+    screened = sorted((t for t in study.trials if t.user_attrs["rung"] == 0), key=lambda t: t.number)
+    proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]
+    assert len(proposed) == 8 and study.user_attrs["peftplan"]["propose"] == "front"
+    assert len({t.params["lr"] for t in proposed}) == 8 and min(t.params["budget"] for t in proposed) < 1.0
+    with pytest.raises(ValueError, match="propose must be 'budget' or 'front'"):
+        tpe_search(stand_in, propose="cheap")
 
 
 def test_followers_without_a_rate_knob_screen_at_the_recipes_and_a_racing_copy_is_surplus():

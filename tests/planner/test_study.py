@@ -350,7 +350,7 @@ def test_two_workers_share_a_postgres_study_without_duplicates(tmp_path, postgre
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both took a share
 
 
-def _random_search(base, budget, space, trials):
+def _random_search(base, budget, space, trials, **options):
     """A random search of ``trials`` one-rung trials in ``space`` by the stand-in: (the plans it
     trained, every trial of the study)."""
     trained, storage = [], optuna.storages.InMemoryStorage()
@@ -366,6 +366,7 @@ def _random_search(base, budget, space, trials):
         evaluator=lambda b, plan, *a, **k: trained.append(plan) or stand_in(b, plan, *a, **k),
         progress=False,
         fidelities=[Fidelity()],
+        **options,
     )
     return trained, optuna.load_study(study_name="s", storage=storage).trials
 
@@ -407,7 +408,7 @@ def test_plans_that_place_no_site_are_never_trained():
     shares = [space.min_share ** ((4 - i) / 4) for i in range(5)]  # the five seeds' budget shares
     too_small = sum(share * 200 < cheapest for share in shares)
     assert 0 < too_small < 5 and len(space.seeds(5)) == 5 - too_small
-    trained, trials = _random_search(base, 200, space, 8)
+    trained, trials = _random_search(base, 200, space, 8, propose="front")  # random budget shares
     assert sum(t.state == COMPLETE for t in trials) == 8 and not [t for t in trials if t.state == FAIL]
     assert trained and all(plan.sites for plan in trained)  # (plans repeated under other knobs are not retrained)
     assert any("places no site" in t.user_attrs.get("skipped", "") for t in trials)  # random shares below it

@@ -53,7 +53,18 @@ from ...recipe import Recipe
 from ..training.evaluate import Evaluation, Fidelity
 from ..training.task import Task
 from .display import StudyDisplay
-from .policy import measured, next_step, proposal_knobs, rung_of, surplus, told, workload
+from .policy import (
+    DUPLICATE,
+    REPEAT,
+    explore_next,
+    measured,
+    next_step,
+    proposal_knobs,
+    rung_of,
+    surplus,
+    told,
+    workload,
+)
 from .watch import watched
 
 MAX_STALLS = 50  # asks in a row that gave nothing to train (duplicates, over budget, no site)
@@ -206,7 +217,9 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
     trial.set_user_attr("candidate", int(trial.user_attrs.get("candidate", trial.number)))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trials = study.get_trials(deepcopy=False)
-    reason = surplus(trials, next(t for t in trials if t.number == trial.number), config)
+    me = next(t for t in trials if t.number == trial.number)
+    sampled = "fixed_params" not in me.system_attrs  # not queued by the policy, a seed or a user
+    reason = surplus(trials, me, config)
     if reason:
         return _skip(study, trial, "skipped", reason, outcome="surplus")
     if isinstance(built, str):  # a plan the space cannot build is a failed trial, not a crash
@@ -222,6 +235,8 @@ def _run_one(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> str
         trial.params, Recipe.from_dict(config.recipe)
     )  # the trial's learning rate, if searched
     same = _same_plan(study, trial.number, r, plan)
+    if same is not None and sampled and config.propose == "budget":  # a proposal that adds nothing: the next explores
+        return _skip(study, trial, "skipped", f"{REPEAT} {same.number}")
     if same is not None:  # other knobs, the same plan and recipe: its evaluation would repeat, not train it again
         return _reuse(study, trial, ctx, plan, same, r, fidelity)
     if ctx.threads:
@@ -266,19 +281,23 @@ def _reuse(
 
 def _ask(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> tuple[optuna.Trial, Any]:
     """The next trial (put in ``held``) — a queued one as it was queued, else the sampler's
-    proposal with the knobs `proposal_knobs` gives taken as they are (optuna's
-    `PartialFixedSampler`, there while the space asks for every knob) — and its (plan, exact
-    costs), or why the space could not build them."""
-    sampler = study.sampler
-    given = proposal_knobs(study.get_trials(deepcopy=False), ctx.config, ctx.space)
+    proposal (a random one, ``origin`` "random", where `explore_next` says so) with the knobs
+    `proposal_knobs` gives taken as they are (optuna's `PartialFixedSampler`, there while the
+    space asks for every knob) — and its (plan, exact costs), or why the space could not build them."""
+    sampler, trials = study.sampler, study.get_trials(deepcopy=False)
+    given, explore = proposal_knobs(trials, ctx.config, ctx.space), explore_next(trials, ctx.config)
     with warnings.catch_warnings():  # heartbeats are sent around the evaluation; PartialFixedSampler is stable
         warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if explore:  # seeded by the study's seed and length: a rerun draws the same
+            study.sampler = optuna.samplers.RandomSampler(seed=ctx.config.seed + len(trials))
         if given:
-            study.sampler = optuna.samplers.PartialFixedSampler(given, sampler)
+            study.sampler = optuna.samplers.PartialFixedSampler(given, study.sampler)
         try:
             trial = study.ask()
             held[:] = [trial]
+            if explore:
+                trial.set_user_attr("origin", "random")
             try:
                 plan = ctx.space.suggest(trial)
                 return trial, (plan, {k: float(v) for k, v in ctx.space.costs(trial.params).items()})
@@ -311,7 +330,7 @@ def _constrained(
             None,
         )
         if twin is not None:
-            return _skip(study, trial, "skipped", f"duplicate of trial {twin}")
+            return _skip(study, trial, "skipped", f"{DUPLICATE} {twin}")
     over = {k: (costs[k], limit) for k, limit in limits.items() if k in costs and costs[k] > limit}
     if over:
         return _skip(

@@ -248,6 +248,23 @@ def proposal_knobs(trials: list[FrozenTrial], config: Any, space: Any) -> dict[s
     return {**space.whole_budget(), **({"lr": rate} if settled and rate is not None else {})}
 
 
+REPEAT = "repeats the screened plan of trial"  # why a proposal was pruned untrained: `explore_next` reads it back
+DUPLICATE = "duplicate of trial"  # why a proposal of a screened trial's very knobs was pruned untrained
+
+
+def explore_next(trials: list[FrozenTrial], config: Any) -> bool:
+    """Whether the next trial, the sampler's (none is queued), is drawn at random instead (the
+    `proposal_knobs` kept): under ``config.propose == "budget"``, when the latest trial is a
+    proposal pruned for repeating a plan already screened (`REPEAT`, `DUPLICATE`). With the rate
+    and budget given, the GP sampler proposed the best-screened seed's plan again for all 8
+    proposals (MiniLM sst2 and subj, full scale): its acquisition starts from the incumbent, and
+    a repeat told again keeps it there; a random allocation at the budget explores instead."""
+    if config.propose != "budget" or any(t.state == TrialState.WAITING for t in trials):  # the next is queued
+        return False
+    latest = max(trials, key=lambda t: t.number, default=None)
+    return latest is not None and str(latest.user_attrs.get("skipped", "")).startswith((REPEAT, DUPLICATE))
+
+
 def _retry_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
     """Queue each interrupted trial again, with its parameters and place; whether any was."""
     retried = {t.user_attrs.get("retries") for t in trials}

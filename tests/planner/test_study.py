@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -435,3 +436,38 @@ def test_a_trial_that_died_before_its_first_heartbeat_is_retried(tmp_path):
     states = [t.state for t in study.trials]
     assert states == [FAIL, optuna.trial.TrialState.WAITING]  # failed, and queued again with its params
     assert study.trials[1].params == trial.params
+
+
+@pytest.mark.parametrize("propose", ["budget", "front"])
+def test_a_proposal_that_repeats_a_screened_plan_is_pruned_and_the_next_drawn_at_random(propose):
+    """A sampler stuck on the seed's knobs (as the GP sampler stuck on the best-screened seed):
+    under propose="budget" each repeat is pruned untrained and the next proposal is a random
+    allocation at the whole budget; over the front the repeats stall the study."""
+    from peftplan.planner.proxy.allocate import eligible_sites
+    from peftplan.planner.space import AllocatorSpace
+    from peftplan.planner.study import open_study
+    from peftplan.planner.study.engine import Context, work
+    from peftplan.planner.study.policy import DUPLICATE
+
+    base = bert_classifier()
+    graph = pp.lower(base)
+    space = AllocatorSpace(graph, {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}, "5%")
+    config = StudyConfig(
+        "tpe", 4, ("metric", "params"), dict(space.objectives), (Fidelity(),), dict(space.limits), {"params": "5%"},
+        recipe=Recipe(lr=5e-3, steps=2).to_dict(), seeds=1, propose=propose,
+    )  # fmt: skip
+    study = open_study(optuna.storages.InMemoryStorage(), "stuck", config, space)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stuck = optuna.samplers.PartialFixedSampler(space.seeds(1)[0], optuna.samplers.RandomSampler(seed=0))
+        study.sampler = stuck
+        work(study, Context(config, base, tiny_task(), space, stand_in), progress=False)
+    done = [t for t in study.trials if t.state == COMPLETE]
+    pruned = [t.user_attrs["skipped"] for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(reason.startswith(DUPLICATE) for reason in pruned)
+    if propose == "budget":
+        assert len(done) == 4 and [t.user_attrs.get("origin") for t in done] == [None, "random", "random", "random"]
+        assert all(t.params["budget"] == 1.0 for t in done) and len({repr(t.params) for t in done}) == 4
+        assert len(pruned) == 3  # one repeat before each random draw
+    else:
+        assert len(done) == 1 and any("space looks exhausted" in str(w.message) for w in caught)

@@ -39,8 +39,10 @@ is screened, the other baselines (`Space.followers`: LoRA on every linear layer,
 allocations) are screened once each at its best rate (the default 5 seeds and 3 followers leave
 8 of 16 screens to the sampler). ``propose`` says where those proposals lie: "budget" (the
 default) at the whole budget and at the rate the swept baseline screened best at, the sampler
-choosing the allocation; "front" every knob the sampler's, the rate and the budget share
-included (`peftplan.planner.study.policy.proposal_knobs`). ``runs`` caps what the search costs, in final-run equivalents (trainings
+choosing the allocation, and a proposal that repeats a screened plan pruned untrained, the next
+one drawn at random (`peftplan.planner.study.policy.explore_next`); "front" every knob the
+sampler's, the rate and the budget share included (`peftplan.planner.study.policy.proposal_knobs`).
+``runs`` caps what the search costs, in final-run equivalents (trainings
 weighted by their share of the recipe's steps; default 3, about one learning-rate sweep of one
 placement): the top rung trains what the cap leaves once the screens and refinements are paid
 (`peftplan.planner.study.halving.top_slots`; 16 screens at 5% leave 2 full runs): the

@@ -54,8 +54,8 @@ def table(task: str, rows: dict) -> list[str]:
             lines += [
                 "",
                 f"{label}: {s['evaluations']} evaluations, {s['search_steps']:,} training steps "
-                f"({s['search_steps'] / row['runs'][0]['steps']:.1f} final runs), {s['search_wall'] / 60:.0f} min; "
-                f"returned {row['summary']} at lr {row['lr']:g}.",
+                f"({s['search_steps'] / row['runs'][0]['steps']:.1f} final runs), {s['search_wall'] / 60:.0f} min, "
+                f"{searched_under(s)}; returned {row['summary']} at lr {row['lr']:g}.",
             ]
     grids = "; ".join(
         f"{label}: " + ", ".join(f"{r['spec']['lr']:g} → {r['val_metric']:.4f}" for r in row["grid"])
@@ -74,6 +74,18 @@ def table(task: str, rows: dict) -> list[str]:
             f"Seed 0's two best rates on every seed (validation metric per seed; the better mean chosen): {finals}.",
         ]
     return lines + [""]
+
+
+def searched_under(search: dict) -> str:
+    """The planner tree a stored search ran under, and whether today's search code differs: the
+    study reports a stored search as it is (a search costs about 40 minutes on 2 cores); to search
+    again, move its records to an `EARLIER` label."""
+    from search_record import planner_tree, search_code
+
+    tree = search.get("planner", "unrecorded")
+    code = search_code(tree) if tree != "unrecorded" else None
+    differs = code is None or code != search_code(planner_tree())
+    return f"planner tree {tree[:8]}" + (" (today's search code differs)" if differs else "")
 
 
 def _per_seed(runs: list[dict]) -> str:

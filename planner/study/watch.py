@@ -83,11 +83,19 @@ def watched(storage: Any, trial_id: int, seconds: float | None, run: Callable[[]
 @contextlib.contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
     """`TrialTimeout` inside the block once it has run ``seconds`` (again every second, should
-    the block swallow one), and never after it ends."""
+    the block swallow one), and at its end where it swallowed every one (code that catches
+    BaseException, or a callback whose errors are dropped, may), never after it ends."""
     if seconds is None:
         yield
-    elif threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        previous = signal.signal(signal.SIGALRM, _raise_timeout)
+        return
+    fired: list[bool] = []
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+
+        def alarm(signum: int, frame: Any) -> None:
+            fired.append(True)
+            raise TrialTimeout()
+
+        previous = signal.signal(signal.SIGALRM, alarm)
         before = signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
         try:
             yield
@@ -97,21 +105,21 @@ def time_limit(seconds: float | None) -> Iterator[None]:
             if before[0]:  # someone else's timer was running: it goes on
                 signal.setitimer(signal.ITIMER_REAL, *before)
     else:
-        with _async_limit(seconds):
+        with _async_limit(seconds, fired):
             yield
-
-
-def _raise_timeout(signum: int, frame: Any) -> None:
-    raise TrialTimeout()
+    if fired:  # it ran past its limit and went on: a result after the limit is no result
+        raise TrialTimeout()
 
 
 @contextlib.contextmanager
-def _async_limit(seconds: float) -> Iterator[None]:
-    """`time_limit` for a thread other than the main one (no signals reach it)."""
+def _async_limit(seconds: float, fired: list[bool]) -> Iterator[None]:
+    """`time_limit` for a thread other than the main one (no signals reach it); ``fired`` gets
+    an entry once the limit is reached."""
     target, done = threading.get_ident(), threading.Event()
 
     def fire() -> None:
         if not done.wait(seconds):
+            fired.append(True)
             while not done.is_set():
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(TrialTimeout))
                 done.wait(1.0)

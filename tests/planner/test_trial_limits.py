@@ -201,6 +201,29 @@ def test_a_limit_in_a_thread_other_than_the_main_one_stops_python_code():
     assert not thread.is_alive() and out[0].failed.startswith("timed out: the trial ran past its time limit of 0.3 s")
 
 
+@pytest.mark.parametrize("thread", ["main", "other"])
+def test_a_trial_that_swallows_its_time_limit_is_still_stopped(thread):
+    """Code that catches BaseException swallows the interrupt; ended before the next one, its
+    result came back as if in time."""
+
+    def swallowing() -> Evaluation:
+        try:
+            time.sleep(5)
+        except BaseException:
+            pass
+        return Evaluation(0.75, 1_536, 0.1)
+
+    out = []
+    run = lambda: out.append(watched(optuna.storages.InMemoryStorage(), 0, 0.1, swallowing))  # noqa: E731
+    if thread == "main":
+        run()
+    else:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+    assert out[0].metric is None and out[0].failed.startswith("timed out: the trial ran past its time limit of 0.1 s")
+
+
 def test_a_trial_within_its_limit_leaves_no_alarm_behind():
     handler = signal.getsignal(signal.SIGALRM)
     with time_limit(0.2):

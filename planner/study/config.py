@@ -26,6 +26,7 @@ from ..training.task import Task
 from .halving import top_slots
 
 ATTR = "peftplan"  # the study user_attr holding its StudyConfig
+PROPOSALS = ("budget", "front")  # where a study's sampler proposes (`StudyConfig.propose`)
 KINDS = ("classification", "causal-lm")
 
 
@@ -414,5 +415,5 @@ READERS: dict[
     "runs": lambda v: None if v is None else _positive(v),
     "followers": _followers,
     "tell": _choice("metric", "screened"),
-    "propose": _choice("front", "budget"),
+    "propose": _choice(*PROPOSALS),
 }

@@ -298,13 +298,19 @@ def _ask(study: optuna.Study, ctx: Context, held: list[optuna.Trial]) -> tuple[o
             held[:] = [trial]
             if explore:
                 trial.set_user_attr("origin", "random")
-            try:
-                plan = ctx.space.suggest(trial)
-                return trial, (plan, {k: float(v) for k, v in ctx.space.costs(trial.params).items()})
-            except Exception as e:
-                return trial, f"building the plan: {type(e).__name__}: {e}"
+            return trial, _build(ctx, trial)
         finally:
             study.sampler = sampler
+
+
+def _build(ctx: Context, trial: optuna.Trial) -> tuple[Plan, dict[str, float]] | str:
+    """``trial``'s plan (the space asks it for every knob) and exact costs, or why the space
+    could not build them."""
+    try:
+        plan = ctx.space.suggest(trial)
+        return plan, {k: float(v) for k, v in ctx.space.costs(trial.params).items()}
+    except Exception as e:
+        return f"building the plan: {type(e).__name__}: {e}"
 
 
 def _constrained(

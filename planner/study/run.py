@@ -93,7 +93,7 @@ from ..strategies import seeded
 from ..training.device import check_bf16, resolve
 from ..training.evaluate import Fidelity, evaluate
 from ..training.task import Task
-from .config import ATTR, Source, StudyConfig, StudyError, stored_plan
+from .config import ATTR, PROPOSALS, Source, StudyConfig, StudyError, stored_plan
 from .engine import Context, Evaluator, work
 from .halving import default_rungs
 from .policy import front_of, one_standard_error
@@ -164,8 +164,7 @@ def run_search(
     evaluator = placed(evaluator, model, device, bf16, checkpointing)
     options = (strategy, trials, fidelities, eta, seed, seeds, methods, source, screen_by, refine, propose)
     config = _capped(_study_config(space, budget, recipe, proxy, *options), runs)
-    name = study_name or config.default_name(task, model)
-    store = open_storage(storage, heartbeat=heartbeat)
+    name, store = study_name or config.default_name(task, model), open_storage(storage, heartbeat=heartbeat)
     config = resumed_config(store, name, config)
     with writing(store, name):
         study = open_study(store, name, config, space)
@@ -269,7 +268,7 @@ def _check_settings(
         raise ValueError(f"refine must be a count of top-rung trainings >= 0 (0: none), got {refine!r}")
     if screen_by not in ("metric", "loss"):
         raise ValueError(f"screen_by must be 'metric' or 'loss', got {screen_by!r}")
-    if propose not in ("budget", "front"):
+    if propose not in PROPOSALS:
         raise ValueError(f"propose must be 'budget' or 'front', got {propose!r}")
     if not fidelities:
         raise ValueError("fidelities is empty: give at least one Fidelity")

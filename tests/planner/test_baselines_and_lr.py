@@ -322,7 +322,10 @@ def test_the_other_baselines_screen_once_at_the_rate_the_swept_one_screened_best
     assert min(t.number for t in followers) > max(t.number for t in swept)  # queued once the sweep is settled
     proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]  # after the two cheaper proxy plans
     assert len(screened) == 16 and len(proposed) == 16 - 3 - 2 - 3  # the sampler proposes the other eight
-    assert [(t.params["budget"], t.params["lr"]) for t in proposed] == [(1.0, pytest.approx(4e-4))] * 8  # "budget"
+    given = [(t.params["budget"], t.params["max_rank"], t.params["lr"]) for t in proposed]
+    assert given == [(1.0, 64, pytest.approx(4e-4))] * 8  # "budget": the whole budget, at the swept rate
+    limit = study.user_attrs["peftplan"]["limits"]["params"]
+    assert min(t.user_attrs["costs"]["params"] for t in proposed) >= 0.95 * limit  # and each spends it
     assert len({t.params["power"] for t in proposed}) == len(proposed)  # the allocation is the sampler's
 
 

@@ -116,6 +116,18 @@ def test_allocator_seed_is_the_proxy_plan():
     assert seed["budget"] == 1.0 and plan.sites == proxy.sites and plan.objectives == proxy.objectives
 
 
+def test_proposals_at_the_whole_budget_spend_it_whatever_the_other_knobs():
+    sites = [linear_site(f"l{b}.{p}", f"attn.{p}", 128, 128, block=b, depth=b / 2) for b in range(3) for p in "qkvo"]
+    sites += [linear_site(f"l{b}.up", "mlp.up", 128, 512, block=b, depth=b / 2) for b in range(3)]
+    graph = graph_of(*sites)
+    limit = 3 * 2 * 8 * (128 + 128)  # LoRA r8 on the query and value of every block, by hand
+    space = AllocatorSpace(graph, scores_for(graph), limit)
+    drawn = [space.costs(p)["params"] for p in random_params(space, 40)]
+    given = [space.costs({**p, **space.whole_budget()})["params"] for p in random_params(space, 40)]
+    assert min(drawn) < 0.5 * limit  # a drawn budget share or rank cap leaves most of it unspent
+    assert 0.95 * limit <= min(given) and max(given) <= limit  # the knobs left to draw shape the plan only
+
+
 def test_allocator_bands_follow_scores():
     graph = small_graph()
     scores = scores_for(graph)

@@ -389,7 +389,7 @@ def test_plans_over_a_limit_are_never_trained():
     memory.sort()
     limit = memory[4]  # about half of the random plans are over it
     space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"], limits={"memory": limit})
-    trained, trials = _random_search(base, "5%", space, 4)
+    trained, trials = _random_search(base, "5%", space, 4, propose="front")  # random plans, half over the limit
     assert all(space.costs(p.provenance["knobs"])["memory"] <= limit for p in trained) and len(trained) == 4
     skipped = [t.user_attrs["infeasible"] for t in trials if "infeasible" in t.user_attrs]
     assert skipped and all("memory" in r and "> limit" in r for r in skipped)

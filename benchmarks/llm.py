@@ -36,6 +36,7 @@ hours per task with two processes; every finished run is stored as JSON the mome
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import json
 import os
@@ -121,13 +122,44 @@ def run_job(job: dict) -> dict:
     }
 
 
+def _job(key: str, job: dict, relay: bool) -> str:
+    """Run ``job`` in a process of its own (one torch thread) and return its stdout; ``relay``:
+    its progress lines (stderr) are printed as they come, named by ``key``, so a 20-minute
+    search shows its trials while it runs. A failed job raises with the end of its stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--job", json.dumps(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=100)
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            tail.append(line)
+            if relay:
+                print(f"  {key}: {line.rstrip()}", flush=True)
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    if proc.returncode:
+        raise RuntimeError(f"{key} failed:\n{''.join(tail)[-4000:]}")
+    return stdout
+
+
 def search_job(job: dict) -> dict:
     """peftplan's search on ``job['task']`` (seed 0's data), every default but the methods."""
     import optuna
     import torch
+    from search_record import planner_tree, trial_point, trial_steps
 
     import peftplan as pp
 
+    tree = planner_tree()  # the code this search runs (HEAD may move while it does)
     torch.set_num_threads(1)
     base, _, task = load(job["task"])
     storage = optuna.storages.InMemoryStorage()
@@ -141,15 +173,12 @@ def search_job(job: dict) -> dict:
         recipe=recipe(SEARCH_LR, lr_ratio=job.get("lr_ratio", 1.0)),
         storage=storage,
         study_name="llm",
-        progress=False,
         threads=1,
         bf16=True,
         **options,
     )
     trials = optuna.load_study(study_name="llm", storage=storage).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    from search_record import planner_tree, trial_point, trial_steps
-
     points = [trial_point(t) for t in done]
     steps = sum(trial_steps(t, STEPS) for t in done if "reused" not in t.user_attrs)
     return {
@@ -158,7 +187,7 @@ def search_job(job: dict) -> dict:
         "trials": points,
         "evaluations": sum(not p["reused"] for p in points),
         "search_steps": steps,
-        "planner": planner_tree(),
+        "planner": tree,
     }
 
 
@@ -197,15 +226,8 @@ class Study:
             raise LookupError(key)
         with self.slots:
             start = time.perf_counter()
-            out = subprocess.run(
-                [sys.executable, __file__, "--job", json.dumps(job)],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-            )
-            if out.returncode:
-                raise RuntimeError(f"{key} failed:\n{out.stderr[-4000:]}")
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            stdout = _job(key, job, relay=job.get("search", False))
+            result = json.loads(stdout.strip().splitlines()[-1])
         record = self.store.put(key, spec, {**result, "key": key, "wall": round(time.perf_counter() - start, 1)})
         shown = (
             f"val {record['val_metric']:.4f}, dev {record['dev_metric']:.4f}"

@@ -241,11 +241,15 @@ def proposal_knobs(trials: list[FrozenTrial], config: Any, space: Any) -> dict[s
     top of the rate range (5-step screens favour high rates, and full runs there fall apart) and
     at 5-30% of the budget (the cheap end of the front of screened loss against params), so no
     searched allocation at the budget reached a full run (the trials of the SmolLM2 and MiniLM
-    searches stored under benchmarks/runs)."""
+    searches stored under benchmarks/runs). Right after a trial pruned over a cost limit
+    (``infeasible``), the budget share is drawn too: under a memory limit below every plan that
+    spends the budget, a study would otherwise propose nothing it could train."""
     if config.propose != "budget":
         return {}
     settled, rate = swept_rate(trials, config)
-    return {**space.whole_budget(), **({"lr": rate} if settled and rate is not None else {})}
+    latest = max(trials, key=lambda t: t.number, default=None)
+    whole = {} if latest is not None and "infeasible" in latest.user_attrs else space.whole_budget()
+    return {**whole, **({"lr": rate} if settled and rate is not None else {})}
 
 
 REPEAT = "repeats the screened plan of trial"  # why a proposal was pruned untrained: `explore_next` reads it back

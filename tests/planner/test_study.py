@@ -395,6 +395,25 @@ def test_plans_over_a_limit_are_never_trained():
     assert skipped and all("memory" in r and "> limit" in r for r in skipped)
 
 
+def test_proposals_over_a_limit_at_the_whole_budget_are_followed_by_a_drawn_budget_share():
+    from peftplan.planner.proxy.allocate import eligible_sites
+    from peftplan.planner.space import AllocatorSpace
+
+    base = bert_classifier()
+    graph = pp.lower(base)
+    scores = {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}
+    space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"])
+    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    whole = [space.costs({**draws.ask(space.distributions()).params, **space.whole_budget()}) for _ in range(40)]
+    limit = 0.95 * min(c["memory"] for c in whole)  # below every plan that spends the budget
+    space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"], limits={"memory": limit})
+    trained, trials = _random_search(base, "5%", space, 4)  # propose="budget"
+    assert len(trained) == 4 and all(space.costs(p.provenance["knobs"])["memory"] <= limit for p in trained)
+    over = [t for t in trials if "infeasible" in t.user_attrs]
+    assert over and all(t.params["budget"] == 1.0 for t in over)  # each followed by a drawn share
+    assert all(p.provenance["knobs"]["budget"] < 1.0 for p in trained)
+
+
 def test_plans_that_place_no_site_are_never_trained():
     """A budget share below the cheapest site's rank-1 cost places no site: such seeds are left
     out and such proposals pruned untrained (they once failed as "no trainable parameter")."""

@@ -133,6 +133,15 @@ class RunStore:
     def all(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.root.rglob("*.json"))] if self.root.exists() else []
 
+    def rename(self, key: str, new: str) -> None:
+        """Keep ``key``'s record as ``new`` (written first, then the old file removed), so a
+        rerun trains ``key`` again and the old result stays readable under its new key."""
+        if self.path(new).exists():
+            raise FileExistsError(f"{self.path(new)} exists: {key!r} cannot be kept as {new!r}; choose another label")
+        record = json.loads(self.path(key).read_text())
+        self.put(new, record.pop("spec"), {k: v for k, v in record.items() if k not in ("key", "spec_digest")})
+        self.path(key).unlink()
+
 
 def rank_correlations(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Spearman's rho and Kendall's tau (tau-b) of two equally long lists (nan below 3 points)."""

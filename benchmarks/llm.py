@@ -31,6 +31,7 @@ hours per task with two processes; every finished run is stored as JSON the mome
 
     python benchmarks/llm.py --tasks sst2                 # train what is not stored yet, report
     python benchmarks/llm.py --results benchmarks/RESULTS.md --stored   # report what is stored
+    python benchmarks/llm.py --keep-searches-as front --kinds --searches default   # search again, beside the old
 """
 
 from __future__ import annotations
@@ -382,6 +383,18 @@ def reuse(study: Study, results: dict[str, dict]) -> None:
                 results[target][f"peftplan plan searched on {source}"] = row
 
 
+def keep_searches(store: RunStore, label: str) -> None:
+    """Keep every task's default search and its runs under the `EARLIER` label ``label``
+    ("search-<label>"), so the study searches again under today's code and reports the two
+    side by side."""
+    for task in TASKS:
+        stored = [store.path(f"{task}/search"), *sorted(store.root.glob(f"{task}_search@*.json"))]
+        for key in [json.loads(p.read_text())["key"] for p in stored if p.exists()]:
+            kept = key.replace("/search", f"/search-{label}", 1)
+            store.rename(key, kept)
+            print(f"  {key} kept as {kept}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -403,6 +416,12 @@ def main() -> None:
     )
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one process and one thread each")
     ap.add_argument("--stored", action="store_true", help="report what is stored, training nothing")
+    ap.add_argument(
+        "--keep-searches-as",
+        choices=sorted(EARLIER),
+        help="first keep the stored default searches under this earlier rule's label (llm_contenders.EARLIER), "
+        "so they are searched again under today's code",
+    )
     ap.add_argument("--store", type=Path, default=STORE)
     ap.add_argument("--results", type=Path, help="write the report into this RESULTS.md")
     args = ap.parse_args()
@@ -412,6 +431,8 @@ def main() -> None:
         return
     from llm_report import report
 
+    if args.keep_searches_as:
+        keep_searches(RunStore(args.store), args.keep_searches_as)
     study = Study(RunStore(args.store), args.jobs, args.stored)
     started = time.perf_counter()
     results = {}

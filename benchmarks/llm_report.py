@@ -79,7 +79,7 @@ def table(task: str, rows: dict) -> list[str]:
 def searched_under(search: dict) -> str:
     """The planner tree a stored search ran under, and whether today's search code differs: the
     study reports a stored search as it is (a search costs about 40 minutes on 2 cores); to search
-    again, move its records to an `EARLIER` label."""
+    again, keep its records under an `EARLIER` label (``llm.py --keep-searches-as``)."""
     from search_record import planner_tree, search_code
 
     tree = search.get("planner", "unrecorded")

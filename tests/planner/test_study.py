@@ -372,13 +372,19 @@ def _random_search(base, budget, space, trials, **options):
     return trained, optuna.load_study(study_name="s", storage=storage).trials
 
 
-def test_plans_over_a_limit_are_never_trained():
+def _scored_alike(base):
+    """``base``'s graph and a score of 1 on each of its LoRA sites."""
     from peftplan.planner.proxy.allocate import eligible_sites
+
+    graph = pp.lower(base)
+    return graph, {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}
+
+
+def test_plans_over_a_limit_are_never_trained():
     from peftplan.planner.space import AllocatorSpace
 
     base = bert_classifier()
-    graph = pp.lower(base)
-    scores = {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}
+    graph, scores = _scored_alike(base)
     probe = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"])
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     memory = []
@@ -396,12 +402,10 @@ def test_plans_over_a_limit_are_never_trained():
 
 
 def test_proposals_over_a_limit_at_the_whole_budget_are_followed_by_a_drawn_budget_share():
-    from peftplan.planner.proxy.allocate import eligible_sites
     from peftplan.planner.space import AllocatorSpace
 
     base = bert_classifier()
-    graph = pp.lower(base)
-    scores = {s.name: 1.0 for s in eligible_sites(graph, "lora", ("attn", "mlp"))}
+    graph, scores = _scored_alike(base)
     space = AllocatorSpace(graph, scores, "5%", train_modules=["classifier"])
     draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     whole = [space.costs({**draws.ask(space.distributions()).params, **space.whole_budget()}) for _ in range(40)]

@@ -388,7 +388,8 @@ def keep_searches(store: RunStore, label: str) -> None:
     ("search-<label>"), so the study searches again under today's code and reports the two
     side by side."""
     for task in TASKS:
-        stored = [store.path(f"{task}/search"), *sorted(store.root.glob(f"{task}_search@*.json"))]
+        search = store.path(f"{task}/search")
+        stored = [search, *sorted(store.root.glob(f"{search.stem}@*.json"))]
         for key in [json.loads(p.read_text())["key"] for p in stored if p.exists()]:
             kept = key.replace("/search", f"/search-{label}", 1)
             store.rename(key, kept)
@@ -431,9 +432,10 @@ def main() -> None:
         return
     from llm_report import report
 
+    store = RunStore(args.store)
     if args.keep_searches_as:
-        keep_searches(RunStore(args.store), args.keep_searches_as)
-    study = Study(RunStore(args.store), args.jobs, args.stored)
+        keep_searches(store, args.keep_searches_as)
+    study = Study(store, args.jobs, args.stored)
     started = time.perf_counter()
     results = {}
     for task in args.tasks:

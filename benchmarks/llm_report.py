@@ -80,12 +80,11 @@ def searched_under(search: dict) -> str:
     """The planner tree a stored search ran under, and whether today's search code differs: the
     study reports a stored search as it is (a search costs about 40 minutes on 2 cores); to search
     again, keep its records under an `EARLIER` label (``llm.py --keep-searches-as``)."""
-    from search_record import planner_tree, search_code
+    from search_record import code_differs
 
-    tree = search.get("planner", "unrecorded")
-    code = search_code(tree) if tree != "unrecorded" else None
-    differs = code is None or code != search_code(planner_tree())
-    return f"planner tree {tree[:8]}" + (" (today's search code differs)" if differs else "")
+    tree = search.get("planner")
+    said = f"planner tree {(tree or 'unrecorded')[:8]}"
+    return said + (" (today's search code differs)" if code_differs(tree) else "")
 
 
 def _per_seed(runs: list[dict]) -> str:

@@ -10,7 +10,7 @@ import time
 
 from common import ROOT, RunStore, load_task
 from contenders import BUDGET, PROBES, build, probe_plan, recipe, train_and_score
-from search_record import planner_tree, search_code, tick, trial_point, trial_steps
+from search_record import code_differs, planner_tree, tick, trial_point, trial_steps
 
 SMALL_BUDGET = 22_714  # 0.1% of MiniLM-L6 with its head (22,713,986 params); peft LoRA r=2 on query/value is 19,202
 SCALES = {
@@ -212,8 +212,7 @@ class Study:
         planner tree's search code differs from today's and ``stored`` is off (it is searched
         again); with ``stored``, a missing one is a SystemExit."""
         record = self.store.get(key, spec)
-        code = search_code(record.get("planner", "")) if record is not None else None
-        if record is not None and (code is None or code != search_code(planner_tree())) and not stored:
+        if record is not None and code_differs(record.get("planner")) and not stored:
             print(
                 f"  {key}: stored under planner tree {record.get('planner', 'unrecorded')}, searching again", flush=True
             )
@@ -229,6 +228,7 @@ class Study:
         cost in wall time and optimizer steps, and return that record."""
         import optuna
 
+        tree = planner_tree()  # the code this search runs (HEAD may move while it does)
         plan, storage, wall = self.logged_search(name, key, budget, strategy, screen_by)
         trials = optuna.load_study(study_name="quality", storage=storage).get_trials(deepcopy=False)
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -243,7 +243,7 @@ class Study:
                 "trials": points,
                 "evaluations": sum(not p["reused"] for p in points),
                 "steps": steps,
-                "planner": planner_tree(),
+                "planner": tree,
             },
         )
         print(

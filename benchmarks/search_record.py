@@ -53,6 +53,13 @@ def search_code(tree: str) -> str | None:
     )
 
 
+def code_differs(tree: str | None) -> bool:
+    """Whether a search stored under planner tree ``tree`` (None or "": unrecorded, or unknown
+    to git) ran other search code than HEAD's."""
+    code = search_code(tree) if tree else None
+    return code is None or code != search_code(planner_tree())
+
+
 def git(*args: str) -> str:
     import subprocess
 

@@ -251,6 +251,8 @@ class StudyConfig:
     propose: str = "front"  # where the sampler's proposals lie: every knob its choice ("front"), or at the whole
     # budget and the rate the seeds' baseline screened best at ("budget", run_search's default;
     # `policy.proposal_knobs`; a study stored before the field existed proposed over the front)
+    extend: int = 0  # screens of the seeds' baseline added past its best-screened edge rate, at most (run_search's
+    # default: `policy.EXTEND`; a study stored before the field existed added none)
 
     def top_slots(self) -> int | None:
         """How many candidates the top rung trains under the cost cap (None: no cap, the eta rule)."""
@@ -412,6 +414,7 @@ READERS: dict[
     "lr_range": _lr_range,
     "screen_by": _choice("metric", "loss"),
     "refine": _int(0),
+    "extend": _int(0),
     "runs": lambda v: None if v is None else _positive(v),
     "followers": _followers,
     "tell": _choice("metric", "screened"),

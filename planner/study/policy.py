@@ -5,7 +5,8 @@ Each trial carries user_attrs: ``rung``, ``candidate`` (the number of the candid
 trial), ``baseline`` on the seed plans a user would write by hand and the one-shot
 allocations: the first (`Space.baselines`) screened at a few learning rates, the others
 (``origin`` "follower", `Space.followers`) queued once its screens are settled, each once at
-the rate it screened best at. Without a cost cap the best rate of each baseline is promoted to
+the rate it screened best at — the sweep first extended once (``origin`` "extended") where its
+edge screens best. Without a cost cap the best rate of each baseline is promoted to
 every rung whatever its rank (and 1/eta of the others); under one, the top rung takes the
 best-screened baseline and the best-screened searched plan by turns — either way the plan a
 search returns was compared with a baseline at the top rung. Once the top rung is settled, ``refines``
@@ -143,11 +144,15 @@ def next_rate(best: float, tried: list[float], low: float, high: float) -> float
     >>> next_rate(1e-2, [1e-2, 4e-3], 1e-4, 1e-2) is None  # both neighbours tried (one at the range's edge)
     True
     """
-    near = lambda a, b: abs(math.log(a / b)) < math.log(1.25)  # noqa: E731
     for lr in (min(best * REFINE_STEP, high), max(best / REFINE_STEP, low)):
-        if not any(near(lr, t) for t in tried):
+        if not any(_near(lr, t) for t in tried):
             return float(f"{lr:.6g}")
     return None
+
+
+def _near(a: float, b: float) -> bool:
+    """Whether two learning rates are within a factor 1.25 (one is as good a try as the other)."""
+    return abs(math.log(a / b)) < math.log(1.25)
 
 
 def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> str:
@@ -157,6 +162,10 @@ def next_step(study: optuna.Study, trials: list[FrozenTrial], config: Any) -> st
     if _retry_interrupted(study, trials) or any(t.state == TrialState.WAITING for t in trials):
         return "ask"
     free = config.trials - sum(t.state in LIVE for t in trials if rung_of(t) == 0)
+    extension = _extension(trials, config) if free > 0 else None
+    if extension is not None:
+        study.enqueue_trial(extension[0], user_attrs=extension[1])
+        return "ask"
     pending = _pending_followers(trials, config)[: max(0, free)]
     if pending:
         settled, rate = _followed_rate(trials, pending[0], config)
@@ -216,13 +225,18 @@ def _followed_rate(trials: list[FrozenTrial], follower: dict[str, Any], config: 
     return settled, follower["params"].get("lr") if rate is None else rate
 
 
-def swept_rate(trials: list[FrozenTrial], config: Any) -> tuple[bool, float | None]:
-    """Whether the seeds' baseline (the first rung-0 baseline that is no follower) has settled
-    its screens, and the learning rate it screened best at, by the first objective as promotion
-    ranks it (None: no such screen completed, or the space searches no rate)."""
+def _swept(trials: list[FrozenTrial], config: Any) -> list[FrozenTrial]:
+    """The rung-0 trials of the seeds' baseline, the one screened at several rates: the first
+    rung-0 baseline that is no follower."""
     names = {f["baseline"] for f in config.followers}
     seeds = [t for t in trials if rung_of(t) == 0 and t.user_attrs.get("baseline") not in (None, *names)]
-    swept = [t for t in seeds if t.user_attrs["baseline"] == seeds[0].user_attrs["baseline"]] if seeds else []
+    return [t for t in seeds if t.user_attrs["baseline"] == seeds[0].user_attrs["baseline"]] if seeds else []
+
+
+def _best_swept(trials: list[FrozenTrial], config: Any) -> tuple[bool, FrozenTrial | None]:
+    """Whether the seeds' baseline has settled its screens, and its best-screened completed one
+    by the first objective as promotion ranks it (None: every one failed, or no rate is searched)."""
+    swept = _swept(trials, config)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in swept):
         return False, None
     done = [t for t in swept if t.state == TrialState.COMPLETE and "lr" in t.params]
@@ -230,7 +244,46 @@ def swept_rate(trials: list[FrozenTrial], config: Any) -> tuple[bool, float | No
         return True, None
     key = config.objectives[0]
     sign = 1 if config.senses[key] == "max" else -1
-    return True, float(max(done, key=lambda t: (sign * _screened(t, config)[key], -t.number)).params["lr"])
+    return True, max(done, key=lambda t: (sign * _screened(t, config)[key], -t.number))
+
+
+def swept_rate(trials: list[FrozenTrial], config: Any) -> tuple[bool, float | None]:
+    """Whether the seeds' baseline (the first rung-0 baseline that is no follower) has settled
+    its screens, its extension (`_extension`) included, and the learning rate it screened best
+    at, by the first objective as promotion ranks it (None: no such screen completed, or the
+    space searches no rate)."""
+    settled, best = _best_swept(trials, config)
+    if not settled or _extension(trials, config) is not None:
+        return False, None
+    return True, None if best is None else float(best.params["lr"])
+
+
+EXTEND = 1  # screens a search adds past the best edge of its seed sweep, at most (`_extension`; run_search's default)
+EXTEND_STEP = 2.5**0.5  # how far past it: half the sweep's spacing on a log scale
+
+
+def _extension(trials: list[FrozenTrial], config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The next screen of the seeds' baseline — (params, user_attrs) to enqueue — or None: when
+    its settled screens rank best the highest (lowest) rate of its sweep, `EXTEND_STEP` above
+    (below) it, clipped to ``config.lr_range``, while fewer than ``config.extend`` were added and
+    the rate is new. The followers and the sampler's proposals then screen at the better of the
+    edge and its extension: on SmolLM2 the sweep around the recipe's rate (4e-4-2.5e-3) stopped at
+    its edge on every task, below the rate its plans' full runs are best at (benchmarks/RESULTS.md,
+    learning-rate transfer); a whole step past it (6.25e-3) overshot on sst2 and subj, and on
+    MiniLM it went on to 1e-2, where full runs fell to chance."""
+    if not config.extend or config.lr_range is None:
+        return None
+    settled, best = _best_swept(trials, config)
+    swept = _swept(trials, config)
+    tried = {float(t.params["lr"]) for t in swept if "lr" in t.params}
+    added = [t for t in swept if t.user_attrs.get("origin") == "extended"]
+    if not settled or best is None or len(tried) < 2 or len(added) >= config.extend:
+        return None
+    lr, (low, high) = float(best.params["lr"]), config.lr_range
+    edge = min(lr * EXTEND_STEP, high) if lr == max(tried) else max(lr / EXTEND_STEP, low) if lr == min(tried) else None
+    if edge is None or any(_near(edge, t) for t in tried):
+        return None
+    return {**best.params, "lr": float(f"{edge:.3g}")}, {"baseline": best.user_attrs["baseline"], "origin": "extended"}
 
 
 def proposal_knobs(trials: list[FrozenTrial], config: Any, space: Any) -> dict[str, Any]:
@@ -440,9 +493,25 @@ def _without_lr(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != "lr"}
 
 
+def _queued_lr(t: FrozenTrial) -> float | None:
+    """A trial's learning rate, also before it suggests it (a queued trial's fixed parameter)."""
+    return t.params.get("lr", t.system_attrs.get("fixed_params", {}).get("lr"))
+
+
 def surplus(trials: list[FrozenTrial], me: FrozenTrial, config: Any) -> str | None:
     """Why trial ``me`` must not train (another live trial holds its slot), or None."""
     r = rung_of(me)
+    if me.user_attrs.get("origin") == "extended":  # two workers may extend the sweep at once: one screens it
+        mine = (me.user_attrs.get("baseline"), _queued_lr(me))
+        first = min(
+            t.number
+            for t in trials
+            if t.state in LIVE
+            and t.user_attrs.get("origin") == "extended"
+            and (t.user_attrs.get("baseline"), _queued_lr(t)) == mine
+        )
+        if me.number != first:
+            return f"surplus: trial {first} already screens {mine[0]!r} at lr {mine[1]:g}"
     if "refines" in me.user_attrs:  # two workers may enqueue the same refinement: one trains it
         mine = (me.user_attrs["refines"], me.user_attrs.get("refined_lr"))
         group = [

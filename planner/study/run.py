@@ -34,10 +34,12 @@ with the proxy's ``proxy`` options (sites, scores, rank cap, fully trained sites
 model's lowering, when already at hand); a given ``space`` brings all of that itself, with its own
 objectives and limits (its ``limits``: plans over them are never trained). ``seeds`` seed plans
 start seeded strategies: first the swept baseline (`Space.baselines`: uniform LoRA on
-query/value) at three learning rates, then proxy plans at smaller budget shares; once the sweep
-is screened, the other baselines (`Space.followers`: LoRA on every linear layer, the one-shot
-allocations) are screened once each at its best rate (the default 5 seeds and 3 followers leave
-8 of 16 screens to the sampler). ``propose`` says where those proposals lie: "budget" (the
+query/value) at three learning rates, then proxy plans at smaller budget shares; where the sweep
+screens best at its highest (lowest) rate it goes on once, half its spacing (1.58x) beyond
+(`peftplan.planner.study.policy.EXTEND`); once the sweep is screened, the other baselines
+(`Space.followers`: LoRA on every linear layer, the one-shot allocations) are screened once each
+at its best rate (the default 5 seeds and 3 followers leave 8 of 16 screens to the sampler, 7
+where the sweep is extended). ``propose`` says where those proposals lie: "budget" (the
 default) at the whole budget and at the rate the swept baseline screened best at, the sampler
 choosing the allocation, and a proposal that repeats a screened plan pruned untrained, the next
 one drawn at random (`peftplan.planner.study.policy.explore_next`); "front" every knob the
@@ -96,7 +98,7 @@ from ..training.task import Task
 from .config import ATTR, PROPOSALS, Source, StudyConfig, StudyError, stored_plan
 from .engine import Context, Evaluator, work
 from .halving import default_rungs
-from .policy import front_of, one_standard_error
+from .policy import EXTEND, front_of, one_standard_error
 from .storage import (
     check_url,
     damaged,
@@ -246,6 +248,7 @@ def _study_config(
         refine,
         tell="screened",
         propose=propose,
+        extend=EXTEND,
         followers=tuple(
             {"baseline": name, "params": params}
             for name, params in (space.followers() if seeded(strategy) and seeds else ())

@@ -5,6 +5,7 @@ to the top rung, the default fidelity schedule, and the activation (EVA-like) sc
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import optuna
 import pytest
@@ -19,7 +20,7 @@ from peftplan.planner.proxy.options import ProxyOptions
 from peftplan.planner.space import AllocatorSpace, default_space
 from peftplan.planner.study import StudyConfig, run_search
 from peftplan.planner.study.halving import default_rungs
-from peftplan.planner.study.policy import front_of, measured, surplus
+from peftplan.planner.study.policy import EXTEND, front_of, measured, surplus
 from peftplan.planner.training.evaluate import Evaluation, Fidelity
 from peftplan.planner.training.task import Task
 from peftplan.planner.training.train import train
@@ -189,11 +190,12 @@ def test_each_baseline_reaches_the_top_rung_at_its_best_rate_however_it_screens(
     screened = [t for t in trials if t.user_attrs["rung"] == 0]
     top = [t for t in trials if t.user_attrs["rung"] == 1 and "refines" not in t.user_attrs]  # promoted, not refined
     assert len(screened) == 18 and {t.user_attrs["fidelity"] for t in screened} == {"5% of the recipe"}
-    assert sum("baseline" in t.user_attrs for t in screened) == 6  # query-value at three rates, three followers
+    # query-value at three rates and once past the highest (which screened best), three followers
+    assert sum("baseline" in t.user_attrs for t in screened) == 7
     kept = {t.user_attrs["baseline"]: t.params["lr"] for t in top if "baseline" in t.user_attrs}
-    assert kept == pytest.approx({"query-value": 2.5e-3, "uniform": 2.5e-3, "proxy": 2.5e-3, "activation": 2.5e-3})
+    assert kept == pytest.approx({"query-value": 3.95e-3, "uniform": 3.95e-3, "proxy": 3.95e-3, "activation": 3.95e-3})
     others = [t for t in top if "baseline" not in t.user_attrs]
-    assert len(others) == (18 - 6) // 3  # and 1/eta of the rest, the best of them
+    assert len(others) == (18 - 7) // 3  # and 1/eta of the rest, the best of them
     assert {t.user_attrs["fidelity"] for t in top} == {"the full recipe"}
     assert plan.provenance["rung"] == 1  # chosen on full-length results
 
@@ -316,17 +318,63 @@ def test_the_other_baselines_screen_once_at_the_rate_the_swept_one_screened_best
     screened = sorted((t for t in study.trials if t.user_attrs["rung"] == 0), key=lambda t: t.number)
     swept = [t for t in screened if t.user_attrs.get("baseline") == "query-value"]
     followers = [t for t in screened if t.user_attrs.get("origin") == "follower"]
-    assert [t.params["lr"] for t in swept] == pytest.approx([1e-3, 4e-4, 2.5e-3])
+    # the recipe's rate and 2.5x around it, then (the lowest screened best) once more, sqrt(2.5)x below it
+    assert [t.params["lr"] for t in swept] == pytest.approx([1e-3, 4e-4, 2.5e-3, 2.53e-4])
+    assert [t.user_attrs.get("origin") for t in swept] == [None] * 3 + ["extended"]
     assert [t.user_attrs["baseline"] for t in followers] == ["uniform", "proxy", "activation"]
-    assert [t.params["lr"] for t in followers] == pytest.approx([4e-4] * 3)  # the swept baseline's best screen
+    assert [t.params["lr"] for t in followers] == pytest.approx([2.53e-4] * 3)  # the swept baseline's best screen
     assert min(t.number for t in followers) > max(t.number for t in swept)  # queued once the sweep is settled
     proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]  # after the two cheaper proxy plans
-    assert len(screened) == 16 and len(proposed) == 16 - 3 - 2 - 3  # the sampler proposes the other eight
+    assert len(screened) == 16 and len(proposed) == 16 - 4 - 2 - 3  # the sampler proposes the other seven
     given = [(t.params["budget"], t.params["max_rank"], t.params["lr"]) for t in proposed]
-    assert given == [(1.0, 64, pytest.approx(4e-4))] * 8  # "budget": the whole budget, at the swept rate
+    assert given == [(1.0, 64, pytest.approx(2.53e-4))] * 7  # "budget": the whole budget, at the swept rate
     limit = study.user_attrs["peftplan"]["limits"]["params"]
     assert min(t.user_attrs["costs"]["params"] for t in proposed) >= 0.95 * limit  # and each spends it
     assert len({t.params["power"] for t in proposed}) == len(proposed)  # the allocation is the sampler's
+
+
+def _peaked_at(best_lr: float):
+    """An evaluator whose whole-budget plans screen best at ``best_lr`` (the loss: log distance to it)."""
+
+    def evaluate(base, plan, task, fidelity, *, recipe, seed):
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        result.loss = abs(math.log(recipe.lr / best_lr)) if plan.provenance["knobs"]["budget"] == 1.0 else 9.0
+        return result
+
+    return evaluate
+
+
+@pytest.mark.parametrize(
+    ("peak", "rates", "followed"),
+    [
+        (5e-3, [1e-3, 4e-4, 2.5e-3, 3.95e-3], 3.95e-3),  # past the edge, nearer the peak: followed
+        (2.7e-3, [1e-3, 4e-4, 2.5e-3, 3.95e-3], 2.5e-3),  # screened worse than the edge: the edge is kept
+        (1.1e-3, [1e-3, 4e-4, 2.5e-3], 1e-3),  # best inside the sweep: nothing added
+    ],
+)
+def test_the_sweep_goes_on_once_half_a_step_past_its_edge_where_its_edge_screens_best(peak, rates, followed):
+    _, study = tpe_search(_peaked_at(peak))
+    screened = sorted((t for t in study.trials if t.user_attrs["rung"] == 0), key=lambda t: t.number)
+    swept = [t for t in screened if t.user_attrs.get("baseline") == "query-value"]
+    assert [t.params["lr"] for t in swept] == pytest.approx(rates)
+    assert all({**t.params, "lr": 0} == {**swept[0].params, "lr": 0} for t in swept)  # one plan at every rate
+    followers = [t for t in screened if t.user_attrs.get("origin") == "follower"]
+    assert [t.params["lr"] for t in followers] == pytest.approx([followed] * 3)
+    proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]
+    assert [t.params["lr"] for t in proposed] == pytest.approx([followed] * len(proposed))  # the sampler's too
+    config = StudyConfig.from_dict(study.user_attrs["peftplan"])
+    assert config.extend == EXTEND == 1
+    stored = {**study.user_attrs["peftplan"]}
+    del stored["extend"]
+    assert StudyConfig.from_dict(stored).extend == 0  # a study stored before extended nothing, and goes on so
+    if len(rates) > 3:
+        extension = swept[3]
+        study.enqueue_trial(extension.params, user_attrs={"baseline": "query-value", "origin": "extended"})
+        copy = study.trials[-1]  # a second worker extended the sweep too
+        assert surplus(study.trials, copy, config) == (
+            f"surplus: trial {extension.number} already screens 'query-value' at lr 0.00395"
+        )
+        assert surplus(study.trials, extension, config) is None
 
 
 def test_proposals_over_the_front_choose_their_rate_and_budget_share():
@@ -338,8 +386,8 @@ def test_proposals_over_the_front_choose_their_rate_and_budget_share():
     _, study = tpe_search(the_lowest_rate_screens_best, propose="front")
     screened = sorted((t for t in study.trials if t.user_attrs["rung"] == 0), key=lambda t: t.number)
     proposed = [t for t in screened if "baseline" not in t.user_attrs][2:]
-    assert len(proposed) == 8 and study.user_attrs["peftplan"]["propose"] == "front"
-    assert len({t.params["lr"] for t in proposed}) == 8 and min(t.params["budget"] for t in proposed) < 1.0
+    assert len(proposed) == 7 and study.user_attrs["peftplan"]["propose"] == "front"  # the sweep was extended once
+    assert len({t.params["lr"] for t in proposed}) == 7 and min(t.params["budget"] for t in proposed) < 1.0
     with pytest.raises(ValueError, match="propose must be 'budget' or 'front'"):
         tpe_search(stand_in, propose="cheap")
 

@@ -103,11 +103,13 @@ def test_off_a_terminal_each_finished_trial_is_one_line_and_the_total_is_what_ra
 def test_a_failed_screen_grows_the_total_and_says_so(capsys):
     calls = []
 
-    def flaky(*args, **kwargs):  # the second screen diverges: its slot is filled by another plan, one training more
-        calls.append(1)
+    def flaky(base, plan, task, fidelity, *, recipe, seed):  # the second screen diverges: its slot is filled by
+        calls.append(1)  # another plan, one training more
         if len(calls) == 2:
             return Evaluation(None, 0, 0.0, "training diverged: loss is nan at step 1")
-        return stand_in(*args, **kwargs)
+        result = stand_in(base, plan, task, fidelity, recipe=recipe, seed=seed)
+        result.loss = recipe.lr  # the lowest rate left screens best: no extension (below it is the failed rate)
+        return result
 
     storage = optuna.storages.InMemoryStorage()
     search(storage, flaky, progress=True)

@@ -33,6 +33,7 @@ EARLIER = {  # searches stored under an earlier rule, reported beside today's wh
     "followers": ("peftplan search, its screens telling the sampler their accuracy", 3.0),  # stored only
     "extended": ("peftplan search, its seed sweep extended past its best edge", 3.0),  # stored only: reverted
     "front": ("peftplan search, its proposals choosing their rate and budget share", 3.0),  # stored only
+    "edge": ("peftplan search, its seed sweep stopped at its edge", 3.0),  # stored only
 }
 LORAPLUS = ("peftplan search, LoRA+ in its recipe (B's rate 16x A's)", 16.0)  # row, lr_ratio: a recipe a user may give
 KINDS = {  # kind -> (label, what it is)
